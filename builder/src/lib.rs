@@ -1,0 +1,6 @@
+//! kiln: builds offline, self-installing edge Kubernetes disk images.
+//!
+//! The library holds all the logic; `main.rs` is a thin CLI over it.
+
+pub mod arch;
+pub mod tree;
