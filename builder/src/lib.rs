@@ -4,3 +4,9 @@
 
 pub mod arch;
 pub mod tree;
+pub mod profile;
+pub mod assets;
+pub mod platform;
+pub mod overlay;
+pub mod busybox;
+pub mod reference;

@@ -1,1 +1,168 @@
-fn main() {}
+//! The `kiln` command: parses arguments, sets up logging, calls the library, prints the error
+//! chain and exits 0 (success), 2 (profile or usage error) or 1 (any other failure).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kiln::arch::Arch;
+use kiln::pipeline::{BuildOptions, UsageError};
+use kiln::profile::LoadedProfile;
+
+/// kiln builds offline, self-installing edge Kubernetes disk images.
+#[derive(Parser)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    /// Only warnings and errors on stderr; no progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct InputArgs {
+    /// The profile (YAML).
+    profile: PathBuf,
+    /// Build only these architectures (default: all in the profile). Repeatable.
+    #[arg(long = "arch", value_name = "ARCH")]
+    archs: Vec<Arch>,
+    /// Debian mirror URL (default: the profile's `os.mirror`, else the host's apt sources).
+    #[arg(long, env = "KILN_MIRROR")]
+    mirror: Option<String>,
+    /// Download cache (default: $KILN_CACHE_DIR, else ~/.cache/kiln).
+    #[arg(long, env = "KILN_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build disk images: OUT/<arch>/disk.img, OUT/<arch>/manifest.json, OUT/SHA256SUMS.
+    Build {
+        #[command(flatten)]
+        input: InputArgs,
+        /// Output directory (default: out/<profile name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Use only the download cache; fail naming anything missing.
+        #[arg(long)]
+        offline: bool,
+    },
+    /// Download and verify everything a build of the profile needs into the cache.
+    Fetch {
+        #[command(flatten)]
+        input: InputArgs,
+    },
+    /// Boot an image in QEMU with its serial console on this terminal (Ctrl-a x quits).
+    Run {
+        /// The disk image (OUT/<arch>/disk.img).
+        image: PathBuf,
+        /// Architecture of the image (default: from the manifest.json beside it).
+        #[arg(long)]
+        arch: Option<Arch>,
+        /// Directory holding the firmware files (default: $KILN_FIRMWARE_DIR, else Debian's paths).
+        #[arg(long, env = "KILN_FIRMWARE_DIR")]
+        firmware_dir: Option<PathBuf>,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// Keep the image unchanged: guest writes go to a temporary overlay.
+        #[arg(long)]
+        snapshot: bool,
+    },
+    /// Print the profile's JSON schema, or with --markdown the profile reference.
+    Schema {
+        #[arg(long)]
+        markdown: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let level = if cli.quiet { "warn" } else { "info" };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| level.into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.chain().any(|c| c.is::<UsageError>() || c.is::<kiln::profile::ProfileError>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
+    BuildOptions {
+        archs: input.archs.clone(),
+        out: None,
+        offline: false,
+        mirror: input.mirror.clone(),
+        progress: !quiet && std::io::stderr().is_terminal(),
+        cache_dir: input.cache_dir.clone(),
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Build { input, out, offline } => {
+            let profile = LoadedProfile::load(&input.profile)?;
+            let opts = BuildOptions { out, offline, ..options(&input, cli.quiet) };
+            let report = kiln::pipeline::build(&profile, &opts)?;
+            for (arch, path, _) in &report.images {
+                println!("{arch}: {}", path.display());
+            }
+            println!("checksums: {}", report.out_dir.join("SHA256SUMS").display());
+        }
+        Command::Fetch { input } => {
+            let profile = LoadedProfile::load(&input.profile)?;
+            kiln::pipeline::fetch(&profile, &options(&input, cli.quiet))?;
+        }
+        Command::Run { image, arch, firmware_dir, memory, snapshot } => {
+            let arch = match arch {
+                Some(a) => a,
+                None => arch_from_manifest(&image)?,
+            };
+            let spec = kiln::qemu::VmSpec {
+                arch,
+                disks: vec![kiln::qemu::Disk { path: image, snapshot }],
+                boot_disk: 0,
+                memory_mib: memory,
+                cpus: 2,
+                net: kiln::qemu::Net::None,
+                firmware_dir,
+                extra_args: Vec::new(),
+            };
+            let status = kiln::qemu::run_interactive(&spec)?;
+            return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+        Command::Schema { markdown } => {
+            if markdown {
+                print!("{}", kiln::reference::markdown());
+            } else {
+                println!("{}", serde_json::to_string_pretty(&kiln::profile::json_schema())?);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the architecture from the manifest.json written beside an image.
+fn arch_from_manifest(image: &std::path::Path) -> Result<Arch> {
+    let manifest = image.with_file_name("manifest.json");
+    let text = std::fs::read_to_string(&manifest).map_err(|e| {
+        UsageError(format!("cannot tell the architecture of {}: {} ({e}); pass --arch", image.display(), manifest.display()))
+    })?;
+    let m: kiln::manifest::Manifest =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest.display()))?;
+    Ok(m.arch.parse().map_err(|e| UsageError(format!("{}: {e}", manifest.display())))?)
+}

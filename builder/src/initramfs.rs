@@ -1,0 +1,89 @@
+//! The initramfs kiln writes itself: static busybox, the storage and filesystem modules needed to
+//! find the root (a dependency closure computed from `.modinfo`), the list to load them in order,
+//! and kiln's `/init` (from `overlays/initramfs/`). Packed as cpio newc, zstd-compressed.
+
+use anyhow::{bail, Context, Result};
+
+use crate::kmod::ModuleSet;
+use crate::platform::Platform;
+use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
+
+/// What went into an initramfs, for the build log and manifest.
+pub struct Initramfs {
+    pub tree: Tree,
+    /// Modules in load order (names).
+    pub modules: Vec<String>,
+    /// Optional platform modules this kernel does not have (neither module nor built in).
+    pub absent: Vec<String>,
+}
+
+/// Assembles the initramfs tree from the (already unpacked) appliance root.
+pub fn assemble(root: &Tree, modules: &ModuleSet, platform: &Platform, extra_modules: &[String]) -> Result<Initramfs> {
+    let mut tree = Tree::new();
+    for dir in ["bin", "dev", "proc", "sys", "run", "etc/kiln", "lib/modules", "newroot", "lower", "rw"] {
+        tree.add_dir(dir, 0o755)?;
+    }
+    crate::setup::add_console_nodes(&mut tree)?;
+
+    let busybox = match root.get_str(crate::busybox::BUSYBOX).map(|e| &e.kind) {
+        Some(Kind::File(c)) => c.clone(),
+        _ => bail!("/{} is missing from the root: the initramfs needs `busybox-static`", crate::busybox::BUSYBOX),
+    };
+    tree.insert(&TreePath::parse("bin/busybox")?, Entry { meta: Meta::root(0o755), kind: Kind::File(busybox.clone()) })?;
+    for applet in crate::busybox::applets(&busybox.read()?)? {
+        if applet != "busybox" {
+            tree.add_symlink(&format!("bin/{applet}"), "busybox")?;
+        }
+    }
+
+    let init = crate::assets::overlay("initramfs")?;
+    tree.merge(&init)?;
+
+    // Required modules must exist (or be built in); optional ones are taken when present.
+    let required: Vec<&str> = platform
+        .initramfs_modules
+        .required
+        .iter()
+        .chain(extra_modules.iter())
+        .map(String::as_str)
+        .collect();
+    let optional: Vec<&str> = platform.initramfs_modules.optional.iter().map(String::as_str).collect();
+    let (req, _) = modules.closure(&required, false).with_context(|| {
+        format!("initramfs modules of platform `{}` and `kernel.modules`", platform.name)
+    })?;
+    let (opt, absent) = modules.closure(&optional, true)?;
+
+    let mut order: Vec<String> = Vec::new();
+    let mut names = Vec::new();
+    for m in req.into_iter().chain(opt) {
+        if order.contains(&m.rel) {
+            continue;
+        }
+        let content = match root.get(&m.path).map(|e| &e.kind) {
+            Some(Kind::File(c)) => c.clone(),
+            _ => bail!("module {} listed but missing at {}", m.name, m.path),
+        };
+        tree.insert(&TreePath::parse(&format!("lib/modules/{}", m.rel))?, Entry {
+            meta: Meta::root(0o644),
+            kind: Kind::File(content),
+        })?;
+        order.push(m.rel.clone());
+        names.push(m.name.clone());
+    }
+    let mut list = order.join("\n");
+    list.push('\n');
+    tree.insert(&TreePath::parse("etc/kiln/modules")?, Entry {
+        meta: Meta::root(0o644),
+        kind: Kind::File(Content::bytes(list.into_bytes())),
+    })?;
+    Ok(Initramfs { tree, modules: names, absent })
+}
+
+/// cpio newc + zstd: what the kernel unpacks (Debian kernels have CONFIG_RD_ZSTD).
+pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
+    let mut cpio = Vec::new();
+    crate::cpio::write_newc(tree, &mut cpio, mtime).context("writing the initramfs cpio archive")?;
+    // Level 19: the archive is small and compressed once per build; the kernel reads it at boot.
+    let compressed = zstd::bulk::compress(&cpio, 19).context("compressing the initramfs")?;
+    Ok(compressed)
+}

@@ -1,0 +1,523 @@
+//! The build pipeline: profile -> verified inputs -> root model -> initramfs, squashfs, ESP ->
+//! GPT disk image + manifest, per architecture. Outputs appear only when every architecture
+//! succeeded (staging directory, then renames).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use crate::arch::Arch;
+use crate::debian::{self, Suite};
+use crate::fetch::Fetcher;
+use crate::gpt::{self, Guid, PartitionSpec};
+use crate::manifest::{Input, Manifest, Output, PartitionRecord};
+use crate::platform::Platform;
+use crate::profile::{DiskSize, LoadedProfile};
+use crate::tree::{Content, Kind, Tree, TreePath};
+
+/// Packages every appliance has besides the profile's: busybox provides init, the shell and
+/// the initramfs tools.
+const BASE_PACKAGES: &[&str] = &["busybox-static"];
+/// The package holding systemd-boot's EFI binaries (used on the ESP only, not installed).
+const SYSTEMD_BOOT_PACKAGE: &str = "systemd-boot-efi";
+const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
+
+/// Command-line choices that shape a build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Subset of the profile's architectures (empty: all of them).
+    pub archs: Vec<Arch>,
+    pub out: Option<PathBuf>,
+    pub offline: bool,
+    /// Overrides the profile's and the host's mirror.
+    pub mirror: Option<String>,
+    /// Progress bars (only on a TTY).
+    pub progress: bool,
+    /// Overrides the cache directory.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// A usage problem (exit status 2), as opposed to a build failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// What a successful build wrote.
+#[derive(Debug)]
+pub struct BuildReport {
+    pub out_dir: PathBuf,
+    pub images: Vec<(Arch, PathBuf, Manifest)>,
+}
+
+/// Everything fetched and verified for one architecture.
+struct Inputs {
+    arch: Arch,
+    suite: Suite,
+    index: debian::Index,
+    root_debs: Vec<(debian::Package, PathBuf)>,
+    kernel_deb: (debian::Package, PathBuf),
+    systemd_boot_deb: Option<(debian::Package, PathBuf)>,
+}
+
+impl BuildOptions {
+    fn fetcher(&self) -> Result<Fetcher> {
+        let root = match &self.cache_dir {
+            Some(d) => d.clone(),
+            None => crate::cache::Cache::default_root()?,
+        };
+        Ok(Fetcher { offline: self.offline, cache: crate::cache::Cache::new(root), progress: self.progress })
+    }
+
+    /// The architectures to build, checked against the profile.
+    pub fn archs_for(&self, profile: &LoadedProfile) -> Result<Vec<Arch>> {
+        if self.archs.is_empty() {
+            return Ok(profile.profile.arch.clone());
+        }
+        for a in &self.archs {
+            if !profile.profile.arch.contains(a) {
+                return Err(UsageError(format!(
+                    "--arch {a}: the profile {} builds only {}",
+                    profile.path.display(),
+                    profile.profile.arch.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+                ))
+                .into());
+            }
+        }
+        Ok(self.archs.clone())
+    }
+}
+
+fn suite_for(profile: &LoadedProfile, opts: &BuildOptions) -> Result<Suite> {
+    let os = &profile.profile.os;
+    let mirror = match (&opts.mirror, &os.mirror) {
+        (Some(m), _) | (None, Some(m)) => m.trim_end_matches('/').to_string(),
+        (None, None) => debian::sources::host_debian_mirror(Path::new("/etc/apt"))?,
+    };
+    let keyring = match &os.keyring {
+        Some(k) => profile.resolve(k),
+        None => PathBuf::from(DEFAULT_KEYRING),
+    };
+    if !keyring.exists() {
+        bail!(
+            "keyring {} does not exist: install the `debian-archive-keyring` package or set `os.keyring` in {}",
+            keyring.display(),
+            profile.path.display()
+        );
+    }
+    Ok(Suite { mirror, suite: os.suite.clone(), keyring })
+}
+
+/// Resolves and downloads (or finds in the cache) every package one architecture needs.
+fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch: Arch) -> Result<Inputs> {
+    let suite = suite_for(profile, opts)?;
+    info!("{arch}: reading {} {} for {}", suite.mirror, suite.suite, arch.debian());
+    let index = debian::load_index(fetcher, &suite, arch.debian())
+        .with_context(|| format!("{arch}: loading the Debian {} package index", suite.suite))?;
+
+    let mut roots: Vec<&str> = BASE_PACKAGES.to_vec();
+    roots.extend(profile.profile.os.packages.iter().map(String::as_str));
+    let root_pkgs = debian::resolve::resolve(&index.packages, &roots)
+        .with_context(|| format!("{arch}: resolving packages {}", roots.join(", ")))?;
+
+    // The kernel is installed without its dependencies (initramfs-tools, kmod, linux-base):
+    // kiln writes the initramfs and module indexes itself.
+    let kernel_pkg = kernel_package(&index, arch)?;
+    let systemd_boot = debian::resolve::resolve(&index.packages, &[SYSTEMD_BOOT_PACKAGE])
+        .with_context(|| format!("{arch}: finding {SYSTEMD_BOOT_PACKAGE}"))?
+        .into_iter()
+        .find(|p| p.name == SYSTEMD_BOOT_PACKAGE);
+
+    let total: u64 = root_pkgs.iter().map(|p| p.size).sum::<u64>() + kernel_pkg.size;
+    info!("{arch}: {} packages + kernel {} ({} MiB)", root_pkgs.len(), kernel_pkg.version, total >> 20);
+    let mut root_debs = Vec::new();
+    for p in root_pkgs {
+        let path = debian::fetch_deb(fetcher, &suite, &p)?;
+        root_debs.push((p, path));
+    }
+    let kpath = debian::fetch_deb(fetcher, &suite, &kernel_pkg)?;
+    let systemd_boot_deb = match systemd_boot {
+        Some(p) => {
+            let path = debian::fetch_deb(fetcher, &suite, &p)?;
+            Some((p, path))
+        }
+        None => None,
+    };
+    Ok(Inputs { arch, suite, index, root_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb })
+}
+
+/// The versioned kernel image package the arch's metapackage points at.
+fn kernel_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> {
+    let meta = arch.kernel_metapackage();
+    let pkgs = debian::resolve::resolve(&index.packages, &[meta]).with_context(|| format!("{arch}: resolving {meta}"))?;
+    let m = pkgs.iter().find(|p| p.name == meta).context("metapackage missing from its own resolution")?;
+    let image = m
+        .depends
+        .iter()
+        .flatten()
+        .find(|d| d.name.starts_with("linux-image-"))
+        .with_context(|| format!("{meta} does not depend on a linux-image package"))?;
+    pkgs.into_iter()
+        .find(|p| p.name == image.name)
+        .with_context(|| format!("kernel package {} (from {meta}) not resolved", image.name))
+}
+
+/// `kiln fetch`: fills the cache with everything the profile's builds need.
+pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<()> {
+    let fetcher = opts.fetcher()?;
+    for arch in opts.archs_for(profile)? {
+        let inputs = gather(profile, opts, &fetcher, arch)?;
+        info!("{arch}: {} packages cached", inputs.root_debs.len() + 2);
+    }
+    Ok(())
+}
+
+/// Removes the staging directory unless the build completed.
+struct Staging {
+    dir: PathBuf,
+    done: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `kiln build`.
+pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport> {
+    let archs = opts.archs_for(profile)?;
+    let out_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&profile.profile.name));
+    let fetcher = opts.fetcher()?;
+    let platforms: Vec<Platform> = archs
+        .iter()
+        .map(|a| Platform::load(profile.platform(*a)).map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())).into()))
+        .collect::<Result<_>>()?;
+
+    // Fetch everything before writing anything: a bad package name fails fast.
+    let mut all_inputs = Vec::new();
+    for arch in &archs {
+        all_inputs.push(gather(profile, opts, &fetcher, *arch)?);
+    }
+
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating output directory {}", out_dir.display()))?;
+    let staging_dir = out_dir.join(".kiln-staging");
+    if staging_dir.exists() {
+        std::fs::remove_dir_all(&staging_dir).with_context(|| format!("removing stale {}", staging_dir.display()))?;
+    }
+    let mut staging = Staging { dir: staging_dir.clone(), done: false };
+
+    let mut built = Vec::new();
+    for (inputs, platform) in all_inputs.iter().zip(&platforms) {
+        let dir = staging_dir.join(inputs.arch.name());
+        std::fs::create_dir_all(&dir)?;
+        let manifest = build_arch(profile, inputs, platform, &dir)
+            .with_context(|| format!("building the {} image", inputs.arch))?;
+        built.push((inputs.arch, manifest));
+    }
+
+    // Everything succeeded: move the outputs into place.
+    let mut images = Vec::new();
+    for (arch, manifest) in built {
+        let dest = out_dir.join(arch.name());
+        std::fs::create_dir_all(&dest)?;
+        for f in ["disk.img", "manifest.json"] {
+            std::fs::rename(staging_dir.join(arch.name()).join(f), dest.join(f))
+                .with_context(|| format!("moving {f} into {}", dest.display()))?;
+        }
+        images.push((arch, dest.join("disk.img"), manifest));
+    }
+    write_sha256sums(&out_dir)?;
+    staging.done = true;
+    let _ = std::fs::remove_dir_all(&staging_dir);
+    Ok(BuildReport { out_dir, images })
+}
+
+/// The build's timestamp: SOURCE_DATE_EPOCH if set, else the suite's Release date.
+fn source_date_epoch(index: &debian::Index) -> Result<u64> {
+    if let Ok(v) = std::env::var("SOURCE_DATE_EPOCH") {
+        return v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds"));
+    }
+    index.release.date_unix.context("the suite's Release file has no parseable Date; set SOURCE_DATE_EPOCH")
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir: &Path) -> Result<Manifest> {
+    let arch = inputs.arch;
+    let epoch = source_date_epoch(&inputs.index)?;
+
+    // --- the root model ---------------------------------------------------------------
+    info!("{arch}: unpacking {} packages", inputs.root_debs.len() + 1);
+    let mut root = Tree::merged_usr(arch);
+    let mut manifest_inputs = vec![
+        Input { kind: "profile".into(), name: profile.profile.name.clone(), version: None, sha256: sha256_hex(&profile.source), size: Some(profile.source.len() as u64) },
+        Input { kind: "index".into(), name: format!("{}/InRelease", inputs.suite.suite), version: None, sha256: inputs.index.inrelease_sha256.clone(), size: None },
+        Input { kind: "index".into(), name: format!("{}/main/binary-{}/Packages", inputs.suite.suite, arch.debian()), version: None, sha256: inputs.index.packages_sha256.clone(), size: None },
+    ];
+    for (pkg, path) in inputs.root_debs.iter().chain(std::iter::once(&inputs.kernel_deb)) {
+        crate::deb::unpack_deb(path, &mut root).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
+        manifest_inputs.push(deb_input(pkg));
+    }
+    let kver = single_kernel_version(&root)?;
+    let kernel = take_kernel(&mut root, arch, &kver)?;
+
+    crate::setup::base_system(&mut root)?;
+    crate::busybox::install_links(&mut root, "usr/bin", "busybox")?;
+    let modules = crate::setup::module_indexes(&mut root, &kver)?;
+
+    let context = template_context(profile, arch, &kver);
+    let mut appliance = crate::assets::overlay("appliance")?;
+    crate::overlay::render_templates(&mut appliance, &context, "kiln's appliance overlay")?;
+    root.merge(&appliance)?;
+    for o in &profile.profile.overlays {
+        let dir = profile.resolve(&o.value);
+        let mut t = crate::overlay::read_dir(&dir)?;
+        let origin = format!("overlay {}", dir.display());
+        crate::overlay::render_templates(&mut t, &context, &origin)
+            .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+        root.merge(&t).with_context(|| origin.clone())?;
+    }
+    let hb = crate::overlay::renderer();
+    for (i, f) in profile.profile.files.iter().enumerate() {
+        let content = if f.template {
+            crate::overlay::render(&hb, &f.content, &context, &format!("files[{i}] ({})", f.path))
+                .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?
+        } else {
+            f.content.clone()
+        };
+        root.add_file(&f.path, f.mode.0, content)?;
+    }
+
+    // --- initramfs, squashfs, ESP ----------------------------------------------------
+    let initramfs = crate::initramfs::assemble(&root, &modules, platform, &profile.profile.kernel.modules)?;
+    info!("{arch}: initramfs with {} modules", initramfs.modules.len());
+    let initrd = crate::initramfs::pack(&initramfs.tree, clamp32(epoch))?;
+
+    info!("{arch}: writing the squashfs root ({} entries)", root.len());
+    let mut squashfs = std::io::Cursor::new(Vec::new());
+    crate::squashfs::write_squashfs(&root, &mut squashfs, &crate::squashfs::SquashfsOptions {
+        mtime: clamp32(epoch),
+        zstd_level: 15,
+        block_size: 128 * 1024,
+    })?;
+    let squashfs = squashfs.into_inner();
+
+    // Identities derived from the inputs: same inputs, same GUIDs, same bytes.
+    let mut ids = Sha256::new();
+    for i in &manifest_inputs {
+        ids.update(i.sha256.as_bytes());
+    }
+    let build_id = ids.finalize();
+    let guid = |what: &str| Guid::derive("kiln", &[arch.name().as_bytes(), what.as_bytes(), &build_id]);
+    let (disk_guid, esp_guid, root_a_guid, root_b_guid) = (guid("disk"), guid("esp"), guid("root-a"), guid("root-b"));
+
+    let cmdline = kernel_cmdline(platform, arch, &root_a_guid, &profile.profile.kernel.cmdline);
+    let systemd_boot = match &inputs.systemd_boot_deb {
+        Some((pkg, path)) => Some(systemd_boot_binary(path, arch).with_context(|| format!("reading {} {}", pkg.name, pkg.version))?),
+        None => None,
+    };
+    if let Some((pkg, _)) = &inputs.systemd_boot_deb {
+        manifest_inputs.push(deb_input(pkg));
+    }
+    let title = format!("kiln {} ({arch})", profile.profile.name);
+    let esp = crate::esp::tree(platform, &crate::esp::BootFiles {
+        arch,
+        title: &title,
+        kernel_version: &kver,
+        kernel,
+        initrd: Content::bytes(initrd),
+        systemd_boot,
+        cmdline: &cmdline,
+    })?;
+    let esp_size = crate::fat::fat32_size_for(&esp, 8 << 20)?;
+
+    // --- the disk --------------------------------------------------------------------
+    let root_slot = round_up(squashfs.len() as u64 + squashfs.len() as u64 / 4 + (16 << 20), 1 << 20);
+    let specs = vec![
+        PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: esp_guid, size: esp_size, attributes: 0 },
+        PartitionSpec { name: "kiln-root-a".into(), type_guid: arch.root_partition_type().parse()?, guid: root_a_guid, size: root_slot, attributes: 0 },
+        // The B slot for A/B updates: same size, empty, and marked "do not auto-mount" (bit 63).
+        PartitionSpec { name: "kiln-root-b".into(), type_guid: arch.root_partition_type().parse()?, guid: root_b_guid, size: root_slot, attributes: 1 << 63 },
+    ];
+    let fixed = match profile.profile.disk.size {
+        DiskSize::Auto => None,
+        DiskSize::Fixed(s) => Some(s.0),
+    };
+    let layout = gpt::plan(&specs, fixed, profile.profile.disk.headroom.0)
+        .map_err(|e| UsageError(format!("{}: key `disk.size`: {e:#}", profile.path.display())))?;
+
+    let img_path = dir.join("disk.img");
+    info!("{arch}: writing {} ({} MiB)", img_path.display(), layout.size >> 20);
+    let mut img = File::create(&img_path).with_context(|| format!("creating {}", img_path.display()))?;
+    img.set_len(layout.size)?;
+    gpt::write_gpt(&mut img, &layout, disk_guid).context("writing the partition table")?;
+    let esp_part = &layout.partitions[0];
+    img.seek(SeekFrom::Start(esp_part.offset()))?;
+    crate::fat::write_fat32(&mut img, esp_part.size(), &esp, &crate::fat::FatOptions {
+        volume_id: u32::from_le_bytes(esp_guid.to_disk_bytes()[..4].try_into().expect("4 bytes")),
+        label: "KILN-ESP".into(),
+        mtime: epoch,
+    })
+    .with_context(|| format!("writing the EFI system partition into {}", img_path.display()))?;
+    img.seek(SeekFrom::Start(layout.partitions[1].offset()))?;
+    img.write_all(&squashfs)?;
+    img.sync_all()?;
+    drop(img);
+
+    let esp_digest = digest_range(&img_path, esp_part.offset(), esp_part.size())?;
+    let contents: [(Option<String>, Option<u64>); 3] = [
+        (Some(esp_digest), Some(esp_part.size())),
+        (Some(sha256_hex(&squashfs)), Some(squashfs.len() as u64)),
+        (None, None),
+    ];
+    let partitions = layout
+        .partitions
+        .iter()
+        .zip(contents)
+        .enumerate()
+        .map(|(i, (p, (sha, size)))| PartitionRecord {
+            number: i as u32 + 1,
+            name: p.name.clone(),
+            type_guid: p.type_guid.to_string(),
+            guid: p.guid.to_string(),
+            offset: p.offset(),
+            size: p.size(),
+            content_sha256: sha,
+            content_size: size,
+        })
+        .collect();
+    let disk_sha = crate::cache::sha256_file(&img_path)?;
+    manifest_inputs.sort();
+    let manifest = Manifest {
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        profile: profile.profile.name.clone(),
+        arch: arch.name().into(),
+        suite: inputs.suite.suite.clone(),
+        kernel_version: kver,
+        source_date_epoch: epoch,
+        kernel_cmdline: cmdline,
+        disk_guid: disk_guid.to_string(),
+        inputs: manifest_inputs,
+        partitions,
+        initramfs_modules: initramfs.modules,
+        outputs: vec![Output { file: "disk.img".into(), sha256: disk_sha, size: layout.size }],
+    };
+    std::fs::write(dir.join("manifest.json"), manifest.to_json())?;
+    Ok(manifest)
+}
+
+fn deb_input(pkg: &debian::Package) -> Input {
+    Input {
+        kind: "deb".into(),
+        name: pkg.name.clone(),
+        version: Some(pkg.version.clone()),
+        sha256: pkg.sha256.clone(),
+        size: Some(pkg.size),
+    }
+}
+
+fn clamp32(t: u64) -> u32 {
+    t.min(u32::MAX as u64) as u32
+}
+
+fn round_up(v: u64, to: u64) -> u64 {
+    v.div_ceil(to) * to
+}
+
+fn kernel_cmdline(platform: &Platform, arch: Arch, root: &Guid, extra: &str) -> String {
+    let mut c = format!("root=PARTUUID={root} kiln.rootname=kiln-root-a {}", platform.console_args(arch));
+    if !extra.trim().is_empty() {
+        c.push(' ');
+        c.push_str(extra.trim());
+    }
+    c
+}
+
+fn template_context(profile: &LoadedProfile, arch: Arch, kver: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": profile.profile.name,
+        "arch": arch.name(),
+        "profile": profile.profile,
+        "vars": profile.profile.vars,
+        "kiln": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "console": arch.serial_console(),
+            "kernel_version": kver,
+            "debian_arch": arch.debian(),
+        }
+    })
+}
+
+fn single_kernel_version(root: &Tree) -> Result<String> {
+    let versions = crate::kmod::kernel_versions(root);
+    match versions.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no kernel modules directory in the root: the kernel package did not unpack"),
+        many => bail!("several kernels in the root ({}); kiln boots exactly one", many.join(", ")),
+    }
+}
+
+/// Takes the bootable kernel image out of the root (it lives on the ESP) and drops `/boot`.
+fn take_kernel(root: &mut Tree, arch: Arch, kver: &str) -> Result<Content> {
+    let path = format!("{}{kver}", arch.kernel_file_prefix());
+    let content = match root.get_str(&path).map(|e| &e.kind) {
+        Some(Kind::File(c)) => c.clone(),
+        _ => bail!("the kernel package has no /{path}"),
+    };
+    root.remove(&TreePath::parse("boot")?);
+    Ok(content)
+}
+
+/// systemd-boot's EFI binary for the arch, from the systemd-boot-efi package.
+fn systemd_boot_binary(deb: &Path, arch: Arch) -> Result<Content> {
+    let mut t = Tree::merged_usr(arch);
+    crate::deb::unpack_deb(deb, &mut t)?;
+    let path = format!("usr/lib/systemd/boot/efi/{}", arch.systemd_boot_file());
+    match t.get_str(&path).map(|e| &e.kind) {
+        Some(Kind::File(c)) => Ok(c.clone()),
+        _ => bail!("{} has no /{path}", deb.display()),
+    }
+}
+
+fn digest_range(path: &Path, offset: u64, len: u64) -> Result<String> {
+    use std::io::Read;
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut h = Sha256::new();
+    let mut left = len;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = buf.len().min(left as usize);
+        f.read_exact(&mut buf[..n])?;
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// `SHA256SUMS` over every image and manifest in the output directory, sorted by path.
+fn write_sha256sums(out_dir: &Path) -> Result<()> {
+    let mut lines = BTreeMap::new();
+    for arch in Arch::ALL {
+        for f in ["disk.img", "manifest.json"] {
+            let p = out_dir.join(arch.name()).join(f);
+            if p.exists() {
+                lines.insert(format!("{}/{f}", arch.name()), crate::cache::sha256_file(&p)?);
+            }
+        }
+    }
+    let text: String = lines.iter().map(|(p, h)| format!("{h}  {p}\n")).collect();
+    let tmp = out_dir.join(".SHA256SUMS.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, out_dir.join("SHA256SUMS"))?;
+    Ok(())
+}

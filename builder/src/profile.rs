@@ -1,0 +1,445 @@
+//! The profile: the one declarative YAML file a user writes. Its types are the single source of
+//! the file format, the CLI's view of it, the JSON schema and the reference in the README.
+//!
+//! Parsing is strict: unknown keys, wrong types and bad values are errors naming the file,
+//! line and key. Semantic checks (`validate`) report locations too, via `Spanned` values.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{bail, Result};
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_saphyr::Spanned;
+
+use crate::arch::Arch;
+
+/// A kiln profile: everything one build needs.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Name of the appliance; names the default output directory `out/<name>`.
+    /// Lower-case letters, digits, `-`, `_` and `.`.
+    pub name: String,
+    /// Architectures to build, e.g. `[x86_64, aarch64, riscv64]`.
+    pub arch: Vec<Arch>,
+    /// The Debian base system.
+    #[serde(default)]
+    pub os: Os,
+    /// Kernel settings.
+    #[serde(default)]
+    pub kernel: Kernel,
+    /// Platform (under `firmware/`) per architecture; `generic-uefi` when not given.
+    #[serde(default)]
+    pub platform: BTreeMap<Arch, String>,
+    /// Disk image size.
+    #[serde(default)]
+    pub disk: Disk,
+    /// Directories laid onto the root, in order, after kiln's own appliance overlay.
+    /// Relative paths are relative to the profile file.
+    #[serde(default)]
+    #[schemars(with = "Vec<String>")]
+    #[serde(serialize_with = "ser_spanned_paths")]
+    pub overlays: Vec<Spanned<PathBuf>>,
+    /// Files written into the root after the overlays.
+    #[serde(default)]
+    pub files: Vec<InlineFile>,
+    /// Values for templates (`*.hbs` files in overlays), available as `{{vars.KEY}}`.
+    #[serde(default)]
+    pub vars: BTreeMap<String, serde_json::Value>,
+}
+
+/// The Debian base system.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Os {
+    /// Debian suite (codename) to build from.
+    #[serde(default = "default_suite")]
+    pub suite: String,
+    /// Debian mirror URL. Default: the Debian mirror in the host's apt sources.
+    #[serde(default)]
+    pub mirror: Option<String>,
+    /// OpenPGP keyring (file or directory) that signs the suite's InRelease.
+    /// Default: `/usr/share/keyrings/debian-archive-keyring.gpg`.
+    #[serde(default)]
+    pub keyring: Option<PathBuf>,
+    /// Extra Debian packages installed into the root (with their dependencies).
+    #[serde(default)]
+    pub packages: Vec<String>,
+}
+
+fn default_suite() -> String {
+    "trixie".into()
+}
+
+impl Default for Os {
+    fn default() -> Self {
+        Os { suite: default_suite(), mirror: None, keyring: None, packages: Vec::new() }
+    }
+}
+
+/// Kernel settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Kernel {
+    /// Extra kernel command line, appended to kiln's own.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Extra kernel modules to put in the initramfs (with their dependencies).
+    #[serde(default)]
+    pub modules: Vec<String>,
+}
+
+/// Disk image size.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// `auto` (content plus headroom) or a size such as `2GiB`, `512MiB`.
+    #[serde(default)]
+    pub size: DiskSize,
+    /// Free space added after the partitions when `size` is `auto`.
+    #[serde(default = "default_headroom")]
+    pub headroom: Size,
+}
+
+fn default_headroom() -> Size {
+    Size(64 << 20)
+}
+
+impl Default for Disk {
+    fn default() -> Self {
+        Disk { size: DiskSize::Auto, headroom: default_headroom() }
+    }
+}
+
+/// `auto` or a fixed size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(into = "String")]
+#[schemars(with = "String")]
+pub enum DiskSize {
+    #[default]
+    Auto,
+    Fixed(Size),
+}
+
+impl From<DiskSize> for String {
+    fn from(d: DiskSize) -> String {
+        match d {
+            DiskSize::Auto => "auto".into(),
+            DiskSize::Fixed(s) => s.to_string(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DiskSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "auto" {
+            return Ok(DiskSize::Auto);
+        }
+        s.parse().map(DiskSize::Fixed).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A byte size: a number with an optional unit `K`/`KiB`, `M`/`MiB`, `G`/`GiB` (all powers of 1024).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, JsonSchema)]
+#[serde(into = "String")]
+#[schemars(with = "String")]
+pub struct Size(pub u64);
+
+impl From<Size> for String {
+    fn from(s: Size) -> String {
+        s.to_string()
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        if b != 0 && b % (1 << 30) == 0 {
+            write!(f, "{}GiB", b >> 30)
+        } else if b != 0 && b % (1 << 20) == 0 {
+            write!(f, "{}MiB", b >> 20)
+        } else {
+            write!(f, "{b}")
+        }
+    }
+}
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("`{s}` is not a size (examples: 2GiB, 512MiB, 1073741824)"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KiB" | "k" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "T" | "TiB" => 1 << 40,
+            u => return Err(format!("unknown size unit `{u}` in `{s}` (use KiB, MiB, GiB or TiB)")),
+        };
+        n.checked_mul(mult).map(Size).ok_or_else(|| format!("size `{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Size(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A file written into the root.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InlineFile {
+    /// Absolute path inside the appliance, e.g. `/etc/motd`.
+    pub path: String,
+    /// The file's contents.
+    pub content: String,
+    /// Permission bits as an octal string, e.g. `"0644"` (the default) or `"0755"`.
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    /// Render `content` as a handlebars template (like `*.hbs` overlay files).
+    #[serde(default)]
+    pub template: bool,
+}
+
+/// Permission bits written as an octal string (`"0644"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(into = "String")]
+#[schemars(with = "String")]
+pub struct Mode(pub u32);
+
+fn default_mode() -> Mode {
+    Mode(0o644)
+}
+
+impl From<Mode> for String {
+    fn from(m: Mode) -> String {
+        format!("{:04o}", m.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let v = u32::from_str_radix(s.trim_start_matches("0o"), 8)
+            .map_err(|_| serde::de::Error::custom(format!("mode `{s}` is not an octal number like \"0644\"")))?;
+        if v > 0o7777 {
+            return Err(serde::de::Error::custom(format!("mode `{s}` is larger than 7777")));
+        }
+        Ok(Mode(v))
+    }
+}
+
+fn ser_spanned_paths<S: serde::Serializer>(v: &[Spanned<PathBuf>], s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeSeq;
+    let mut seq = s.serialize_seq(Some(v.len()))?;
+    for p in v {
+        seq.serialize_element(&p.value)?;
+    }
+    seq.end()
+}
+
+/// A profile that cannot be read, parsed or validated (the CLI exits with status 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ProfileError(pub String);
+
+/// The default platform under `firmware/`.
+pub const DEFAULT_PLATFORM: &str = "generic-uefi";
+
+/// A profile together with where it came from (relative paths resolve against its directory).
+#[derive(Debug, Clone)]
+pub struct LoadedProfile {
+    pub profile: Profile,
+    pub path: PathBuf,
+    /// The exact bytes read, hashed into the build manifest.
+    pub source: Vec<u8>,
+}
+
+impl LoadedProfile {
+    /// Reads, parses and validates a profile file.
+    pub fn load(path: &Path) -> Result<LoadedProfile> {
+        let source = std::fs::read(path).map_err(|e| ProfileError(format!("reading profile {}: {e}", path.display())))?;
+        let text = std::str::from_utf8(&source).map_err(|_| ProfileError(format!("profile {} is not UTF-8", path.display())))?;
+        let profile = parse(text).map_err(|e| ProfileError(format!("{}: {e}", path.display())))?;
+        let loaded = LoadedProfile { profile, path: path.to_path_buf(), source };
+        loaded.validate().map_err(|e| ProfileError(format!("{e:#}")))?;
+        Ok(loaded)
+    }
+
+    /// The directory relative paths in the profile are relative to.
+    pub fn base_dir(&self) -> PathBuf {
+        match self.path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    /// Resolves an overlay path against the profile's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base_dir().join(p)
+        }
+    }
+
+    /// The platform name for an architecture.
+    pub fn platform(&self, arch: Arch) -> &str {
+        self.profile.platform.get(&arch).map(String::as_str).unwrap_or(DEFAULT_PLATFORM)
+    }
+
+    /// Checks what the types cannot: names, duplicates, paths that must exist.
+    pub fn validate(&self) -> Result<()> {
+        let file = self.path.display();
+        let p = &self.profile;
+        if p.name.is_empty()
+            || !p.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+            || p.name.starts_with('.')
+        {
+            bail!("{file}: key `name`: `{}` must be lower-case letters, digits, `-`, `_` or `.`", p.name);
+        }
+        if p.arch.is_empty() {
+            bail!("{file}: key `arch`: list at least one of x86_64, aarch64, riscv64");
+        }
+        let mut seen = Vec::new();
+        for a in &p.arch {
+            if seen.contains(a) {
+                bail!("{file}: key `arch`: `{a}` is listed twice (amd64/arm64 are aliases of x86_64/aarch64)");
+            }
+            seen.push(*a);
+        }
+        for (a, _) in p.platform.iter() {
+            if !p.arch.contains(a) {
+                bail!("{file}: key `platform.{a}`: {a} is not in `arch`");
+            }
+        }
+        for pkg in &p.os.packages {
+            if pkg.is_empty() || pkg.contains(char::is_whitespace) {
+                bail!("{file}: key `os.packages`: `{pkg}` is not a Debian package name");
+            }
+        }
+        for o in &p.overlays {
+            let dir = self.resolve(&o.value);
+            if !dir.is_dir() {
+                bail!(
+                    "{file}:{}: key `overlays`: overlay directory {} does not exist (paths are relative to the profile)",
+                    o.referenced.line(),
+                    dir.display()
+                );
+            }
+        }
+        for (i, f) in p.files.iter().enumerate() {
+            if !f.path.starts_with('/') || crate::tree::TreePath::parse(&f.path).is_err() || f.path.len() < 2 {
+                bail!("{file}: key `files[{i}].path`: `{}` must be an absolute path inside the appliance", f.path);
+            }
+        }
+        for k in p.vars.keys() {
+            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                bail!("{file}: key `vars.{k}`: variable names are letters, digits, `_` and `-`");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses profile YAML (no semantic validation). Errors carry line and column.
+pub fn parse(text: &str) -> Result<Profile, String> {
+    serde_saphyr::from_str::<Profile>(text).map_err(|e| e.to_string())
+}
+
+/// The JSON schema of the profile, generated from the types.
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(Profile)).expect("schema serialises")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "name: demo\narch: [amd64, riscv64]\n";
+
+    #[test]
+    fn minimal_profile_gets_defaults() {
+        let p = parse(MINIMAL).unwrap();
+        assert_eq!(p.arch, vec![Arch::X86_64, Arch::Riscv64]);
+        assert_eq!(p.os.suite, "trixie");
+        assert_eq!(p.disk.size, DiskSize::Auto);
+        assert_eq!(p.disk.headroom, Size(64 << 20));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse("name: demo\narch: [x86_64]\nos:\n  suit: trixie\n").unwrap_err();
+        assert!(err.contains("suit"), "{err}");
+        assert!(err.contains('4'), "line number missing: {err}");
+    }
+
+    #[test]
+    fn unknown_arch_is_an_error_naming_it() {
+        let err = parse("name: demo\narch: [mips]\n").unwrap_err();
+        assert!(err.contains("mips") && err.contains("x86_64"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_an_error() {
+        let err = parse("name: demo\narch: x86_64\n").unwrap_err();
+        assert!(!err.is_empty());
+        let err = parse("name: demo\narch: [x86_64]\ndisk:\n  size: lots\n").unwrap_err();
+        assert!(err.contains("lots"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_modes_parse() {
+        assert_eq!("2GiB".parse::<Size>().unwrap(), Size(2 << 30));
+        assert_eq!("512M".parse::<Size>().unwrap(), Size(512 << 20));
+        assert!("12 parsecs".parse::<Size>().is_err());
+        let p = parse("name: d\narch: [x86_64]\nfiles:\n  - path: /etc/x\n    content: hi\n    mode: \"0755\"\n").unwrap();
+        assert_eq!(p.files[0].mode, Mode(0o755));
+        assert!(parse("name: d\narch: [x86_64]\nfiles:\n  - path: /x\n    content: hi\n    mode: \"999\"\n").is_err());
+    }
+
+    fn loaded(text: &str, dir: &Path) -> Result<LoadedProfile> {
+        let path = dir.join("p.yaml");
+        std::fs::write(&path, text).unwrap();
+        LoadedProfile::load(&path)
+    }
+
+    #[test]
+    fn validation_reports_file_key_and_line() {
+        let d = tempfile::tempdir().unwrap();
+        let err = loaded("name: demo\narch: [x86_64]\noverlays:\n  - ./nope\n", d.path()).unwrap_err().to_string();
+        assert!(err.contains("p.yaml:4") && err.contains("overlays") && err.contains("nope"), "{err}");
+        let err = loaded("name: Demo!\narch: [x86_64]\n", d.path()).unwrap_err().to_string();
+        assert!(err.contains("`name`"), "{err}");
+        let err = loaded("name: d\narch: [x86_64, amd64]\n", d.path()).unwrap_err().to_string();
+        assert!(err.contains("twice"), "{err}");
+        let err = loaded("name: d\narch: [x86_64]\nfiles:\n  - path: etc/x\n    content: y\n", d.path()).unwrap_err().to_string();
+        assert!(err.contains("files[0].path"), "{err}");
+    }
+
+    #[test]
+    fn schema_lists_every_top_level_key() {
+        let s = json_schema();
+        let props = s["properties"].as_object().unwrap();
+        for k in ["name", "arch", "os", "kernel", "platform", "disk", "overlays", "files", "vars"] {
+            assert!(props.contains_key(k), "schema lacks {k}");
+        }
+    }
+}

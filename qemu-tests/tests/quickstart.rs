@@ -1,0 +1,240 @@
+//! Slow tier: builds `profiles/quickstart.yaml` for all three architectures with the real Debian
+//! packages, checks the images with the reference tools, rebuilds offline in another directory
+//! (byte-identical), and boots each image in QEMU to the `[kiln] ready` line.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln::arch::Arch;
+use kiln::manifest::Manifest;
+use kiln::qemu::{Disk, Vm, VmSpec};
+use kiln_qemu_tests::{kiln_bin, profile_dir, repo_root, work_dir};
+
+/// The bound: each architecture boots to `[kiln] ready` within 3 minutes under TCG.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The shared download cache of the VM tier (kept between runs: a warm cache makes reruns offline-fast).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| profile_dir().unwrap().join("kiln-cache"))
+}
+
+/// Runs kiln with the tier's cache; returns (status success, stdout+stderr).
+pub fn kiln(args: &[&str]) -> Result<(bool, String)> {
+    let out = Command::new(kiln_bin()?)
+        .args(args)
+        .env("KILN_CACHE_DIR", cache_dir())
+        .current_dir(repo_root())
+        .output()
+        .context("running kiln")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+/// The quickstart build, done once per test process and shared by every test.
+fn quickstart() -> Result<&'static Path> {
+    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let r = OUT.get_or_init(|| {
+        let run = || -> Result<PathBuf> {
+            let out = work_dir("quickstart-build")?;
+            let started = std::time::Instant::now();
+            let (ok, log) = kiln(&["build", "profiles/quickstart.yaml", "--out", out.to_str().unwrap()])?;
+            ensure!(ok, "kiln build failed:\n{log}");
+            eprintln!("quickstart build (3 archs): {:.1} s\n{log}", started.elapsed().as_secs_f64());
+            Ok(out)
+        };
+        run().map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(p) => Ok(p.as_path()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+fn manifest(dir: &Path, arch: Arch) -> Result<Manifest> {
+    let text = std::fs::read_to_string(dir.join(arch.name()).join("manifest.json"))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+fn tool(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?} (install gdisk, dosfstools, squashfs-tools)"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "{cmd:?} failed:\n{text}");
+    Ok(text)
+}
+
+/// Copies `len` bytes at `offset` of `img` into a new file (the reference tools want a filesystem file).
+fn extract(img: &Path, offset: u64, len: u64, to: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(img)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut out = std::fs::File::create(to)?;
+    std::io::copy(&mut f.take(len), &mut out)?;
+    Ok(())
+}
+
+#[test]
+fn quickstart_images_pass_the_reference_tools() -> Result<()> {
+    let out = quickstart()?;
+    let dir = work_dir("quickstart-reference-tools")?;
+    for arch in Arch::ALL {
+        let img = out.join(arch.name()).join("disk.img");
+        let m = manifest(out, arch)?;
+        let gpt = tool(Command::new("sgdisk").arg("-v").arg(&img))?;
+        ensure!(gpt.contains("No problems found"), "{arch}: sgdisk -v:\n{gpt}");
+
+        let esp = &m.partitions[0];
+        let esp_file = dir.join(format!("{arch}-esp.img"));
+        extract(&img, esp.offset, esp.size, &esp_file)?;
+        tool(Command::new("fsck.vfat").arg("-n").arg(&esp_file))?;
+        let listing = tool(Command::new("mdir").args(["-i"]).arg(&esp_file).arg("::/EFI/BOOT"))?;
+        ensure!(listing.contains(&arch.efi_boot_file()[..arch.efi_boot_file().len() - 4]), "{arch}: {listing}");
+
+        let root = &m.partitions[1];
+        let root_file = dir.join(format!("{arch}-root.img"));
+        extract(&img, root.offset, root.content_size.context("root content size")?, &root_file)?;
+        let sb = tool(Command::new("unsquashfs").arg("-s").arg(&root_file))?;
+        ensure!(sb.contains("zstd"), "{arch}: root is not zstd squashfs:\n{sb}");
+        let ls = tool(Command::new("unsquashfs").args(["-lln"]).arg(&root_file).arg("/usr/lib/kiln/boot"))?;
+        ensure!(ls.contains("0/0"), "{arch}: boot script not root-owned:\n{ls}");
+        ensure!(root.type_guid == arch.root_partition_type(), "{arch}: root type {}", root.type_guid);
+        eprintln!("{arch}: sgdisk, fsck.vfat, mtools, unsquashfs OK ({} MiB image)", std::fs::metadata(&img)?.len() >> 20);
+    }
+    Ok(())
+}
+
+#[test]
+fn offline_rebuild_in_another_directory_is_byte_identical() -> Result<()> {
+    let first = quickstart()?;
+    let second = work_dir("quickstart-rebuild")?.join("elsewhere");
+    let (ok, log) = kiln(&["build", "profiles/quickstart.yaml", "--offline", "--out", second.to_str().unwrap()])?;
+    ensure!(ok, "offline rebuild failed:\n{log}");
+    for arch in Arch::ALL {
+        let a = std::fs::read(first.join(arch.name()).join("disk.img"))?;
+        let b = std::fs::read(second.join(arch.name()).join("disk.img"))?;
+        ensure!(a == b, "{arch}: disk.img differs between the two builds");
+    }
+    let sums_a = std::fs::read_to_string(first.join("SHA256SUMS"))?;
+    let sums_b = std::fs::read_to_string(second.join("SHA256SUMS"))?;
+    ensure!(sums_a == sums_b, "SHA256SUMS differ:\n{sums_a}\n{sums_b}");
+    Ok(())
+}
+
+fn boots_to_ready(arch: Arch) -> Result<()> {
+    let out = quickstart()?;
+    let dir = work_dir(&format!("quickstart-boot-{arch}"))?;
+    let mut spec = VmSpec::new(arch);
+    spec.disks = vec![Disk { path: out.join(arch.name()).join("disk.img"), snapshot: true }];
+    let mut vm = Vm::start(&spec, &dir.join("console.log"))?;
+    let line = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
+    eprintln!("{arch}: `{line}` after {:.1} s", vm.elapsed().as_secs_f64());
+    ensure!(line.contains(&format!("arch={}", arch.name())), "{arch}: wrong ready line: {line}");
+    let console = vm.console();
+    for step in ["[kiln] modules:", "[kiln] root:", "[kiln] filesystems:", "[kiln] hostname: quickstart"] {
+        ensure!(console.contains(step), "{arch}: console lacks `{step}`");
+    }
+    vm.kill();
+    Ok(())
+}
+
+#[test]
+fn x86_64_quickstart_boots_to_ready() -> Result<()> {
+    boots_to_ready(Arch::X86_64)
+}
+
+#[test]
+fn aarch64_quickstart_boots_to_ready() -> Result<()> {
+    boots_to_ready(Arch::Aarch64)
+}
+
+#[test]
+fn riscv64_quickstart_boots_to_ready() -> Result<()> {
+    boots_to_ready(Arch::Riscv64)
+}
+
+/// Runs kiln with a given cache directory.
+fn kiln_with_cache(cache: &Path, args: &[&str]) -> Result<(i32, String)> {
+    let out = Command::new(kiln_bin()?)
+        .args(args)
+        .env("KILN_CACHE_DIR", cache)
+        .current_dir(repo_root())
+        .output()
+        .context("running kiln")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+/// A copy of the quickstart profile with `extra` appended, in its own directory.
+fn variant(name: &str, extra: &str) -> Result<PathBuf> {
+    let dir = work_dir(name)?;
+    let text = std::fs::read_to_string(repo_root().join("profiles/quickstart.yaml"))?
+        .replace("../overlays/site-example", &repo_root().join("overlays/site-example").display().to_string());
+    std::fs::write(dir.join("p.yaml"), format!("{text}{extra}"))?;
+    Ok(dir)
+}
+
+#[test]
+fn a_package_that_does_not_exist_fails_naming_it_and_leaves_no_image() -> Result<()> {
+    quickstart()?; // fills the cache, so this runs offline
+    let dir = variant("bad-package", "")?;
+    let p = dir.join("p.yaml");
+    let text = std::fs::read_to_string(&p)?.replace("packages: []", "packages: [kiln-no-such-package]");
+    std::fs::write(&p, text)?;
+    let out = dir.join("out");
+    let (code, log) = kiln_with_cache(&cache_dir(), &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    ensure!(code == 1, "exit {code}:\n{log}");
+    ensure!(log.contains("kiln-no-such-package"), "{log}");
+    ensure!(!out.join("riscv64/disk.img").exists(), "image left behind");
+    Ok(())
+}
+
+#[test]
+fn an_undefined_template_variable_fails_naming_it_and_leaves_no_image() -> Result<()> {
+    quickstart()?;
+    let dir = variant("bad-template", "")?;
+    let p = dir.join("p.yaml");
+    let text = std::fs::read_to_string(&p)?.replace("Welcome to {{name}}", "Welcome to {{vars.undefined_thing}}");
+    std::fs::write(&p, text)?;
+    let out = dir.join("out");
+    let (code, log) = kiln_with_cache(&cache_dir(), &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    ensure!(code == 2, "exit {code}:\n{log}");
+    ensure!(log.contains("undefined_thing"), "{log}");
+    ensure!(!out.join("riscv64/disk.img").exists(), "image left behind");
+    Ok(())
+}
+
+#[test]
+fn a_tampered_cache_entry_is_reported_offline_and_refetched_online() -> Result<()> {
+    let dir = work_dir("tampered-cache")?;
+    let cache = dir.join("cache");
+    let profile = repo_root().join("profiles/quickstart.yaml");
+    let profile = profile.to_str().unwrap();
+    let (code, log) = kiln_with_cache(&cache, &["fetch", profile, "--arch", "riscv64"])?;
+    ensure!(code == 0, "fetch failed:\n{log}");
+    // Corrupt the largest blob (the kernel package) by one byte.
+    let blobs = cache.join("blobs/sha256");
+    let victim = std::fs::read_dir(&blobs)?
+        .filter_map(|e| e.ok())
+        .max_by_key(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .context("no blobs cached")?
+        .path();
+    let mut bytes = std::fs::read(&victim)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&victim, &bytes)?;
+    let name = victim.file_name().unwrap().to_string_lossy().into_owned();
+
+    let out = dir.join("out");
+    let (code, log) = kiln_with_cache(&cache, &["build", profile, "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    ensure!(code == 1, "offline build with a tampered cache: exit {code}:\n{log}");
+    ensure!(log.contains("corrupt") && log.contains(&name[..12]), "error does not name the corrupt blob:\n{log}");
+    ensure!(!out.join("riscv64/disk.img").exists(), "image left behind");
+
+    let (code, log) = kiln_with_cache(&cache, &["fetch", profile, "--arch", "riscv64"])?;
+    ensure!(code == 0, "online fetch did not repair the cache:\n{log}");
+    let repaired = kiln::cache::sha256_file(&victim)?;
+    ensure!(repaired == name, "blob {name} still has digest {repaired}");
+    Ok(())
+}
