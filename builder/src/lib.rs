@@ -4,3 +4,6 @@
 
 pub mod arch;
 pub mod tree;
+pub mod cpio;
+pub mod deb;
+pub mod kmod;
