@@ -1,12 +1,20 @@
 //! kiln: builds offline, self-installing edge Kubernetes disk images.
 //!
-//! The library holds all the logic; `main.rs` is a thin CLI over it.
+//! The library holds all the logic; `main.rs` is a thin CLI over it. Modules are named by the
+//! domain noun or on-disk format they own.
 
 pub mod arch;
-pub mod tree;
-pub mod profile;
 pub mod assets;
-pub mod platform;
-pub mod overlay;
 pub mod busybox;
+pub mod cpio;
+pub mod deb;
+pub mod esp;
+pub mod initramfs;
+pub mod kmod;
+pub mod manifest;
+pub mod overlay;
+pub mod platform;
+pub mod profile;
 pub mod reference;
+pub mod setup;
+pub mod tree;
