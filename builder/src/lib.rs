@@ -9,6 +9,7 @@ pub mod busybox;
 pub mod cpio;
 pub mod deb;
 pub mod esp;
+pub mod fat;
 pub mod initramfs;
 pub mod kmod;
 pub mod manifest;
