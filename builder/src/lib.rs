@@ -18,3 +18,6 @@ pub mod profile;
 pub mod reference;
 pub mod setup;
 pub mod tree;
+pub mod cache;
+pub mod debian;
+pub mod fetch;
