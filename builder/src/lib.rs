@@ -19,3 +19,6 @@ pub mod profile;
 pub mod reference;
 pub mod setup;
 pub mod tree;
+pub mod cache;
+pub mod debian;
+pub mod fetch;

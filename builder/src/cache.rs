@@ -1,0 +1,409 @@
+//! The download cache: content-addressed blobs (`blobs/sha256/<hex>`) and named documents (`refs/<key>`),
+//! both written atomically so an interrupted download never leaves a file that looks complete.
+
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+
+/// Cache failures callers branch on (a corrupt blob is refetched online, reported offline).
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("the cached file is corrupt: {path} (expected {expected}, found {actual})")]
+    Corrupt {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error("not a sha256 hex digest: {0:?}")]
+    BadDigest(String),
+    #[error("reading cached file {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Content that did not match its expected digest or size while being stored.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: expected {expected}, got {actual}")]
+pub struct Mismatch {
+    pub what: String,
+    pub expected: String,
+    pub actual: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+const BUF: usize = 256 * 1024;
+
+impl Cache {
+    pub fn new(root: PathBuf) -> Self {
+        Cache { root }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `$KILN_CACHE_DIR`, else the user's cache dir (`dirs::cache_dir()`) + `/kiln`.
+    pub fn default_root() -> anyhow::Result<PathBuf> {
+        if let Some(dir) = std::env::var_os("KILN_CACHE_DIR").filter(|d| !d.is_empty()) {
+            return Ok(PathBuf::from(dir));
+        }
+        let base = dirs::cache_dir()
+            .context("no user cache directory (set $KILN_CACHE_DIR or $XDG_CACHE_HOME/$HOME)")?;
+        Ok(base.join("kiln"))
+    }
+
+    fn blob_dir(&self) -> PathBuf {
+        self.root.join("blobs").join("sha256")
+    }
+
+    /// Where a blob with this digest lives (whether or not it exists).
+    pub fn blob_path(&self, sha256_hex: &str) -> Result<PathBuf, CacheError> {
+        Ok(self.blob_dir().join(check_digest(sha256_hex)?))
+    }
+
+    /// The path of a blob if present and its sha256 (and size, if given) verify.
+    /// A present but wrong blob is `Err(CacheError::Corrupt)`.
+    pub fn get(&self, sha256_hex: &str, size: Option<u64>) -> Result<Option<PathBuf>, CacheError> {
+        let path = self.blob_path(sha256_hex)?;
+        let io_err = |source| CacheError::Io {
+            path: path.clone(),
+            source,
+        };
+        let meta = match fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        // The size check is free; do it before hashing a possibly large file.
+        if let Some(size) = size.filter(|s| *s != meta.len()) {
+            return Err(CacheError::Corrupt {
+                path: path.clone(),
+                expected: format!("{size} bytes"),
+                actual: format!("{} bytes", meta.len()),
+            });
+        }
+        let actual = sha256_file(&path).map_err(io_err)?;
+        if actual != sha256_hex.to_ascii_lowercase() {
+            return Err(CacheError::Corrupt {
+                path,
+                expected: format!("sha256 {sha256_hex}"),
+                actual: format!("sha256 {actual}"),
+            });
+        }
+        Ok(Some(path))
+    }
+
+    /// Streams `reader` into the cache, hashing while writing; verifies digest and size, fsyncs and
+    /// renames into place. On any failure nothing is left behind; errors name `what`, and a digest
+    /// or size mismatch is a [`Mismatch`] (downcastable) so callers can tell it from a read error.
+    pub fn put(
+        &self,
+        sha256_hex: &str,
+        size: Option<u64>,
+        reader: impl Read,
+        what: &str,
+    ) -> anyhow::Result<PathBuf> {
+        let final_path = self.blob_path(sha256_hex)?;
+        let dir = self.blob_dir();
+        fs::create_dir_all(&dir)
+            .with_context(|| format!("creating cache directory {}", dir.display()))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        let (actual, written) = copy_hashing(reader, tmp.as_file_mut(), size)
+            .with_context(|| format!("downloading {what}"))?;
+        if let Some(size) = size.filter(|s| *s != written) {
+            return Err(Mismatch {
+                what: what.to_string(),
+                expected: format!("{size} bytes"),
+                actual: format!("{written} bytes"),
+            }
+            .into());
+        }
+        if actual != sha256_hex.to_ascii_lowercase() {
+            return Err(Mismatch {
+                what: what.to_string(),
+                expected: format!("sha256 {sha256_hex}"),
+                actual: format!("sha256 {actual}"),
+            }
+            .into());
+        }
+        tmp.as_file()
+            .sync_all()
+            .with_context(|| format!("syncing {what} to {}", dir.display()))?;
+        tmp.persist(&final_path)
+            .with_context(|| format!("storing {what} as {}", final_path.display()))?;
+        sync_dir(&dir);
+        Ok(final_path)
+    }
+
+    pub fn remove(&self, sha256_hex: &str) -> io::Result<()> {
+        let path = self
+            .blob_path(sha256_hex)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        match fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Where a named entry lives: a readable slug plus a hash of the whole key, so any key
+    /// (URLs included) maps to one safe file name inside `refs/`.
+    pub fn ref_path(&self, key: &str) -> PathBuf {
+        self.root.join("refs").join(ref_file_name(key))
+    }
+
+    /// A named, mutable entry (e.g. a mirror's InRelease), if stored.
+    pub fn get_ref(&self, key: &str) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(self.ref_path(key)) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces a named entry atomically (temp file, fsync, rename).
+    pub fn put_ref(&self, key: &str, data: &[u8]) -> anyhow::Result<()> {
+        let path = self.ref_path(key);
+        let dir = self.root.join("refs");
+        fs::create_dir_all(&dir)
+            .with_context(|| format!("creating cache directory {}", dir.display()))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&dir)
+            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        tmp.write_all(data)
+            .and_then(|()| tmp.as_file().sync_all())
+            .with_context(|| format!("writing cache entry `{key}`"))?;
+        tmp.persist(&path)
+            .with_context(|| format!("storing cache entry `{key}` as {}", path.display()))?;
+        sync_dir(&dir);
+        Ok(())
+    }
+}
+
+/// Lowercase hex sha256 of a file, streamed.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let (digest, _) = copy_hashing(File::open(path)?, &mut io::sink(), None)?;
+    Ok(digest)
+}
+
+/// Copies `reader` to `writer`, returning the sha256 hex and the byte count. Stops early (as a
+/// size mismatch for the caller to report) once more than `limit` bytes arrive, so a wrong
+/// server response cannot fill the disk.
+fn copy_hashing(
+    mut reader: impl Read,
+    writer: &mut impl Write,
+    limit: Option<u64>,
+) -> io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; BUF];
+    let mut written = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        writer.write_all(&buf[..n])?;
+        written += n as u64;
+        if limit.is_some_and(|l| written > l) {
+            break;
+        }
+    }
+    writer.flush()?;
+    Ok((hex::encode(hasher.finalize()), written))
+}
+
+fn check_digest(sha256_hex: &str) -> Result<String, CacheError> {
+    if sha256_hex.len() == 64 && sha256_hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        Ok(sha256_hex.to_ascii_lowercase())
+    } else {
+        Err(CacheError::BadDigest(sha256_hex.to_string()))
+    }
+}
+
+fn ref_file_name(key: &str) -> String {
+    let slug: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_matches(|c| c == '.' || c == '_')
+        .chars()
+        .rev()
+        .take(80) // the end of a key (suite, file name) is the readable part
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let hash = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{slug}-{}", &hash[..32])
+}
+
+/// Makes a rename durable; best effort, as not every filesystem supports syncing directories.
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(data: &[u8]) -> String {
+        hex::encode(Sha256::digest(data))
+    }
+
+    fn leftovers(cache: &Cache) -> Vec<String> {
+        fs::read_dir(cache.blob_dir())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn put_get_roundtrip() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().to_path_buf());
+        let data = b"hello kiln".repeat(100_000);
+        let digest = sha(&data);
+        assert!(cache.get(&digest, None).unwrap().is_none());
+        let path = cache
+            .put(&digest, Some(data.len() as u64), &data[..], "test blob")
+            .unwrap();
+        assert_eq!(path, dir.path().join("blobs/sha256").join(&digest));
+        assert_eq!(fs::read(&path).unwrap(), data);
+        assert_eq!(
+            cache.get(&digest, Some(data.len() as u64)).unwrap(),
+            Some(path.clone())
+        );
+        assert_eq!(cache.get(&digest.to_uppercase(), None).unwrap(), Some(path));
+        assert_eq!(
+            sha256_file(&dir.path().join("blobs/sha256").join(&digest)).unwrap(),
+            digest
+        );
+        cache.remove(&digest).unwrap();
+        assert!(cache.get(&digest, None).unwrap().is_none());
+        cache.remove(&digest).unwrap();
+    }
+
+    #[test]
+    fn mismatch_leaves_nothing_and_names_what() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().to_path_buf());
+        let err = cache
+            .put(&sha(b"other"), None, &b"data"[..], "busybox.deb")
+            .unwrap_err();
+        assert!(err.downcast_ref::<Mismatch>().is_some());
+        assert!(err.to_string().contains("busybox.deb"), "{err}");
+        let err = cache
+            .put(&sha(b"data"), Some(5), &b"data"[..], "x.deb")
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("expected 5 bytes, got 4 bytes"),
+            "{err}"
+        );
+        // Oversized input stops early and is rejected.
+        let err = cache
+            .put(&sha(b"data"), Some(2), &b"data"[..], "x.deb")
+            .unwrap_err();
+        assert!(err.downcast_ref::<Mismatch>().is_some(), "{err}");
+        assert!(leftovers(&cache).is_empty(), "{:?}", leftovers(&cache));
+    }
+
+    #[test]
+    fn corrupt_blob_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().to_path_buf());
+        let digest = sha(b"good");
+        let path = cache.put(&digest, None, &b"good"[..], "t").unwrap();
+        fs::write(&path, b"evil").unwrap();
+        match cache.get(&digest, None) {
+            Err(CacheError::Corrupt { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        fs::write(&path, b"longer").unwrap();
+        let err = cache.get(&digest, Some(4)).unwrap_err();
+        assert!(
+            err.to_string().contains("corrupt") && err.to_string().contains("4 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_digests_are_rejected() {
+        let cache = Cache::new(PathBuf::from("/nonexistent"));
+        for bad in ["../../etc/passwd", "", &"g".repeat(64), &"a".repeat(63)] {
+            assert!(
+                matches!(cache.get(bad, None), Err(CacheError::BadDigest(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn refs_are_atomic_and_keys_safe() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().to_path_buf());
+        let key = "http://mirror.example/debian/trixie/InRelease";
+        assert_eq!(cache.get_ref(key).unwrap(), None);
+        cache.put_ref(key, b"one").unwrap();
+        cache.put_ref(key, b"two").unwrap();
+        assert_eq!(cache.get_ref(key).unwrap().as_deref(), Some(&b"two"[..]));
+        for evil in ["../../escape", "/abs/path", "..", "a/../../b"] {
+            cache.put_ref(evil, b"x").unwrap();
+            let path = cache.ref_path(evil);
+            assert_eq!(path.parent().unwrap(), dir.path().join("refs"), "{evil}");
+            assert!(
+                !path.file_name().unwrap().to_string_lossy().starts_with('.'),
+                "{evil}"
+            );
+        }
+        assert_ne!(
+            cache.ref_path("a/b"),
+            cache.ref_path("a_b"),
+            "different keys, different files"
+        );
+        let names: Vec<_> = fs::read_dir(dir.path().join("refs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 5, "no temp files left: {names:?}");
+        assert!(cache
+            .ref_path(key)
+            .to_string_lossy()
+            .contains("debian_trixie_InRelease"));
+    }
+
+    #[test]
+    fn default_root_honours_env() {
+        // Only read here: set by the test runner if at all; check the fallback shape instead of mutating env.
+        let root = Cache::default_root().unwrap();
+        match std::env::var_os("KILN_CACHE_DIR").filter(|d| !d.is_empty()) {
+            Some(d) => assert_eq!(root, PathBuf::from(d)),
+            None => assert!(root.ends_with("kiln"), "{}", root.display()),
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! Parsing Debian `Packages` indexes (deb822 stanzas) into [`Package`]s and a name/provides [`PackageIndex`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use anyhow::{bail, Context};
+
+use super::version;
+
+/// A version relation in a dependency (`<<`, `<=`, `=`, `>=`, `>>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Op {
+    Lt,
+    Le,
+    Eq,
+    Ge,
+    Gt,
+}
+
+impl Op {
+    /// Parses an operator. The obsolete `<` and `>` mean `<=` and `>=` (Debian Policy 7.1).
+    pub fn parse(s: &str) -> Option<Op> {
+        Some(match s {
+            "<<" => Op::Lt,
+            "<=" | "<" => Op::Le,
+            "=" => Op::Eq,
+            ">=" | ">" => Op::Ge,
+            ">>" => Op::Gt,
+            _ => return None,
+        })
+    }
+
+    /// Whether `have` satisfies `have OP want`.
+    pub fn holds(self, have: &str, want: &str) -> bool {
+        let ord = version::compare(have, want);
+        match self {
+            Op::Lt => ord.is_lt(),
+            Op::Le => ord.is_le(),
+            Op::Eq => ord.is_eq(),
+            Op::Ge => ord.is_ge(),
+            Op::Gt => ord.is_gt(),
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Op::Lt => "<<",
+            Op::Le => "<=",
+            Op::Eq => "=",
+            Op::Ge => ">=",
+            Op::Gt => ">>",
+        })
+    }
+}
+
+/// One alternative of a dependency: `name[:arch] [(op version)]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Dep {
+    pub name: String,
+    /// `any`, `native` or an architecture name, as written after `:`.
+    pub arch_qualifier: Option<String>,
+    pub constraint: Option<(Op, String)>,
+}
+
+impl fmt::Display for Dep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)?;
+        if let Some(q) = &self.arch_qualifier {
+            write!(f, ":{q}")?;
+        }
+        if let Some((op, v)) = &self.constraint {
+            write!(f, " ({op} {v})")?;
+        }
+        Ok(())
+    }
+}
+
+/// One binary package stanza of a `Packages` index (only the fields kiln uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Package {
+    pub name: String,
+    pub version: String,
+    pub architecture: String,
+    /// The source package name, if the stanza names one (for manifests); else the binary name.
+    pub source: Option<String>,
+    /// Comma-separated groups of `|` alternatives.
+    pub depends: Vec<Vec<Dep>>,
+    pub pre_depends: Vec<Vec<Dep>>,
+    /// Virtual names this package provides, with the provided version (`Provides: foo (= 1.0)`).
+    pub provides: Vec<(String, Option<String>)>,
+    /// Path relative to the mirror root (`pool/main/...`).
+    pub filename: String,
+    pub size: u64,
+    pub sha256: String,
+    pub essential: bool,
+    pub multi_arch: Option<String>,
+}
+
+/// Parses a whole `Packages` file. Errors name the stanza (package) and field.
+///
+/// A dedicated single pass rather than the generic [`stanzas`]: a Packages file is ~60 MB and
+/// only a dozen of its fields matter, so unknown fields are skipped without being looked at twice.
+pub fn parse_packages(text: &str) -> anyhow::Result<Vec<Package>> {
+    let mut out = Vec::new();
+    let mut fields = Fields::default();
+    let mut current: Option<usize> = None; // slot of the field being continued
+    let mut stanza_no = 0;
+    let mut flush = |fields: &mut Fields<'_>| -> anyhow::Result<()> {
+        if fields.any {
+            stanza_no += 1;
+            let pkg = parse_stanza(fields).with_context(|| {
+                let name = fields.get("Package").unwrap_or("no Package field");
+                format!("Packages stanza {stanza_no} ({name})")
+            })?;
+            out.push(pkg);
+        }
+        *fields = Fields::default();
+        Ok(())
+    };
+    let mut pos = 0;
+    while pos < text.len() {
+        let end = text[pos..].find('\n').map_or(text.len(), |i| pos + i);
+        let line = text[pos..end].trim_end();
+        let at = pos;
+        pos = end + 1;
+        if line.is_empty() {
+            flush(&mut fields)?;
+            current = None;
+            continue;
+        }
+        fields.any = true;
+        if line.starts_with([' ', '\t']) {
+            if let Some(slot) = current {
+                fields.extend(slot, text, at + line.len());
+            }
+            continue;
+        }
+        let Some((key, value)) = line.split_once(':') else {
+            bail!(
+                "Packages stanza {}: not a `Field: value` line: {line:?}",
+                stanza_no + 1
+            );
+        };
+        current = Fields::slot(key);
+        if let Some(slot) = current {
+            let start = at + key.len() + 1 + (value.len() - value.trim_start().len());
+            fields.values[slot] = Some((start, at + line.len()));
+            fields.text = text;
+        }
+    }
+    flush(&mut fields)?;
+    Ok(out)
+}
+
+/// The fields of one Packages stanza kiln reads, as byte ranges into the file.
+#[derive(Default)]
+struct Fields<'t> {
+    text: &'t str,
+    values: [Option<(usize, usize)>; FIELD_NAMES.len()],
+    /// Whether the stanza had any line at all.
+    any: bool,
+}
+
+const FIELD_NAMES: [&str; 12] = [
+    "Package",
+    "Version",
+    "Architecture",
+    "Source",
+    "Depends",
+    "Pre-Depends",
+    "Provides",
+    "Filename",
+    "Size",
+    "SHA256",
+    "Essential",
+    "Multi-Arch",
+];
+
+impl<'t> Fields<'t> {
+    fn slot(key: &str) -> Option<usize> {
+        FIELD_NAMES.iter().position(|name| *name == key)
+    }
+
+    fn extend(&mut self, slot: usize, text: &'t str, end: usize) {
+        if let Some((_, e)) = self.values[slot].as_mut() {
+            *e = end;
+        }
+        self.text = text;
+    }
+
+    fn get(&self, key: &str) -> Option<&'t str> {
+        let (a, b) = self.values[Self::slot(key)?]?;
+        self.text.get(a..b.max(a))
+    }
+}
+
+/// Splits deb822 text into stanzas of (field, value) pairs without copying: a value spans its
+/// continuation lines (still containing their newlines and indentation; callers split on
+/// whitespace or lines). `#` comment lines are skipped. Shared with `release.rs` and `sources.rs`
+/// so all deb822 input is read one way.
+pub(crate) fn stanzas<'t>(text: &'t str) -> impl Iterator<Item = Vec<(&'t str, &'t str)>> + 't {
+    let mut offset = 0;
+    let mut lines = text.split_inclusive('\n').map(move |line| {
+        let at = offset;
+        offset += line.len();
+        (at, line)
+    });
+    std::iter::from_fn(move || {
+        let mut fields: Vec<(&'t str, &'t str)> = Vec::new();
+        // Byte range of the last field's value, extended by continuation lines.
+        let mut value: Option<(usize, usize)> = None;
+        let finish = |fields: &mut Vec<(&'t str, &'t str)>, value: Option<(usize, usize)>| {
+            if let (Some(last), Some((a, b))) = (fields.last_mut(), value) {
+                last.1 = &text[a..b];
+            }
+        };
+        loop {
+            let Some((at, line)) = lines.next() else {
+                finish(&mut fields, value);
+                return (!fields.is_empty()).then_some(fields);
+            };
+            let content = line.trim_end();
+            if content.trim_start().is_empty() {
+                if fields.is_empty() {
+                    continue;
+                }
+                finish(&mut fields, value);
+                return Some(fields);
+            }
+            if content.starts_with('#') {
+                continue;
+            }
+            if content.starts_with([' ', '\t']) {
+                if let Some((_, end)) = value.as_mut() {
+                    *end = at + content.len();
+                }
+                continue;
+            }
+            finish(&mut fields, value.take());
+            match content.split_once(':') {
+                Some((key, rest)) => {
+                    let lead = rest.len() - rest.trim_start().len();
+                    let a = at + key.len() + 1 + lead;
+                    fields.push((key.trim(), ""));
+                    value = Some((a, (at + content.len()).max(a)));
+                }
+                // Neither a field nor a continuation: keep it visible as a field with an empty
+                // name so callers can report it rather than silently drop it.
+                None => fields.push(("", content)),
+            }
+        }
+    })
+}
+
+fn parse_stanza(fields: &Fields<'_>) -> anyhow::Result<Package> {
+    let get = |key: &str| fields.get(key);
+    let required = |key: &str| get(key).with_context(|| format!("missing field `{key}`"));
+    let relation = |key: &str| -> anyhow::Result<Vec<Vec<Dep>>> {
+        get(key).map_or(Ok(Vec::new()), |v| {
+            parse_relations(v).with_context(|| format!("field `{key}`"))
+        })
+    };
+    let size = required("Size")?;
+    Ok(Package {
+        name: required("Package")?.to_string(),
+        version: required("Version")?.to_string(),
+        architecture: required("Architecture")?.to_string(),
+        source: get("Source").map(|s| s.split_whitespace().next().unwrap_or(s).to_string()),
+        depends: relation("Depends")?,
+        pre_depends: relation("Pre-Depends")?,
+        provides: get("Provides")
+            .map_or(Ok(Vec::new()), parse_provides)
+            .context("field `Provides`")?,
+        filename: required("Filename")?.to_string(),
+        size: size
+            .parse()
+            .with_context(|| format!("field `Size`: not a number: {size:?}"))?,
+        sha256: parse_sha256(required("SHA256")?).context("field `SHA256`")?,
+        essential: get("Essential").is_some_and(|v| v.eq_ignore_ascii_case("yes")),
+        multi_arch: get("Multi-Arch").map(str::to_string),
+    })
+}
+
+fn parse_sha256(s: &str) -> anyhow::Result<String> {
+    if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+        bail!("not a sha256 hex digest: {s:?}");
+    }
+    Ok(s.to_ascii_lowercase())
+}
+
+/// Parses a `Depends`-style field: `a (>= 1) | b, c:any`.
+pub fn parse_relations(s: &str) -> anyhow::Result<Vec<Vec<Dep>>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|g| !g.is_empty())
+        .map(|group| group.split('|').map(parse_dep).collect())
+        .collect()
+}
+
+/// Parses one alternative: `name[:qualifier] [(op version)]`. Architecture restrictions (`[...]`)
+/// and build profiles (`<...>`) only occur in source stanzas and are rejected here.
+pub fn parse_dep(s: &str) -> anyhow::Result<Dep> {
+    let s = s.trim();
+    let (head, constraint) = match s.split_once('(') {
+        Some((head, rest)) => {
+            let inner = rest
+                .strip_suffix(')')
+                .with_context(|| format!("dependency `{s}`: unclosed `(`"))?
+                .trim();
+            let split = inner
+                .find(|c: char| !matches!(c, '<' | '>' | '='))
+                .unwrap_or(inner.len());
+            let (op, ver) = inner.split_at(split);
+            let op = Op::parse(op.trim())
+                .with_context(|| format!("dependency `{s}`: unknown operator {:?}", op.trim()))?;
+            let ver = ver.trim();
+            if ver.is_empty() || ver.contains(char::is_whitespace) {
+                bail!("dependency `{s}`: bad version {ver:?}");
+            }
+            (head.trim(), Some((op, ver.to_string())))
+        }
+        None => (s, None),
+    };
+    if head.is_empty() || head.contains(|c: char| c.is_whitespace() || "[]<>()".contains(c)) {
+        bail!("dependency `{s}`: bad package name {head:?}");
+    }
+    let (name, arch_qualifier) = match head.split_once(':') {
+        Some((n, q)) => (n, Some(q.to_string())),
+        None => (head, None),
+    };
+    Ok(Dep {
+        name: name.to_string(),
+        arch_qualifier,
+        constraint,
+    })
+}
+
+/// `Provides: a, b (= 1.0)` — only `=` is allowed for provided versions.
+fn parse_provides(s: &str) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    let mut out = Vec::new();
+    for group in parse_relations(s)? {
+        for dep in group {
+            let version = match dep.constraint {
+                None => None,
+                Some((Op::Eq, v)) => Some(v),
+                Some((op, _)) => bail!("`{}`: provides may only use `=`, not `{op}`", dep.name),
+            };
+            out.push((dep.name, version));
+        }
+    }
+    Ok(out)
+}
+
+/// A provider of a virtual name: the providing package and the provided version, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub package: String,
+    pub package_version: String,
+    pub provided_version: Option<String>,
+}
+
+/// All packages of one architecture, by name (versions highest first) and by provided name.
+#[derive(Debug, Clone, Default)]
+pub struct PackageIndex {
+    /// The Debian architecture the index was built for (named in errors).
+    pub arch: String,
+    pub packages: BTreeMap<String, Vec<Package>>,
+    /// Virtual name -> providers, sorted by package name then version (highest first).
+    pub provides: BTreeMap<String, Vec<Provider>>,
+}
+
+impl PackageIndex {
+    pub fn new(arch: &str, packages: Vec<Package>) -> Self {
+        let mut index = PackageIndex {
+            arch: arch.to_string(),
+            ..Default::default()
+        };
+        for pkg in packages {
+            for (virt, provided_version) in &pkg.provides {
+                index
+                    .provides
+                    .entry(virt.clone())
+                    .or_default()
+                    .push(Provider {
+                        package: pkg.name.clone(),
+                        package_version: pkg.version.clone(),
+                        provided_version: provided_version.clone(),
+                    });
+            }
+            index
+                .packages
+                .entry(pkg.name.clone())
+                .or_default()
+                .push(pkg);
+        }
+        for versions in index.packages.values_mut() {
+            versions.sort_by(|a, b| version::compare(&b.version, &a.version));
+            versions.dedup_by(|a, b| a.version == b.version);
+        }
+        for providers in index.provides.values_mut() {
+            providers.sort_by(|a, b| {
+                a.package
+                    .cmp(&b.package)
+                    .then_with(|| version::compare(&b.package_version, &a.package_version))
+            });
+            providers
+                .dedup_by(|a, b| a.package == b.package && a.package_version == b.package_version);
+        }
+        index
+    }
+
+    /// All versions of a real package, highest first.
+    pub fn versions(&self, name: &str) -> &[Package] {
+        self.packages.get(name).map_or(&[], Vec::as_slice)
+    }
+
+    /// A specific version of a real package.
+    pub fn get(&self, name: &str, version: &str) -> Option<&Package> {
+        self.versions(name).iter().find(|p| p.version == version)
+    }
+
+    pub fn providers(&self, virtual_name: &str) -> &[Provider] {
+        self.provides.get(virtual_name).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.packages.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packages.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = "\
+Package: libc6
+Source: glibc (2.41-12)
+Version: 2.41-12
+Architecture: arm64
+Multi-Arch: same
+Depends: libgcc-s1
+Provides: libc6-dev-alt (= 2.41), glibc-runtime
+Description: GNU C Library
+ Contains the standard libraries
+ .
+ used by nearly all programs.
+Filename: pool/main/g/glibc/libc6_2.41-12_arm64.deb
+Size: 2712345
+SHA256: AA00000000000000000000000000000000000000000000000000000000000001
+X-Unknown-Field: ignored
+
+Package: busybox-static
+Version: 1:1.37.0-6
+Architecture: arm64
+Essential: no
+Pre-Depends: libc6 (>= 2.34)
+Depends: foo:any (<< 2) | bar (>= 1.0~rc1), baz:native,
+ qux (> 3)
+Filename: pool/main/b/busybox/busybox-static_1.37.0-6_arm64.deb
+Size: 1000
+SHA256: 00000000000000000000000000000000000000000000000000000000000000bb
+";
+
+    #[test]
+    fn parses_fields_groups_and_continuations() {
+        let pkgs = parse_packages(FIXTURE).unwrap();
+        assert_eq!(pkgs.len(), 2);
+        let libc = &pkgs[0];
+        assert_eq!(libc.name, "libc6");
+        assert_eq!(libc.source.as_deref(), Some("glibc"));
+        assert_eq!(libc.multi_arch.as_deref(), Some("same"));
+        assert_eq!(libc.size, 2712345);
+        assert!(libc.sha256.starts_with("aa00"), "sha256 is lowercased");
+        assert_eq!(
+            libc.provides,
+            vec![
+                ("libc6-dev-alt".into(), Some("2.41".into())),
+                ("glibc-runtime".into(), None)
+            ]
+        );
+        let bb = &pkgs[1];
+        assert_eq!(bb.version, "1:1.37.0-6");
+        assert!(!bb.essential);
+        assert_eq!(
+            bb.pre_depends[0][0].constraint,
+            Some((Op::Ge, "2.34".into()))
+        );
+        assert_eq!(
+            bb.depends.len(),
+            3,
+            "continuation line joins the third group"
+        );
+        assert_eq!(
+            bb.depends[0],
+            vec![
+                Dep {
+                    name: "foo".into(),
+                    arch_qualifier: Some("any".into()),
+                    constraint: Some((Op::Lt, "2".into()))
+                },
+                Dep {
+                    name: "bar".into(),
+                    arch_qualifier: None,
+                    constraint: Some((Op::Ge, "1.0~rc1".into()))
+                },
+            ]
+        );
+        assert_eq!(bb.depends[1][0].arch_qualifier.as_deref(), Some("native"));
+        assert_eq!(
+            bb.depends[2][0].constraint,
+            Some((Op::Ge, "3".into())),
+            "old `>` means `>=`"
+        );
+    }
+
+    #[test]
+    fn errors_name_stanza_and_field() {
+        let bad = FIXTURE.replace("Size: 1000", "Size: lots");
+        let err = format!("{:#}", parse_packages(&bad).unwrap_err());
+        assert!(
+            err.contains("busybox-static") && err.contains("`Size`"),
+            "{err}"
+        );
+
+        let bad = FIXTURE.replace("Depends: libgcc-s1", "Depends: libgcc-s1 (~= 3)");
+        let err = format!("{:#}", parse_packages(&bad).unwrap_err());
+        assert!(
+            err.contains("libc6") && err.contains("`Depends`") && err.contains("operator"),
+            "{err}"
+        );
+
+        let bad = FIXTURE.replace("Filename: pool/main/g/glibc/libc6_2.41-12_arm64.deb\n", "");
+        let err = format!("{:#}", parse_packages(&bad).unwrap_err());
+        assert!(err.contains("libc6") && err.contains("`Filename`"), "{err}");
+    }
+
+    #[test]
+    fn index_orders_versions_and_providers() {
+        let mk = |name: &str, version: &str, provides: &[&str]| Package {
+            name: name.into(),
+            version: version.into(),
+            architecture: "arm64".into(),
+            source: None,
+            depends: vec![],
+            pre_depends: vec![],
+            provides: provides.iter().map(|p| (p.to_string(), None)).collect(),
+            filename: format!("pool/{name}_{version}.deb"),
+            size: 1,
+            sha256: "0".repeat(64),
+            essential: false,
+            multi_arch: None,
+        };
+        let index = PackageIndex::new(
+            "arm64",
+            vec![
+                mk("a", "1.0", &["v"]),
+                mk("a", "1.10", &["v"]),
+                mk("a", "1.9", &[]),
+                mk("0z", "1", &["v"]),
+            ],
+        );
+        let versions: Vec<_> = index
+            .versions("a")
+            .iter()
+            .map(|p| p.version.as_str())
+            .collect();
+        assert_eq!(versions, ["1.10", "1.9", "1.0"]);
+        let providers: Vec<_> = index
+            .providers("v")
+            .iter()
+            .map(|p| format!("{}={}", p.package, p.package_version))
+            .collect();
+        assert_eq!(providers, ["0z=1", "a=1.10", "a=1.0"]);
+        assert_eq!(index.len(), 4);
+    }
+}
