@@ -22,3 +22,4 @@ pub mod tree;
 pub mod cache;
 pub mod debian;
 pub mod fetch;
+pub mod pipeline;

@@ -160,7 +160,8 @@ fn kernel_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> 
         .iter()
         .flatten()
         .find(|d| d.name.starts_with("linux-image-"))
-        .with_context(|| format!("{meta} does not depend on a linux-image package"))?;
+        .with_context(|| format!("{meta} does not depend on a linux-image package"))?
+        .clone();
     pkgs.into_iter()
         .find(|p| p.name == image.name)
         .with_context(|| format!("kernel package {} (from {meta}) not resolved", image.name))
