@@ -4,3 +4,5 @@
 
 pub mod arch;
 pub mod tree;
+pub mod gpt;
+pub mod squashfs;
