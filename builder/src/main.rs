@@ -132,16 +132,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 Some(a) => a,
                 None => arch_from_manifest(&image)?,
             };
-            let spec = kiln::qemu::VmSpec {
-                arch,
-                disks: vec![kiln::qemu::Disk { path: image, snapshot }],
-                boot_disk: 0,
-                memory_mib: memory,
-                cpus: 2,
-                net: kiln::qemu::Net::None,
-                firmware_dir,
-                extra_args: Vec::new(),
-            };
+            let mut spec = kiln::qemu::VmSpec::new(arch);
+            spec.disks = vec![kiln::qemu::Disk { path: image, snapshot }];
+            spec.memory_mib = memory;
+            spec.firmware_dir = firmware_dir;
             let status = kiln::qemu::run_interactive(&spec)?;
             return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }

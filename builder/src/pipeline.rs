@@ -150,21 +150,27 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
     Ok(Inputs { arch, suite, index, root_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb })
 }
 
-/// The versioned kernel image package the arch's metapackage points at.
+/// The versioned kernel image package the arch's metapackage points at. Only these two names
+/// are looked up: the kernel's own dependencies are not installed.
 fn kernel_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> {
-    let meta = arch.kernel_metapackage();
-    let pkgs = debian::resolve::resolve(&index.packages, &[meta]).with_context(|| format!("{arch}: resolving {meta}"))?;
-    let m = pkgs.iter().find(|p| p.name == meta).context("metapackage missing from its own resolution")?;
-    let image = m
+    let meta_name = arch.kernel_metapackage();
+    let meta = index
+        .packages
+        .versions(meta_name)
+        .first()
+        .with_context(|| format!("{arch}: kernel metapackage {meta_name} is not in the index"))?;
+    let image = meta
         .depends
         .iter()
         .flatten()
         .find(|d| d.name.starts_with("linux-image-"))
-        .with_context(|| format!("{meta} does not depend on a linux-image package"))?
-        .clone();
-    pkgs.into_iter()
-        .find(|p| p.name == image.name)
-        .with_context(|| format!("kernel package {} (from {meta}) not resolved", image.name))
+        .with_context(|| format!("{meta_name} does not depend on a linux-image package"))?;
+    index
+        .packages
+        .versions(&image.name)
+        .first()
+        .cloned()
+        .with_context(|| format!("{arch}: kernel package {} (from {meta_name}) is not in the index", image.name))
 }
 
 /// `kiln fetch`: fills the cache with everything the profile's builds need.
