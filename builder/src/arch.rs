@@ -21,6 +21,8 @@ pub enum Arch {
 pub struct QemuMachine {
     /// The `qemu-system-*` binary.
     pub binary: &'static str,
+    /// The Debian package that ships `binary`, named in errors when it is missing.
+    pub qemu_package: &'static str,
     /// `-M` value.
     pub machine: &'static str,
     /// `-cpu` value, if the default is not right.
@@ -144,6 +146,7 @@ impl Arch {
             // q35 + OVMF: trixie/bookworm-backports ship only the 4 MiB variant.
             Arch::X86_64 => QemuMachine {
                 binary: "qemu-system-x86_64",
+                qemu_package: "qemu-system-x86",
                 machine: "q35",
                 cpu: None,
                 firmware_package: "ovmf",
@@ -155,6 +158,7 @@ impl Arch {
             // virt + AAVMF; cortex-a72 is a real core the Debian kernel supports.
             Arch::Aarch64 => QemuMachine {
                 binary: "qemu-system-aarch64",
+                qemu_package: "qemu-system-arm",
                 machine: "virt",
                 cpu: Some("cortex-a72"),
                 firmware_package: "qemu-efi-aarch64",
@@ -167,11 +171,13 @@ impl Arch {
             // real boards run. U-Boot boots the ESP's extlinux.conf or BOOTRISCV64.EFI.
             Arch::Riscv64 => QemuMachine {
                 binary: "qemu-system-riscv64",
+                qemu_package: "qemu-system-misc",
                 machine: "virt",
                 cpu: None,
                 firmware_package: "opensbi u-boot-qemu",
                 firmware: FirmwareKind::OpenSbiUboot {
-                    opensbi: "opensbi/generic/fw_dynamic.bin",
+                    // Debian installs OpenSBI under the multiarch directory (`dpkg -L opensbi`).
+                    opensbi: "riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin",
                     uboot: "u-boot/qemu-riscv64_smode/u-boot.bin",
                 },
             },
@@ -187,7 +193,9 @@ impl fmt::Display for Arch {
 
 /// An architecture name that is not one kiln builds for.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown architecture `{0}` (expected one of: x86_64, aarch64, riscv64; aliases amd64, arm64)")]
+#[error(
+    "unknown architecture `{0}` (expected one of: x86_64, aarch64, riscv64; aliases amd64, arm64)"
+)]
 pub struct UnknownArch(pub String);
 
 impl FromStr for Arch {

@@ -21,6 +21,7 @@ pub mod overlay;
 pub mod pipeline;
 pub mod platform;
 pub mod profile;
+pub mod qemu;
 pub mod reference;
 pub mod setup;
 pub mod squashfs;

@@ -1,0 +1,86 @@
+//! Shared helpers for kiln's slow VM test tier: where the repository, the build output and the `kiln`
+//! binary are, a per-test work directory, and how a test reports that it was skipped.
+//!
+//! Run the tier with `cargo test -p kiln-qemu-tests` (it is not a default workspace member, so plain
+//! `cargo test` stays fast). Every VM runs under TCG; budget ~10 s per boot to an initramfs.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context};
+
+/// The workspace root (the directory holding the top-level `Cargo.toml`).
+pub fn repo_root() -> PathBuf {
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    crate_dir.parent().unwrap_or(crate_dir).to_path_buf()
+}
+
+/// The profile directory this test binary was built into (`<target>/debug`, `<target>/release`, ...).
+///
+/// Test executables live in `<target>/<profile>/deps/`, so this follows `CARGO_TARGET_DIR` and the
+/// profile the tests were built with, without re-deriving cargo's rules.
+pub fn profile_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running test executable")?;
+    let deps = exe.parent().context("test executable has no parent directory")?;
+    let profile = deps.parent().context("test executable is not under <target>/<profile>/deps")?;
+    Ok(profile.to_path_buf())
+}
+
+/// The `kiln` binary, built from this workspace (once per test process) with the same profile and
+/// target directory as the tests. `CARGO_BIN_EXE_kiln` exists only inside the `kiln` crate's own tests,
+/// so this runs `cargo build -p kiln --bin kiln` instead; cargo makes it a no-op when up to date.
+pub fn kiln_bin() -> anyhow::Result<PathBuf> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| build_kiln().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)
+}
+
+fn build_kiln() -> anyhow::Result<PathBuf> {
+    let profile_dir = profile_dir()?;
+    let target_dir = profile_dir.parent().context("profile directory has no parent")?;
+    let profile = profile_dir.file_name().and_then(|n| n.to_str()).context("profile directory name is not UTF-8")?;
+    // `cargo test` sets $CARGO to the cargo running it; use the same toolchain.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo_root()).args(["build", "--quiet", "-p", "kiln", "--bin", "kiln"]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    cmd.env("CARGO_TARGET_DIR", target_dir);
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("building kiln failed ({status}): {cmd:?}");
+    }
+    let bin = profile_dir.join("kiln");
+    if !bin.is_file() {
+        bail!("cargo built kiln but {} does not exist", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A fresh work directory for one test: `<target>/<profile>/qemu-tests/<name>`, emptied first and left
+/// in place afterwards so console logs and images can be read after a failure.
+pub fn work_dir(name: &str) -> anyhow::Result<PathBuf> {
+    let dir = profile_dir()?.join("qemu-tests").join(name);
+    if dir.exists() {
+        fs::remove_dir_all(&dir).with_context(|| format!("emptying work directory {}", dir.display()))?;
+    }
+    fs::create_dir_all(&dir).with_context(|| format!("creating work directory {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Reports a test as skipped (cargo has no skip state: the test passes, and this line says why).
+/// Only for inputs the machine cannot have (e.g. k3s release assets); a missing host tool is a failure.
+pub fn skip(reason: &str) {
+    // Written to the stderr handle, not with `eprintln!`: libtest captures the print macros (shown only on
+    // failure), and a skip must be visible in a passing run.
+    let _ = writeln!(std::io::stderr(), "skipped: {reason}");
+}
