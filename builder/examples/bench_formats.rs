@@ -52,7 +52,7 @@ fn main() {
     let files: Vec<(String, Vec<u8>)> = vec![
         ("EFI/BOOT/BOOTX64.EFI".into(), data(120 << 10)),
         ("kiln/vmlinuz".into(), data(big)),
-        ("kiln/initrd".into(), data((mib as usize << 20) / 8)),
+        ("kiln/initrd".into(), data(((mib as usize) << 20) / 8)),
         ("loader/loader.conf".into(), b"timeout 0\n".to_vec()),
         ("loader/entries/kiln.conf".into(), b"title kiln\n".to_vec()),
     ];
