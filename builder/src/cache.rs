@@ -115,12 +115,7 @@ impl Cache {
     ) -> anyhow::Result<PathBuf> {
         let final_path = self.blob_path(sha256_hex)?;
         let dir = self.blob_dir();
-        fs::create_dir_all(&dir)
-            .with_context(|| format!("creating cache directory {}", dir.display()))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&dir)
-            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        let mut tmp = temp_file_in(&dir)?;
         let (actual, written) = copy_hashing(reader, tmp.as_file_mut(), size)
             .with_context(|| format!("downloading {what}"))?;
         if let Some(size) = size.filter(|s| *s != written) {
@@ -177,12 +172,7 @@ impl Cache {
     pub fn put_ref(&self, key: &str, data: &[u8]) -> anyhow::Result<()> {
         let path = self.ref_path(key);
         let dir = self.root.join("refs");
-        fs::create_dir_all(&dir)
-            .with_context(|| format!("creating cache directory {}", dir.display()))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&dir)
-            .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+        let mut tmp = temp_file_in(&dir)?;
         tmp.write_all(data)
             .and_then(|()| tmp.as_file().sync_all())
             .with_context(|| format!("writing cache entry `{key}`"))?;
@@ -191,6 +181,15 @@ impl Cache {
         sync_dir(&dir);
         Ok(())
     }
+}
+
+/// A temporary file beside its final name (same filesystem, so the rename is atomic).
+fn temp_file_in(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+    fs::create_dir_all(dir).with_context(|| format!("creating cache directory {}", dir.display()))?;
+    tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))
 }
 
 /// Lowercase hex sha256 of a file, streamed.

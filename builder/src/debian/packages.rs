@@ -200,6 +200,16 @@ impl<'t> Fields<'t> {
 /// continuation lines (still containing their newlines and indentation; callers split on
 /// whitespace or lines). `#` comment lines are skipped. Shared with `release.rs` and `sources.rs`
 /// so all deb822 input is read one way.
+/// A field of a deb822 stanza by case-insensitive name.
+pub(crate) fn field<'t>(stanza: &[(&'t str, &'t str)], key: &str) -> Option<&'t str> {
+    stanza.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| *v)
+}
+
+/// A whitespace-separated list field of a deb822 stanza (empty when absent).
+pub(crate) fn field_words(stanza: &[(&str, &str)], key: &str) -> Vec<String> {
+    field(stanza, key).map(|v| v.split_whitespace().map(str::to_string).collect()).unwrap_or_default()
+}
+
 pub(crate) fn stanzas<'t>(text: &'t str) -> impl Iterator<Item = Vec<(&'t str, &'t str)>> + 't {
     let mut offset = 0;
     let mut lines = text.split_inclusive('\n').map(move |line| {

@@ -20,7 +20,7 @@ use openpgp::policy::{Policy, StandardPolicy};
 use openpgp::types::RevocationStatus;
 use openpgp::{Cert, KeyHandle};
 
-use super::packages::stanzas;
+use super::packages::{field, field_words, stanzas};
 
 /// The fields of a verified `Release` text kiln uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,17 +214,8 @@ impl Release {
     /// Parses a verified Release text (never the raw InRelease file).
     pub fn parse(text: &str) -> anyhow::Result<Release> {
         let fields = stanzas(text).next().context("Release: empty")?;
-        let get = |key: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                .map(|(_, v)| *v)
-        };
-        let words = |key: &str| -> Vec<String> {
-            get(key)
-                .map(|v| v.split_whitespace().map(str::to_string).collect())
-                .unwrap_or_default()
-        };
+        let get = |key: &str| field(&fields, key);
+        let words = |key: &str| field_words(&fields, key);
         let date = get("Date")
             .context("Release: missing field `Date`")?
             .to_string();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
-use super::packages::stanzas;
+use super::packages::{field, field_words, stanzas};
 
 /// One `deb` source as apt would see it (only what kiln needs to judge it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,17 +121,8 @@ fn parse_one_line(text: &str) -> Vec<Source> {
 fn parse_deb822(text: &str) -> Vec<Source> {
     let mut out = Vec::new();
     for stanza in stanzas(text) {
-        let get = |key: &str| {
-            stanza
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                .map(|(_, v)| *v)
-        };
-        let words = |key: &str| -> Vec<String> {
-            get(key)
-                .map(|v| v.split_whitespace().map(str::to_string).collect())
-                .unwrap_or_default()
-        };
+        let get = |key: &str| field(&stanza, key);
+        let words = |key: &str| field_words(&stanza, key);
         if get("Enabled").is_some_and(|v| v.trim().eq_ignore_ascii_case("no")) {
             continue;
         }
