@@ -238,3 +238,31 @@ fn a_tampered_cache_entry_is_reported_offline_and_refetched_online() -> Result<(
     ensure!(repaired == name, "blob {name} still has digest {repaired}");
     Ok(())
 }
+
+#[test]
+fn a_failing_boot_step_reports_an_error_and_leaves_a_console_shell() -> Result<()> {
+    quickstart()?; // shares the cache: this build runs offline
+    let dir = variant("broken-step", "")?;
+    let overlay = dir.join("broken");
+    std::fs::create_dir_all(overlay.join("usr/lib/kiln/boot.d"))?;
+    std::fs::write(overlay.join("usr/lib/kiln/boot.d/15-broken.sh"), "kiln_log broken \"about to fail\"\nfalse\n")?;
+    let p = dir.join("p.yaml");
+    let text = std::fs::read_to_string(&p)?.replace("overlays:\n", &format!("overlays:\n  - {}\n", overlay.display()));
+    std::fs::write(&p, text)?;
+    let out = dir.join("out");
+    let (code, log) = kiln_with_cache(&cache_dir(), &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    ensure!(code == 0, "build failed:\n{log}");
+
+    let mut spec = VmSpec::new(Arch::Riscv64);
+    spec.disks = vec![Disk { path: out.join("riscv64/disk.img"), snapshot: true }];
+    let mut vm = Vm::start(&spec, &dir.join("console.log"))?;
+    let line = vm.wait_for("[kiln] error:", BOOT_TIMEOUT)?;
+    ensure!(line.contains("boot step broken failed"), "unexpected error line: {line}");
+    vm.wait_for("root shell follows", Duration::from_secs(30))?;
+    // The shell is really there: it evaluates what we type (the tty buffers input until it reads).
+    vm.send("echo alive-$((6*7))\n")?;
+    vm.wait_for("alive-42", Duration::from_secs(30))?;
+    ensure!(!vm.console().contains("[kiln] ready"), "boot claimed ready after a failed step");
+    vm.kill();
+    Ok(())
+}
