@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cpio;
 pub mod deb;
 pub mod debian;
+pub mod elfclosure;
 pub mod esp;
 pub mod fat;
 pub mod fetch;

@@ -17,12 +17,22 @@ use crate::fetch::Fetcher;
 use crate::gpt::{self, Guid, PartitionSpec};
 use crate::manifest::{Input, Manifest, Output, PartitionRecord};
 use crate::platform::Platform;
-use crate::profile::{DiskSize, LoadedProfile};
+use crate::profile::{DiskSize, InstallMode, LoadedProfile};
 use crate::tree::{Content, Kind, Tree, TreePath};
 
 /// Packages every appliance has besides the profile's: busybox provides init, the shell and
 /// the initramfs tools.
 const BASE_PACKAGES: &[&str] = &["busybox-static"];
+/// Packages whose programs first boot runs in the initramfs (in-place mode): sgdisk grows the
+/// GPT and adds the data partition, mke2fs formats it. Only the programs and their libraries
+/// are copied into the initramfs; the root does not get them.
+const FIRSTBOOT_PACKAGES: &[&str] = &["gdisk", "e2fsprogs"];
+/// (path in the packages, path in the initramfs) of the first-boot programs.
+const FIRSTBOOT_PROGRAMS: &[(&str, &str)] = &[("usr/sbin/sgdisk", "sbin/sgdisk"), ("usr/sbin/mke2fs", "sbin/mke2fs")];
+/// Modules the initramfs needs to mount the data partition. ext4 asks the crypto API for
+/// `crc32c`, which the kernel would load through modprobe; the initramfs has none, so the
+/// generic implementation is loaded up front.
+const FIRSTBOOT_MODULES: &[&str] = &["crc32c_generic", "ext4"];
 /// The package holding systemd-boot's EFI binaries (used on the ESP only, not installed).
 const SYSTEMD_BOOT_PACKAGE: &str = "systemd-boot-efi";
 const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
@@ -60,6 +70,8 @@ struct Inputs {
     suite: Suite,
     index: debian::Index,
     root_debs: Vec<(debian::Package, PathBuf)>,
+    /// Packages the initramfs takes programs from (first boot), with their dependencies.
+    firstboot_debs: Vec<(debian::Package, PathBuf)>,
     kernel_deb: (debian::Package, PathBuf),
     systemd_boot_deb: Option<(debian::Package, PathBuf)>,
 }
@@ -132,12 +144,20 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         .into_iter()
         .find(|p| p.name == SYSTEMD_BOOT_PACKAGE);
 
+    let firstboot_pkgs = debian::resolve::resolve(&index.packages, FIRSTBOOT_PACKAGES)
+        .with_context(|| format!("{arch}: resolving the first-boot packages {}", FIRSTBOOT_PACKAGES.join(", ")))?;
+
     let total: u64 = root_pkgs.iter().map(|p| p.size).sum::<u64>() + kernel_pkg.size;
     info!("{arch}: {} packages + kernel {} ({} MiB)", root_pkgs.len(), kernel_pkg.version, total >> 20);
     let mut root_debs = Vec::new();
     for p in root_pkgs {
         let path = debian::fetch_deb(fetcher, &suite, &p)?;
         root_debs.push((p, path));
+    }
+    let mut firstboot_debs = Vec::new();
+    for p in firstboot_pkgs {
+        let path = debian::fetch_deb(fetcher, &suite, &p)?;
+        firstboot_debs.push((p, path));
     }
     let kpath = debian::fetch_deb(fetcher, &suite, &kernel_pkg)?;
     let systemd_boot_deb = match systemd_boot {
@@ -147,7 +167,7 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         }
         None => None,
     };
-    Ok(Inputs { arch, suite, index, root_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb })
+    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb })
 }
 
 /// The versioned kernel image package the arch's metapackage points at. Only these two names
@@ -200,6 +220,13 @@ impl Drop for Staging {
 /// `kiln build`.
 pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport> {
     let archs = opts.archs_for(profile)?;
+    if profile.profile.install.mode == InstallMode::Installer {
+        return Err(UsageError(format!(
+            "{}: key `install.mode`: `installer` is not implemented yet; use `in-place`",
+            profile.path.display()
+        ))
+        .into());
+    }
     let out_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&profile.profile.name));
     let fetcher = opts.fetcher()?;
     let platforms: Vec<Platform> = archs
@@ -305,7 +332,10 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     }
 
     // --- initramfs, squashfs, ESP ----------------------------------------------------
-    let initramfs = crate::initramfs::assemble(&root, &modules, platform, &profile.profile.kernel.modules)?;
+    let initramfs_modules: Vec<String> =
+        FIRSTBOOT_MODULES.iter().map(|m| m.to_string()).chain(profile.profile.kernel.modules.iter().cloned()).collect();
+    let mut initramfs = crate::initramfs::assemble(&root, &modules, platform, &initramfs_modules)?;
+    add_firstboot_tools(&mut initramfs.tree, inputs, &mut manifest_inputs)?;
     info!("{arch}: initramfs with {} modules", initramfs.modules.len());
     let initrd = crate::initramfs::pack(&initramfs.tree, clamp32(epoch))?;
 
@@ -422,6 +452,23 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     Ok(manifest)
 }
 
+/// Unpacks the first-boot packages into a scratch tree and copies their programs, with the
+/// libraries and loader they need, into the initramfs.
+fn add_firstboot_tools(initramfs: &mut Tree, inputs: &Inputs, manifest_inputs: &mut Vec<Input>) -> Result<()> {
+    let mut scratch = Tree::merged_usr(inputs.arch);
+    for (pkg, path) in &inputs.firstboot_debs {
+        crate::deb::unpack_deb(path, &mut scratch).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
+        let input = deb_input(pkg);
+        if !manifest_inputs.contains(&input) {
+            manifest_inputs.push(input);
+        }
+    }
+    let libs = crate::elfclosure::copy_programs(&scratch, initramfs, inputs.arch, FIRSTBOOT_PROGRAMS)
+        .context("copying the first-boot programs into the initramfs")?;
+    info!("{}: initramfs first-boot tools with {} libraries", inputs.arch, libs.len());
+    Ok(())
+}
+
 fn deb_input(pkg: &debian::Package) -> Input {
     Input {
         kind: "deb".into(),
@@ -527,4 +574,24 @@ fn write_sha256sums(out_dir: &Path) -> Result<()> {
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, out_dir.join("SHA256SUMS"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installer_mode_is_refused_as_a_usage_error_before_any_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        std::fs::write(&path, "name: d\narch: [riscv64]\ninstall:\n  mode: installer\n").unwrap();
+        let profile = LoadedProfile::load(&path).unwrap();
+        let out = dir.path().join("out");
+        let opts = BuildOptions { out: Some(out.clone()), offline: true, cache_dir: Some(dir.path().join("cache")), ..Default::default() };
+        let err = build(&profile, &opts).unwrap_err();
+        assert!(err.is::<UsageError>(), "{err:#}");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("install.mode") && msg.contains("not implemented"), "{msg}");
+        assert!(!out.exists(), "output directory created");
+    }
 }

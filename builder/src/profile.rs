@@ -37,6 +37,9 @@ pub struct Profile {
     /// Disk image size.
     #[serde(default)]
     pub disk: Disk,
+    /// How the image gets onto the machine's disk.
+    #[serde(default)]
+    pub install: Install,
     /// Directories laid onto the root, in order, after kiln's own appliance overlay.
     /// Relative paths are relative to the profile file.
     #[serde(default)]
@@ -112,6 +115,28 @@ impl Default for Disk {
     fn default() -> Self {
         Disk { size: DiskSize::Auto, headroom: default_headroom() }
     }
+}
+
+/// How the image gets onto the machine's disk.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Install {
+    /// `in-place`: the image is written straight to the boot medium (SD card, disk); the first
+    /// boot grows the partition table to the end of the medium and creates the `kiln-data`
+    /// partition in the free space. `installer`: not implemented yet (`kiln build` refuses it).
+    #[serde(default)]
+    pub mode: InstallMode,
+}
+
+/// Install mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstallMode {
+    /// The image is the installed system; first boot grows it into the whole medium.
+    #[default]
+    InPlace,
+    /// The image installs itself onto another disk (not implemented yet).
+    Installer,
 }
 
 /// `auto` or a fixed size.
@@ -382,6 +407,19 @@ mod tests {
         assert_eq!(p.os.suite, "trixie");
         assert_eq!(p.disk.size, DiskSize::Auto);
         assert_eq!(p.disk.headroom, Size(64 << 20));
+        assert_eq!(p.install.mode, InstallMode::InPlace);
+    }
+
+    #[test]
+    fn install_modes_parse_and_unknown_ones_are_named() {
+        let p = parse("name: d\narch: [x86_64]\ninstall: { mode: installer }\n").unwrap();
+        assert_eq!(p.install.mode, InstallMode::Installer);
+        let p = parse("name: d\narch: [x86_64]\ninstall:\n  mode: in-place\n").unwrap();
+        assert_eq!(p.install.mode, InstallMode::InPlace);
+        let err = parse("name: d\narch: [x86_64]\ninstall:\n  mode: pxe\n").unwrap_err();
+        assert!(err.contains("pxe"), "{err}");
+        let err = parse("name: d\narch: [x86_64]\ninstall:\n  target: auto\n").unwrap_err();
+        assert!(err.contains("target"), "{err}");
     }
 
     #[test]
@@ -438,7 +476,7 @@ mod tests {
     fn schema_lists_every_top_level_key() {
         let s = json_schema();
         let props = s["properties"].as_object().unwrap();
-        for k in ["name", "arch", "os", "kernel", "platform", "disk", "overlays", "files", "vars"] {
+        for k in ["name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars"] {
             assert!(props.contains_key(k), "schema lacks {k}");
         }
     }

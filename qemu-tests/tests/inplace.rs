@@ -1,0 +1,177 @@
+//! Slow tier, in-place install mode: a quickstart image written to a disk larger than itself grows on
+//! first boot (GPT to the end of the medium, partition 4 `kiln-data` with ext4 over the free space),
+//! and a second boot mounts that partition without running first boot again.
+//!
+//! The test makes the larger disk itself: a copy of `disk.img` extended (sparse) to 2 GiB, booted
+//! without `snapshot` so the guest's changes land in the copy.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln::arch::Arch;
+use kiln::qemu::{Disk, Vm, VmSpec};
+use kiln_qemu_tests::{kiln_bin, profile_dir, repo_root, work_dir};
+
+/// Each boot reaches `[kiln] ready` within 3 minutes under TCG.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// The medium the image is "flashed" to.
+const DISK_SIZE: u64 = 2 << 30;
+const SECTOR: u64 = 512;
+
+/// The shared download cache of the VM tier (same as quickstart.rs).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| profile_dir().unwrap().join("kiln-cache"))
+}
+
+/// The quickstart build, done once per test process.
+fn quickstart() -> Result<&'static Path> {
+    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let r = OUT.get_or_init(|| {
+        let run = || -> Result<PathBuf> {
+            let out = work_dir("inplace-build")?;
+            let started = std::time::Instant::now();
+            let o = Command::new(kiln_bin()?)
+                .args(["build", "profiles/quickstart.yaml", "--out", out.to_str().context("non-UTF-8 work dir")?])
+                .env("KILN_CACHE_DIR", cache_dir())
+                .current_dir(repo_root())
+                .output()
+                .context("running kiln")?;
+            let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+            ensure!(o.status.success(), "kiln build failed:\n{log}");
+            eprintln!("quickstart build (3 archs): {:.1} s", started.elapsed().as_secs_f64());
+            Ok(out)
+        };
+        run().map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(p) => Ok(p.as_path()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+fn tool(cmd: &mut Command, package: &str) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?} (install the `{package}` package)"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "{cmd:?} failed:\n{text}");
+    Ok(text)
+}
+
+/// (first sector, last sector, name) of partition `number` in `sgdisk -p` output.
+fn partition(table: &str, number: u32) -> Option<(u64, u64, String)> {
+    table.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 7 && f[0] == number.to_string() {
+            Some((f[1].parse().ok()?, f[2].parse().ok()?, f[6..].join(" ")))
+        } else {
+            None
+        }
+    })
+}
+
+/// Copies the partition into its own file, leaving all-zero MiBs as holes (the partition is
+/// mostly empty; the reference tools want a filesystem file).
+fn extract_sparse(img: &Path, offset: u64, len: u64, to: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::File::open(img)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut out = std::fs::File::create(to)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = buf.len().min(left as usize);
+        f.read_exact(&mut buf[..n])?;
+        if buf[..n].iter().all(|&b| b == 0) {
+            out.seek(SeekFrom::Current(n as i64))?;
+        } else {
+            out.write_all(&buf[..n])?;
+        }
+        left -= n as u64;
+    }
+    out.set_len(len)?;
+    Ok(())
+}
+
+fn boot(arch: Arch, disk: &Path, log: &Path) -> Result<Vm> {
+    let mut spec = VmSpec::new(arch);
+    spec.disks = vec![Disk { path: disk.to_path_buf(), snapshot: false }];
+    let mut vm = Vm::start(&spec, log)?;
+    let line = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
+    eprintln!("{arch}: `{line}` after {:.1} s", vm.elapsed().as_secs_f64());
+    Ok(vm)
+}
+
+fn kiln_lines(console: &str) -> Vec<&str> {
+    console.lines().filter(|l| l.contains("[kiln] firstboot:") || l.contains("[kiln] data:")).collect()
+}
+
+fn grows_on_first_boot_once(arch: Arch) -> Result<()> {
+    let out = quickstart()?;
+    let dir = work_dir(&format!("inplace-{arch}"))?;
+    let disk = dir.join("disk.img");
+    std::fs::copy(out.join(arch.name()).join("disk.img"), &disk)?;
+    let image_size = std::fs::metadata(&disk)?.len();
+    std::fs::OpenOptions::new().write(true).open(&disk)?.set_len(DISK_SIZE)?;
+
+    // First boot: grows, creates and formats the data partition.
+    let mut vm = boot(arch, &disk, &dir.join("console-1.log"))?;
+    let console = vm.console();
+    vm.kill();
+    eprintln!("{arch}: first boot:\n{}", kiln_lines(&console).join("\n"));
+    for want in [
+        "[kiln] firstboot: partition table of /dev/vda grown to the end of the medium (2048 MiB)",
+        "[kiln] firstboot: created partition 4 kiln-data (/dev/vda4",
+        "[kiln] firstboot: made ext4 (label kiln-data) on /dev/vda4",
+        "[kiln] firstboot: /dev/vda4 ready",
+        "[kiln] data: mounted /dev/vda4 (",
+    ] {
+        ensure!(console.contains(want), "{arch}: first boot console lacks `{want}`");
+    }
+
+    // The partition table, checked by the reference tool.
+    let verify = tool(Command::new("sgdisk").arg("-v").arg(&disk), "gdisk")?;
+    ensure!(verify.contains("No problems found"), "{arch}: sgdisk -v:\n{verify}");
+    let table = tool(Command::new("sgdisk").arg("-p").arg(&disk), "gdisk")?;
+    let (first, last, name) = partition(&table, 4).with_context(|| format!("{arch}: no partition 4:\n{table}"))?;
+    ensure!(name == "kiln-data", "{arch}: partition 4 is named `{name}`:\n{table}");
+    let disk_sectors = DISK_SIZE / SECTOR;
+    ensure!(last + 1 + (1 << 20) / SECTOR >= disk_sectors, "{arch}: partition 4 ends at sector {last} of {disk_sectors}:\n{table}");
+    // It takes the free space right after the B slot (1 MiB-aligned), which was the image's headroom.
+    let (_, b_last, _) = partition(&table, 3).with_context(|| format!("{arch}: no partition 3:\n{table}"))?;
+    ensure!(first > b_last && first <= (b_last + 1).div_ceil(2048) * 2048, "{arch}: partition 4 starts at sector {first}, not after partition 3:\n{table}");
+    ensure!(first * SECTOR < image_size, "{arch}: partition 4 does not use the image's headroom:\n{table}");
+
+    // The filesystem, checked by the reference tool on a (sparse) copy of the partition.
+    let part = dir.join("data.img");
+    extract_sparse(&disk, first * SECTOR, (last + 1 - first) * SECTOR, &part)?;
+    let sb = tool(Command::new("dumpe2fs").arg("-h").arg(&part), "e2fsprogs")?;
+    ensure!(sb.lines().any(|l| l.starts_with("Filesystem volume name:") && l.ends_with("kiln-data")), "{arch}: dumpe2fs -h:\n{sb}");
+    let _ = std::fs::remove_file(&part);
+
+    // Second boot (the first was killed, not shut down): mounts, does not run first boot again.
+    let mut vm = boot(arch, &disk, &dir.join("console-2.log"))?;
+    let console = vm.console();
+    vm.kill();
+    eprintln!("{arch}: second boot:\n{}", kiln_lines(&console).join("\n"));
+    ensure!(console.contains("[kiln] data: mounted /dev/vda4 ("), "{arch}: second boot did not mount the data partition");
+    ensure!(!console.contains("[kiln] firstboot:"), "{arch}: second boot ran first boot again:\n{}", kiln_lines(&console).join("\n"));
+    let _ = std::fs::remove_file(&disk);
+    Ok(())
+}
+
+#[test]
+fn x86_64_in_place_image_grows_on_first_boot_once() -> Result<()> {
+    grows_on_first_boot_once(Arch::X86_64)
+}
+
+#[test]
+fn aarch64_in_place_image_grows_on_first_boot_once() -> Result<()> {
+    grows_on_first_boot_once(Arch::Aarch64)
+}
+
+#[test]
+fn riscv64_in_place_image_grows_on_first_boot_once() -> Result<()> {
+    grows_on_first_boot_once(Arch::Riscv64)
+}
