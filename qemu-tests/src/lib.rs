@@ -84,3 +84,61 @@ pub fn skip(reason: &str) {
     // failure), and a skip must be visible in a passing run.
     let _ = writeln!(std::io::stderr(), "skipped: {reason}");
 }
+
+/// Each boot reaches `[kiln] ready` within 3 minutes under TCG (the foundation issue's bound).
+pub const BOOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// The VM tier's shared download cache (`$KILN_CACHE_DIR`, else `<target>/<profile>/kiln-cache`), kept between
+/// runs so reruns fetch nothing.
+pub fn cache_dir() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("KILN_CACHE_DIR") {
+        Some(d) => Ok(PathBuf::from(d)),
+        None => Ok(profile_dir()?.join("kiln-cache")),
+    }
+}
+
+/// Runs kiln from the repository root with a given cache; returns (exit code, stdout + stderr).
+pub fn kiln_with_cache(cache: &Path, args: &[&str]) -> anyhow::Result<(i32, String)> {
+    let out = Command::new(kiln_bin()?)
+        .args(args)
+        .env("KILN_CACHE_DIR", cache)
+        .current_dir(repo_root())
+        .output()
+        .context("running kiln")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+/// Builds `profiles/quickstart.yaml` for all three architectures into work dir `name`, once per test
+/// process (every test of a test binary shares it).
+pub fn quickstart(name: &'static str) -> anyhow::Result<&'static Path> {
+    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let r = OUT.get_or_init(|| {
+        let run = || -> anyhow::Result<PathBuf> {
+            let out = work_dir(name)?;
+            let started = std::time::Instant::now();
+            let dest = out.to_str().context("non-UTF-8 work dir")?;
+            let (code, log) = kiln_with_cache(&cache_dir()?, &["build", "profiles/quickstart.yaml", "--out", dest])?;
+            if code != 0 {
+                bail!("kiln build failed (exit {code}):\n{log}");
+            }
+            eprintln!("quickstart build (3 archs): {:.1} s", started.elapsed().as_secs_f64());
+            Ok(out)
+        };
+        run().map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(p) => Ok(p.as_path()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// Runs a reference tool; a missing tool names the Debian package to install.
+pub fn tool(cmd: &mut Command, package: &str) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?} (install the `{package}` package)"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        bail!("{cmd:?} failed:\n{text}");
+    }
+    Ok(text)
+}

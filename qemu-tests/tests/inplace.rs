@@ -5,59 +5,21 @@
 //! The test makes the larger disk itself: a copy of `disk.img` extended (sparse) to 2 GiB, booted
 //! without `snapshot` so the guest's changes land in the copy.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::sync::OnceLock;
-use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::{kiln_bin, profile_dir, repo_root, work_dir};
+use kiln_qemu_tests::{quickstart as build_quickstart, tool, work_dir, BOOT_TIMEOUT};
 
-/// Each boot reaches `[kiln] ready` within 3 minutes under TCG.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+fn quickstart() -> Result<&'static Path> {
+    build_quickstart("inplace-build")
+}
+
 /// The medium the image is "flashed" to.
 const DISK_SIZE: u64 = 2 << 30;
 const SECTOR: u64 = 512;
-
-/// The shared download cache of the VM tier (same as quickstart.rs).
-fn cache_dir() -> PathBuf {
-    std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| profile_dir().unwrap().join("kiln-cache"))
-}
-
-/// The quickstart build, done once per test process.
-fn quickstart() -> Result<&'static Path> {
-    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let r = OUT.get_or_init(|| {
-        let run = || -> Result<PathBuf> {
-            let out = work_dir("inplace-build")?;
-            let started = std::time::Instant::now();
-            let o = Command::new(kiln_bin()?)
-                .args(["build", "profiles/quickstart.yaml", "--out", out.to_str().context("non-UTF-8 work dir")?])
-                .env("KILN_CACHE_DIR", cache_dir())
-                .current_dir(repo_root())
-                .output()
-                .context("running kiln")?;
-            let log = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-            ensure!(o.status.success(), "kiln build failed:\n{log}");
-            eprintln!("quickstart build (3 archs): {:.1} s", started.elapsed().as_secs_f64());
-            Ok(out)
-        };
-        run().map_err(|e| format!("{e:#}"))
-    });
-    match r {
-        Ok(p) => Ok(p.as_path()),
-        Err(e) => bail!("{e}"),
-    }
-}
-
-fn tool(cmd: &mut Command, package: &str) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?} (install the `{package}` package)"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    ensure!(out.status.success(), "{cmd:?} failed:\n{text}");
-    Ok(text)
-}
 
 /// (first sector, last sector, name) of partition `number` in `sgdisk -p` output.
 fn partition(table: &str, number: u32) -> Option<(u64, u64, String)> {

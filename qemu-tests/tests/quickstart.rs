@@ -4,65 +4,27 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::manifest::Manifest;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::{kiln_bin, profile_dir, repo_root, work_dir};
+use kiln_qemu_tests::{cache_dir, kiln_with_cache, quickstart as build_quickstart, repo_root, tool, work_dir, BOOT_TIMEOUT};
 
-/// The bound: each architecture boots to `[kiln] ready` within 3 minutes under TCG.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
-/// The shared download cache of the VM tier (kept between runs: a warm cache makes reruns offline-fast).
-fn cache_dir() -> PathBuf {
-    std::env::var_os("KILN_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| profile_dir().unwrap().join("kiln-cache"))
-}
-
-/// Runs kiln with the tier's cache; returns (status success, stdout+stderr).
-pub fn kiln(args: &[&str]) -> Result<(bool, String)> {
-    let out = Command::new(kiln_bin()?)
-        .args(args)
-        .env("KILN_CACHE_DIR", cache_dir())
-        .current_dir(repo_root())
-        .output()
-        .context("running kiln")?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.success(), text))
-}
-
-/// The quickstart build, done once per test process and shared by every test.
 fn quickstart() -> Result<&'static Path> {
-    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let r = OUT.get_or_init(|| {
-        let run = || -> Result<PathBuf> {
-            let out = work_dir("quickstart-build")?;
-            let started = std::time::Instant::now();
-            let (ok, log) = kiln(&["build", "profiles/quickstart.yaml", "--out", out.to_str().unwrap()])?;
-            ensure!(ok, "kiln build failed:\n{log}");
-            eprintln!("quickstart build (3 archs): {:.1} s\n{log}", started.elapsed().as_secs_f64());
-            Ok(out)
-        };
-        run().map_err(|e| format!("{e:#}"))
-    });
-    match r {
-        Ok(p) => Ok(p.as_path()),
-        Err(e) => bail!("{e}"),
-    }
+    build_quickstart("quickstart-build")
+}
+
+/// Runs kiln with the tier's shared cache; returns (success, stdout+stderr).
+fn kiln(args: &[&str]) -> Result<(bool, String)> {
+    let (code, text) = kiln_with_cache(&cache_dir()?, args)?;
+    Ok((code == 0, text))
 }
 
 fn manifest(dir: &Path, arch: Arch) -> Result<Manifest> {
     let text = std::fs::read_to_string(dir.join(arch.name()).join("manifest.json"))?;
     Ok(serde_json::from_str(&text)?)
-}
-
-fn tool(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {cmd:?} (install gdisk, dosfstools, squashfs-tools)"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    ensure!(out.status.success(), "{cmd:?} failed:\n{text}");
-    Ok(text)
 }
 
 /// Copies `len` bytes at `offset` of `img` into a new file (the reference tools want a filesystem file).
@@ -82,22 +44,22 @@ fn quickstart_images_pass_the_reference_tools() -> Result<()> {
     for arch in Arch::ALL {
         let img = out.join(arch.name()).join("disk.img");
         let m = manifest(out, arch)?;
-        let gpt = tool(Command::new("sgdisk").arg("-v").arg(&img))?;
+        let gpt = tool(Command::new("sgdisk").arg("-v").arg(&img), "gdisk")?;
         ensure!(gpt.contains("No problems found"), "{arch}: sgdisk -v:\n{gpt}");
 
         let esp = &m.partitions[0];
         let esp_file = dir.join(format!("{arch}-esp.img"));
         extract(&img, esp.offset, esp.size, &esp_file)?;
-        tool(Command::new("fsck.vfat").arg("-n").arg(&esp_file))?;
-        let listing = tool(Command::new("mdir").args(["-i"]).arg(&esp_file).arg("::/EFI/BOOT"))?;
+        tool(Command::new("fsck.vfat").arg("-n").arg(&esp_file), "dosfstools")?;
+        let listing = tool(Command::new("mdir").args(["-i"]).arg(&esp_file).arg("::/EFI/BOOT"), "mtools")?;
         ensure!(listing.contains(&arch.efi_boot_file()[..arch.efi_boot_file().len() - 4]), "{arch}: {listing}");
 
         let root = &m.partitions[1];
         let root_file = dir.join(format!("{arch}-root.img"));
         extract(&img, root.offset, root.content_size.context("root content size")?, &root_file)?;
-        let sb = tool(Command::new("unsquashfs").arg("-s").arg(&root_file))?;
+        let sb = tool(Command::new("unsquashfs").arg("-s").arg(&root_file), "squashfs-tools")?;
         ensure!(sb.contains("zstd"), "{arch}: root is not zstd squashfs:\n{sb}");
-        let ls = tool(Command::new("unsquashfs").args(["-lln"]).arg(&root_file).arg("/usr/lib/kiln/boot"))?;
+        let ls = tool(Command::new("unsquashfs").args(["-lln"]).arg(&root_file).arg("/usr/lib/kiln/boot"), "squashfs-tools")?;
         ensure!(ls.contains("0/0"), "{arch}: boot script not root-owned:\n{ls}");
         ensure!(root.type_guid == arch.root_partition_type(), "{arch}: root type {}", root.type_guid);
         eprintln!("{arch}: sgdisk, fsck.vfat, mtools, unsquashfs OK ({} MiB image)", std::fs::metadata(&img)?.len() >> 20);
@@ -154,18 +116,6 @@ fn riscv64_quickstart_boots_to_ready() -> Result<()> {
     boots_to_ready(Arch::Riscv64)
 }
 
-/// Runs kiln with a given cache directory.
-fn kiln_with_cache(cache: &Path, args: &[&str]) -> Result<(i32, String)> {
-    let out = Command::new(kiln_bin()?)
-        .args(args)
-        .env("KILN_CACHE_DIR", cache)
-        .current_dir(repo_root())
-        .output()
-        .context("running kiln")?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.code().unwrap_or(-1), text))
-}
-
 /// A copy of the quickstart profile with `extra` appended, in its own directory.
 fn variant(name: &str, extra: &str) -> Result<PathBuf> {
     let dir = work_dir(name)?;
@@ -183,7 +133,7 @@ fn a_package_that_does_not_exist_fails_naming_it_and_leaves_no_image() -> Result
     let text = std::fs::read_to_string(&p)?.replace("packages: []", "packages: [kiln-no-such-package]");
     std::fs::write(&p, text)?;
     let out = dir.join("out");
-    let (code, log) = kiln_with_cache(&cache_dir(), &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
     ensure!(code == 1, "exit {code}:\n{log}");
     ensure!(log.contains("kiln-no-such-package"), "{log}");
     ensure!(!out.join("riscv64/disk.img").exists(), "image left behind");
@@ -198,7 +148,7 @@ fn an_undefined_template_variable_fails_naming_it_and_leaves_no_image() -> Resul
     let text = std::fs::read_to_string(&p)?.replace("Welcome to {{name}}", "Welcome to {{vars.undefined_thing}}");
     std::fs::write(&p, text)?;
     let out = dir.join("out");
-    let (code, log) = kiln_with_cache(&cache_dir(), &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
     ensure!(code == 2, "exit {code}:\n{log}");
     ensure!(log.contains("undefined_thing"), "{log}");
     ensure!(!out.join("riscv64/disk.img").exists(), "image left behind");
@@ -250,7 +200,7 @@ fn a_failing_boot_step_reports_an_error_and_leaves_a_console_shell() -> Result<(
     let text = std::fs::read_to_string(&p)?.replace("overlays:\n", &format!("overlays:\n  - {}\n", overlay.display()));
     std::fs::write(&p, text)?;
     let out = dir.join("out");
-    let (code, log) = kiln_with_cache(&cache_dir(), &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
     ensure!(code == 0, "build failed:\n{log}");
 
     let mut spec = VmSpec::new(Arch::Riscv64);
