@@ -16,6 +16,7 @@ pub mod fat;
 pub mod fetch;
 pub mod gpt;
 pub mod initramfs;
+pub mod installer;
 pub mod kmod;
 pub mod manifest;
 pub mod overlay;

@@ -71,6 +71,14 @@ enum Command {
         /// Keep the image unchanged: guest writes go to a temporary overlay.
         #[arg(long)]
         snapshot: bool,
+        /// Another disk, after IMAGE (repeatable): `FILE`, or `FILE:SIZE` to create FILE as a
+        /// blank (sparse) disk of SIZE if it does not exist yet, e.g. `target.img:8GiB` as the
+        /// target of an installer image.
+        #[arg(long = "disk", value_name = "FILE[:SIZE]")]
+        disks: Vec<String>,
+        /// Which disk the firmware boots: 0 is IMAGE, 1 the first --disk, and so on.
+        #[arg(long, default_value_t = 0)]
+        boot: usize,
     },
     /// Print the profile's JSON schema, or with --markdown the profile reference.
     Schema {
@@ -127,13 +135,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let profile = LoadedProfile::load(&input.profile)?;
             kiln::pipeline::fetch(&profile, &options(&input, cli.quiet))?;
         }
-        Command::Run { image, arch, firmware_dir, memory, snapshot } => {
+        Command::Run { image, arch, firmware_dir, memory, snapshot, disks, boot } => {
             let arch = match arch {
                 Some(a) => a,
                 None => arch_from_manifest(&image)?,
             };
             let mut spec = kiln::qemu::VmSpec::new(arch);
             spec.disks = vec![kiln::qemu::Disk { path: image, snapshot }];
+            for d in &disks {
+                spec.disks.push(kiln::qemu::Disk { path: kiln::qemu::extra_disk(d)?, snapshot: false });
+            }
+            if boot >= spec.disks.len() {
+                return Err(UsageError(format!("--boot {boot}: there are {} disks (0 is IMAGE)", spec.disks.len())).into());
+            }
+            spec.boot_disk = boot;
             spec.memory_mib = memory;
             spec.firmware_dir = firmware_dir;
             let status = kiln::qemu::run_interactive(&spec)?;

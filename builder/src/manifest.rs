@@ -33,6 +33,13 @@ pub struct PartitionRecord {
     pub content_size: Option<u64>,
 }
 
+/// What an installer image installs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstallRecord {
+    pub disk_guid: String,
+    pub partitions: Vec<PartitionRecord>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Output {
     pub file: String,
@@ -53,6 +60,10 @@ pub struct Manifest {
     pub disk_guid: String,
     pub inputs: Vec<Input>,
     pub partitions: Vec<PartitionRecord>,
+    /// Installer images: the system the installer writes onto the target disk (its disk GUID
+    /// and partitions with content digests); the same digests are in the medium's install plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<InstallRecord>,
     pub initramfs_modules: Vec<String>,
     pub outputs: Vec<Output>,
 }

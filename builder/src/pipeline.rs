@@ -220,13 +220,6 @@ impl Drop for Staging {
 /// `kiln build`.
 pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport> {
     let archs = opts.archs_for(profile)?;
-    if profile.profile.install.mode == InstallMode::Installer {
-        return Err(UsageError(format!(
-            "{}: key `install.mode`: `installer` is not implemented yet; use `in-place`",
-            profile.path.display()
-        ))
-        .into());
-    }
     let out_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&profile.profile.name));
     let fetcher = opts.fetcher()?;
     let platforms: Vec<Platform> = archs
@@ -337,7 +330,7 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     let mut initramfs = crate::initramfs::assemble(&root, &modules, platform, &initramfs_modules)?;
     add_firstboot_tools(&mut initramfs.tree, inputs, &mut manifest_inputs)?;
     info!("{arch}: initramfs with {} modules", initramfs.modules.len());
-    let initrd = crate::initramfs::pack(&initramfs.tree, clamp32(epoch))?;
+    let initrd = Content::bytes(crate::initramfs::pack(&initramfs.tree, clamp32(epoch))?);
 
     info!("{arch}: writing the squashfs root ({} entries)", root.len());
     let mut squashfs = std::io::Cursor::new(Vec::new());
@@ -366,72 +359,100 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
         manifest_inputs.push(deb_input(pkg));
     }
     let title = format!("kiln {} ({arch})", profile.profile.name);
-    let esp = crate::esp::tree(platform, &crate::esp::BootFiles {
-        arch,
-        title: &title,
-        kernel_version: &kver,
-        kernel,
-        initrd: Content::bytes(initrd),
-        systemd_boot,
-        cmdline: &cmdline,
-    })?;
-    let esp_size = crate::fat::fat32_size_for(&esp, 8 << 20)?;
+    let esp_tree = |cmdline: &str| {
+        crate::esp::tree(platform, &crate::esp::BootFiles {
+            arch,
+            title: &title,
+            kernel_version: &kver,
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            systemd_boot: systemd_boot.clone(),
+            cmdline,
+        })
+    };
+    // The installed system's ESP, as a FAT image in memory.
+    let esp = fat_image(&esp_tree(&cmdline)?, esp_guid, epoch)?;
 
-    // --- the disk --------------------------------------------------------------------
+    // --- the installed system's partitions ---------------------------------------------
     let root_slot = round_up(squashfs.len() as u64 + squashfs.len() as u64 / 4 + (16 << 20), 1 << 20);
     let specs = vec![
-        PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: esp_guid, size: esp_size, attributes: 0 },
+        PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: esp_guid, size: esp.len() as u64, attributes: 0 },
         PartitionSpec { name: "kiln-root-a".into(), type_guid: arch.root_partition_type().parse()?, guid: root_a_guid, size: root_slot, attributes: 0 },
         // The B slot for A/B updates: same size, empty, and marked "do not auto-mount" (bit 63).
         PartitionSpec { name: "kiln-root-b".into(), type_guid: arch.root_partition_type().parse()?, guid: root_b_guid, size: root_slot, attributes: 1 << 63 },
     ];
+    let system_contents = [Some(esp.as_slice()), Some(squashfs.as_slice()), None];
     let fixed = match profile.profile.disk.size {
         DiskSize::Auto => None,
         DiskSize::Fixed(s) => Some(s.0),
     };
-    let layout = gpt::plan(&specs, fixed, profile.profile.disk.headroom.0)
-        .map_err(|e| UsageError(format!("{}: key `disk.size`: {e:#}", profile.path.display())))?;
-
+    let disk_size_error = |e: anyhow::Error| UsageError(format!("{}: key `disk.size`: {e:#}", profile.path.display()));
     let img_path = dir.join("disk.img");
-    info!("{arch}: writing {} ({} MiB)", img_path.display(), layout.size >> 20);
-    let mut img = File::create(&img_path).with_context(|| format!("creating {}", img_path.display()))?;
-    img.set_len(layout.size)?;
-    gpt::write_gpt(&mut img, &layout, disk_guid).context("writing the partition table")?;
-    let esp_part = &layout.partitions[0];
-    img.seek(SeekFrom::Start(esp_part.offset()))?;
-    crate::fat::write_fat32(&mut img, esp_part.size(), &esp, &crate::fat::FatOptions {
-        volume_id: u32::from_le_bytes(esp_guid.to_disk_bytes()[..4].try_into().expect("4 bytes")),
-        label: "KILN-ESP".into(),
-        mtime: epoch,
-    })
-    .with_context(|| format!("writing the EFI system partition into {}", img_path.display()))?;
-    img.seek(SeekFrom::Start(layout.partitions[1].offset()))?;
-    img.write_all(&squashfs)?;
-    img.sync_all()?;
-    drop(img);
 
-    let esp_digest = digest_range(&img_path, esp_part.offset(), esp_part.size())?;
-    let contents: [(Option<String>, Option<u64>); 3] = [
-        (Some(esp_digest), Some(esp_part.size())),
-        (Some(sha256_hex(&squashfs)), Some(squashfs.len() as u64)),
-        (None, None),
-    ];
-    let partitions = layout
-        .partitions
-        .iter()
-        .zip(contents)
-        .enumerate()
-        .map(|(i, (p, (sha, size)))| PartitionRecord {
-            number: i as u32 + 1,
-            name: p.name.clone(),
-            type_guid: p.type_guid.to_string(),
-            guid: p.guid.to_string(),
-            offset: p.offset(),
-            size: p.size(),
-            content_sha256: sha,
-            content_size: size,
-        })
-        .collect();
+    let (layout, partitions, install, image_cmdline) = match profile.profile.install.mode {
+        InstallMode::InPlace => {
+            let layout = gpt::plan(&specs, fixed, profile.profile.disk.headroom.0).map_err(disk_size_error)?;
+            write_disk(&img_path, &layout, disk_guid, &system_contents)?;
+            let records = partition_records(&layout, &system_contents);
+            (layout, records, None, cmdline)
+        }
+        InstallMode::Installer => {
+            // The system as it will sit on the target; the medium carries it in other partitions.
+            let target = gpt::plan(&specs, None, 0)?;
+            let min_size = crate::installer::min_size(&profile.profile.install, &target)
+                .map_err(|e| UsageError(format!("{}: {e}", profile.path.display())))?;
+            let copies = vec![
+                crate::installer::Copy {
+                    name: "esp".into(),
+                    source_partition: crate::installer::INSTALL_PARTITION,
+                    source_offset: crate::installer::ESP_IMAGE_OFFSET,
+                    target_offset: target.partitions[0].offset(),
+                    length: esp.len() as u64,
+                    sha256: sha256_hex(&esp),
+                },
+                crate::installer::Copy {
+                    name: "kiln-root-a".into(),
+                    source_partition: crate::installer::IMAGE_PARTITION,
+                    source_offset: 0,
+                    target_offset: target.partitions[1].offset(),
+                    length: squashfs.len() as u64,
+                    sha256: sha256_hex(&squashfs),
+                },
+            ];
+            let plan = crate::installer::Plan {
+                image_id: &hex::encode(&build_id[..8]),
+                install: &profile.profile.install,
+                min_size,
+                disk_guid,
+                target: &target,
+                copies,
+            }
+            .render()?;
+            let mut install_part = Vec::with_capacity(crate::installer::ESP_IMAGE_OFFSET as usize + esp.len());
+            install_part.extend_from_slice(plan.as_bytes());
+            install_part.resize(crate::installer::ESP_IMAGE_OFFSET as usize, 0);
+            install_part.extend_from_slice(&esp);
+
+            // The medium: its own ESP (booting the installer), the root squashfs, the plan and target ESP.
+            let installer_cmdline = format!("{cmdline} {}", crate::installer::CMDLINE_FLAG);
+            let (m_esp_guid, m_image_guid, m_install_guid) = (guid("installer-esp"), guid("installer-image"), guid("installer-plan"));
+            let medium_esp = fat_image(&esp_tree(&installer_cmdline)?, m_esp_guid, epoch)?;
+            let medium_specs = vec![
+                PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: m_esp_guid, size: medium_esp.len() as u64, attributes: 0 },
+                PartitionSpec { name: crate::installer::IMAGE_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_image_guid, size: squashfs.len() as u64, attributes: 0 },
+                PartitionSpec { name: crate::installer::INSTALL_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_install_guid, size: install_part.len() as u64, attributes: 0 },
+            ];
+            let medium_contents = [Some(medium_esp.as_slice()), Some(squashfs.as_slice()), Some(install_part.as_slice())];
+            let layout = gpt::plan(&medium_specs, fixed, 0).map_err(disk_size_error)?;
+            write_disk(&img_path, &layout, guid("installer-disk"), &medium_contents)?;
+            let install = crate::manifest::InstallRecord {
+                disk_guid: disk_guid.to_string(),
+                partitions: partition_records(&target, &system_contents),
+            };
+            let records = partition_records(&layout, &medium_contents);
+            (layout, records, Some(install), installer_cmdline)
+        }
+    };
     let disk_sha = crate::cache::sha256_file(&img_path)?;
     manifest_inputs.sort();
     let manifest = Manifest {
@@ -441,10 +462,11 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
         suite: inputs.suite.suite.clone(),
         kernel_version: kver,
         source_date_epoch: epoch,
-        kernel_cmdline: cmdline,
+        kernel_cmdline: image_cmdline,
         disk_guid: disk_guid.to_string(),
         inputs: manifest_inputs,
         partitions,
+        install,
         initramfs_modules: initramfs.modules,
         outputs: vec![Output { file: "disk.img".into(), sha256: disk_sha, size: layout.size }],
     };
@@ -542,20 +564,57 @@ fn systemd_boot_binary(deb: &Path, arch: Arch) -> Result<Content> {
     }
 }
 
-fn digest_range(path: &Path, offset: u64, len: u64) -> Result<String> {
-    use std::io::Read;
-    let mut f = File::open(path)?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut h = Sha256::new();
-    let mut left = len;
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = buf.len().min(left as usize);
-        f.read_exact(&mut buf[..n])?;
-        h.update(&buf[..n]);
-        left -= n as u64;
+/// The FAT32 image of an ESP tree, sized for its contents plus 8 MiB.
+fn fat_image(esp: &Tree, guid: Guid, epoch: u64) -> Result<Vec<u8>> {
+    let size = crate::fat::fat32_size_for(esp, 8 << 20)?;
+    let mut out = std::io::Cursor::new(Vec::with_capacity(size as usize));
+    crate::fat::write_fat32(&mut out, size, esp, &crate::fat::FatOptions {
+        // The volume id comes from the partition GUID: derived, so reproducible.
+        volume_id: u32::from_le_bytes(guid.to_disk_bytes()[..4].try_into().expect("4 bytes")),
+        label: "KILN-ESP".into(),
+        mtime: epoch,
+    })
+    .context("writing the EFI system partition")?;
+    let mut bytes = out.into_inner();
+    bytes.resize(size as usize, 0);
+    Ok(bytes)
+}
+
+/// Writes a sparse disk image: the partition table, then each partition's contents (`None`:
+/// left empty) at its offset.
+fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: &[Option<&[u8]>]) -> Result<()> {
+    info!("writing {} ({} MiB)", path.display(), layout.size >> 20);
+    let mut img = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    img.set_len(layout.size)?;
+    gpt::write_gpt(&mut img, layout, disk_guid).context("writing the partition table")?;
+    for (part, content) in layout.partitions.iter().zip(contents) {
+        if let Some(bytes) = content {
+            img.seek(SeekFrom::Start(part.offset()))?;
+            img.write_all(bytes).with_context(|| format!("writing partition {} into {}", part.name, path.display()))?;
+        }
     }
-    Ok(hex::encode(h.finalize()))
+    img.sync_all()?;
+    Ok(())
+}
+
+/// The manifest's view of a layout: each partition with the digest of what was written into it.
+fn partition_records(layout: &gpt::DiskLayout, contents: &[Option<&[u8]>]) -> Vec<PartitionRecord> {
+    layout
+        .partitions
+        .iter()
+        .zip(contents)
+        .enumerate()
+        .map(|(i, (p, content))| PartitionRecord {
+            number: i as u32 + 1,
+            name: p.name.clone(),
+            type_guid: p.type_guid.to_string(),
+            guid: p.guid.to_string(),
+            offset: p.offset(),
+            size: p.size(),
+            content_sha256: content.map(sha256_hex),
+            content_size: content.map(|c| c.len() as u64),
+        })
+        .collect()
 }
 
 /// `SHA256SUMS` over every image and manifest in the output directory, sorted by path.
@@ -574,24 +633,4 @@ fn write_sha256sums(out_dir: &Path) -> Result<()> {
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, out_dir.join("SHA256SUMS"))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn installer_mode_is_refused_as_a_usage_error_before_any_work() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.yaml");
-        std::fs::write(&path, "name: d\narch: [riscv64]\ninstall:\n  mode: installer\n").unwrap();
-        let profile = LoadedProfile::load(&path).unwrap();
-        let out = dir.path().join("out");
-        let opts = BuildOptions { out: Some(out.clone()), offline: true, cache_dir: Some(dir.path().join("cache")), ..Default::default() };
-        let err = build(&profile, &opts).unwrap_err();
-        assert!(err.is::<UsageError>(), "{err:#}");
-        let msg = format!("{err:#}");
-        assert!(msg.contains("install.mode") && msg.contains("not implemented"), "{msg}");
-        assert!(!out.exists(), "output directory created");
-    }
 }

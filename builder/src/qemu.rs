@@ -117,6 +117,34 @@ pub struct Disk {
     pub snapshot: bool,
 }
 
+/// A `kiln run --disk` argument: `FILE` (must exist) or `FILE:SIZE` (created blank and sparse
+/// when missing; an existing FILE is attached as it is). Returns the file to attach.
+pub fn extra_disk(arg: &str) -> anyhow::Result<PathBuf> {
+    let (file, size) = match arg.rsplit_once(':') {
+        Some((f, s)) if !f.is_empty() && s.chars().next().is_some_and(|c| c.is_ascii_digit()) => (f, Some(s)),
+        _ => (arg, None),
+    };
+    let path = PathBuf::from(file);
+    if path.exists() {
+        return Ok(path);
+    }
+    let Some(size) = size else {
+        return Err(crate::pipeline::UsageError(format!(
+            "--disk {arg}: {file} does not exist; give a size (`{file}:8GiB`) to create a blank disk"
+        ))
+        .into());
+    };
+    let bytes: crate::profile::Size =
+        size.parse().map_err(|e| crate::pipeline::UsageError(format!("--disk {arg}: {e}")))?;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .with_context(|| format!("creating blank disk {}", path.display()))?;
+    f.set_len(bytes.0).with_context(|| format!("sizing blank disk {}", path.display()))?;
+    Ok(path)
+}
+
 /// The VM's network.
 #[derive(Debug, Clone)]
 pub enum Net {
@@ -213,7 +241,11 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
     if !spec.disks.is_empty() && spec.boot_disk >= spec.disks.len() {
         bail!("boot disk index {} is out of range: the VM has {} disk(s)", spec.boot_disk, spec.disks.len());
     }
-    for (i, disk) in spec.disks.iter().enumerate() {
+    // The boot disk goes first on the bus: U-Boot (riscv64) ignores bootindex and boots the
+    // first disk it scans; UEFI gets bootindex as well.
+    let order = std::iter::once(spec.boot_disk).chain((0..spec.disks.len()).filter(|&i| i != spec.boot_disk));
+    for i in order.filter(|&i| i < spec.disks.len()) {
+        let disk = &spec.disks[i];
         let snapshot = if disk.snapshot { ",snapshot=on" } else { "" };
         // Raw images only: kiln writes raw disks, and naming the format stops QEMU probing it.
         cmd.args(["-drive", &format!("if=none,id=d{i},format=raw,file={}{snapshot}", qemu_path(&disk.path)?)]);
@@ -508,6 +540,22 @@ impl Vm {
         }
     }
 
+    /// Waits (at most `timeout`) for QEMU to end by itself, e.g. the guest powered off, and returns
+    /// its exit status; on timeout the error carries the last console lines.
+    pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let shared = self.shared.clone();
+        let state = wait_until(&shared, shared.lock(), timeout, |s| s.console_closed);
+        let closed = state.console_closed;
+        let tail = tail_lines(&state.console, TAIL_LINES);
+        drop(state);
+        if !closed {
+            bail!("{}: QEMU still running after {} s (the guest did not power off); last console lines:\n{tail}", self.arch, timeout.as_secs());
+        }
+        let status = self.child.wait().context("waiting for QEMU")?;
+        self.killed = true;
+        Ok(status)
+    }
+
     /// QEMU's exit status, given a moment to exit after it closed its console.
     fn exit_status_soon(&mut self) -> String {
         let deadline = Instant::now() + Duration::from_secs(2);
@@ -724,6 +772,10 @@ mod tests {
         assert!(has(&args, "-device", "virtio-blk-pci,drive=d0"), "{args:?}");
         assert!(has(&args, "-drive", "if=none,id=d1,format=raw,file=/img/boot.img,snapshot=on"), "{args:?}");
         assert!(has(&args, "-device", "virtio-blk-pci,drive=d1,bootindex=0"), "{args:?}");
+        // The boot disk comes first on the bus (U-Boot boots the first disk it finds).
+        let d1 = args.iter().position(|a| a == "virtio-blk-pci,drive=d1,bootindex=0").unwrap();
+        let d0 = args.iter().position(|a| a == "virtio-blk-pci,drive=d0").unwrap();
+        assert!(d1 < d0, "{args:?}");
         assert!(has(&args, "-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:2222-:22"), "{args:?}");
         assert!(has(&args, "-device", "virtio-net-pci,netdev=n0") && has(&args, "-m", "2048"), "{args:?}");
         assert!(args.contains(&"-no-reboot".to_string()) && args.last().unwrap() == "-s", "{args:?}");
@@ -733,6 +785,24 @@ mod tests {
         assert!(err.contains("boot disk index 2"), "{err}");
         let bad = VmSpec { net: Net::User { hostfwd: vec!["tcp::1-:2,smb=/".into()] }, ..spec };
         assert!(command(&bad, work.path()).is_err());
+    }
+
+    #[test]
+    fn extra_disks_are_attached_or_created_blank_only_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("target.img");
+        let arg = format!("{}:8GiB", new.display());
+        assert_eq!(extra_disk(&arg).unwrap(), new);
+        assert_eq!(fs::metadata(&new).unwrap().len(), 8 << 30);
+        // An existing file is attached as it is, whatever size is asked for.
+        fs::write(&new, b"data").unwrap();
+        assert_eq!(extra_disk(&format!("{}:1GiB", new.display())).unwrap(), new);
+        assert_eq!(fs::read(&new).unwrap(), b"data");
+        let missing = dir.path().join("missing.img");
+        let err = extra_disk(missing.to_str().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("does not exist") && err.contains(":8GiB"), "{err}");
+        let err = extra_disk(&format!("{}:8 parsecs", dir.path().join("x.img").display())).unwrap_err().to_string();
+        assert!(err.contains("parsecs"), "{err}");
     }
 
     #[test]

@@ -113,16 +113,22 @@ pub fn kiln_with_cache(cache: &Path, args: &[&str]) -> anyhow::Result<(i32, Stri
 /// process (every test of a test binary shares it).
 pub fn quickstart(name: &'static str) -> anyhow::Result<&'static Path> {
     static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let r = OUT.get_or_init(|| {
+    build_once(&OUT, "profiles/quickstart.yaml", name)
+}
+
+/// Builds a profile (path relative to the repository) for all its architectures into work dir
+/// `name`, once per `cell`: give each profile a `static` cell so the tests of one binary share it.
+pub fn build_once(cell: &'static OnceLock<Result<PathBuf, String>>, profile: &str, name: &str) -> anyhow::Result<&'static Path> {
+    let r = cell.get_or_init(|| {
         let run = || -> anyhow::Result<PathBuf> {
             let out = work_dir(name)?;
             let started = std::time::Instant::now();
             let dest = out.to_str().context("non-UTF-8 work dir")?;
-            let (code, log) = kiln_with_cache(&cache_dir()?, &["build", "profiles/quickstart.yaml", "--out", dest])?;
+            let (code, log) = kiln_with_cache(&cache_dir()?, &["build", profile, "--out", dest])?;
             if code != 0 {
-                bail!("kiln build failed (exit {code}):\n{log}");
+                bail!("kiln build {profile} failed (exit {code}):\n{log}");
             }
-            eprintln!("quickstart build (3 archs): {:.1} s", started.elapsed().as_secs_f64());
+            eprintln!("{profile} build: {:.1} s", started.elapsed().as_secs_f64());
             Ok(out)
         };
         run().map_err(|e| format!("{e:#}"))
@@ -131,6 +137,32 @@ pub fn quickstart(name: &'static str) -> anyhow::Result<&'static Path> {
         Ok(p) => Ok(p.as_path()),
         Err(e) => bail!("{e}"),
     }
+}
+
+/// The build manifest of one architecture in a build output directory.
+pub fn manifest(out: &Path, arch: kiln::arch::Arch) -> anyhow::Result<kiln::manifest::Manifest> {
+    let path = out.join(arch.name()).join("manifest.json");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// sha256 (hex) of `len` bytes at `offset` of a file.
+pub fn sha256_range(file: &Path, offset: u64, len: u64) -> anyhow::Result<String> {
+    use sha2::Digest;
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = buf.len().min(left as usize);
+        f.read_exact(&mut buf[..n])
+            .with_context(|| format!("{} ends inside the {len}-byte range at {offset}", file.display()))?;
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hex::encode(h.finalize()))
 }
 
 /// Runs a reference tool; a missing tool names the Debian package to install.

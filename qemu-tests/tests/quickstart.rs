@@ -8,9 +8,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
-use kiln::manifest::Manifest;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::{cache_dir, kiln_with_cache, quickstart as build_quickstart, repo_root, tool, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::{cache_dir, kiln_with_cache, manifest, quickstart as build_quickstart, repo_root, tool, work_dir, BOOT_TIMEOUT};
 
 fn quickstart() -> Result<&'static Path> {
     build_quickstart("quickstart-build")
@@ -20,11 +19,6 @@ fn quickstart() -> Result<&'static Path> {
 fn kiln(args: &[&str]) -> Result<(bool, String)> {
     let (code, text) = kiln_with_cache(&cache_dir()?, args)?;
     Ok((code == 0, text))
-}
-
-fn manifest(dir: &Path, arch: Arch) -> Result<Manifest> {
-    let text = std::fs::read_to_string(dir.join(arch.name()).join("manifest.json"))?;
-    Ok(serde_json::from_str(&text)?)
 }
 
 /// Copies `len` bytes at `offset` of `img` into a new file (the reference tools want a filesystem file).

@@ -1,0 +1,264 @@
+# shellcheck shell=sh
+# The installer, sourced by /init when the kernel command line has `kiln.install` (only the
+# installer medium's boot entry has it). It finds the medium by its `kiln-install` partition,
+# reads the install plan kiln wrote there (builder/src/installer.rs), picks the target disk,
+# writes the system onto it, verifies every byte range against the plan's sha256 digests,
+# creates the data partition and powers off or reboots. It never writes to the medium.
+#
+# Crash safety: the first write is the target's new partition table, which names the disk a
+# kiln system; the data partition is created only after verification. A target with a kiln
+# table but no data partition is an unfinished install, and the next boot installs again.
+# A target holding this very image (same disk GUID) with its data partition is a finished
+# install: the medium then boots it instead of installing again (`after: reboot` with the
+# medium still first in the boot order does not loop).
+
+INSTALL_PLAN=/run/kiln-install.plan
+MIB=1048576
+
+# The value of KEY in the install plan (first match).
+plan_value() {
+    sed -n "s/^$1=//p" "$INSTALL_PLAN" | head -n 1
+}
+
+# Every partition (e.g. vda3) whose GPT name is $1, on any disk.
+partitions_named_anywhere() {
+    for uevent in /sys/class/block/*/uevent; do
+        if grep -qx "PARTNAME=$1" "$uevent" 2>/dev/null; then
+            basename "$(dirname "$uevent")"
+        fi
+    done
+}
+
+# The whole disk a partition belongs to (sysfs puts partitions below their disk).
+disk_of() {
+    basename "$(dirname "$(readlink -f "/sys/class/block/$1")")"
+}
+
+# Disks are probed asynchronously (USB, NVMe, SATA): wait until the list of block devices has
+# not changed for 2 s (at most 10 s) so `auto` sees every disk of the machine.
+wait_for_disks_to_settle() {
+    last="" stable=0 tries=0
+    while [ "$stable" -lt 20 ] && [ "$tries" -lt 100 ]; do
+        now=$(cd /sys/block && echo *)
+        if [ "$now" = "$last" ]; then
+            stable=$((stable + 1))
+        else
+            stable=0
+            last=$now
+        fi
+        tries=$((tries + 1))
+        sleep 0.1
+    done
+}
+
+find_medium() {
+    tries=0
+    while [ -z "$(partitions_named_anywhere kiln-install)" ]; do
+        tries=$((tries + 1))
+        [ "$tries" -le 300 ] || fail "install: no partition named kiln-install after 30 s (block devices: $(cd /sys/class/block && echo *))"
+        sleep 0.1
+    done
+    wait_for_disks_to_settle
+    # shellcheck disable=SC2046 # one partition name per word
+    set -- $(partitions_named_anywhere kiln-install)
+    [ "$#" -eq 1 ] || fail "install: $# installer media attached (kiln-install partitions: $*); attach only one"
+    INSTALL_PART=$1
+    MEDIUM=$(disk_of "$INSTALL_PART")
+    ensure_node "$INSTALL_PART"
+    head -c "$MIB" "/dev/$INSTALL_PART" | tr -d '\000' > "$INSTALL_PLAN"
+    if [ "$(plan_value kiln-install)" != 1 ] || [ "$(plan_value end)" != 1 ]; then
+        fail "install: /dev/$INSTALL_PART holds no complete install plan; the medium is damaged: write the image to it again"
+    fi
+    log "install: medium /dev/$MEDIUM, image $(plan_value image)"
+}
+
+# Whole disks that could be targets at all (not loop, RAM, optical, eMMC boot areas ...).
+all_disks() {
+    for d in /sys/block/*; do
+        name=${d##*/}
+        case "$name" in
+            loop* | ram* | zram* | sr* | fd* | dm-* | md* | nbd* | mtdblock* | *boot[0-9] | *rpmb) continue ;;
+        esac
+        [ "$(cat "$d/size")" -gt 0 ] || continue
+        echo "$name"
+    done
+}
+
+disk_bytes() {
+    echo $(($(cat "/sys/block/$1/size") * 512))
+}
+
+# The /dev/disk/by-id names udev would give disk $1, for the buses kiln knows without udev.
+disk_ids() {
+    d=/sys/block/$1
+    case "$1" in
+        vd*)
+            if [ -s "$d/serial" ]; then
+                echo "virtio-$(cat "$d/serial")"
+            fi
+            ;;
+        nvme*)
+            model=$(sed 's/^ *//; s/ *$//; s/  */_/g' "$d/device/model")
+            serial=$(sed 's/^ *//; s/ *$//; s/  */_/g' "$d/device/serial")
+            echo "nvme-${model}_${serial}"
+            ;;
+    esac
+}
+
+# Whether disk $1 matches the profile's `install.target` ($2): /dev/NAME or /dev/disk/by-id/ID
+# shell patterns.
+matches_target() {
+    case "$2" in
+        /dev/disk/by-id/*)
+            for id in $(disk_ids "$1"); do
+                # shellcheck disable=SC2254 # the pattern is the profile's glob
+                case "$id" in ${2#/dev/disk/by-id/}) return 0 ;; esac
+            done
+            return 1
+            ;;
+        /dev/*)
+            # shellcheck disable=SC2254
+            case "$1" in ${2#/dev/}) return 0 ;; esac
+            return 1
+            ;;
+    esac
+    return 1
+}
+
+# Non-zero bytes in MiB number $2 of disk $1.
+mib_has_data() {
+    [ "$(dd if="/dev/$1" bs="$MIB" skip="$2" count=1 2>/dev/null | tr -d '\000' | head -c 1 | wc -c)" -gt 0 ]
+}
+
+# Why disk $1 holds data that is not a kiln system (empty output: it does not).
+foreign_data() {
+    if partition_named "$1" kiln-root-a > /dev/null; then
+        return 0
+    fi
+    for part in /sys/block/"$1"/"$1"*; do
+        if [ -e "$part" ]; then
+            echo "it has partitions ($(cd "/sys/block/$1" && echo "$1"*))"
+            return 0
+        fi
+    done
+    if mib_has_data "$1" 0; then
+        echo "its first MiB is not blank"
+    elif mib_has_data "$1" $(($(disk_bytes "$1") / MIB - 1)); then
+        echo "its last MiB is not blank"
+    fi
+}
+
+# Sets TARGET from the plan's target, min_size and wipe; refuses with every disk it saw and why.
+select_target() {
+    spec=$(plan_value target)
+    min=$(plan_value min_size)
+    seen="" best=0 TARGET="" matched=""
+    for disk in $(all_disks); do
+        ensure_node "$disk"
+        size=$(disk_bytes "$disk")
+        why=""
+        if [ "$disk" = "$MEDIUM" ]; then
+            why="the installer medium"
+        elif [ "$spec" != auto ] && ! matches_target "$disk" "$spec"; then
+            why="does not match $spec"
+        elif [ "$spec" = auto ] && [ "$(cat "/sys/block/$disk/removable")" = 1 ]; then
+            why="removable"
+        elif [ "$(cat "/sys/block/$disk/ro")" = 1 ]; then
+            why="read-only"
+        elif [ "$size" -lt "$min" ]; then
+            why="smaller than install.min_size $((min / MIB)) MiB"
+        elif [ "$spec" != auto ]; then
+            matched="$matched $disk"
+            TARGET=$disk
+        elif [ "$size" -gt "$best" ]; then
+            best=$size
+            TARGET=$disk
+        fi
+        seen="$seen${seen:+; }$disk $((size / MIB)) MiB${why:+ ($why)}"
+    done
+    # shellcheck disable=SC2086 # one disk name per word
+    set -- $matched
+    if [ "$#" -gt 1 ]; then
+        fail "install: target $spec matches $# disks ($*); it must match exactly one. Disks: $seen"
+    fi
+    [ -n "$TARGET" ] || fail "install: no disk qualifies as target ($spec). Disks: $seen"
+    foreign=$(foreign_data "$TARGET")
+    if [ -n "$foreign" ] && [ "$(plan_value wipe)" != 1 ]; then
+        fail "install: /dev/$TARGET holds data that is not a kiln system ($foreign); it was left untouched. Set install.wipe: true to overwrite it, or choose another install.target. Disks: $seen"
+    fi
+    TARGET_SEEN=$seen
+}
+
+# The target already holds this image, completely installed.
+target_has_this_image() {
+    partition_named "$TARGET" "$DATA_NAME" > /dev/null || return 1
+    guid=$(/sbin/sgdisk -p "/dev/$TARGET" 2>/dev/null | sed -n 's/^Disk identifier (GUID): //p' | tr 'A-F' 'a-f')
+    [ "$guid" = "$(plan_value disk_guid)" ]
+}
+
+# The plan's copy lines, in a file: loops read it by redirection, not through a pipe, so `fail`
+# runs in the installer's own shell rather than a subshell.
+INSTALL_COPIES=/run/kiln-install.copies
+
+write_system() {
+    # Word splitting is wanted: the plan holds sgdisk's arguments, one per word.
+    # shellcheck disable=SC2046
+    /sbin/sgdisk $(plan_value sgdisk) "/dev/$TARGET" > /dev/null \
+        || fail "install: cannot write the partition table of /dev/$TARGET"
+    log "install: partition table written to /dev/$TARGET"
+    sed -n 's/^copy=//p' "$INSTALL_PLAN" > "$INSTALL_COPIES"
+    while read -r name source source_offset target_offset length sha; do
+        source_dev=$(partition_named "$MEDIUM" "$source") || fail "install: the medium has no $source partition"
+        ensure_node "$source_dev"
+        count=$(((length + MIB - 1) / MIB))
+        log "install: writing $name ($count MiB) at $((target_offset / MIB)) MiB of /dev/$TARGET"
+        dd if="/dev/$source_dev" of="/dev/$TARGET" bs="$MIB" skip=$((source_offset / MIB)) seek=$((target_offset / MIB)) \
+            count="$count" conv=fsync 2> /dev/null || fail "install: writing $name to /dev/$TARGET failed"
+    done < "$INSTALL_COPIES"
+}
+
+# Reads every copied range back from the disk (not the page cache) and checks its digest.
+verify_system() {
+    sync
+    blockdev --flushbufs "/dev/$TARGET" || true
+    echo 3 > /proc/sys/vm/drop_caches
+    while read -r name _source _source_offset target_offset length sha; do
+        count=$(((length + MIB - 1) / MIB))
+        got=$(dd if="/dev/$TARGET" bs="$MIB" skip=$((target_offset / MIB)) count="$count" 2> /dev/null | head -c "$length" | sha256sum)
+        got=${got%% *}
+        [ "$got" = "$sha" ] || fail "install: $name on /dev/$TARGET reads back as sha256 $got, the image has $sha; the disk may be failing"
+        log "install: verified $name (sha256 $sha)"
+    done < "$INSTALL_COPIES"
+}
+
+install_system() {
+    find_medium
+    select_target
+    if target_has_this_image; then
+        log "install: /dev/$TARGET already holds image $(plan_value image); booting it"
+        return 0
+    fi
+    log "install: target=/dev/$TARGET size=$(($(disk_bytes "$TARGET") / MIB))MiB image=$(plan_value image) (disks: $TARGET_SEEN)"
+    write_system
+    verify_system
+    # Read by /init's ensure_data_partition.
+    # shellcheck disable=SC2034
+    BOOT_DISK=$TARGET
+    # shellcheck disable=SC2034
+    STEP=install
+    ensure_data_partition
+    sync
+    log "install: done target=/dev/$TARGET"
+    case "$(plan_value after)" in
+        reboot)
+            log "install: rebooting"
+            reboot -f
+            ;;
+        *)
+            log "install: powering off; remove the installer medium before the next start"
+            poweroff -f
+            ;;
+    esac
+    # poweroff/reboot -f do not return; if they fail, say so instead of booting on.
+    fail "install: $(plan_value after) failed; the install is complete, switch the machine off"
+}

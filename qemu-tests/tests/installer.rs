@@ -1,0 +1,229 @@
+//! Slow tier, installer mode (`qemu-tests/profiles/installer.yaml`, `install.target: auto`), on
+//! every architecture:
+//! - with two blank disks (4 and 8 GiB) the installer picks the larger, writes and verifies the
+//!   system, creates the data partition over the rest and powers off; the medium's bytes and the
+//!   smaller disk are unchanged; the host checks the target against the manifest's digests; the
+//!   target booted alone reaches `[kiln] ready` with the data partition spanning the disk;
+//! - QEMU killed while the installer writes: the next boot of the medium installs completely;
+//! - a target holding foreign data is refused, named on the console, and left byte-for-byte as it was.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use kiln::arch::Arch;
+use kiln::manifest::Manifest;
+use kiln::qemu::{Disk, Vm, VmSpec};
+use kiln_qemu_tests::{build_once, manifest, sha256_range, tool, work_dir, BOOT_TIMEOUT};
+
+const GIB: u64 = 1 << 30;
+/// From power-on to `install: done` and power-off: a boot to the initramfs plus writing and reading
+/// back ~150 MiB under TCG.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn image() -> Result<&'static Path> {
+    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    build_once(&OUT, "qemu-tests/profiles/installer.yaml", "installer-build")
+}
+
+fn blank(path: &Path, size: u64) -> Result<PathBuf> {
+    let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_len(size)?;
+    Ok(path.to_path_buf())
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    sha256_range(path, 0, std::fs::metadata(path)?.len())
+}
+
+/// A VM booting the first disk, with the others attached in order (the guest sees vda, vdb, ...).
+fn start(arch: Arch, disks: &[(&Path, bool)], log: &Path) -> Result<Vm> {
+    let mut spec = VmSpec::new(arch);
+    spec.disks = disks.iter().map(|(p, snapshot)| Disk { path: p.to_path_buf(), snapshot: *snapshot }).collect();
+    Vm::start(&spec, log)
+}
+
+/// Waits for `install: done` and for the guest to power off.
+fn finish_install(arch: Arch, vm: &mut Vm) -> Result<String> {
+    let done = vm.wait_for("[kiln] install: done", INSTALL_TIMEOUT)?;
+    let status = vm.wait_exit(Duration::from_secs(60))?;
+    eprintln!("{arch}: `{done}`, powered off after {:.1} s ({status})", vm.elapsed().as_secs_f64());
+    Ok(done)
+}
+
+/// (first sector, last sector, name) of partition `number` in `sgdisk -p` output.
+fn partition(table: &str, number: u32) -> Option<(u64, u64, String)> {
+    table.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 7 && f[0] == number.to_string() {
+            Some((f[1].parse().ok()?, f[2].parse().ok()?, f[6..].join(" ")))
+        } else {
+            None
+        }
+    })
+}
+
+/// The host's own check of an installed disk: a valid table with the manifest's disk GUID, every
+/// written partition's bytes matching the manifest digest, and `kiln-data` running to the end.
+fn check_installed(arch: Arch, target: &Path, m: &Manifest) -> Result<()> {
+    let install = m.install.as_ref().context("the installer image's manifest has no `install` section")?;
+    let verify = tool(Command::new("sgdisk").arg("-v").arg(target), "gdisk")?;
+    ensure!(verify.contains("No problems found"), "{arch}: sgdisk -v {}:\n{verify}", target.display());
+    let table = tool(Command::new("sgdisk").arg("-p").arg(target), "gdisk")?;
+    ensure!(table.to_lowercase().contains(&format!("disk identifier (guid): {}", install.disk_guid)), "{arch}: disk GUID is not the manifest's:\n{table}");
+    for p in &install.partitions {
+        let (first, last, name) = partition(&table, p.number).with_context(|| format!("{arch}: no partition {}:\n{table}", p.number))?;
+        ensure!(name == p.name && first * 512 == p.offset && (last + 1 - first) * 512 == p.size, "{arch}: partition {} is `{name}` {first}-{last}, manifest says {p:?}", p.number);
+        if let (Some(sha), Some(len)) = (&p.content_sha256, p.content_size) {
+            let got = sha256_range(target, p.offset, len)?;
+            ensure!(&got == sha, "{arch}: {} on the target has sha256 {got}, the manifest {sha}", p.name);
+        }
+    }
+    let (_, last, name) = partition(&table, 4).with_context(|| format!("{arch}: no data partition:\n{table}"))?;
+    let sectors = std::fs::metadata(target)?.len() / 512;
+    ensure!(name == "kiln-data" && last + 1 + 2048 >= sectors, "{arch}: partition 4 `{name}` ends at {last} of {sectors} sectors:\n{table}");
+    Ok(())
+}
+
+fn all_zero(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+    }
+}
+
+fn installs_onto_the_larger_disk_and_boots(arch: Arch) -> Result<()> {
+    let out = image()?;
+    let m = manifest(out, arch)?;
+    let dir = work_dir(&format!("installer-{arch}-auto"))?;
+    // The medium is a real copy (no snapshot): its digest proves the installer never wrote to it.
+    let medium = dir.join("medium.img");
+    std::fs::copy(out.join(arch.name()).join("disk.img"), &medium)?;
+    let medium_sha = sha256_file(&medium)?;
+    let small = blank(&dir.join("blank-4g.img"), 4 * GIB)?;
+    let large = blank(&dir.join("blank-8g.img"), 8 * GIB)?;
+
+    let mut vm = start(arch, &[(&medium, false), (&small, false), (&large, false)], &dir.join("console-install.log"))?;
+    let started = vm.wait_for("[kiln] install: target=", INSTALL_TIMEOUT)?;
+    ensure!(started.contains("target=/dev/vdc size=8192MiB"), "{arch}: auto did not pick the 8 GiB disk: `{started}`");
+    finish_install(arch, &mut vm)?;
+    drop(vm);
+
+    ensure!(sha256_file(&medium)? == medium_sha, "{arch}: the installer medium changed during the install");
+    ensure!(all_zero(&small)?, "{arch}: the smaller disk, not the target, was written to");
+    check_installed(arch, &large, &m)?;
+
+    // The installed disk alone: the installed system boots, its data partition spans the disk.
+    let mut vm = start(arch, &[(&large, false)], &dir.join("console-installed.log"))?;
+    let ready = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
+    eprintln!("{arch}: installed system `{ready}` after {:.1} s", vm.elapsed().as_secs_f64());
+    let console = vm.console();
+    ensure!(ready.contains("host=installer-test"), "{arch}: hostname from the profile missing: `{ready}`");
+    ensure!(console.contains("[kiln] data: mounted /dev/vda4 ("), "{arch}: the data partition was not mounted");
+    ensure!(!console.contains("[kiln] install:"), "{arch}: the installed system ran the installer");
+    Ok(())
+}
+
+fn interrupted_install_completes(arch: Arch) -> Result<()> {
+    let out = image()?;
+    let m = manifest(out, arch)?;
+    let dir = work_dir(&format!("installer-{arch}-crash"))?;
+    let medium = out.join(arch.name()).join("disk.img");
+    let target = blank(&dir.join("blank-8g.img"), 8 * GIB)?;
+
+    // Power loss while the root is being written: QEMU is killed the moment the line appears.
+    let mut vm = start(arch, &[(&medium, true), (&target, false)], &dir.join("console-1.log"))?;
+    vm.wait_for("[kiln] install: writing kiln-root-a", INSTALL_TIMEOUT)?;
+    vm.kill();
+    let table = tool(Command::new("sgdisk").arg("-p").arg(&target), "gdisk")?;
+    ensure!(partition(&table, 4).is_none(), "{arch}: the killed install already had a data partition:\n{table}");
+
+    let mut vm = start(arch, &[(&medium, true), (&target, false)], &dir.join("console-2.log"))?;
+    let started = vm.wait_for("[kiln] install: target=", INSTALL_TIMEOUT)?;
+    ensure!(started.contains("target=/dev/vdb"), "{arch}: `{started}`");
+    finish_install(arch, &mut vm)?;
+    drop(vm);
+    check_installed(arch, &target, &m)
+}
+
+fn foreign_target_is_refused(arch: Arch) -> Result<()> {
+    let out = image()?;
+    let dir = work_dir(&format!("installer-{arch}-foreign"))?;
+    let medium = out.join(arch.name()).join("disk.img");
+    // Someone's disk: a partition table with one partition and data in it.
+    let foreign = blank(&dir.join("foreign-2g.img"), 2 * GIB)?;
+    tool(Command::new("sgdisk").args(["--new=1:0:0", "--change-name=1:precious"]).arg(&foreign), "gdisk")?;
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&foreign)?;
+        f.seek(SeekFrom::Start(10 << 20))?;
+        f.write_all(&b"precious data, not a kiln system\n".repeat(1000))?;
+    }
+    let before = sha256_file(&foreign)?;
+
+    let mut vm = start(arch, &[(&medium, true), (&foreign, false)], &dir.join("console.log"))?;
+    let line = vm.wait_for("[kiln] error: install:", INSTALL_TIMEOUT)?;
+    vm.kill();
+    eprintln!("{arch}: {line}");
+    for want in ["/dev/vdb holds data that is not a kiln system", "install.wipe: true", "vda ", "(the installer medium)", "vdb 2048 MiB"] {
+        ensure!(line.contains(want), "{arch}: the refusal does not say `{want}`: {line}");
+    }
+    ensure!(!vm.console().contains("[kiln] install: target="), "{arch}: the installer started writing");
+    ensure!(sha256_file(&foreign)? == before, "{arch}: the refused disk was changed");
+    Ok(())
+}
+
+#[test]
+fn x86_64_installer_picks_the_larger_disk_and_the_installed_system_boots() -> Result<()> {
+    installs_onto_the_larger_disk_and_boots(Arch::X86_64)
+}
+
+#[test]
+fn aarch64_installer_picks_the_larger_disk_and_the_installed_system_boots() -> Result<()> {
+    installs_onto_the_larger_disk_and_boots(Arch::Aarch64)
+}
+
+#[test]
+fn riscv64_installer_picks_the_larger_disk_and_the_installed_system_boots() -> Result<()> {
+    installs_onto_the_larger_disk_and_boots(Arch::Riscv64)
+}
+
+#[test]
+fn x86_64_install_killed_while_writing_completes_on_the_next_boot() -> Result<()> {
+    interrupted_install_completes(Arch::X86_64)
+}
+
+#[test]
+fn aarch64_install_killed_while_writing_completes_on_the_next_boot() -> Result<()> {
+    interrupted_install_completes(Arch::Aarch64)
+}
+
+#[test]
+fn riscv64_install_killed_while_writing_completes_on_the_next_boot() -> Result<()> {
+    interrupted_install_completes(Arch::Riscv64)
+}
+
+#[test]
+fn x86_64_installer_refuses_a_disk_with_foreign_data() -> Result<()> {
+    foreign_target_is_refused(Arch::X86_64)
+}
+
+#[test]
+fn aarch64_installer_refuses_a_disk_with_foreign_data() -> Result<()> {
+    foreign_target_is_refused(Arch::Aarch64)
+}
+
+#[test]
+fn riscv64_installer_refuses_a_disk_with_foreign_data() -> Result<()> {
+    foreign_target_is_refused(Arch::Riscv64)
+}
