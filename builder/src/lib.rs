@@ -22,6 +22,7 @@ pub mod overlay;
 pub mod pipeline;
 pub mod platform;
 pub mod profile;
+pub mod provision;
 pub mod qemu;
 pub mod reference;
 pub mod setup;
