@@ -23,6 +23,7 @@ pub mod overlay;
 pub mod pipeline;
 pub mod platform;
 pub mod profile;
+pub mod provision;
 pub mod qemu;
 pub mod reference;
 pub mod setup;

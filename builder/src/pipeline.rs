@@ -133,6 +133,7 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
 
     let mut roots: Vec<&str> = BASE_PACKAGES.to_vec();
     roots.extend(profile.profile.os.packages.iter().map(String::as_str));
+    roots.extend(crate::provision::packages(&profile.profile));
     let root_pkgs = debian::resolve::resolve(&index.packages, &roots)
         .with_context(|| format!("{arch}: resolving packages {}", roots.join(", ")))?;
 
@@ -305,6 +306,10 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     let mut appliance = crate::assets::overlay("appliance")?;
     crate::overlay::render_templates(&mut appliance, &context, "kiln's appliance overlay")?;
     root.merge(&appliance)?;
+    // First-boot configuration (accounts, ssh, network, ...) before the profile's overlays, which
+    // may still replace any of its files.
+    crate::provision::render(&profile.profile, &mut root, &modules)
+        .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);
         let mut t = crate::overlay::read_dir(&dir)?;

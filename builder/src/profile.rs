@@ -52,6 +52,25 @@ pub struct Profile {
     /// Values for templates (`*.hbs` files in overlays), available as `{{vars.KEY}}`.
     #[serde(default)]
     pub vars: BTreeMap<String, serde_json::Value>,
+    /// Host name (an RFC 1123 label: letters, digits, `-`). Default: the profile's `name`.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Login accounts, with SSH keys (see "First-boot configuration" in the README).
+    #[serde(default)]
+    pub users: Vec<crate::provision::User>,
+    /// The SSH server and its login policy.
+    #[serde(default)]
+    pub ssh: crate::provision::Ssh,
+    /// Network configuration. Default: DHCP on every wired interface.
+    #[serde(default)]
+    pub network: crate::provision::Network,
+    /// Time zone and time synchronisation.
+    #[serde(default)]
+    pub time: crate::provision::Time,
+    /// Kernel parameters (`net.ipv4.ip_forward: 1`), written to `/etc/sysctl.d/kiln.conf` and
+    /// applied at every boot.
+    #[serde(default)]
+    pub sysctl: BTreeMap<String, crate::provision::SysctlValue>,
 }
 
 /// The Debian base system.
@@ -93,6 +112,10 @@ pub struct Kernel {
     /// Extra kernel modules to put in the initramfs (with their dependencies).
     #[serde(default)]
     pub modules: Vec<String>,
+    /// Kernel modules loaded (with `modprobe`) by the appliance at every boot; each must exist
+    /// in the kernel package.
+    #[serde(default)]
+    pub load: Vec<String>,
 }
 
 /// Disk image size.
@@ -475,6 +498,7 @@ impl LoadedProfile {
                 bail!("{file}: key `vars.{k}`: variable names are letters, digits, `_` and `-`");
             }
         }
+        crate::provision::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
 }
@@ -586,7 +610,7 @@ mod tests {
     fn schema_lists_every_top_level_key() {
         let s = json_schema();
         let props = s["properties"].as_object().unwrap();
-        for k in ["name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars"] {
+        for k in ["name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars", "hostname", "users", "ssh", "network", "time", "sysctl"] {
             assert!(props.contains_key(k), "schema lacks {k}");
         }
     }

@@ -8,7 +8,7 @@ use crate::tree::{Entry, Kind, Meta, Tree, TreePath};
 
 /// System accounts (Debian's base-passwd numbering). Everything is locked: logins come from the
 /// profile's users (ssh keys), never from a default password.
-const PASSWD: &str = "\
+pub(crate) const PASSWD: &str = "\
 root:x:0:0:root:/root:/bin/sh
 daemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin
 bin:x:2:2:bin:/bin:/usr/sbin/nologin
@@ -17,7 +17,7 @@ sshd:x:100:65534::/run/sshd:/usr/sbin/nologin
 nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin
 ";
 
-const GROUP: &str = "\
+pub(crate) const GROUP: &str = "\
 root:x:0:
 daemon:x:1:
 bin:x:2:
