@@ -174,3 +174,94 @@ pub fn tool(cmd: &mut Command, package: &str) -> anyhow::Result<String> {
     }
     Ok(text)
 }
+
+/// The public key test profiles carry (`users[].ssh_authorized_keys`); [`build_with_test_key`]
+/// replaces it with a key generated for the run, so no private key lives in the repository.
+pub const PLACEHOLDER_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPLACEHOLDERPLACEHOLDERPLACEHOLDERPLACEH kiln-test-placeholder";
+
+/// A build of a test profile with a run-time SSH key: the output directory and the private key.
+pub struct KeyedBuild {
+    pub out: PathBuf,
+    pub key: PathBuf,
+    /// The public key line the image authorises.
+    pub public: String,
+}
+
+/// Generates an ed25519 key with ssh-keygen, writes `profile` (repository path) with
+/// [`PLACEHOLDER_KEY`] replaced into work dir `name` and builds it there, once per `cell`.
+pub fn build_with_test_key(cell: &'static OnceLock<Result<KeyedBuild, String>>, profile: &str, name: &str) -> anyhow::Result<&'static KeyedBuild> {
+    let r = cell.get_or_init(|| {
+        let run = || -> anyhow::Result<KeyedBuild> {
+            let dir = work_dir(name)?;
+            let key = dir.join("id_ed25519");
+            tool(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"]).arg(&key), "openssh-client")?;
+            let public = fs::read_to_string(key.with_extension("pub"))?.trim().to_string();
+            let text = fs::read_to_string(repo_root().join(profile)).with_context(|| format!("reading {profile}"))?;
+            if !text.contains(PLACEHOLDER_KEY) {
+                bail!("{profile} lacks the placeholder key");
+            }
+            let file_name = Path::new(profile).file_name().context("profile path has no file name")?;
+            let keyed = dir.join(file_name);
+            fs::write(&keyed, text.replace(PLACEHOLDER_KEY, &public))?;
+            let out = dir.join("out");
+            let started = std::time::Instant::now();
+            let (code, log) = kiln_with_cache(&cache_dir()?, &[
+                "build",
+                keyed.to_str().context("non-UTF-8 work dir")?,
+                "--out",
+                out.to_str().context("non-UTF-8 work dir")?,
+            ])?;
+            if code != 0 {
+                bail!("kiln build {profile} failed (exit {code}):\n{log}");
+            }
+            eprintln!("{profile} build: {:.1} s", started.elapsed().as_secs_f64());
+            Ok(KeyedBuild { out, key, public })
+        };
+        run().map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(b) => Ok(b),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// A port on the host's loopback that is free right now (for a QEMU `hostfwd`).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `ssh` from the host to a VM's forwarded port; returns (success, stdout + stderr).
+pub fn ssh(key: &Path, port: u16, user: &str, command: &str) -> anyhow::Result<(bool, String)> {
+    let out = Command::new("ssh")
+        .arg("-i")
+        .arg(key)
+        .args(["-p", &port.to_string()])
+        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
+        .args(["-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR"])
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(command)
+        .output()
+        .context("running ssh (install the `openssh-client` package)")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+/// How long after `[kiln] ready` the SSH server may take to accept a login (init starts it then).
+pub const SSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Retries `ssh` until the server (started by init after the boot steps) lets the user in.
+pub fn ssh_until_ok(key: &Path, port: u16, user: &str, command: &str) -> anyhow::Result<String> {
+    let started = std::time::Instant::now();
+    loop {
+        let (ok, text) = ssh(key, port, user, command)?;
+        if ok {
+            return Ok(text);
+        }
+        if started.elapsed() > SSH_TIMEOUT {
+            bail!("ssh {user}@127.0.0.1:{port} still fails after {SSH_TIMEOUT:?}:\n{text}");
+        }
+        // Polling a TCP service: there is no console line for "dropbear accepts logins".
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+}

@@ -3,7 +3,8 @@
 //! - with two blank disks (4 and 8 GiB) the installer picks the larger, writes and verifies the
 //!   system, creates the data partition over the rest and powers off; the medium's bytes and the
 //!   smaller disk are unchanged; the host checks the target against the manifest's digests; the
-//!   target booted alone reaches `[kiln] ready` with the data partition spanning the disk;
+//!   target booted alone reaches `[kiln] ready` with the data partition spanning the disk, the
+//!   profile's host name, and the user's SSH key (the test logs in);
 //! - QEMU killed while the installer writes: the next boot of the medium installs completely;
 //! - a target holding foreign data is refused, named on the console, and left byte-for-byte as it was.
 
@@ -15,17 +16,21 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::manifest::Manifest;
-use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::{build_once, manifest, sha256_range, tool, work_dir, BOOT_TIMEOUT};
+use kiln::qemu::{Disk, Net, Vm, VmSpec};
+use kiln_qemu_tests::{build_with_test_key, free_port, manifest, sha256_range, ssh_until_ok, tool, work_dir, KeyedBuild, BOOT_TIMEOUT};
 
 const GIB: u64 = 1 << 30;
 /// From power-on to `install: done` and power-off: a boot to the initramfs plus writing and reading
 /// back ~150 MiB under TCG.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
 
+fn built() -> Result<&'static KeyedBuild> {
+    static BUILT: OnceLock<Result<KeyedBuild, String>> = OnceLock::new();
+    build_with_test_key(&BUILT, "qemu-tests/profiles/installer.yaml", "installer-build")
+}
+
 fn image() -> Result<&'static Path> {
-    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    build_once(&OUT, "qemu-tests/profiles/installer.yaml", "installer-build")
+    Ok(&built()?.out)
 }
 
 fn blank(path: &Path, size: u64) -> Result<PathBuf> {
@@ -123,14 +128,25 @@ fn installs_onto_the_larger_disk_and_boots(arch: Arch) -> Result<()> {
     ensure!(all_zero(&small)?, "{arch}: the smaller disk, not the target, was written to");
     check_installed(arch, &large, &m)?;
 
-    // The installed disk alone: the installed system boots, its data partition spans the disk.
-    let mut vm = start(arch, &[(&large, false)], &dir.join("console-installed.log"))?;
+    // The installed disk alone: the installed system boots, its data partition spans the disk,
+    // and the profile's host name and user key are in place (the user logs in over SSH).
+    let mut spec = VmSpec::new(arch);
+    spec.disks = vec![Disk { path: large.clone(), snapshot: false }];
+    let port = free_port()?;
+    spec.net = Net::User { hostfwd: vec![format!("tcp:127.0.0.1:{port}-:22")] };
+    let mut vm = Vm::start(&spec, &dir.join("console-installed.log"))?;
     let ready = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
     eprintln!("{arch}: installed system `{ready}` after {:.1} s", vm.elapsed().as_secs_f64());
     let console = vm.console();
-    ensure!(ready.contains("host=installer-test"), "{arch}: hostname from the profile missing: `{ready}`");
+    ensure!(ready.contains("host=kiln-installed"), "{arch}: hostname from the profile missing: `{ready}`");
     ensure!(console.contains("[kiln] data: mounted /dev/vda4 ("), "{arch}: the data partition was not mounted");
     ensure!(!console.contains("[kiln] install:"), "{arch}: the installed system ran the installer");
+    let b = built()?;
+    let out = ssh_until_ok(&b.key, port, "ops", "hostname; cat ~/.ssh/authorized_keys; cat /sys/class/block/vda4/size /sys/class/block/vda/size")?;
+    let lines: Vec<&str> = out.lines().collect();
+    ensure!(lines.first() == Some(&"kiln-installed") && lines.get(1) == Some(&b.public.as_str()), "{arch}: ssh ops@: {out}");
+    let (data, disk): (u64, u64) = (lines[2].trim().parse()?, lines[3].trim().parse()?);
+    ensure!(data * 512 + (1 << 30) > disk, "{arch}: data partition {data} sectors of a {disk}-sector disk");
     Ok(())
 }
 
