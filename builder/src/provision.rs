@@ -23,6 +23,12 @@ use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 pub const DROPBEAR_PACKAGE: &str = "dropbear-bin";
 /// Debian's package with the time zone database (`/usr/share/zoneinfo`).
 pub const TZDATA_PACKAGE: &str = "tzdata";
+/// Debian's NTP client and server (`/usr/sbin/chronyd`, `/usr/bin/chronyc`), for `time.servers`.
+pub const CHRONY_PACKAGE: &str = "chrony";
+/// The account chronyd drops to after start-up (Debian's postinst would create it; kiln runs no
+/// maintainer scripts, so it adds the account itself). Below 1000, clear of the base accounts.
+const CHRONY_USER: &str = "_chrony";
+const CHRONY_ID: u32 = 101;
 /// The first uid (and user-private gid) given to the profile's users, in order.
 pub const FIRST_UID: u32 = 1000;
 const DEFAULT_SHELL: &str = "/bin/sh";
@@ -158,9 +164,11 @@ pub struct Interface {
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Time {
-    /// NTP servers. Default `[]`: no time synchronisation (an appliance never contacts a server
-    /// nobody configured). Not implemented yet: Debian's busybox has no `ntpd` applet, so a
-    /// non-empty list is refused until an NTP client package is wired in.
+    /// NTP servers: `HOST`, `HOST:PORT`, `[IPV6]` or `[IPV6]:PORT`. Set: Debian's `chrony` is
+    /// installed and `chronyd` (supervised by init, logging to the console) polls them, stepping the
+    /// clock at start-up when it is off by more than a second (boards without a real-time clock boot
+    /// in 1970, and TLS needs the right time). Default `[]`: no time synchronisation (an appliance
+    /// never contacts a server nobody configured).
     #[serde(default)]
     pub servers: Vec<String>,
     /// Time zone name from Debian's `tzdata` (e.g. `Europe/Berlin`); `/etc/localtime` points at
@@ -219,6 +227,9 @@ pub fn packages(p: &Profile) -> Vec<&'static str> {
     if p.time.timezone != "UTC" {
         v.push(TZDATA_PACKAGE);
     }
+    if !p.time.servers.is_empty() {
+        v.push(CHRONY_PACKAGE);
+    }
     v
 }
 
@@ -267,7 +278,10 @@ fn is_dns_label(s: &str) -> bool {
 
 /// Account and group names kiln's base system already uses (see `setup.rs`).
 fn reserved_names() -> BTreeSet<&'static str> {
-    crate::setup::PASSWD.lines().chain(crate::setup::GROUP.lines()).filter_map(|l| l.split(':').next()).collect()
+    let mut names: BTreeSet<&'static str> =
+        crate::setup::PASSWD.lines().chain(crate::setup::GROUP.lines()).filter_map(|l| l.split(':').next()).collect();
+    names.insert(CHRONY_USER);
+    names
 }
 
 fn validate_users(p: &Profile) -> Result<()> {
@@ -387,8 +401,8 @@ fn parse_cidr(s: &str) -> Result<IpAddr> {
 }
 
 fn validate_time(t: &Time) -> Result<()> {
-    if !t.servers.is_empty() {
-        bail!("key `time.servers`: NTP is not implemented yet (Debian's busybox has no ntpd applet); leave it empty");
+    for (i, s) in t.servers.iter().enumerate() {
+        ntp_server(s).with_context(|| format!("key `time.servers[{i}]`"))?;
     }
     let tz = &t.timezone;
     let ok = !tz.is_empty()
@@ -399,6 +413,43 @@ fn validate_time(t: &Time) -> Result<()> {
         bail!("key `time.timezone`: `{tz}` is not a time zone name such as `Europe/Berlin`");
     }
     Ok(())
+}
+
+/// An NTP server entry split into host and port: `HOST`, `HOST:PORT`, `[IPV6]`, `[IPV6]:PORT`
+/// (a bare IPv6 address is a host too).
+pub fn ntp_server(s: &str) -> Result<(String, Option<u16>)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else { bail!("`{s}`: `[` without `]`") };
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            bail!("`{v6}` is not an IPv6 address");
+        }
+        match after {
+            "" => (v6, None),
+            _ => match after.strip_prefix(':') {
+                Some(p) => (v6, Some(p)),
+                None => bail!("`{s}`: expected `:PORT` after `]`"),
+            },
+        }
+    } else if s.parse::<IpAddr>().is_ok() {
+        (s, None)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Some(n),
+            _ => bail!("`{p}` is not a port (1-65535)"),
+        },
+        None => None,
+    };
+    let is_name = !host.is_empty() && host.len() <= 253 && host.split('.').all(is_dns_label);
+    if host.parse::<IpAddr>().is_err() && !is_name {
+        bail!("`{host}` is neither an IP address nor a DNS name");
+    }
+    Ok((host.to_string(), port))
 }
 
 // --- rendering ----------------------------------------------------------------------------------
@@ -575,7 +626,50 @@ fn time(p: &Profile, root: &mut Tree) -> Result<()> {
         root.add_symlink("etc/localtime", &format!("/{zone}"))?;
         root.add_file("etc/timezone", 0o644, format!("{tz}\n"))?;
     }
-    root.add_file("etc/kiln/time.conf", 0o644, format!("# written by kiln from the profile's `time` key\nKILN_TIMEZONE={tz}\n"))?;
+    let servers: Vec<String> = p.time.servers.iter().map(|s| ntp_server(s).map(|(h, _)| h)).collect::<Result<_>>()?;
+    root.add_file(
+        "etc/kiln/time.conf",
+        0o644,
+        format!("# written by kiln from the profile's `time` key\nKILN_TIMEZONE={tz}\nKILN_NTP_SERVERS=\"{}\"\n", servers.join(" ")),
+    )?;
+    if !p.time.servers.is_empty() {
+        chrony(p, root)?;
+    }
+    Ok(())
+}
+
+/// chronyd's configuration: the profile's servers only (Debian's pool and conf.d are dropped).
+pub fn chrony_conf(servers: &[String]) -> Result<String> {
+    let mut c = String::from("# written by kiln from the profile's `time.servers` key\n");
+    for s in servers {
+        let (host, port) = ntp_server(s)?;
+        c.push_str(&format!("server {host}{} iburst\n", port.map(|p| format!(" port {p}")).unwrap_or_default()));
+    }
+    // Step instead of slewing while the first three updates are off by more than 1 s: a board
+    // without a real-time clock starts in 1970 and certificates would not validate for hours.
+    c.push_str("makestep 1 3\ndriftfile /var/lib/chrony/chrony.drift\n");
+    Ok(c)
+}
+
+/// Installs chrony's configuration, its account and an init entry.
+fn chrony(p: &Profile, root: &mut Tree) -> Result<()> {
+    if !root.contains("usr/sbin/chronyd") {
+        bail!("key `time.servers`: NTP needs the `{CHRONY_PACKAGE}` package, but /usr/sbin/chronyd is missing from the root");
+    }
+    root.add_file("etc/chrony/chrony.conf", 0o644, chrony_conf(&p.time.servers)?)?;
+    let mut passwd = file_text(root, "etc/passwd")?;
+    let mut group = file_text(root, "etc/group")?;
+    let mut shadow = file_text(root, "etc/shadow")?;
+    passwd.push_str(&format!("{CHRONY_USER}:x:{CHRONY_ID}:{CHRONY_ID}:chrony:/var/lib/chrony:/usr/sbin/nologin\n"));
+    group.push_str(&format!("{CHRONY_USER}:x:{CHRONY_ID}:\n"));
+    shadow.push_str(&format!("{CHRONY_USER}:*:0:0:99999:7:::\n"));
+    root.add_file("etc/passwd", 0o644, passwd)?;
+    root.add_file("etc/group", 0o644, group)?;
+    insert(root, "etc/shadow", owned(0o600, 0, 0), Kind::File(Content::bytes(shadow)))?;
+    let mut inittab = file_text(root, "etc/inittab")?;
+    // -d: stay in the foreground for init and log to the console (source selection, clock steps).
+    inittab.push_str(&format!("# NTP client (profile key `time.servers`), restarted by init if it exits.\n::respawn:/usr/sbin/chronyd -d -u {CHRONY_USER}\n"));
+    root.add_file("etc/inittab", 0o644, inittab)?;
     Ok(())
 }
 
@@ -620,6 +714,30 @@ mod tests {
     }
 
     #[test]
+    fn ntp_servers_parse_into_chrony_lines() {
+        for (spec, host, port) in [
+            ("pool.ntp.org", "pool.ntp.org", None),
+            ("ntp1:11123", "ntp1", Some(11123)),
+            ("10.0.2.2", "10.0.2.2", None),
+            ("10.0.2.2:123", "10.0.2.2", Some(123)),
+            ("fd00::1", "fd00::1", None),
+            ("[fd00::1]", "fd00::1", None),
+            ("[fd00::1]:4123", "fd00::1", Some(4123)),
+        ] {
+            assert_eq!(ntp_server(spec).unwrap(), (host.to_string(), port), "{spec}");
+        }
+        for bad in ["", ":123", "host:", "host:99999", "a..b", "[fd00::1]123", "[host]:1"] {
+            assert!(ntp_server(bad).is_err(), "{bad} was accepted");
+        }
+        let conf = chrony_conf(&["10.0.2.2:11123".into(), "pool.ntp.org".into()]).unwrap();
+        assert!(conf.contains("\nserver 10.0.2.2 port 11123 iburst\nserver pool.ntp.org iburst\nmakestep 1 3\n"), "{conf}");
+        let p = profile("time: {servers: [ntp.example]}\n");
+        validate(&p).unwrap();
+        assert_eq!(packages(&p), vec![DROPBEAR_PACKAGE, CHRONY_PACKAGE]);
+        assert!(invalid("users: [{name: _chrony}]\n").contains("system account"));
+    }
+
+    #[test]
     fn defaults_keep_old_profiles_valid() {
         let p = profile("");
         validate(&p).unwrap();
@@ -656,7 +774,10 @@ mod tests {
             ("network: {interfaces: {lo: {dhcp: true}}}\n", "`network.interfaces.lo`"),
             ("network: {dns: [1.1.1]}\n", "`network.dns[0]`"),
             ("time: {timezone: ../etc/passwd}\n", "`time.timezone`"),
-            ("time: {servers: [pool.ntp.org]}\n", "`time.servers`"),
+            ("time: {servers: [\"pool.ntp.org:0\"]}\n", "`time.servers[0]`"),
+            ("time: {servers: [ntp.example, \"bad host\"]}\n", "`time.servers[1]`"),
+            ("time: {servers: [\"[10.0.0.1]:123\"]}\n", "`time.servers[0]`"),
+            ("time: {servers: [\"[::1\"]}\n", "`time.servers[0]`"),
             ("sysctl: {\"net ipv4\": 1}\n", "`sysctl.net ipv4`"),
             ("sysctl: {vm.swappiness: \"1\\n2\"}\n", "`sysctl.vm.swappiness`"),
             ("kernel: {load: [\"a b\"]}\n", "`kernel.load[0]`"),

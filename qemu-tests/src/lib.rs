@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context};
 
+pub mod ntp;
+
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn repo_root() -> PathBuf {
     let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -264,4 +266,16 @@ pub fn ssh_until_ok(key: &Path, port: u16, user: &str, command: &str) -> anyhow:
         // Polling a TCP service: there is no console line for "dropbear accepts logins".
         std::thread::sleep(std::time::Duration::from_secs(3));
     }
+}
+
+/// (first sector, last sector, name) of partition `number` in `sgdisk -p` output.
+pub fn sgdisk_partition(table: &str, number: u32) -> Option<(u64, u64, String)> {
+    table.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 7 && f[0] == number.to_string() {
+            Some((f[1].parse().ok()?, f[2].parse().ok()?, f[6..].join(" ")))
+        } else {
+            None
+        }
+    })
 }

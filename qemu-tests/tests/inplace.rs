@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::{quickstart as build_quickstart, tool, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::{sgdisk_partition as partition, quickstart as build_quickstart, tool, work_dir, BOOT_TIMEOUT};
 
 fn quickstart() -> Result<&'static Path> {
     build_quickstart("inplace-build")
@@ -21,18 +21,6 @@ fn quickstart() -> Result<&'static Path> {
 /// The medium the image is "flashed" to.
 const DISK_SIZE: u64 = 2 << 30;
 const SECTOR: u64 = 512;
-
-/// (first sector, last sector, name) of partition `number` in `sgdisk -p` output.
-fn partition(table: &str, number: u32) -> Option<(u64, u64, String)> {
-    table.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() >= 7 && f[0] == number.to_string() {
-            Some((f[1].parse().ok()?, f[2].parse().ok()?, f[6..].join(" ")))
-        } else {
-            None
-        }
-    })
-}
 
 /// Copies the partition into its own file, leaving all-zero MiBs as holes (the partition is
 /// mostly empty; the reference tools want a filesystem file).

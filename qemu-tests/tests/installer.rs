@@ -17,7 +17,7 @@ use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::manifest::Manifest;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
-use kiln_qemu_tests::{build_with_test_key, free_port, manifest, sha256_range, ssh_until_ok, tool, work_dir, KeyedBuild, BOOT_TIMEOUT};
+use kiln_qemu_tests::{sgdisk_partition as partition, build_with_test_key, free_port, manifest, sha256_range, ssh_until_ok, tool, work_dir, KeyedBuild, BOOT_TIMEOUT};
 
 const GIB: u64 = 1 << 30;
 /// From power-on to `install: done` and power-off: a boot to the initramfs plus writing and reading
@@ -56,18 +56,6 @@ fn finish_install(arch: Arch, vm: &mut Vm) -> Result<String> {
     let status = vm.wait_exit(Duration::from_secs(60))?;
     eprintln!("{arch}: `{done}`, powered off after {:.1} s ({status})", vm.elapsed().as_secs_f64());
     Ok(done)
-}
-
-/// (first sector, last sector, name) of partition `number` in `sgdisk -p` output.
-fn partition(table: &str, number: u32) -> Option<(u64, u64, String)> {
-    table.lines().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() >= 7 && f[0] == number.to_string() {
-            Some((f[1].parse().ok()?, f[2].parse().ok()?, f[6..].join(" ")))
-        } else {
-            None
-        }
-    })
 }
 
 /// The host's own check of an installed disk: a valid table with the manifest's disk GUID, every

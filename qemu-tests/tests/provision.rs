@@ -1,68 +1,44 @@
 //! Slow tier, first-boot configuration: builds `qemu-tests/profiles/provision.yaml` (hostname, a user
-//! with an SSH key generated here at run time, dropbear, DHCP, a time zone, a sysctl, a module to
-//! load) for all three architectures, boots each image with QEMU user networking and a forwarded SSH
-//! port, and logs in from the host with `ssh`. Root login is refused under the profile's policy, and a
+//! with an SSH key generated here at run time, dropbear, DHCP, a time zone, an NTP server, a sysctl,
+//! a module to load) for all three architectures, boots each image with QEMU user networking and a
+//! forwarded SSH port, and logs in from the host with `ssh`. chronyd on the appliance sets its clock
+//! from the test's NTP server on the host (`kiln_qemu_tests::ntp`), which runs an hour ahead. Root login is refused under the profile's policy, and a
 //! second boot of the same disk keeps the host key generated on the first. A NIC on a network without
 //! a DHCP server does not hang the boot.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
-use kiln_qemu_tests::{cache_dir, kiln_with_cache, repo_root, tool, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::ntp::NtpServer;
+use kiln_qemu_tests::{build_with_test_key, free_port, ssh, ssh_until_ok, tool, work_dir, KeyedBuild, BOOT_TIMEOUT};
 
 const PROFILE: &str = "qemu-tests/profiles/provision.yaml";
-/// The public key in the committed profile; replaced by the key generated for this run.
-const PLACEHOLDER: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPLACEHOLDERPLACEHOLDERPLACEHOLDERPLACEH kiln-test-placeholder";
 const USER: &str = "ops";
 const HOSTNAME: &str = "kiln-prov-1";
-/// How long after `[kiln] ready` the SSH server may take to accept a login (init starts it then).
-const SSH_TIMEOUT: Duration = Duration::from_secs(120);
+/// The profile's `time.servers` entry is `10.0.2.2:NTP_PORT` (the host, seen from QEMU user networking).
+const NTP_PORT: u16 = 11123;
+/// The test NTP server runs this far ahead of the host, so a guest clock that matches it was set by it.
+const NTP_OFFSET: Duration = Duration::from_secs(3600);
+/// From `[kiln] ready` until chronyd has selected the server (iburst: 4 polls 2 s apart, under TCG).
+const NTP_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The build output and the private key, made once per test process.
-struct Built {
-    out: PathBuf,
-    key: PathBuf,
+fn built() -> Result<&'static KeyedBuild> {
+    static BUILT: OnceLock<Result<KeyedBuild, String>> = OnceLock::new();
+    build_with_test_key(&BUILT, PROFILE, "provision-build")
 }
 
-fn built() -> Result<&'static Built> {
-    static BUILT: OnceLock<Result<Built, String>> = OnceLock::new();
-    let r = BUILT.get_or_init(|| build().map_err(|e| format!("{e:#}")));
-    match r {
-        Ok(b) => Ok(b),
-        Err(e) => bail!("{e}"),
+/// The host's NTP server, shared by the VMs of this test process.
+fn ntp_server() -> Result<&'static NtpServer> {
+    static SERVER: OnceLock<Result<NtpServer, String>> = OnceLock::new();
+    match SERVER.get_or_init(|| NtpServer::start(NTP_PORT, NTP_OFFSET).map_err(|e| format!("{e:#}"))) {
+        Ok(s) => Ok(s),
+        Err(e) => anyhow::bail!("{e}"),
     }
-}
-
-fn build() -> Result<Built> {
-    let dir = work_dir("provision-build")?;
-    let key = dir.join("id_ed25519");
-    tool(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "kiln-provision-test", "-f"]).arg(&key), "openssh-client")?;
-    let public = std::fs::read_to_string(key.with_extension("pub"))?;
-    let text = std::fs::read_to_string(repo_root().join(PROFILE))?;
-    ensure!(text.contains(PLACEHOLDER), "{PROFILE} lacks the placeholder key");
-    let profile = dir.join("provision.yaml");
-    std::fs::write(&profile, text.replace(PLACEHOLDER, public.trim()))?;
-    let out = dir.join("out");
-    let started = Instant::now();
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", path_str(&profile)?, "--out", path_str(&out)?])?;
-    ensure!(code == 0, "kiln build failed (exit {code}):\n{log}");
-    eprintln!("provision build (3 archs): {:.1} s", started.elapsed().as_secs_f64());
-    Ok(Built { out, key })
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str().context("non-UTF-8 path")
-}
-
-/// A port on the host's loopback that is free right now.
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn boot(arch: Arch, disk: &Path, port: u16, log: &Path) -> Result<Vm> {
@@ -73,37 +49,6 @@ fn boot(arch: Arch, disk: &Path, port: u16, log: &Path) -> Result<Vm> {
     let line = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
     eprintln!("{arch}: `{line}` after {:.1} s", vm.elapsed().as_secs_f64());
     Ok(vm)
-}
-
-/// `ssh` from the host to the VM; returns (success, stdout + stderr).
-fn ssh(key: &Path, port: u16, user: &str, command: &str) -> Result<(bool, String)> {
-    let out = Command::new("ssh")
-        .arg("-i")
-        .arg(key)
-        .args(["-p", &port.to_string()])
-        .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
-        .args(["-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR"])
-        .arg(format!("{user}@127.0.0.1"))
-        .arg(command)
-        .output()
-        .context("running ssh (install the `openssh-client` package)")?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Ok((out.status.success(), text))
-}
-
-/// Retries until the SSH server (started by init after the boot steps) lets the user in.
-fn ssh_until_ok(key: &Path, port: u16, command: &str) -> Result<String> {
-    let started = Instant::now();
-    loop {
-        let (ok, text) = ssh(key, port, USER, command)?;
-        if ok {
-            return Ok(text);
-        }
-        if started.elapsed() > SSH_TIMEOUT {
-            bail!("ssh {USER}@127.0.0.1:{port} still fails after {SSH_TIMEOUT:?}:\n{text}");
-        }
-        std::thread::sleep(Duration::from_secs(3));
-    }
 }
 
 /// The VM's ed25519 host key as the host's `ssh-keyscan` sees it (the base64 blob).
@@ -127,6 +72,7 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     let disk = dir.join("disk.img");
     std::fs::copy(b.out.join(arch.name()).join("disk.img"), &disk)?;
     let port = free_port()?;
+    let ntp = ntp_server()?;
 
     // First boot: host keys are generated, the user logs in with the key.
     let mut vm = boot(arch, &disk, port, &dir.join("console-1.log"))?;
@@ -140,6 +86,7 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
         "[kiln] sysctl: applied 1 settings".into(),
         "[kiln] network: eth0 10.0.2.15/24 (dhcp)".into(),
         "[kiln] time: zone Europe/Berlin".into(),
+        "ntp servers 10.0.2.2 (chronyd)".into(),
         "[kiln] ssh: dropbear on port 22 (root login no, password auth no); generated host keys ed25519 ecdsa in ".into(),
     ] {
         ensure!(console.contains(&want), "{arch}: first boot console lacks `{want}`:\n{}", kiln_lines(&console));
@@ -149,7 +96,7 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     let command = "hostname; cat /proc/sys/vm/swappiness; date +%Z; test -d /sys/module/tun && echo tun-loaded; \
                    stat -c '%a %U %n' /home/ops/.ssh /home/ops/.ssh/authorized_keys /etc/shadow /etc/dropbear; id -Gn";
     let started = Instant::now();
-    let out = ssh_until_ok(&b.key, port, command)?;
+    let out = ssh_until_ok(&b.key, port, USER, command)?;
     eprintln!("{arch}: ssh {USER}@ ({:.1} s after ready):\n{out}", started.elapsed().as_secs_f64());
     let lines: Vec<&str> = out.lines().collect();
     ensure!(lines.first() == Some(&HOSTNAME), "{arch}: hostname: {out}");
@@ -166,6 +113,19 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     }
     ensure!(lines.last().is_some_and(|l| l.split_whitespace().any(|g| g == "adm")), "{arch}: ops is not in adm: {out}");
 
+    // chronyd (started by init after the boot steps) polls the host's NTP server and steps the clock
+    // to it: the guest ends up an hour ahead of the host, as the server claims.
+    let line = vm.wait_for("Selected source 10.0.2.2", NTP_TIMEOUT)?;
+    eprintln!("{arch}: `{}` after {:.1} s", line.trim(), vm.elapsed().as_secs_f64());
+    vm.wait_for("System clock was stepped by", NTP_TIMEOUT)?;
+    let out = ssh_until_ok(&b.key, port, USER, "date +%s; stat -c %U /var/lib/chrony")?;
+    let host = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let guest: u64 = out.lines().next().and_then(|l| l.trim().parse().ok()).with_context(|| format!("{arch}: date +%s printed {out}"))?;
+    let want = host + NTP_OFFSET.as_secs();
+    ensure!(guest.abs_diff(want) <= 30, "{arch}: guest clock {guest} is not the NTP server's time {want} (host {host})");
+    ensure!(out.lines().nth(1) == Some("_chrony"), "{arch}: /var/lib/chrony is not owned by _chrony: {out}");
+    ensure!(ntp.answered() > 0, "{arch}: the NTP server answered nothing");
+
     // The default policy refuses root.
     let (ok, text) = ssh(&b.key, port, "root", "true")?;
     ensure!(!ok && text.contains("Permission denied"), "{arch}: root login was not refused: {text}");
@@ -177,7 +137,7 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     let console = vm.console();
     ensure!(console.contains("[kiln] ssh: dropbear on port 22") && console.contains("host keys kept"), "{arch}: second boot:\n{}", kiln_lines(&console));
     ensure!(!console.contains("generated host keys"), "{arch}: second boot generated host keys again");
-    ssh_until_ok(&b.key, port, "true")?;
+    ssh_until_ok(&b.key, port, USER, "true")?;
     let second_key = host_key(port)?;
     vm.kill();
     ensure!(first_key == second_key, "{arch}: host key changed between boots");
