@@ -71,6 +71,9 @@ pub struct Profile {
     /// applied at every boot.
     #[serde(default)]
     pub sysctl: BTreeMap<String, crate::provision::SysctlValue>,
+    /// A k3s cluster formed from this one image (see "Clusters" in the README). Absent: no cluster.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// The Debian base system.
@@ -499,6 +502,7 @@ impl LoadedProfile {
             }
         }
         crate::provision::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        crate::cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
 }
@@ -610,7 +614,7 @@ mod tests {
     fn schema_lists_every_top_level_key() {
         let s = json_schema();
         let props = s["properties"].as_object().unwrap();
-        for k in ["name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars", "hostname", "users", "ssh", "network", "time", "sysctl"] {
+        for k in ["name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars", "hostname", "users", "ssh", "network", "time", "sysctl", "cluster"] {
             assert!(props.contains_key(k), "schema lacks {k}");
         }
     }
