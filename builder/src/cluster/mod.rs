@@ -1,6 +1,7 @@
 //! The `cluster` section of the profile: one image for every machine of a k3s cluster (and its
-//! etcd group). The types here are the file format; `validate` checks what the types cannot and
-//! `token` owns the cluster secret.
+//! etcd group). The types here are the file format; `validate` checks what the types cannot,
+//! `render` writes each inventory node's configuration into the root at build time, `token`
+//! owns the cluster secret, and the boot step `boot.d/35-identity.sh` picks the node on the device.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -9,9 +10,12 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod render;
 pub mod token;
 pub mod validate;
+pub mod yaml;
 
+pub use render::{files, render, RenderedFile};
 pub use token::Token;
 pub use validate::validate;
 
