@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub mod identity;
 pub mod render;
 pub mod token;
 pub mod validate;
