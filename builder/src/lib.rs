@@ -7,6 +7,7 @@ pub mod arch;
 pub mod assets;
 pub mod busybox;
 pub mod cache;
+pub mod cluster;
 pub mod cpio;
 pub mod deb;
 pub mod debian;

@@ -228,6 +228,16 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
         .map(|a| Platform::load(profile.platform(*a)).map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())).into()))
         .collect::<Result<_>>()?;
 
+    // The cluster token: from the profile's `token_file`, or generated once into
+    // `<out>/secrets/` and reused by later builds. Never logged.
+    let token = match &profile.profile.cluster {
+        Some(c) => {
+            let t = crate::cluster::token::load_or_create(profile, &out_dir);
+            Some(if c.token_file.is_some() { t.map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))? } else { t? })
+        }
+        None => None,
+    };
+
     // Fetch everything before writing anything: a bad package name fails fast.
     let mut all_inputs = Vec::new();
     for arch in &archs {
@@ -245,7 +255,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     for (inputs, platform) in all_inputs.iter().zip(&platforms) {
         let dir = staging_dir.join(inputs.arch.name());
         std::fs::create_dir_all(&dir)?;
-        let manifest = build_arch(profile, inputs, platform, &dir)
+        let manifest = build_arch(profile, inputs, platform, &dir, token.as_ref())
             .with_context(|| format!("building the {} image", inputs.arch))?;
         built.push((inputs.arch, manifest));
     }
@@ -279,7 +289,7 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir: &Path) -> Result<Manifest> {
+fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir: &Path, token: Option<&crate::cluster::Token>) -> Result<Manifest> {
     let arch = inputs.arch;
     let epoch = source_date_epoch(&inputs.index)?;
 
@@ -310,6 +320,10 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     // may still replace any of its files.
     crate::provision::render(&profile.profile, &mut root, &modules)
         .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+    // Every inventory node's configuration; the device picks its own at boot (35-identity.sh).
+    if let (Some(cluster), Some(token)) = (&profile.profile.cluster, token) {
+        crate::cluster::render(cluster, token, &mut root).context("rendering the cluster configuration")?;
+    }
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);
         let mut t = crate::overlay::read_dir(&dir)?;

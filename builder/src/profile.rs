@@ -71,6 +71,9 @@ pub struct Profile {
     /// applied at every boot.
     #[serde(default)]
     pub sysctl: BTreeMap<String, crate::provision::SysctlValue>,
+    /// A k3s cluster formed from this one image (see "Clusters" in the README). Absent: no cluster.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// The Debian base system.
@@ -499,6 +502,7 @@ impl LoadedProfile {
             }
         }
         crate::provision::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        crate::cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
 }
@@ -607,10 +611,24 @@ mod tests {
     }
 
     #[test]
+    fn every_example_profile_parses_and_validates() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+        names.sort();
+        for p in &names {
+            LoadedProfile::load(p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        }
+        let stems: Vec<String> = names.iter().map(|p| p.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+        for want in ["quickstart", "single-server", "ha-embedded-etcd", "ha-external-etcd", "agents-only"] {
+            assert!(stems.iter().any(|s| s == want), "profiles/{want}.yaml missing: {stems:?}");
+        }
+    }
+
+    #[test]
     fn schema_lists_every_top_level_key() {
         let s = json_schema();
         let props = s["properties"].as_object().unwrap();
-        for k in ["name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars", "hostname", "users", "ssh", "network", "time", "sysctl"] {
+        for k in ["name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars", "hostname", "users", "ssh", "network", "time", "sysctl", "cluster"] {
             assert!(props.contains_key(k), "schema lacks {k}");
         }
     }

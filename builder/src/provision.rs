@@ -390,7 +390,7 @@ fn validate_network(n: &Network) -> Result<()> {
 }
 
 /// `ADDRESS/PREFIX` with a prefix that fits the family.
-fn parse_cidr(s: &str) -> Result<IpAddr> {
+pub(crate) fn parse_cidr(s: &str) -> Result<IpAddr> {
     let Some((a, p)) = s.split_once('/') else { bail!("`{s}` needs a prefix length, e.g. `{s}/24`") };
     let ip: IpAddr = a.parse().map_err(|_| anyhow::anyhow!("`{a}` is not an IP address"))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };

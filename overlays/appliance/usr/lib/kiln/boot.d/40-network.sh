@@ -1,9 +1,14 @@
 # shellcheck shell=sh
 # Network from /etc/kiln/network.conf (written by kiln from the profile's `network` key):
 # `dhcp-all` (every wired interface), `dhcp IF`, `static IF ADDRESS GATEWAY|-`, `dns IP`.
+# A cluster node with a static address gets /run/kiln/network.conf from 35-identity.sh (same
+# format), which is used instead.
 # DHCP waits a bounded time for a lease (DHCP_TRIES x 1 s); without one, udhcpc keeps trying
 # in the background and the boot goes on.
 CONF=/etc/kiln/network.conf
+if [ -r /run/kiln/network.conf ]; then
+    CONF=/run/kiln/network.conf
+fi
 DHCP_TRIES=5
 DHCP_SCRIPT=/usr/share/udhcpc/default.script
 summary=""

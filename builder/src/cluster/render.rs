@@ -1,0 +1,307 @@
+//! Build-time rendering of the cluster: for every inventory node a directory
+//! `/etc/kiln/nodes/<name>/` with `node.conf` (identity, roles, static address), `k3s-config.yaml`
+//! (servers and agents; mode 0600, it holds the token) and `etcd.env` (etcd members); the same
+//! for `_default` (machines not in the inventory, completed at boot); and the MAC table
+//! `/etc/kiln/inventory` plus `/etc/kiln/cluster.conf`. `boot.d/35-identity.sh` picks one
+//! directory at boot. All output is plain text and byte-for-byte deterministic.
+
+use anyhow::Result;
+use serde_json::Value;
+
+use super::yaml::Doc;
+use super::{normalise_mac, url_host, Cluster, Datastore, Node, Role, Token};
+use crate::tree::Tree;
+
+/// Where the per-node directories live in the root.
+pub const NODES_DIR: &str = "etc/kiln/nodes";
+/// The directory for machines that are not in the inventory.
+pub const DEFAULT_NODE: &str = "_default";
+
+/// One file of the rendered cluster configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedFile {
+    /// Path in the root, without the leading `/`.
+    pub path: String,
+    pub mode: u32,
+    pub content: String,
+}
+
+/// Writes the cluster's files into the root.
+pub fn render(c: &Cluster, token: &Token, root: &mut Tree) -> Result<()> {
+    root.add_dir(NODES_DIR, 0o755)?;
+    for f in files(c, token) {
+        root.add_file(&f.path, f.mode, f.content)?;
+    }
+    Ok(())
+}
+
+/// Every file the cluster puts in the root, in a fixed order.
+pub fn files(c: &Cluster, token: &Token) -> Vec<RenderedFile> {
+    let mut out = vec![
+        file("etc/kiln/cluster.conf".into(), 0o644, cluster_conf(c)),
+        file("etc/kiln/inventory".into(), 0o644, inventory(c)),
+    ];
+    for n in &c.nodes {
+        let dir = format!("{NODES_DIR}/{}", n.name);
+        out.push(file(format!("{dir}/node.conf"), 0o644, node_conf(Some(n), &n.sorted_roles())));
+        if let Some(role) = k3s_role(&n.roles) {
+            out.push(file(format!("{dir}/k3s-config.yaml"), 0o600, k3s_config(c, token, Some(n), role)));
+        }
+        if n.has(Role::Etcd) {
+            out.push(file(format!("{dir}/etcd.env"), 0o644, etcd_env(c, n)));
+        }
+    }
+    let dir = format!("{NODES_DIR}/{DEFAULT_NODE}");
+    let roles: Vec<Role> = c.default_role.role().into_iter().collect();
+    out.push(file(format!("{dir}/node.conf"), 0o644, node_conf(None, &roles)));
+    if let Some(role) = c.default_role.role() {
+        out.push(file(format!("{dir}/k3s-config.yaml"), 0o600, k3s_config(c, token, None, role)));
+    }
+    out
+}
+
+fn file(path: String, mode: u32, content: String) -> RenderedFile {
+    RenderedFile { path, mode, content }
+}
+
+/// What k3s runs as on a node: `server` wins (a server is also an agent).
+fn k3s_role(roles: &[Role]) -> Option<Role> {
+    [Role::Server, Role::Agent].into_iter().find(|r| roles.contains(r))
+}
+
+fn roles_text(roles: &[Role]) -> String {
+    roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(" ")
+}
+
+fn cluster_conf(c: &Cluster) -> String {
+    let api = c.api().map(|a| a.to_string()).unwrap_or_default();
+    let nodes: Vec<&str> = c.nodes.iter().map(|n| n.name.as_str()).collect();
+    format!(
+        "# written by kiln from the profile's `cluster` key; read by boot.d/35-identity.sh\n\
+         KILN_CLUSTER_NAME=\"{}\"\nKILN_CLUSTER_DATASTORE=\"{}\"\nKILN_CLUSTER_API_ADDRESS=\"{api}\"\n\
+         KILN_CLUSTER_DEFAULT_ROLE=\"{}\"\nKILN_CLUSTER_NODES=\"{}\"\nKILN_K3S_VERSION=\"{}\"\n",
+        c.name,
+        c.datastore.name(),
+        c.default_role.role().map(Role::name).unwrap_or("none"),
+        nodes.join(" "),
+        c.k3s.version.as_deref().unwrap_or_default(),
+    )
+}
+
+fn inventory(c: &Cluster) -> String {
+    let mut s = String::from("# written by kiln from the profile's `cluster.nodes`: MAC NODE, one line per MAC (lower case)\n");
+    for n in &c.nodes {
+        for m in n.mac.as_slice() {
+            // Validation has checked every MAC.
+            let m = normalise_mac(m).unwrap_or_else(|| m.to_ascii_lowercase());
+            s.push_str(&format!("{m} {}\n", n.name));
+        }
+    }
+    s
+}
+
+/// Shell-sourceable identity; `node` is `None` for the `_default` template (name filled in at boot).
+fn node_conf(node: Option<&Node>, roles: &[Role]) -> String {
+    let (what, name, address, gateway) = match node {
+        Some(n) => (format!("node {}", n.name), n.name.as_str(), n.address.as_deref(), n.gateway.as_deref()),
+        None => ("machines not in the inventory (`default_role`); the name is set at boot".to_string(), "", None, None),
+    };
+    format!(
+        "# written by kiln from the profile's `cluster` key: {what}; sourced by boot.d/35-identity.sh\n\
+         KILN_NODE_NAME=\"{name}\"\nKILN_NODE_ROLES=\"{}\"\nKILN_NODE_ADDRESS=\"{}\"\nKILN_NODE_GATEWAY=\"{}\"\n",
+        roles_text(roles),
+        address.unwrap_or_default(),
+        gateway.unwrap_or_default(),
+    )
+}
+
+/// The etcd client URLs k3s servers use in `external-etcd` mode.
+fn etcd_client_urls(c: &Cluster) -> String {
+    c.etcd_members().filter_map(|n| n.ip()).map(|ip| format!("http://{}:{}", url_host(&ip.to_string()), c.etcd.client_port)).collect::<Vec<_>>().join(",")
+}
+
+/// `/etc/rancher/k3s/config.yaml` of a node (or of the `_default` template when `node` is `None`).
+fn k3s_config(c: &Cluster, token: &Token, node: Option<&Node>, role: Role) -> String {
+    let who = match node {
+        Some(n) => format!("node {} (roles: {})", n.name, roles_text(&n.sorted_roles())),
+        None => format!("machines not in the inventory (role: {}); boot.d/35-identity.sh appends `node-name`", role.name()),
+    };
+    let mut doc = Doc::new(&format!(
+        "written by kiln from the profile's `cluster` key: k3s configuration of {who}\nmode 0600: it holds the cluster token"
+    ));
+    let api = c.api();
+    if role == Role::Server {
+        let first = node.is_some() && c.servers().next().map(|s| &s.name) == node.map(|n| &n.name);
+        match c.datastore {
+            Datastore::EmbeddedEtcd if first => doc.push("cluster-init", true),
+            Datastore::EmbeddedEtcd => {
+                if let Some(a) = &api {
+                    doc.push("server", a.url());
+                }
+            }
+            Datastore::ExternalEtcd => doc.push("datastore-endpoint", etcd_client_urls(c)),
+            Datastore::External => doc.push("datastore-endpoint", c.datastore_endpoint.clone().unwrap_or_default()),
+            Datastore::Sqlite => {}
+        }
+    } else if let Some(a) = &api {
+        doc.push("server", a.url());
+    }
+    doc.push("token", token.expose());
+    if role == Role::Server {
+        let mut sans: Vec<Value> = api.iter().map(|a| Value::String(a.host.clone())).collect();
+        match c.k3s.config.get("tls-san") {
+            Some(Value::Array(extra)) => sans.extend(extra.iter().cloned()),
+            Some(v) => sans.push(v.clone()),
+            None => {}
+        }
+        let mut seen = Vec::new();
+        sans.retain(|s| if seen.contains(s) { false } else { seen.push(s.clone()); true });
+        if !sans.is_empty() {
+            doc.push("tls-san", Value::Array(sans));
+        }
+    }
+    if let Some(n) = node {
+        doc.push("node-name", n.name.as_str());
+        if let Some(ip) = n.ip() {
+            doc.push("node-ip", ip.to_string());
+        }
+    }
+    for (k, v) in &c.k3s.config {
+        // Merged into the servers' `tls-san` above; a server-only setting.
+        if k == "tls-san" {
+            continue;
+        }
+        doc.push(k, v.clone());
+    }
+    doc.to_yaml()
+}
+
+/// Environment for Debian's etcd-server (`/etc/default/etcd` names) of one member.
+fn etcd_env(c: &Cluster, n: &Node) -> String {
+    let (peer, client) = (c.etcd.peer_port, c.etcd.client_port);
+    let url = |ip: std::net::IpAddr, port: u16| format!("http://{}:{port}", url_host(&ip.to_string()));
+    let ip = n.ip().expect("validated: etcd members have static addresses");
+    let initial: Vec<String> = c.etcd_members().filter_map(|m| m.ip().map(|ip| format!("{}={}", m.name, url(ip, peer)))).collect();
+    let loopback = "127.0.0.1".parse().expect("loopback");
+    format!(
+        "# written by kiln from the profile's `cluster` key: etcd member {name} of cluster {cluster}\n\
+         ETCD_NAME={name}\n\
+         ETCD_DATA_DIR=/var/lib/etcd\n\
+         ETCD_INITIAL_CLUSTER={initial}\n\
+         ETCD_INITIAL_CLUSTER_STATE=new\n\
+         ETCD_INITIAL_CLUSTER_TOKEN={cluster}\n\
+         ETCD_INITIAL_ADVERTISE_PEER_URLS={peer_url}\n\
+         ETCD_LISTEN_PEER_URLS={peer_url}\n\
+         ETCD_LISTEN_CLIENT_URLS={client_url},{loop_url}\n\
+         ETCD_ADVERTISE_CLIENT_URLS={client_url}\n",
+        name = n.name,
+        cluster = c.name,
+        initial = initial.join(","),
+        peer_url = url(ip, peer),
+        client_url = url(ip, client),
+        loop_url = url(loopback, client),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::parse;
+
+    fn cluster(yaml: &str) -> Cluster {
+        let p = parse(&format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{yaml}")).unwrap();
+        crate::cluster::validate(&p).unwrap();
+        p.cluster.unwrap()
+    }
+
+    fn get<'a>(files: &'a [RenderedFile], path: &str) -> &'a RenderedFile {
+        files.iter().find(|f| f.path == path).unwrap_or_else(|| panic!("{path} not rendered: {:?}", files.iter().map(|f| &f.path).collect::<Vec<_>>()))
+    }
+
+    fn yaml(f: &RenderedFile) -> serde_json::Value {
+        serde_saphyr::from_str(&f.content).unwrap_or_else(|e| panic!("{} is not YAML: {e}\n{}", f.path, f.content))
+    }
+
+    fn token() -> Token {
+        Token::new("t0ken").unwrap()
+    }
+
+    #[test]
+    fn embedded_etcd_first_server_inits_the_others_join() {
+        let c = cluster(
+            "  datastore: embedded-etcd\n  api_address: 10.0.0.10\n  k3s: {config: {disable: [traefik], tls-san: k3s.lab, flannel-backend: host-gw}}\n  nodes:\n    - {name: s1, mac: \"52:54:00:00:00:01\", roles: [server], address: 10.0.0.11/24, gateway: 10.0.0.1}\n    - {name: s2, mac: \"52:54:00:00:00:02\", roles: [server], address: 10.0.0.12/24}\n    - {name: s3, mac: \"52:54:00:00:00:03\", roles: [server], address: 10.0.0.13/24}\n    - {name: a1, mac: [\"52:54:00:00:00:04\", \"52-54-00-00-00-AA\"], roles: [agent]}\n",
+        );
+        let files = files(&c, &token());
+        let s1 = get(&files, "etc/kiln/nodes/s1/k3s-config.yaml");
+        assert_eq!(s1.mode, 0o600);
+        assert_eq!(
+            yaml(s1),
+            serde_json::json!({"cluster-init": true, "token": "t0ken", "tls-san": ["10.0.0.10", "k3s.lab"], "node-name": "s1", "node-ip": "10.0.0.11",
+                               "disable": ["traefik"], "flannel-backend": "host-gw"})
+        );
+        let s2 = yaml(get(&files, "etc/kiln/nodes/s2/k3s-config.yaml"));
+        assert_eq!(s2["server"], "https://10.0.0.10:6443");
+        assert!(s2.get("cluster-init").is_none());
+        let a1 = yaml(get(&files, "etc/kiln/nodes/a1/k3s-config.yaml"));
+        assert_eq!(a1["server"], "https://10.0.0.10:6443");
+        assert!(a1.get("tls-san").is_none() && a1.get("node-ip").is_none());
+        assert_eq!(a1["disable"], serde_json::json!(["traefik"]), "pass-through goes to every node");
+        assert!(!files.iter().any(|f| f.path.ends_with("etcd.env")));
+        assert_eq!(
+            get(&files, "etc/kiln/inventory").content.lines().skip(1).collect::<Vec<_>>(),
+            ["52:54:00:00:00:01 s1", "52:54:00:00:00:02 s2", "52:54:00:00:00:03 s3", "52:54:00:00:00:04 a1", "52:54:00:00:00:aa a1"]
+        );
+        assert!(get(&files, "etc/kiln/nodes/s1/node.conf").content.ends_with(
+            "KILN_NODE_NAME=\"s1\"\nKILN_NODE_ROLES=\"server\"\nKILN_NODE_ADDRESS=\"10.0.0.11/24\"\nKILN_NODE_GATEWAY=\"10.0.0.1\"\n"
+        ));
+        let d = yaml(get(&files, "etc/kiln/nodes/_default/k3s-config.yaml"));
+        assert_eq!(d["server"], "https://10.0.0.10:6443");
+        assert!(d.get("node-name").is_none());
+        assert!(get(&files, "etc/kiln/nodes/_default/node.conf").content.contains("KILN_NODE_NAME=\"\"\nKILN_NODE_ROLES=\"agent\"\n"));
+        assert_eq!(files, super::files(&c, &token()), "deterministic");
+    }
+
+    #[test]
+    fn external_etcd_members_get_env_and_servers_the_endpoint() {
+        let c = cluster(
+            "  datastore: external-etcd\n  api_address: \"[fd00::10]:7443\"\n  default_role: none\n  etcd: {client_port: 12379}\n  nodes:\n    - {name: e1, mac: \"52:54:00:00:00:01\", roles: [server, etcd], address: 10.0.0.11/24}\n    - {name: e2, mac: \"52:54:00:00:00:02\", roles: [etcd], address: 10.0.0.12/24}\n    - {name: e3, mac: \"52:54:00:00:00:03\", roles: [etcd], address: \"fd00::13/64\"}\n",
+        );
+        let files = files(&c, &token());
+        let e1 = yaml(get(&files, "etc/kiln/nodes/e1/k3s-config.yaml"));
+        assert_eq!(e1["datastore-endpoint"], "http://10.0.0.11:12379,http://10.0.0.12:12379,http://[fd00::13]:12379");
+        assert_eq!(e1["tls-san"], serde_json::json!(["fd00::10"]));
+        assert!(e1.get("server").is_none());
+        assert!(!files.iter().any(|f| f.path == "etc/kiln/nodes/e2/k3s-config.yaml"), "etcd-only nodes run no k3s");
+        let env = &get(&files, "etc/kiln/nodes/e3/etcd.env").content;
+        for line in [
+            "ETCD_NAME=e3",
+            "ETCD_INITIAL_CLUSTER=e1=http://10.0.0.11:2380,e2=http://10.0.0.12:2380,e3=http://[fd00::13]:2380",
+            "ETCD_INITIAL_CLUSTER_STATE=new",
+            "ETCD_INITIAL_CLUSTER_TOKEN=lab",
+            "ETCD_LISTEN_CLIENT_URLS=http://[fd00::13]:12379,http://127.0.0.1:12379",
+            "ETCD_ADVERTISE_CLIENT_URLS=http://[fd00::13]:12379",
+            "ETCD_INITIAL_ADVERTISE_PEER_URLS=http://[fd00::13]:2380",
+            "ETCD_LISTEN_PEER_URLS=http://[fd00::13]:2380",
+            "ETCD_DATA_DIR=/var/lib/etcd",
+        ] {
+            assert!(env.lines().any(|l| l == line), "{line} missing:\n{env}");
+        }
+        assert!(get(&files, "etc/kiln/nodes/e1/node.conf").content.contains("KILN_NODE_ROLES=\"etcd server\"\n"));
+        assert!(!files.iter().any(|f| f.path == "etc/kiln/nodes/_default/k3s-config.yaml"));
+        assert!(get(&files, "etc/kiln/cluster.conf").content.contains("KILN_CLUSTER_API_ADDRESS=\"[fd00::10]:7443\"\nKILN_CLUSTER_DEFAULT_ROLE=\"none\"\nKILN_CLUSTER_NODES=\"e1 e2 e3\"\n"));
+    }
+
+    #[test]
+    fn single_server_gives_its_address_to_agents_and_render_writes_the_tree() {
+        let c = cluster("  nodes:\n    - {name: s1, mac: \"52:54:00:00:00:01\", roles: [server], address: 10.0.0.11/24}\n");
+        let files = files(&c, &token());
+        let s1 = yaml(get(&files, "etc/kiln/nodes/s1/k3s-config.yaml"));
+        assert_eq!(s1, serde_json::json!({"token": "t0ken", "tls-san": ["10.0.0.11"], "node-name": "s1", "node-ip": "10.0.0.11"}));
+        assert_eq!(yaml(get(&files, "etc/kiln/nodes/_default/k3s-config.yaml"))["server"], "https://10.0.0.11:6443");
+        let mut t = Tree::new();
+        render(&c, &token(), &mut t).unwrap();
+        let e = t.get_str("etc/kiln/nodes/s1/k3s-config.yaml").unwrap();
+        assert_eq!(e.meta.mode, 0o600);
+        assert!(t.contains("etc/kiln/inventory") && t.contains("etc/kiln/cluster.conf"));
+    }
+}
