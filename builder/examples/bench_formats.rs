@@ -3,6 +3,7 @@
 //! `cargo run --release -p kiln --example bench_formats [MiB]` prints wall times and ratios for
 //! - an ESP of MiB (default 64) of file data: kiln `fat::write_fat32` vs `mkfs.vfat` + `mcopy`;
 //! - a 3-partition GPT on a 4 GiB sparse disk: kiln `gpt::write_gpt` vs `sgdisk` (-n/-t/-c/-u).
+//!
 //! Each figure is the median of 5 runs. The squashfs comparison is `examples/bench_squashfs.rs`.
 
 use std::process::Command;
