@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
@@ -411,7 +412,7 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     let (layout, partitions, install, image_cmdline) = match profile.profile.install.mode {
         InstallMode::InPlace => {
             let layout = gpt::plan(&specs, fixed, profile.profile.disk.headroom.0).map_err(disk_size_error)?;
-            write_disk(&img_path, &layout, disk_guid, &system_contents)?;
+            write_disk(&img_path, &layout, disk_guid, &system_contents, image_mode(&profile.profile))?;
             let records = partition_records(&layout, &system_contents);
             (layout, records, None, cmdline)
         }
@@ -463,7 +464,7 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
             ];
             let medium_contents = [Some(medium_esp.as_slice()), Some(squashfs.as_slice()), Some(install_part.as_slice())];
             let layout = gpt::plan(&medium_specs, fixed, 0).map_err(disk_size_error)?;
-            write_disk(&img_path, &layout, guid("installer-disk"), &medium_contents)?;
+            write_disk(&img_path, &layout, guid("installer-disk"), &medium_contents, image_mode(&profile.profile))?;
             let install = crate::manifest::InstallRecord {
                 disk_guid: disk_guid.to_string(),
                 partitions: partition_records(&target, &system_contents),
@@ -601,9 +602,29 @@ fn fat_image(esp: &Tree, guid: Guid, epoch: u64) -> Result<Vec<u8>> {
 
 /// Writes a sparse disk image: the partition table, then each partition's contents (`None`:
 /// left empty) at its offset.
-fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: &[Option<&[u8]>]) -> Result<()> {
-    info!("writing {} ({} MiB)", path.display(), layout.size >> 20);
-    let mut img = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+/// The file mode of a built image. Images that carry secrets (the cluster token in the k3s
+/// configs, users' password hashes in /etc/shadow) are readable by their owner only: the 0600
+/// modes inside the image protect nothing once the image file itself is world-readable.
+pub fn image_mode(p: &crate::profile::Profile) -> u32 {
+    let secrets = p.cluster.is_some() || p.users.iter().any(|u| u.password_hash.is_some());
+    if secrets {
+        0o600
+    } else {
+        0o644
+    }
+}
+
+fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: &[Option<&[u8]>], mode: u32) -> Result<()> {
+    info!("writing {} ({} MiB){}", path.display(), layout.size >> 20, if mode == 0o600 { ", mode 0600: it holds secrets" } else { "" });
+    let mut img = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    // The mode given at creation is masked by the umask; set it exactly.
+    img.set_permissions(std::fs::Permissions::from_mode(mode))?;
     img.set_len(layout.size)?;
     gpt::write_gpt(&mut img, layout, disk_guid).context("writing the partition table")?;
     for (part, content) in layout.partitions.iter().zip(contents) {
@@ -652,4 +673,28 @@ fn write_sha256sums(out_dir: &Path) -> Result<()> {
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, out_dir.join("SHA256SUMS"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::parse;
+
+    #[test]
+    fn images_with_secrets_are_written_owner_only() -> Result<()> {
+        let plain = parse("name: d\narch: [x86_64]\nusers: [{name: ops}]\n").unwrap();
+        let hashed = parse("name: d\narch: [x86_64]\nusers: [{name: ops, password_hash: \"$y$j9T$abcdefgh$0123456789\"}]\n").unwrap();
+        let cluster = parse("name: d\narch: [x86_64]\ncluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n").unwrap();
+        assert_eq!((image_mode(&plain), image_mode(&hashed), image_mode(&cluster)), (0o644, 0o600, 0o600));
+
+        let dir = tempfile::tempdir()?;
+        let spec = gpt::PartitionSpec { name: "p".into(), type_guid: Guid::linux_data_type(), guid: Guid::derive("test", &[b"g"]), size: 1 << 20, attributes: 0 };
+        let layout = gpt::plan(&[spec], None, 0)?;
+        for mode in [0o600, 0o644] {
+            let path = dir.path().join(format!("disk-{mode:o}.img"));
+            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(&[1u8; 512])], mode)?;
+            assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, mode);
+        }
+        Ok(())
+    }
 }
