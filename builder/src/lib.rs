@@ -17,6 +17,7 @@ pub mod fat;
 pub mod fetch;
 pub mod gpt;
 pub mod initramfs;
+pub mod inittab;
 pub mod installer;
 pub mod kmod;
 pub mod manifest;

@@ -343,6 +343,7 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
         };
         root.add_file(&f.path, f.mode.0, content)?;
     }
+    crate::inittab::check_programs(&root).map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
 
     // --- initramfs, squashfs, ESP ----------------------------------------------------
     let initramfs_modules: Vec<String> =

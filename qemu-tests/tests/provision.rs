@@ -126,6 +126,12 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     ensure!(out.lines().nth(1) == Some("_chrony"), "{arch}: /var/lib/chrony is not owned by _chrony: {out}");
     ensure!(ntp.answered() > 0, "{arch}: the NTP server answered nothing");
 
+    // init's respawn entries all start: a login prompt on the serial console, no `can't run`.
+    // (getty prints its prompt right after `[kiln] ready`, long before chronyd has stepped the clock.)
+    let console = vm.console();
+    ensure!(console.contains(&format!("{HOSTNAME} login:")), "{arch}: no login prompt on the serial console");
+    ensure!(!console.contains("can't run"), "{arch}: init could not start a program:\n{}", console.lines().filter(|l| l.contains("can't run")).collect::<Vec<_>>().join("\n"));
+
     // The default policy refuses root.
     let (ok, text) = ssh(&b.key, port, "root", "true")?;
     ensure!(!ok && text.contains("Permission denied"), "{arch}: root login was not refused: {text}");
