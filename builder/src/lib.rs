@@ -18,6 +18,7 @@ pub mod fetch;
 pub mod gpt;
 pub mod initramfs;
 pub mod installer;
+pub mod k3s;
 pub mod kmod;
 pub mod manifest;
 pub mod overlay;
