@@ -378,7 +378,7 @@ mod tests {
         assert_eq!(sums["k3s"], a);
         assert_eq!(sums["k3s-airgap-images-amd64.tar.zst"], "b".repeat(64));
         assert_eq!(sums.len(), 2);
-        for bad in ["nothex  k3s", &format!("{a}"), &format!("{}  k3s", "a".repeat(63))] {
+        for bad in ["nothex  k3s", &a.clone(), &format!("{}  k3s", "a".repeat(63))] {
             let err = parse_checksums(bad).unwrap_err();
             assert!(err.starts_with("line 1:"), "{bad}: {err}");
         }
