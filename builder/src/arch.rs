@@ -65,6 +65,16 @@ impl Arch {
     }
 
     /// The OCI platform `architecture` value.
+    /// The k3s release's binary asset for this arch (`k3s`, `k3s-arm64`, `k3s-riscv64`); the
+    /// air-gap archive and checksum list are named by the Debian arch (`...-amd64`).
+    pub fn k3s_binary(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "k3s",
+            Arch::Aarch64 => "k3s-arm64",
+            Arch::Riscv64 => "k3s-riscv64",
+        }
+    }
+
     pub fn oci(self) -> &'static str {
         self.debian()
     }

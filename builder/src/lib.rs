@@ -19,6 +19,7 @@ pub mod gpt;
 pub mod initramfs;
 pub mod inittab;
 pub mod installer;
+pub mod k3s;
 pub mod kmod;
 pub mod manifest;
 pub mod overlay;

@@ -35,6 +35,11 @@ struct InputArgs {
     /// Download cache (default: $KILN_CACHE_DIR, else ~/.cache/kiln).
     #[arg(long, env = "KILN_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Where the k3s release assets come from (cluster profiles), overriding
+    /// `cluster.k3s.source`: a directory holding them, or an http(s):// mirror laid out like the
+    /// release (`<URL>/<version>/<asset>`).
+    #[arg(long, value_name = "DIR|URL")]
+    k3s_assets: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -117,6 +122,7 @@ fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
         mirror: input.mirror.clone(),
         progress: !quiet && std::io::stderr().is_terminal(),
         cache_dir: input.cache_dir.clone(),
+        k3s_assets: input.k3s_assets.clone(),
     }
 }
 

@@ -51,6 +51,9 @@ pub struct BuildOptions {
     pub progress: bool,
     /// Overrides the cache directory.
     pub cache_dir: Option<PathBuf>,
+    /// Overrides the profile's `cluster.k3s.source`: a directory (relative to the working
+    /// directory) or an `http(s)://` mirror of the k3s release assets.
+    pub k3s_assets: Option<String>,
 }
 
 /// A usage problem (exit status 2), as opposed to a build failure.
@@ -75,6 +78,8 @@ struct Inputs {
     firstboot_debs: Vec<(debian::Package, PathBuf)>,
     kernel_deb: (debian::Package, PathBuf),
     systemd_boot_deb: Option<(debian::Package, PathBuf)>,
+    /// Cluster images: the verified k3s binary and air-gap archive.
+    k3s: Option<crate::k3s::Artifacts>,
 }
 
 impl BuildOptions {
@@ -169,7 +174,30 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         }
         None => None,
     };
-    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb })
+    let k3s = match &profile.profile.cluster {
+        Some(c) => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
+        None => None,
+    };
+    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, k3s })
+}
+
+/// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
+/// k3s release downloads; verified and cached.
+fn gather_k3s(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, c: &crate::cluster::Cluster, arch: Arch) -> Result<crate::k3s::Artifacts> {
+    use crate::k3s::Source;
+    let version = c
+        .k3s
+        .version
+        .as_deref()
+        .ok_or_else(|| UsageError(format!("{}: key `cluster.k3s.version`: required for cluster images", profile.path.display())))?;
+    let source = match (&opts.k3s_assets, &c.k3s.source) {
+        (Some(s), _) => Source::parse(s, Path::new(".")),
+        (None, Some(s)) => Source::parse(s, &profile.base_dir()),
+        (None, None) => Source::Release,
+    };
+    info!("{arch}: k3s {version} from {source}");
+    crate::k3s::fetch(fetcher, &source, version, arch, c.k3s.sha256.get(&arch).map(String::as_str))
+        .with_context(|| format!("{arch}: k3s {version}"))
 }
 
 /// The versioned kernel image package the arch's metapackage points at. Only these two names
@@ -324,6 +352,16 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     // Every inventory node's configuration; the device picks its own at boot (35-identity.sh).
     if let (Some(cluster), Some(token)) = (&profile.profile.cluster, token) {
         crate::cluster::render(cluster, token, &mut root).context("rendering the cluster configuration")?;
+    }
+    match &inputs.k3s {
+        Some(k3s) => {
+            crate::k3s::place(k3s, &mut root).context("placing k3s in the root")?;
+            manifest_inputs.extend(crate::k3s::manifest_inputs(k3s));
+        }
+        // Images without a cluster stay as they were: no k3s supervisor script either.
+        None => {
+            root.remove(&TreePath::parse(crate::k3s::RUN_SCRIPT)?);
+        }
     }
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);

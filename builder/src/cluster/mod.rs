@@ -192,9 +192,23 @@ pub struct K3s {
     /// entries are added after `api_address`.
     #[serde(default)]
     pub config: BTreeMap<String, serde_json::Value>,
-    /// k3s release to install, e.g. `v1.33.1+k3s1` (used once k3s is installed by the image).
+    /// k3s release to install (required): `vMAJOR.MINOR.PATCH+k3sN`, e.g. `v1.33.5+k3s1`. Its
+    /// binary and air-gap image archive for each architecture are verified against the release's
+    /// `sha256sum-<arch>.txt` and cached like every other input.
     #[serde(default)]
     pub version: Option<String>,
+    /// Where the release assets come from: an `http(s)://` mirror laid out like the release
+    /// (`<source>/<version>/<asset>`) or a local directory (relative to the profile) holding the
+    /// assets (`k3s`, `k3s-arm64`, `k3s-riscv64`, `k3s-airgap-images-<amd64|arm64|riscv64>.tar.zst`,
+    /// `sha256sum-<amd64|arm64|riscv64>.txt`) directly. Default: k3s's GitHub release downloads.
+    /// `kiln build --k3s-assets DIR|URL` overrides it.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Optional pins: the sha256 of the k3s binary per architecture (`{x86_64: <sha256>}`),
+    /// checked as well as the release's checksum list. Without pins, the list is trusted as
+    /// served: its integrity rests on HTTPS (or on the local directory).
+    #[serde(default)]
+    pub sha256: BTreeMap<crate::arch::Arch, String>,
 }
 
 /// Ports of the etcd group.

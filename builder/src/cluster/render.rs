@@ -209,7 +209,7 @@ mod tests {
     use crate::profile::parse;
 
     fn cluster(yaml: &str) -> Cluster {
-        let p = parse(&format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{yaml}")).unwrap();
+        let p = parse(&format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{}", crate::cluster::validate::tests::with_version(yaml))).unwrap();
         crate::cluster::validate(&p).unwrap();
         p.cluster.unwrap()
     }

@@ -42,9 +42,21 @@ pub fn validate(p: &Profile) -> Result<()> {
     datastore_and_roles(c)?;
     api_needed(c)?;
     k3s_config(c)?;
-    if let Some(v) = &c.k3s.version {
-        if v.is_empty() || !v.chars().all(|ch| ch.is_ascii_alphanumeric() || "+.-_".contains(ch)) {
-            bail!("key `cluster.k3s.version`: `{v}` is not a k3s release name such as `v1.33.1+k3s1`");
+    match &c.k3s.version {
+        None => bail!("key `cluster.k3s.version`: required for cluster images: the k3s release to install, e.g. `v1.33.5+k3s1`"),
+        Some(v) => crate::k3s::check_version(v).map_err(|e| anyhow::anyhow!("key `cluster.k3s.version`: {e}"))?,
+    }
+    if let Some(s) = &c.k3s.source {
+        if s.trim().is_empty() || s.contains(['\n', '\r']) {
+            bail!("key `cluster.k3s.source`: give an `http(s)://` mirror URL or a directory, or remove the key for the k3s release downloads");
+        }
+    }
+    for (arch, pin) in &c.k3s.sha256 {
+        if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!("key `cluster.k3s.sha256.{arch}`: `{pin}` is not a sha256 (64 hex digits)");
+        }
+        if !p.arch.contains(arch) {
+            bail!("key `cluster.k3s.sha256.{arch}`: the profile does not build {arch} (key `arch`)");
         }
     }
     if c.etcd.client_port == 0 || c.etcd.peer_port == 0 || c.etcd.client_port == c.etcd.peer_port {
@@ -205,7 +217,7 @@ fn network(p: &Profile, c: &Cluster) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::profile::parse;
 
     const MACS: [&str; 6] = ["52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03", "52:54:00:00:00:04", "52:54:00:00:00:05", "52:54:00:00:00:06"];
@@ -215,8 +227,19 @@ mod tests {
         format!("    - {{name: n{i}, mac: \"{}\", roles: [{roles}]{a}}}\n", MACS[i])
     }
 
+    /// Adds the required `k3s.version` to a fixture's `cluster` lines unless it sets one.
+    pub(crate) fn with_version(cluster: &str) -> String {
+        if cluster.contains("version") {
+            cluster.to_string()
+        } else if cluster.contains("k3s: {") {
+            cluster.replace("k3s: {", "k3s: {version: v1.33.5+k3s1, ")
+        } else {
+            format!("{cluster}  k3s: {{version: v1.33.5+k3s1}}\n")
+        }
+    }
+
     fn check(cluster: &str) -> Result<(), String> {
-        let text = format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{cluster}");
+        let text = format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{}", with_version(cluster));
         let p = parse(&text)?;
         super::validate(&p).map_err(|e| format!("{e:#}"))
     }
@@ -288,7 +311,7 @@ mod tests {
             assert!(err.contains(key), "{cluster}: error does not name {key}: {err}");
         }
         for bad in ["Lab", "a_b", "x".repeat(51).as_str()] {
-            let p = parse(&format!("name: demo\narch: [x86_64]\ncluster: {{name: {bad}, default_role: none}}\n")).unwrap();
+            let p = parse(&format!("name: demo\narch: [x86_64]\ncluster: {{name: {bad}, default_role: none, k3s: {{version: v1.33.5+k3s1}}}}\n")).unwrap();
             let err = format!("{:#}", super::validate(&p).unwrap_err());
             assert!(err.contains("`cluster.name`"), "{bad}: {err}");
         }
@@ -300,11 +323,11 @@ mod tests {
     fn node_addresses_may_not_contradict_the_global_network() {
         let text = format!(
             "name: demo\narch: [x86_64]\nnetwork: {{interfaces: {{eth0: {{address: 10.0.0.5/24}}}}}}\ncluster:\n  name: lab\n{}",
-            nodes(&[node(0, "server", true)])
+            with_version(&nodes(&[node(0, "server", true)]))
         );
         let err = format!("{:#}", super::validate(&parse(&text).unwrap()).unwrap_err());
         assert!(err.contains("cluster.nodes[0].address") && err.contains("network.interfaces.eth0"), "{err}");
-        let ok = format!("name: demo\narch: [x86_64]\nnetwork: {{interfaces: {{eth0: {{dhcp: true}}}}}}\ncluster:\n  name: lab\n{}", nodes(&[node(0, "server", true)]));
+        let ok = format!("name: demo\narch: [x86_64]\nnetwork: {{interfaces: {{eth0: {{dhcp: true}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)])));
         super::validate(&parse(&ok).unwrap()).unwrap();
     }
 
