@@ -228,51 +228,21 @@ fn with_retries<T>(
 mod tests {
     use super::*;
     use sha2::{Digest, Sha256};
-    use std::io::{BufRead, BufReader, Write};
-    use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    /// A one-thread HTTP server on loopback: `/ok` serves `body`, `/flaky` fails (500) once then
-    /// serves, anything else 404. Counts requests.
+    /// `/ok` serves `body`, `/flaky` fails (500) once then serves, anything else 404.
     fn server(body: &'static [u8]) -> (String, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let hits = Arc::new(AtomicUsize::new(0));
-        let counter = hits.clone();
-        std::thread::spawn(move || {
-            let mut flaky_failed = false;
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                counter.fetch_add(1, Ordering::SeqCst);
-                let mut line = String::new();
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let _ = reader.read_line(&mut line);
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap_or(0) <= 2 {
-                        break;
-                    }
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                let (status, payload): (&str, &[u8]) = match path.as_str() {
-                    "/ok" => ("200 OK", body),
-                    "/flaky" if !flaky_failed => {
-                        flaky_failed = true;
-                        ("500 Internal Server Error", b"no")
-                    }
-                    "/flaky" => ("200 OK", body),
-                    _ => ("404 Not Found", b"missing"),
-                };
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    payload.len()
-                );
-                let _ = stream.write_all(payload);
+        let mut flaky_failed = false;
+        crate::testhttp::serve(move |path| match path {
+            "/ok" => ("200 OK", body.to_vec()),
+            "/flaky" if !flaky_failed => {
+                flaky_failed = true;
+                ("500 Internal Server Error", b"no".to_vec())
             }
-        });
-        (base, hits)
+            "/flaky" => ("200 OK", body.to_vec()),
+            _ => ("404 Not Found", b"missing".to_vec()),
+        })
     }
 
     fn fetcher(dir: &tempfile::TempDir, offline: bool) -> Fetcher {

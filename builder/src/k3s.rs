@@ -279,8 +279,6 @@ mod tests {
     use super::*;
     use crate::cache::Cache;
     use sha2::{Digest, Sha256};
-    use std::io::{BufRead, BufReader, Write};
-    use std::net::TcpListener;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
@@ -311,33 +309,10 @@ mod tests {
 
     /// A loopback HTTP server serving `files` (request path -> body); counts requests.
     fn server(files: BTreeMap<String, Vec<u8>>) -> (String, Arc<AtomicUsize>) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let hits = Arc::new(AtomicUsize::new(0));
-        let counter = hits.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                counter.fetch_add(1, Ordering::SeqCst);
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut line = String::new();
-                let _ = reader.read_line(&mut line);
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).unwrap_or(0) <= 2 {
-                        break;
-                    }
-                }
-                let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                let (status, body) = match files.get(&path) {
-                    Some(b) => ("200 OK", b.clone()),
-                    None => ("404 Not Found", b"missing".to_vec()),
-                };
-                let _ = write!(stream, "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                let _ = stream.write_all(&body);
-            }
-        });
-        (base, hits)
+        crate::testhttp::serve(move |path| match files.get(path) {
+            Some(b) => ("200 OK", b.clone()),
+            None => ("404 Not Found", b"missing".to_vec()),
+        })
     }
 
     #[test]

@@ -31,4 +31,6 @@ pub mod qemu;
 pub mod reference;
 pub mod setup;
 pub mod squashfs;
+#[cfg(test)]
+mod testhttp;
 pub mod tree;

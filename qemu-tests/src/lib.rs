@@ -279,3 +279,14 @@ pub fn sgdisk_partition(table: &str, number: u32) -> Option<(u64, u64, String)> 
         }
     })
 }
+
+/// Copies `len` bytes at `offset` of `img` into a new file (the reference tools want a filesystem
+/// file, not a disk image).
+pub fn extract_range(img: &Path, offset: u64, len: u64, to: &Path) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(img).with_context(|| format!("opening {}", img.display()))?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut out = fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+    std::io::copy(&mut f.take(len), &mut out)?;
+    Ok(())
+}

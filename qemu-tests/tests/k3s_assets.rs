@@ -6,12 +6,11 @@
 //! The profile is copied with the made-up release name `v0.0.0+k3s0`, so the cache refs the
 //! stand-ins leave in the tier's shared cache can never be taken for a real release's.
 
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
-use kiln_qemu_tests::{cache_dir, kiln_with_cache, manifest, tool, work_dir};
+use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, tool, work_dir};
 use sha2::{Digest, Sha256};
 
 const STAND_IN_VERSION: &str = "v0.0.0+k3s0";
@@ -56,7 +55,7 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     // The root partition's squashfs, listed by the reference tool.
     let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
     let sqfs = dir.join("root.sqfs");
-    extract(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+    extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
     let listing = tool(Command::new("unsquashfs").arg("-lls").arg(&sqfs), "squashfs-tools")?;
     let line = |suffix: &str| listing.lines().find(|l| l.ends_with(suffix)).map(str::to_string);
     let bin = line("squashfs-root/usr/local/bin/k3s").context("no /usr/local/bin/k3s in the root")?;
@@ -76,12 +75,3 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     Ok(())
 }
 
-/// Copies `len` bytes at `offset` of `img` into a new file.
-fn extract(img: &Path, offset: u64, len: u64, to: &Path) -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(img)?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut out = std::fs::File::create(to)?;
-    std::io::copy(&mut f.take(len), &mut out)?;
-    Ok(())
-}

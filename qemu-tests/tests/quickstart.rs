@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::{cache_dir, kiln_with_cache, manifest, quickstart as build_quickstart, repo_root, tool, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, quickstart as build_quickstart, repo_root, tool, work_dir, BOOT_TIMEOUT};
 
 fn quickstart() -> Result<&'static Path> {
     build_quickstart("quickstart-build")
@@ -21,15 +21,6 @@ fn kiln(args: &[&str]) -> Result<(bool, String)> {
     Ok((code == 0, text))
 }
 
-/// Copies `len` bytes at `offset` of `img` into a new file (the reference tools want a filesystem file).
-fn extract(img: &Path, offset: u64, len: u64, to: &Path) -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(img)?;
-    f.seek(SeekFrom::Start(offset))?;
-    let mut out = std::fs::File::create(to)?;
-    std::io::copy(&mut f.take(len), &mut out)?;
-    Ok(())
-}
 
 #[test]
 fn quickstart_images_pass_the_reference_tools() -> Result<()> {
@@ -43,14 +34,14 @@ fn quickstart_images_pass_the_reference_tools() -> Result<()> {
 
         let esp = &m.partitions[0];
         let esp_file = dir.join(format!("{arch}-esp.img"));
-        extract(&img, esp.offset, esp.size, &esp_file)?;
+        extract_range(&img, esp.offset, esp.size, &esp_file)?;
         tool(Command::new("fsck.vfat").arg("-n").arg(&esp_file), "dosfstools")?;
         let listing = tool(Command::new("mdir").args(["-i"]).arg(&esp_file).arg("::/EFI/BOOT"), "mtools")?;
         ensure!(listing.contains(&arch.efi_boot_file()[..arch.efi_boot_file().len() - 4]), "{arch}: {listing}");
 
         let root = &m.partitions[1];
         let root_file = dir.join(format!("{arch}-root.img"));
-        extract(&img, root.offset, root.content_size.context("root content size")?, &root_file)?;
+        extract_range(&img, root.offset, root.content_size.context("root content size")?, &root_file)?;
         let sb = tool(Command::new("unsquashfs").arg("-s").arg(&root_file), "squashfs-tools")?;
         ensure!(sb.contains("zstd"), "{arch}: root is not zstd squashfs:\n{sb}");
         let ls = tool(Command::new("unsquashfs").args(["-lln"]).arg(&root_file).arg("/usr/lib/kiln/boot"), "squashfs-tools")?;
