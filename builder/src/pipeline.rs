@@ -639,8 +639,6 @@ fn fat_image(esp: &Tree, guid: Guid, epoch: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Writes a sparse disk image: the partition table, then each partition's contents (`None`:
-/// left empty) at its offset.
 /// The file mode of a built image. Images that carry secrets (the cluster token in the k3s
 /// configs, users' password hashes in /etc/shadow) are readable by their owner only: the 0600
 /// modes inside the image protect nothing once the image file itself is world-readable.
@@ -653,6 +651,9 @@ pub fn image_mode(p: &crate::profile::Profile) -> u32 {
     }
 }
 
+/// Writes a sparse disk image: the partition table, then each partition's contents (`None`:
+/// left empty) at its offset.
+/// `mode` is the image file's permission bits (see [`image_mode`]).
 fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: &[Option<&[u8]>], mode: u32) -> Result<()> {
     info!("writing {} ({} MiB){}", path.display(), layout.size >> 20, if mode == 0o600 { ", mode 0600: it holds secrets" } else { "" });
     let mut img = File::options()
