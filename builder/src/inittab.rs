@@ -33,6 +33,21 @@ pub fn check_programs(root: &Tree) -> Result<()> {
     Ok(())
 }
 
+/// Adds one entry to the root's `/etc/inittab`, after a `# comment` line saying who wrote it.
+/// Respawn entries start after every sysinit step, in file order.
+pub fn append(root: &mut Tree, comment: &str, entry: &str) -> Result<()> {
+    let mut text = match root.get_str("etc/inittab").map(|e| &e.kind) {
+        Some(Kind::File(c)) => read(c)?,
+        _ => bail!("/etc/inittab is missing from the root"),
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&format!("# {comment}\n{entry}\n"));
+    root.add_file("etc/inittab", 0o644, text)?;
+    Ok(())
+}
+
 fn read(c: &Content) -> Result<String> {
     String::from_utf8(c.read()?.into_owned()).context("/etc/inittab is not UTF-8")
 }

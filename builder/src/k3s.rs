@@ -245,19 +245,10 @@ pub fn place(a: &Artifacts, root: &mut Tree) -> Result<()> {
     let archive = format!("{ARCHIVE_DIR}/{}", airgap_name(a.arch));
     root_insert_file(root, &archive, 0o644, &a.airgap.path)?;
     root.add_symlink(&format!("{IMAGES_DIR}/{}", airgap_name(a.arch)), &format!("/{archive}"))?;
-    let mut inittab = match root.get_str("etc/inittab").map(|e| &e.kind) {
-        Some(Kind::File(c)) => String::from_utf8(c.read()?.into_owned()).context("/etc/inittab is not UTF-8")?,
-        _ => bail!("/etc/inittab is missing from the root"),
-    };
     if !root.contains(RUN_SCRIPT.trim_start_matches('/')) {
-        bail!("{RUN_SCRIPT} is missing from the root (kiln's appliance overlay)");
+        bail!("{RUN_SCRIPT} is missing from the root (kiln's cluster overlay)");
     }
-    if !inittab.ends_with('\n') {
-        inittab.push('\n');
-    }
-    inittab.push_str(&format!("# k3s (profile key `cluster`), restarted by init if it exits; output in /var/log/k3s.log.\n::respawn:{RUN_SCRIPT}\n"));
-    root.add_file("etc/inittab", 0o644, inittab)?;
-    Ok(())
+    crate::inittab::append(root, "k3s (profile key `cluster`), restarted by init if it exits; output in /var/log/k3s.log.", &format!("::respawn:{RUN_SCRIPT}"))
 }
 
 fn root_insert_file(root: &mut Tree, path: &str, mode: u32, src: &Path) -> Result<()> {
@@ -462,7 +453,8 @@ mod tests {
     /// root's `/usr/local/bin/k3s` is a stand-in script that only records its arguments: this
     /// checks which command the supervisor runs and where output goes, not k3s.
     fn run_supervisor(roles: Option<&str>) -> (String, tempfile::TempDir) {
-        let overlay = Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlays/appliance");
+        let overlays = Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlays");
+        let overlay = overlays.join("cluster");
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let write = |path: &str, text: &str, mode: u32| {
@@ -471,8 +463,14 @@ mod tests {
             std::fs::write(&f, text).unwrap();
             std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
         };
-        write("usr/lib/kiln/lib.sh", &std::fs::read_to_string(overlay.join("usr/lib/kiln/lib.sh")).unwrap(), 0o644);
+        write("usr/lib/kiln/lib.sh", &std::fs::read_to_string(overlays.join("appliance/usr/lib/kiln/lib.sh")).unwrap(), 0o644);
+        for script in ["health.sh", "logpipe"] {
+            write(&format!("usr/lib/kiln/{script}"), &std::fs::read_to_string(overlay.join("usr/lib/kiln").join(script)).unwrap(), 0o755);
+        }
         write("usr/local/bin/k3s", "#!/bin/sh\necho \"stand-in binary called with: $*\"\n", 0o755);
+        // An etcd member's k3s waits for the local member's /health (here: a stand-in wget).
+        write("etc/kiln/etcd.env", "ETCD_LISTEN_CLIENT_URLS=http://10.0.0.11:2379,http://127.0.0.1:2379\n", 0o644);
+        write("bin/wget", "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/wget-args\"\necho '{\"health\":\"true\",\"reason\":\"\"}'\n", 0o755);
         write("bin/sleep", "#!/bin/sh\necho \"$*\" > \"$KILN_ROOT/slept\"\n", 0o755);
         if let Some(r) = roles {
             write("run/kiln/node.conf", &format!("KILN_NODE_NAME=\"n1\"\nKILN_NODE_ROLES=\"{r}\"\n"), 0o644);
@@ -497,7 +495,14 @@ mod tests {
     fn supervisor_runs_the_nodes_role_with_output_in_the_log() {
         for (roles, role) in [("server", "server"), ("etcd server", "server"), ("agent", "agent")] {
             let (out, dir) = run_supervisor(Some(roles));
-            assert_eq!(out, format!("[kiln] k3s: starting {role} (log /var/log/k3s.log)\n"), "{roles}");
+            let waited = if roles.contains("etcd") {
+                "[kiln] k3s: the local etcd member before starting k3s: member healthy, cluster has quorum\n"
+            } else {
+                ""
+            };
+            assert_eq!(out, format!("{waited}[kiln] k3s: starting {role} (log /var/log/k3s.log)\n"), "{roles}");
+            let asked = std::fs::read_to_string(dir.path().join("wget-args")).unwrap_or_default();
+            assert_eq!(asked.contains("http://127.0.0.1:2379/health"), roles.contains("etcd"), "{asked}");
             let log = std::fs::read_to_string(dir.path().join("var/log/k3s.log")).unwrap();
             assert!(log.contains(&format!("k3s-run: starting k3s {role}\n")), "{log}");
             assert!(log.ends_with(&format!("stand-in binary called with: {role}\n")), "{log}");

@@ -140,6 +140,9 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
     let mut roots: Vec<&str> = BASE_PACKAGES.to_vec();
     roots.extend(profile.profile.os.packages.iter().map(String::as_str));
     roots.extend(crate::provision::packages(&profile.profile));
+    if let Some(c) = &profile.profile.cluster {
+        roots.extend(crate::cluster::services::packages(c));
+    }
     let root_pkgs = debian::resolve::resolve(&index.packages, &roots)
         .with_context(|| format!("{arch}: resolving packages {}", roots.join(", ")))?;
 
@@ -175,8 +178,8 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         None => None,
     };
     let k3s = match &profile.profile.cluster {
-        Some(c) => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
-        None => None,
+        Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
+        _ => None,
     };
     Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, k3s })
 }
@@ -352,16 +355,11 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     // Every inventory node's configuration; the device picks its own at boot (35-identity.sh).
     if let (Some(cluster), Some(token)) = (&profile.profile.cluster, token) {
         crate::cluster::render(cluster, token, &mut root).context("rendering the cluster configuration")?;
+        crate::cluster::services::install(cluster, &mut root, &modules).map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
     }
-    match &inputs.k3s {
-        Some(k3s) => {
-            crate::k3s::place(k3s, &mut root).context("placing k3s in the root")?;
-            manifest_inputs.extend(crate::k3s::manifest_inputs(k3s));
-        }
-        // Images without a cluster stay as they were: no k3s supervisor script either.
-        None => {
-            root.remove(&TreePath::parse(crate::k3s::RUN_SCRIPT)?);
-        }
+    if let Some(k3s) = &inputs.k3s {
+        crate::k3s::place(k3s, &mut root).context("placing k3s in the root")?;
+        manifest_inputs.extend(crate::k3s::manifest_inputs(k3s));
     }
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);

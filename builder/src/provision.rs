@@ -590,10 +590,8 @@ fn ssh(p: &Profile, root: &mut Tree) -> Result<()> {
         HOST_KEYS.join(" ")
     );
     root.add_file("etc/kiln/ssh.conf", 0o644, conf)?;
-    let mut inittab = file_text(root, "etc/inittab")?;
     // Respawn entries start after every sysinit step (the host keys exist by then).
-    inittab.push_str(&format!("# SSH server (profile key `ssh`), restarted by init if it exits.\n::respawn:{}\n", dropbear_command(s)));
-    root.add_file("etc/inittab", 0o644, inittab)?;
+    crate::inittab::append(root, "SSH server (profile key `ssh`), restarted by init if it exits.", &format!("::respawn:{}", dropbear_command(s)))?;
     Ok(())
 }
 
@@ -657,20 +655,23 @@ fn chrony(p: &Profile, root: &mut Tree) -> Result<()> {
         bail!("key `time.servers`: NTP needs the `{CHRONY_PACKAGE}` package, but /usr/sbin/chronyd is missing from the root");
     }
     root.add_file("etc/chrony/chrony.conf", 0o644, chrony_conf(&p.time.servers)?)?;
+    add_system_account(root, CHRONY_USER, CHRONY_ID, "chrony", "/var/lib/chrony")?;
+    // -d: stay in the foreground for init and log to the console (source selection, clock steps).
+    crate::inittab::append(root, "NTP client (profile key `time.servers`), restarted by init if it exits.", &format!("::respawn:/usr/sbin/chronyd -d -u {CHRONY_USER}"))
+}
+
+/// Adds a locked system account with its own group (what a Debian maintainer script would have
+/// created; kiln runs none). `id` is below 1000, clear of the base accounts and of other services'.
+pub(crate) fn add_system_account(root: &mut Tree, name: &str, id: u32, gecos: &str, home: &str) -> Result<()> {
     let mut passwd = file_text(root, "etc/passwd")?;
     let mut group = file_text(root, "etc/group")?;
     let mut shadow = file_text(root, "etc/shadow")?;
-    passwd.push_str(&format!("{CHRONY_USER}:x:{CHRONY_ID}:{CHRONY_ID}:chrony:/var/lib/chrony:/usr/sbin/nologin\n"));
-    group.push_str(&format!("{CHRONY_USER}:x:{CHRONY_ID}:\n"));
-    shadow.push_str(&format!("{CHRONY_USER}:*:0:0:99999:7:::\n"));
+    passwd.push_str(&format!("{name}:x:{id}:{id}:{gecos}:{home}:/usr/sbin/nologin\n"));
+    group.push_str(&format!("{name}:x:{id}:\n"));
+    shadow.push_str(&format!("{name}:*:0:0:99999:7:::\n"));
     root.add_file("etc/passwd", 0o644, passwd)?;
     root.add_file("etc/group", 0o644, group)?;
-    insert(root, "etc/shadow", owned(0o600, 0, 0), Kind::File(Content::bytes(shadow)))?;
-    let mut inittab = file_text(root, "etc/inittab")?;
-    // -d: stay in the foreground for init and log to the console (source selection, clock steps).
-    inittab.push_str(&format!("# NTP client (profile key `time.servers`), restarted by init if it exits.\n::respawn:/usr/sbin/chronyd -d -u {CHRONY_USER}\n"));
-    root.add_file("etc/inittab", 0o644, inittab)?;
-    Ok(())
+    insert(root, "etc/shadow", owned(0o600, 0, 0), Kind::File(Content::bytes(shadow)))
 }
 
 pub fn sysctl_conf(map: &BTreeMap<String, SysctlValue>) -> String {

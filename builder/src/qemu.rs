@@ -153,6 +153,9 @@ pub enum Net {
     /// QEMU user networking (`-netdev user`) with a virtio NIC; `hostfwd` entries are QEMU's
     /// `hostfwd=` values, e.g. `tcp:127.0.0.1:2222-:22`.
     User { hostfwd: Vec<String> },
+    /// A virtio NIC on tap device `ifname` inside network namespace `netns` (QEMU itself runs
+    /// there, under `ip netns exec`): several VMs on one private LAN (see the multi-node tests).
+    Tap { netns: String, ifname: String },
 }
 
 /// Everything about one VM run.
@@ -165,6 +168,8 @@ pub struct VmSpec {
     pub memory_mib: u32,
     pub cpus: u32,
     pub net: Net,
+    /// The NIC's MAC address (`52:54:00:..`); QEMU's default when absent.
+    pub mac: Option<String>,
     /// `--firmware-dir`; see [`find_firmware`].
     pub firmware_dir: Option<PathBuf>,
     /// Exit QEMU instead of rebooting the guest (a guest reboot then shows as "QEMU exited").
@@ -183,6 +188,7 @@ impl VmSpec {
             memory_mib: 1024,
             cpus: 2,
             net: Net::None,
+            mac: None,
             firmware_dir: None,
             no_reboot: false,
             extra_args: Vec::new(),
@@ -209,7 +215,15 @@ pub fn command(spec: &VmSpec, workdir: &Path) -> anyhow::Result<Command> {
 fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow::Result<Command> {
     let machine = spec.arch.qemu();
     let firmware = find_firmware(spec.arch, spec.firmware_dir.as_deref())?;
-    let mut cmd = Command::new(machine.binary);
+    let mut cmd = match &spec.net {
+        // QEMU must run inside the namespace to open the tap device there.
+        Net::Tap { netns, .. } => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", netns, machine.binary]);
+            c
+        }
+        _ => Command::new(machine.binary),
+    };
 
     // Software emulation only: KVM is unavailable on kiln's build/test hosts, and TCG is the same everywhere.
     cmd.args(["-accel", "tcg"]);
@@ -271,7 +285,15 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
             }
             // User-mode networking: no privileges, only the host (10.0.2.2) and forwarded ports.
             cmd.args(["-netdev", &netdev]);
-            cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
+            cmd.args(["-device", &nic_device(spec)?]);
+        }
+        Net::Tap { ifname, .. } => {
+            if ifname.contains(',') {
+                bail!("tap device name `{ifname}` must not contain a comma");
+            }
+            // An existing tap (made by the caller); no helper scripts run as root.
+            cmd.args(["-netdev", &format!("tap,id=n0,ifname={ifname},script=no,downscript=no")]);
+            cmd.args(["-device", &nic_device(spec)?]);
         }
     }
 
@@ -295,6 +317,17 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
     }
     cmd.args(&spec.extra_args);
     Ok(cmd)
+}
+
+/// The virtio NIC on netdev `n0`, with the spec's MAC if it has one.
+fn nic_device(spec: &VmSpec) -> anyhow::Result<String> {
+    match &spec.mac {
+        Some(mac) if mac.len() != 17 || !mac.split(':').all(|b| b.len() == 2 && b.bytes().all(|c| c.is_ascii_hexdigit())) => {
+            bail!("MAC `{mac}` is not of the form 52:54:00:12:34:56")
+        }
+        Some(mac) => Ok(format!("virtio-net-pci,netdev=n0,mac={mac}")),
+        None => Ok("virtio-net-pci,netdev=n0".into()),
+    }
 }
 
 /// Copies the UEFI variable store template into `workdir`: each VM gets its own writable store.
@@ -783,8 +816,19 @@ mod tests {
         let bad = VmSpec { boot_disk: 2, ..spec.clone() };
         let err = command(&bad, work.path()).unwrap_err().to_string();
         assert!(err.contains("boot disk index 2"), "{err}");
-        let bad = VmSpec { net: Net::User { hostfwd: vec!["tcp::1-:2,smb=/".into()] }, ..spec };
+        let bad = VmSpec { net: Net::User { hostfwd: vec!["tcp::1-:2,smb=/".into()] }, ..spec.clone() };
         assert!(command(&bad, work.path()).is_err());
+
+        // A VM on a test LAN: QEMU runs inside the namespace, its NIC on the tap with the given MAC.
+        let tap = VmSpec { net: Net::Tap { netns: "kiln-t".into(), ifname: "tap1".into() }, mac: Some("52:54:00:e7:00:01".into()), ..spec.clone() };
+        let cmd = command(&tap, work.path()).unwrap();
+        assert_eq!(cmd.get_program(), "ip");
+        let args = args_of(&cmd);
+        assert_eq!(args[..4], ["netns", "exec", "kiln-t", "qemu-system-x86_64"], "{args:?}");
+        assert!(has(&args, "-netdev", "tap,id=n0,ifname=tap1,script=no,downscript=no"), "{args:?}");
+        assert!(has(&args, "-device", "virtio-net-pci,netdev=n0,mac=52:54:00:e7:00:01"), "{args:?}");
+        let bad = VmSpec { mac: Some("52:54:00:e7:00".into()), ..tap };
+        assert!(command(&bad, work.path()).unwrap_err().to_string().contains("52:54:00:e7:00"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::OnceLock;
 
 use anyhow::{bail, Context};
 
+pub mod lan;
 pub mod ntp;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
@@ -235,13 +236,22 @@ pub fn free_port() -> anyhow::Result<u16> {
 
 /// `ssh` from the host to a VM's forwarded port; returns (success, stdout + stderr).
 pub fn ssh(key: &Path, port: u16, user: &str, command: &str) -> anyhow::Result<(bool, String)> {
-    let out = Command::new("ssh")
+    ssh_at(None, key, "127.0.0.1", port, user, command)
+}
+
+/// `ssh` to `host:port`, from inside a test LAN's namespace when `via` is given.
+pub fn ssh_at(via: Option<&lan::Lan>, key: &Path, host: &str, port: u16, user: &str, command: &str) -> anyhow::Result<(bool, String)> {
+    let mut cmd = match via {
+        Some(lan) => lan.command("ssh"),
+        None => Command::new("ssh"),
+    };
+    let out = cmd
         .arg("-i")
         .arg(key)
         .args(["-p", &port.to_string()])
         .args(["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes"])
         .args(["-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=30", "-o", "LogLevel=ERROR"])
-        .arg(format!("{user}@127.0.0.1"))
+        .arg(format!("{user}@{host}"))
         .arg(command)
         .output()
         .context("running ssh (install the `openssh-client` package)")?;
@@ -254,14 +264,19 @@ pub const SSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120)
 
 /// Retries `ssh` until the server (started by init after the boot steps) lets the user in.
 pub fn ssh_until_ok(key: &Path, port: u16, user: &str, command: &str) -> anyhow::Result<String> {
+    ssh_at_until_ok(None, key, "127.0.0.1", port, user, command)
+}
+
+/// [`ssh_until_ok`] to `host:port`, from inside a test LAN's namespace when `via` is given.
+pub fn ssh_at_until_ok(via: Option<&lan::Lan>, key: &Path, host: &str, port: u16, user: &str, command: &str) -> anyhow::Result<String> {
     let started = std::time::Instant::now();
     loop {
-        let (ok, text) = ssh(key, port, user, command)?;
+        let (ok, text) = ssh_at(via, key, host, port, user, command)?;
         if ok {
             return Ok(text);
         }
         if started.elapsed() > SSH_TIMEOUT {
-            bail!("ssh {user}@127.0.0.1:{port} still fails after {SSH_TIMEOUT:?}:\n{text}");
+            bail!("ssh {user}@{host}:{port} still fails after {SSH_TIMEOUT:?}:\n{text}");
         }
         // Polling a TCP service: there is no console line for "dropbear accepts logins".
         std::thread::sleep(std::time::Duration::from_secs(3));

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod identity;
 pub mod render;
+pub mod services;
 pub mod token;
 pub mod validate;
 pub mod yaml;

@@ -43,7 +43,8 @@ pub fn validate(p: &Profile) -> Result<()> {
     api_needed(c)?;
     k3s_config(c)?;
     match &c.k3s.version {
-        None => bail!("key `cluster.k3s.version`: required for cluster images: the k3s release to install, e.g. `v1.33.5+k3s1`"),
+        None if c.needs_k3s() => bail!("key `cluster.k3s.version`: required for clusters that run k3s (a `server` or `agent` node, or a `default_role` other than `none`): the k3s release to install, e.g. `v1.33.5+k3s1`"),
+        None => {}
         Some(v) => crate::k3s::check_version(v).map_err(|e| anyhow::anyhow!("key `cluster.k3s.version`: {e}"))?,
     }
     if let Some(s) = &c.k3s.source {

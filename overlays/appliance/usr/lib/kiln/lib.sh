@@ -27,3 +27,17 @@ kiln_fatal() {
     echo "[kiln] boot stopped: a root shell follows on the console; 'exit' continues booting"
     /bin/sh -l < /dev/console > /dev/console 2>&1 || true
 }
+
+# For services init respawns: reports why the service does not run here, then sleeps for
+# good, so init does not start the script again in a loop.
+kiln_idle() {
+    kiln_log "$1" "$2"
+    exec sleep 2147483647
+}
+
+# The `[kiln] ready` line that tests and operators wait for, once the node is fully up.
+kiln_ready() {
+    uptime_s=$(cut -d' ' -f1 /proc/uptime)
+    echo "[kiln] ready arch=$(uname -m) host=$(hostname) uptime=${uptime_s}s"
+    echo "ready arch=$(uname -m) host=$(hostname) uptime=${uptime_s}s" >> "$KILN_STATUS"
+}

@@ -18,6 +18,12 @@ network_device_aliases() {
     done
 }
 
+# The kernel loads modules on demand (netfilter matches, filesystems, ...) by running
+# /proc/sys/kernel/modprobe, /sbin/modprobe by default; busybox's modprobe is /usr/bin/modprobe.
+if [ -w /proc/sys/kernel/modprobe ]; then
+    echo /usr/bin/modprobe > /proc/sys/kernel/modprobe
+fi
+
 for alias in $(network_device_aliases); do
     modprobe -q "$alias" 2>/dev/null || true
 done

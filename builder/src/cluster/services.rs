@@ -1,0 +1,181 @@
+//! The services of a cluster image and what they need in the root: Debian's `etcd-server` and
+//! an `etcd` account when the inventory has etcd members, kiln's cluster overlay
+//! (`overlays/cluster/`: the supervisors `etcd-run` and `k3s-run`, the health checks, the log
+//! rotation and `await-roles`, which prints `[kiln] ready` once the node's roles are healthy)
+//! and the init entries that start them. k3s itself is placed by `crate::k3s::place`.
+
+use anyhow::{bail, Result};
+
+use super::{Cluster, DefaultRole, Role};
+use crate::kmod::ModuleSet;
+use crate::tree::{Kind, Tree};
+
+/// Debian's etcd server package (`/usr/bin/etcd`).
+pub const ETCD_PACKAGE: &str = "etcd-server";
+/// The etcd binary `etcd-run` starts.
+const ETCD_BINARY: &str = "usr/bin/etcd";
+/// The account etcd runs as (Debian's postinst would create it; kiln runs no maintainer
+/// scripts). Below 1000 and clear of the other service accounts kiln adds.
+const ETCD_USER: &str = "etcd";
+const ETCD_ID: u32 = 102;
+/// The modules k3s's agent loads at start (its `syssetup`: overlay filesystem for containerd,
+/// conntrack and bridge netfilter for kube-proxy and flannel, the iptables tables it writes).
+/// Loaded at boot by `22-modules.sh` as well, so a kernel without them fails the build instead
+/// of the node.
+pub const K3S_MODULES: &[&str] = &["overlay", "nf_conntrack", "br_netfilter", "iptable_nat", "iptable_filter"];
+const MODULES_LOAD: &str = "etc/kiln/modules-load.conf";
+/// The readiness script, an inittab `once` entry (the boot script leaves `[kiln] ready` to it).
+pub const AWAIT_ROLES: &str = "/usr/lib/kiln/await-roles";
+const ETCD_RUN: &str = "/usr/lib/kiln/etcd-run";
+
+impl Cluster {
+    /// Whether any machine runs k3s: a node with the `server` or `agent` role, or a default role
+    /// other than `none`. An etcd-only cluster (e.g. the datastore group of an external-etcd
+    /// layout built as its own image) needs no k3s release.
+    pub fn needs_k3s(&self) -> bool {
+        self.default_role != DefaultRole::None || self.nodes.iter().any(|n| n.has(Role::Server) || n.has(Role::Agent))
+    }
+
+    pub fn has_etcd(&self) -> bool {
+        self.etcd_members().next().is_some()
+    }
+}
+
+/// The Debian packages the cluster's services need in the root.
+pub fn packages(c: &Cluster) -> Vec<&'static str> {
+    if c.has_etcd() {
+        vec![ETCD_PACKAGE]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Lays the cluster overlay onto the root and adds the etcd account, k3s's kernel modules and
+/// the init entries.
+pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> {
+    root.merge(&crate::assets::overlay("cluster")?)?;
+    if c.has_etcd() {
+        if !root.contains(ETCD_BINARY) {
+            bail!("key `cluster.nodes`: etcd members need the `{ETCD_PACKAGE}` package, but /{ETCD_BINARY} is missing from the root");
+        }
+        crate::provision::add_system_account(root, ETCD_USER, ETCD_ID, "etcd", "/var/lib/etcd")?;
+        crate::inittab::append(
+            root,
+            "etcd member (nodes with the `etcd` role; others idle), restarted by init if it exits; output in /var/log/etcd.log.",
+            &format!("::respawn:{ETCD_RUN}"),
+        )?;
+    } else {
+        root.remove(&crate::tree::TreePath::parse(ETCD_RUN)?);
+    }
+    if c.needs_k3s() {
+        load_modules(root, modules, K3S_MODULES)?;
+    } else {
+        root.remove(&crate::tree::TreePath::parse(crate::k3s::RUN_SCRIPT)?);
+    }
+    crate::inittab::append(root, "Prints `[kiln] ready` once this node's roles are healthy (etcd quorum, k3s node Ready or agent registered).", &format!("::once:{AWAIT_ROLES}"))
+}
+
+/// Adds `wanted` (those not listed yet) to the boot-time module list, each checked against the
+/// kernel's modules.
+fn load_modules(root: &mut Tree, modules: &ModuleSet, wanted: &[&str]) -> Result<()> {
+    let mut text = match root.get_str(MODULES_LOAD).map(|e| &e.kind) {
+        Some(Kind::File(c)) => String::from_utf8(c.read()?.into_owned())?,
+        _ => String::from("# modules loaded at boot\n"),
+    };
+    let listed: Vec<String> = text.lines().map(str::to_string).collect();
+    for m in wanted {
+        if !modules.modules.contains_key(*m) && !modules.builtin.contains(*m) {
+            bail!("key `cluster`: k3s needs the kernel module `{m}`, which kernel {} lacks", modules.kver);
+        }
+        if !listed.iter().any(|l| l == m) {
+            text.push_str(&format!("{m}\n"));
+        }
+    }
+    root.add_file(MODULES_LOAD, 0o644, text)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::Arch;
+    use crate::tree::Kind;
+
+    fn cluster(yaml: &str) -> Cluster {
+        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\ncluster:\n{yaml}")).unwrap();
+        p.cluster.unwrap()
+    }
+
+    fn root() -> Tree {
+        let mut t = Tree::merged_usr(Arch::X86_64);
+        t.add_file("etc/inittab", 0o644, "::sysinit:/usr/lib/kiln/boot\n").unwrap();
+        t.add_file("usr/lib/kiln/boot", 0o755, "#!/bin/sh\n").unwrap();
+        t.add_file("etc/passwd", 0o644, "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        t.add_file("etc/group", 0o644, "root:x:0:\n").unwrap();
+        t.add_file("etc/shadow", 0o600, "root:*:0:0:99999:7:::\n").unwrap();
+        t
+    }
+
+    /// A kernel whose modules (as built-ins) are `names`.
+    fn kernel(names: &[&str]) -> ModuleSet {
+        ModuleSet {
+            kver: "6.12.0-test".into(),
+            dir: crate::tree::TreePath::parse("usr/lib/modules/6.12.0-test").unwrap(),
+            modules: Default::default(),
+            builtin: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn text(t: &Tree, path: &str) -> String {
+        match &t.get_str(path).unwrap().kind {
+            Kind::File(c) => String::from_utf8(c.read().unwrap().into_owned()).unwrap(),
+            _ => panic!("{path} is not a file"),
+        }
+    }
+
+    const ETCD_ONLY: &str = "  name: lab\n  datastore: external-etcd\n  default_role: none\n  nodes:\n    - {name: e1, mac: \"52:54:00:00:00:01\", roles: [etcd], address: 10.0.0.11/24}\n";
+
+    #[test]
+    fn etcd_members_get_the_package_account_and_supervisor_but_no_k3s() {
+        let c = cluster(ETCD_ONLY);
+        assert!(!c.needs_k3s());
+        assert_eq!(packages(&c), vec![ETCD_PACKAGE]);
+        let mut t = root();
+        let err = format!("{:#}", install(&c, &mut t, &kernel(&[])).unwrap_err());
+        assert!(err.contains("etcd-server") && err.contains("/usr/bin/etcd"), "{err}");
+        let mut t = root();
+        t.add_file(ETCD_BINARY, 0o755, "elf").unwrap();
+        install(&c, &mut t, &kernel(&[])).unwrap();
+        assert!(text(&t, "etc/passwd").contains("etcd:x:102:102:etcd:/var/lib/etcd:/usr/sbin/nologin\n"));
+        assert!(text(&t, "etc/group").contains("etcd:x:102:\n"));
+        let inittab = text(&t, "etc/inittab");
+        assert!(inittab.starts_with("::sysinit:/usr/lib/kiln/boot\n"), "{inittab}");
+        let etcd = inittab.find("::respawn:/usr/lib/kiln/etcd-run").expect("etcd entry");
+        let ready = inittab.find("::once:/usr/lib/kiln/await-roles").expect("readiness entry");
+        assert!(etcd < ready, "{inittab}");
+        for script in ["usr/lib/kiln/etcd-run", "usr/lib/kiln/await-roles", "usr/lib/kiln/health.sh", "usr/lib/kiln/logpipe"] {
+            assert!(t.contains(script), "{script}");
+        }
+        assert!(!t.contains("usr/lib/kiln/k3s-run"));
+        assert!(!t.contains(MODULES_LOAD), "an etcd-only image loads no k3s modules");
+        crate::inittab::check_programs(&t).unwrap();
+    }
+
+    #[test]
+    fn k3s_clusters_without_etcd_members_get_no_etcd() {
+        let c = cluster("  name: lab\n  nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server], address: 10.0.0.1/24}]\n  k3s: {version: v1.33.5+k3s1}\n");
+        assert!(c.needs_k3s() && !c.has_etcd());
+        assert!(packages(&c).is_empty());
+        let mut t = root();
+        let err = format!("{:#}", install(&c, &mut t, &kernel(&["overlay"])).unwrap_err());
+        assert!(err.contains("`nf_conntrack`") && err.contains("6.12.0-test"), "{err}");
+        let mut t = root();
+        t.add_file(MODULES_LOAD, 0o644, "# from kernel.load\nbr_netfilter\ntun\n").unwrap();
+        install(&c, &mut t, &kernel(K3S_MODULES)).unwrap();
+        // The profile's own list first, then k3s's, each once.
+        assert_eq!(text(&t, MODULES_LOAD), "# from kernel.load\nbr_netfilter\ntun\noverlay\nnf_conntrack\niptable_nat\niptable_filter\n");
+        assert!(t.contains("usr/lib/kiln/k3s-run") && !t.contains("usr/lib/kiln/etcd-run"));
+        assert!(!text(&t, "etc/passwd").contains("etcd"));
+        assert!(!text(&t, "etc/inittab").contains("etcd-run"));
+    }
+}

@@ -1,0 +1,60 @@
+# shellcheck shell=sh
+# Health checks of a cluster node's roles, shared by k3s-run (k3s waits for the local etcd
+# member) and await-roles (the `[kiln] ready` line waits for every role). Each check prints a
+# short state on stdout and succeeds only when the role is healthy.
+# Every path is under ${KILN_ROOT:-} so the checks can be tested on a host.
+
+# The etcd member on this node answers on its loopback client URL and has a leader: etcd's
+# /health is `"health":"true"` only when the member sees a leader, i.e. the group has quorum.
+etcd_healthy() {
+    url=$(sed -n 's/^ETCD_LISTEN_CLIENT_URLS=//p' "${KILN_ROOT:-}/etc/kiln/etcd.env" | tr ',' '\n' | grep -m1 '127\.0\.0\.1')
+    if [ -z "$url" ]; then
+        echo "no loopback client URL in /etc/kiln/etcd.env"
+        return 1
+    fi
+    answer=$(wget -q -T 5 -O - "$url/health" 2>/dev/null) || answer=""
+    case "$answer" in
+        *'"health":"true"'*) echo "member healthy, cluster has quorum" ;;
+        "") echo "no answer from $url/health"; return 1 ;;
+        *) echo "$answer"; return 1 ;;
+    esac
+}
+
+# The k3s server reports this node Ready.
+k3s_server_ready() {
+    status=$("${KILN_ROOT:-}/usr/local/bin/k3s" kubectl get node "$KILN_NODE_NAME" \
+        -o 'jsonpath={.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null) || status=""
+    if [ "$status" = True ]; then
+        echo "node $KILN_NODE_NAME Ready"
+    else
+        echo "node $KILN_NODE_NAME not Ready yet (${status:-no answer from the API server})"
+        return 1
+    fi
+}
+
+# The k3s agent has registered: the kubelet runs only once the agent has its certificates from
+# a server, and answers `ok` on its health port then.
+k3s_agent_ready() {
+    answer=$(wget -q -T 5 -O - http://127.0.0.1:10248/healthz 2>/dev/null) || answer=""
+    if [ "$answer" = ok ]; then
+        echo "registered, kubelet healthy"
+    else
+        echo "not registered yet (kubelet health: ${answer:-no answer})"
+        return 1
+    fi
+}
+
+# kiln_await STEP WHAT CHECK: runs CHECK until it succeeds, printing `[kiln] STEP: waiting for
+# WHAT: <state>` before each retry, with a backoff from 2 s to 30 s. Never gives up: a node whose
+# peers are still booting must come up whenever they do, and the console says what is missing.
+kiln_await() {
+    step=$1 what=$2 check=$3 delay=2 tries=1
+    while ! state=$($check); do
+        kiln_log "$step" "waiting for $what: $state (try $tries, next in ${delay}s)"
+        sleep "$delay"
+        tries=$((tries + 1))
+        delay=$((delay * 2))
+        [ "$delay" -le 30 ] || delay=30
+    done
+    kiln_log "$step" "$what: $state"
+}
