@@ -6,6 +6,7 @@
 //! The profile is copied with the made-up release name `v0.0.0+k3s0`, so the cache refs the
 //! stand-ins leave in the tier's shared cache can never be taken for a real release's.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
@@ -19,9 +20,9 @@ fn sha(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-#[test]
-fn single_server_build_places_verified_k3s_assets() -> Result<()> {
-    let dir = work_dir("k3s-assets-build")?;
+/// A directory of stand-in x86_64 assets: files named like the release's, random contents, a
+/// matching `sha256sum-amd64.txt`.
+fn stand_in_assets(dir: &Path) -> Result<PathBuf> {
     let assets = dir.join("stand-in-assets");
     std::fs::create_dir_all(&assets)?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
@@ -32,11 +33,23 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
         list.push_str(&format!("{}  {name}\n", sha(&data)));
     }
     std::fs::write(assets.join("sha256sum-amd64.txt"), &list)?;
+    Ok(assets)
+}
 
-    let profile = std::fs::read_to_string(kiln_qemu_tests::repo_root().join("profiles/single-server.yaml"))?;
-    ensure!(profile.contains("version: v1.33.5+k3s1"), "profiles/single-server.yaml names another k3s version");
-    let profile_path = dir.join("single-server.yaml");
-    std::fs::write(&profile_path, profile.replace("version: v1.33.5+k3s1", &format!("version: {STAND_IN_VERSION}")))?;
+/// Copies `profiles/<name>.yaml` into `dir` with the stand-in release name.
+fn stand_in_profile(dir: &Path, name: &str) -> Result<PathBuf> {
+    let profile = std::fs::read_to_string(kiln_qemu_tests::repo_root().join(format!("profiles/{name}.yaml")))?;
+    ensure!(profile.contains("version: v1.33.5+k3s1"), "profiles/{name}.yaml names another k3s version");
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, profile.replace("version: v1.33.5+k3s1", &format!("version: {STAND_IN_VERSION}")))?;
+    Ok(path)
+}
+
+#[test]
+fn single_server_build_places_verified_k3s_assets() -> Result<()> {
+    let dir = work_dir("k3s-assets-build")?;
+    let assets = stand_in_assets(&dir)?;
+    let profile_path = stand_in_profile(&dir, "single-server")?;
 
     let p = profile_path.to_str().context("non-UTF-8 work dir")?;
     let a = assets.to_str().context("non-UTF-8 work dir")?;
@@ -75,3 +88,46 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     Ok(())
 }
 
+
+/// The other example cluster profiles build too (x86_64), and the external-etcd layout's image
+/// carries etcd and its supervisor.
+#[test]
+fn every_example_cluster_profile_builds_with_k3s_assets() -> Result<()> {
+    let dir = work_dir("k3s-assets-examples")?;
+    let assets = stand_in_assets(&dir)?;
+    let a = assets.to_str().context("non-UTF-8 work dir")?;
+    // agents-only joins an existing cluster: its token file is the operator's.
+    std::fs::write(dir.join("edge.token"), "K10stand-in-token-of-an-existing-cluster\n")?;
+    for name in ["ha-embedded-etcd", "ha-external-etcd", "agents-only"] {
+        let profile = stand_in_profile(&dir, name)?;
+        let out = dir.join(format!("out-{name}"));
+        let started = std::time::Instant::now();
+        let (code, log) = kiln_with_cache(&cache_dir()?, &[
+            "build",
+            profile.to_str().context("non-UTF-8 work dir")?,
+            "--arch",
+            "x86_64",
+            "--k3s-assets",
+            a,
+            "--out",
+            out.to_str().context("non-UTF-8 work dir")?,
+        ])?;
+        ensure!(code == 0, "kiln build {name} failed (exit {code}):\n{log}");
+        eprintln!("{name} x86_64 build with stand-in k3s assets: {:.1} s", started.elapsed().as_secs_f64());
+        let m = manifest(&out, Arch::X86_64)?;
+        let etcd = m.inputs.iter().any(|i| i.kind == "deb" && i.name == "etcd-server");
+        ensure!(etcd == (name == "ha-external-etcd"), "{name}: etcd-server in the inputs: {etcd}");
+        if name == "ha-external-etcd" {
+            let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
+            let sqfs = dir.join("root.sqfs");
+            extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+            let inittab = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg("etc/inittab").output()?;
+            let inittab = String::from_utf8_lossy(&inittab.stdout);
+            for entry in ["::respawn:/usr/lib/kiln/etcd-run", "::respawn:/usr/lib/kiln/k3s-run", "::once:/usr/lib/kiln/await-roles"] {
+                ensure!(inittab.contains(entry), "{name}: /etc/inittab lacks {entry}:\n{inittab}");
+            }
+            let _ = std::fs::remove_file(&sqfs);
+        }
+    }
+    Ok(())
+}
