@@ -305,3 +305,18 @@ pub fn extract_range(img: &Path, offset: u64, len: u64, to: &Path) -> anyhow::Re
     std::io::copy(&mut f.take(len), &mut out)?;
     Ok(())
 }
+
+/// "Flashes" a built image onto a larger medium: copies `image` to `disk` and extends the copy
+/// (sparse) to `size`, so the in-place first boot makes the data partition in the new space.
+pub fn flash_grown(image: &Path, disk: &Path, size: u64) -> anyhow::Result<()> {
+    fs::copy(image, disk).with_context(|| format!("copying {} to {}", image.display(), disk.display()))?;
+    fs::OpenOptions::new().write(true).open(disk)?.set_len(size)?;
+    Ok(())
+}
+
+/// Waits for `[kiln] ready` on a VM's console, naming the VM in the error and logging the time.
+pub fn wait_ready(vm: &mut kiln::qemu::Vm, who: &str, timeout: std::time::Duration) -> anyhow::Result<String> {
+    let line = vm.wait_for("[kiln] ready", timeout).with_context(|| format!("{who} did not reach `[kiln] ready`"))?;
+    eprintln!("{who}: `{}` after {:.1} s", line.trim(), vm.elapsed().as_secs_f64());
+    Ok(line)
+}

@@ -20,7 +20,7 @@ use anyhow::{bail, ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
 use kiln_qemu_tests::lan::Lan;
-use kiln_qemu_tests::{build_once, free_port, work_dir};
+use kiln_qemu_tests::{build_once, flash_grown, free_port, wait_ready, work_dir};
 
 /// Four VMs boot at once on two host cores under TCG, and a member's `[kiln] ready` also waits
 /// for the group's quorum, i.e. for the slowest of three boots.
@@ -47,20 +47,13 @@ fn single_image() -> Result<&'static Path> {
 /// A private copy of the image, grown to `DISK_SIZE` (booted without snapshot: data persists).
 fn disk_for(image: &Path, arch: Arch, dir: &Path, name: &str) -> Result<PathBuf> {
     let disk = dir.join(format!("{name}.img"));
-    std::fs::copy(image.join(arch.name()).join("disk.img"), &disk).with_context(|| format!("copying the image for {name}"))?;
-    std::fs::OpenOptions::new().write(true).open(&disk)?.set_len(DISK_SIZE)?;
+    flash_grown(&image.join(arch.name()).join("disk.img"), &disk, DISK_SIZE)?;
     Ok(disk)
 }
 
 fn start(spec: VmSpec, disk: &Path, log: &Path) -> Result<Vm> {
     let spec = VmSpec { disks: vec![Disk { path: disk.to_path_buf(), snapshot: false }], memory_mib: 768, cpus: 1, ..spec };
     Vm::start(&spec, log)
-}
-
-fn wait_ready(vm: &mut Vm, who: &str, timeout: Duration) -> Result<String> {
-    let line = vm.wait_for("[kiln] ready", timeout).with_context(|| format!("{who} did not reach `[kiln] ready`"))?;
-    eprintln!("{who}: `{}` after {:.1} s", line.trim(), vm.elapsed().as_secs_f64());
-    Ok(line)
 }
 
 fn kiln_lines(console: &str) -> String {

@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::{sgdisk_partition as partition, quickstart as build_quickstart, tool, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::{flash_grown, sgdisk_partition as partition, quickstart as build_quickstart, tool, wait_ready, work_dir, BOOT_TIMEOUT};
 
 fn quickstart() -> Result<&'static Path> {
     build_quickstart("inplace-build")
@@ -49,8 +49,7 @@ fn boot(arch: Arch, disk: &Path, log: &Path) -> Result<Vm> {
     let mut spec = VmSpec::new(arch);
     spec.disks = vec![Disk { path: disk.to_path_buf(), snapshot: false }];
     let mut vm = Vm::start(&spec, log)?;
-    let line = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
-    eprintln!("{arch}: `{line}` after {:.1} s", vm.elapsed().as_secs_f64());
+    wait_ready(&mut vm, arch.name(), BOOT_TIMEOUT)?;
     Ok(vm)
 }
 
@@ -62,9 +61,9 @@ fn grows_on_first_boot_once(arch: Arch) -> Result<()> {
     let out = quickstart()?;
     let dir = work_dir(&format!("inplace-{arch}"))?;
     let disk = dir.join("disk.img");
-    std::fs::copy(out.join(arch.name()).join("disk.img"), &disk)?;
-    let image_size = std::fs::metadata(&disk)?.len();
-    std::fs::OpenOptions::new().write(true).open(&disk)?.set_len(DISK_SIZE)?;
+    let image = out.join(arch.name()).join("disk.img");
+    let image_size = std::fs::metadata(&image)?.len();
+    flash_grown(&image, &disk, DISK_SIZE)?;
 
     // First boot, with power lost right after the data partition was created (before mke2fs).
     let mut spec = VmSpec::new(arch);

@@ -22,7 +22,7 @@ use anyhow::{bail, ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
 use kiln_qemu_tests::lan::Lan;
-use kiln_qemu_tests::{build_with_test_key, free_port, skip, ssh_at, ssh_at_until_ok, work_dir, KeyedBuild};
+use kiln_qemu_tests::{build_with_test_key, flash_grown, free_port, skip, ssh_at, ssh_at_until_ok, wait_ready, work_dir, KeyedBuild};
 
 /// k3s under TCG is slow: a server's first start unpacks its userspace, imports the air-gap
 /// images and starts the control plane on an emulated CPU.
@@ -54,8 +54,7 @@ fn build(cell: &'static OnceLock<Result<KeyedBuild, String>>, profile: &str, ass
 
 fn disk_for(out: &Path, dir: &Path, name: &str) -> Result<PathBuf> {
     let disk = dir.join(format!("{name}.img"));
-    std::fs::copy(out.join("x86_64").join("disk.img"), &disk)?;
-    std::fs::OpenOptions::new().write(true).open(&disk)?.set_len(DISK_SIZE)?;
+    flash_grown(&out.join("x86_64").join("disk.img"), &disk, DISK_SIZE)?;
     Ok(disk)
 }
 
@@ -69,12 +68,6 @@ fn start(net: Net, mac: &str, disk: &Path, log: &Path) -> Result<Vm> {
         ..VmSpec::new(Arch::X86_64)
     };
     Vm::start(&spec, log)
-}
-
-fn wait_ready(vm: &mut Vm, who: &str) -> Result<()> {
-    let line = vm.wait_for("[kiln] ready", K3S_TIMEOUT).with_context(|| format!("{who} did not reach `[kiln] ready`"))?;
-    eprintln!("{who}: `{}` after {:.1} s", line.trim(), vm.elapsed().as_secs_f64());
-    Ok(())
 }
 
 /// Runs `kubectl` on a node over ssh until `ok` accepts the output.
@@ -122,7 +115,7 @@ fn x86_64_single_server_is_ready_and_runs_a_pod_from_the_air_gap_images() -> Res
     let disk = disk_for(&b.out, &dir, "server-1")?;
     let net = Net::User { hostfwd: vec![format!("tcp:127.0.0.1:{port}-:22")] };
     let mut vm = start(net, "52:54:00:3a:00:01", &disk, &dir.join("console.log"))?;
-    wait_ready(&mut vm, "server-1")?;
+    wait_ready(&mut vm, "server-1", K3S_TIMEOUT)?;
     ensure!(vm.console().contains("[kiln] k3s: k3s server: node server-1 Ready"), "no readiness line for the server");
     ssh_at_until_ok(None, &b.key, "127.0.0.1", port, "ops", "true")?;
     kubectl_until(None, &b.key, "127.0.0.1", port, "get nodes", |t| all_ready(t, &["server-1"]))?;
@@ -164,7 +157,7 @@ fn lan_cluster(profile: &str, cell: &'static OnceLock<Result<KeyedBuild, String>
         vms.push((start(net, mac, &disk, &dir.join(format!("{node}.log")))?, disk));
     }
     for ((vm, _), (node, _, _)) in vms.iter_mut().zip(nodes_) {
-        wait_ready(vm, node)?;
+        wait_ready(vm, node, K3S_TIMEOUT)?;
     }
     let (_, _, first) = nodes_[0];
     ssh_at_until_ok(Some(&lan), &b.key, first, 22, "ops", "true")?;
