@@ -85,6 +85,21 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         boot: usize,
     },
+    /// Serve build outputs to machines booting from the network (iPXE) until Ctrl-C.
+    Serve {
+        /// A `kiln build` output directory (holding <arch>/netboot/ from `--format netboot`).
+        dir: PathBuf,
+        /// Address and port to listen on.
+        #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// Forget that this machine is installed, so its next network boot installs again
+        /// (repeatable; edits DIR/serve-state.json before serving).
+        #[arg(long, value_name = "MAC")]
+        reinstall: Vec<String>,
+        /// Write a dnsmasq proxy-DHCP/TFTP snippet for PXE ROMs that must load iPXE first.
+        #[arg(long, value_name = "FILE")]
+        dnsmasq: Option<PathBuf>,
+    },
     /// Print the profile's JSON schema, or with --markdown the profile reference.
     Schema {
         #[arg(long)]
@@ -160,6 +175,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let status = kiln::qemu::run_interactive(&spec)?;
             return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
+        Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, listen, &reinstall, dnsmasq.as_deref())?,
         Command::Schema { markdown } => {
             if markdown {
                 print!("{}", kiln::reference::markdown());
@@ -169,6 +185,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln serve`: apply --reinstall, print the DHCP settings, serve until SIGINT/SIGTERM.
+fn serve(dir: &std::path::Path, listen: std::net::SocketAddr, reinstall: &[String], dnsmasq: Option<&std::path::Path>) -> Result<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    if !dir.is_dir() {
+        return Err(UsageError(format!("{}: not a directory; pass a `kiln build` output directory", dir.display())).into());
+    }
+    if !reinstall.is_empty() {
+        for mac in kiln::serve::reinstall(dir, reinstall)? {
+            eprintln!("note: {mac} was not recorded as installed");
+        }
+    }
+    let server = kiln::serve::Server::bind(dir, listen)?;
+    let addr = server.local_addr();
+    // The address machines use: the listen address, or a placeholder when listening on all.
+    let url_host = if addr.ip().is_unspecified() { format!("<this host's address>:{}", addr.port()) } else { addr.to_string() };
+    println!("kiln serve: {} on http://{addr}/ (Ctrl-C stops)", dir.display());
+    print!("{}", kiln::serve::dhcp_settings(&url_host));
+    if let Some(f) = dnsmasq {
+        std::fs::write(f, kiln::serve::dnsmasq_snippet(&url_host)).with_context(|| format!("writing {}", f.display()))?;
+        println!("dnsmasq snippet: {}", f.display());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+    }
+    server.run(&stop)
 }
 
 /// Reads the architecture from the manifest.json written beside an image.
