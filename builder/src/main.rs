@@ -44,7 +44,7 @@ struct InputArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build disk images: OUT/<arch>/disk.img, OUT/<arch>/manifest.json, OUT/SHA256SUMS.
+    /// Build images: OUT/<arch>/disk.img (and/or OUT/<arch>/netboot/), OUT/<arch>/manifest.json, OUT/SHA256SUMS.
     Build {
         #[command(flatten)]
         input: InputArgs,
@@ -54,6 +54,10 @@ enum Command {
         /// Use only the download cache; fail naming anything missing.
         #[arg(long)]
         offline: bool,
+        /// What to write per architecture, comma-separated: `disk` (OUT/<arch>/disk.img) and/or
+        /// `netboot` (OUT/<arch>/netboot/, served by `kiln serve`).
+        #[arg(long = "format", value_enum, value_delimiter = ',', default_value = "disk")]
+        formats: Vec<kiln::pipeline::Format>,
     },
     /// Download and verify everything a build of the profile needs into the cache.
     Fetch {
@@ -138,17 +142,22 @@ fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
         progress: !quiet && std::io::stderr().is_terminal(),
         cache_dir: input.cache_dir.clone(),
         k3s_assets: input.k3s_assets.clone(),
+        formats: Vec::new(),
     }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build { input, out, offline } => {
+        Command::Build { input, out, offline, formats } => {
             let profile = LoadedProfile::load(&input.profile)?;
-            let opts = BuildOptions { out, offline, ..options(&input, cli.quiet) };
+            let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
             let report = kiln::pipeline::build(&profile, &opts)?;
-            for (arch, path, _) in &report.images {
-                println!("{arch}: {}", path.display());
+            for (arch, path, manifest) in &report.images {
+                for o in &manifest.outputs {
+                    if o.file == "disk.img" || o.file.ends_with(kiln::netboot::SCRIPT) {
+                        println!("{arch}: {}", path.join(&o.file).display());
+                    }
+                }
             }
             println!("checksums: {}", report.out_dir.join("SHA256SUMS").display());
         }

@@ -34,7 +34,8 @@ pub const BASE_VAR: &str = "kiln-base";
 pub const NODE_VAR: &str = "kiln-node-arg";
 
 /// The `boot.ipxe` template: boots the installer kernel with the installed system's command
-/// line plus `kiln.install=<this directory's URL>`. `initrd=initrd` stays on the command line:
+/// line plus `kiln.install=<this directory's URL>` and `kiln.mac=` (the MAC iPXE booted from,
+/// which the installer reports back to `kiln serve`). `initrd=initrd` stays on the command line:
 /// older iPXE builds (Debian bookworm's ROMs) hand the initrd to the kernel only that way.
 pub fn script_template(profile: &str, arch: &str, cmdline: &str) -> String {
     let mut s = String::from("#!ipxe\n");
@@ -42,7 +43,7 @@ pub fn script_template(profile: &str, arch: &str, cmdline: &str) -> String {
     writeln!(s, "# `kiln serve` answers /boot.ipxe with this script after setting ${{{BASE_VAR}}} (this directory's").unwrap();
     writeln!(s, "# URL) and, for machines in the inventory, ${{{NODE_VAR}}} (`kiln.node=NAME`).").unwrap();
     writeln!(s, "echo kiln: installing {profile} ({arch}) from ${{{BASE_VAR}}}").unwrap();
-    writeln!(s, "kernel ${{{BASE_VAR}}}{KERNEL} initrd={INITRD} {cmdline} {}=${{{BASE_VAR}}} ${{{NODE_VAR}}}", crate::installer::CMDLINE_FLAG).unwrap();
+    writeln!(s, "kernel ${{{BASE_VAR}}}{KERNEL} initrd={INITRD} {cmdline} {}=${{{BASE_VAR}}} kiln.mac=${{net0/mac}} ${{{NODE_VAR}}}", crate::installer::CMDLINE_FLAG).unwrap();
     writeln!(s, "initrd ${{{BASE_VAR}}}{INITRD}").unwrap();
     s.push_str("boot\n");
     s
@@ -56,7 +57,7 @@ mod tests {
     fn template_names_the_files_and_the_installer_flag() {
         let t = script_template("rack", "x86_64", "console=ttyS0 root=PARTUUID=abc");
         assert!(t.starts_with("#!ipxe\n"));
-        assert!(t.contains("kernel ${kiln-base}vmlinuz initrd=initrd console=ttyS0 root=PARTUUID=abc kiln.install=${kiln-base} ${kiln-node-arg}\n"), "{t}");
+        assert!(t.contains("kernel ${kiln-base}vmlinuz initrd=initrd console=ttyS0 root=PARTUUID=abc kiln.install=${kiln-base} kiln.mac=${net0/mac} ${kiln-node-arg}\n"), "{t}");
         assert!(t.contains("initrd ${kiln-base}initrd\n") && t.ends_with("boot\n"), "{t}");
     }
 }

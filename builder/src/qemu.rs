@@ -153,6 +153,10 @@ pub enum Net {
     /// QEMU user networking (`-netdev user`) with a virtio NIC; `hostfwd` entries are QEMU's
     /// `hostfwd=` values, e.g. `tcp:127.0.0.1:2222-:22`.
     User { hostfwd: Vec<String> },
+    /// QEMU user networking with a virtio NIC that the firmware boots first (the disks come
+    /// after it): QEMU's DHCP hands out `bootfile` (e.g. `http://10.0.2.2:PORT/boot.ipxe`), which
+    /// the NIC's iPXE option ROM loads. `mac` sets the NIC's address (default: QEMU's).
+    Pxe { bootfile: String, mac: Option<String> },
 }
 
 /// Everything about one VM run.
@@ -251,7 +255,13 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
         cmd.args(["-drive", &format!("if=none,id=d{i},format=raw,file={}{snapshot}", qemu_path(&disk.path)?)]);
         // virtio-blk on PCI: the one disk bus every arch's machine and firmware here supports.
         // bootindex makes UEFI try this disk first (U-Boot scans devices in order and ignores it).
-        let bootindex = if i == spec.boot_disk { ",bootindex=0" } else { "" };
+        // With a PXE NIC, the NIC is boot option 0 and the boot disk comes next.
+        let pxe = matches!(spec.net, Net::Pxe { .. });
+        let bootindex = match (i == spec.boot_disk, pxe) {
+            (true, false) => ",bootindex=0",
+            (true, true) => ",bootindex=1",
+            (false, _) => "",
+        };
         cmd.args(["-device", &format!("virtio-blk-pci,drive=d{i}{bootindex}")]);
     }
 
@@ -272,6 +282,16 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
             // User-mode networking: no privileges, only the host (10.0.2.2) and forwarded ports.
             cmd.args(["-netdev", &netdev]);
             cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
+        }
+        Net::Pxe { bootfile, mac } => {
+            if bootfile.contains(',') {
+                bail!("PXE bootfile `{bootfile}` must not contain a comma (QEMU would read it as another option)");
+            }
+            // User-mode networking whose DHCP server names the boot file (an iPXE script URL).
+            cmd.args(["-netdev", &format!("user,id=n0,bootfile={bootfile}")]);
+            let mac = mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
+            // The NIC first in the boot order: its iPXE ROM runs the boot file.
+            cmd.args(["-device", &format!("virtio-net-pci,netdev=n0,bootindex=0{mac}")]);
         }
     }
 

@@ -31,6 +31,9 @@ impl Request {
 #[error("{0}")]
 pub struct BadRequest(pub String);
 
+/// The message of a connection closed before it sent anything (a port probe): not logged.
+pub const CLOSED_EMPTY: &str = "connection closed before the request ended";
+
 /// Reads the request head (request line and headers) from a connection. Bodies are not read:
 /// the only POST kiln serves carries its data in the query.
 pub fn read_request(r: &mut impl BufRead) -> Result<Request, BadRequest> {
@@ -72,7 +75,7 @@ fn read_line(r: &mut impl BufRead) -> Result<String, BadRequest> {
     let mut buf = Vec::new();
     let n = r.take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).map_err(|e| BadRequest(format!("reading the request: {e}")))?;
     if n == 0 {
-        return Err(BadRequest("connection closed before the request ended".into()));
+        return Err(BadRequest(CLOSED_EMPTY.into()));
     }
     if !buf.ends_with(b"\n") {
         return Err(BadRequest(format!("request line or header longer than {MAX_LINE} bytes")));

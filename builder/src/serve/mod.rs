@@ -119,6 +119,7 @@ fn handle(ctx: &Shared, stream: TcpStream, peer: SocketAddr) {
     let mut reader = BufReader::new(read_half);
     let req = match http::read_request(&mut reader) {
         Ok(r) => r,
+        Err(e) if e.0 == http::CLOSED_EMPTY => return,
         Err(e) => {
             let _ = respond_simple(&stream, 400, "Bad Request", &format!("{e}\n"), false);
             info!("{peer} - - 400 0 ({e})");

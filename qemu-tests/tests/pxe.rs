@@ -1,0 +1,170 @@
+//! Slow tier, network install (x86_64): builds `qemu-tests/profiles/pxe.yaml` with
+//! `--format disk,netboot`, runs `kiln serve` on the host's loopback, and boots a VM with a blank
+//! 4 GiB disk and a virtio NIC on QEMU user networking whose DHCP names
+//! `http://10.0.2.2:PORT/boot.ipxe` (the NIC's iPXE option ROM from `ipxe-qemu`, under OVMF).
+//! - iPXE chains to the per-machine script, boots the installer kernel, which gets a DHCP lease,
+//!   streams the system onto the disk with its digests checked, reports `POST /installed` and
+//!   reboots; the next network boot is sent to the disk, which comes up to `[kiln] ready`;
+//! - the server's state file records the MAC; the disk holds the manifest's digests;
+//! - a second start of the same VM goes straight to the disk (no installer);
+//! - `kiln serve` stops on SIGINT with exit status 0.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use kiln::arch::Arch;
+use kiln::qemu::{Disk, Net, Vm, VmSpec};
+use kiln_qemu_tests::{cache_dir, free_port, kiln_bin, kiln_with_cache, manifest, sgdisk_partition, sha256_range, tool, work_dir, BOOT_TIMEOUT};
+
+const PROFILE: &str = "qemu-tests/profiles/pxe.yaml";
+/// From power-on through iPXE, the installer's DHCP and the streamed download (~150 MiB over
+/// QEMU's user network under TCG) to `install: done`.
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(900);
+const MAC: &str = "52:54:00:4b:00:01";
+
+/// `kiln serve` as a child process; its log lines are collected. SIGINT on drop.
+struct Serve {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    fn start(dir: &Path, port: u16) -> Result<Serve> {
+        let mut child = Command::new(kiln_bin()?)
+            .args(["serve", dir.to_str().context("non-UTF-8 dir")?, "--listen", &format!("127.0.0.1:{port}")])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kiln serve")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for out in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    eprintln!("serve: {line}");
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(Instant::now() < deadline, "kiln serve did not listen on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Serve { child, log })
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// SIGINT, then the exit status (must be success: a clean stop).
+    fn interrupt(&mut self) -> Result<std::process::ExitStatus> {
+        Command::new("kill").args(["-INT", &self.child.id().to_string()]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("kiln serve did not stop within 10 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn pxe_vm(disk: &Path, port: u16, mac: &str, log: &Path) -> Result<Vm> {
+    let mut spec = VmSpec::new(Arch::X86_64);
+    spec.disks = vec![Disk { path: disk.to_path_buf(), snapshot: false }];
+    spec.net = Net::Pxe { bootfile: format!("http://10.0.2.2:{port}/boot.ipxe"), mac: Some(mac.into()) };
+    Vm::start(&spec, log)
+}
+
+fn blank(path: &Path, size: u64) -> Result<PathBuf> {
+    std::fs::File::create(path)?.set_len(size)?;
+    Ok(path.to_path_buf())
+}
+
+#[test]
+fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
+    let arch = Arch::X86_64;
+    let work = work_dir("pxe-x86_64")?;
+    let out = work.join("out");
+    let started = Instant::now();
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", PROFILE, "--arch", "x86_64", "--format", "disk,netboot", "--out", out.to_str().unwrap()])?;
+    ensure!(code == 0, "kiln build --format disk,netboot failed (exit {code}):\n{log}");
+    eprintln!("{PROFILE} build (disk + netboot): {:.1} s", started.elapsed().as_secs_f64());
+    let m = manifest(&out, arch)?;
+    let netboot = out.join("x86_64/netboot");
+    for f in kiln::netboot::FILES {
+        ensure!(netboot.join(f).is_file(), "no {f} in {}", netboot.display());
+        ensure!(m.outputs.iter().any(|o| o.file == format!("netboot/{f}")), "manifest lists no netboot/{f}");
+    }
+
+    let port = free_port()?;
+    let mut serve = Serve::start(&out, port)?;
+    let disk = blank(&work.join("target.img"), 4 << 30)?;
+
+    // First start: network install, report, reboot, network boot sent to the disk, ready.
+    let console = work.join("console-1.log");
+    let mut vm = pxe_vm(&disk, port, MAC, &console)?;
+    vm.wait_for("kiln: installing", INSTALL_TIMEOUT)?;
+    let net = vm.wait_for("[kiln] install: network", INSTALL_TIMEOUT)?;
+    ensure!(net.contains(MAC), "the installer does not know the machine by iPXE's MAC: {net}");
+    vm.wait_for("arrived intact", INSTALL_TIMEOUT)?;
+    let done = vm.wait_for("[kiln] install: done", INSTALL_TIMEOUT)?;
+    let t_done = vm.elapsed();
+    vm.wait_for(&format!("[kiln] install: reported to http://10.0.2.2:{port}"), Duration::from_secs(60))?;
+    vm.wait_for("is installed; booting from the local disk", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
+    eprintln!("{arch}: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());
+    vm.kill();
+    drop(vm);
+
+    // The server recorded the install; the disk holds what the manifest says.
+    let state: kiln::serve::state::State = serde_json::from_str(&std::fs::read_to_string(out.join("serve-state.json"))?)?;
+    let rec = state.installed.get(MAC).with_context(|| format!("serve-state.json has no {MAC}: {state:?}"))?;
+    ensure!(rec.arch.as_deref() == Some("x86_64"), "{rec:?}");
+    let install = m.install.as_ref().context("manifest without `install`")?;
+    let table = tool(Command::new("sgdisk").arg("-p").arg(&disk), "gdisk")?;
+    ensure!(table.to_lowercase().contains(&format!("disk identifier (guid): {}", install.disk_guid)), "{table}");
+    for p in &install.partitions {
+        if let (Some(sha), Some(len)) = (&p.content_sha256, p.content_size) {
+            ensure!(&sha256_range(&disk, p.offset, len)? == sha, "{} on the target is not the manifest's", p.name);
+        }
+    }
+    let (_, _, name) = sgdisk_partition(&table, 4).context("no data partition")?;
+    ensure!(name == "kiln-data", "{table}");
+
+    // Second start: straight to the disk, no installer.
+    let console = work.join("console-2.log");
+    let mut vm = pxe_vm(&disk, port, MAC, &console)?;
+    vm.wait_for("is installed; booting from the local disk", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
+    ensure!(!vm.console().contains("[kiln] install:"), "the second start ran the installer");
+    eprintln!("{arch}: second start ready from disk at {:.1} s", vm.elapsed().as_secs_f64());
+    vm.kill();
+
+    let lines = serve.lines();
+    ensure!(lines.iter().any(|l| l.contains("GET /x86_64/netboot/root.img") && l.contains(" 200 ")), "no root.img download logged:\n{}", lines.join("\n"));
+    ensure!(lines.iter().any(|l| l.contains("POST /installed") && l.contains(MAC)), "no install report logged");
+    let status = serve.interrupt()?;
+    ensure!(status.success(), "kiln serve exited {status} on SIGINT");
+    Ok(())
+}
