@@ -6,7 +6,8 @@
 //! install plan (the USB installer's plan with file names as copy sources), the two images the
 //! plan copies (the target's ESP and root squashfs: the squashfs is compressed already, and
 //! raw images let the installer hash exactly what it writes), the inventory (MAC to node
-//! name, for `kiln serve`) and `boot.ipxe`.
+//! name, for `kiln serve`), `boot.ipxe` and iPXE's EFI binary for machines whose firmware needs
+//! to load iPXE first.
 
 use std::fmt::Write as _;
 
@@ -24,8 +25,11 @@ pub const ROOT: &str = "root.img";
 pub const INVENTORY: &str = "inventory";
 /// The iPXE script template.
 pub const SCRIPT: &str = "boot.ipxe";
+/// iPXE's EFI binary for the architecture (Debian's `ipxe` package): the first stage for UEFI
+/// PXE (TFTP) or UEFI HTTP boot clients that have no iPXE in their NIC ROM.
+pub const IPXE: &str = "ipxe.efi";
 /// Every file of the directory, in the order they are written.
-pub const FILES: &[&str] = &[KERNEL, INITRD, PLAN, ESP, ROOT, INVENTORY, SCRIPT];
+pub const FILES: &[&str] = &[IPXE, KERNEL, INITRD, PLAN, ESP, ROOT, INVENTORY, SCRIPT];
 
 /// The iPXE variable holding this directory's URL (with the trailing `/`); `kiln serve` sets it.
 pub const BASE_VAR: &str = "kiln-base";

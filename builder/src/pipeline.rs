@@ -36,6 +36,8 @@ const FIRSTBOOT_PROGRAMS: &[(&str, &str)] = &[("usr/sbin/sgdisk", "sbin/sgdisk")
 const FIRSTBOOT_MODULES: &[&str] = &["crc32c_generic", "ext4"];
 /// The package holding systemd-boot's EFI binaries (used on the ESP only, not installed).
 const SYSTEMD_BOOT_PACKAGE: &str = "systemd-boot-efi";
+/// The package holding iPXE's EFI binaries (netboot output only: the first network stage).
+const IPXE_PACKAGE: &str = "ipxe";
 const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Command-line choices that shape a build.
@@ -102,6 +104,8 @@ struct Inputs {
     firstboot_debs: Vec<(debian::Package, PathBuf)>,
     kernel_deb: (debian::Package, PathBuf),
     systemd_boot_deb: Option<(debian::Package, PathBuf)>,
+    /// Netboot builds: Debian's `ipxe` (its EFI binary goes to `netboot/ipxe.efi`).
+    ipxe_deb: Option<(debian::Package, PathBuf)>,
     /// Cluster images: the verified k3s binary and air-gap archive.
     k3s: Option<crate::k3s::Artifacts>,
 }
@@ -198,11 +202,22 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         }
         None => None,
     };
+    let ipxe_deb = if opts.wants(Format::Netboot) {
+        let p = debian::resolve::resolve(&index.packages, &[IPXE_PACKAGE])
+            .with_context(|| format!("{arch}: finding {IPXE_PACKAGE} (iPXE for the netboot output)"))?
+            .into_iter()
+            .find(|p| p.name == IPXE_PACKAGE)
+            .with_context(|| format!("{arch}: the suite has no `{IPXE_PACKAGE}` package"))?;
+        let path = debian::fetch_deb(fetcher, &suite, &p)?;
+        Some((p, path))
+    } else {
+        None
+    };
     let k3s = match &profile.profile.cluster {
         Some(c) => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         None => None,
     };
-    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, k3s })
+    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, ipxe_deb, k3s })
 }
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
@@ -568,7 +583,11 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         };
         let script = crate::netboot::script_template(&profile.profile.name, arch.name(), &cmdline);
         let kernel_bytes = kernel.read()?;
-        let files: [(&str, &[u8]); 7] = [
+        let (ipxe_pkg, ipxe_path) = inputs.ipxe_deb.as_ref().context("netboot build without the ipxe package")?;
+        let ipxe = ipxe_efi_binary(ipxe_path, arch).with_context(|| format!("reading {} {}", ipxe_pkg.name, ipxe_pkg.version))?;
+        let ipxe = ipxe.read()?;
+        let files: [(&str, &[u8]); 8] = [
+            (crate::netboot::IPXE, &ipxe),
             (crate::netboot::KERNEL, &kernel_bytes),
             (crate::netboot::INITRD, &nb_initrd),
             (crate::netboot::PLAN, plan.as_bytes()),
@@ -583,6 +602,10 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         for (name, bytes) in files {
             write_file(&nb_dir.join(name), bytes, image_mode(&profile.profile))?;
             outputs.push(Output { file: format!("{}/{name}", crate::netboot::DIR), sha256: sha256_hex(bytes), size: bytes.len() as u64 });
+        }
+        let input = deb_input(ipxe_pkg);
+        if !manifest_inputs.contains(&input) {
+            manifest_inputs.push(input);
         }
         if install.is_none() {
             install = Some(crate::manifest::InstallRecord { disk_guid: disk_guid.to_string(), partitions: partition_records(&target, &system_contents) });
@@ -720,6 +743,16 @@ fn take_kernel(root: &mut Tree, arch: Arch, kver: &str) -> Result<Content> {
 }
 
 /// systemd-boot's EFI binary for the arch, from the systemd-boot-efi package.
+fn ipxe_efi_binary(deb: &Path, arch: Arch) -> Result<Content> {
+    let mut t = Tree::merged_usr(arch);
+    crate::deb::unpack_deb(deb, &mut t)?;
+    let path = format!("usr/lib/ipxe/{}", arch.ipxe_efi_file());
+    match t.get_str(&path).map(|e| &e.kind) {
+        Some(Kind::File(c)) => Ok(c.clone()),
+        _ => bail!("{} has no /{path} (Debian ships per-architecture iPXE EFI binaries from trixie on)", deb.display()),
+    }
+}
+
 fn systemd_boot_binary(deb: &Path, arch: Arch) -> Result<Content> {
     let mut t = Tree::merged_usr(arch);
     crate::deb::unpack_deb(deb, &mut t)?;

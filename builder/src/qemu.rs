@@ -154,9 +154,10 @@ pub enum Net {
     /// `hostfwd=` values, e.g. `tcp:127.0.0.1:2222-:22`.
     User { hostfwd: Vec<String> },
     /// QEMU user networking with a virtio NIC that the firmware boots first (the disks come
-    /// after it): QEMU's DHCP hands out `bootfile` (e.g. `http://10.0.2.2:PORT/boot.ipxe`), which
-    /// the NIC's iPXE option ROM loads. `mac` sets the NIC's address (default: QEMU's).
-    Pxe { bootfile: String, mac: Option<String> },
+    /// after it): QEMU's DHCP hands out `bootfile`, e.g. `http://10.0.2.2:PORT/boot.ipxe` for the
+    /// NIC's iPXE option ROM (x86_64), or a file of `tftp` (QEMU's TFTP server) for the
+    /// firmware's own PXE (aarch64: `ipxe.efi`). `mac` sets the NIC's address (default: QEMU's).
+    Pxe { bootfile: String, tftp: Option<PathBuf>, mac: Option<String> },
 }
 
 /// Everything about one VM run.
@@ -283,12 +284,16 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
             cmd.args(["-netdev", &netdev]);
             cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
         }
-        Net::Pxe { bootfile, mac } => {
+        Net::Pxe { bootfile, tftp, mac } => {
             if bootfile.contains(',') {
                 bail!("PXE bootfile `{bootfile}` must not contain a comma (QEMU would read it as another option)");
             }
-            // User-mode networking whose DHCP server names the boot file (an iPXE script URL).
-            cmd.args(["-netdev", &format!("user,id=n0,bootfile={bootfile}")]);
+            let tftp = match tftp {
+                Some(dir) => format!(",tftp={}", qemu_path(dir)?),
+                None => String::new(),
+            };
+            // User-mode networking whose DHCP server names the boot file (and serves `tftp` over TFTP).
+            cmd.args(["-netdev", &format!("user,id=n0,bootfile={bootfile}{tftp}")]);
             let mac = mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
             // The NIC first in the boot order: its iPXE ROM runs the boot file.
             cmd.args(["-device", &format!("virtio-net-pci,netdev=n0,bootindex=0{mac}")]);

@@ -7,12 +7,19 @@
 //!   reboots; the next network boot is sent to the disk, which comes up to `[kiln] ready`;
 //! - the server's state file records the MAC; the disk holds the manifest's digests;
 //! - a second start of the same VM goes straight to the disk (no installer);
-//! - `kiln serve` stops on SIGINT with exit status 0.
+//! - `kiln serve` stops on SIGINT with exit status 0;
+//! - served a tampered `root.img`, the installer refuses it (digest named on the console) before
+//!   the data partition exists, and reports nothing.
+//!
+//! aarch64 (AAVMF has no iPXE ROM for virtio-net): the firmware's own PXE loads the build's
+//! `netboot/ipxe.efi` (Debian's arm64 iPXE) over QEMU's TFTP, iPXE runs `autoexec.ipxe` from the
+//! same TFTP directory (`dhcp`, then `chain` to `kiln serve`), and the install, report, reboot
+//! and boot from the disk follow as on x86_64.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -92,7 +99,15 @@ impl Drop for Serve {
 fn pxe_vm(disk: &Path, port: u16, mac: &str, log: &Path) -> Result<Vm> {
     let mut spec = VmSpec::new(Arch::X86_64);
     spec.disks = vec![Disk { path: disk.to_path_buf(), snapshot: false }];
-    spec.net = Net::Pxe { bootfile: format!("http://10.0.2.2:{port}/boot.ipxe"), mac: Some(mac.into()) };
+    spec.net = Net::Pxe { bootfile: format!("http://10.0.2.2:{port}/boot.ipxe"), tftp: None, mac: Some(mac.into()) };
+    Vm::start(&spec, log)
+}
+
+/// An aarch64 VM whose firmware PXE-boots `ipxe.efi` from `tftp`.
+fn pxe_vm_aarch64(disk: &Path, tftp: &Path, mac: &str, log: &Path) -> Result<Vm> {
+    let mut spec = VmSpec::new(Arch::Aarch64);
+    spec.disks = vec![Disk { path: disk.to_path_buf(), snapshot: false }];
+    spec.net = Net::Pxe { bootfile: kiln::netboot::IPXE.into(), tftp: Some(tftp.to_path_buf()), mac: Some(mac.into()) };
     Vm::start(&spec, log)
 }
 
@@ -101,15 +116,37 @@ fn blank(path: &Path, size: u64) -> Result<PathBuf> {
     Ok(path.to_path_buf())
 }
 
+/// The build of one architecture with `--format disk,netboot`, once per cell.
+fn build(cell: &'static OnceLock<Result<PathBuf, String>>, arch: Arch) -> Result<&'static Path> {
+    let r = cell.get_or_init(|| {
+        let run = || -> Result<PathBuf> {
+            let out = work_dir(&format!("pxe-build-{arch}"))?;
+            let started = Instant::now();
+            let (code, log) = kiln_with_cache(&cache_dir()?, &["build", PROFILE, "--arch", arch.name(), "--format", "disk,netboot", "--out", out.to_str().context("non-UTF-8 dir")?])?;
+            ensure!(code == 0, "kiln build --format disk,netboot failed (exit {code}):\n{log}");
+            eprintln!("{PROFILE} {arch} build (disk + netboot): {:.1} s", started.elapsed().as_secs_f64());
+            Ok(out)
+        };
+        run().map_err(|e| format!("{e:#}"))
+    });
+    match r {
+        Ok(p) => Ok(p.as_path()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+fn built() -> Result<&'static Path> {
+    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    build(&OUT, Arch::X86_64)
+}
+
 #[test]
 fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
     let arch = Arch::X86_64;
     let work = work_dir("pxe-x86_64")?;
-    let out = work.join("out");
-    let started = Instant::now();
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", PROFILE, "--arch", "x86_64", "--format", "disk,netboot", "--out", out.to_str().unwrap()])?;
-    ensure!(code == 0, "kiln build --format disk,netboot failed (exit {code}):\n{log}");
-    eprintln!("{PROFILE} build (disk + netboot): {:.1} s", started.elapsed().as_secs_f64());
+    let out = built()?.to_path_buf();
+    // This test's own state file: the build directory is shared with the other test.
+    let _ = std::fs::remove_file(out.join("serve-state.json"));
     let m = manifest(&out, arch)?;
     let netboot = out.join("x86_64/netboot");
     for f in kiln::netboot::FILES {
@@ -164,6 +201,79 @@ fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
     let lines = serve.lines();
     ensure!(lines.iter().any(|l| l.contains("GET /x86_64/netboot/root.img") && l.contains(" 200 ")), "no root.img download logged:\n{}", lines.join("\n"));
     ensure!(lines.iter().any(|l| l.contains("POST /installed") && l.contains(MAC)), "no install report logged");
+    let status = serve.interrupt()?;
+    ensure!(status.success(), "kiln serve exited {status} on SIGINT");
+    Ok(())
+}
+
+/// A copy of the build's x86_64 netboot directory whose `root.img` has one byte changed.
+fn tampered_copy(out: &Path, dest: &Path) -> Result<()> {
+    let from = out.join("x86_64/netboot");
+    let to = dest.join("x86_64/netboot");
+    std::fs::create_dir_all(&to)?;
+    for f in kiln::netboot::FILES {
+        std::fs::copy(from.join(f), to.join(f)).with_context(|| format!("copying {f}"))?;
+    }
+    let root = to.join(kiln::netboot::ROOT);
+    let mut bytes = std::fs::read(&root)?;
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x5a;
+    std::fs::write(&root, bytes)?;
+    Ok(())
+}
+
+#[test]
+fn x86_64_pxe_refuses_a_tampered_image_before_the_data_partition() -> Result<()> {
+    let work = work_dir("pxe-x86_64-tampered")?;
+    let served = work.join("served");
+    tampered_copy(built()?, &served)?;
+    let port = free_port()?;
+    let serve = Serve::start(&served, port)?;
+    let disk = blank(&work.join("target.img"), 4 << 30)?;
+    let mut vm = pxe_vm(&disk, port, "52:54:00:4b:00:02", &work.join("console.log"))?;
+    vm.wait_for("[kiln] install: esp arrived intact", INSTALL_TIMEOUT)?;
+    let refused = vm.wait_for("arrived with sha256", INSTALL_TIMEOUT)?;
+    ensure!(refused.contains("[kiln] error: install: kiln-root-a"), "{refused}");
+    eprintln!("tampered root.img refused after {:.1} s: {refused}", vm.elapsed().as_secs_f64());
+    vm.kill();
+    drop(vm);
+    let table = tool(Command::new("sgdisk").arg("-p").arg(&disk), "gdisk")?;
+    ensure!(sgdisk_partition(&table, 2).is_some(), "the refusal should come after the partition table was written:\n{table}");
+    ensure!(sgdisk_partition(&table, 4).is_none(), "a data partition was created despite the bad digest:\n{table}");
+    ensure!(!served.join("serve-state.json").exists(), "the refused install was reported as installed");
+    ensure!(!serve.lines().iter().any(|l| l.contains("POST /installed")), "the refused install was reported");
+    Ok(())
+}
+
+#[test]
+fn aarch64_pxe_through_firmware_tftp_and_ipxe_installs_and_boots_from_disk() -> Result<()> {
+    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let out = build(&OUT, Arch::Aarch64)?;
+    let work = work_dir("pxe-aarch64")?;
+    let port = free_port()?;
+    let mut serve = Serve::start(out, port)?;
+    // QEMU's TFTP directory: the build's arm64 iPXE, and the script iPXE looks for next to it.
+    let tftp = work.join("tftp");
+    std::fs::create_dir_all(&tftp)?;
+    std::fs::copy(out.join("aarch64/netboot").join(kiln::netboot::IPXE), tftp.join(kiln::netboot::IPXE))?;
+    std::fs::write(tftp.join("autoexec.ipxe"), format!("#!ipxe\ndhcp\nchain http://10.0.2.2:{port}/boot.ipxe\n"))?;
+    let disk = blank(&work.join("target.img"), 4 << 30)?;
+    let mac = "52:54:00:4b:00:03";
+
+    let mut vm = pxe_vm_aarch64(&disk, &tftp, mac, &work.join("console-1.log"))?;
+    vm.wait_for("kiln: installing", INSTALL_TIMEOUT)?;
+    vm.wait_for("arrived intact", INSTALL_TIMEOUT)?;
+    let done = vm.wait_for("[kiln] install: done", INSTALL_TIMEOUT)?;
+    let t_done = vm.elapsed();
+    vm.wait_for(&format!("[kiln] install: reported to http://10.0.2.2:{port}"), Duration::from_secs(60))?;
+    vm.wait_for("is installed; booting from the local disk", BOOT_TIMEOUT)?;
+    let ready = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
+    ensure!(ready.contains("arch=aarch64"), "{ready}");
+    eprintln!("aarch64: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());
+    vm.kill();
+    let state: kiln::serve::state::State = serde_json::from_str(&std::fs::read_to_string(out.join("serve-state.json"))?)?;
+    let rec = state.installed.get(mac).with_context(|| format!("serve-state.json has no {mac}"))?;
+    ensure!(rec.arch.as_deref() == Some("aarch64"), "{rec:?}");
     let status = serve.interrupt()?;
     ensure!(status.success(), "kiln serve exited {status} on SIGINT");
     Ok(())

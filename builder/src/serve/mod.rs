@@ -312,7 +312,7 @@ pub fn dhcp_settings(url_host: &str) -> String {
          \x20 PXE ROMs without HTTP: TFTP-serve Debian's `ipxe` package (/usr/lib/ipxe) and hand out by client architecture\n\
          \x20   option 93 = 0 (BIOS):        undionly.kpxe\n\
          \x20   option 93 = 7 (x86_64 UEFI): ipxe.efi (or snponly.efi)\n\
-         \x20   option 93 = 11 (arm64 UEFI): ipxe arm64 EFI binary (arm64 `ipxe` package: ipxe.efi)\n\
+         \x20   option 93 = 11 (arm64 UEFI): aarch64/netboot/ipxe.efi of the build\n\
          \x20 then the boot URL above when the client is iPXE. `--dnsmasq FILE` writes this as a dnsmasq proxy-DHCP/TFTP snippet.\n"
     )
 }
@@ -334,6 +334,8 @@ pub fn dnsmasq_snippet(url_host: &str) -> String {
          # First stage: plain PXE ROMs load iPXE over TFTP.\n\
          pxe-service=tag:!ipxe,x86PC,\"kiln: load iPXE (BIOS)\",undionly.kpxe\n\
          pxe-service=tag:!ipxe,X86-64_EFI,\"kiln: load iPXE (UEFI)\",ipxe.efi\n\
+         # arm64: trixie's ipxe package has ipxe-arm64.efi; elsewhere copy the build's aarch64/netboot/ipxe.efi there.\n\
+         pxe-service=tag:!ipxe,ARM64_EFI,\"kiln: load iPXE (arm64 UEFI)\",ipxe-arm64.efi\n\
          # Second stage: iPXE fetches its script from kiln serve.\n\
          pxe-service=tag:ipxe,x86PC,\"kiln\",http://{url_host}/boot.ipxe\n\
          pxe-service=tag:ipxe,X86-64_EFI,\"kiln\",http://{url_host}/boot.ipxe\n\
