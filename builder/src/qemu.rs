@@ -157,7 +157,9 @@ pub enum Net {
     /// after it): QEMU's DHCP hands out `bootfile`, e.g. `http://10.0.2.2:PORT/boot.ipxe` for the
     /// NIC's iPXE option ROM (x86_64), or a file of `tftp` (QEMU's TFTP server) for the
     /// firmware's own PXE (aarch64: `ipxe.efi`). `mac` sets the NIC's address (default: QEMU's).
-    Pxe { bootfile: String, tftp: Option<PathBuf>, mac: Option<String> },
+    /// `disk_first` puts the boot disk before the NIC: a blank disk falls through to the network,
+    /// an installed one boots (AAVMF does not fall back to the disk after iPXE `exit`s).
+    Pxe { bootfile: String, tftp: Option<PathBuf>, mac: Option<String>, disk_first: bool },
 }
 
 /// Everything about one VM run.
@@ -257,7 +259,7 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
         // virtio-blk on PCI: the one disk bus every arch's machine and firmware here supports.
         // bootindex makes UEFI try this disk first (U-Boot scans devices in order and ignores it).
         // With a PXE NIC, the NIC is boot option 0 and the boot disk comes next.
-        let pxe = matches!(spec.net, Net::Pxe { .. });
+        let pxe = matches!(spec.net, Net::Pxe { disk_first: false, .. });
         let bootindex = match (i == spec.boot_disk, pxe) {
             (true, false) => ",bootindex=0",
             (true, true) => ",bootindex=1",
@@ -284,7 +286,7 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
             cmd.args(["-netdev", &netdev]);
             cmd.args(["-device", "virtio-net-pci,netdev=n0"]);
         }
-        Net::Pxe { bootfile, tftp, mac } => {
+        Net::Pxe { bootfile, tftp, mac, disk_first } => {
             if bootfile.contains(',') {
                 bail!("PXE bootfile `{bootfile}` must not contain a comma (QEMU would read it as another option)");
             }
@@ -295,8 +297,9 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
             // User-mode networking whose DHCP server names the boot file (and serves `tftp` over TFTP).
             cmd.args(["-netdev", &format!("user,id=n0,bootfile={bootfile}{tftp}")]);
             let mac = mac.as_ref().map(|m| format!(",mac={m}")).unwrap_or_default();
-            // The NIC first in the boot order: its iPXE ROM runs the boot file.
-            cmd.args(["-device", &format!("virtio-net-pci,netdev=n0,bootindex=0{mac}")]);
+            // The NIC first in the boot order (its iPXE ROM runs the boot file), or right after the disk.
+            let bootindex = if *disk_first { 1 } else { 0 };
+            cmd.args(["-device", &format!("virtio-net-pci,netdev=n0,bootindex={bootindex}{mac}")]);
         }
     }
 

@@ -13,8 +13,10 @@
 //!
 //! aarch64 (AAVMF has no iPXE ROM for virtio-net): the firmware's own PXE loads the build's
 //! `netboot/ipxe.efi` (Debian's arm64 iPXE) over QEMU's TFTP, iPXE runs `autoexec.ipxe` from the
-//! same TFTP directory (`dhcp`, then `chain` to `kiln serve`), and the install, report, reboot
-//! and boot from the disk follow as on x86_64.
+//! same TFTP directory (`dhcp`, then `chain` to `kiln serve`), and the install and report follow
+//! as on x86_64. The disk comes first in the boot order (a blank disk falls through to the
+//! network): AAVMF does not try the disk after iPXE `exit`s (it opens its setup menu), so the
+//! "installed: boot from the disk" answer is exercised on x86_64 only.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -99,7 +101,7 @@ impl Drop for Serve {
 fn pxe_vm(disk: &Path, port: u16, mac: &str, log: &Path) -> Result<Vm> {
     let mut spec = VmSpec::new(Arch::X86_64);
     spec.disks = vec![Disk { path: disk.to_path_buf(), snapshot: false }];
-    spec.net = Net::Pxe { bootfile: format!("http://10.0.2.2:{port}/boot.ipxe"), tftp: None, mac: Some(mac.into()) };
+    spec.net = Net::Pxe { bootfile: format!("http://10.0.2.2:{port}/boot.ipxe"), tftp: None, mac: Some(mac.into()), disk_first: false };
     Vm::start(&spec, log)
 }
 
@@ -107,7 +109,9 @@ fn pxe_vm(disk: &Path, port: u16, mac: &str, log: &Path) -> Result<Vm> {
 fn pxe_vm_aarch64(disk: &Path, tftp: &Path, mac: &str, log: &Path) -> Result<Vm> {
     let mut spec = VmSpec::new(Arch::Aarch64);
     spec.disks = vec![Disk { path: disk.to_path_buf(), snapshot: false }];
-    spec.net = Net::Pxe { bootfile: kiln::netboot::IPXE.into(), tftp: Some(tftp.to_path_buf()), mac: Some(mac.into()) };
+    // Disk first: AAVMF falls through a blank disk to PXE, but after iPXE `exit`s it opens its
+    // setup menu (UiApp) instead of trying the disk, so the installed disk must come first.
+    spec.net = Net::Pxe { bootfile: kiln::netboot::IPXE.into(), tftp: Some(tftp.to_path_buf()), mac: Some(mac.into()), disk_first: true };
     Vm::start(&spec, log)
 }
 
@@ -266,7 +270,6 @@ fn aarch64_pxe_through_firmware_tftp_and_ipxe_installs_and_boots_from_disk() -> 
     let done = vm.wait_for("[kiln] install: done", INSTALL_TIMEOUT)?;
     let t_done = vm.elapsed();
     vm.wait_for(&format!("[kiln] install: reported to http://10.0.2.2:{port}"), Duration::from_secs(60))?;
-    vm.wait_for("is installed; booting from the local disk", BOOT_TIMEOUT)?;
     let ready = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
     ensure!(ready.contains("arch=aarch64"), "{ready}");
     eprintln!("aarch64: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());
