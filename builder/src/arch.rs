@@ -97,6 +97,16 @@ impl Arch {
         }
     }
 
+    /// iPXE's EFI binary in Debian's `ipxe` package (under `/usr/lib/ipxe/`, trixie and later):
+    /// what UEFI PXE/HTTP boot loads before iPXE fetches kiln's `boot.ipxe`.
+    pub fn ipxe_efi_file(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "ipxe-amd64.efi",
+            Arch::Aarch64 => "ipxe-arm64.efi",
+            Arch::Riscv64 => "ipxe-riscv64.efi",
+        }
+    }
+
     /// Root partition type GUID from the Discoverable Partitions Specification.
     pub fn root_partition_type(self) -> &'static str {
         match self {

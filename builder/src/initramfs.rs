@@ -17,8 +17,10 @@ pub struct Initramfs {
     pub absent: Vec<String>,
 }
 
-/// Assembles the initramfs tree from the (already unpacked) appliance root.
-pub fn assemble(root: &Tree, modules: &ModuleSet, platform: &Platform, extra_modules: &[String]) -> Result<Initramfs> {
+/// Assembles the initramfs tree from the (already unpacked) appliance root. `extra_modules` are
+/// required (the profile's `kernel.modules`), `extra_optional` are taken when the kernel has them
+/// (the netboot installer's NIC drivers).
+pub fn assemble(root: &Tree, modules: &ModuleSet, platform: &Platform, extra_modules: &[String], extra_optional: &[String]) -> Result<Initramfs> {
     let mut tree = Tree::new();
     for dir in ["bin", "dev", "proc", "sys", "run", "etc/kiln", "lib/modules", "newroot", "lower", "rw"] {
         tree.add_dir(dir, 0o755)?;
@@ -47,7 +49,7 @@ pub fn assemble(root: &Tree, modules: &ModuleSet, platform: &Platform, extra_mod
         .chain(extra_modules.iter())
         .map(String::as_str)
         .collect();
-    let optional: Vec<&str> = platform.initramfs_modules.optional.iter().map(String::as_str).collect();
+    let optional: Vec<&str> = platform.initramfs_modules.optional.iter().chain(extra_optional).map(String::as_str).collect();
     let (req, _) = modules.closure(&required, false).with_context(|| {
         format!("initramfs modules of platform `{}` and `kernel.modules`", platform.name)
     })?;

@@ -22,6 +22,7 @@ pub mod installer;
 pub mod k3s;
 pub mod kmod;
 pub mod manifest;
+pub mod netboot;
 pub mod overlay;
 pub mod pipeline;
 pub mod platform;
@@ -29,6 +30,7 @@ pub mod profile;
 pub mod provision;
 pub mod qemu;
 pub mod reference;
+pub mod serve;
 pub mod setup;
 pub mod squashfs;
 #[cfg(test)]

@@ -44,7 +44,7 @@ struct InputArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build disk images: OUT/<arch>/disk.img, OUT/<arch>/manifest.json, OUT/SHA256SUMS.
+    /// Build images: OUT/<arch>/disk.img (and/or OUT/<arch>/netboot/), OUT/<arch>/manifest.json, OUT/SHA256SUMS.
     Build {
         #[command(flatten)]
         input: InputArgs,
@@ -54,6 +54,10 @@ enum Command {
         /// Use only the download cache; fail naming anything missing.
         #[arg(long)]
         offline: bool,
+        /// What to write per architecture, comma-separated: `disk` (OUT/<arch>/disk.img) and/or
+        /// `netboot` (OUT/<arch>/netboot/, served by `kiln serve`).
+        #[arg(long = "format", value_enum, value_delimiter = ',', default_value = "disk")]
+        formats: Vec<kiln::pipeline::Format>,
     },
     /// Download and verify everything a build of the profile needs into the cache.
     Fetch {
@@ -84,6 +88,21 @@ enum Command {
         /// Which disk the firmware boots: 0 is IMAGE, 1 the first --disk, and so on.
         #[arg(long, default_value_t = 0)]
         boot: usize,
+    },
+    /// Serve build outputs to machines booting from the network (iPXE) until Ctrl-C.
+    Serve {
+        /// A `kiln build` output directory (holding <arch>/netboot/ from `--format netboot`).
+        dir: PathBuf,
+        /// Address and port to listen on.
+        #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR:PORT")]
+        listen: std::net::SocketAddr,
+        /// Forget that this machine is installed, so its next network boot installs again
+        /// (repeatable; edits DIR/serve-state.json before serving).
+        #[arg(long, value_name = "MAC")]
+        reinstall: Vec<String>,
+        /// Write a dnsmasq proxy-DHCP/TFTP snippet for PXE ROMs that must load iPXE first.
+        #[arg(long, value_name = "FILE")]
+        dnsmasq: Option<PathBuf>,
     },
     /// Print the profile's JSON schema, or with --markdown the profile reference.
     Schema {
@@ -123,17 +142,22 @@ fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
         progress: !quiet && std::io::stderr().is_terminal(),
         cache_dir: input.cache_dir.clone(),
         k3s_assets: input.k3s_assets.clone(),
+        formats: Vec::new(),
     }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build { input, out, offline } => {
+        Command::Build { input, out, offline, formats } => {
             let profile = LoadedProfile::load(&input.profile)?;
-            let opts = BuildOptions { out, offline, ..options(&input, cli.quiet) };
+            let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
             let report = kiln::pipeline::build(&profile, &opts)?;
-            for (arch, path, _) in &report.images {
-                println!("{arch}: {}", path.display());
+            for (arch, path, manifest) in &report.images {
+                for o in &manifest.outputs {
+                    if o.file == "disk.img" || o.file.ends_with(kiln::netboot::SCRIPT) {
+                        println!("{arch}: {}", path.join(&o.file).display());
+                    }
+                }
             }
             println!("checksums: {}", report.out_dir.join("SHA256SUMS").display());
         }
@@ -160,6 +184,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let status = kiln::qemu::run_interactive(&spec)?;
             return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
+        Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, listen, &reinstall, dnsmasq.as_deref())?,
         Command::Schema { markdown } => {
             if markdown {
                 print!("{}", kiln::reference::markdown());
@@ -169,6 +194,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln serve`: apply --reinstall, print the DHCP settings, serve until SIGINT/SIGTERM.
+fn serve(dir: &std::path::Path, listen: std::net::SocketAddr, reinstall: &[String], dnsmasq: Option<&std::path::Path>) -> Result<()> {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    if !dir.is_dir() {
+        return Err(UsageError(format!("{}: not a directory; pass a `kiln build` output directory", dir.display())).into());
+    }
+    if !reinstall.is_empty() {
+        for mac in kiln::serve::reinstall(dir, reinstall)? {
+            eprintln!("note: {mac} was not recorded as installed");
+        }
+    }
+    let server = kiln::serve::Server::bind(dir, listen)?;
+    let addr = server.local_addr();
+    // The address machines use: the listen address, or a placeholder when listening on all.
+    let url_host = if addr.ip().is_unspecified() { format!("<this host's address>:{}", addr.port()) } else { addr.to_string() };
+    println!("kiln serve: {} on http://{addr}/ (Ctrl-C stops)", dir.display());
+    print!("{}", kiln::serve::dhcp_settings(&url_host));
+    if let Some(f) = dnsmasq {
+        std::fs::write(f, kiln::serve::dnsmasq_snippet(&url_host)).with_context(|| format!("writing {}", f.display()))?;
+        println!("dnsmasq snippet: {}", f.display());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+    }
+    server.run(&stop)
 }
 
 /// Reads the architecture from the manifest.json written beside an image.

@@ -36,6 +36,8 @@ const FIRSTBOOT_PROGRAMS: &[(&str, &str)] = &[("usr/sbin/sgdisk", "sbin/sgdisk")
 const FIRSTBOOT_MODULES: &[&str] = &["crc32c_generic", "ext4"];
 /// The package holding systemd-boot's EFI binaries (used on the ESP only, not installed).
 const SYSTEMD_BOOT_PACKAGE: &str = "systemd-boot-efi";
+/// The package holding iPXE's EFI binaries (netboot output only: the first network stage).
+const IPXE_PACKAGE: &str = "ipxe";
 const DEFAULT_KEYRING: &str = "/usr/share/keyrings/debian-archive-keyring.gpg";
 
 /// Command-line choices that shape a build.
@@ -54,6 +56,29 @@ pub struct BuildOptions {
     /// Overrides the profile's `cluster.k3s.source`: a directory (relative to the working
     /// directory) or an `http(s)://` mirror of the k3s release assets.
     pub k3s_assets: Option<String>,
+    /// What to write per architecture (empty: [`Format::Disk`]).
+    pub formats: Vec<Format>,
+}
+
+/// An output format of `kiln build --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `OUT/<arch>/disk.img`: the disk image (or installer medium) to write to a disk or stick.
+    Disk,
+    /// `OUT/<arch>/netboot/`: kernel, installer initrd, system images and iPXE script for
+    /// network installs served by `kiln serve`.
+    Netboot,
+}
+
+impl BuildOptions {
+    /// Whether a format was asked for (no formats given means `disk`).
+    pub fn wants(&self, f: Format) -> bool {
+        if self.formats.is_empty() {
+            f == Format::Disk
+        } else {
+            self.formats.contains(&f)
+        }
+    }
 }
 
 /// A usage problem (exit status 2), as opposed to a build failure.
@@ -65,6 +90,7 @@ pub struct UsageError(pub String);
 #[derive(Debug)]
 pub struct BuildReport {
     pub out_dir: PathBuf,
+    /// Per architecture: its output directory (`OUT/<arch>`) and manifest.
     pub images: Vec<(Arch, PathBuf, Manifest)>,
 }
 
@@ -78,6 +104,8 @@ struct Inputs {
     firstboot_debs: Vec<(debian::Package, PathBuf)>,
     kernel_deb: (debian::Package, PathBuf),
     systemd_boot_deb: Option<(debian::Package, PathBuf)>,
+    /// Netboot builds: Debian's `ipxe` (its EFI binary goes to `netboot/ipxe.efi`).
+    ipxe_deb: Option<(debian::Package, PathBuf)>,
     /// Cluster images: the verified k3s binary and air-gap archive.
     k3s: Option<crate::k3s::Artifacts>,
 }
@@ -177,11 +205,22 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         }
         None => None,
     };
+    let ipxe_deb = if opts.wants(Format::Netboot) {
+        let p = debian::resolve::resolve(&index.packages, &[IPXE_PACKAGE])
+            .with_context(|| format!("{arch}: finding {IPXE_PACKAGE} (iPXE for the netboot output)"))?
+            .into_iter()
+            .find(|p| p.name == IPXE_PACKAGE)
+            .with_context(|| format!("{arch}: the suite has no `{IPXE_PACKAGE}` package"))?;
+        let path = debian::fetch_deb(fetcher, &suite, &p)?;
+        Some((p, path))
+    } else {
+        None
+    };
     let k3s = match &profile.profile.cluster {
         Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         _ => None,
     };
-    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, k3s })
+    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, ipxe_deb, k3s })
 }
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
@@ -287,7 +326,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     for (inputs, platform) in all_inputs.iter().zip(&platforms) {
         let dir = staging_dir.join(inputs.arch.name());
         std::fs::create_dir_all(&dir)?;
-        let manifest = build_arch(profile, inputs, platform, &dir, token.as_ref())
+        let manifest = build_arch(profile, opts, inputs, platform, &dir, token.as_ref())
             .with_context(|| format!("building the {} image", inputs.arch))?;
         built.push((inputs.arch, manifest));
     }
@@ -297,11 +336,19 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     for (arch, manifest) in built {
         let dest = out_dir.join(arch.name());
         std::fs::create_dir_all(&dest)?;
-        for f in ["disk.img", "manifest.json"] {
-            std::fs::rename(staging_dir.join(arch.name()).join(f), dest.join(f))
-                .with_context(|| format!("moving {f} into {}", dest.display()))?;
+        // Outputs of formats not built this time are removed: they would not match the manifest.
+        for f in ["disk.img", crate::netboot::DIR, "manifest.json"] {
+            let (from, to) = (staging_dir.join(arch.name()).join(f), dest.join(f));
+            if to.is_dir() {
+                std::fs::remove_dir_all(&to).with_context(|| format!("removing the old {}", to.display()))?;
+            } else if to.exists() {
+                std::fs::remove_file(&to).with_context(|| format!("removing the old {}", to.display()))?;
+            }
+            if from.exists() {
+                std::fs::rename(&from, &to).with_context(|| format!("moving {f} into {}", dest.display()))?;
+            }
         }
-        images.push((arch, dest.join("disk.img"), manifest));
+        images.push((arch, dest, manifest));
     }
     write_sha256sums(&out_dir)?;
     staging.done = true;
@@ -321,7 +368,7 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir: &Path, token: Option<&crate::cluster::Token>) -> Result<Manifest> {
+fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, platform: &Platform, dir: &Path, token: Option<&crate::cluster::Token>) -> Result<Manifest> {
     let arch = inputs.arch;
     let epoch = source_date_epoch(&inputs.index)?;
 
@@ -384,10 +431,21 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     // --- initramfs, squashfs, ESP ----------------------------------------------------
     let initramfs_modules: Vec<String> =
         FIRSTBOOT_MODULES.iter().map(|m| m.to_string()).chain(profile.profile.kernel.modules.iter().cloned()).collect();
-    let mut initramfs = crate::initramfs::assemble(&root, &modules, platform, &initramfs_modules)?;
+    let mut initramfs = crate::initramfs::assemble(&root, &modules, platform, &initramfs_modules, &[])?;
     add_firstboot_tools(&mut initramfs.tree, inputs, &mut manifest_inputs)?;
     info!("{arch}: initramfs with {} modules", initramfs.modules.len());
     let initrd = Content::bytes(crate::initramfs::pack(&initramfs.tree, clamp32(epoch))?);
+    // The netboot installer's initrd: the same, plus the platform's NIC drivers (kept out of the
+    // disk image's initramfs, which never needs the network).
+    let netboot_initrd = if opts.wants(Format::Netboot) {
+        let mut nb = crate::initramfs::assemble(&root, &modules, platform, &initramfs_modules, &platform.netboot_modules)?;
+        add_firstboot_tools(&mut nb.tree, inputs, &mut manifest_inputs)?;
+        let nics: Vec<&String> = nb.modules.iter().filter(|m| !initramfs.modules.contains(m)).collect();
+        info!("{arch}: netboot initrd with {} more modules for NICs", nics.len());
+        Some(crate::initramfs::pack(&nb.tree, clamp32(epoch))?)
+    } else {
+        None
+    };
 
     info!("{arch}: writing the squashfs root ({} entries)", root.len());
     let mut squashfs = std::io::Cursor::new(Vec::new());
@@ -449,33 +507,18 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     let (layout, partitions, install, image_cmdline) = match profile.profile.install.mode {
         InstallMode::InPlace => {
             let layout = gpt::plan(&specs, fixed, profile.profile.disk.headroom.0).map_err(disk_size_error)?;
-            write_disk(&img_path, &layout, disk_guid, &system_contents, image_mode(&profile.profile))?;
+            if opts.wants(Format::Disk) {
+                write_disk(&img_path, &layout, disk_guid, &system_contents, image_mode(&profile.profile))?;
+            }
             let records = partition_records(&layout, &system_contents);
-            (layout, records, None, cmdline)
+            (layout, records, None, cmdline.clone())
         }
         InstallMode::Installer => {
             // The system as it will sit on the target; the medium carries it in other partitions.
             let target = gpt::plan(&specs, None, 0)?;
             let min_size = crate::installer::min_size(&profile.profile.install, &target)
                 .map_err(|e| UsageError(format!("{}: {e}", profile.path.display())))?;
-            let copies = vec![
-                crate::installer::Copy {
-                    name: "esp".into(),
-                    source_partition: crate::installer::INSTALL_PARTITION,
-                    source_offset: crate::installer::ESP_IMAGE_OFFSET,
-                    target_offset: target.partitions[0].offset(),
-                    length: esp.len() as u64,
-                    sha256: sha256_hex(&esp),
-                },
-                crate::installer::Copy {
-                    name: "kiln-root-a".into(),
-                    source_partition: crate::installer::IMAGE_PARTITION,
-                    source_offset: 0,
-                    target_offset: target.partitions[1].offset(),
-                    length: squashfs.len() as u64,
-                    sha256: sha256_hex(&squashfs),
-                },
-            ];
+            let copies = system_copies(&target, &esp, &squashfs, (crate::installer::INSTALL_PARTITION, crate::installer::ESP_IMAGE_OFFSET), crate::installer::IMAGE_PARTITION);
             let plan = crate::installer::Plan {
                 image_id: &hex::encode(&build_id[..8]),
                 install: &profile.profile.install,
@@ -501,7 +544,9 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
             ];
             let medium_contents = [Some(medium_esp.as_slice()), Some(squashfs.as_slice()), Some(install_part.as_slice())];
             let layout = gpt::plan(&medium_specs, fixed, 0).map_err(disk_size_error)?;
-            write_disk(&img_path, &layout, guid("installer-disk"), &medium_contents, image_mode(&profile.profile))?;
+            if opts.wants(Format::Disk) {
+                write_disk(&img_path, &layout, guid("installer-disk"), &medium_contents, image_mode(&profile.profile))?;
+            }
             let install = crate::manifest::InstallRecord {
                 disk_guid: disk_guid.to_string(),
                 partitions: partition_records(&target, &system_contents),
@@ -510,7 +555,60 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
             (layout, records, Some(install), installer_cmdline)
         }
     };
-    let disk_sha = crate::cache::sha256_file(&img_path)?;
+    let mut outputs = Vec::new();
+    if opts.wants(Format::Disk) {
+        outputs.push(Output { file: "disk.img".into(), sha256: crate::cache::sha256_file(&img_path)?, size: layout.size });
+    }
+    let mut install = install;
+    if let Some(nb_initrd) = netboot_initrd {
+        let target = gpt::plan(&specs, None, 0)?;
+        let min_size = crate::installer::min_size(&profile.profile.install, &target)
+            .map_err(|e| UsageError(format!("{}: {e}", profile.path.display())))?;
+        // A network install always reboots: `kiln serve` then sends the machine to its disk.
+        let install_settings = crate::profile::Install { after: crate::profile::AfterInstall::Reboot, ..profile.profile.install.clone() };
+        let plan = crate::installer::Plan {
+            image_id: &hex::encode(&build_id[..8]),
+            install: &install_settings,
+            min_size,
+            disk_guid,
+            target: &target,
+            copies: system_copies(&target, &esp, &squashfs, (crate::netboot::ESP, 0), crate::netboot::ROOT),
+        }
+        .render()?;
+        let inventory = match root.get_str("etc/kiln/inventory").map(|e| &e.kind) {
+            Some(Kind::File(c)) => c.read()?.to_vec(),
+            _ => Vec::new(),
+        };
+        let script = crate::netboot::script_template(&profile.profile.name, arch.name(), &cmdline);
+        let kernel_bytes = kernel.read()?;
+        let (ipxe_pkg, ipxe_path) = inputs.ipxe_deb.as_ref().context("netboot build without the ipxe package")?;
+        let ipxe = ipxe_efi_binary(ipxe_path, arch).with_context(|| format!("reading {} {}", ipxe_pkg.name, ipxe_pkg.version))?;
+        let ipxe = ipxe.read()?;
+        let files: [(&str, &[u8]); 8] = [
+            (crate::netboot::IPXE, &ipxe),
+            (crate::netboot::KERNEL, &kernel_bytes),
+            (crate::netboot::INITRD, &nb_initrd),
+            (crate::netboot::PLAN, plan.as_bytes()),
+            (crate::netboot::ESP, &esp),
+            (crate::netboot::ROOT, &squashfs),
+            (crate::netboot::INVENTORY, &inventory),
+            (crate::netboot::SCRIPT, script.as_bytes()),
+        ];
+        let nb_dir = dir.join(crate::netboot::DIR);
+        std::fs::create_dir_all(&nb_dir).with_context(|| format!("creating {}", nb_dir.display()))?;
+        info!("{arch}: writing {}", nb_dir.display());
+        for (name, bytes) in files {
+            write_file(&nb_dir.join(name), bytes, image_mode(&profile.profile))?;
+            outputs.push(Output { file: format!("{}/{name}", crate::netboot::DIR), sha256: sha256_hex(bytes), size: bytes.len() as u64 });
+        }
+        let input = deb_input(ipxe_pkg);
+        if !manifest_inputs.contains(&input) {
+            manifest_inputs.push(input);
+        }
+        if install.is_none() {
+            install = Some(crate::manifest::InstallRecord { disk_guid: disk_guid.to_string(), partitions: partition_records(&target, &system_contents) });
+        }
+    }
     manifest_inputs.sort();
     let manifest = Manifest {
         kiln_version: env!("CARGO_PKG_VERSION").into(),
@@ -525,10 +623,42 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
         partitions,
         install,
         initramfs_modules: initramfs.modules,
-        outputs: vec![Output { file: "disk.img".into(), sha256: disk_sha, size: layout.size }],
+        outputs,
     };
     std::fs::write(dir.join("manifest.json"), manifest.to_json())?;
     Ok(manifest)
+}
+
+/// The two ranges an installer copies onto the target: the ESP image and the root squashfs,
+/// from `esp_source` (medium partition or netboot file, and offset) and `root_source` (offset 0).
+fn system_copies(target: &gpt::DiskLayout, esp: &[u8], squashfs: &[u8], esp_source: (&'static str, u64), root_source: &'static str) -> Vec<crate::installer::Copy> {
+    vec![
+        crate::installer::Copy {
+            name: "esp".into(),
+            source_partition: esp_source.0,
+            source_offset: esp_source.1,
+            target_offset: target.partitions[0].offset(),
+            length: esp.len() as u64,
+            sha256: sha256_hex(esp),
+        },
+        crate::installer::Copy {
+            name: "kiln-root-a".into(),
+            source_partition: root_source,
+            source_offset: 0,
+            target_offset: target.partitions[1].offset(),
+            length: squashfs.len() as u64,
+            sha256: sha256_hex(squashfs),
+        },
+    ]
+}
+
+/// Writes one output file with an exact mode (0600 when the build holds secrets).
+fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    let mut f = File::options().write(true).create(true).truncate(true).mode(mode).open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()?;
+    Ok(())
 }
 
 /// Unpacks the first-boot packages into a scratch tree and copies their programs, with the
@@ -611,6 +741,16 @@ fn take_kernel(root: &mut Tree, arch: Arch, kver: &str) -> Result<Content> {
 }
 
 /// systemd-boot's EFI binary for the arch, from the systemd-boot-efi package.
+fn ipxe_efi_binary(deb: &Path, arch: Arch) -> Result<Content> {
+    let mut t = Tree::merged_usr(arch);
+    crate::deb::unpack_deb(deb, &mut t)?;
+    let path = format!("usr/lib/ipxe/{}", arch.ipxe_efi_file());
+    match t.get_str(&path).map(|e| &e.kind) {
+        Some(Kind::File(c)) => Ok(c.clone()),
+        _ => bail!("{} has no /{path} (Debian ships per-architecture iPXE EFI binaries from trixie on)", deb.display()),
+    }
+}
+
 fn systemd_boot_binary(deb: &Path, arch: Arch) -> Result<Content> {
     let mut t = Tree::merged_usr(arch);
     crate::deb::unpack_deb(deb, &mut t)?;
@@ -699,8 +839,9 @@ fn partition_records(layout: &gpt::DiskLayout, contents: &[Option<&[u8]>]) -> Ve
 fn write_sha256sums(out_dir: &Path) -> Result<()> {
     let mut lines = BTreeMap::new();
     for arch in Arch::ALL {
-        for f in ["disk.img", "manifest.json"] {
-            let p = out_dir.join(arch.name()).join(f);
+        let netboot = crate::netboot::FILES.iter().map(|f| format!("{}/{f}", crate::netboot::DIR));
+        for f in ["disk.img".to_string(), "manifest.json".to_string()].into_iter().chain(netboot) {
+            let p = out_dir.join(arch.name()).join(&f);
             if p.exists() {
                 lines.insert(format!("{}/{f}", arch.name()), crate::cache::sha256_file(&p)?);
             }

@@ -16,6 +16,9 @@ pub struct Platform {
     /// Kernel console arguments; `{serial}` becomes the architecture's serial console.
     pub console_args: String,
     pub initramfs_modules: InitramfsModules,
+    /// NIC drivers the netboot installer's initrd carries (taken when the kernel has them).
+    #[serde(default)]
+    pub netboot_modules: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

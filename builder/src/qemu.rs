@@ -156,6 +156,13 @@ pub enum Net {
     /// A virtio NIC on tap device `ifname` inside network namespace `netns` (QEMU itself runs
     /// there, under `ip netns exec`): several VMs on one private LAN (see the multi-node tests).
     Tap { netns: String, ifname: String },
+    /// QEMU user networking with a virtio NIC that the firmware boots first (the disks come
+    /// after it): QEMU's DHCP hands out `bootfile`, e.g. `http://10.0.2.2:PORT/boot.ipxe` for the
+    /// NIC's iPXE option ROM (x86_64), or a file of `tftp` (QEMU's TFTP server) for the
+    /// firmware's own PXE (aarch64: `ipxe.efi`); the NIC's MAC is `VmSpec::mac`.
+    /// `disk_first` puts the boot disk before the NIC: a blank disk falls through to the network,
+    /// an installed one boots (AAVMF does not fall back to the disk after iPXE `exit`s).
+    Pxe { bootfile: String, tftp: Option<PathBuf>, disk_first: bool },
 }
 
 /// Everything about one VM run.
@@ -265,7 +272,13 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
         cmd.args(["-drive", &format!("if=none,id=d{i},format=raw,file={}{snapshot}", qemu_path(&disk.path)?)]);
         // virtio-blk on PCI: the one disk bus every arch's machine and firmware here supports.
         // bootindex makes UEFI try this disk first (U-Boot scans devices in order and ignores it).
-        let bootindex = if i == spec.boot_disk { ",bootindex=0" } else { "" };
+        // With a PXE NIC, the NIC is boot option 0 and the boot disk comes next.
+        let pxe = matches!(spec.net, Net::Pxe { disk_first: false, .. });
+        let bootindex = match (i == spec.boot_disk, pxe) {
+            (true, false) => ",bootindex=0",
+            (true, true) => ",bootindex=1",
+            (false, _) => "",
+        };
         cmd.args(["-device", &format!("virtio-blk-pci,drive=d{i}{bootindex}")]);
     }
 
@@ -294,6 +307,20 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
             // An existing tap (made by the caller); no helper scripts run as root.
             cmd.args(["-netdev", &format!("tap,id=n0,ifname={ifname},script=no,downscript=no")]);
             cmd.args(["-device", &nic_device(spec)?]);
+        }
+        Net::Pxe { bootfile, tftp, disk_first } => {
+            if bootfile.contains(',') {
+                bail!("PXE bootfile `{bootfile}` must not contain a comma (QEMU would read it as another option)");
+            }
+            let tftp = match tftp {
+                Some(dir) => format!(",tftp={}", qemu_path(dir)?),
+                None => String::new(),
+            };
+            // User-mode networking whose DHCP server names the boot file (and serves `tftp` over TFTP).
+            cmd.args(["-netdev", &format!("user,id=n0,bootfile={bootfile}{tftp}")]);
+            // The NIC first in the boot order (its iPXE ROM runs the boot file), or right after the disk.
+            let bootindex = if *disk_first { 1 } else { 0 };
+            cmd.args(["-device", &format!("{},bootindex={bootindex}", nic_device(spec)?)]);
         }
     }
 

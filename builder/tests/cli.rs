@@ -84,3 +84,25 @@ fn schema_is_json_with_the_profile_keys() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert!(v["properties"]["os"].is_object(), "{text}");
 }
+
+#[test]
+fn unknown_format_exits_2_naming_the_choices() {
+    let d = tempfile::tempdir().unwrap();
+    profile(d.path(), "name: t\narch: [riscv64]\n");
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out", "--format", "disk,iso"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("iso") && text.contains("netboot"), "{text}");
+    assert_no_image(d.path());
+}
+
+#[test]
+fn serve_refuses_a_missing_directory_and_a_bad_reinstall_mac() {
+    let d = tempfile::tempdir().unwrap();
+    let (code, text) = kiln(d.path(), &["serve", "nope", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("nope") && text.contains("kiln build"), "{text}");
+    std::fs::create_dir(d.path().join("out")).unwrap();
+    let (code, text) = kiln(d.path(), &["serve", "out", "--listen", "127.0.0.1:0", "--reinstall", "not-a-mac"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("not-a-mac"), "{text}");
+}

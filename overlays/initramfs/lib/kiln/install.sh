@@ -5,6 +5,12 @@
 # writes the system onto it, verifies every byte range against the plan's sha256 digests,
 # creates the data partition and powers off or reboots. It never writes to the medium.
 #
+# Network install (`kiln.install=http://HOST:PORT/<arch>/netboot/`, from `kiln serve`'s iPXE
+# script): the same steps, but the plan and the copied ranges come over HTTP (busybox udhcpc
+# and wget). Each download is hashed while it streams onto the target and refused on a digest
+# mismatch before anything else happens; at the end the installer reports
+# `POST /installed?mac=...` to the server and reboots.
+#
 # Crash safety: the first write is the target's new partition table, which names the disk a
 # kiln system; the data partition is created only after verification. A target with a kiln
 # table but no data partition is an unfinished install, and the next boot installs again.
@@ -70,6 +76,92 @@ find_medium() {
         fail "install: /dev/$INSTALL_PART holds no complete install plan; the medium is damaged: write the image to it again"
     fi
     log "install: medium /dev/$MEDIUM, image $(plan_value image)"
+}
+
+# The NIC iPXE booted from (`kiln.mac=`) first, then every other NIC with a device.
+candidate_nics() {
+    want=$(cmdline_value kiln.mac | tr 'A-F' 'a-f')
+    for dev in /sys/class/net/*; do
+        [ -e "$dev/device" ] || continue
+        if [ "$(cat "$dev/address")" = "$want" ]; then
+            echo "${dev##*/}"
+        fi
+    done
+    for dev in /sys/class/net/*; do
+        [ -e "$dev/device" ] || continue
+        if [ "$(cat "$dev/address")" != "$want" ]; then
+            echo "${dev##*/}"
+        fi
+    done
+}
+
+# Brings up the first NIC that gets a DHCP lease; sets INSTALL_MAC (the MAC the server knows
+# this machine by: iPXE's, else the NIC's). NIC drivers probe asynchronously: retry for 60 s.
+network_up() {
+    tries=0
+    while :; do
+        for nic in $(candidate_nics); do
+            ip link set "$nic" up 2> /dev/null || continue
+            if udhcpc -i "$nic" -n -q -t 3 -T 2 -s /lib/kiln/udhcpc.script > /dev/null 2>&1; then
+                INSTALL_MAC=$(cmdline_value kiln.mac | tr 'A-F' 'a-f')
+                [ -n "$INSTALL_MAC" ] || INSTALL_MAC=$(cat "/sys/class/net/$nic/address")
+                log "install: network $nic $(ip -4 -o addr show dev "$nic" | sed -n 's/.* inet \([^ ]*\).*/\1/p') (machine $INSTALL_MAC)"
+                return 0
+            fi
+        done
+        tries=$((tries + 1))
+        [ "$tries" -le 12 ] || fail "install: no DHCP lease on any NIC after 60 s (NICs: $(cd /sys/class/net && echo *)); check the cable and the DHCP server"
+        sleep 1
+    done
+}
+
+# Network install: fetches the plan from $INSTALL_URL.
+fetch_plan() {
+    case "$INSTALL_URL" in
+        http://*/) ;;
+        http://*) INSTALL_URL=$INSTALL_URL/ ;;
+        *) fail "install: kiln.install=$INSTALL_URL is not an http:// URL" ;;
+    esac
+    network_up
+    tries=0
+    until wget -q -O "$INSTALL_PLAN" "${INSTALL_URL}plan"; do
+        tries=$((tries + 1))
+        [ "$tries" -le 5 ] || fail "install: cannot download ${INSTALL_URL}plan; is kiln serve running and reachable?"
+        sleep 2
+    done
+    if [ "$(plan_value kiln-install)" != 1 ] || [ "$(plan_value end)" != 1 ]; then
+        fail "install: ${INSTALL_URL}plan is no complete install plan"
+    fi
+    MEDIUM=""
+    log "install: from ${INSTALL_URL}, image $(plan_value image)"
+}
+
+# Network install: streams copy $1 (file $2 of the netboot directory) onto the target at byte
+# $3 while sha256sum reads the same bytes through a fifo; refuses unless the digest is $4.
+stream_copy() {
+    fifo=/run/kiln-install.fifo
+    rm -f "$fifo"
+    mkfifo "$fifo"
+    sha256sum < "$fifo" > /run/kiln-install.sha &
+    hasher=$!
+    log "install: streaming $1 from $INSTALL_URL$2 to $(($3 / MIB)) MiB of /dev/$TARGET"
+    wget -q -O - "$INSTALL_URL$2" | tee "$fifo" | dd of="/dev/$TARGET" bs="$MIB" seek=$(($3 / MIB)) conv=fsync 2> /dev/null \
+        || fail "install: writing $1 to /dev/$TARGET failed"
+    wait "$hasher" || true
+    got=$(cut -d' ' -f1 /run/kiln-install.sha)
+    [ "$got" = "$4" ] || fail "install: $1 from $INSTALL_URL$2 arrived with sha256 $got, the plan says $4 (download cut off, or the server holds another build); the target has no data partition and installs again on the next boot"
+    log "install: $1 arrived intact (sha256 $4)"
+}
+
+# Network install: tells the server this machine is installed (its next network boot then goes
+# to the disk). A failed report is not fatal: an installed target is detected and booted anyway.
+report_installed() {
+    origin=$(echo "$INSTALL_URL" | sed 's,^\(http://[^/]*\)/.*,\1,')
+    if wget -q -O /dev/null --post-data "" "$origin/installed?mac=$INSTALL_MAC&arch=$(uname -m)&image=$(plan_value image)"; then
+        log "install: reported to $origin (machine $INSTALL_MAC installed)"
+    else
+        log "install: could not report to $origin; the next network boot starts the installer again, which finds this image installed and boots it"
+    fi
 }
 
 # Whole disks that could be targets at all (not loop, RAM, optical, eMMC boot areas ...).
@@ -208,6 +300,10 @@ write_system() {
     log "install: partition table written to /dev/$TARGET"
     sed -n 's/^copy=//p' "$INSTALL_PLAN" > "$INSTALL_COPIES"
     while read -r name source source_offset target_offset length sha; do
+        if [ -n "$INSTALL_URL" ]; then
+            stream_copy "$name" "$source" "$target_offset" "$sha"
+            continue
+        fi
         source_dev=$(partition_named "$MEDIUM" "$source") || fail "install: the medium has no $source partition"
         ensure_node "$source_dev"
         count=$(((length + MIB - 1) / MIB))
@@ -232,10 +328,16 @@ verify_system() {
 }
 
 install_system() {
-    find_medium
+    INSTALL_URL=$(cmdline_value kiln.install)
+    if [ -n "$INSTALL_URL" ]; then
+        fetch_plan
+    else
+        find_medium
+    fi
     select_target
     if target_has_this_image; then
         log "install: /dev/$TARGET already holds image $(plan_value image); booting it"
+        [ -z "$INSTALL_URL" ] || report_installed
         return 0
     fi
     log "install: target=/dev/$TARGET size=$(($(disk_bytes "$TARGET") / MIB))MiB image=$(plan_value image) (disks: $TARGET_SEEN)"
@@ -249,6 +351,7 @@ install_system() {
     ensure_data_partition
     sync
     log "install: done target=/dev/$TARGET"
+    [ -z "$INSTALL_URL" ] || report_installed
     case "$(plan_value after)" in
         reboot)
             log "install: rebooting"

@@ -1,0 +1,348 @@
+//! `kiln serve`: an HTTP/1.1 server for build outputs, for machines that boot from the network.
+//!
+//! It serves the files under one build output directory (GET, HEAD, single byte ranges; nothing
+//! outside the directory, nothing under `secrets/`, no dot files), answers `/boot.ipxe` per
+//! machine (module `ipxe`) and records finished installs (`POST /installed`, module `state`).
+//! One thread per connection, one request per connection; one log line per request.
+
+pub mod http;
+pub mod ipxe;
+pub mod state;
+
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use self::http::{RangeAnswer, Request};
+use self::state::{Installed, Store};
+use crate::netboot;
+
+/// Connections served at once; more are answered 503 (a rack booting at once fits easily).
+const MAX_CONNECTIONS: usize = 512;
+/// A client that sends nothing (or stops reading) for this long is dropped.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the accept loop looks at the stop flag.
+const POLL: Duration = Duration::from_millis(50);
+/// How long a stop waits for downloads in flight.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// A bound server, not yet running.
+pub struct Server {
+    listener: TcpListener,
+    root: PathBuf,
+    store: Arc<Store>,
+}
+
+impl Server {
+    /// Binds `addr` to serve `dir` (a `kiln build` output directory).
+    pub fn bind(dir: &Path, addr: SocketAddr) -> Result<Server> {
+        let root = dir.canonicalize().with_context(|| format!("serving {}: no such directory", dir.display()))?;
+        anyhow::ensure!(root.is_dir(), "serving {}: not a directory", dir.display());
+        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let store = Arc::new(Store::new(&root));
+        Ok(Server { listener, root, store })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Serves until `stop` becomes true, then waits (a few seconds at most) for requests in
+    /// flight to finish.
+    pub fn run(self, stop: &AtomicBool) -> Result<()> {
+        let active = Arc::new(AtomicUsize::new(0));
+        let ctx = Arc::new(Shared { root: self.root.clone(), store: self.store.clone() });
+        while !stop.load(Ordering::SeqCst) {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = respond_simple(&stream, 503, "Service Unavailable", "too many connections; retry\n", false);
+                        info!("{peer} - - 503 0 (too many connections)");
+                        continue;
+                    }
+                    active.fetch_add(1, Ordering::SeqCst);
+                    let (ctx, active) = (ctx.clone(), active.clone());
+                    std::thread::spawn(move || {
+                        handle(&ctx, stream, peer);
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
+                    std::thread::sleep(POLL)
+                }
+                Err(e) => {
+                    warn!("accepting a connection: {e}");
+                    std::thread::sleep(POLL);
+                }
+            }
+        }
+        let deadline = Instant::now() + DRAIN;
+        while active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+        }
+        let left = active.load(Ordering::SeqCst);
+        info!("stopped{}", if left > 0 { format!(" ({left} downloads cut off)") } else { String::new() });
+        Ok(())
+    }
+}
+
+/// What every connection thread shares.
+struct Shared {
+    root: PathBuf,
+    store: Arc<Store>,
+}
+
+/// The outcome of one request, for the log line.
+struct Served {
+    status: u16,
+    bytes: u64,
+}
+
+fn handle(ctx: &Shared, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let Ok(read_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(read_half);
+    let req = match http::read_request(&mut reader) {
+        Ok(r) => r,
+        Err(e) if e.0 == http::CLOSED_EMPTY => return,
+        Err(e) => {
+            let _ = respond_simple(&stream, 400, "Bad Request", &format!("{e}\n"), false);
+            info!("{peer} - - 400 0 ({e})");
+            return;
+        }
+    };
+    let served = route(ctx, &req, &stream, peer).unwrap_or_else(|e| {
+        // The client went away mid-download, or the disk failed: the log says which.
+        warn!("{peer} {} {}: {e:#}", req.method, req.path);
+        Served { status: 500, bytes: 0 }
+    });
+    // Only the MAC and arch of the query are logged: they identify the machine and are no secret.
+    let mut what = req.path.clone();
+    for key in ["mac", "arch"] {
+        if let Some(v) = req.param(key) {
+            what.push_str(&format!(" {key}={}", v.escape_debug()));
+        }
+    }
+    info!("{peer} {} {} {} {}", req.method, what.escape_debug(), served.status, served.bytes);
+}
+
+fn route(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> Result<Served> {
+    let head = req.method == "HEAD";
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET" | "HEAD", "/boot.ipxe") => boot_script(ctx, req, stream, head),
+        ("POST", "/installed") => installed(ctx, req, stream, peer),
+        ("GET" | "HEAD", _) => match resolve(&ctx.root, &req.path) {
+            Some(path) => send_file(&path, req, stream, head),
+            None => respond_simple(stream, 404, "Not Found", "not found\n", head),
+        },
+        _ => respond_simple(stream, 405, "Method Not Allowed", "only GET and HEAD (and POST /installed)\n", head),
+    }
+}
+
+/// The file a request path names inside `root`, or `None` (answered 404) when it does not exist,
+/// is not a regular file, has a `..`, dot-file or `secrets` component, or resolves (through
+/// symlinks) to a place outside `root`.
+pub fn resolve(root: &Path, request_path: &str) -> Option<PathBuf> {
+    let rel = request_path.strip_prefix('/')?;
+    let mut path = root.to_path_buf();
+    for (i, part) in rel.split('/').enumerate() {
+        let c = Path::new(part).components().collect::<Vec<_>>();
+        // One normal component per segment: no `..`, no `.`, no empty segment, no root.
+        if c.len() != 1 || !matches!(c[0], Component::Normal(_)) || part.starts_with('.') || part.contains('\\') {
+            return None;
+        }
+        // The cluster token lives in OUT/secrets/ (and the state file is the server's own).
+        if i == 0 && (part == "secrets" || part == state::STATE_FILE) {
+            return None;
+        }
+        path.push(part);
+    }
+    let real = path.canonicalize().ok()?;
+    (real.starts_with(root) && real.is_file()).then_some(real)
+}
+
+fn send_file(path: &Path, req: &Request, mut stream: &TcpStream, head: bool) -> Result<Served> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file.metadata()?.len();
+    let (status, reason, start, count) = match http::resolve_range(req.range.as_deref(), len) {
+        RangeAnswer::Whole => (200, "OK", 0, len),
+        RangeAnswer::Part { start, end } => (206, "Partial Content", start, end - start + 1),
+        RangeAnswer::Unsatisfiable => {
+            let h = format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            stream.write_all(h.as_bytes())?;
+            return Ok(Served { status: 416, bytes: 0 });
+        }
+    };
+    let mut h = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {}\r\nContent-Length: {count}\r\nAccept-Ranges: bytes\r\nConnection: close\r\n",
+        content_type(path)
+    );
+    if status == 206 {
+        h.push_str(&format!("Content-Range: bytes {start}-{}/{len}\r\n", start + count - 1));
+    }
+    h.push_str("\r\n");
+    stream.write_all(h.as_bytes())?;
+    if head {
+        return Ok(Served { status, bytes: 0 });
+    }
+    file.seek(SeekFrom::Start(start))?;
+    let sent = std::io::copy(&mut file.take(count), &mut stream).context("sending the file")?;
+    Ok(Served { status, bytes: sent })
+}
+
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("ipxe") => "text/plain; charset=utf-8",
+        Some("json") => "application/json",
+        _ if path.file_name().is_some_and(|n| n == "SHA256SUMS" || n == netboot::PLAN || n == netboot::INVENTORY) => "text/plain; charset=utf-8",
+        _ => "application/octet-stream",
+    }
+}
+
+/// `/boot.ipxe[?mac=M&arch=A]`.
+fn boot_script(ctx: &Shared, req: &Request, stream: &TcpStream, head: bool) -> Result<Served> {
+    // iPXE sends Host; the URLs in the script point back at the address the machine reached.
+    let Some(host) = req.host.as_deref().filter(|h| !h.is_empty() && !h.contains(['/', ' ', '\\'])) else {
+        return respond_simple(stream, 400, "Bad Request", "boot.ipxe needs a Host header\n", head);
+    };
+    let origin = format!("http://{host}");
+    let Some(raw_mac) = req.param("mac") else {
+        return respond_text(stream, &ipxe::chain_script(&origin), head);
+    };
+    let Some(mac) = state::normalise_mac(raw_mac) else {
+        return respond_text(stream, &ipxe::refusal_script(&format!("`{}` is not a MAC address", raw_mac.escape_debug())), head);
+    };
+    let buildarch = req.param("arch").unwrap_or("x86_64");
+    let Some(arch) = ipxe::arch_from_buildarch(buildarch) else {
+        return respond_text(stream, &ipxe::refusal_script(&format!("no kiln image for iPXE architecture `{}`", buildarch.escape_debug())), head);
+    };
+    if ctx.store.is_installed(&mac)? {
+        return respond_text(stream, &ipxe::local_disk_script(&mac), head);
+    }
+    let dir = ctx.root.join(arch.name()).join(netboot::DIR);
+    let template = match std::fs::read_to_string(dir.join(netboot::SCRIPT)) {
+        Ok(t) => t,
+        Err(_) => {
+            let why = format!("this build has no {arch} netboot output ({arch}/{}/{}); build with --format netboot", netboot::DIR, netboot::SCRIPT);
+            return respond_text(stream, &ipxe::refusal_script(&why), head);
+        }
+    };
+    let inventory = std::fs::read_to_string(dir.join(netboot::INVENTORY)).unwrap_or_default();
+    let node = ipxe::node_for(&inventory, &mac);
+    let base = format!("{origin}/{}/{}/", arch.name(), netboot::DIR);
+    respond_text(stream, &ipxe::install_script(&template, &base, node.as_deref()), head)
+}
+
+/// `POST /installed?mac=M[&arch=A][&image=I]`: the installer's report at the end of an install.
+fn installed(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> Result<Served> {
+    let Some(mac) = req.param("mac").and_then(state::normalise_mac) else {
+        return respond_simple(stream, 400, "Bad Request", "POST /installed needs mac=XX:XX:XX:XX:XX:XX\n", false);
+    };
+    let arch = req.param("arch").and_then(ipxe::arch_from_buildarch);
+    let node = arch.and_then(|a| {
+        let inv = std::fs::read_to_string(ctx.root.join(a.name()).join(netboot::DIR).join(netboot::INVENTORY)).ok()?;
+        ipxe::node_for(&inv, &mac)
+    });
+    let record = Installed {
+        installed_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        arch: arch.map(|a| a.name().to_string()),
+        node,
+        image: req.param("image").filter(|i| i.len() <= 64 && i.bytes().all(|b| b.is_ascii_alphanumeric())).map(str::to_string),
+    };
+    ctx.store.update(|s| s.installed.insert(mac.clone(), record))?;
+    info!("{peer}: {mac} reported a finished install; its next network boot goes to its disk");
+    respond_simple(stream, 200, "OK", "recorded\n", false)
+}
+
+fn respond_text(stream: &TcpStream, body: &str, head: bool) -> Result<Served> {
+    respond_simple(stream, 200, "OK", body, head)
+}
+
+fn respond_simple(mut stream: &TcpStream, status: u16, reason: &str, body: &str, head: bool) -> Result<Served> {
+    let h = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(h.as_bytes())?;
+    if !head {
+        stream.write_all(body.as_bytes())?;
+    }
+    Ok(Served { status, bytes: if head { 0 } else { body.len() as u64 } })
+}
+
+/// Removes machines from the install state so their next network boot installs again; returns
+/// the MACs that were not recorded.
+pub fn reinstall(dir: &Path, macs: &[String]) -> Result<Vec<String>> {
+    let store = Store::new(dir);
+    let mut missing = Vec::new();
+    let normal: Vec<String> = macs
+        .iter()
+        .map(|m| state::normalise_mac(m).ok_or_else(|| crate::pipeline::UsageError(format!("--reinstall {m}: not a MAC address (XX:XX:XX:XX:XX:XX)")).into()))
+        .collect::<Result<_>>()?;
+    store.update(|s| {
+        for m in &normal {
+            if s.installed.remove(m).is_none() {
+                missing.push(m.clone());
+            }
+        }
+    })?;
+    Ok(missing)
+}
+
+/// The DHCP settings to print at start: what a site's DHCP server (or a proxy-DHCP) must hand out.
+pub fn dhcp_settings(url_host: &str) -> String {
+    format!(
+        "DHCP settings for machines that boot from this server:\n\
+         \x20 iPXE clients (DHCP user class `iPXE`, option 175): filename/boot URL  http://{url_host}/boot.ipxe\n\
+         \x20 PXE ROMs without HTTP: TFTP-serve Debian's `ipxe` package (/usr/lib/ipxe) and hand out by client architecture\n\
+         \x20   option 93 = 0 (BIOS):        undionly.kpxe\n\
+         \x20   option 93 = 7 (x86_64 UEFI): ipxe.efi (or snponly.efi)\n\
+         \x20   option 93 = 11 (arm64 UEFI): aarch64/netboot/ipxe.efi of the build\n\
+         \x20 then the boot URL above when the client is iPXE. `--dnsmasq FILE` writes this as a dnsmasq proxy-DHCP/TFTP snippet.\n"
+    )
+}
+
+/// A dnsmasq configuration snippet: proxy-DHCP (the site's DHCP server keeps handing out
+/// addresses; dnsmasq only adds the boot information) plus TFTP for Debian's iPXE binaries;
+/// iPXE clients are sent to `http://url_host/boot.ipxe`.
+pub fn dnsmasq_snippet(url_host: &str) -> String {
+    format!(
+        "# kiln serve: proxy-DHCP and TFTP for network-booting kiln machines.\n\
+         # Set the subnet of the rack network in dhcp-range; needs Debian's `ipxe` package for TFTP.\n\
+         port=0\n\
+         dhcp-range=192.0.2.0,proxy\n\
+         enable-tftp\n\
+         tftp-root=/usr/lib/ipxe\n\
+         # iPXE identifies itself with user class iPXE (and option 175).\n\
+         dhcp-userclass=set:ipxe,iPXE\n\
+         dhcp-match=set:ipxe,175\n\
+         # First stage: plain PXE ROMs load iPXE over TFTP.\n\
+         pxe-service=tag:!ipxe,x86PC,\"kiln: load iPXE (BIOS)\",undionly.kpxe\n\
+         pxe-service=tag:!ipxe,X86-64_EFI,\"kiln: load iPXE (UEFI)\",ipxe.efi\n\
+         # arm64: trixie's ipxe package has ipxe-arm64.efi; elsewhere copy the build's aarch64/netboot/ipxe.efi there.\n\
+         pxe-service=tag:!ipxe,ARM64_EFI,\"kiln: load iPXE (arm64 UEFI)\",ipxe-arm64.efi\n\
+         # Second stage: iPXE fetches its script from kiln serve.\n\
+         pxe-service=tag:ipxe,x86PC,\"kiln\",http://{url_host}/boot.ipxe\n\
+         pxe-service=tag:ipxe,X86-64_EFI,\"kiln\",http://{url_host}/boot.ipxe\n\
+         pxe-service=tag:ipxe,ARM64_EFI,\"kiln\",http://{url_host}/boot.ipxe\n\
+         dhcp-boot=tag:ipxe,http://{url_host}/boot.ipxe\n"
+    )
+}
+
+#[cfg(test)]
+mod tests;
