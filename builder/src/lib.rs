@@ -22,6 +22,7 @@ pub mod installer;
 pub mod k3s;
 pub mod kmod;
 pub mod manifest;
+pub mod oci;
 pub mod overlay;
 pub mod pipeline;
 pub mod platform;

@@ -80,6 +80,10 @@ struct Inputs {
     systemd_boot_deb: Option<(debian::Package, PathBuf)>,
     /// Cluster images: the verified k3s binary and air-gap archive.
     k3s: Option<crate::k3s::Artifacts>,
+    /// Container images (profile key `images`), verified in the cache.
+    images: Vec<crate::oci::Image>,
+    /// The cache the images' blobs are in (the archive is written from it).
+    cache: crate::cache::Cache,
 }
 
 impl BuildOptions {
@@ -178,7 +182,10 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         Some(c) => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         None => None,
     };
-    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, k3s })
+    let p = &profile.profile;
+    let images = crate::oci::pull::pull_all(fetcher, &p.images, &p.image_registries, &profile.base_dir(), arch)
+        .with_context(|| format!("{arch}: pulling the profile's `images`"))?;
+    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, k3s, images, cache: fetcher.cache.clone() })
 }
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
@@ -229,6 +236,10 @@ pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<()> {
     for arch in opts.archs_for(profile)? {
         let inputs = gather(profile, opts, &fetcher, arch)?;
         info!("{arch}: {} packages cached", inputs.root_debs.len() + 2);
+        if !inputs.images.is_empty() {
+            let blobs: u64 = inputs.images.iter().flat_map(|i| i.all_blobs()).map(|b| b.size).sum();
+            info!("{arch}: {} container images cached ({} MiB)", inputs.images.len(), blobs >> 20);
+        }
     }
     Ok(())
 }
@@ -362,6 +373,16 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
         None => {
             root.remove(&TreePath::parse(crate::k3s::RUN_SCRIPT)?);
         }
+    }
+    if !inputs.images.is_empty() {
+        // Written beside the image being built (the staging directory) and streamed into the
+        // squashfs from there: never held in memory.
+        let archive = dir.join(crate::oci::archive_name(arch));
+        let size = crate::oci::layout::write_archive(&inputs.images, &inputs.cache, epoch, &archive)
+            .with_context(|| format!("{arch}: writing the image archive {}", archive.display()))?;
+        info!("{arch}: {} container images bundled ({} MiB)", inputs.images.len(), size >> 20);
+        crate::oci::place(&archive, arch, &mut root).context("placing the image archive in the root")?;
+        manifest_inputs.extend(crate::oci::manifest_inputs(&inputs.images));
     }
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);

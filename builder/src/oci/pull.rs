@@ -1,0 +1,287 @@
+//! Pulling images into the download cache with oci-client: the reference's manifest (an index is
+//! resolved to the target architecture's entry), then config and layers, each verified against
+//! its digest and size and stored by digest; layers stream to disk and are never whole in
+//! memory. A cache ref from (architecture, reference) to the resolved manifest lets `--offline`
+//! builds find everything again without a registry.
+//!
+//! Online, a tag is resolved again on every build (it may have moved): that costs one manifest
+//! request, while blobs already in the cache are never downloaded again. A reference by digest
+//! whose blobs are all cached needs no request at all.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+
+use super::manifest::{self, Descriptor, Document};
+use super::{Image, Registry};
+use crate::arch::Arch;
+use crate::cache::{CacheError, Mismatch};
+use crate::fetch::Fetcher;
+
+/// Manifests and indexes are small documents; anything bigger is a wrong response.
+const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// What the cache remembers per (architecture, reference).
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    resolved: String,
+    manifest: Descriptor,
+}
+
+fn ref_key(arch: Arch, reference: &str) -> String {
+    format!("oci/{}/{reference}", arch.name())
+}
+
+/// A pull session: one client and runtime for all images of a build.
+pub struct Puller<'a> {
+    fetcher: &'a Fetcher,
+    registries: &'a BTreeMap<String, Registry>,
+    base_dir: PathBuf,
+    /// Created on the first network access: offline builds and fully cached digest references
+    /// never build a TLS client.
+    online: Option<(tokio::runtime::Runtime, Client)>,
+    auths: BTreeMap<String, RegistryAuth>,
+}
+
+impl<'a> Puller<'a> {
+    /// `base_dir` resolves the relative paths of `registries` (the profile's directory).
+    pub fn new(fetcher: &'a Fetcher, registries: &'a BTreeMap<String, Registry>, base_dir: &Path) -> Self {
+        Puller { fetcher, registries, base_dir: base_dir.to_path_buf(), online: None, auths: BTreeMap::new() }
+    }
+
+    fn client(&mut self) -> Result<&(tokio::runtime::Runtime, Client)> {
+        if self.online.is_none() {
+            // reqwest is built without a default crypto provider (ring instead of aws-lc, which
+            // needs cmake): install ring once; a second install in the process is harmless.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let mut plain_http = Vec::new();
+            let mut certs = Vec::new();
+            for (host, r) in self.registries {
+                if r.insecure_http {
+                    plain_http.push(host.clone());
+                }
+                if let Some(f) = &r.ca_file {
+                    let path = self.base_dir.join(f);
+                    let data = std::fs::read(&path)
+                        .with_context(|| format!("key `image_registries.{host}.ca_file`: reading {}", path.display()))?;
+                    certs.push(Certificate { encoding: CertificateEncoding::Pem, data });
+                }
+            }
+            let config = ClientConfig {
+                protocol: ClientProtocol::HttpsExcept(plain_http),
+                extra_root_certificates: certs,
+                // kiln picks the platform itself (and names the ones an index has when it fails).
+                platform_resolver: None,
+                connect_timeout: Some(Duration::from_secs(30)),
+                read_timeout: Some(Duration::from_secs(120)),
+                user_agent: concat!("kiln/", env!("CARGO_PKG_VERSION")),
+                ..ClientConfig::default()
+            };
+            let client = Client::try_from(config).context("setting up the registry client")?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the registry client's runtime")?;
+            self.online = Some((rt, client));
+        }
+        Ok(self.online.as_ref().expect("set above"))
+    }
+
+    /// The credentials for a registry host (profile, then auth files, else anonymous).
+    fn auth(&mut self, host: &str) -> Result<RegistryAuth> {
+        if let Some(a) = self.auths.get(host) {
+            return Ok(a.clone());
+        }
+        let creds = match self.registries.get(host) {
+            Some(Registry { username: Some(u), password_file: Some(f), .. }) => {
+                Some(super::auth::from_profile(host, u, &self.base_dir.join(f))?)
+            }
+            _ => super::auth::from_auth_files(host)?,
+        };
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username, c.password),
+            None => RegistryAuth::Anonymous,
+        };
+        self.auths.insert(host.to_string(), auth.clone());
+        Ok(auth)
+    }
+
+    /// Pulls (or finds in the cache) `reference` for `arch`.
+    pub fn image(&mut self, reference: &str, arch: Arch) -> Result<Image> {
+        let r = super::parse_reference(reference)?;
+        let name = r.whole();
+        let key = ref_key(arch, &name);
+        let stored: Option<Record> = match self.fetcher.cache.get_ref(&key).with_context(|| format!("reading cache entry `{key}`"))? {
+            Some(data) => serde_json::from_slice(&data).ok(),
+            None => None,
+        };
+        let from_cache = self.fetcher.offline || r.digest().is_some();
+        let record = match stored {
+            Some(rec) if from_cache => rec,
+            None if self.fetcher.offline => bail!(
+                "image `{name}` ({arch}) is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry"
+            ),
+            _ => self.resolve(&r, arch)?,
+        };
+        let manifest_path = self.blob(&r, &record.manifest, &format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))?;
+        let bytes = read_small(&manifest_path)?;
+        let blobs = match manifest::parse(&bytes, Some(&record.manifest.media_type)) {
+            Ok(Document::Image { config, layers, .. }) => std::iter::once(config).chain(layers).collect::<Vec<_>>(),
+            Ok(Document::Index(_)) => bail!("image `{name}` ({arch}): the platform manifest {} is itself an index", record.manifest.digest),
+            Err(e) => return Err(e.context(format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))),
+        };
+        let total: u64 = blobs.iter().map(|b| b.size).sum();
+        tracing::info!("{arch}: image {name}: {} blobs, {} MiB", blobs.len(), total >> 20);
+        for (i, b) in blobs.iter().enumerate() {
+            let what = if i == 0 { "config" } else { "layer" };
+            self.blob(&r, b, &format!("image `{name}` ({arch}): {what} {}", b.digest))?;
+        }
+        if record.resolved == record.manifest.digest {
+            // A single-platform image: only its config says which platform it is for.
+            let config = read_small(&self.fetcher.cache.blob_path(blobs[0].hex())?)?;
+            let p: manifest::Platform = serde_json::from_slice(&config)
+                .map_err(|e| anyhow!("image `{name}`: its config {} names no os/architecture: {e}", blobs[0].digest))?;
+            if !manifest::matches(&p, arch) {
+                bail!("image `{name}` is a single-platform image for {p}, not linux/{} ({arch}): use a multi-arch index or a reference built for {arch}", arch.oci());
+            }
+        }
+        self.fetcher.cache.put_ref(&key, &serde_json::to_vec(&record)?)?;
+        Ok(Image { reference: name, resolved: record.resolved, manifest: record.manifest, blobs })
+    }
+
+    /// Asks the registry what `r` names now and picks the manifest for `arch`.
+    fn resolve(&mut self, r: &Reference, arch: Arch) -> Result<Record> {
+        let name = r.whole();
+        let (top, top_digest) = self.manifest(r).with_context(|| format!("image `{name}`: fetching its manifest"))?;
+        let doc = manifest::parse(&top, None).with_context(|| format!("image `{name}`"))?;
+        let manifest = match doc {
+            Document::Index(entries) => {
+                let entry = manifest::select(&entries, arch).with_context(|| format!("image `{name}`"))?;
+                entry.manifest.clone()
+            }
+            Document::Image { media_type, .. } => {
+                // A single-platform image: store the manifest already held; its config's
+                // platform is checked once the config is pulled (in `image`).
+                let d = Descriptor { media_type, digest: top_digest.clone(), size: top.len() as u64 };
+                self.fetcher.cache.put(d.hex(), Some(d.size), &top[..], &format!("image `{name}`: manifest"))?;
+                d
+            }
+        };
+        tracing::info!("{arch}: image {name} -> {top_digest} (manifest {})", manifest.digest);
+        Ok(Record { resolved: top_digest, manifest })
+    }
+
+    /// A manifest document and its digest (checked by oci-client against a digest reference).
+    fn manifest(&mut self, r: &Reference) -> Result<(Vec<u8>, String)> {
+        let auth = self.auth(r.registry())?;
+        let (rt, client) = self.client()?;
+        let (bytes, digest) = rt
+            .block_on(client.pull_manifest_raw(r, &auth, manifest::ACCEPTED))
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("GET manifest {r}"))?;
+        if bytes.len() as u64 > MANIFEST_LIMIT {
+            bail!("the manifest of {r} is larger than {MANIFEST_LIMIT} bytes");
+        }
+        manifest::check_digest(&digest)?;
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// A verified blob in the cache: found there, or pulled (streamed to disk, verified against
+    /// its digest and size). `what` names the image and blob in errors.
+    fn blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
+        let cache = &self.fetcher.cache;
+        match cache.get(d.hex(), Some(d.size)) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) if self.fetcher.offline => {
+                bail!("{what} is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
+            }
+            Ok(None) => {}
+            Err(e @ CacheError::Corrupt { .. }) if self.fetcher.offline => return Err(anyhow!(e)).context(what.to_string()),
+            Err(CacheError::Corrupt { path, .. }) => {
+                tracing::warn!("the cached copy of {what} is corrupt ({}); pulling it again", path.display());
+                cache.remove(d.hex()).with_context(|| format!("removing corrupt {}", path.display()))?;
+            }
+            Err(e) => return Err(anyhow!(e)).context(what.to_string()),
+        }
+        let auth = self.auth(r.registry())?;
+        let fetcher = self.fetcher;
+        let (rt, client) = self.client()?;
+        let at = r.clone_with_digest(d.digest.clone());
+        let stream = rt
+            .block_on(async {
+                client.store_auth_if_needed(at.resolve_registry(), &auth).await;
+                client.pull_blob_stream(&at, d.digest.as_str()).await
+            })
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("{what}: GET blob from {}", at.resolve_registry()))?;
+        let failed = Rc::new(Cell::new(false));
+        let reader = StreamReader { rt, stream: stream.stream, chunk: bytes::Bytes::new(), digest_failed: failed.clone() };
+        let reader = fetcher.progress_reader(reader, Some(d.size), what);
+        fetcher.cache.put(d.hex(), Some(d.size), reader, what).map_err(|e| {
+            if e.downcast_ref::<Mismatch>().is_some() || failed.get() {
+                e.context(format!(
+                    "{what}: the registry served content that does not match the digest or size the manifest names ({} bytes); nothing was stored — the registry's copy is damaged or was tampered with",
+                    d.size
+                ))
+            } else {
+                e
+            }
+        })
+    }
+}
+
+/// Reads a manifest from the cache (small: bounded).
+fn read_small(path: &Path) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MANIFEST_LIMIT + 1).read_to_end(&mut data))
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(data)
+}
+
+/// A blocking [`Read`] over oci-client's async byte stream: the layer goes chunk by chunk from
+/// the socket into the cache's hashing writer. oci-client also checks the digest at the end of
+/// the stream; that failure is remembered so the caller can report it as a mismatch.
+struct StreamReader<'r> {
+    rt: &'r tokio::runtime::Runtime,
+    stream: futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+    digest_failed: Rc<Cell<bool>>,
+}
+
+impl Read for StreamReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rt.block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(b)) => self.chunk = b,
+                Some(Err(e)) => {
+                    if e.get_ref().is_some_and(|inner| inner.is::<oci_client::errors::DigestError>()) || e.to_string().contains("igest") {
+                        self.digest_failed.set(true);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        let _ = self.chunk.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Pulls every image of the profile for `arch`.
+pub fn pull_all(fetcher: &Fetcher, images: &[String], registries: &BTreeMap<String, Registry>, base_dir: &Path, arch: Arch) -> Result<Vec<Image>> {
+    let mut puller = Puller::new(fetcher, registries, base_dir);
+    images.iter().map(|i| puller.image(i, arch)).collect()
+}
