@@ -133,7 +133,7 @@ impl<'a> Puller<'a> {
             ),
             _ => self.resolve(&r, arch)?,
         };
-        let manifest_path = self.blob(&r, &record.manifest, &format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))?;
+        let manifest_path = self.manifest_blob(&r, &record.manifest, &format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))?;
         let bytes = read_small(&manifest_path)?;
         let blobs = match manifest::parse(&bytes, Some(&record.manifest.media_type)) {
             Ok(Document::Image { config, layers, .. }) => std::iter::once(config).chain(layers).collect::<Vec<_>>(),
@@ -194,6 +194,33 @@ impl<'a> Puller<'a> {
         }
         manifest::check_digest(&digest)?;
         Ok((bytes.to_vec(), digest))
+    }
+
+    /// A platform manifest in the cache: found there, or fetched from the registry's manifest
+    /// endpoint by digest (registries need not serve manifests as blobs) and stored once its
+    /// digest and size are checked.
+    fn manifest_blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
+        match self.fetcher.cache.get(d.hex(), Some(d.size)) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) if self.fetcher.offline => {
+                bail!("{what} is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
+            }
+            Ok(None) => {}
+            Err(e @ CacheError::Corrupt { .. }) if self.fetcher.offline => return Err(anyhow!(e)).context(what.to_string()),
+            Err(CacheError::Corrupt { path, .. }) => {
+                tracing::warn!("the cached copy of {what} is corrupt ({}); fetching it again", path.display());
+                self.fetcher.cache.remove(d.hex()).with_context(|| format!("removing corrupt {}", path.display()))?;
+            }
+            Err(e) => return Err(anyhow!(e)).context(what.to_string()),
+        }
+        let (bytes, _) = self.manifest(&r.clone_with_digest(d.digest.clone())).with_context(|| what.to_string())?;
+        self.fetcher.cache.put(d.hex(), Some(d.size), &bytes[..], what).map_err(|e| {
+            if e.downcast_ref::<Mismatch>().is_some() {
+                e.context(format!("{what}: the registry served a manifest that does not match the digest or size its index names"))
+            } else {
+                e
+            }
+        })
     }
 
     /// A verified blob in the cache: found there, or pulled (streamed to disk, verified against
