@@ -413,13 +413,23 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     let initrd = Content::bytes(crate::initramfs::pack(&initramfs.tree, clamp32(epoch))?);
 
     info!("{arch}: writing the squashfs root ({} entries)", root.len());
-    let mut squashfs = std::io::Cursor::new(Vec::new());
-    crate::squashfs::write_squashfs(&root, &mut squashfs, &crate::squashfs::SquashfsOptions {
+    // Written to a file in the staging directory, not into memory: with bundled container
+    // images the root can be GiBs.
+    let squashfs_path = dir.join("root.squashfs");
+    let mut squashfs_file = std::io::BufWriter::with_capacity(
+        1 << 20,
+        File::options().read(true).write(true).create(true).truncate(true).open(&squashfs_path)
+            .with_context(|| format!("creating {}", squashfs_path.display()))?,
+    );
+    crate::squashfs::write_squashfs(&root, &mut squashfs_file, &crate::squashfs::SquashfsOptions {
         mtime: clamp32(epoch),
         zstd_level: 15,
         block_size: 128 * 1024,
     })?;
-    let squashfs = squashfs.into_inner();
+    squashfs_file.flush()?;
+    drop(squashfs_file);
+    let squashfs_sha = crate::cache::sha256_file(&squashfs_path).with_context(|| format!("reading {}", squashfs_path.display()))?;
+    let squashfs = Part::File { path: &squashfs_path, len: std::fs::metadata(&squashfs_path)?.len(), sha256: &squashfs_sha };
 
     // Identities derived from the inputs: same inputs, same GUIDs, same bytes.
     let mut ids = Sha256::new();
@@ -454,14 +464,14 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
     let esp = fat_image(&esp_tree(&cmdline)?, esp_guid, epoch)?;
 
     // --- the installed system's partitions ---------------------------------------------
-    let root_slot = round_up(squashfs.len() as u64 + squashfs.len() as u64 / 4 + (16 << 20), 1 << 20);
+    let root_slot = round_up(squashfs.len() + squashfs.len() / 4 + (16 << 20), 1 << 20);
     let specs = vec![
         PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: esp_guid, size: esp.len() as u64, attributes: 0 },
         PartitionSpec { name: "kiln-root-a".into(), type_guid: arch.root_partition_type().parse()?, guid: root_a_guid, size: root_slot, attributes: 0 },
         // The B slot for A/B updates: same size, empty, and marked "do not auto-mount" (bit 63).
         PartitionSpec { name: "kiln-root-b".into(), type_guid: arch.root_partition_type().parse()?, guid: root_b_guid, size: root_slot, attributes: 1 << 63 },
     ];
-    let system_contents = [Some(esp.as_slice()), Some(squashfs.as_slice()), None];
+    let system_contents = [Some(Part::Bytes(&esp)), Some(squashfs), None];
     let fixed = match profile.profile.disk.size {
         DiskSize::Auto => None,
         DiskSize::Fixed(s) => Some(s.0),
@@ -495,8 +505,8 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
                     source_partition: crate::installer::IMAGE_PARTITION,
                     source_offset: 0,
                     target_offset: target.partitions[1].offset(),
-                    length: squashfs.len() as u64,
-                    sha256: sha256_hex(&squashfs),
+                    length: squashfs.len(),
+                    sha256: squashfs.sha256(),
                 },
             ];
             let plan = crate::installer::Plan {
@@ -519,10 +529,10 @@ fn build_arch(profile: &LoadedProfile, inputs: &Inputs, platform: &Platform, dir
             let medium_esp = fat_image(&esp_tree(&installer_cmdline)?, m_esp_guid, epoch)?;
             let medium_specs = vec![
                 PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: m_esp_guid, size: medium_esp.len() as u64, attributes: 0 },
-                PartitionSpec { name: crate::installer::IMAGE_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_image_guid, size: squashfs.len() as u64, attributes: 0 },
+                PartitionSpec { name: crate::installer::IMAGE_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_image_guid, size: squashfs.len(), attributes: 0 },
                 PartitionSpec { name: crate::installer::INSTALL_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_install_guid, size: install_part.len() as u64, attributes: 0 },
             ];
-            let medium_contents = [Some(medium_esp.as_slice()), Some(squashfs.as_slice()), Some(install_part.as_slice())];
+            let medium_contents = [Some(Part::Bytes(&medium_esp)), Some(squashfs), Some(Part::Bytes(&install_part))];
             let layout = gpt::plan(&medium_specs, fixed, 0).map_err(disk_size_error)?;
             write_disk(&img_path, &layout, guid("installer-disk"), &medium_contents, image_mode(&profile.profile))?;
             let install = crate::manifest::InstallRecord {
@@ -675,7 +685,7 @@ pub fn image_mode(p: &crate::profile::Profile) -> u32 {
 /// Writes a sparse disk image: the partition table, then each partition's contents (`None`:
 /// left empty) at its offset.
 /// `mode` is the image file's permission bits (see [`image_mode`]).
-fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: &[Option<&[u8]>], mode: u32) -> Result<()> {
+fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: &[Option<Part>], mode: u32) -> Result<()> {
     info!("writing {} ({} MiB){}", path.display(), layout.size >> 20, if mode == 0o600 { ", mode 0600: it holds secrets" } else { "" });
     let mut img = File::options()
         .write(true)
@@ -689,17 +699,45 @@ fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: 
     img.set_len(layout.size)?;
     gpt::write_gpt(&mut img, layout, disk_guid).context("writing the partition table")?;
     for (part, content) in layout.partitions.iter().zip(contents) {
-        if let Some(bytes) = content {
+        if let Some(content) = content {
             img.seek(SeekFrom::Start(part.offset()))?;
-            img.write_all(bytes).with_context(|| format!("writing partition {} into {}", part.name, path.display()))?;
+            let written = match content {
+                Part::Bytes(bytes) => img.write_all(bytes),
+                Part::File { path, .. } => File::open(path).and_then(|mut f| std::io::copy(&mut f, &mut img).map(|_| ())),
+            };
+            written.with_context(|| format!("writing partition {} into {}", part.name, path.display()))?;
         }
     }
     img.sync_all()?;
     Ok(())
 }
 
+/// What goes into a partition: bytes built in memory (ESP, install plan) or a file in the
+/// staging directory (the root squashfs, streamed onto the disk; its digest taken once).
+#[derive(Debug, Clone, Copy)]
+enum Part<'a> {
+    Bytes(&'a [u8]),
+    File { path: &'a Path, len: u64, sha256: &'a str },
+}
+
+impl Part<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Part::Bytes(b) => b.len() as u64,
+            Part::File { len, .. } => *len,
+        }
+    }
+
+    fn sha256(&self) -> String {
+        match self {
+            Part::Bytes(b) => sha256_hex(b),
+            Part::File { sha256, .. } => sha256.to_string(),
+        }
+    }
+}
+
 /// The manifest's view of a layout: each partition with the digest of what was written into it.
-fn partition_records(layout: &gpt::DiskLayout, contents: &[Option<&[u8]>]) -> Vec<PartitionRecord> {
+fn partition_records(layout: &gpt::DiskLayout, contents: &[Option<Part>]) -> Vec<PartitionRecord> {
     layout
         .partitions
         .iter()
@@ -712,8 +750,8 @@ fn partition_records(layout: &gpt::DiskLayout, contents: &[Option<&[u8]>]) -> Ve
             guid: p.guid.to_string(),
             offset: p.offset(),
             size: p.size(),
-            content_sha256: content.map(sha256_hex),
-            content_size: content.map(|c| c.len() as u64),
+            content_sha256: content.map(|c| c.sha256()),
+            content_size: content.map(|c| c.len()),
         })
         .collect()
 }
@@ -753,7 +791,7 @@ mod tests {
         let layout = gpt::plan(&[spec], None, 0)?;
         for mode in [0o600, 0o644] {
             let path = dir.path().join(format!("disk-{mode:o}.img"));
-            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(&[1u8; 512])], mode)?;
+            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(Part::Bytes(&[1u8; 512]))], mode)?;
             assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, mode);
         }
         Ok(())

@@ -253,6 +253,7 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let out = dir.join("out-armonly");
     let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
     ensure!(code != 0, "a build needing a missing platform succeeded:\n{log}");
+    eprintln!("missing platform: {}", log.lines().find(|l| l.starts_with("error:")).unwrap_or("(no error line)"));
     ensure!(log.contains(&format!("image `{host}/kiln-test/armonly:1`")) && log.contains("no linux/amd64 image") && log.contains("linux/arm64/v8"), "{log}");
     ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
 
@@ -267,6 +268,7 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let out = dir.join("out-tampered");
     let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
     ensure!(code != 0, "a build with a tampered layer succeeded:\n{log}");
+    eprintln!("tampered blob: {}", log.lines().find(|l| l.starts_with("error:")).unwrap_or("(no error line)"));
     ensure!(log.contains(&format!("image `{host}/kiln-test/tampered:1`")) && log.contains(&format!("layer sha256:{layer}")) && log.contains("does not match"), "{log}");
     ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
     ensure!(!cache.join("blobs/sha256").join(layer).exists(), "the tampered blob is in the cache");
