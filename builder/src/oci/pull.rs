@@ -312,3 +312,117 @@ pub fn pull_all(fetcher: &Fetcher, images: &[String], registries: &BTreeMap<Stri
     let mut puller = Puller::new(fetcher, registries, base_dir);
     images.iter().map(|i| puller.image(i, arch)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Cache;
+    use sha2::{Digest, Sha256};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn digest(data: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    }
+
+    struct Fake {
+        host: String,
+        blob_gets: Arc<AtomicUsize>,
+        layer: Vec<u8>,
+        amd64_manifest: String,
+    }
+
+    /// A loopback registry: `t/app:1` is an index over amd64 and arm64 (the amd64 layer served
+    /// altered when `tamper`), `t/odd:1` a document of an unknown media type.
+    fn fake(tamper: bool) -> Fake {
+        let layer = b"layer bytes for amd64".to_vec();
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+            manifest::OCI_MANIFEST,
+            digest(&config),
+            config.len(),
+            digest(&layer),
+            layer.len()
+        )
+        .into_bytes();
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{{"mediaType":"{}","digest":"{}","size":{},"platform":{{"os":"linux","architecture":"amd64"}}}},{{"mediaType":"{}","digest":"sha256:{}","size":9,"platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}}]}}"#,
+            manifest::OCI_INDEX,
+            manifest::OCI_MANIFEST,
+            digest(&manifest),
+            manifest.len(),
+            manifest::OCI_MANIFEST,
+            "0".repeat(64)
+        )
+        .into_bytes();
+        let odd = br#"{"schemaVersion":2,"mediaType":"application/vnd.example.odd+json"}"#.to_vec();
+        let mut routes = BTreeMap::new();
+        routes.insert("/v2/".to_string(), b"{}".to_vec());
+        routes.insert("/v2/t/app/manifests/1".to_string(), index);
+        routes.insert(format!("/v2/t/app/manifests/{}", digest(&manifest)), manifest.clone());
+        routes.insert(format!("/v2/t/app/blobs/{}", digest(&config)), config);
+        let mut served = layer.clone();
+        if tamper {
+            served[0] ^= 1;
+        }
+        routes.insert(format!("/v2/t/app/blobs/{}", digest(&layer)), served);
+        routes.insert("/v2/t/odd/manifests/1".to_string(), odd);
+        let blob_gets = Arc::new(AtomicUsize::new(0));
+        let counter = blob_gets.clone();
+        let (base, _) = crate::testhttp::serve(move |path| {
+            if path.contains("/blobs/") {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            match routes.get(path) {
+                Some(b) => ("200 OK", b.clone()),
+                None => ("404 Not Found", br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}"#.to_vec()),
+            }
+        });
+        Fake { host: base.trim_start_matches("http://").to_string(), blob_gets, layer, amd64_manifest: digest(&manifest) }
+    }
+
+    fn registries(host: &str) -> BTreeMap<String, Registry> {
+        BTreeMap::from([(host.to_string(), Registry { insecure_http: true, ..Registry::default() })])
+    }
+
+    fn fetcher(dir: &Path, offline: bool) -> Fetcher {
+        Fetcher { offline, cache: Cache::new(dir.to_path_buf()), progress: false }
+    }
+
+    #[test]
+    fn pulls_resolve_the_platform_and_a_second_pull_downloads_no_blob() {
+        let f = fake(false);
+        let dir = tempfile::tempdir().unwrap();
+        let regs = registries(&f.host);
+        let r = format!("{}/t/app:1", f.host);
+        let img = Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::X86_64).unwrap();
+        assert_eq!(img.manifest.digest, f.amd64_manifest);
+        assert_eq!(img.blobs.len(), 2);
+        assert_eq!(std::fs::read(fetcher(dir.path(), false).cache.blob_path(img.blobs[1].hex()).unwrap()).unwrap(), f.layer);
+        assert_eq!(f.blob_gets.load(Ordering::SeqCst), 2, "config and layer");
+        let again = Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::X86_64).unwrap();
+        assert_eq!(again, img);
+        assert_eq!(f.blob_gets.load(Ordering::SeqCst), 2, "nothing downloaded the second time");
+        let offline = Puller::new(&fetcher(dir.path(), true), &regs, dir.path()).image(&r, Arch::X86_64).unwrap();
+        assert_eq!(offline, img);
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), true), &regs, dir.path()).image(&r, Arch::Riscv64).unwrap_err());
+        assert!(err.contains(&format!("image `{r}` (riscv64) is not in the cache")), "{err}");
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::Riscv64).unwrap_err());
+        assert!(err.contains(&format!("image `{r}`")) && err.contains("linux/amd64, linux/arm64/v8"), "{err}");
+    }
+
+    #[test]
+    fn tampered_blobs_and_unknown_media_types_are_refused_naming_the_image() {
+        let f = fake(true);
+        let dir = tempfile::tempdir().unwrap();
+        let regs = registries(&f.host);
+        let r = format!("{}/t/app:1", f.host);
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::X86_64).unwrap_err());
+        assert!(err.contains(&format!("image `{r}` (x86_64): layer {}", digest(&f.layer))) && err.contains("does not match"), "{err}");
+        assert!(!dir.path().join("blobs/sha256").join(&digest(&f.layer)[7..]).exists(), "the bad layer was stored");
+        let odd = format!("{}/t/odd:1", f.host);
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&odd, Arch::X86_64).unwrap_err());
+        assert!(err.contains(&format!("image `{odd}`")) && err.contains("unknown manifest media type `application/vnd.example.odd+json`"), "{err}");
+    }
+}
