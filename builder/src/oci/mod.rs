@@ -36,7 +36,8 @@ pub struct Registry {
     #[serde(default)]
     pub insecure_http: bool,
     /// A PEM file of CA certificates to trust (besides the system's) for this registry's TLS.
-    /// Relative paths are relative to the profile.
+    /// Relative paths are relative to the profile. (The registry client has one trust store, so
+    /// while kiln pulls, these certificates are trusted for every registry of the profile.)
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// User name to log in with (needs `password_file`). Absent: the credentials for this host
