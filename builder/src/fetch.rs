@@ -114,8 +114,9 @@ impl Fetcher {
         Ok(data)
     }
 
-    /// Wraps a download in a progress bar (large files, `progress` on) or logs one line.
-    fn progress_reader<'r>(
+    /// Wraps a download in a progress bar (large files, `progress` on) or logs one line, and for
+    /// long downloads without a bar (logs, CI) a progress line every [`PROGRESS_LINE_EVERY`].
+    pub(crate) fn progress_reader<'r>(
         &self,
         reader: impl Read + 'r,
         length: Option<u64>,
@@ -139,8 +140,45 @@ impl Fetcher {
                 Some(l) => tracing::info!("downloading {what} ({l} bytes)"),
                 None => tracing::info!("downloading {what}"),
             }
-            Box::new(reader)
+            if big {
+                Box::new(LineReader {
+                    inner: reader,
+                    what: what.to_string(),
+                    length,
+                    done: 0,
+                    last: std::time::Instant::now(),
+                })
+            } else {
+                Box::new(reader)
+            }
         }
+    }
+}
+
+/// How often a download without a progress bar logs how far it got.
+const PROGRESS_LINE_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs `what: N/M MiB` at most every [`PROGRESS_LINE_EVERY`] while bytes arrive.
+struct LineReader<R> {
+    inner: R,
+    what: String,
+    length: Option<u64>,
+    done: u64,
+    last: std::time::Instant,
+}
+
+impl<R: Read> Read for LineReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.done += n as u64;
+        if self.last.elapsed() >= PROGRESS_LINE_EVERY {
+            self.last = std::time::Instant::now();
+            match self.length {
+                Some(l) => tracing::info!("{}: {}/{} MiB", self.what, self.done >> 20, l >> 20),
+                None => tracing::info!("{}: {} MiB", self.what, self.done >> 20),
+            }
+        }
+        Ok(n)
     }
 }
 

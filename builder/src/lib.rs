@@ -23,6 +23,7 @@ pub mod k3s;
 pub mod kmod;
 pub mod manifest;
 pub mod netboot;
+pub mod oci;
 pub mod overlay;
 pub mod pipeline;
 pub mod platform;

@@ -108,6 +108,10 @@ struct Inputs {
     ipxe_deb: Option<(debian::Package, PathBuf)>,
     /// Cluster images: the verified k3s binary and air-gap archive.
     k3s: Option<crate::k3s::Artifacts>,
+    /// Container images (profile key `images`), verified in the cache.
+    images: Vec<crate::oci::Image>,
+    /// The cache the images' blobs are in (the archive is written from it).
+    cache: crate::cache::Cache,
 }
 
 impl BuildOptions {
@@ -220,7 +224,22 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         _ => None,
     };
-    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb: (kernel_pkg, kpath), systemd_boot_deb, ipxe_deb, k3s })
+    let p = &profile.profile;
+    let images = crate::oci::pull::pull_all(fetcher, &p.images, &p.image_registries, &profile.base_dir(), arch)
+        .with_context(|| format!("{arch}: pulling the profile's `images`"))?;
+    Ok(Inputs {
+        arch,
+        suite,
+        index,
+        root_debs,
+        firstboot_debs,
+        kernel_deb: (kernel_pkg, kpath),
+        systemd_boot_deb,
+        ipxe_deb,
+        k3s,
+        images,
+        cache: fetcher.cache.clone(),
+    })
 }
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
@@ -271,6 +290,10 @@ pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<()> {
     for arch in opts.archs_for(profile)? {
         let inputs = gather(profile, opts, &fetcher, arch)?;
         info!("{arch}: {} packages cached", inputs.root_debs.len() + 2);
+        if !inputs.images.is_empty() {
+            let blobs: u64 = inputs.images.iter().flat_map(|i| i.all_blobs()).map(|b| b.size).sum();
+            info!("{arch}: {} container images cached ({} MiB)", inputs.images.len(), blobs >> 20);
+        }
     }
     Ok(())
 }
@@ -408,6 +431,16 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         crate::k3s::place(k3s, &mut root).context("placing k3s in the root")?;
         manifest_inputs.extend(crate::k3s::manifest_inputs(k3s));
     }
+    if !inputs.images.is_empty() {
+        // Written beside the image being built (the staging directory) and streamed into the
+        // squashfs from there: never held in memory.
+        let archive = dir.join(crate::oci::archive_name(arch));
+        let size = crate::oci::layout::write_archive(&inputs.images, &inputs.cache, epoch, &archive)
+            .with_context(|| format!("{arch}: writing the image archive {}", archive.display()))?;
+        info!("{arch}: {} container images bundled ({} MiB)", inputs.images.len(), size >> 20);
+        crate::oci::place(&archive, arch, &mut root).context("placing the image archive in the root")?;
+        manifest_inputs.extend(crate::oci::manifest_inputs(&inputs.images));
+    }
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);
         let mut t = crate::overlay::read_dir(&dir)?;
@@ -448,13 +481,23 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     };
 
     info!("{arch}: writing the squashfs root ({} entries)", root.len());
-    let mut squashfs = std::io::Cursor::new(Vec::new());
-    crate::squashfs::write_squashfs(&root, &mut squashfs, &crate::squashfs::SquashfsOptions {
+    // Written to a file in the staging directory, not into memory: with bundled container
+    // images the root can be GiBs.
+    let squashfs_path = dir.join("root.squashfs");
+    let mut squashfs_file = std::io::BufWriter::with_capacity(
+        1 << 20,
+        File::options().read(true).write(true).create(true).truncate(true).open(&squashfs_path)
+            .with_context(|| format!("creating {}", squashfs_path.display()))?,
+    );
+    crate::squashfs::write_squashfs(&root, &mut squashfs_file, &crate::squashfs::SquashfsOptions {
         mtime: clamp32(epoch),
         zstd_level: 15,
         block_size: 128 * 1024,
     })?;
-    let squashfs = squashfs.into_inner();
+    squashfs_file.flush()?;
+    drop(squashfs_file);
+    let squashfs_sha = crate::cache::sha256_file(&squashfs_path).with_context(|| format!("reading {}", squashfs_path.display()))?;
+    let squashfs = Part::File { path: &squashfs_path, len: std::fs::metadata(&squashfs_path)?.len(), sha256: &squashfs_sha };
 
     // Identities derived from the inputs: same inputs, same GUIDs, same bytes.
     let mut ids = Sha256::new();
@@ -489,14 +532,14 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     let esp = fat_image(&esp_tree(&cmdline)?, esp_guid, epoch)?;
 
     // --- the installed system's partitions ---------------------------------------------
-    let root_slot = round_up(squashfs.len() as u64 + squashfs.len() as u64 / 4 + (16 << 20), 1 << 20);
+    let root_slot = round_up(squashfs.len() + squashfs.len() / 4 + (16 << 20), 1 << 20);
     let specs = vec![
         PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: esp_guid, size: esp.len() as u64, attributes: 0 },
         PartitionSpec { name: "kiln-root-a".into(), type_guid: arch.root_partition_type().parse()?, guid: root_a_guid, size: root_slot, attributes: 0 },
         // The B slot for A/B updates: same size, empty, and marked "do not auto-mount" (bit 63).
         PartitionSpec { name: "kiln-root-b".into(), type_guid: arch.root_partition_type().parse()?, guid: root_b_guid, size: root_slot, attributes: 1 << 63 },
     ];
-    let system_contents = [Some(esp.as_slice()), Some(squashfs.as_slice()), None];
+    let system_contents = [Some(Part::Bytes(&esp)), Some(squashfs), None];
     let fixed = match profile.profile.disk.size {
         DiskSize::Auto => None,
         DiskSize::Fixed(s) => Some(s.0),
@@ -539,10 +582,10 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
             let medium_esp = fat_image(&esp_tree(&installer_cmdline)?, m_esp_guid, epoch)?;
             let medium_specs = vec![
                 PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: m_esp_guid, size: medium_esp.len() as u64, attributes: 0 },
-                PartitionSpec { name: crate::installer::IMAGE_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_image_guid, size: squashfs.len() as u64, attributes: 0 },
+                PartitionSpec { name: crate::installer::IMAGE_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_image_guid, size: squashfs.len(), attributes: 0 },
                 PartitionSpec { name: crate::installer::INSTALL_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_install_guid, size: install_part.len() as u64, attributes: 0 },
             ];
-            let medium_contents = [Some(medium_esp.as_slice()), Some(squashfs.as_slice()), Some(install_part.as_slice())];
+            let medium_contents = [Some(Part::Bytes(&medium_esp)), Some(squashfs), Some(Part::Bytes(&install_part))];
             let layout = gpt::plan(&medium_specs, fixed, 0).map_err(disk_size_error)?;
             if opts.wants(Format::Disk) {
                 write_disk(&img_path, &layout, guid("installer-disk"), &medium_contents, image_mode(&profile.profile))?;
@@ -584,22 +627,22 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         let (ipxe_pkg, ipxe_path) = inputs.ipxe_deb.as_ref().context("netboot build without the ipxe package")?;
         let ipxe = ipxe_efi_binary(ipxe_path, arch).with_context(|| format!("reading {} {}", ipxe_pkg.name, ipxe_pkg.version))?;
         let ipxe = ipxe.read()?;
-        let files: [(&str, &[u8]); 8] = [
-            (crate::netboot::IPXE, &ipxe),
-            (crate::netboot::KERNEL, &kernel_bytes),
-            (crate::netboot::INITRD, &nb_initrd),
-            (crate::netboot::PLAN, plan.as_bytes()),
-            (crate::netboot::ESP, &esp),
-            (crate::netboot::ROOT, &squashfs),
-            (crate::netboot::INVENTORY, &inventory),
-            (crate::netboot::SCRIPT, script.as_bytes()),
+        let files: [(&str, Part); 8] = [
+            (crate::netboot::IPXE, Part::Bytes(&ipxe)),
+            (crate::netboot::KERNEL, Part::Bytes(&kernel_bytes)),
+            (crate::netboot::INITRD, Part::Bytes(&nb_initrd)),
+            (crate::netboot::PLAN, Part::Bytes(plan.as_bytes())),
+            (crate::netboot::ESP, Part::Bytes(&esp)),
+            (crate::netboot::ROOT, squashfs),
+            (crate::netboot::INVENTORY, Part::Bytes(&inventory)),
+            (crate::netboot::SCRIPT, Part::Bytes(script.as_bytes())),
         ];
         let nb_dir = dir.join(crate::netboot::DIR);
         std::fs::create_dir_all(&nb_dir).with_context(|| format!("creating {}", nb_dir.display()))?;
         info!("{arch}: writing {}", nb_dir.display());
-        for (name, bytes) in files {
-            write_file(&nb_dir.join(name), bytes, image_mode(&profile.profile))?;
-            outputs.push(Output { file: format!("{}/{name}", crate::netboot::DIR), sha256: sha256_hex(bytes), size: bytes.len() as u64 });
+        for (name, part) in files {
+            write_part(&nb_dir.join(name), &part, image_mode(&profile.profile))?;
+            outputs.push(Output { file: format!("{}/{name}", crate::netboot::DIR), sha256: part.sha256(), size: part.len() });
         }
         let input = deb_input(ipxe_pkg);
         if !manifest_inputs.contains(&input) {
@@ -631,7 +674,7 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
 
 /// The two ranges an installer copies onto the target: the ESP image and the root squashfs,
 /// from `esp_source` (medium partition or netboot file, and offset) and `root_source` (offset 0).
-fn system_copies(target: &gpt::DiskLayout, esp: &[u8], squashfs: &[u8], esp_source: (&'static str, u64), root_source: &'static str) -> Vec<crate::installer::Copy> {
+fn system_copies(target: &gpt::DiskLayout, esp: &[u8], squashfs: &Part, esp_source: (&'static str, u64), root_source: &'static str) -> Vec<crate::installer::Copy> {
     vec![
         crate::installer::Copy {
             name: "esp".into(),
@@ -646,13 +689,27 @@ fn system_copies(target: &gpt::DiskLayout, esp: &[u8], squashfs: &[u8], esp_sour
             source_partition: root_source,
             source_offset: 0,
             target_offset: target.partitions[1].offset(),
-            length: squashfs.len() as u64,
-            sha256: sha256_hex(squashfs),
+            length: squashfs.len(),
+            sha256: squashfs.sha256(),
         },
     ]
 }
 
 /// Writes one output file with an exact mode (0600 when the build holds secrets).
+/// Writes a part to its own file (the netboot output): bytes, or a copy of the staged file.
+fn write_part(path: &Path, part: &Part, mode: u32) -> Result<()> {
+    match part {
+        Part::Bytes(b) => write_file(path, b, mode),
+        Part::File { path: from, .. } => {
+            let _ = std::fs::remove_file(path);
+            std::fs::copy(from, path).with_context(|| format!("copying {} to {}", from.display(), path.display()))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+            File::open(path)?.sync_all()?;
+            Ok(())
+        }
+    }
+}
+
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     let mut f = File::options().write(true).create(true).truncate(true).mode(mode).open(path).with_context(|| format!("creating {}", path.display()))?;
     f.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -792,7 +849,7 @@ pub fn image_mode(p: &crate::profile::Profile) -> u32 {
 /// Writes a sparse disk image: the partition table, then each partition's contents (`None`:
 /// left empty) at its offset.
 /// `mode` is the image file's permission bits (see [`image_mode`]).
-fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: &[Option<&[u8]>], mode: u32) -> Result<()> {
+fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: &[Option<Part>], mode: u32) -> Result<()> {
     info!("writing {} ({} MiB){}", path.display(), layout.size >> 20, if mode == 0o600 { ", mode 0600: it holds secrets" } else { "" });
     let mut img = File::options()
         .write(true)
@@ -806,17 +863,45 @@ fn write_disk(path: &Path, layout: &gpt::DiskLayout, disk_guid: Guid, contents: 
     img.set_len(layout.size)?;
     gpt::write_gpt(&mut img, layout, disk_guid).context("writing the partition table")?;
     for (part, content) in layout.partitions.iter().zip(contents) {
-        if let Some(bytes) = content {
+        if let Some(content) = content {
             img.seek(SeekFrom::Start(part.offset()))?;
-            img.write_all(bytes).with_context(|| format!("writing partition {} into {}", part.name, path.display()))?;
+            let written = match content {
+                Part::Bytes(bytes) => img.write_all(bytes),
+                Part::File { path, .. } => File::open(path).and_then(|mut f| std::io::copy(&mut f, &mut img).map(|_| ())),
+            };
+            written.with_context(|| format!("writing partition {} into {}", part.name, path.display()))?;
         }
     }
     img.sync_all()?;
     Ok(())
 }
 
+/// What goes into a partition: bytes built in memory (ESP, install plan) or a file in the
+/// staging directory (the root squashfs, streamed onto the disk; its digest taken once).
+#[derive(Debug, Clone, Copy)]
+enum Part<'a> {
+    Bytes(&'a [u8]),
+    File { path: &'a Path, len: u64, sha256: &'a str },
+}
+
+impl Part<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Part::Bytes(b) => b.len() as u64,
+            Part::File { len, .. } => *len,
+        }
+    }
+
+    fn sha256(&self) -> String {
+        match self {
+            Part::Bytes(b) => sha256_hex(b),
+            Part::File { sha256, .. } => sha256.to_string(),
+        }
+    }
+}
+
 /// The manifest's view of a layout: each partition with the digest of what was written into it.
-fn partition_records(layout: &gpt::DiskLayout, contents: &[Option<&[u8]>]) -> Vec<PartitionRecord> {
+fn partition_records(layout: &gpt::DiskLayout, contents: &[Option<Part>]) -> Vec<PartitionRecord> {
     layout
         .partitions
         .iter()
@@ -829,8 +914,8 @@ fn partition_records(layout: &gpt::DiskLayout, contents: &[Option<&[u8]>]) -> Ve
             guid: p.guid.to_string(),
             offset: p.offset(),
             size: p.size(),
-            content_sha256: content.map(sha256_hex),
-            content_size: content.map(|c| c.len() as u64),
+            content_sha256: content.map(|c| c.sha256()),
+            content_size: content.map(|c| c.len()),
         })
         .collect()
 }
@@ -871,7 +956,7 @@ mod tests {
         let layout = gpt::plan(&[spec], None, 0)?;
         for mode in [0o600, 0o644] {
             let path = dir.path().join(format!("disk-{mode:o}.img"));
-            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(&[1u8; 512])], mode)?;
+            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(Part::Bytes(&[1u8; 512]))], mode)?;
             assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, mode);
         }
         Ok(())

@@ -74,6 +74,19 @@ pub struct Profile {
     /// A k3s cluster formed from this one image (see "Clusters" in the README). Absent: no cluster.
     #[serde(default)]
     pub cluster: Option<crate::cluster::Cluster>,
+    /// Container images bundled for k3s (needs `cluster`): references by tag or digest
+    /// (`registry/repository:tag`, `...@sha256:<hex>`; `busybox:1.36` means Docker Hub). Each is
+    /// pulled once per architecture (an index is resolved to `linux/<arch>`), verified, cached,
+    /// and bundled into `/usr/lib/kiln/images/kiln-images-<arch>.tar.zst`, which k3s imports at
+    /// boot. See "Air-gapped container images" in the README.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Pull options per registry host (as written in `images`, e.g. `registry.local:5000`):
+    /// `insecure_http: true` (plain HTTP for this host only), `ca_file` (PEM CA certificates to
+    /// trust), `username` with `password_file` (default: the host's entry in
+    /// `$REGISTRY_AUTH_FILE` or `~/.docker/config.json`, else anonymous).
+    #[serde(default)]
+    pub image_registries: BTreeMap<String, crate::oci::Registry>,
 }
 
 /// The Debian base system.
@@ -503,6 +516,7 @@ impl LoadedProfile {
         }
         crate::provision::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        crate::oci::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
 }

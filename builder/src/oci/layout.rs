@@ -1,0 +1,162 @@
+//! The per-architecture image archive: an OCI image layout (`oci-layout`, `index.json`,
+//! `blobs/sha256/<hex>`) in a zstd-compressed tar, the format k3s (containerd) imports from its
+//! images directory. `index.json` names each manifest with the profile's reference in both
+//! `io.containerd.image.name` (what containerd tags the import as) and
+//! `org.opencontainers.image.ref.name`.
+//!
+//! Reproducible: entries sorted by path, fixed mtime (the build's timestamp), owner 0:0, fixed
+//! modes, blobs deduplicated by digest. Blobs are streamed from the cache into the compressor,
+//! so memory stays flat however large the layers are.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+use super::manifest::OCI_INDEX;
+use super::Image;
+use crate::cache::Cache;
+
+/// Level 3: layers are compressed already; higher levels cost time for almost nothing.
+const ZSTD_LEVEL: i32 = 3;
+
+/// `index.json` for the images (sorted by reference).
+pub fn index_json(images: &[Image]) -> Vec<u8> {
+    let mut sorted: Vec<&Image> = images.iter().collect();
+    sorted.sort_by(|a, b| a.reference.cmp(&b.reference));
+    let manifests: Vec<_> = sorted
+        .iter()
+        .map(|i| {
+            json!({
+                "mediaType": i.manifest.media_type,
+                "digest": i.manifest.digest,
+                "size": i.manifest.size,
+                "annotations": {
+                    "io.containerd.image.name": i.reference,
+                    "org.opencontainers.image.ref.name": i.reference,
+                }
+            })
+        })
+        .collect();
+    let mut out = serde_json::to_vec_pretty(&json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests }))
+        .expect("index serialises");
+    out.push(b'\n');
+    out
+}
+
+fn header(path: &str, kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> Result<tar::Header> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(path).with_context(|| format!("tar path {path}"))?;
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_mtime(mtime);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_username("root")?;
+    h.set_groupname("root")?;
+    h.set_cksum();
+    Ok(h)
+}
+
+/// Writes the archive of `images` (every blob already verified in `cache`) to `out`.
+/// Returns the archive's size.
+pub fn write_archive(images: &[Image], cache: &Cache, mtime: u64, out: &Path) -> Result<u64> {
+    let mut blobs = BTreeMap::new();
+    for img in images {
+        for d in img.all_blobs() {
+            blobs.insert(d.hex().to_string(), d.size);
+        }
+    }
+    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut enc = zstd::Encoder::new(BufWriter::with_capacity(1 << 20, file), ZSTD_LEVEL)?;
+    enc.include_checksum(true)?;
+    let mut tar = tar::Builder::new(enc);
+    let dir = |p: &str| header(p, tar::EntryType::Directory, 0o755, 0, mtime);
+    tar.append(&dir("blobs/")?, std::io::empty())?;
+    tar.append(&dir("blobs/sha256/")?, std::io::empty())?;
+    for (hex, size) in &blobs {
+        let path = cache.blob_path(hex)?;
+        let file = File::open(&path).with_context(|| format!("opening cached blob {}", path.display()))?;
+        let actual = file.metadata()?.len();
+        if actual != *size {
+            bail!("cached blob {} is {actual} bytes, its descriptor says {size}: run the build online to pull it again", path.display());
+        }
+        let h = header(&format!("blobs/sha256/{hex}"), tar::EntryType::Regular, 0o644, *size, mtime)?;
+        tar.append(&h, file.take(*size)).with_context(|| format!("adding blob sha256:{hex} to {}", out.display()))?;
+    }
+    let index = index_json(images);
+    tar.append(&header("index.json", tar::EntryType::Regular, 0o644, index.len() as u64, mtime)?, &index[..])?;
+    let layout = b"{\"imageLayoutVersion\":\"1.0.0\"}\n";
+    tar.append(&header("oci-layout", tar::EntryType::Regular, 0o644, layout.len() as u64, mtime)?, &layout[..])?;
+    let enc = tar.into_inner().context("finishing the tar stream")?;
+    let mut w = enc.finish().context("finishing the zstd stream")?;
+    w.flush()?;
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::manifest::{Descriptor, OCI_MANIFEST};
+    use sha2::{Digest, Sha256};
+
+    fn put(cache: &Cache, data: &[u8], media_type: &str) -> Descriptor {
+        let hex = hex::encode(Sha256::digest(data));
+        cache.put(&hex, Some(data.len() as u64), data, "test blob").unwrap();
+        Descriptor { media_type: media_type.into(), digest: format!("sha256:{hex}"), size: data.len() as u64 }
+    }
+
+    fn images(cache: &Cache) -> Vec<Image> {
+        let config = put(cache, b"{\"architecture\":\"amd64\",\"os\":\"linux\"}", "application/vnd.oci.image.config.v1+json");
+        let layer = put(cache, &vec![7u8; 300_000], "application/vnd.oci.image.layer.v1.tar");
+        let manifest = put(cache, b"{\"schemaVersion\":2}", OCI_MANIFEST);
+        let img = |r: &str| Image { reference: r.into(), resolved: manifest.digest.clone(), manifest: manifest.clone(), blobs: vec![config.clone(), layer.clone()] };
+        vec![img("r.example/b:2"), img("r.example/a:1")]
+    }
+
+    #[test]
+    fn archives_are_sorted_deduplicated_and_reproducible() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let imgs = images(&cache);
+        let (a, b) = (dir.path().join("a.tar.zst"), dir.path().join("b.tar.zst"));
+        write_archive(&imgs, &cache, 1_700_000_000, &a).unwrap();
+        let mut reversed = imgs.clone();
+        reversed.reverse();
+        write_archive(&reversed, &cache, 1_700_000_000, &b).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same images, same bytes");
+
+        let mut ar = tar::Archive::new(zstd::Decoder::new(File::open(&a).unwrap()).unwrap());
+        let mut names = Vec::new();
+        let mut index = Vec::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let h = e.header();
+            assert_eq!((h.mtime().unwrap(), h.uid().unwrap(), h.gid().unwrap()), (1_700_000_000, 0, 0), "{name}");
+            if let Some(hex) = name.strip_prefix("blobs/sha256/").filter(|h| !h.is_empty()) {
+                let mut data = Vec::new();
+                e.read_to_end(&mut data).unwrap();
+                assert_eq!(hex::encode(Sha256::digest(&data)), hex, "blob content matches its name");
+            }
+            if name == "index.json" {
+                e.read_to_end(&mut index).unwrap();
+            }
+            names.push(name);
+        }
+        assert_eq!(names.len(), 2 + 3 + 2, "two dirs, three distinct blobs, index.json, oci-layout: {names:?}");
+        let mut sorted = names.clone();
+        sorted.sort();
+        assert_eq!(names, sorted);
+        let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
+        let refs: Vec<&str> = index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["io.containerd.image.name"].as_str().unwrap()).collect();
+        assert_eq!(refs, ["r.example/a:1", "r.example/b:2"]);
+        assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "r.example/a:1");
+    }
+}

@@ -1,0 +1,428 @@
+//! Pulling images into the download cache with oci-client: the reference's manifest (an index is
+//! resolved to the target architecture's entry), then config and layers, each verified against
+//! its digest and size and stored by digest; layers stream to disk and are never whole in
+//! memory. A cache ref from (architecture, reference) to the resolved manifest lets `--offline`
+//! builds find everything again without a registry.
+//!
+//! Online, a tag is resolved again on every build (it may have moved): that costs one manifest
+//! request, while blobs already in the cache are never downloaded again. A reference by digest
+//! whose blobs are all cached needs no request at all.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::StreamExt;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+
+use super::manifest::{self, Descriptor, Document};
+use super::{Image, Registry};
+use crate::arch::Arch;
+use crate::cache::{CacheError, Mismatch};
+use crate::fetch::Fetcher;
+
+/// Manifests and indexes are small documents; anything bigger is a wrong response.
+const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
+
+/// What the cache remembers per (architecture, reference).
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    resolved: String,
+    manifest: Descriptor,
+}
+
+fn ref_key(arch: Arch, reference: &str) -> String {
+    format!("oci/{}/{reference}", arch.name())
+}
+
+/// A pull session: one client and runtime for all images of a build.
+pub struct Puller<'a> {
+    fetcher: &'a Fetcher,
+    registries: &'a BTreeMap<String, Registry>,
+    base_dir: PathBuf,
+    /// Created on the first network access: offline builds and fully cached digest references
+    /// never build a TLS client.
+    online: Option<(tokio::runtime::Runtime, Client)>,
+    auths: BTreeMap<String, RegistryAuth>,
+}
+
+impl<'a> Puller<'a> {
+    /// `base_dir` resolves the relative paths of `registries` (the profile's directory).
+    pub fn new(fetcher: &'a Fetcher, registries: &'a BTreeMap<String, Registry>, base_dir: &Path) -> Self {
+        Puller { fetcher, registries, base_dir: base_dir.to_path_buf(), online: None, auths: BTreeMap::new() }
+    }
+
+    fn client(&mut self) -> Result<&(tokio::runtime::Runtime, Client)> {
+        if self.online.is_none() {
+            // reqwest is built without a default crypto provider (ring instead of aws-lc, which
+            // needs cmake): install ring once; a second install in the process is harmless.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let mut plain_http = Vec::new();
+            let mut certs = Vec::new();
+            for (host, r) in self.registries {
+                if r.insecure_http {
+                    plain_http.push(host.clone());
+                }
+                if let Some(f) = &r.ca_file {
+                    let path = self.base_dir.join(f);
+                    let data = std::fs::read(&path)
+                        .with_context(|| format!("key `image_registries.{host}.ca_file`: reading {}", path.display()))?;
+                    certs.push(Certificate { encoding: CertificateEncoding::Pem, data });
+                }
+            }
+            let config = ClientConfig {
+                protocol: ClientProtocol::HttpsExcept(plain_http),
+                extra_root_certificates: certs,
+                // kiln picks the platform itself (and names the ones an index has when it fails).
+                platform_resolver: None,
+                connect_timeout: Some(Duration::from_secs(30)),
+                read_timeout: Some(Duration::from_secs(120)),
+                user_agent: concat!("kiln/", env!("CARGO_PKG_VERSION")),
+                ..ClientConfig::default()
+            };
+            let client = Client::try_from(config).context("setting up the registry client")?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the registry client's runtime")?;
+            self.online = Some((rt, client));
+        }
+        Ok(self.online.as_ref().expect("set above"))
+    }
+
+    /// The credentials for a registry host (profile, then auth files, else anonymous).
+    fn auth(&mut self, host: &str) -> Result<RegistryAuth> {
+        if let Some(a) = self.auths.get(host) {
+            return Ok(a.clone());
+        }
+        let creds = match self.registries.get(host) {
+            Some(Registry { username: Some(u), password_file: Some(f), .. }) => {
+                Some(super::auth::from_profile(host, u, &self.base_dir.join(f))?)
+            }
+            _ => super::auth::from_auth_files(host)?,
+        };
+        let auth = match creds {
+            Some(c) => RegistryAuth::Basic(c.username, c.password),
+            None => RegistryAuth::Anonymous,
+        };
+        self.auths.insert(host.to_string(), auth.clone());
+        Ok(auth)
+    }
+
+    /// Pulls (or finds in the cache) `reference` for `arch`.
+    pub fn image(&mut self, reference: &str, arch: Arch) -> Result<Image> {
+        let r = super::parse_reference(reference)?;
+        let name = r.whole();
+        let key = ref_key(arch, &name);
+        let stored: Option<Record> = match self.fetcher.cache.get_ref(&key).with_context(|| format!("reading cache entry `{key}`"))? {
+            Some(data) => serde_json::from_slice(&data).ok(),
+            None => None,
+        };
+        let from_cache = self.fetcher.offline || r.digest().is_some();
+        let record = match stored {
+            Some(rec) if from_cache => rec,
+            None if self.fetcher.offline => bail!(
+                "image `{name}` ({arch}) is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry"
+            ),
+            _ => self.resolve(&r, arch)?,
+        };
+        let manifest_path = self.manifest_blob(&r, &record.manifest, &format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))?;
+        let bytes = read_small(&manifest_path)?;
+        let blobs = match manifest::parse(&bytes, Some(&record.manifest.media_type)) {
+            Ok(Document::Image { config, layers, .. }) => std::iter::once(config).chain(layers).collect::<Vec<_>>(),
+            Ok(Document::Index(_)) => bail!("image `{name}` ({arch}): the platform manifest {} is itself an index", record.manifest.digest),
+            Err(e) => return Err(e.context(format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))),
+        };
+        let total: u64 = blobs.iter().map(|b| b.size).sum();
+        tracing::info!("{arch}: image {name}: {} blobs, {} MiB", blobs.len(), total >> 20);
+        for (i, b) in blobs.iter().enumerate() {
+            let what = if i == 0 { "config" } else { "layer" };
+            self.blob(&r, b, &format!("image `{name}` ({arch}): {what} {}", b.digest))?;
+        }
+        if record.resolved == record.manifest.digest {
+            // A single-platform image: only its config says which platform it is for.
+            let config = read_small(&self.fetcher.cache.blob_path(blobs[0].hex())?)?;
+            let p: manifest::Platform = serde_json::from_slice(&config)
+                .map_err(|e| anyhow!("image `{name}`: its config {} names no os/architecture: {e}", blobs[0].digest))?;
+            if !manifest::matches(&p, arch) {
+                bail!("image `{name}` is a single-platform image for {p}, not linux/{} ({arch}): use a multi-arch index or a reference built for {arch}", arch.oci());
+            }
+        }
+        self.fetcher.cache.put_ref(&key, &serde_json::to_vec(&record)?)?;
+        Ok(Image { reference: name, resolved: record.resolved, manifest: record.manifest, blobs })
+    }
+
+    /// Asks the registry what `r` names now and picks the manifest for `arch`.
+    fn resolve(&mut self, r: &Reference, arch: Arch) -> Result<Record> {
+        let name = r.whole();
+        let (top, top_digest) = self.manifest(r).with_context(|| format!("image `{name}`: fetching its manifest"))?;
+        let doc = manifest::parse(&top, None).with_context(|| format!("image `{name}`"))?;
+        let manifest = match doc {
+            Document::Index(entries) => {
+                let entry = manifest::select(&entries, arch).with_context(|| format!("image `{name}`"))?;
+                entry.manifest.clone()
+            }
+            Document::Image { media_type, .. } => {
+                // A single-platform image: store the manifest already held; its config's
+                // platform is checked once the config is pulled (in `image`).
+                let d = Descriptor { media_type, digest: top_digest.clone(), size: top.len() as u64 };
+                self.fetcher.cache.put(d.hex(), Some(d.size), &top[..], &format!("image `{name}`: manifest"))?;
+                d
+            }
+        };
+        tracing::info!("{arch}: image {name} -> {top_digest} (manifest {})", manifest.digest);
+        Ok(Record { resolved: top_digest, manifest })
+    }
+
+    /// A manifest document and its digest (checked by oci-client against a digest reference).
+    fn manifest(&mut self, r: &Reference) -> Result<(Vec<u8>, String)> {
+        let auth = self.auth(r.registry())?;
+        let (rt, client) = self.client()?;
+        let (bytes, digest) = rt
+            .block_on(client.pull_manifest_raw(r, &auth, manifest::ACCEPTED))
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("GET manifest {r}"))?;
+        if bytes.len() as u64 > MANIFEST_LIMIT {
+            bail!("the manifest of {r} is larger than {MANIFEST_LIMIT} bytes");
+        }
+        manifest::check_digest(&digest)?;
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// A platform manifest in the cache: found there, or fetched from the registry's manifest
+    /// endpoint by digest (registries need not serve manifests as blobs) and stored once its
+    /// digest and size are checked.
+    fn manifest_blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
+        match self.fetcher.cache.get(d.hex(), Some(d.size)) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) if self.fetcher.offline => {
+                bail!("{what} is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
+            }
+            Ok(None) => {}
+            Err(e @ CacheError::Corrupt { .. }) if self.fetcher.offline => return Err(anyhow!(e)).context(what.to_string()),
+            Err(CacheError::Corrupt { path, .. }) => {
+                tracing::warn!("the cached copy of {what} is corrupt ({}); fetching it again", path.display());
+                self.fetcher.cache.remove(d.hex()).with_context(|| format!("removing corrupt {}", path.display()))?;
+            }
+            Err(e) => return Err(anyhow!(e)).context(what.to_string()),
+        }
+        let (bytes, _) = self.manifest(&r.clone_with_digest(d.digest.clone())).with_context(|| what.to_string())?;
+        self.fetcher.cache.put(d.hex(), Some(d.size), &bytes[..], what).map_err(|e| {
+            if e.downcast_ref::<Mismatch>().is_some() {
+                e.context(format!("{what}: the registry served a manifest that does not match the digest or size its index names"))
+            } else {
+                e
+            }
+        })
+    }
+
+    /// A verified blob in the cache: found there, or pulled (streamed to disk, verified against
+    /// its digest and size). `what` names the image and blob in errors.
+    fn blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
+        let cache = &self.fetcher.cache;
+        match cache.get(d.hex(), Some(d.size)) {
+            Ok(Some(p)) => return Ok(p),
+            Ok(None) if self.fetcher.offline => {
+                bail!("{what} is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
+            }
+            Ok(None) => {}
+            Err(e @ CacheError::Corrupt { .. }) if self.fetcher.offline => return Err(anyhow!(e)).context(what.to_string()),
+            Err(CacheError::Corrupt { path, .. }) => {
+                tracing::warn!("the cached copy of {what} is corrupt ({}); pulling it again", path.display());
+                cache.remove(d.hex()).with_context(|| format!("removing corrupt {}", path.display()))?;
+            }
+            Err(e) => return Err(anyhow!(e)).context(what.to_string()),
+        }
+        let auth = self.auth(r.registry())?;
+        let fetcher = self.fetcher;
+        let (rt, client) = self.client()?;
+        let at = r.clone_with_digest(d.digest.clone());
+        let stream = rt
+            .block_on(async {
+                client.store_auth_if_needed(at.resolve_registry(), &auth).await;
+                client.pull_blob_stream(&at, d.digest.as_str()).await
+            })
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("{what}: GET blob from {}", at.resolve_registry()))?;
+        let failed = Rc::new(Cell::new(false));
+        let reader = StreamReader { rt, stream: stream.stream, chunk: bytes::Bytes::new(), digest_failed: failed.clone() };
+        let reader = fetcher.progress_reader(reader, Some(d.size), what);
+        fetcher.cache.put(d.hex(), Some(d.size), reader, what).map_err(|e| {
+            if e.downcast_ref::<Mismatch>().is_some() || failed.get() {
+                e.context(format!(
+                    "{what}: the registry served content that does not match the digest or size the manifest names ({} bytes); nothing was stored — the registry's copy is damaged or was tampered with",
+                    d.size
+                ))
+            } else {
+                e
+            }
+        })
+    }
+}
+
+/// Reads a manifest from the cache (small: bounded).
+fn read_small(path: &Path) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MANIFEST_LIMIT + 1).read_to_end(&mut data))
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(data)
+}
+
+/// A blocking [`Read`] over oci-client's async byte stream: the layer goes chunk by chunk from
+/// the socket into the cache's hashing writer. oci-client also checks the digest at the end of
+/// the stream; that failure is remembered so the caller can report it as a mismatch.
+struct StreamReader<'r> {
+    rt: &'r tokio::runtime::Runtime,
+    stream: futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+    digest_failed: Rc<Cell<bool>>,
+}
+
+impl Read for StreamReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rt.block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(b)) => self.chunk = b,
+                Some(Err(e)) => {
+                    if e.get_ref().is_some_and(|inner| inner.is::<oci_client::errors::DigestError>()) || e.to_string().contains("igest") {
+                        self.digest_failed.set(true);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        let _ = self.chunk.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Pulls every image of the profile for `arch`.
+pub fn pull_all(fetcher: &Fetcher, images: &[String], registries: &BTreeMap<String, Registry>, base_dir: &Path, arch: Arch) -> Result<Vec<Image>> {
+    let mut puller = Puller::new(fetcher, registries, base_dir);
+    images.iter().map(|i| puller.image(i, arch)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Cache;
+    use sha2::{Digest, Sha256};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn digest(data: &[u8]) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(data)))
+    }
+
+    struct Fake {
+        host: String,
+        blob_gets: Arc<AtomicUsize>,
+        layer: Vec<u8>,
+        amd64_manifest: String,
+    }
+
+    /// A loopback registry: `t/app:1` is an index over amd64 and arm64 (the amd64 layer served
+    /// altered when `tamper`), `t/odd:1` a document of an unknown media type.
+    fn fake(tamper: bool) -> Fake {
+        let layer = b"layer bytes for amd64".to_vec();
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+            manifest::OCI_MANIFEST,
+            digest(&config),
+            config.len(),
+            digest(&layer),
+            layer.len()
+        )
+        .into_bytes();
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{{"mediaType":"{}","digest":"{}","size":{},"platform":{{"os":"linux","architecture":"amd64"}}}},{{"mediaType":"{}","digest":"sha256:{}","size":9,"platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}}]}}"#,
+            manifest::OCI_INDEX,
+            manifest::OCI_MANIFEST,
+            digest(&manifest),
+            manifest.len(),
+            manifest::OCI_MANIFEST,
+            "0".repeat(64)
+        )
+        .into_bytes();
+        let odd = br#"{"schemaVersion":2,"mediaType":"application/vnd.example.odd+json"}"#.to_vec();
+        let mut routes = BTreeMap::new();
+        routes.insert("/v2/".to_string(), b"{}".to_vec());
+        routes.insert("/v2/t/app/manifests/1".to_string(), index);
+        routes.insert(format!("/v2/t/app/manifests/{}", digest(&manifest)), manifest.clone());
+        routes.insert(format!("/v2/t/app/blobs/{}", digest(&config)), config);
+        let mut served = layer.clone();
+        if tamper {
+            served[0] ^= 1;
+        }
+        routes.insert(format!("/v2/t/app/blobs/{}", digest(&layer)), served);
+        routes.insert("/v2/t/odd/manifests/1".to_string(), odd);
+        let blob_gets = Arc::new(AtomicUsize::new(0));
+        let counter = blob_gets.clone();
+        let (base, _) = crate::testhttp::serve(move |path| {
+            if path.contains("/blobs/") {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+            match routes.get(path) {
+                Some(b) => ("200 OK", b.clone()),
+                None => ("404 Not Found", br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}"#.to_vec()),
+            }
+        });
+        Fake { host: base.trim_start_matches("http://").to_string(), blob_gets, layer, amd64_manifest: digest(&manifest) }
+    }
+
+    fn registries(host: &str) -> BTreeMap<String, Registry> {
+        BTreeMap::from([(host.to_string(), Registry { insecure_http: true, ..Registry::default() })])
+    }
+
+    fn fetcher(dir: &Path, offline: bool) -> Fetcher {
+        Fetcher { offline, cache: Cache::new(dir.to_path_buf()), progress: false }
+    }
+
+    #[test]
+    fn pulls_resolve_the_platform_and_a_second_pull_downloads_no_blob() {
+        let f = fake(false);
+        let dir = tempfile::tempdir().unwrap();
+        let regs = registries(&f.host);
+        let r = format!("{}/t/app:1", f.host);
+        let img = Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::X86_64).unwrap();
+        assert_eq!(img.manifest.digest, f.amd64_manifest);
+        assert_eq!(img.blobs.len(), 2);
+        assert_eq!(std::fs::read(fetcher(dir.path(), false).cache.blob_path(img.blobs[1].hex()).unwrap()).unwrap(), f.layer);
+        assert_eq!(f.blob_gets.load(Ordering::SeqCst), 2, "config and layer");
+        let again = Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::X86_64).unwrap();
+        assert_eq!(again, img);
+        assert_eq!(f.blob_gets.load(Ordering::SeqCst), 2, "nothing downloaded the second time");
+        let offline = Puller::new(&fetcher(dir.path(), true), &regs, dir.path()).image(&r, Arch::X86_64).unwrap();
+        assert_eq!(offline, img);
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), true), &regs, dir.path()).image(&r, Arch::Riscv64).unwrap_err());
+        assert!(err.contains(&format!("image `{r}` (riscv64) is not in the cache")), "{err}");
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::Riscv64).unwrap_err());
+        assert!(err.contains(&format!("image `{r}`")) && err.contains("linux/amd64, linux/arm64/v8"), "{err}");
+    }
+
+    #[test]
+    fn tampered_blobs_and_unknown_media_types_are_refused_naming_the_image() {
+        let f = fake(true);
+        let dir = tempfile::tempdir().unwrap();
+        let regs = registries(&f.host);
+        let r = format!("{}/t/app:1", f.host);
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::X86_64).unwrap_err());
+        assert!(err.contains(&format!("image `{r}` (x86_64): layer {}", digest(&f.layer))) && err.contains("does not match"), "{err}");
+        assert!(!dir.path().join("blobs/sha256").join(&digest(&f.layer)[7..]).exists(), "the bad layer was stored");
+        let odd = format!("{}/t/odd:1", f.host);
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&odd, Arch::X86_64).unwrap_err());
+        assert!(err.contains(&format!("image `{odd}`")) && err.contains("unknown manifest media type `application/vnd.example.odd+json`"), "{err}");
+    }
+}

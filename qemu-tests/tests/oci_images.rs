@@ -1,0 +1,327 @@
+//! Slow tier, build only (no VM), against a real registry: Debian's `docker-registry` on
+//! 127.0.0.1 serves multi-arch test images this test makes itself (one tiny layer per
+//! architecture, unique per run, plus an OCI index), pushed with skopeo. A cluster profile
+//! (`profiles/single-server.yaml` with stand-in k3s assets, as in `k3s_assets.rs`) pulls them:
+//!
+//! - a missing platform and a tampered blob each fail with an error naming the image, and
+//!   leave no image (and no bad blob in the cache);
+//! - the build bundles `/usr/lib/kiln/images/kiln-images-amd64.tar.zst` (OCI layout: the amd64
+//!   manifest, config and layer, verified here by digest; the reference as the image name), the
+//!   k3s images-directory symlink, and `oci` manifest inputs with the resolved digests;
+//! - a second build downloads no blob (counted in the registry's access log) and bundles the
+//!   same archive bytes; an offline build works with the registry stopped.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use kiln::arch::Arch;
+use kiln_qemu_tests::{cache_dir, extract_range, free_port, kiln_with_cache, manifest, tool, work_dir};
+use sha2::{Digest, Sha256};
+
+const STAND_IN_VERSION: &str = "v0.0.0+k3s0";
+
+fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+/// A running `docker-registry serve`; stopped (by its PID) when dropped.
+struct Registry {
+    child: Child,
+    port: u16,
+    storage: PathBuf,
+    log: PathBuf,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Result<Registry> {
+        let port = free_port()?;
+        let storage = dir.join("registry-storage");
+        std::fs::create_dir_all(&storage)?;
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog: {{level: info}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
+                storage.display()
+            ),
+        )?;
+        let log = dir.join("registry.log");
+        let out = std::fs::File::create(&log)?;
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting docker-registry (install the `docker-registry` package)")?;
+        let r = Registry { child, port, storage, log };
+        let started = Instant::now();
+        while !r.ready() {
+            ensure!(started.elapsed() < Duration::from_secs(30), "docker-registry did not answer GET /v2/ within 30 s; see {}", r.log.display());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(r)
+    }
+
+    fn ready(&self) -> bool {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else { return false };
+        let _ = write!(s, "GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+        let mut head = String::new();
+        let _ = s.take(64).read_to_string(&mut head);
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200")
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Blob downloads so far, from the access log (`"GET /v2/<name>/blobs/sha256:..."`).
+    fn blob_gets(&self) -> Result<usize> {
+        let text = std::fs::read_to_string(&self.log)?;
+        Ok(text.lines().filter(|l| l.contains("\"GET /v2/") && l.contains("/blobs/sha256:")).count())
+    }
+
+    /// The registry's stored copy of a blob.
+    fn blob_file(&self, hex: &str) -> PathBuf {
+        self.storage.join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One platform's image in a test layout.
+struct Made {
+    manifest: String,
+    config: String,
+    layer: String,
+}
+
+fn write_blob(layout: &Path, data: &[u8]) -> Result<String> {
+    let hex = sha(data);
+    std::fs::write(layout.join("blobs/sha256").join(&hex), data)?;
+    Ok(hex)
+}
+
+/// Writes an OCI layout holding one index (tag `1`) over one image per platform, each a single
+/// uncompressed layer with `/hello.txt` naming the platform and `seed`. Returns the index digest
+/// and the images by architecture name.
+fn make_layout(layout: &Path, platforms: &[(&str, Option<&str>)], seed: &str) -> Result<(String, Vec<(String, Made)>)> {
+    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
+    let mut entries = Vec::new();
+    let mut made = Vec::new();
+    for (arch, variant) in platforms {
+        let src = layout.join(format!("src-{arch}"));
+        std::fs::create_dir_all(&src)?;
+        std::fs::write(src.join("hello.txt"), format!("hello from linux/{arch} ({seed})\n"))?;
+        let tar_path = layout.join(format!("layer-{arch}.tar"));
+        tool(
+            Command::new("tar").arg("--numeric-owner").arg("--owner=0").arg("--group=0").arg("--mtime=@0").arg("-cf").arg(&tar_path).arg("-C").arg(&src).arg("hello.txt"),
+            "tar",
+        )?;
+        let layer = std::fs::read(&tar_path)?;
+        let layer_hex = write_blob(layout, &layer)?;
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": arch, "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_hex}")]},
+        }))?;
+        let config_hex = write_blob(layout, &config)?;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{config_hex}"), "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{layer_hex}"), "size": layer.len()}],
+        }))?;
+        let manifest_hex = write_blob(layout, &manifest)?;
+        let mut platform = serde_json::json!({"os": "linux", "architecture": arch});
+        if let Some(v) = variant {
+            platform["variant"] = serde_json::json!(v);
+        }
+        entries.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_hex}"), "size": manifest.len(), "platform": platform,
+        }));
+        made.push((arch.to_string(), Made { manifest: manifest_hex, config: config_hex, layer: layer_hex }));
+    }
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries,
+    }))?;
+    let index_hex = write_blob(layout, &index)?;
+    std::fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": format!("sha256:{index_hex}"), "size": index.len(),
+                           "annotations": {"org.opencontainers.image.ref.name": "1"}}],
+        }))?,
+    )?;
+    Ok((index_hex, made))
+}
+
+fn push(layout: &Path, target: &str) -> Result<()> {
+    tool(
+        Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false", "-q"])
+            .arg(format!("oci:{}:1", layout.display()))
+            .arg(format!("docker://{target}")),
+        "skopeo",
+    )?;
+    Ok(())
+}
+
+/// The single-server profile with the stand-in k3s release and `images`.
+fn profile(dir: &Path, name: &str, host: &str, images: &[String]) -> Result<PathBuf> {
+    let base = std::fs::read_to_string(kiln_qemu_tests::repo_root().join("profiles/single-server.yaml"))?;
+    ensure!(base.contains("version: v1.33.5+k3s1"), "profiles/single-server.yaml names another k3s version");
+    let mut text = base.replace("version: v1.33.5+k3s1", &format!("version: {STAND_IN_VERSION}"));
+    text.push_str("\nimages:\n");
+    for i in images {
+        text.push_str(&format!("  - {i}\n"));
+    }
+    text.push_str(&format!("image_registries:\n  \"{host}\": {{insecure_http: true}}\n"));
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn stand_in_k3s(dir: &Path, seed: &str) -> Result<PathBuf> {
+    let assets = dir.join("stand-in-assets");
+    std::fs::create_dir_all(&assets)?;
+    let mut list = String::new();
+    for name in ["k3s", "k3s-airgap-images-amd64.tar.zst"] {
+        let data = format!("stand-in for {name}, not k3s ({seed})\n").into_bytes();
+        std::fs::write(assets.join(name), &data)?;
+        list.push_str(&format!("{}  {name}\n", sha(&data)));
+    }
+    std::fs::write(assets.join("sha256sum-amd64.txt"), &list)?;
+    Ok(assets)
+}
+
+fn s(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 work dir")
+}
+
+/// The archive bundled in an x86_64 build's root, extracted into `to` (an OCI layout).
+fn bundled_archive(out: &Path, dir: &Path, to: &Path) -> Result<Vec<u8>> {
+    let m = manifest(out, Arch::X86_64)?;
+    let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
+    let sqfs = dir.join("root.sqfs");
+    extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+    let listing = tool(Command::new("unsquashfs").arg("-lls").arg(&sqfs), "squashfs-tools")?;
+    let link = listing
+        .lines()
+        .find(|l| l.contains("var/lib/rancher/k3s/agent/images/kiln-images-amd64.tar.zst"))
+        .context("no kiln-images symlink in k3s's images directory")?;
+    ensure!(link.ends_with("-> /usr/lib/kiln/images/kiln-images-amd64.tar.zst"), "{link}");
+    let got = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg("usr/lib/kiln/images/kiln-images-amd64.tar.zst").output()?;
+    ensure!(got.status.success(), "unsquashfs -cat: {got:?}");
+    let _ = std::fs::remove_dir_all(to);
+    std::fs::create_dir_all(to)?;
+    let archive = dir.join("archive.tar.zst");
+    std::fs::write(&archive, &got.stdout)?;
+    tool(Command::new("tar").arg("--zstd").arg("-xf").arg(&archive).arg("-C").arg(to), "tar")?;
+    Ok(got.stdout)
+}
+
+#[test]
+fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
+    let dir = work_dir("oci-images")?;
+    let seed = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+    let registry = Registry::start(&dir)?;
+    let host = registry.host();
+    let assets = stand_in_k3s(&dir, &seed)?;
+    let cache = cache_dir()?;
+
+    let (hello_index, hello) = make_layout(&dir.join("hello"), &[("amd64", None), ("arm64", Some("v8")), ("riscv64", None)], &seed)?;
+    push(&dir.join("hello"), &format!("{host}/kiln-test/hello:1"))?;
+    make_layout(&dir.join("armonly"), &[("arm64", Some("v8"))], &seed)?;
+    push(&dir.join("armonly"), &format!("{host}/kiln-test/armonly:1"))?;
+    let (_, tampered) = make_layout(&dir.join("tampered"), &[("amd64", None)], &format!("{seed}-tampered"))?;
+    push(&dir.join("tampered"), &format!("{host}/kiln-test/tampered:1"))?;
+
+    // A missing platform: named, with the platforms the index has; no image written.
+    let p = profile(&dir, "armonly", &host, &[format!("{host}/kiln-test/armonly:1")])?;
+    let out = dir.join("out-armonly");
+    let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
+    ensure!(code != 0, "a build needing a missing platform succeeded:\n{log}");
+    eprintln!("missing platform: {}", log.lines().find(|l| l.starts_with("error:")).unwrap_or("(no error line)"));
+    ensure!(log.contains(&format!("image `{host}/kiln-test/armonly:1`")) && log.contains("no linux/amd64 image") && log.contains("linux/arm64/v8"), "{log}");
+    ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
+
+    // A tampered blob (same size, other bytes) in the registry's storage: refused, nothing stored.
+    let layer = &tampered[0].1.layer;
+    let blob = registry.blob_file(layer);
+    let mut bytes = std::fs::read(&blob).with_context(|| format!("reading the registry's copy {}", blob.display()))?;
+    bytes[512] ^= 0x20; // the first byte of hello.txt's data, after its tar header
+
+    std::fs::write(&blob, &bytes)?;
+    let p = profile(&dir, "tampered", &host, &[format!("{host}/kiln-test/tampered:1")])?;
+    let out = dir.join("out-tampered");
+    let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
+    ensure!(code != 0, "a build with a tampered layer succeeded:\n{log}");
+    eprintln!("tampered blob: {}", log.lines().find(|l| l.starts_with("error:")).unwrap_or("(no error line)"));
+    ensure!(log.contains(&format!("image `{host}/kiln-test/tampered:1`")) && log.contains(&format!("layer sha256:{layer}")) && log.contains("does not match"), "{log}");
+    ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
+    ensure!(!cache.join("blobs/sha256").join(layer).exists(), "the tampered blob is in the cache");
+
+    // The good image: pulled, verified, bundled.
+    let reference = format!("{host}/kiln-test/hello:1");
+    let p = profile(&dir, "hello", &host, &[reference.clone()])?;
+    let out = dir.join("out");
+    let gets_before = registry.blob_gets()?;
+    let started = Instant::now();
+    let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
+    ensure!(code == 0, "kiln build failed (exit {code}):\n{log}");
+    eprintln!("build with one registry image: {:.1} s", started.elapsed().as_secs_f64());
+    let first_gets = registry.blob_gets()? - gets_before;
+    ensure!(first_gets >= 2, "the first build downloaded {first_gets} blobs (config and layer expected; manifests come from /manifests/); is the access log format known? {}", registry.log.display());
+    let amd64 = &hello.iter().find(|(a, _)| a == "amd64").context("amd64")?.1;
+
+    let m = manifest(&out, Arch::X86_64)?;
+    let oci: Vec<_> = m.inputs.iter().filter(|i| i.kind == "oci").collect();
+    ensure!(oci.len() == 1, "manifest oci inputs: {oci:?}");
+    ensure!(oci[0].name == reference && oci[0].version.as_deref() == Some(&format!("sha256:{hello_index}")) && oci[0].sha256 == amd64.manifest, "{:?}", oci[0]);
+
+    let layout = dir.join("bundled");
+    let archive = bundled_archive(&out, &dir, &layout)?;
+    let mut names: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<Result<_, _>>()?;
+    names.sort();
+    let mut want = vec![amd64.manifest.clone(), amd64.config.clone(), amd64.layer.clone()];
+    want.sort();
+    ensure!(names == want, "bundled blobs {names:?}, want the amd64 manifest, config and layer {want:?}");
+    for n in &names {
+        ensure!(sha(&std::fs::read(layout.join("blobs/sha256").join(n))?) == *n, "bundled blob {n} does not match its name");
+    }
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(layout.join("index.json"))?)?;
+    let entry = &index["manifests"][0];
+    ensure!(entry["digest"] == format!("sha256:{}", amd64.manifest), "{index}");
+    ensure!(entry["annotations"]["io.containerd.image.name"] == reference.as_str(), "{index}");
+    ensure!(entry["annotations"]["org.opencontainers.image.ref.name"] == reference.as_str(), "{index}");
+    ensure!(layout.join("oci-layout").is_file(), "no oci-layout file");
+
+    // Again, online: no blob downloaded, the same archive.
+    let gets_before = registry.blob_gets()?;
+    let out2 = dir.join("out-again");
+    let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out2)?])?;
+    ensure!(code == 0, "second kiln build failed (exit {code}):\n{log}");
+    let again = registry.blob_gets()? - gets_before;
+    ensure!(again == 0, "the second build downloaded {again} blobs");
+    ensure!(bundled_archive(&out2, &dir, &dir.join("bundled-again"))? == archive, "the second build bundled different archive bytes");
+
+    // Offline, with the registry gone.
+    drop(registry);
+    let out3 = dir.join("out-offline");
+    let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--offline", "--out", s(&out3)?])?;
+    ensure!(code == 0, "offline kiln build failed (exit {code}):\n{log}");
+    ensure!(bundled_archive(&out3, &dir, &dir.join("bundled-offline"))? == archive, "the offline build bundled different archive bytes");
+    Ok(())
+}
