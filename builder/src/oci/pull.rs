@@ -196,22 +196,32 @@ impl<'a> Puller<'a> {
         Ok((bytes.to_vec(), digest))
     }
 
+    /// The verified cached copy of `d`, if there is one. Offline, a missing or corrupt copy is an
+    /// error saying what to do; online, a corrupt copy is removed so the caller fetches it again.
+    fn cached(&self, d: &Descriptor, what: &str) -> Result<Option<PathBuf>> {
+        let cache = &self.fetcher.cache;
+        match cache.get(d.hex(), Some(d.size)) {
+            Ok(Some(p)) => Ok(Some(p)),
+            Ok(None) if self.fetcher.offline => {
+                bail!("{what} is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
+            }
+            Ok(None) => Ok(None),
+            Err(e @ CacheError::Corrupt { .. }) if self.fetcher.offline => Err(anyhow!(e)).context(what.to_string()),
+            Err(CacheError::Corrupt { path, .. }) => {
+                tracing::warn!("the cached copy of {what} is corrupt ({}); fetching it again", path.display());
+                cache.remove(d.hex()).with_context(|| format!("removing corrupt {}", path.display()))?;
+                Ok(None)
+            }
+            Err(e) => Err(anyhow!(e)).context(what.to_string()),
+        }
+    }
+
     /// A platform manifest in the cache: found there, or fetched from the registry's manifest
     /// endpoint by digest (registries need not serve manifests as blobs) and stored once its
     /// digest and size are checked.
     fn manifest_blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
-        match self.fetcher.cache.get(d.hex(), Some(d.size)) {
-            Ok(Some(p)) => return Ok(p),
-            Ok(None) if self.fetcher.offline => {
-                bail!("{what} is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
-            }
-            Ok(None) => {}
-            Err(e @ CacheError::Corrupt { .. }) if self.fetcher.offline => return Err(anyhow!(e)).context(what.to_string()),
-            Err(CacheError::Corrupt { path, .. }) => {
-                tracing::warn!("the cached copy of {what} is corrupt ({}); fetching it again", path.display());
-                self.fetcher.cache.remove(d.hex()).with_context(|| format!("removing corrupt {}", path.display()))?;
-            }
-            Err(e) => return Err(anyhow!(e)).context(what.to_string()),
+        if let Some(p) = self.cached(d, what)? {
+            return Ok(p);
         }
         let (bytes, _) = self.manifest(&r.clone_with_digest(d.digest.clone())).with_context(|| what.to_string())?;
         self.fetcher.cache.put(d.hex(), Some(d.size), &bytes[..], what).map_err(|e| {
@@ -226,19 +236,8 @@ impl<'a> Puller<'a> {
     /// A verified blob in the cache: found there, or pulled (streamed to disk, verified against
     /// its digest and size). `what` names the image and blob in errors.
     fn blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
-        let cache = &self.fetcher.cache;
-        match cache.get(d.hex(), Some(d.size)) {
-            Ok(Some(p)) => return Ok(p),
-            Ok(None) if self.fetcher.offline => {
-                bail!("{what} is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
-            }
-            Ok(None) => {}
-            Err(e @ CacheError::Corrupt { .. }) if self.fetcher.offline => return Err(anyhow!(e)).context(what.to_string()),
-            Err(CacheError::Corrupt { path, .. }) => {
-                tracing::warn!("the cached copy of {what} is corrupt ({}); pulling it again", path.display());
-                cache.remove(d.hex()).with_context(|| format!("removing corrupt {}", path.display()))?;
-            }
-            Err(e) => return Err(anyhow!(e)).context(what.to_string()),
+        if let Some(p) = self.cached(d, what)? {
+            return Ok(p);
         }
         let auth = self.auth(r.registry())?;
         let fetcher = self.fetcher;
