@@ -181,10 +181,7 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
     // The kernel is installed without its dependencies (initramfs-tools, kmod, linux-base):
     // kiln writes the initramfs and module indexes itself.
     let kernel_pkg = kernel_package(&index, arch)?;
-    let systemd_boot = debian::resolve::resolve(&index.packages, &[SYSTEMD_BOOT_PACKAGE])
-        .with_context(|| format!("{arch}: finding {SYSTEMD_BOOT_PACKAGE}"))?
-        .into_iter()
-        .find(|p| p.name == SYSTEMD_BOOT_PACKAGE);
+    let systemd_boot = one_package(&index, SYSTEMD_BOOT_PACKAGE).with_context(|| format!("{arch}: finding {SYSTEMD_BOOT_PACKAGE}"))?;
 
     let firstboot_pkgs = debian::resolve::resolve(&index.packages, FIRSTBOOT_PACKAGES)
         .with_context(|| format!("{arch}: resolving the first-boot packages {}", FIRSTBOOT_PACKAGES.join(", ")))?;
@@ -202,21 +199,16 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         firstboot_debs.push((p, path));
     }
     let kpath = debian::fetch_deb(fetcher, &suite, &kernel_pkg)?;
-    let systemd_boot_deb = match systemd_boot {
-        Some(p) => {
-            let path = debian::fetch_deb(fetcher, &suite, &p)?;
-            Some((p, path))
-        }
-        None => None,
-    };
-    let ipxe_deb = if opts.wants(Format::Netboot) {
-        let p = debian::resolve::resolve(&index.packages, &[IPXE_PACKAGE])
-            .with_context(|| format!("{arch}: finding {IPXE_PACKAGE} (iPXE for the netboot output)"))?
-            .into_iter()
-            .find(|p| p.name == IPXE_PACKAGE)
-            .with_context(|| format!("{arch}: the suite has no `{IPXE_PACKAGE}` package"))?;
+    let fetch = |p: debian::Package| -> Result<(debian::Package, PathBuf)> {
         let path = debian::fetch_deb(fetcher, &suite, &p)?;
-        Some((p, path))
+        Ok((p, path))
+    };
+    let systemd_boot_deb = systemd_boot.map(fetch).transpose()?;
+    let ipxe_deb = if opts.wants(Format::Netboot) {
+        let p = one_package(&index, IPXE_PACKAGE)
+            .with_context(|| format!("{arch}: finding {IPXE_PACKAGE} (iPXE for the netboot output)"))?
+            .with_context(|| format!("{arch}: the suite has no `{IPXE_PACKAGE}` package"))?;
+        Some(fetch(p)?)
     } else {
         None
     };
@@ -240,6 +232,11 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         images,
         cache: fetcher.cache.clone(),
     })
+}
+
+/// The named package of the index alone, its dependencies left out (`None` if the suite lacks it).
+fn one_package(index: &debian::Index, name: &str) -> Result<Option<debian::Package>> {
+    Ok(debian::resolve::resolve(&index.packages, &[name])?.into_iter().find(|p| p.name == name))
 }
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
@@ -798,23 +795,22 @@ fn take_kernel(root: &mut Tree, arch: Arch, kver: &str) -> Result<Content> {
 }
 
 /// systemd-boot's EFI binary for the arch, from the systemd-boot-efi package.
-fn ipxe_efi_binary(deb: &Path, arch: Arch) -> Result<Content> {
-    let mut t = Tree::merged_usr(arch);
-    crate::deb::unpack_deb(deb, &mut t)?;
-    let path = format!("usr/lib/ipxe/{}", arch.ipxe_efi_file());
-    match t.get_str(&path).map(|e| &e.kind) {
-        Some(Kind::File(c)) => Ok(c.clone()),
-        _ => bail!("{} has no /{path} (Debian ships per-architecture iPXE EFI binaries from trixie on)", deb.display()),
-    }
+fn systemd_boot_binary(deb: &Path, arch: Arch) -> Result<Content> {
+    file_from_deb(deb, arch, &format!("usr/lib/systemd/boot/efi/{}", arch.systemd_boot_file()), "")
 }
 
-fn systemd_boot_binary(deb: &Path, arch: Arch) -> Result<Content> {
+/// iPXE's EFI binary for the arch (the netboot output's first stage), from the ipxe package.
+fn ipxe_efi_binary(deb: &Path, arch: Arch) -> Result<Content> {
+    file_from_deb(deb, arch, &format!("usr/lib/ipxe/{}", arch.ipxe_efi_file()), " (Debian ships per-architecture iPXE EFI binaries from trixie on)")
+}
+
+/// One file of a package, unpacked into a scratch tree; `hint` follows the error if it is missing.
+fn file_from_deb(deb: &Path, arch: Arch, path: &str, hint: &str) -> Result<Content> {
     let mut t = Tree::merged_usr(arch);
     crate::deb::unpack_deb(deb, &mut t)?;
-    let path = format!("usr/lib/systemd/boot/efi/{}", arch.systemd_boot_file());
-    match t.get_str(&path).map(|e| &e.kind) {
+    match t.get_str(path).map(|e| &e.kind) {
         Some(Kind::File(c)) => Ok(c.clone()),
-        _ => bail!("{} has no /{path}", deb.display()),
+        _ => bail!("{} has no /{path}{hint}", deb.display()),
     }
 }
 
