@@ -11,6 +11,12 @@
 //! - served a tampered `root.img`, the installer refuses it (digest named on the console) before
 //!   the data partition exists, and reports nothing.
 //!
+//! The image is one rack's (`cluster` with an inventory): the x86_64 machine is not in the inventory
+//! and comes up with no role and a MAC-derived name; the aarch64 machine's MAC is inventory node
+//! `rack-a1`, so `kiln serve` passes `kiln.node=rack-a1` to its installer, records the node with
+//! the install, and the installed system finds itself as rack-a1 (by the same MAC) and runs that
+//! node's single etcd member.
+//!
 //! aarch64 (AAVMF has no iPXE ROM for virtio-net): the firmware's own PXE loads the build's
 //! `netboot/ipxe.efi` (Debian's arm64 iPXE) over QEMU's TFTP, iPXE runs `autoexec.ipxe` from the
 //! same TFTP directory (`dhcp`, then `chain` to `kiln serve`), and the install and report follow
@@ -176,6 +182,10 @@ fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
     vm.wait_for(&format!("[kiln] install: reported to http://10.0.2.2:{port}"), Duration::from_secs(60))?;
     vm.wait_for("is installed; booting from the local disk", BOOT_TIMEOUT)?;
     vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
+    // Not in the inventory: no kiln.node= for the installer, the default identity after it.
+    let derived = format!("rack-{}", MAC.replace(':', ""));
+    ensure!(vm.console().contains(&format!("[kiln] identity: node={derived} roles=none by=default")), "no default identity {derived} on the console");
+    ensure!(!vm.console().contains("kiln.node="), "a machine outside the inventory was given kiln.node=");
     eprintln!("{arch}: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());
     vm.kill();
     drop(vm);
@@ -274,11 +284,17 @@ fn aarch64_pxe_through_firmware_tftp_and_ipxe_installs_and_boots_from_disk() -> 
     vm.wait_for(&format!("[kiln] install: reported to http://10.0.2.2:{port}"), Duration::from_secs(60))?;
     let ready = vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
     ensure!(ready.contains("arch=aarch64"), "{ready}");
+    // The inventory node: named to the installer by the server, found again by MAC once installed,
+    // and running that node's role.
+    let console = vm.console();
+    ensure!(console.contains(&format!("[kiln] install: this machine is inventory node rack-a1 (kiln.node= from the server, chosen by MAC {mac})")), "the installer was not told its node");
+    ensure!(console.contains("[kiln] identity: node=rack-a1 roles=etcd by=mac"), "the installed system did not find itself as rack-a1");
+    ensure!(console.contains("[kiln] etcd: starting member rack-a1"), "rack-a1's etcd member did not start");
     eprintln!("aarch64: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());
     vm.kill();
     let state: kiln::serve::state::State = serde_json::from_str(&std::fs::read_to_string(out.join("serve-state.json"))?)?;
     let rec = state.installed.get(mac).with_context(|| format!("serve-state.json has no {mac}"))?;
-    ensure!(rec.arch.as_deref() == Some("aarch64"), "{rec:?}");
+    ensure!(rec.arch.as_deref() == Some("aarch64") && rec.node.as_deref() == Some("rack-a1"), "{rec:?}");
     let status = serve.interrupt()?;
     ensure!(status.success(), "kiln serve exited {status} on SIGINT");
     Ok(())

@@ -331,6 +331,10 @@ install_system() {
     INSTALL_URL=$(cmdline_value kiln.install)
     if [ -n "$INSTALL_URL" ]; then
         fetch_plan
+        # kiln serve chose the node from this machine's MAC; the installed system finds the same
+        # node by the same MAC (boot.d/35-identity.sh), so the name needs no hand-over.
+        node=$(cmdline_value kiln.node)
+        [ -z "$node" ] || log "install: this machine is inventory node $node (kiln.node= from the server, chosen by MAC $INSTALL_MAC)"
     else
         find_medium
     fi
