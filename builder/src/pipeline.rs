@@ -219,6 +219,11 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
     let p = &profile.profile;
     let images = crate::oci::pull::pull_all(fetcher, &p.images, &p.image_registries, &profile.base_dir(), arch)
         .with_context(|| format!("{arch}: pulling the profile's `images`"))?;
+    // Everything is resolved: the package lists (~70k packages, the largest thing a build holds)
+    // are done with. Inputs of every arch are gathered before the first image is written, so
+    // keeping them would hold one list per arch until the end.
+    let mut index = index;
+    index.packages = Default::default();
     Ok(Inputs {
         arch,
         suite,
