@@ -7,6 +7,7 @@
 //! symlink to it, like the k3s air-gap archive.
 
 pub mod auth;
+pub mod base;
 pub mod flatten;
 pub mod layout;
 pub mod manifest;
