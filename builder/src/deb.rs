@@ -225,18 +225,50 @@ pub fn decompress<'a, R: Read + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a>> 
 /// (escaping path, path through a symlink, bad hard link, unsupported type) fails the whole
 /// unpack with an error naming `what` and the entry.
 pub fn unpack_tar<R: Read>(tar: R, tree: &mut Tree, what: &str) -> anyhow::Result<Vec<TreePath>> {
-    let mut archive = tar::Archive::new(decompress(tar).with_context(|| format!("{what}: detecting compression"))?);
+    let plain = decompress(tar).with_context(|| format!("{what}: detecting compression"))?;
+    for_each_entry(plain, what, |item| insert_item(tree, item).map(Some))
+}
+
+/// One tar entry read into the tree model: paths already checked by
+/// [`TreePath::parse_relative`] (no `..`, not absolute), a file's contents read into memory.
+#[derive(Debug)]
+pub enum TarItem {
+    /// Anything but a hard link.
+    Entry(TreePath, Entry),
+    /// A hard link to an earlier entry `target`, with the link's own metadata.
+    HardLink { path: TreePath, target: TreePath, meta: Meta },
+}
+
+/// The one tar walker of kiln (packages and OCI layers): reads each entry of an uncompressed
+/// tar stream into a [`TarItem`] and hands it to `apply`, which places it (and returns the path
+/// placed, if any). An error, from reading or from `apply`, names `what` and the entry.
+pub fn for_each_entry<R: Read>(
+    plain_tar: R,
+    what: &str,
+    mut apply: impl FnMut(TarItem) -> anyhow::Result<Option<TreePath>>,
+) -> anyhow::Result<Vec<TreePath>> {
+    let mut archive = tar::Archive::new(plain_tar);
     let mut placed = Vec::new();
     for entry in archive.entries().with_context(|| format!("reading {what}"))? {
         let mut entry = entry.with_context(|| format!("reading {what}"))?;
         let raw_path = entry_path(&entry).with_context(|| format!("{what}: reading an entry name"))?;
-        if let Some(p) =
-            unpack_entry(&mut entry, &raw_path, tree).with_context(|| format!("{what}: entry `{raw_path}`"))?
-        {
-            placed.push(p);
+        let item = read_item(&mut entry, &raw_path).with_context(|| format!("{what}: entry `{raw_path}`"))?;
+        if let Some(item) = item {
+            if let Some(p) = apply(item).with_context(|| format!("{what}: entry `{raw_path}`"))? {
+                placed.push(p);
+            }
         }
     }
     Ok(placed)
+}
+
+/// Places an item as a package's `data.tar` does: inserted over what is there (a hard link
+/// shares its target's content).
+pub fn insert_item(tree: &mut Tree, item: TarItem) -> anyhow::Result<TreePath> {
+    Ok(match item {
+        TarItem::Entry(path, entry) => tree.insert(&path, entry)?,
+        TarItem::HardLink { path, target, meta } => tree.add_hardlink(&path, &target, meta)?,
+    })
 }
 
 fn entry_path<R: Read>(entry: &tar::Entry<'_, R>) -> anyhow::Result<String> {
@@ -244,12 +276,8 @@ fn entry_path<R: Read>(entry: &tar::Entry<'_, R>) -> anyhow::Result<String> {
     p.to_str().map(str::to_string).with_context(|| format!("name {} is not UTF-8", p.display()))
 }
 
-/// Inserts one tar entry; `None` for metadata-only headers.
-fn unpack_entry<R: Read>(
-    entry: &mut tar::Entry<'_, R>,
-    raw_path: &str,
-    tree: &mut Tree,
-) -> anyhow::Result<Option<TreePath>> {
+/// Reads one tar entry; `None` for metadata-only headers.
+fn read_item<R: Read>(entry: &mut tar::Entry<'_, R>, raw_path: &str) -> anyhow::Result<Option<TarItem>> {
     use tar::EntryType as T;
     let etype = entry.header().entry_type();
     if etype.is_pax_global_extensions() {
@@ -271,7 +299,7 @@ fn unpack_entry<R: Read>(
         T::Symlink => Kind::Symlink(link_target(entry)?),
         T::Link => {
             let target = TreePath::parse_relative(&link_target(entry)?)?;
-            return Ok(Some(tree.add_hardlink(&path, &target, meta)?));
+            return Ok(Some(TarItem::HardLink { path, target, meta }));
         }
         T::Char | T::Block => {
             let (major, minor) = device_numbers(entry)?;
@@ -284,7 +312,7 @@ fn unpack_entry<R: Read>(
         T::Fifo => Kind::Fifo,
         other => bail!("unsupported tar entry type {other:?}"),
     };
-    Ok(Some(tree.insert(&path, Entry { meta, kind })?))
+    Ok(Some(TarItem::Entry(path, Entry { meta, kind })))
 }
 
 fn link_target<R: Read>(entry: &tar::Entry<'_, R>) -> anyhow::Result<String> {
@@ -326,7 +354,7 @@ fn entry_meta<R: Read>(entry: &mut tar::Entry<'_, R>) -> anyhow::Result<Meta> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::arch::Arch;
     use std::io::Write;
@@ -370,17 +398,18 @@ mod tests {
 
     /// One entry of a test tarball. Names are written raw into the header (bypassing the tar
     /// crate's own `..` checks) so hostile archives can be built.
-    enum E<'a> {
+    pub(crate) enum E<'a> {
         Dir(&'a str, u32),
         File(&'a str, u32, &'a [u8]),
         Owned(&'a str, u32, u32, u32, &'a [u8]),
         Symlink(&'a str, &'a str),
         Hardlink(&'a str, &'a str),
         Char(&'a str, u32, u32),
+        Block(&'a str, u32, u32),
         Fifo(&'a str),
     }
 
-    fn tarball(entries: &[E]) -> Vec<u8> {
+    pub(crate) fn tarball(entries: &[E]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for e in entries {
             let mut h = tar::Header::new_gnu();
@@ -412,8 +441,9 @@ mod tests {
                     raw_set(&mut h.as_old_mut().linkname, t);
                     (n, &[])
                 }
-                E::Char(n, major, minor) => {
-                    h.set_entry_type(tar::EntryType::Char);
+                E::Char(n, major, minor) | E::Block(n, major, minor) => {
+                    let ty = if matches!(e, E::Char(..)) { tar::EntryType::Char } else { tar::EntryType::Block };
+                    h.set_entry_type(ty);
                     h.set_mode(0o600);
                     h.set_device_major(major).unwrap();
                     h.set_device_minor(minor).unwrap();

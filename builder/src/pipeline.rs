@@ -102,7 +102,10 @@ struct Inputs {
     root_debs: Vec<(debian::Package, PathBuf)>,
     /// Packages the initramfs takes programs from (first boot), with their dependencies.
     firstboot_debs: Vec<(debian::Package, PathBuf)>,
-    kernel_deb: (debian::Package, PathBuf),
+    /// The kernel package; `None` when the kernel comes from `os.image`.
+    kernel_deb: Option<(debian::Package, PathBuf)>,
+    /// `os.image`: the base OS image, verified in the cache.
+    os_image: Option<crate::oci::Image>,
     systemd_boot_deb: Option<(debian::Package, PathBuf)>,
     /// Netboot builds: Debian's `ipxe` (its EFI binary goes to `netboot/ipxe.efi`).
     ipxe_deb: Option<(debian::Package, PathBuf)>,
@@ -178,16 +181,25 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
     let root_pkgs = debian::resolve::resolve(&index.packages, &roots)
         .with_context(|| format!("{arch}: resolving packages {}", roots.join(", ")))?;
 
+    // `os.image`: the root and kernel come from an OCI image; kiln's runtime still from Debian.
+    let p = &profile.profile;
+    let os_image = match &p.os.image {
+        Some(r) => crate::oci::pull::pull_all(fetcher, std::slice::from_ref(r), &p.image_registries, &profile.base_dir(), arch)
+            .with_context(|| format!("{arch}: pulling the base OS image (`os.image`)"))?
+            .pop(),
+        None => None,
+    };
     // The kernel is installed without its dependencies (initramfs-tools, kmod, linux-base):
     // kiln writes the initramfs and module indexes itself.
-    let kernel_pkg = kernel_package(&index, arch)?;
+    let kernel_pkg = if os_image.is_none() { Some(kernel_package(&index, arch)?) } else { None };
     let systemd_boot = one_package(&index, SYSTEMD_BOOT_PACKAGE).with_context(|| format!("{arch}: finding {SYSTEMD_BOOT_PACKAGE}"))?;
 
     let firstboot_pkgs = debian::resolve::resolve(&index.packages, FIRSTBOOT_PACKAGES)
         .with_context(|| format!("{arch}: resolving the first-boot packages {}", FIRSTBOOT_PACKAGES.join(", ")))?;
 
-    let total: u64 = root_pkgs.iter().map(|p| p.size).sum::<u64>() + kernel_pkg.size;
-    info!("{arch}: {} packages + kernel {} ({} MiB)", root_pkgs.len(), kernel_pkg.version, total >> 20);
+    let total: u64 = root_pkgs.iter().map(|p| p.size).sum::<u64>() + kernel_pkg.as_ref().map_or(0, |k| k.size);
+    let kernel_from = kernel_pkg.as_ref().map_or_else(|| "the image's kernel".to_string(), |k| format!("kernel {}", k.version));
+    info!("{arch}: {} packages + {kernel_from} ({} MiB)", root_pkgs.len(), total >> 20);
     let mut root_debs = Vec::new();
     for p in root_pkgs {
         let path = debian::fetch_deb(fetcher, &suite, &p)?;
@@ -198,11 +210,11 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         let path = debian::fetch_deb(fetcher, &suite, &p)?;
         firstboot_debs.push((p, path));
     }
-    let kpath = debian::fetch_deb(fetcher, &suite, &kernel_pkg)?;
     let fetch = |p: debian::Package| -> Result<(debian::Package, PathBuf)> {
         let path = debian::fetch_deb(fetcher, &suite, &p)?;
         Ok((p, path))
     };
+    let kernel_deb = kernel_pkg.map(fetch).transpose()?;
     let systemd_boot_deb = systemd_boot.map(fetch).transpose()?;
     let ipxe_deb = if opts.wants(Format::Netboot) {
         let p = one_package(&index, IPXE_PACKAGE)
@@ -216,7 +228,6 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         _ => None,
     };
-    let p = &profile.profile;
     let images = crate::oci::pull::pull_all(fetcher, &p.images, &p.image_registries, &profile.base_dir(), arch)
         .with_context(|| format!("{arch}: pulling the profile's `images`"))?;
     // Everything is resolved: the package lists (~70k packages, the largest thing a build holds)
@@ -230,7 +241,8 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         index,
         root_debs,
         firstboot_debs,
-        kernel_deb: (kernel_pkg, kpath),
+        kernel_deb,
+        os_image,
         systemd_boot_deb,
         ipxe_deb,
         k3s,
@@ -405,12 +417,23 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         Input { kind: "index".into(), name: format!("{}/InRelease", inputs.suite.suite), version: None, sha256: inputs.index.inrelease_sha256.clone(), size: None },
         Input { kind: "index".into(), name: format!("{}/main/binary-{}/Packages", inputs.suite.suite, arch.debian()), version: None, sha256: inputs.index.packages_sha256.clone(), size: None },
     ];
-    for (pkg, path) in inputs.root_debs.iter().chain(std::iter::once(&inputs.kernel_deb)) {
+    if let Some(image) = &inputs.os_image {
+        // `os.image`: the image is the bottom of the root; Debian's packages go on top.
+        crate::oci::base::lay_image(image, &inputs.cache, &mut root, arch)?;
+        manifest_inputs.extend(crate::oci::manifest_inputs(std::slice::from_ref(image)));
+    }
+    for (pkg, path) in inputs.root_debs.iter().chain(inputs.kernel_deb.iter()) {
         crate::deb::unpack_deb(path, &mut root).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
         manifest_inputs.push(deb_input(pkg));
     }
-    let kver = single_kernel_version(&root)?;
-    let kernel = take_kernel(&mut root, arch, &kver)?;
+    let (kver, kernel) = match &inputs.os_image {
+        Some(image) => crate::oci::base::take_kernel(&mut root, &image.reference, arch)?,
+        None => {
+            let kver = single_kernel_version(&root)?;
+            let kernel = take_kernel(&mut root, arch, &kver)?;
+            (kver, kernel)
+        }
+    };
 
     crate::setup::base_system(&mut root)?;
     crate::busybox::install_links(&mut root, "usr/bin", "busybox")?;

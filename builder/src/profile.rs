@@ -103,9 +103,17 @@ pub struct Os {
     /// Default: `/usr/share/keyrings/debian-archive-keyring.gpg`.
     #[serde(default)]
     pub keyring: Option<PathBuf>,
-    /// Extra Debian packages installed into the root (with their dependencies).
+    /// Extra Debian packages installed into the root (with their dependencies). With `image`
+    /// they are unpacked on top of the image's files.
     #[serde(default)]
     pub packages: Vec<String>,
+    /// An OCI image whose filesystem becomes the root instead of Debian's packages
+    /// (`registry/repository:tag` or `...@sha256:<hex>`; registry options in
+    /// `image_registries`). Pulled for each architecture, verified, cached and flattened; its
+    /// kernel and modules boot the appliance. kiln still adds busybox, its boot scripts and init
+    /// from `suite`. See "Base OS from an OCI image" in the README.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 fn default_suite() -> String {
@@ -114,7 +122,7 @@ fn default_suite() -> String {
 
 impl Default for Os {
     fn default() -> Self {
-        Os { suite: default_suite(), mirror: None, keyring: None, packages: Vec::new() }
+        Os { suite: default_suite(), mirror: None, keyring: None, packages: Vec::new(), image: None }
     }
 }
 
@@ -481,6 +489,9 @@ impl LoadedProfile {
             if pkg.is_empty() || pkg.contains(char::is_whitespace) {
                 bail!("{file}: key `os.packages`: `{pkg}` is not a Debian package name");
             }
+        }
+        if let Some(image) = &p.os.image {
+            crate::oci::parse_reference(image).map_err(|e| anyhow::anyhow!("{file}: key `os.image`: {e:#}"))?;
         }
         for o in &p.overlays {
             let dir = self.resolve(&o.value);

@@ -7,6 +7,8 @@
 //! symlink to it, like the k3s air-gap archive.
 
 pub mod auth;
+pub mod base;
+pub mod flatten;
 pub mod layout;
 pub mod manifest;
 pub mod pull;
@@ -70,6 +72,11 @@ impl Image {
     /// Manifest, config and layers: every blob of the image.
     pub fn all_blobs(&self) -> impl Iterator<Item = &manifest::Descriptor> {
         std::iter::once(&self.manifest).chain(&self.blobs)
+    }
+
+    /// The layers, bottom first.
+    pub fn layers(&self) -> &[manifest::Descriptor] {
+        self.blobs.get(1..).unwrap_or_default()
     }
 }
 

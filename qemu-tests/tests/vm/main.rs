@@ -9,6 +9,7 @@ mod firmware;
 mod installer;
 mod k3s_assets;
 mod k3s_cluster;
+mod oci_base;
 mod oci_images;
 mod provision;
 mod pxe;
