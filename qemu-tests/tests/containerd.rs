@@ -108,13 +108,29 @@ fn busybox_layout(layout: &Path) -> Result<String> {
 /// The test profile: both architectures, the image from the test registry, two containers.
 fn profile(dir: &Path, host: &str, busybox: &str) -> Result<PathBuf> {
     let image = format!("{host}/kiln-test/busybox:1");
-    let text = format!(
-        "name: containerd-test\narch: [x86_64, aarch64]\nengine: containerd\nimages:\n  - {image}\nimage_registries:\n  \"{host}\": {{insecure_http: true}}\n\
-containers:\n\
-  - name: hello\n    image: {image}\n    env: {{GREETING: hi-there}}\n    mounts: [{{host: /var/lib/hello, container: /data}}]\n\
-    args: [{busybox}, sh, -c, 'echo boot >> /data/boots && busybox sync && echo \"kiln-container-hello-$(busybox uname -m) greeting=$GREETING boots=$(busybox wc -l < /data/boots)\" && exec busybox sleep 2147483647']\n\
-  - name: once\n    image: {image}\n    restart: no\n    args: [{busybox}, sh, -c, 'echo kiln-container-once-ran; exit 3']\n"
+    let hello = format!(
+        "[{busybox}, sh, -c, 'echo boot >> /data/boots && busybox sync && echo \"kiln-container-hello-$(busybox uname -m) greeting=$GREETING boots=$(busybox wc -l < /data/boots)\" && exec busybox sleep 2147483647']"
     );
+    let lines = [
+        "name: containerd-test".to_string(),
+        "arch: [x86_64, aarch64]".into(),
+        "engine: containerd".into(),
+        "images:".into(),
+        format!("  - {image}"),
+        "image_registries:".into(),
+        format!("  \"{host}\": {{insecure_http: true}}"),
+        "containers:".into(),
+        "  - name: hello".into(),
+        format!("    image: {image}"),
+        "    env: {GREETING: hi-there}".into(),
+        "    mounts: [{host: /var/lib/hello, container: /data}]".into(),
+        format!("    args: {hello}"),
+        "  - name: once".into(),
+        format!("    image: {image}"),
+        "    restart: no".into(),
+        format!("    args: [{busybox}, sh, -c, 'echo kiln-container-once-ran; exit 3']"),
+    ];
+    let text = lines.join("\n") + "\n";
     let path = dir.join("containerd-test.yaml");
     std::fs::write(&path, text)?;
     Ok(path)
