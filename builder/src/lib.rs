@@ -8,6 +8,7 @@ pub mod assets;
 pub mod busybox;
 pub mod cache;
 pub mod cluster;
+pub mod containerd;
 pub mod cpio;
 pub mod deb;
 pub mod debian;

@@ -178,6 +178,7 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
     if let Some(c) = &profile.profile.cluster {
         roots.extend(crate::cluster::services::packages(c));
     }
+    roots.extend(crate::containerd::packages(&profile.profile));
     let root_pkgs = debian::resolve::resolve(&index.packages, &roots)
         .with_context(|| format!("{arch}: resolving packages {}", roots.join(", ")))?;
 
@@ -456,15 +457,21 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         crate::k3s::place(k3s, &mut root).context("placing k3s in the root")?;
         manifest_inputs.extend(crate::k3s::manifest_inputs(k3s));
     }
+    let engine = profile.profile.engine;
     if !inputs.images.is_empty() {
         // Written beside the image being built (the staging directory) and streamed into the
         // squashfs from there: never held in memory.
-        let archive = dir.join(crate::oci::archive_name(arch));
-        let size = crate::oci::layout::write_archive(&inputs.images, &inputs.cache, epoch, &archive)
+        let archive = dir.join(crate::oci::archive_name(arch, engine));
+        let zstd = engine == crate::containerd::Engine::K3s;
+        let size = crate::oci::layout::write_archive(&inputs.images, &inputs.cache, epoch, &archive, zstd)
             .with_context(|| format!("{arch}: writing the image archive {}", archive.display()))?;
         info!("{arch}: {} container images bundled ({} MiB)", inputs.images.len(), size >> 20);
-        crate::oci::place(&archive, arch, &mut root).context("placing the image archive in the root")?;
+        crate::oci::place(&archive, arch, engine, &mut root).context("placing the image archive in the root")?;
         manifest_inputs.extend(crate::oci::manifest_inputs(&inputs.images));
+    }
+    if engine == crate::containerd::Engine::Containerd {
+        crate::containerd::install(&profile.profile, &mut root, &modules, !inputs.images.is_empty())
+            .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
     }
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);

@@ -74,11 +74,12 @@ pub struct Profile {
     /// A k3s cluster formed from this one image (see "Clusters" in the README). Absent: no cluster.
     #[serde(default)]
     pub cluster: Option<crate::cluster::Cluster>,
-    /// Container images bundled for k3s (needs `cluster`): references by tag or digest
-    /// (`registry/repository:tag`, `...@sha256:<hex>`; `busybox:1.36` means Docker Hub). Each is
-    /// pulled once per architecture (an index is resolved to `linux/<arch>`), verified, cached,
-    /// and bundled into `/usr/lib/kiln/images/kiln-images-<arch>.tar.zst`, which k3s imports at
-    /// boot. See "Air-gapped container images" in the README.
+    /// Container images bundled for k3s (needs `cluster`) or for `engine: containerd`:
+    /// references by tag or digest (`registry/repository:tag`, `...@sha256:<hex>`;
+    /// `busybox:1.36` means Docker Hub). Each is pulled once per architecture (an index is
+    /// resolved to `linux/<arch>`), verified, cached, and bundled into
+    /// `/usr/lib/kiln/images/kiln-images-<arch>.tar.zst` (k3s) or `.tar` (containerd), which the
+    /// engine imports at boot. See "Air-gapped container images" in the README.
     #[serde(default)]
     pub images: Vec<String>,
     /// Pull options per registry host (as written in `images`, e.g. `registry.local:5000`):
@@ -87,6 +88,16 @@ pub struct Profile {
     /// `$REGISTRY_AUTH_FILE` or `~/.docker/config.json`, else anonymous).
     #[serde(default)]
     pub image_registries: BTreeMap<String, crate::oci::Registry>,
+    /// What runs the workloads: `k3s` (default; `images` need `cluster`) or `containerd`
+    /// (container appliances without Kubernetes: `images` are imported by containerd and
+    /// `containers` run from them; not together with `cluster`). See "Container appliances
+    /// (engine: containerd)" in the README.
+    #[serde(default)]
+    pub engine: crate::containerd::Engine,
+    /// Containers an `engine: containerd` appliance runs, each from one of `images`, started
+    /// and supervised by init (logs in `/var/log/containers/<name>.log` and on the console).
+    #[serde(default)]
+    pub containers: Vec<crate::containerd::Container>,
 }
 
 /// The Debian base system.
@@ -528,6 +539,7 @@ impl LoadedProfile {
         crate::provision::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::oci::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        crate::containerd::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
 }

@@ -59,6 +59,17 @@ fn build_kiln() -> anyhow::Result<PathBuf> {
         }
     }
     cmd.env("CARGO_TARGET_DIR", target_dir);
+    // The test process carries the variables cargo sets for it (CARGO_PKG_NAME=kiln-qemu-tests,
+    // CARGO_MANIFEST_DIR, ...). Build scripts of dependencies (ring, via cc) rerun when those
+    // change, so passing them on made this build and the next `cargo test` rebuild each other's
+    // dependencies every time; the nested build gets the environment of a plain shell instead.
+    for (key, _) in std::env::vars_os() {
+        if let Some(k) = key.to_str() {
+            if k.starts_with("CARGO_PKG_") || k.starts_with("CARGO_MANIFEST_") || k == "CARGO_CRATE_NAME" || k == "CARGO_PRIMARY_PACKAGE" || k == "OUT_DIR" || k == "CARGO_TARGET_TMPDIR" {
+                cmd.env_remove(&key);
+            }
+        }
+    }
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("building kiln failed ({status}): {cmd:?}");

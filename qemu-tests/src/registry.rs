@@ -1,6 +1,6 @@
-//! A real OCI registry for the slow tier: Debian's `docker-registry` (distribution/registry 2.8)
-//! on 127.0.0.1 with a minimal config (no auth, filesystem storage in the test's work dir), and
-//! pushes of test-made OCI layouts to it with skopeo.
+//! A real OCI registry for the VM tier: Debian's `docker-registry` (distribution 2.8) on
+//! 127.0.0.1 with a minimal config (no auth, no TLS), plus pushing OCI layouts to it with skopeo.
+//! Used by the image tests (`oci_images.rs`, `containerd.rs`).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -8,18 +8,26 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
+use sha2::{Digest, Sha256};
 
 use crate::{free_port, tool};
+
+/// sha256 (hex) of `data`.
+pub fn sha(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
 
 /// A running `docker-registry serve`; stopped (by its PID) when dropped.
 pub struct Registry {
     child: Child,
     pub port: u16,
     pub storage: PathBuf,
+    /// Its log (the access log included).
     pub log: PathBuf,
 }
 
 impl Registry {
+    /// Starts a registry storing into `dir/registry-storage`; returns once `GET /v2/` answers.
     pub fn start(dir: &Path) -> Result<Registry> {
         let port = free_port()?;
         let storage = dir.join("registry-storage");
@@ -58,6 +66,7 @@ impl Registry {
         head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200")
     }
 
+    /// `127.0.0.1:PORT`, as written in image references.
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -81,7 +90,8 @@ impl Drop for Registry {
     }
 }
 
-/// Copies the OCI layout's tag `1` (every platform) to `target` (`host/repo:tag`) with skopeo.
+/// Pushes tag `1` of the OCI layout `layout` (all platforms, digests kept) to `target`
+/// (`host/repository:tag`) over plain HTTP.
 pub fn push(layout: &Path, target: &str) -> Result<()> {
     tool(
         Command::new("skopeo")
@@ -92,4 +102,3 @@ pub fn push(layout: &Path, target: &str) -> Result<()> {
     )?;
     Ok(())
 }
-

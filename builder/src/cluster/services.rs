@@ -68,7 +68,7 @@ pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> 
         root.remove(&crate::tree::TreePath::parse(ETCD_RUN)?);
     }
     if c.needs_k3s() {
-        load_modules(root, modules, K3S_MODULES)?;
+        load_modules(root, modules, K3S_MODULES, "cluster")?;
     } else {
         root.remove(&crate::tree::TreePath::parse(crate::k3s::RUN_SCRIPT)?);
     }
@@ -76,8 +76,8 @@ pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> 
 }
 
 /// Adds `wanted` (those not listed yet) to the boot-time module list, each checked against the
-/// kernel's modules.
-fn load_modules(root: &mut Tree, modules: &ModuleSet, wanted: &[&str]) -> Result<()> {
+/// kernel's modules; `key` is the profile key that asks for them (named in the error).
+pub(crate) fn load_modules(root: &mut Tree, modules: &ModuleSet, wanted: &[&str], key: &str) -> Result<()> {
     let mut text = match root.get_str(MODULES_LOAD).map(|e| &e.kind) {
         Some(Kind::File(c)) => String::from_utf8(c.read()?.into_owned())?,
         _ => String::from("# modules loaded at boot\n"),
@@ -85,7 +85,7 @@ fn load_modules(root: &mut Tree, modules: &ModuleSet, wanted: &[&str]) -> Result
     let listed: Vec<String> = text.lines().map(str::to_string).collect();
     for m in wanted {
         if !modules.modules.contains_key(*m) && !modules.builtin.contains(*m) {
-            bail!("key `cluster`: k3s needs the kernel module `{m}`, which kernel {} lacks", modules.kver);
+            bail!("key `{key}`: the kernel module `{m}` is needed, but kernel {} lacks it", modules.kver);
         }
         if !listed.iter().any(|l| l == m) {
             text.push_str(&format!("{m}\n"));

@@ -62,19 +62,35 @@ fn header(path: &str, kind: tar::EntryType, mode: u32, size: u64, mtime: u64) ->
     Ok(h)
 }
 
-/// Writes the archive of `images` (every blob already verified in `cache`) to `out`.
+/// Writes the archive of `images` (every blob already verified in `cache`) to `out`, zstd-
+/// compressed (`zstd: true`, what k3s reads) or as a plain tar (containerd 1.7's `ctr images
+/// import` reads no compressed archives; the squashfs root compresses it anyway).
 /// Returns the archive's size.
-pub fn write_archive(images: &[Image], cache: &Cache, mtime: u64, out: &Path) -> Result<u64> {
+pub fn write_archive(images: &[Image], cache: &Cache, mtime: u64, out: &Path, zstd: bool) -> Result<u64> {
+    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let w = BufWriter::with_capacity(1 << 20, file);
+    let mut w = if zstd {
+        let mut enc = zstd::Encoder::new(w, ZSTD_LEVEL)?;
+        enc.include_checksum(true)?;
+        let enc = append_layout(tar::Builder::new(enc), images, cache, mtime, out)?;
+        enc.finish().context("finishing the zstd stream")?
+    } else {
+        append_layout(tar::Builder::new(w), images, cache, mtime, out)?
+    };
+    w.flush()?;
+    let file = w.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(file.metadata()?.len())
+}
+
+/// Appends the layout's entries to `tar` and finishes it, returning the writer underneath.
+fn append_layout<W: Write>(mut tar: tar::Builder<W>, images: &[Image], cache: &Cache, mtime: u64, out: &Path) -> Result<W> {
     let mut blobs = BTreeMap::new();
     for img in images {
         for d in img.all_blobs() {
             blobs.insert(d.hex().to_string(), d.size);
         }
     }
-    let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut enc = zstd::Encoder::new(BufWriter::with_capacity(1 << 20, file), ZSTD_LEVEL)?;
-    enc.include_checksum(true)?;
-    let mut tar = tar::Builder::new(enc);
     let dir = |p: &str| header(p, tar::EntryType::Directory, 0o755, 0, mtime);
     tar.append(&dir("blobs/")?, std::io::empty())?;
     tar.append(&dir("blobs/sha256/")?, std::io::empty())?;
@@ -92,12 +108,7 @@ pub fn write_archive(images: &[Image], cache: &Cache, mtime: u64, out: &Path) ->
     tar.append(&header("index.json", tar::EntryType::Regular, 0o644, index.len() as u64, mtime)?, &index[..])?;
     let layout = b"{\"imageLayoutVersion\":\"1.0.0\"}\n";
     tar.append(&header("oci-layout", tar::EntryType::Regular, 0o644, layout.len() as u64, mtime)?, &layout[..])?;
-    let enc = tar.into_inner().context("finishing the tar stream")?;
-    let mut w = enc.finish().context("finishing the zstd stream")?;
-    w.flush()?;
-    let file = w.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
-    Ok(file.metadata()?.len())
+    tar.into_inner().context("finishing the tar stream")
 }
 
 #[cfg(test)]
@@ -126,11 +137,15 @@ mod tests {
         let cache = Cache::new(dir.path().join("cache"));
         let imgs = images(&cache);
         let (a, b) = (dir.path().join("a.tar.zst"), dir.path().join("b.tar.zst"));
-        write_archive(&imgs, &cache, 1_700_000_000, &a).unwrap();
+        write_archive(&imgs, &cache, 1_700_000_000, &a, true).unwrap();
         let mut reversed = imgs.clone();
         reversed.reverse();
-        write_archive(&reversed, &cache, 1_700_000_000, &b).unwrap();
+        write_archive(&reversed, &cache, 1_700_000_000, &b, true).unwrap();
         assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap(), "same images, same bytes");
+        // The plain tar (engine: containerd) is the same tar stream, uncompressed.
+        let plain = dir.path().join("a.tar");
+        write_archive(&imgs, &cache, 1_700_000_000, &plain, false).unwrap();
+        assert_eq!(zstd::decode_all(File::open(&a).unwrap()).unwrap(), std::fs::read(&plain).unwrap());
 
         let mut ar = tar::Archive::new(zstd::Decoder::new(File::open(&a).unwrap()).unwrap());
         let mut names = Vec::new();

@@ -21,6 +21,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
+use crate::containerd::Engine;
 use crate::manifest::Input;
 use crate::profile::Profile;
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
@@ -100,8 +101,8 @@ pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
             bail!("key `images[{i}]`: `{s}` is the same image as `images[{j}]` ({})", r.whole());
         }
     }
-    if !p.images.is_empty() && p.cluster.is_none() {
-        bail!("key `images`: bundled images are imported by k3s, so `images` needs `cluster` (the containerd engine for appliances without Kubernetes is not available yet)");
+    if !p.images.is_empty() && p.cluster.is_none() && p.engine == crate::containerd::Engine::K3s {
+        bail!("key `images`: with the default engine the bundled images are imported by k3s, so `images` needs `cluster`; for containers without Kubernetes set `engine: containerd`");
     }
     for (host, r) in &p.image_registries {
         if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
@@ -125,20 +126,35 @@ pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The archive's file name for an architecture.
-pub fn archive_name(arch: Arch) -> String {
-    format!("kiln-images-{}.tar.zst", arch.debian())
+/// The archive's file name for an architecture: zstd-compressed for k3s, a plain tar for
+/// containerd (see [`layout::write_archive`]).
+pub fn archive_name(arch: Arch, engine: Engine) -> String {
+    match engine {
+        Engine::K3s => format!("kiln-images-{}.tar.zst", arch.debian()),
+        Engine::Containerd => format!("kiln-images-{}.tar", arch.debian()),
+    }
 }
 
-/// Puts the archive (a file on the host, read when the squashfs is written) into the root,
-/// with the symlink k3s imports it through.
-pub fn place(archive: &Path, arch: Arch, root: &mut Tree) -> Result<()> {
-    let path = format!("{ARCHIVE_DIR}/{}", archive_name(arch));
+/// Puts the archive (a file on the host, read when the squashfs is written) into the root:
+/// for k3s with the symlink k3s imports it through; for containerd with `<archive>.sha256`,
+/// its digest, which the appliance's `images-import` records once imported (later boots with
+/// the same archive import nothing).
+pub fn place(archive: &Path, arch: Arch, engine: Engine, root: &mut Tree) -> Result<()> {
+    let name = archive_name(arch, engine);
+    let path = format!("{ARCHIVE_DIR}/{name}");
     root.insert(
         &TreePath::parse(&path)?,
         Entry { meta: Meta::root(0o644), kind: Kind::File(Content::HostFile(archive.to_path_buf())) },
     )?;
-    root.add_symlink(&format!("{}/{}", crate::k3s::IMAGES_DIR, archive_name(arch)), &format!("/{path}"))?;
+    match engine {
+        Engine::K3s => {
+            root.add_symlink(&format!("{}/{name}", crate::k3s::IMAGES_DIR), &format!("/{path}"))?;
+        }
+        Engine::Containerd => {
+            let sha = crate::cache::sha256_file(archive)?;
+            root.add_file(&format!("{path}.sha256"), 0o644, format!("{sha}\n"))?;
+        }
+    }
     Ok(())
 }
 

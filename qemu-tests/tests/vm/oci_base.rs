@@ -19,13 +19,8 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::registry::{push, Registry};
+use kiln_qemu_tests::registry::{push, sha, Registry};
 use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, tool, wait_ready, work_dir, BOOT_TIMEOUT};
-use sha2::{Digest, Sha256};
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
 
 fn s(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 work dir")

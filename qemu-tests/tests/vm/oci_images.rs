@@ -17,15 +17,10 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
-use kiln_qemu_tests::registry::{push, Registry};
+use kiln_qemu_tests::registry::{push, sha, Registry};
 use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, tool, work_dir};
-use sha2::{Digest, Sha256};
 
 const STAND_IN_VERSION: &str = "v0.0.0+k3s0";
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
 
 /// One platform's image in a test layout.
 struct Made {

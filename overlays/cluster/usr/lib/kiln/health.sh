@@ -43,18 +43,3 @@ k3s_agent_ready() {
         return 1
     fi
 }
-
-# kiln_await STEP WHAT CHECK: runs CHECK until it succeeds, printing `[kiln] STEP: waiting for
-# WHAT: <state>` before each retry, with a backoff from 2 s to 30 s. Never gives up: a node whose
-# peers are still booting must come up whenever they do, and the console says what is missing.
-kiln_await() {
-    step=$1 what=$2 check=$3 delay=2 tries=1
-    while ! state=$($check); do
-        kiln_log "$step" "waiting for $what: $state (try $tries, next in ${delay}s)"
-        sleep "$delay"
-        tries=$((tries + 1))
-        delay=$((delay * 2))
-        [ "$delay" -le 30 ] || delay=30
-    done
-    kiln_log "$step" "$what: $state"
-}
