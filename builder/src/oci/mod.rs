@@ -7,6 +7,7 @@
 //! symlink to it, like the k3s air-gap archive.
 
 pub mod auth;
+pub mod chart;
 pub mod layout;
 pub mod manifest;
 pub mod pull;
