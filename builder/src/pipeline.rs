@@ -115,6 +115,8 @@ struct Inputs {
     images: Vec<crate::oci::Image>,
     /// The cache the images' blobs are in (the archive is written from it).
     cache: crate::cache::Cache,
+    /// Helm charts (profile key `charts`), verified or packed.
+    charts: Vec<crate::deploy::chart::Chart>,
 }
 
 impl BuildOptions {
@@ -231,6 +233,9 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
     };
     let images = crate::oci::pull::pull_all(fetcher, &p.images, &p.image_registries, &profile.base_dir(), arch)
         .with_context(|| format!("{arch}: pulling the profile's `images`"))?;
+    let mut puller = crate::oci::pull::Puller::new(fetcher, &p.image_registries, &profile.base_dir());
+    let charts = crate::deploy::chart::gather(&p.charts, &profile.base_dir(), &mut puller, source_date_epoch(&index)?)
+        .with_context(|| format!("{}: {arch}: the profile's `charts`", profile.path.display()))?;
     // Everything is resolved: the package lists (~70k packages, the largest thing a build holds)
     // are done with. Inputs of every arch are gathered before the first image is written, so
     // keeping them would hold one list per arch until the end.
@@ -249,6 +254,7 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         k3s,
         images,
         cache: fetcher.cache.clone(),
+        charts,
     })
 }
 
@@ -473,6 +479,17 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         crate::containerd::install(&profile.profile, &mut root, &modules, !inputs.images.is_empty())
             .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
     }
+    // What k3s deploys by itself (`manifests`, `charts`) and its `registries.yaml` (issue 5, item 3).
+    let deployed = crate::deploy::place_manifests(&profile.profile, &profile.base_dir(), &context, &mut root)
+        .and_then(|mut m| {
+            m.extend(crate::deploy::place_charts(&inputs.charts, &mut root)?);
+            if let Some(r) = &profile.profile.registries {
+                crate::registries::place(r, &profile.base_dir(), &mut root)?;
+            }
+            Ok(m)
+        })
+        .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+    manifest_inputs.extend(deployed);
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);
         let mut t = crate::overlay::read_dir(&dir)?;

@@ -98,6 +98,28 @@ pub struct Profile {
     /// and supervised by init (logs in `/var/log/containers/<name>.log` and on the console).
     #[serde(default)]
     pub containers: Vec<crate::containerd::Container>,
+    /// Kubernetes YAML that the k3s servers apply at start (needs a `cluster` with servers):
+    /// files or directories (relative to the profile), installed into k3s's auto-deploy
+    /// directory `/var/lib/rancher/k3s/server/manifests/`. Files must end in `.yaml`, `.yml` or
+    /// `.json`; a file ending in `.hbs` too is a handlebars template rendered with the overlay
+    /// context (`{{vars.KEY}}`, `{{arch}}`, ...) and installed without the suffix. See "Manifests
+    /// and charts" in the README.
+    #[serde(default)]
+    pub manifests: Vec<PathBuf>,
+    /// Helm charts the k3s servers install at start (needs a `cluster` with servers): each a
+    /// chart directory (packed by kiln), a packaged `.tgz` or `oci://host/repo/name:version`,
+    /// with optional release `name`, `namespace`, expected `version` and `values`. The `.tgz`
+    /// goes to `/var/lib/rancher/k3s/server/static/charts/<name>-<version>.tgz`, with a
+    /// `HelmChart` manifest (`chart-<release>.yaml`) in the auto-deploy directory.
+    #[serde(default)]
+    pub charts: Vec<crate::deploy::chart::ChartSpec>,
+    /// k3s's registry configuration, rendered to `/etc/rancher/k3s/registries.yaml` (mode
+    /// 0600; needs a `cluster`): `mirrors` (endpoints and rewrites per registry) and `configs`
+    /// (per host: `auth` with `username` and `password_file`, `tls` with `ca_file`, `cert_file`,
+    /// `key_file`, `insecure_skip_verify`). Named files are copied into the image under
+    /// `/etc/rancher/k3s/certs/<host>/`.
+    #[serde(default)]
+    pub registries: Option<crate::registries::Registries>,
 }
 
 /// The Debian base system.
@@ -540,6 +562,8 @@ impl LoadedProfile {
         crate::cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::oci::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::containerd::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        crate::deploy::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        crate::registries::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
 }

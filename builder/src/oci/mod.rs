@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod base;
 pub mod flatten;
+pub mod chart;
 pub mod layout;
 pub mod manifest;
 pub mod pull;

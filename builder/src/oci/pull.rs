@@ -33,9 +33,9 @@ const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
 
 /// What the cache remembers per (architecture, reference).
 #[derive(Debug, Serialize, Deserialize)]
-struct Record {
-    resolved: String,
-    manifest: Descriptor,
+pub(super) struct Record {
+    pub(super) resolved: String,
+    pub(super) manifest: Descriptor,
 }
 
 fn ref_key(arch: Arch, reference: &str) -> String {
@@ -181,6 +181,16 @@ impl<'a> Puller<'a> {
         Ok(Record { resolved: top_digest, manifest })
     }
 
+    /// The fetcher (cache, offline flag) of this session.
+    pub(super) fn fetcher(&self) -> &'a Fetcher {
+        self.fetcher
+    }
+
+    /// A manifest document and its digest, for other artifact kinds (charts).
+    pub(super) fn manifest_raw(&mut self, r: &Reference) -> Result<(Vec<u8>, String)> {
+        self.manifest(r)
+    }
+
     /// A manifest document and its digest (checked by oci-client against a digest reference).
     fn manifest(&mut self, r: &Reference) -> Result<(Vec<u8>, String)> {
         let auth = self.auth(r.registry())?;
@@ -219,7 +229,7 @@ impl<'a> Puller<'a> {
     /// A platform manifest in the cache: found there, or fetched from the registry's manifest
     /// endpoint by digest (registries need not serve manifests as blobs) and stored once its
     /// digest and size are checked.
-    fn manifest_blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
+    pub(super) fn manifest_blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
         if let Some(p) = self.cached(d, what)? {
             return Ok(p);
         }
@@ -235,7 +245,7 @@ impl<'a> Puller<'a> {
 
     /// A verified blob in the cache: found there, or pulled (streamed to disk, verified against
     /// its digest and size). `what` names the image and blob in errors.
-    fn blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
+    pub(super) fn blob(&mut self, r: &Reference, d: &Descriptor, what: &str) -> Result<PathBuf> {
         if let Some(p) = self.cached(d, what)? {
             return Ok(p);
         }
@@ -267,7 +277,7 @@ impl<'a> Puller<'a> {
 }
 
 /// Reads a manifest from the cache (small: bounded).
-fn read_small(path: &Path) -> Result<Vec<u8>> {
+pub(super) fn read_small(path: &Path) -> Result<Vec<u8>> {
     let mut data = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MANIFEST_LIMIT + 1).read_to_end(&mut data))

@@ -131,3 +131,70 @@ fn every_example_cluster_profile_builds_with_k3s_assets() -> Result<()> {
     }
     Ok(())
 }
+
+/// `profiles/k3s-apps.yaml` (manifests, a chart directory, registries) builds with stand-in k3s
+/// assets, and its root holds the rendered manifests, the packed chart with its `HelmChart`, and
+/// `registries.yaml` (0600). The copy drops the profile's `images` (Docker Hub cannot be reached
+/// here; `oci_images.rs` tests bundling against a local registry) and keeps everything else,
+/// with the profile's `k3s-apps/` directory beside it.
+#[test]
+fn k3s_apps_example_places_manifests_chart_and_registries() -> Result<()> {
+    let dir = work_dir("k3s-assets-apps")?;
+    let assets = stand_in_assets(&dir)?;
+    let profile = stand_in_profile(&dir, "k3s-apps")?;
+    let text = std::fs::read_to_string(&profile)?;
+    ensure!(text.contains("images:\n  - docker.io/library/busybox:1.36\n"), "profiles/k3s-apps.yaml lists other images");
+    std::fs::write(&profile, text.replace("images:\n  - docker.io/library/busybox:1.36\n", "images: []\n"))?;
+    tool(Command::new("cp").arg("-r").arg(kiln_qemu_tests::repo_root().join("profiles/k3s-apps")).arg(&dir), "coreutils")?;
+
+    let out = dir.join("out");
+    let started = std::time::Instant::now();
+    let (code, log) = kiln_with_cache(&cache_dir()?, &[
+        "build",
+        profile.to_str().context("non-UTF-8 work dir")?,
+        "--arch",
+        "x86_64",
+        "--k3s-assets",
+        assets.to_str().context("non-UTF-8 work dir")?,
+        "--out",
+        out.to_str().context("non-UTF-8 work dir")?,
+    ])?;
+    ensure!(code == 0, "kiln build k3s-apps failed (exit {code}):\n{log}");
+    eprintln!("k3s-apps x86_64 build with stand-in k3s assets: {:.1} s", started.elapsed().as_secs_f64());
+
+    let m = manifest(&out, Arch::X86_64)?;
+    let charts: Vec<_> = m.inputs.iter().filter(|i| i.kind == "chart").collect();
+    ensure!(charts.len() == 1 && charts[0].version.as_deref() == Some("0.1.0"), "manifest chart inputs: {charts:?}");
+    let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
+    let sqfs = dir.join("root.sqfs");
+    extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+    let listing = tool(Command::new("unsquashfs").arg("-lls").arg(&sqfs), "squashfs-tools")?;
+    let cat = |path: &str| -> Result<Vec<u8>> {
+        let got = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg(path).output()?;
+        ensure!(got.status.success(), "unsquashfs -cat {path}: {got:?}");
+        Ok(got.stdout)
+    };
+    let line = |suffix: &str| listing.lines().find(|l| l.ends_with(suffix)).map(str::to_string);
+
+    let site = String::from_utf8(cat("var/lib/rancher/k3s/server/manifests/site-info.yaml")?)?;
+    ensure!(site.contains("site: \"depot-7\"") && site.contains("arch: \"x86_64\""), "site-info.yaml not rendered:\n{site}");
+    ensure!(line("var/lib/rancher/k3s/server/manifests/namespace.yaml").is_some(), "no namespace.yaml");
+    ensure!(line("site-info.yaml.hbs").is_none(), "the template itself was installed");
+
+    let tgz = cat("var/lib/rancher/k3s/server/static/charts/hello-0.1.0.tgz")?;
+    ensure!(sha(&tgz) == charts[0].sha256, "the placed chart is not the one recorded in the manifest");
+    let tgz_path = dir.join("hello.tgz");
+    std::fs::write(&tgz_path, &tgz)?;
+    let members = tool(Command::new("tar").arg("-tzf").arg(&tgz_path), "tar")?;
+    ensure!(members.lines().any(|l| l == "hello/Chart.yaml") && members.lines().any(|l| l == "hello/templates/deployment.yaml"), "chart archive members:\n{members}");
+    let hc = String::from_utf8(cat("var/lib/rancher/k3s/server/manifests/chart-hello.yaml")?)?;
+    for want in ["kind: HelmChart", "https://%{KUBERNETES_API}%/static/charts/hello-0.1.0.tgz", "targetNamespace: depot", "hello from the depot"] {
+        ensure!(hc.contains(want), "HelmChart lacks {want}:\n{hc}");
+    }
+
+    let reg = line("etc/rancher/k3s/registries.yaml").context("no /etc/rancher/k3s/registries.yaml")?;
+    ensure!(reg.starts_with("-rw------- root/root"), "{reg}");
+    let reg = String::from_utf8(cat("etc/rancher/k3s/registries.yaml")?)?;
+    ensure!(reg.contains("https://registry.lan:5000"), "{reg}");
+    Ok(())
+}

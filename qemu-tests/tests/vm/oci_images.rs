@@ -239,3 +239,105 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     ensure!(bundled_archive(&out3, &dir, &dir.join("bundled-offline"))? == archive, "the offline build bundled different archive bytes");
     Ok(())
 }
+
+/// One HTTP/1.0 request to the registry: the status code and the `Location` header.
+fn http(port: u16, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, Option<String>)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len())?;
+    s.write_all(body)?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    let location = resp.lines().find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: "))).map(|l| l.trim().to_string());
+    Ok((status, location))
+}
+
+/// Pushes one blob with a monolithic upload (POST, then PUT with the digest).
+fn push_blob(port: u16, repo: &str, data: &[u8]) -> Result<String> {
+    let (status, location) = http(port, "POST", &format!("/v2/{repo}/blobs/uploads/"), "application/octet-stream", b"")?;
+    ensure!(status == 202, "starting a blob upload to {repo}: HTTP {status}");
+    let location = location.context("no Location for the upload")?;
+    let path = location.trim_start_matches(&format!("http://127.0.0.1:{port}")).to_string();
+    let digest = format!("sha256:{}", sha(data));
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let (status, _) = http(port, "PUT", &format!("{path}{sep}digest={digest}"), "application/octet-stream", data)?;
+    ensure!(status == 201, "finishing the blob upload to {repo}: HTTP {status}");
+    Ok(digest)
+}
+
+/// A Helm chart artifact pushed the way `helm push` lays it out: the Helm config (Chart.yaml as
+/// JSON) and the chart `.tgz` as the one layer. skopeo does not push Helm media types, so this
+/// speaks the registry API itself. Returns the `.tgz`.
+fn push_chart(dir: &Path, port: u16, repo: &str, tag: &str, seed: &str) -> Result<Vec<u8>> {
+    let src = dir.join("chart-src/hello-oci");
+    std::fs::create_dir_all(src.join("templates"))?;
+    std::fs::write(src.join("Chart.yaml"), format!("apiVersion: v2\nname: hello-oci\nversion: {tag}\ndescription: test chart {seed}\n"))?;
+    std::fs::write(src.join("templates/cm.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\n")?;
+    let tgz_path = dir.join("hello-oci.tgz");
+    tool(Command::new("tar").arg("--owner=0").arg("--group=0").arg("-czf").arg(&tgz_path).arg("-C").arg(dir.join("chart-src")).arg("hello-oci"), "tar")?;
+    let tgz = std::fs::read(&tgz_path)?;
+    let config = serde_json::to_vec(&serde_json::json!({"apiVersion": "v2", "name": "hello-oci", "version": tag, "description": format!("test chart {seed}")}))?;
+    let config_digest = push_blob(port, repo, &config)?;
+    let chart_digest = push_blob(port, repo, &tgz)?;
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.cncf.helm.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.cncf.helm.chart.content.v1.tar+gzip", "digest": chart_digest, "size": tgz.len()}],
+    }))?;
+    let (status, _) = http(port, "PUT", &format!("/v2/{repo}/manifests/{tag}"), "application/vnd.oci.image.manifest.v1+json", &manifest)?;
+    ensure!(status == 201, "pushing the chart manifest {repo}:{tag}: HTTP {status}");
+    Ok(tgz)
+}
+
+/// A Helm chart in a real registry: pulled by `charts: [{chart: oci://...}]`, verified, placed as
+/// `/var/lib/rancher/k3s/server/static/charts/<name>-<version>.tgz` with its `HelmChart`, recorded
+/// in `manifest.json` (kind `chart`), and found in the cache by an offline build.
+#[test]
+fn registry_charts_are_pulled_and_installed_with_a_helmchart() -> Result<()> {
+    let dir = work_dir("oci-charts")?;
+    let seed = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+    let registry = Registry::start(&dir)?;
+    let host = registry.host();
+    let assets = stand_in_k3s(&dir, &seed)?;
+    let cache = cache_dir()?;
+    let tgz = push_chart(&dir, registry.port, "kiln-test/charts/hello-oci", "0.3.0", &seed)?;
+
+    let p = profile(&dir, "chart", &host, &[])?;
+    let mut text = std::fs::read_to_string(&p)?.replace("\nimages:\n", "\nimages: []\n");
+    text.push_str(&format!("charts:\n  - chart: oci://{host}/kiln-test/charts/hello-oci:0.3.0\n    namespace: apps\n    values: {{greeting: \"hi {seed}\"}}\n"));
+    std::fs::write(&p, text)?;
+    let out = dir.join("out");
+    let started = Instant::now();
+    let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
+    ensure!(code == 0, "kiln build with a registry chart failed (exit {code}):\n{log}");
+    eprintln!("build with one registry chart: {:.1} s", started.elapsed().as_secs_f64());
+
+    let m = manifest(&out, Arch::X86_64)?;
+    let charts: Vec<_> = m.inputs.iter().filter(|i| i.kind == "chart").collect();
+    let reference = format!("oci://{host}/kiln-test/charts/hello-oci:0.3.0");
+    ensure!(charts.len() == 1 && charts[0].name == reference && charts[0].version.as_deref() == Some("0.3.0") && charts[0].sha256 == sha(&tgz), "manifest chart inputs: {charts:?}");
+
+    let check = |out: &Path| -> Result<()> {
+        let m = manifest(out, Arch::X86_64)?;
+        let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
+        let sqfs = dir.join("root.sqfs");
+        extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+        let got = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg("var/lib/rancher/k3s/server/static/charts/hello-oci-0.3.0.tgz").output()?;
+        ensure!(got.status.success() && got.stdout == tgz, "the chart in the image is not the pushed one: {:?}", got.status);
+        let hc = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg("var/lib/rancher/k3s/server/manifests/chart-hello-oci.yaml").output()?;
+        let hc = String::from_utf8_lossy(&hc.stdout);
+        for want in ["kind: HelmChart", "https://%{KUBERNETES_API}%/static/charts/hello-oci-0.3.0.tgz", "targetNamespace: apps", &seed] {
+            ensure!(hc.contains(want), "HelmChart lacks {want}:\n{hc}");
+        }
+        Ok(())
+    };
+    check(&out)?;
+
+    // Offline, with the registry gone: the chart comes from the cache.
+    drop(registry);
+    let out2 = dir.join("out-offline");
+    let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--offline", "--out", s(&out2)?])?;
+    ensure!(code == 0, "offline kiln build with a registry chart failed (exit {code}):\n{log}");
+    check(&out2)
+}
