@@ -11,6 +11,7 @@
 //! - a second build downloads no blob (counted in the registry's access log) and bundles the
 //!   same archive bytes; an offline build works with the registry stopped.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
