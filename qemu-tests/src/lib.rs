@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 
 pub mod lan;
 pub mod ntp;
+pub mod layout;
 pub mod registry;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).

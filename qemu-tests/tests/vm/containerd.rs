@@ -22,7 +22,8 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
-use kiln_qemu_tests::registry::{push, sha, Registry};
+use kiln_qemu_tests::layout::{deb_data_tar, Layer, TestLayout};
+use kiln_qemu_tests::registry::{push, Registry};
 use kiln_qemu_tests::{cache_dir, kiln_with_cache, tool, work_dir};
 
 /// Containerd under TCG (and two VMs on two host cores) needs more than a plain boot.
@@ -46,62 +47,26 @@ fn busybox_deb(arch: Arch) -> Result<PathBuf> {
     kiln::debian::fetch_deb(&fetcher, &suite, &pkg)
 }
 
-fn write_blob(layout: &Path, data: &[u8]) -> Result<String> {
-    let hex = sha(data);
-    std::fs::write(layout.join("blobs/sha256").join(&hex), data)?;
-    Ok(hex)
-}
-
 /// An OCI layout with tag `1`: an index over one image per architecture whose single layer is
 /// that architecture's busybox-static data tar. Returns where busybox is inside the image.
 fn busybox_layout(layout: &Path) -> Result<String> {
-    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
-    let mut entries = Vec::new();
+    let l = TestLayout::create(layout)?;
+    let mut images = Vec::new();
     let mut busybox = String::new();
     for arch in ARCHS {
-        let deb = busybox_deb(arch)?;
-        let out = Command::new("dpkg-deb").arg("--fsys-tarfile").arg(&deb).output().context("running dpkg-deb (install `dpkg`)")?;
-        ensure!(out.status.success(), "dpkg-deb --fsys-tarfile {}: {out:?}", deb.display());
-        let layer = out.stdout;
+        let layer = deb_data_tar(&busybox_deb(arch)?)?;
         let tar = layout.join(format!("layer-{arch}.tar"));
         std::fs::write(&tar, &layer)?;
         let listing = tool(Command::new("tar").arg("-tf").arg(&tar), "tar")?;
         let path = listing.lines().find(|l| l.ends_with("bin/busybox")).context("busybox-static has no bin/busybox")?;
         busybox = format!("/{}", path.trim_start_matches("./"));
-        let layer_hex = write_blob(layout, &layer)?;
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": arch.debian(), "os": "linux",
-            "config": {"Cmd": [busybox, "sh"], "Env": ["PATH=/usr/bin:/bin"]},
-            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_hex}")]},
-        }))?;
-        let config_hex = write_blob(layout, &config)?;
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{config_hex}"), "size": config.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{layer_hex}"), "size": layer.len()}],
-        }))?;
-        let manifest_hex = write_blob(layout, &manifest)?;
-        let mut platform = serde_json::json!({"os": "linux", "architecture": arch.debian()});
-        if arch == Arch::Aarch64 {
-            platform["variant"] = "v8".into();
-        }
-        entries.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{manifest_hex}"), "size": manifest.len(), "platform": platform,
-        }));
+        let config = serde_json::json!({"Cmd": [busybox, "sh"], "Env": ["PATH=/usr/bin:/bin"]});
+        let made = l.image(arch.debian(), &[Layer::plain(layer)], config)?;
+        images.push((made, arch));
     }
-    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries}))?;
-    let index_hex = write_blob(layout, &index)?;
-    std::fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": format!("sha256:{index_hex}"), "size": index.len(),
-                           "annotations": {"org.opencontainers.image.ref.name": "1"}}],
-        }))?,
-    )?;
+    let platforms: Vec<_> = images.iter().map(|(made, arch)| (made, arch.debian(), (*arch == Arch::Aarch64).then_some("v8"))).collect();
+    let (_, index) = l.index(&platforms)?;
+    l.tag(&index)?;
     Ok(busybox)
 }
 

@@ -51,14 +51,8 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     let assets = stand_in_assets(&dir)?;
     let profile_path = stand_in_profile(&dir, "single-server")?;
 
-    let p = profile_path.to_str().context("non-UTF-8 work dir")?;
-    let a = assets.to_str().context("non-UTF-8 work dir")?;
     let out = dir.join("out");
-    let o = out.to_str().context("non-UTF-8 work dir")?;
-    let started = std::time::Instant::now();
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p, "--arch", "x86_64", "--k3s-assets", a, "--out", o])?;
-    ensure!(code == 0, "kiln build failed (exit {code}):\n{log}");
-    eprintln!("single-server x86_64 build with stand-in k3s assets: {:.1} s", started.elapsed().as_secs_f64());
+    build_with(&profile_path, &assets, &out, "single-server")?;
 
     let m = manifest(&out, Arch::X86_64)?;
     let k3s: Vec<_> = m.inputs.iter().filter(|i| i.kind == "k3s").collect();
@@ -66,9 +60,7 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     ensure!(k3s.iter().all(|i| i.version.as_deref() == Some(STAND_IN_VERSION)), "{k3s:?}");
 
     // The root partition's squashfs, listed by the reference tool.
-    let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
-    let sqfs = dir.join("root.sqfs");
-    extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+    let sqfs = root_squashfs(&m, &out, &dir)?;
     let listing = tool(Command::new("unsquashfs").arg("-lls").arg(&sqfs), "squashfs-tools")?;
     let line = |suffix: &str| listing.lines().find(|l| l.ends_with(suffix)).map(str::to_string);
     let bin = line("squashfs-root/usr/local/bin/k3s").context("no /usr/local/bin/k3s in the root")?;
@@ -83,7 +75,7 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     std::fs::remove_dir_all(&assets)?;
     let out2 = dir.join("out-offline");
     let o2 = out2.to_str().context("non-UTF-8 work dir")?;
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p, "--arch", "x86_64", "--offline", "--out", o2])?;
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", profile_path.to_str().context("non-UTF-8 work dir")?, "--arch", "x86_64", "--offline", "--out", o2])?;
     ensure!(code == 0, "offline kiln build failed (exit {code}):\n{log}");
     Ok(())
 }
@@ -91,36 +83,39 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
 
 /// The other example cluster profiles build too (x86_64), and the external-etcd layout's image
 /// carries etcd and its supervisor.
+/// `kiln build PROFILE --arch x86_64 --k3s-assets ASSETS --out OUT`, which must succeed.
+fn build_with(profile: &Path, assets: &Path, out: &Path, name: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    let s = |p: &Path| p.to_str().context("non-UTF-8 work dir").map(str::to_string);
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", &s(profile)?, "--arch", "x86_64", "--k3s-assets", &s(assets)?, "--out", &s(out)?])?;
+    ensure!(code == 0, "kiln build {name} failed (exit {code}):\n{log}");
+    eprintln!("{name} x86_64 build with stand-in k3s assets: {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The x86_64 image's root squashfs, extracted into `dir` for `unsquashfs`.
+fn root_squashfs(m: &kiln::manifest::Manifest, out: &Path, dir: &Path) -> Result<PathBuf> {
+    let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
+    let sqfs = dir.join("root.sqfs");
+    extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+    Ok(sqfs)
+}
+
 #[test]
 fn every_example_cluster_profile_builds_with_k3s_assets() -> Result<()> {
     let dir = work_dir("k3s-assets-examples")?;
     let assets = stand_in_assets(&dir)?;
-    let a = assets.to_str().context("non-UTF-8 work dir")?;
     // agents-only joins an existing cluster: its token file is the operator's.
     std::fs::write(dir.join("edge.token"), "K10stand-in-token-of-an-existing-cluster\n")?;
     for name in ["ha-embedded-etcd", "ha-external-etcd", "agents-only"] {
         let profile = stand_in_profile(&dir, name)?;
         let out = dir.join(format!("out-{name}"));
-        let started = std::time::Instant::now();
-        let (code, log) = kiln_with_cache(&cache_dir()?, &[
-            "build",
-            profile.to_str().context("non-UTF-8 work dir")?,
-            "--arch",
-            "x86_64",
-            "--k3s-assets",
-            a,
-            "--out",
-            out.to_str().context("non-UTF-8 work dir")?,
-        ])?;
-        ensure!(code == 0, "kiln build {name} failed (exit {code}):\n{log}");
-        eprintln!("{name} x86_64 build with stand-in k3s assets: {:.1} s", started.elapsed().as_secs_f64());
+        build_with(&profile, &assets, &out, name)?;
         let m = manifest(&out, Arch::X86_64)?;
         let etcd = m.inputs.iter().any(|i| i.kind == "deb" && i.name == "etcd-server");
         ensure!(etcd == (name == "ha-external-etcd"), "{name}: etcd-server in the inputs: {etcd}");
         if name == "ha-external-etcd" {
-            let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
-            let sqfs = dir.join("root.sqfs");
-            extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+            let sqfs = root_squashfs(&m, &out, &dir)?;
             let inittab = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg("etc/inittab").output()?;
             let inittab = String::from_utf8_lossy(&inittab.stdout);
             for entry in ["::respawn:/usr/lib/kiln/etcd-run", "::respawn:/usr/lib/kiln/k3s-run", "::once:/usr/lib/kiln/await-roles"] {
@@ -148,26 +143,12 @@ fn k3s_apps_example_places_manifests_chart_and_registries() -> Result<()> {
     tool(Command::new("cp").arg("-r").arg(kiln_qemu_tests::repo_root().join("profiles/k3s-apps")).arg(&dir), "coreutils")?;
 
     let out = dir.join("out");
-    let started = std::time::Instant::now();
-    let (code, log) = kiln_with_cache(&cache_dir()?, &[
-        "build",
-        profile.to_str().context("non-UTF-8 work dir")?,
-        "--arch",
-        "x86_64",
-        "--k3s-assets",
-        assets.to_str().context("non-UTF-8 work dir")?,
-        "--out",
-        out.to_str().context("non-UTF-8 work dir")?,
-    ])?;
-    ensure!(code == 0, "kiln build k3s-apps failed (exit {code}):\n{log}");
-    eprintln!("k3s-apps x86_64 build with stand-in k3s assets: {:.1} s", started.elapsed().as_secs_f64());
+    build_with(&profile, &assets, &out, "k3s-apps")?;
 
     let m = manifest(&out, Arch::X86_64)?;
     let charts: Vec<_> = m.inputs.iter().filter(|i| i.kind == "chart").collect();
     ensure!(charts.len() == 1 && charts[0].version.as_deref() == Some("0.1.0"), "manifest chart inputs: {charts:?}");
-    let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
-    let sqfs = dir.join("root.sqfs");
-    extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
+    let sqfs = root_squashfs(&m, &out, &dir)?;
     let listing = tool(Command::new("unsquashfs").arg("-lls").arg(&sqfs), "squashfs-tools")?;
     let cat = |path: &str| -> Result<Vec<u8>> {
         let got = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg(path).output()?;

@@ -19,6 +19,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Vm, VmSpec};
+use kiln_qemu_tests::layout::{deb_data_tar, Layer, TestLayout};
 use kiln_qemu_tests::registry::{push, sha, Registry};
 use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, tool, wait_ready, work_dir, BOOT_TIMEOUT};
 
@@ -45,30 +46,12 @@ fn debian_packages() -> Result<(PathBuf, PathBuf)> {
     Ok((fetch("busybox-static")?, fetch(&kernel_name)?))
 }
 
-/// A layer blob: its media type, the compressed bytes and the uncompressed tar's digest.
-struct Layer {
-    media_type: &'static str,
-    blob: Vec<u8>,
-    diff_id: String,
-}
-
-fn plain(tar: Vec<u8>) -> Layer {
-    Layer { media_type: "application/vnd.oci.image.layer.v1.tar", diff_id: sha(&tar), blob: tar }
-}
-
 fn compressed(tar: Vec<u8>, program: &str, media_type: &'static str, dir: &Path) -> Result<Layer> {
     let path = dir.join(format!("layer-{}.tar", sha(&tar)));
     std::fs::write(&path, &tar)?;
     let out = Command::new(program).args(["-q", "-c", "-1"]).arg(&path).output().with_context(|| format!("running {program}"))?;
     ensure!(out.status.success(), "{program} failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(Layer { media_type, diff_id: sha(&tar), blob: out.stdout })
-}
-
-/// A package's `data.tar`, as `dpkg-deb --fsys-tarfile` gives it.
-fn data_tar(deb: &Path) -> Result<Vec<u8>> {
-    let out = Command::new("dpkg-deb").arg("--fsys-tarfile").arg(deb).output().context("running dpkg-deb")?;
-    ensure!(out.status.success(), "dpkg-deb --fsys-tarfile {}: {}", deb.display(), String::from_utf8_lossy(&out.stderr));
-    Ok(out.stdout)
 }
 
 /// A tar of test entries written header by header (raw names: `..` and whiteouts as given).
@@ -106,40 +89,9 @@ fn raw_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
 
 /// Writes a single-platform (linux/amd64) OCI layout, tag `1`, of `layers` bottom first.
 fn write_layout(layout: &Path, layers: &[Layer]) -> Result<()> {
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs)?;
-    let put = |data: &[u8]| -> Result<String> {
-        let hex = sha(data);
-        std::fs::write(blobs.join(&hex), data)?;
-        Ok(hex)
-    };
-    let mut descriptors = Vec::new();
-    for l in layers {
-        let hex = put(&l.blob)?;
-        descriptors.push(serde_json::json!({"mediaType": l.media_type, "digest": format!("sha256:{hex}"), "size": l.blob.len()}));
-    }
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| format!("sha256:{}", l.diff_id)).collect::<Vec<_>>()},
-    }))?;
-    let config_hex = put(&config)?;
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{config_hex}"), "size": config.len()},
-        "layers": descriptors,
-    }))?;
-    let manifest_hex = put(&manifest)?;
-    std::fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{manifest_hex}"), "size": manifest.len(),
-                           "annotations": {"org.opencontainers.image.ref.name": "1"}}],
-        }))?,
-    )?;
-    Ok(())
+    let l = TestLayout::create(layout)?;
+    let image = l.image("amd64", layers, serde_json::json!({}))?;
+    l.tag(&image.descriptor)
 }
 
 fn profile(dir: &Path, name: &str, host: &str, reference: &str) -> Result<PathBuf> {
@@ -181,15 +133,15 @@ fn an_os_image_from_a_registry_builds_and_boots() -> Result<()> {
         "application/vnd.oci.image.layer.v1.tar+zstd",
         &dir,
     )?;
-    let whiteouts = plain(raw_tar(&[
+    let whiteouts = Layer::plain(raw_tar(&[
         ("etc/kiln-oci-test/.wh.gone", b""),
         ("etc/kiln-oci-test/opaque/", b""),
         ("etc/kiln-oci-test/opaque/.wh..wh..opq", b""),
         ("etc/kiln-oci-test/opaque/new", b"above the opaque marker\n"),
     ]));
-    let kernel_layer = compressed(data_tar(&kernel)?, "gzip", "application/vnd.oci.image.layer.v1.tar+gzip", &dir)?;
+    let kernel_layer = compressed(deb_data_tar(&kernel)?, "gzip", "application/vnd.oci.image.layer.v1.tar+gzip", &dir)?;
     eprintln!("kernel layer: {} MiB gzip", kernel_layer.blob.len() >> 20);
-    write_layout(&dir.join("os"), &[plain(data_tar(&busybox)?), kernel_layer, files, whiteouts])?;
+    write_layout(&dir.join("os"), &[Layer::plain(deb_data_tar(&busybox)?), kernel_layer, files, whiteouts])?;
     push(&dir.join("os"), &format!("{host}/kiln-test/os:1"))?;
 
     // The good image: builds, with the whiteouts applied, and boots.
@@ -224,7 +176,7 @@ fn an_os_image_from_a_registry_builds_and_boots() -> Result<()> {
     drop(vm);
 
     // A path-traversal layer: refused, naming image, layer and entry; no image.
-    let evil = plain(raw_tar(&[("../../etc/evil", b"outside the root\n")]));
+    let evil = Layer::plain(raw_tar(&[("../../etc/evil", b"outside the root\n")]));
     let evil_digest = sha(&evil.blob);
     write_layout(&dir.join("evil"), &[evil])?;
     push(&dir.join("evil"), &format!("{host}/kiln-test/evil:1"))?;
@@ -235,7 +187,7 @@ fn an_os_image_from_a_registry_builds_and_boots() -> Result<()> {
     );
 
     // No kernel: the image and the paths looked at are named.
-    let bare = plain(raw_tar(&[("etc/", b""), ("etc/os-release", b"ID=bare\n")]));
+    let bare = Layer::plain(raw_tar(&[("etc/", b""), ("etc/os-release", b"ID=bare\n")]));
     write_layout(&dir.join("bare"), &[bare])?;
     push(&dir.join("bare"), &format!("{host}/kiln-test/bare:1"))?;
     let log = build_fails(&dir, "bare", &host, &format!("{host}/kiln-test/bare:1"))?;

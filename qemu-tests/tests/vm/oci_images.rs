@@ -18,32 +18,19 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
+use kiln_qemu_tests::layout::{Layer, Made, TestLayout};
 use kiln_qemu_tests::registry::{push, sha, Registry};
 use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, tool, work_dir};
 
 const STAND_IN_VERSION: &str = "v0.0.0+k3s0";
 
-/// One platform's image in a test layout.
-struct Made {
-    manifest: String,
-    config: String,
-    layer: String,
-}
-
-fn write_blob(layout: &Path, data: &[u8]) -> Result<String> {
-    let hex = sha(data);
-    std::fs::write(layout.join("blobs/sha256").join(&hex), data)?;
-    Ok(hex)
-}
-
 /// Writes an OCI layout holding one index (tag `1`) over one image per platform, each a single
 /// uncompressed layer with `/hello.txt` naming the platform and `seed`. Returns the index digest
 /// and the images by architecture name.
 fn make_layout(layout: &Path, platforms: &[(&str, Option<&str>)], seed: &str) -> Result<(String, Vec<(String, Made)>)> {
-    std::fs::create_dir_all(layout.join("blobs/sha256"))?;
-    let mut entries = Vec::new();
+    let l = TestLayout::create(layout)?;
     let mut made = Vec::new();
-    for (arch, variant) in platforms {
+    for (arch, _) in platforms {
         let src = layout.join(format!("src-{arch}"));
         std::fs::create_dir_all(&src)?;
         std::fs::write(src.join("hello.txt"), format!("hello from linux/{arch} ({seed})\n"))?;
@@ -52,44 +39,12 @@ fn make_layout(layout: &Path, platforms: &[(&str, Option<&str>)], seed: &str) ->
             Command::new("tar").arg("--numeric-owner").arg("--owner=0").arg("--group=0").arg("--mtime=@0").arg("-cf").arg(&tar_path).arg("-C").arg(&src).arg("hello.txt"),
             "tar",
         )?;
-        let layer = std::fs::read(&tar_path)?;
-        let layer_hex = write_blob(layout, &layer)?;
-        let config = serde_json::to_vec(&serde_json::json!({
-            "architecture": arch, "os": "linux",
-            "config": {"Cmd": ["/bin/sh"]},
-            "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_hex}")]},
-        }))?;
-        let config_hex = write_blob(layout, &config)?;
-        let manifest = serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": format!("sha256:{config_hex}"), "size": config.len()},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": format!("sha256:{layer_hex}"), "size": layer.len()}],
-        }))?;
-        let manifest_hex = write_blob(layout, &manifest)?;
-        let mut platform = serde_json::json!({"os": "linux", "architecture": arch});
-        if let Some(v) = variant {
-            platform["variant"] = serde_json::json!(v);
-        }
-        entries.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": format!("sha256:{manifest_hex}"), "size": manifest.len(), "platform": platform,
-        }));
-        made.push((arch.to_string(), Made { manifest: manifest_hex, config: config_hex, layer: layer_hex }));
+        let layer = Layer::plain(std::fs::read(&tar_path)?);
+        made.push((arch.to_string(), l.image(arch, &[layer], serde_json::json!({"Cmd": ["/bin/sh"]}))?));
     }
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": entries,
-    }))?;
-    let index_hex = write_blob(layout, &index)?;
-    std::fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
-    std::fs::write(
-        layout.join("index.json"),
-        serde_json::to_vec(&serde_json::json!({
-            "schemaVersion": 2,
-            "manifests": [{"mediaType": "application/vnd.oci.image.index.v1+json", "digest": format!("sha256:{index_hex}"), "size": index.len(),
-                           "annotations": {"org.opencontainers.image.ref.name": "1"}}],
-        }))?,
-    )?;
+    let entries: Vec<_> = made.iter().zip(platforms).map(|((_, m), (arch, variant))| (m, *arch, *variant)).collect();
+    let (index_hex, index) = l.index(&entries)?;
+    l.tag(&index)?;
     Ok((index_hex, made))
 }
 
@@ -173,7 +128,7 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
 
     // A tampered blob (same size, other bytes) in the registry's storage: refused, nothing stored.
-    let layer = &tampered[0].1.layer;
+    let layer = &tampered[0].1.layers[0];
     let blob = registry.blob_file(layer);
     let mut bytes = std::fs::read(&blob).with_context(|| format!("reading the registry's copy {}", blob.display()))?;
     bytes[512] ^= 0x20; // the first byte of hello.txt's data, after its tar header
@@ -210,7 +165,7 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let archive = bundled_archive(&out, &dir, &layout)?;
     let mut names: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<Result<_, _>>()?;
     names.sort();
-    let mut want = vec![amd64.manifest.clone(), amd64.config.clone(), amd64.layer.clone()];
+    let mut want = vec![amd64.manifest.clone(), amd64.config.clone(), amd64.layers[0].clone()];
     want.sort();
     ensure!(names == want, "bundled blobs {names:?}, want the amd64 manifest, config and layer {want:?}");
     for n in &names {

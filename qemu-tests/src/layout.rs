@@ -1,0 +1,125 @@
+//! OCI image layouts the VM tier makes itself, to push to the test registry with
+//! [`crate::registry::push`] (which copies the layout's tag `1`): blobs stored by digest, image
+//! manifests over given layers, an optional multi-platform index, and `index.json` naming the
+//! top object `1`. The image tests (`oci_images`, `oci_base`, `containerd`) all build theirs here.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use crate::registry::sha;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// An uncompressed layer.
+pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// One layer: its media type, the blob as stored, and the digest (hex) of its uncompressed tar
+/// (the config's `diff_id`; the blob's own digest for an uncompressed layer).
+pub struct Layer {
+    pub media_type: &'static str,
+    pub blob: Vec<u8>,
+    pub diff_id: String,
+}
+
+impl Layer {
+    /// An uncompressed tar as a layer.
+    pub fn plain(tar: Vec<u8>) -> Layer {
+        let diff_id = sha(&tar);
+        Layer { media_type: LAYER_TAR, blob: tar, diff_id }
+    }
+}
+
+/// The digests (hex) of one image written into a layout.
+pub struct Made {
+    pub manifest: String,
+    pub config: String,
+    pub layers: Vec<String>,
+    /// The manifest's descriptor, for an index entry or `index.json`.
+    pub descriptor: Value,
+}
+
+/// An OCI image layout directory being written.
+pub struct TestLayout {
+    dir: PathBuf,
+}
+
+impl TestLayout {
+    pub fn create(dir: &Path) -> Result<TestLayout> {
+        std::fs::create_dir_all(dir.join("blobs/sha256"))?;
+        Ok(TestLayout { dir: dir.to_path_buf() })
+    }
+
+    /// Stores `data` as a blob; returns its digest (hex).
+    pub fn blob(&self, data: &[u8]) -> Result<String> {
+        let hex = sha(data);
+        std::fs::write(self.dir.join("blobs/sha256").join(&hex), data)?;
+        Ok(hex)
+    }
+
+    /// An image of `layers` (bottom first) for `linux/<arch>` (OCI architecture name); `config`
+    /// is the image config's `config` object (Cmd, Env, ...).
+    pub fn image(&self, arch: &str, layers: &[Layer], config: Value) -> Result<Made> {
+        let mut layer_hexes = Vec::new();
+        let mut descriptors = Vec::new();
+        for l in layers {
+            let hex = self.blob(&l.blob)?;
+            descriptors.push(json!({"mediaType": l.media_type, "digest": format!("sha256:{hex}"), "size": l.blob.len()}));
+            layer_hexes.push(hex);
+        }
+        let config = serde_json::to_vec(&json!({
+            "architecture": arch, "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| format!("sha256:{}", l.diff_id)).collect::<Vec<_>>()},
+        }))?;
+        let config_hex = self.blob(&config)?;
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": format!("sha256:{config_hex}"), "size": config.len()},
+            "layers": descriptors,
+        }))?;
+        let manifest_hex = self.blob(&manifest)?;
+        let descriptor = json!({"mediaType": OCI_MANIFEST, "digest": format!("sha256:{manifest_hex}"), "size": manifest.len()});
+        Ok(Made { manifest: manifest_hex, config: config_hex, layers: layer_hexes, descriptor })
+    }
+
+    /// An index over `images`, each with its platform (`linux/<arch>[/<variant>]`); returns
+    /// the index's digest (hex) and descriptor.
+    pub fn index(&self, images: &[(&Made, &str, Option<&str>)]) -> Result<(String, Value)> {
+        let entries: Vec<Value> = images
+            .iter()
+            .map(|(made, arch, variant)| {
+                let mut entry = made.descriptor.clone();
+                let mut platform = json!({"os": "linux", "architecture": arch});
+                if let Some(v) = variant {
+                    platform["variant"] = json!(v);
+                }
+                entry["platform"] = platform;
+                entry
+            })
+            .collect();
+        let index = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}))?;
+        let hex = self.blob(&index)?;
+        Ok((hex.clone(), json!({"mediaType": OCI_INDEX, "digest": format!("sha256:{hex}"), "size": index.len()})))
+    }
+
+    /// Writes `oci-layout` and `index.json` naming `top` (an image's or index's descriptor) as
+    /// tag `1`, the tag [`crate::registry::push`] copies.
+    pub fn tag(&self, top: &Value) -> Result<()> {
+        let mut entry = top.clone();
+        entry["annotations"] = json!({"org.opencontainers.image.ref.name": "1"});
+        std::fs::write(self.dir.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}")?;
+        std::fs::write(self.dir.join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [entry]}))?)?;
+        Ok(())
+    }
+}
+
+/// A Debian package's files as one tar (its `data.tar`, as `dpkg-deb --fsys-tarfile` gives it):
+/// a ready-made layer.
+pub fn deb_data_tar(deb: &Path) -> Result<Vec<u8>> {
+    let out = std::process::Command::new("dpkg-deb").arg("--fsys-tarfile").arg(deb).output().context("running dpkg-deb (install `dpkg`)")?;
+    anyhow::ensure!(out.status.success(), "dpkg-deb --fsys-tarfile {}: {}", deb.display(), String::from_utf8_lossy(&out.stderr));
+    Ok(out.stdout)
+}
