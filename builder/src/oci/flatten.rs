@@ -108,6 +108,11 @@ pub fn apply_layer<R: Read>(layer: R, media_type: &str, tree: &mut Tree, what: &
                         bail!("`{name}` is not a whiteout kiln understands (only `.wh.<name>` and `.wh..wh..opq`)");
                     } else {
                         let victim = tree.resolve(&dir.join(hidden)?)?;
+                        if tree.is_alias(&victim) {
+                            // Deleting the link would leave kiln redirecting /bin into /usr
+                            // while the image says /bin is gone.
+                            bail!("it would delete {victim}, which the root keeps as its merged-/usr link into /usr (delete the files under /usr instead)");
+                        }
                         if !placed.contains(&victim) {
                             tree.remove(&victim);
                         }
@@ -322,5 +327,11 @@ mod tests {
         let t = layers(&[&[E::Symlink("bin", "usr/bin"), E::Dir("usr/bin/", 0o755), E::File("usr/bin/dash", 0o755, b"d")], &[E::File("bin/extra", 0o755, b"e")]]).unwrap();
         assert_eq!(text(&t, "usr/bin/extra"), "e");
         assert_eq!(text(&t, "bin/dash"), "d");
+    }
+
+    #[test]
+    fn whiteouts_of_merged_usr_links_are_refused() {
+        refused(&[&[E::File("usr/bin/dash", 0o755, b"d")], &[E::File(".wh.bin", 0o644, b"")]], ".wh.bin", "merged-/usr link");
+        refused(&[&[], &[E::File("./.wh.lib", 0o644, b"")]], "./.wh.lib", "merged-/usr link");
     }
 }
