@@ -186,12 +186,15 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
 
     // `os.image`: the root and kernel come from an OCI image; kiln's runtime still from Debian.
     let p = &profile.profile;
-    let os_image = match &p.os.image {
-        Some(r) => crate::oci::pull::pull_all(fetcher, std::slice::from_ref(r), &p.image_registries, &profile.base_dir(), arch)
-            .with_context(|| format!("{arch}: pulling the base OS image (`os.image`)"))?
-            .pop(),
-        None => None,
-    };
+    // One registry session for the base OS image, `images` and `charts`.
+    let mut puller = crate::oci::pull::Puller::new(fetcher, &p.image_registries, &profile.base_dir());
+    let os_image = p
+        .os
+        .image
+        .as_ref()
+        .map(|r| puller.image(r, arch))
+        .transpose()
+        .with_context(|| format!("{arch}: pulling the base OS image (`os.image`)"))?;
     // The kernel is installed without its dependencies (initramfs-tools, kmod, linux-base):
     // kiln writes the initramfs and module indexes itself.
     let kernel_pkg = if os_image.is_none() { Some(kernel_package(&index, arch)?) } else { None };
@@ -231,9 +234,12 @@ fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch:
         Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         _ => None,
     };
-    let images = crate::oci::pull::pull_all(fetcher, &p.images, &p.image_registries, &profile.base_dir(), arch)
+    let images: Vec<crate::oci::Image> = p
+        .images
+        .iter()
+        .map(|i| puller.image(i, arch))
+        .collect::<Result<_>>()
         .with_context(|| format!("{arch}: pulling the profile's `images`"))?;
-    let mut puller = crate::oci::pull::Puller::new(fetcher, &p.image_registries, &profile.base_dir());
     let charts = crate::deploy::chart::gather(&p.charts, &profile.base_dir(), &mut puller, source_date_epoch(&index)?)
         .with_context(|| format!("{}: {arch}: the profile's `charts`", profile.path.display()))?;
     // Everything is resolved: the package lists (~70k packages, the largest thing a build holds)
@@ -479,7 +485,7 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         crate::containerd::install(&profile.profile, &mut root, &modules, !inputs.images.is_empty())
             .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
     }
-    // What k3s deploys by itself (`manifests`, `charts`) and its `registries.yaml` (issue 5, item 3).
+    // What k3s deploys by itself (`manifests`, `charts`) and its `registries.yaml`.
     let deployed = crate::deploy::place_manifests(&profile.profile, &profile.base_dir(), &context, &mut root)
         .and_then(|mut m| {
             m.extend(crate::deploy::place_charts(&inputs.charts, &mut root)?);

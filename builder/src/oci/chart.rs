@@ -72,7 +72,7 @@ impl Puller<'_> {
                 bail!("chart `oci://{name}` is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
             }
             _ => {
-                let (top, digest) = self.manifest_raw(&r).with_context(|| format!("chart `oci://{name}`: fetching its manifest"))?;
+                let (top, digest) = self.manifest(&r).with_context(|| format!("chart `oci://{name}`: fetching its manifest"))?;
                 let layer = chart_layer(&top).with_context(|| format!("chart `oci://{name}`"))?;
                 let d = Descriptor { media_type: manifest::OCI_MANIFEST.into(), digest: digest.clone(), size: top.len() as u64 };
                 self.fetcher().cache.put(d.hex(), Some(d.size), &top[..], &format!("chart `oci://{name}`: manifest"))?;

@@ -186,13 +186,9 @@ impl<'a> Puller<'a> {
         self.fetcher
     }
 
-    /// A manifest document and its digest, for other artifact kinds (charts).
-    pub(super) fn manifest_raw(&mut self, r: &Reference) -> Result<(Vec<u8>, String)> {
-        self.manifest(r)
-    }
-
     /// A manifest document and its digest (checked by oci-client against a digest reference).
-    fn manifest(&mut self, r: &Reference) -> Result<(Vec<u8>, String)> {
+    /// Also used for other artifact kinds (charts).
+    pub(super) fn manifest(&mut self, r: &Reference) -> Result<(Vec<u8>, String)> {
         let auth = self.auth(r.registry())?;
         let (rt, client) = self.client()?;
         let (bytes, digest) = rt
@@ -316,11 +312,6 @@ impl Read for StreamReader<'_> {
     }
 }
 
-/// Pulls every image of the profile for `arch`.
-pub fn pull_all(fetcher: &Fetcher, images: &[String], registries: &BTreeMap<String, Registry>, base_dir: &Path, arch: Arch) -> Result<Vec<Image>> {
-    let mut puller = Puller::new(fetcher, registries, base_dir);
-    images.iter().map(|i| puller.image(i, arch)).collect()
-}
 
 #[cfg(test)]
 mod tests {
