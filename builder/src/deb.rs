@@ -9,9 +9,11 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
+use crate::spill::{Spill, SPILL_MIN};
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 
 /// What a package said about itself, and the paths it placed in the tree.
@@ -226,7 +228,8 @@ pub fn decompress<'a, R: Read + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a>> 
 /// unpack with an error naming `what` and the entry.
 pub fn unpack_tar<R: Read>(tar: R, tree: &mut Tree, what: &str) -> anyhow::Result<Vec<TreePath>> {
     let plain = decompress(tar).with_context(|| format!("{what}: detecting compression"))?;
-    for_each_entry(plain, what, |item| insert_item(tree, item).map(Some))
+    let spill = tree.spill().cloned();
+    for_each_entry(plain, what, spill.as_ref(), |item| insert_item(tree, item).map(Some))
 }
 
 /// One tar entry read into the tree model: paths already checked by
@@ -241,10 +244,12 @@ pub enum TarItem {
 
 /// The one tar walker of kiln (packages and OCI layers): reads each entry of an uncompressed
 /// tar stream into a [`TarItem`] and hands it to `apply`, which places it (and returns the path
-/// placed, if any). An error, from reading or from `apply`, names `what` and the entry.
+/// placed, if any). An error, from reading or from `apply`, names `what` and the entry. With a
+/// `spill`, large file contents go there instead of into memory.
 pub fn for_each_entry<R: Read>(
     plain_tar: R,
     what: &str,
+    spill: Option<&Arc<Spill>>,
     mut apply: impl FnMut(TarItem) -> anyhow::Result<Option<TreePath>>,
 ) -> anyhow::Result<Vec<TreePath>> {
     let mut archive = tar::Archive::new(plain_tar);
@@ -252,7 +257,7 @@ pub fn for_each_entry<R: Read>(
     for entry in archive.entries().with_context(|| format!("reading {what}"))? {
         let mut entry = entry.with_context(|| format!("reading {what}"))?;
         let raw_path = entry_path(&entry).with_context(|| format!("{what}: reading an entry name"))?;
-        let item = read_item(&mut entry, &raw_path).with_context(|| format!("{what}: entry `{raw_path}`"))?;
+        let item = read_item(&mut entry, &raw_path, spill).with_context(|| format!("{what}: entry `{raw_path}`"))?;
         if let Some(item) = item {
             if let Some(p) = apply(item).with_context(|| format!("{what}: entry `{raw_path}`"))? {
                 placed.push(p);
@@ -277,7 +282,7 @@ fn entry_path<R: Read>(entry: &tar::Entry<'_, R>) -> anyhow::Result<String> {
 }
 
 /// Reads one tar entry; `None` for metadata-only headers.
-fn read_item<R: Read>(entry: &mut tar::Entry<'_, R>, raw_path: &str) -> anyhow::Result<Option<TarItem>> {
+fn read_item<R: Read>(entry: &mut tar::Entry<'_, R>, raw_path: &str, spill: Option<&Arc<Spill>>) -> anyhow::Result<Option<TarItem>> {
     use tar::EntryType as T;
     let etype = entry.header().entry_type();
     if etype.is_pax_global_extensions() {
@@ -291,10 +296,15 @@ fn read_item<R: Read>(entry: &mut tar::Entry<'_, R>, raw_path: &str) -> anyhow::
         // GNU sparse files are expanded by the tar crate's reader; `7` is a contiguous file.
         T::Regular | T::Continuous | T::GNUSparse => {
             let size = entry.size();
-            // The header's size bounds what is read; the cap only limits the up-front allocation.
-            let mut data = Vec::with_capacity(size.min(64 << 20) as usize);
-            entry.read_to_end(&mut data).context("reading contents")?;
-            Kind::File(Content::bytes(data))
+            match spill {
+                Some(spill) if size >= SPILL_MIN => Kind::File(Content::Spilled(spill.store(entry, size).context("reading contents")?)),
+                _ => {
+                    // The header's size bounds what is read; the cap only limits the up-front allocation.
+                    let mut data = Vec::with_capacity(size.min(64 << 20) as usize);
+                    entry.read_to_end(&mut data).context("reading contents")?;
+                    Kind::File(Content::bytes(data))
+                }
+            }
         }
         T::Symlink => Kind::Symlink(link_target(entry)?),
         T::Link => {
@@ -609,6 +619,44 @@ pub(crate) mod tests {
         assert_eq!(file_bytes(&tree, &long), b"hi");
         let pax = tree.get_str("pax").unwrap();
         assert_eq!((pax.meta.mtime, pax.meta.uid), (1234, 4242));
+    }
+
+    #[test]
+    fn large_contents_go_to_the_tree_spill_and_read_back() {
+        let big: Vec<u8> = (0..(SPILL_MIN as u32 + 1000)).map(|i| (i % 251) as u8).collect();
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in [("./big", &big[..]), ("./small", &b"tiny"[..])] {
+            let mut h = tar::Header::new_ustar();
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            b.append_data(&mut h, path, data).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut tree = Tree::new().spill_to(Spill::create_in(dir.path()).unwrap());
+        unpack_tar(&b.into_inner().unwrap()[..], &mut tree, "t.tar").unwrap();
+        assert!(matches!(tree.get_str("big").unwrap().kind, Kind::File(Content::Spilled(_))));
+        assert!(matches!(tree.get_str("small").unwrap().kind, Kind::File(Content::Bytes(_))));
+        assert_eq!(file_bytes(&tree, "big"), big);
+        assert_eq!(file_bytes(&tree, "small"), b"tiny");
+
+        // A truncated archive is an error naming the entry, not a short file.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(big.len() as u64);
+        h.set_cksum();
+        b.append_data(&mut h, "./big", &big[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+        let mut tree = Tree::new().spill_to(Spill::create_in(dir.path()).unwrap());
+        let err = unpack_tar(&tar[..600], &mut tree, "t.tar").unwrap_err();
+        assert!(format!("{err:#}").contains("entry `big`") && format!("{err:#}").contains("reading contents"), "{err:#}");
     }
 
     #[test]

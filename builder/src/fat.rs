@@ -164,31 +164,13 @@ impl<W: Write + Seek> Placed<'_, W> {
     }
 }
 
-/// Streams a file's contents; host files are copied in chunks rather than read whole.
+/// Streams a file's contents in chunks rather than reading them whole.
 fn write_file_data<W: Write>(out: &mut W, file: &FileNode<'_>) -> Result<()> {
-    if let Content::HostFile(path) = file.content {
-        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        let mut reader = f.take(file.size);
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut copied = 0u64;
-        loop {
-            let n = reader.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            out.write_all(&buf[..n])?;
-            copied += n as u64;
-        }
-        if copied != file.size {
-            bail!("{} shrank from {} to {copied} bytes while the image was written", path.display(), file.size);
-        }
-        return Ok(());
+    let mut reader = file.content.stream().take(file.size);
+    let copied = std::io::copy(&mut reader, out).context("copying file contents")?;
+    if copied != file.size {
+        bail!("contents shrank from {} to {copied} bytes while the image was written", file.size);
     }
-    let data = file.content.read()?;
-    if data.len() as u64 != file.size {
-        bail!("contents changed size from {} to {} bytes while the image was written", file.size, data.len());
-    }
-    out.write_all(&data)?;
     Ok(())
 }
 

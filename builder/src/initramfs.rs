@@ -83,9 +83,14 @@ pub fn assemble(root: &Tree, modules: &ModuleSet, platform: &Platform, extra_mod
 
 /// cpio newc + zstd: what the kernel unpacks (Debian kernels have CONFIG_RD_ZSTD).
 pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
-    let mut cpio = Vec::new();
-    crate::cpio::write_newc(tree, &mut cpio, mtime).context("writing the initramfs cpio archive")?;
+    use zstd::zstd_safe::CParameter;
     // Level 19: the archive is small and compressed once per build; the kernel reads it at boot.
-    let compressed = zstd::bulk::compress(&cpio, 19).context("compressing the initramfs")?;
-    Ok(compressed)
+    // Its own tables (a 64 MiB chain table) were the largest part of a build's peak memory;
+    // smaller chain and hash tables cost 0.6% in size on kiln's initramfs and save 57 MB.
+    let mut zst = zstd::stream::Encoder::new(Vec::new(), 19).context("starting the initramfs compressor")?;
+    zst.set_parameter(CParameter::ChainLog(22)).context("setting the zstd chain log")?;
+    zst.set_parameter(CParameter::HashLog(21)).context("setting the zstd hash log")?;
+    // The cpio archive streams into the compressor rather than being held whole.
+    crate::cpio::write_newc(tree, &mut zst, mtime).context("writing the initramfs cpio archive")?;
+    zst.finish().context("compressing the initramfs")
 }

@@ -36,6 +36,7 @@ pub mod reference;
 pub mod registries;
 pub mod serve;
 pub mod setup;
+pub mod spill;
 pub mod squashfs;
 #[cfg(test)]
 mod testhttp;

@@ -290,7 +290,7 @@ fn gather_k3s(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, c
 
 /// The versioned kernel image package the arch's metapackage points at. Only these two names
 /// are looked up: the kernel's own dependencies are not installed.
-fn kernel_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> {
+pub fn kernel_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> {
     let meta_name = arch.kernel_metapackage();
     let meta = index
         .packages
@@ -299,7 +299,8 @@ fn kernel_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> 
         .with_context(|| format!("{arch}: kernel metapackage {meta_name} is not in the index"))?;
     let image = meta
         .depends
-        .iter()
+        .groups()
+        .into_iter()
         .flatten()
         .find(|d| d.name.starts_with("linux-image-"))
         .with_context(|| format!("{meta_name} does not depend on a linux-image package"))?;
@@ -313,6 +314,7 @@ fn kernel_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> 
 
 /// `kiln fetch`: fills the cache with everything the profile's builds need.
 pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<()> {
+    let started = std::time::Instant::now();
     let fetcher = opts.fetcher()?;
     for arch in opts.archs_for(profile)? {
         let inputs = gather(profile, opts, &fetcher, arch)?;
@@ -322,6 +324,7 @@ pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<()> {
             info!("{arch}: {} container images cached ({} MiB)", inputs.images.len(), blobs >> 20);
         }
     }
+    log_finished("fetch", started);
     Ok(())
 }
 
@@ -341,6 +344,7 @@ impl Drop for Staging {
 
 /// `kiln build`.
 pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport> {
+    let started = std::time::Instant::now();
     let archs = opts.archs_for(profile)?;
     let out_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&profile.profile.name));
     let fetcher = opts.fetcher()?;
@@ -403,7 +407,22 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     write_sha256sums(&out_dir)?;
     staging.done = true;
     let _ = std::fs::remove_dir_all(&staging_dir);
+    log_finished("build", started);
     Ok(BuildReport { out_dir, images })
+}
+
+/// The closing log line of `kiln build` and `kiln fetch`: time taken and peak memory.
+fn log_finished(what: &str, started: std::time::Instant) {
+    let peak = peak_memory_kib().map_or_else(|| "unknown".to_string(), |k| format!("{} MiB", k / 1024));
+    info!("{what} finished in {:.0} s, peak memory {peak}", started.elapsed().as_secs_f64());
+}
+
+/// The process's peak resident memory (the kernel's `VmHWM`): memory must not grow with the
+/// images bundled (README, Memory).
+fn peak_memory_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()
 }
 
 /// The build's timestamp: SOURCE_DATE_EPOCH if set, else the suite's Release date.
@@ -424,7 +443,9 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
 
     // --- the root model ---------------------------------------------------------------
     info!("{arch}: unpacking {} packages", inputs.root_debs.len() + 1);
-    let mut root = Tree::merged_usr(arch);
+    // Large contents are parked in a spill file beside the image, not held in memory.
+    let spill = crate::spill::Spill::create_in(dir)?;
+    let mut root = Tree::merged_usr(arch).spill_to(spill.clone());
     let mut manifest_inputs = vec![
         Input { kind: "profile".into(), name: profile.profile.name.clone(), version: None, sha256: sha256_hex(&profile.source), size: Some(profile.source.len() as u64) },
         Input { kind: "index".into(), name: format!("{}/InRelease", inputs.suite.suite), version: None, sha256: inputs.index.inrelease_sha256.clone(), size: None },
@@ -520,14 +541,14 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     let initramfs_modules: Vec<String> =
         FIRSTBOOT_MODULES.iter().map(|m| m.to_string()).chain(profile.profile.kernel.modules.iter().cloned()).collect();
     let mut initramfs = crate::initramfs::assemble(&root, &modules, platform, &initramfs_modules, &[])?;
-    add_firstboot_tools(&mut initramfs.tree, inputs, &mut manifest_inputs)?;
+    add_firstboot_tools(&mut initramfs.tree, inputs, &spill, &mut manifest_inputs)?;
     info!("{arch}: initramfs with {} modules", initramfs.modules.len());
     let initrd = Content::bytes(crate::initramfs::pack(&initramfs.tree, clamp32(epoch))?);
     // The netboot installer's initrd: the same, plus the platform's NIC drivers (kept out of the
     // disk image's initramfs, which never needs the network).
     let netboot_initrd = if opts.wants(Format::Netboot) {
         let mut nb = crate::initramfs::assemble(&root, &modules, platform, &initramfs_modules, &platform.netboot_modules)?;
-        add_firstboot_tools(&mut nb.tree, inputs, &mut manifest_inputs)?;
+        add_firstboot_tools(&mut nb.tree, inputs, &spill, &mut manifest_inputs)?;
         let nics: Vec<&String> = nb.modules.iter().filter(|m| !initramfs.modules.contains(m)).collect();
         info!("{arch}: netboot initrd with {} more modules for NICs", nics.len());
         Some(crate::initramfs::pack(&nb.tree, clamp32(epoch))?)
@@ -775,8 +796,8 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 
 /// Unpacks the first-boot packages into a scratch tree and copies their programs, with the
 /// libraries and loader they need, into the initramfs.
-fn add_firstboot_tools(initramfs: &mut Tree, inputs: &Inputs, manifest_inputs: &mut Vec<Input>) -> Result<()> {
-    let mut scratch = Tree::merged_usr(inputs.arch);
+fn add_firstboot_tools(initramfs: &mut Tree, inputs: &Inputs, spill: &std::sync::Arc<crate::spill::Spill>, manifest_inputs: &mut Vec<Input>) -> Result<()> {
+    let mut scratch = Tree::merged_usr(inputs.arch).spill_to(spill.clone());
     for (pkg, path) in &inputs.firstboot_debs {
         crate::deb::unpack_deb(path, &mut scratch).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
         let input = deb_input(pkg);

@@ -3,16 +3,14 @@
 //! Ownership, modes (setuid included) and device nodes come from the tree, so no root privileges
 //! or host filesystem are involved. Every time in the image is clamped to [`SquashfsOptions::mtime`].
 
-use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek, Write};
-use std::path::PathBuf;
 
 use anyhow::{anyhow, ensure, Context};
 use backhand::compression::{CompressionOptions, Compressor, Zstd};
 use backhand::kind::{Kind as ImageKind, LE_V4_0};
 use backhand::{BackhandError, FilesystemCompressor, FilesystemReader, FilesystemWriter, Id, NodeHeader};
 
-use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
+use crate::tree::{Entry, Kind, Meta, Tree, TreePath};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SquashfsOptions {
@@ -128,8 +126,7 @@ fn push_entry<'c>(
     let p = path.as_str();
     let result = match &entry.kind {
         Kind::Dir => fs.push_dir(p, hdr),
-        Kind::File(Content::Bytes(bytes)) => fs.push_file(Cursor::new(bytes.as_slice()), p, hdr),
-        Kind::File(Content::HostFile(source)) => fs.push_file(HostFileReader::new(source.clone()), p, hdr),
+        Kind::File(content) => fs.push_file(content.stream(), p, hdr),
         // Symlink permissions are meaningless on Linux; 0777 is what every tool shows.
         Kind::Symlink(target) => fs.push_symlink(target.as_str(), p, NodeHeader { permissions: 0o777, ..hdr }),
         Kind::CharDevice { major, minor } => fs.push_char_device(encode_dev(*major, *minor)?, p, hdr),
@@ -137,33 +134,6 @@ fn push_entry<'c>(
         Kind::Fifo => fs.push_fifo(p, hdr),
     };
     result.map_err(|e| backhand_error(e, "inserting the entry"))
-}
-
-/// A host file opened only when backhand reads it, so large overlays do not hold descriptors
-/// and errors name the file.
-struct HostFileReader {
-    path: PathBuf,
-    file: Option<BufReader<File>>,
-}
-
-impl HostFileReader {
-    fn new(path: PathBuf) -> Self {
-        HostFileReader { path, file: None }
-    }
-}
-
-impl Read for HostFileReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let file = match &mut self.file {
-            Some(f) => f,
-            None => {
-                let f = File::open(&self.path)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("opening {}: {e}", self.path.display())))?;
-                self.file.insert(BufReader::new(f))
-            }
-        };
-        file.read(buf).map_err(|e| std::io::Error::new(e.kind(), format!("reading {}: {e}", self.path.display())))
-    }
 }
 
 /// backhand is built without its `error-strings` feature, so its errors print nothing: describe them here.
@@ -183,6 +153,7 @@ fn backhand_error(e: BackhandError, doing: &str) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tree::Content;
     use std::os::unix::fs::MetadataExt;
     use std::path::Path;
     use std::process::Command;
@@ -242,6 +213,11 @@ mod tests {
         ins(&mut t, "var/big", meta(0o644, 0, 0, 100), Kind::File(Content::bytes(noise(5 * 1024 * 1024, 42))));
         ins(&mut t, "var/empty", meta(0o644, 0, 0, 100), Kind::File(Content::bytes(Vec::new())));
         ins(&mut t, "etc/overlay", meta(0o600, 0, 0, u64::MAX), Kind::File(Content::HostFile(host_file.to_path_buf())));
+        // Contents parked in a spill file (as packages' large files are) stream in like the rest.
+        let spill = crate::spill::Spill::create_in(host_file.parent().unwrap()).unwrap();
+        let parked = noise(300 * 1024, 9);
+        let spilled = spill.store(&mut &parked[..], parked.len() as u64).unwrap();
+        ins(&mut t, "var/spilled", meta(0o644, 0, 0, 100), Kind::File(Content::Spilled(spilled)));
         t
     }
 
@@ -301,6 +277,7 @@ mod tests {
         check("/run/initctl", "prw------- 0/0");
         check("/var/big", &format!("-rw-r--r-- 0/0 {} ", 5 * 1024 * 1024));
         check("/var/empty", "-rw-r--r-- 0/0 0 ");
+        check("/var/spilled", &format!("-rw-r--r-- 0/0 {} ", 300 * 1024));
         assert!(line("/bin").starts_with("lrwxrwxrwx 0/0") && line("/bin").ends_with("squashfs-root/bin -> usr/bin"));
         // times: entry times kept when older, clamped when newer (etc/overlay had u64::MAX)
         assert!(line("/usr/bin/su").contains("1970-01-01 00:01"), "{}", line("/usr/bin/su"));

@@ -32,6 +32,16 @@ impl Layer {
     }
 }
 
+/// A layer whose blob is stored in the layout (see [`TestLayout::blob_file`]).
+pub struct StoredLayer {
+    pub media_type: &'static str,
+    /// The blob's digest (hex).
+    pub hex: String,
+    pub size: u64,
+    /// The digest (hex) of the uncompressed tar.
+    pub diff_id: String,
+}
+
 /// The digests (hex) of one image written into a layout.
 pub struct Made {
     pub manifest: String,
@@ -59,16 +69,31 @@ impl TestLayout {
         Ok(hex)
     }
 
+    /// Moves the file at `path` into the layout as a blob, hashing it as a stream (a layer of
+    /// a GiB is never in memory); returns its digest (hex) and size.
+    pub fn blob_file(&self, path: &Path) -> Result<(String, u64)> {
+        let hex = kiln::cache::sha256_file(path)?;
+        let size = std::fs::metadata(path)?.len();
+        std::fs::rename(path, self.dir.join("blobs/sha256").join(&hex)).with_context(|| format!("moving {} into the layout", path.display()))?;
+        Ok((hex, size))
+    }
+
     /// An image of `layers` (bottom first) for `linux/<arch>` (OCI architecture name); `config`
     /// is the image config's `config` object (Cmd, Env, ...).
     pub fn image(&self, arch: &str, layers: &[Layer], config: Value) -> Result<Made> {
-        let mut layer_hexes = Vec::new();
-        let mut descriptors = Vec::new();
-        for l in layers {
-            let hex = self.blob(&l.blob)?;
-            descriptors.push(json!({"mediaType": l.media_type, "digest": format!("sha256:{hex}"), "size": l.blob.len()}));
-            layer_hexes.push(hex);
-        }
+        let stored = layers
+            .iter()
+            .map(|l| Ok(StoredLayer { media_type: l.media_type, hex: self.blob(&l.blob)?, size: l.blob.len() as u64, diff_id: l.diff_id.clone() }))
+            .collect::<Result<Vec<_>>>()?;
+        self.image_of(arch, &stored, config)
+    }
+
+    /// [`TestLayout::image`] over layers whose blobs are in the layout already.
+    pub fn image_of(&self, arch: &str, layers: &[StoredLayer], config: Value) -> Result<Made> {
+        let descriptors: Vec<Value> = layers
+            .iter()
+            .map(|l| json!({"mediaType": l.media_type, "digest": format!("sha256:{}", l.hex), "size": l.size}))
+            .collect();
         let config = serde_json::to_vec(&json!({
             "architecture": arch, "os": "linux", "config": config,
             "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| format!("sha256:{}", l.diff_id)).collect::<Vec<_>>()},
@@ -82,7 +107,7 @@ impl TestLayout {
         }))?;
         let manifest_hex = self.blob(&manifest)?;
         let descriptor = json!({"mediaType": OCI_MANIFEST, "digest": format!("sha256:{manifest_hex}"), "size": manifest.len()});
-        Ok(Made { manifest: manifest_hex, config: config_hex, layers: layer_hexes, descriptor })
+        Ok(Made { manifest: manifest_hex, config: config_hex, layers: layers.iter().map(|l| l.hex.clone()).collect(), descriptor })
     }
 
     /// An index over `images`, each with its platform (`linux/<arch>[/<variant>]`); returns

@@ -16,6 +16,7 @@ pub mod lan;
 pub mod ntp;
 pub mod layout;
 pub mod registry;
+pub mod stand_in;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
 pub fn repo_root() -> PathBuf {

@@ -6,7 +6,6 @@ pub mod resolve;
 pub mod sources;
 pub mod version;
 
-use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -99,11 +98,8 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
 
 fn read_packages_xz(path: &std::path::Path) -> anyhow::Result<Vec<Package>> {
     let file = std::fs::File::open(path)?;
-    let mut text = String::new();
-    liblzma::read::XzDecoder::new(std::io::BufReader::new(file))
-        .read_to_string(&mut text)
-        .context("decompressing (xz)")?;
-    packages::parse_packages(&text)
+    let text = liblzma::read::XzDecoder::new(std::io::BufReader::new(file));
+    packages::read_packages(std::io::BufReader::with_capacity(1 << 16, text))
 }
 
 /// The `.deb` URL of a package on a mirror.
@@ -144,8 +140,8 @@ mod tests {
             version: "1:1.37.0-6".into(),
             architecture: "arm64".into(),
             source: None,
-            depends: vec![],
-            pre_depends: vec![],
+            depends: Default::default(),
+            pre_depends: Default::default(),
             provides: vec![],
             filename: "pool/main/b/busybox/busybox-static_1.37.0-6_arm64.deb".into(),
             size: 1,

@@ -86,8 +86,8 @@ pub struct Package {
     /// The source package name, if the stanza names one (for manifests); else the binary name.
     pub source: Option<String>,
     /// Comma-separated groups of `|` alternatives.
-    pub depends: Vec<Vec<Dep>>,
-    pub pre_depends: Vec<Vec<Dep>>,
+    pub depends: Relations,
+    pub pre_depends: Relations,
     /// Virtual names this package provides, with the provided version (`Provides: foo (= 1.0)`).
     pub provides: Vec<(String, Option<String>)>,
     /// Path relative to the mirror root (`pool/main/...`).
@@ -98,60 +98,86 @@ pub struct Package {
     pub multi_arch: Option<String>,
 }
 
-/// Parses a whole `Packages` file. Errors name the stanza (package) and field.
-///
-/// A dedicated single pass rather than the generic [`stanzas`]: a Packages file is ~60 MB and
-/// only a dozen of its fields matter, so unknown fields are skipped without being looked at twice.
+/// A `Depends`-style field, checked when the index is read but kept as its text: a Packages
+/// file has ~250,000 dependency alternatives and a build looks at a few hundred, so parsing them
+/// all into [`Dep`]s held most of a build's peak memory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Relations(Box<str>);
+
+impl Relations {
+    /// Checks `text` (see [`parse_relations`]) and keeps it.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        parse_relations(text)?;
+        Ok(Relations(text.into()))
+    }
+
+    /// The OR-groups, parsed again from the checked text.
+    pub fn groups(&self) -> Vec<Vec<Dep>> {
+        parse_relations(&self.0).expect("checked by Relations::parse")
+    }
+}
+
+/// Parses a whole `Packages` file held in memory (tests and small indexes).
 pub fn parse_packages(text: &str) -> anyhow::Result<Vec<Package>> {
+    read_packages(text.as_bytes())
+}
+
+/// Reads a `Packages` file one stanza at a time, so the ~60 MB text is never held whole.
+/// Errors name the stanza (package) and field.
+pub fn read_packages(mut reader: impl std::io::BufRead) -> anyhow::Result<Vec<Package>> {
     let mut out = Vec::new();
-    let mut fields = Fields::default();
-    let mut current: Option<usize> = None; // slot of the field being continued
+    let mut stanza = String::new();
     let mut stanza_no = 0;
-    let mut flush = |fields: &mut Fields<'_>| -> anyhow::Result<()> {
-        if fields.any {
-            stanza_no += 1;
-            let pkg = parse_stanza(fields).with_context(|| {
-                let name = fields.get("Package").unwrap_or("no Package field");
-                format!("Packages stanza {stanza_no} ({name})")
-            })?;
-            out.push(pkg);
+    loop {
+        let start = stanza.len();
+        let n = reader.read_line(&mut stanza).context("reading the Packages text")?;
+        if n > 0 && !stanza[start..].trim().is_empty() {
+            continue;
         }
-        *fields = Fields::default();
-        Ok(())
-    };
+        stanza.truncate(start);
+        if !stanza.is_empty() {
+            stanza_no += 1;
+            out.push(parse_stanza_text(&stanza, stanza_no)?);
+            stanza.clear();
+        }
+        if n == 0 {
+            break;
+        }
+    }
+    out.shrink_to_fit();
+    Ok(out)
+}
+
+/// One stanza's text (no blank lines) into a [`Package`]. A single pass: only a dozen fields
+/// matter, so unknown fields are skipped without being looked at twice.
+fn parse_stanza_text(text: &str, stanza_no: usize) -> anyhow::Result<Package> {
+    let mut fields = Fields { text, ..Default::default() };
+    let mut current: Option<usize> = None; // slot of the field being continued
     let mut pos = 0;
     while pos < text.len() {
         let end = text[pos..].find('\n').map_or(text.len(), |i| pos + i);
         let line = text[pos..end].trim_end();
         let at = pos;
         pos = end + 1;
-        if line.is_empty() {
-            flush(&mut fields)?;
-            current = None;
-            continue;
-        }
-        fields.any = true;
         if line.starts_with([' ', '\t']) {
             if let Some(slot) = current {
-                fields.extend(slot, text, at + line.len());
+                fields.extend(slot, at + line.len());
             }
             continue;
         }
         let Some((key, value)) = line.split_once(':') else {
-            bail!(
-                "Packages stanza {}: not a `Field: value` line: {line:?}",
-                stanza_no + 1
-            );
+            bail!("Packages stanza {stanza_no}: not a `Field: value` line: {line:?}");
         };
         current = Fields::slot(key);
         if let Some(slot) = current {
             let start = at + key.len() + 1 + (value.len() - value.trim_start().len());
             fields.values[slot] = Some((start, at + line.len()));
-            fields.text = text;
         }
     }
-    flush(&mut fields)?;
-    Ok(out)
+    parse_stanza(&fields).with_context(|| {
+        let name = fields.get("Package").unwrap_or("no Package field");
+        format!("Packages stanza {stanza_no} ({name})")
+    })
 }
 
 /// The fields of one Packages stanza kiln reads, as byte ranges into the file.
@@ -159,8 +185,6 @@ pub fn parse_packages(text: &str) -> anyhow::Result<Vec<Package>> {
 struct Fields<'t> {
     text: &'t str,
     values: [Option<(usize, usize)>; FIELD_NAMES.len()],
-    /// Whether the stanza had any line at all.
-    any: bool,
 }
 
 const FIELD_NAMES: [&str; 12] = [
@@ -183,11 +207,10 @@ impl<'t> Fields<'t> {
         FIELD_NAMES.iter().position(|name| *name == key)
     }
 
-    fn extend(&mut self, slot: usize, text: &'t str, end: usize) {
+    fn extend(&mut self, slot: usize, end: usize) {
         if let Some((_, e)) = self.values[slot].as_mut() {
             *e = end;
         }
-        self.text = text;
     }
 
     fn get(&self, key: &str) -> Option<&'t str> {
@@ -196,10 +219,6 @@ impl<'t> Fields<'t> {
     }
 }
 
-/// Splits deb822 text into stanzas of (field, value) pairs without copying: a value spans its
-/// continuation lines (still containing their newlines and indentation; callers split on
-/// whitespace or lines). `#` comment lines are skipped. Shared with `release.rs` and `sources.rs`
-/// so all deb822 input is read one way.
 /// A field of a deb822 stanza by case-insensitive name.
 pub(crate) fn field<'t>(stanza: &[(&'t str, &'t str)], key: &str) -> Option<&'t str> {
     stanza.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| *v)
@@ -210,6 +229,10 @@ pub(crate) fn field_words(stanza: &[(&str, &str)], key: &str) -> Vec<String> {
     field(stanza, key).map(|v| v.split_whitespace().map(str::to_string).collect()).unwrap_or_default()
 }
 
+/// Splits deb822 text into stanzas of (field, value) pairs without copying: a value spans its
+/// continuation lines (still containing their newlines and indentation; callers split on
+/// whitespace or lines). `#` comment lines are skipped. Shared with `release.rs` and `sources.rs`
+/// so all deb822 input is read one way.
 pub(crate) fn stanzas<'t>(text: &'t str) -> impl Iterator<Item = Vec<(&'t str, &'t str)>> + 't {
     let mut offset = 0;
     let mut lines = text.split_inclusive('\n').map(move |line| {
@@ -267,9 +290,9 @@ pub(crate) fn stanzas<'t>(text: &'t str) -> impl Iterator<Item = Vec<(&'t str, &
 fn parse_stanza(fields: &Fields<'_>) -> anyhow::Result<Package> {
     let get = |key: &str| fields.get(key);
     let required = |key: &str| get(key).with_context(|| format!("missing field `{key}`"));
-    let relation = |key: &str| -> anyhow::Result<Vec<Vec<Dep>>> {
-        get(key).map_or(Ok(Vec::new()), |v| {
-            parse_relations(v).with_context(|| format!("field `{key}`"))
+    let relation = |key: &str| -> anyhow::Result<Relations> {
+        get(key).map_or(Ok(Relations::default()), |v| {
+            Relations::parse(v).with_context(|| format!("field `{key}`"))
         })
     };
     let size = required("Size")?;
@@ -376,54 +399,41 @@ pub struct Provider {
 pub struct PackageIndex {
     /// The Debian architecture the index was built for (named in errors).
     pub arch: String,
-    pub packages: BTreeMap<String, Vec<Package>>,
+    /// Sorted by name, then version highest first; one entry per (name, version). One flat list
+    /// rather than a map of small vectors: ~70,000 of those cost more than the packages.
+    packages: Vec<Package>,
     /// Virtual name -> providers, sorted by package name then version (highest first).
-    pub provides: BTreeMap<String, Vec<Provider>>,
+    provides: BTreeMap<String, Vec<Provider>>,
 }
 
 impl PackageIndex {
-    pub fn new(arch: &str, packages: Vec<Package>) -> Self {
-        let mut index = PackageIndex {
-            arch: arch.to_string(),
-            ..Default::default()
-        };
-        for pkg in packages {
+    pub fn new(arch: &str, mut packages: Vec<Package>) -> Self {
+        packages.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| version::compare(&b.version, &a.version)));
+        packages.dedup_by(|a, b| a.name == b.name && a.version == b.version);
+        packages.shrink_to_fit();
+        let mut provides: BTreeMap<String, Vec<Provider>> = BTreeMap::new();
+        // The packages are in name order, so each provider list comes out sorted by name and
+        // version already.
+        for pkg in &packages {
             for (virt, provided_version) in &pkg.provides {
-                index
-                    .provides
-                    .entry(virt.clone())
-                    .or_default()
-                    .push(Provider {
-                        package: pkg.name.clone(),
-                        package_version: pkg.version.clone(),
-                        provided_version: provided_version.clone(),
-                    });
+                provides.entry(virt.clone()).or_default().push(Provider {
+                    package: pkg.name.clone(),
+                    package_version: pkg.version.clone(),
+                    provided_version: provided_version.clone(),
+                });
             }
-            index
-                .packages
-                .entry(pkg.name.clone())
-                .or_default()
-                .push(pkg);
         }
-        for versions in index.packages.values_mut() {
-            versions.sort_by(|a, b| version::compare(&b.version, &a.version));
-            versions.dedup_by(|a, b| a.version == b.version);
+        for providers in provides.values_mut() {
+            providers.shrink_to_fit();
         }
-        for providers in index.provides.values_mut() {
-            providers.sort_by(|a, b| {
-                a.package
-                    .cmp(&b.package)
-                    .then_with(|| version::compare(&b.package_version, &a.package_version))
-            });
-            providers
-                .dedup_by(|a, b| a.package == b.package && a.package_version == b.package_version);
-        }
-        index
+        PackageIndex { arch: arch.to_string(), packages, provides }
     }
 
     /// All versions of a real package, highest first.
     pub fn versions(&self, name: &str) -> &[Package] {
-        self.packages.get(name).map_or(&[], Vec::as_slice)
+        let start = self.packages.partition_point(|p| p.name.as_str() < name);
+        let len = self.packages[start..].partition_point(|p| p.name == name);
+        &self.packages[start..start + len]
     }
 
     /// A specific version of a real package.
@@ -436,7 +446,7 @@ impl PackageIndex {
     }
 
     pub fn len(&self) -> usize {
-        self.packages.values().map(Vec::len).sum()
+        self.packages.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -498,16 +508,16 @@ SHA256: 00000000000000000000000000000000000000000000000000000000000000bb
         assert_eq!(bb.version, "1:1.37.0-6");
         assert!(!bb.essential);
         assert_eq!(
-            bb.pre_depends[0][0].constraint,
+            bb.pre_depends.groups()[0][0].constraint,
             Some((Op::Ge, "2.34".into()))
         );
         assert_eq!(
-            bb.depends.len(),
+            bb.depends.groups().len(),
             3,
             "continuation line joins the third group"
         );
         assert_eq!(
-            bb.depends[0],
+            bb.depends.groups()[0],
             vec![
                 Dep {
                     name: "foo".into(),
@@ -521,9 +531,9 @@ SHA256: 00000000000000000000000000000000000000000000000000000000000000bb
                 },
             ]
         );
-        assert_eq!(bb.depends[1][0].arch_qualifier.as_deref(), Some("native"));
+        assert_eq!(bb.depends.groups()[1][0].arch_qualifier.as_deref(), Some("native"));
         assert_eq!(
-            bb.depends[2][0].constraint,
+            bb.depends.groups()[2][0].constraint,
             Some((Op::Ge, "3".into())),
             "old `>` means `>=`"
         );
@@ -557,8 +567,8 @@ SHA256: 00000000000000000000000000000000000000000000000000000000000000bb
             version: version.into(),
             architecture: "arm64".into(),
             source: None,
-            depends: vec![],
-            pre_depends: vec![],
+            depends: Relations::default(),
+            pre_depends: Relations::default(),
             provides: provides.iter().map(|p| (p.to_string(), None)).collect(),
             filename: format!("pool/{name}_{version}.deb"),
             size: 1,

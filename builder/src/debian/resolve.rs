@@ -28,7 +28,7 @@ pub fn resolve(index: &PackageIndex, roots: &[&str]) -> anyhow::Result<Vec<Packa
     }
     while let Some(name) = r.queue.pop_front() {
         let pkg = r.selected[&name].clone();
-        for group in pkg.pre_depends.iter().chain(&pkg.depends) {
+        for group in pkg.pre_depends.groups().iter().chain(&pkg.depends.groups()) {
             r.satisfy(&pkg.name, group)?;
         }
     }

@@ -89,7 +89,8 @@ pub fn apply_layer<R: Read>(layer: R, media_type: &str, tree: &mut Tree, what: &
     let mut stats = Stats::default();
     // Paths this layer placed: whiteouts and replacements act on lower layers only.
     let mut placed: HashSet<TreePath> = HashSet::new();
-    crate::deb::for_each_entry(plain, what, |item| {
+    let spill = tree.spill().cloned();
+    crate::deb::for_each_entry(plain, what, spill.as_ref(), |item| {
         stats.entries += 1;
         match item {
             TarItem::HardLink { path, target, meta } => {

@@ -11,37 +11,19 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
-use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, tool, work_dir};
-use sha2::{Digest, Sha256};
+use kiln_qemu_tests::registry::sha;
+use kiln_qemu_tests::{cache_dir, stand_in, extract_range, kiln_with_cache, manifest, tool, work_dir};
 
-const STAND_IN_VERSION: &str = "v0.0.0+k3s0";
-
-fn sha(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
-/// A directory of stand-in x86_64 assets: files named like the release's, random contents, a
-/// matching `sha256sum-amd64.txt`.
+/// Stand-in assets with a fresh seed, so each run's digests are new.
 fn stand_in_assets(dir: &Path) -> Result<PathBuf> {
-    let assets = dir.join("stand-in-assets");
-    std::fs::create_dir_all(&assets)?;
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
-    let mut list = String::new();
-    for name in ["k3s", "k3s-airgap-images-amd64.tar.zst"] {
-        let data = format!("stand-in for {name}, not k3s ({seed})\n").repeat(64).into_bytes();
-        std::fs::write(assets.join(name), &data)?;
-        list.push_str(&format!("{}  {name}\n", sha(&data)));
-    }
-    std::fs::write(assets.join("sha256sum-amd64.txt"), &list)?;
-    Ok(assets)
+    stand_in::assets(dir, &seed.to_string())
 }
 
 /// Copies `profiles/<name>.yaml` into `dir` with the stand-in release name.
 fn stand_in_profile(dir: &Path, name: &str) -> Result<PathBuf> {
-    let profile = std::fs::read_to_string(kiln_qemu_tests::repo_root().join(format!("profiles/{name}.yaml")))?;
-    ensure!(profile.contains("version: v1.33.5+k3s1"), "profiles/{name}.yaml names another k3s version");
     let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, profile.replace("version: v1.33.5+k3s1", &format!("version: {STAND_IN_VERSION}")))?;
+    std::fs::write(&path, stand_in::profile_text(name)?)?;
     Ok(path)
 }
 
@@ -57,7 +39,7 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     let m = manifest(&out, Arch::X86_64)?;
     let k3s: Vec<_> = m.inputs.iter().filter(|i| i.kind == "k3s").collect();
     ensure!(k3s.len() == 2, "manifest k3s inputs: {k3s:?}");
-    ensure!(k3s.iter().all(|i| i.version.as_deref() == Some(STAND_IN_VERSION)), "{k3s:?}");
+    ensure!(k3s.iter().all(|i| i.version.as_deref() == Some(stand_in::VERSION)), "{k3s:?}");
 
     // The root partition's squashfs, listed by the reference tool.
     let sqfs = root_squashfs(&m, &out, &dir)?;

@@ -37,13 +37,12 @@ fn debian_packages() -> Result<(PathBuf, PathBuf)> {
         keyring: PathBuf::from("/usr/share/keyrings/debian-archive-keyring.gpg"),
     };
     let index = kiln::debian::load_index(&fetcher, &suite, "amd64")?;
-    let meta = index.packages.versions("linux-image-amd64").first().context("no linux-image-amd64 in trixie")?;
-    let kernel_name = meta.depends.iter().flatten().find(|d| d.name.starts_with("linux-image-")).context("linux-image-amd64 names no kernel")?.name.clone();
+    let kernel = kiln::pipeline::kernel_package(&index, kiln::arch::Arch::X86_64)?;
     let fetch = |name: &str| -> Result<PathBuf> {
         let p = index.packages.versions(name).first().with_context(|| format!("no {name} in trixie"))?.clone();
         kiln::debian::fetch_deb(&fetcher, &suite, &p)
     };
-    Ok((fetch("busybox-static")?, fetch(&kernel_name)?))
+    Ok((fetch("busybox-static")?, kiln::debian::fetch_deb(&fetcher, &suite, &kernel)?))
 }
 
 fn compressed(tar: Vec<u8>, program: &str, media_type: &'static str, dir: &Path) -> Result<Layer> {

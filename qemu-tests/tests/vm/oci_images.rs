@@ -20,9 +20,7 @@ use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln_qemu_tests::layout::{Layer, Made, TestLayout};
 use kiln_qemu_tests::registry::{push, sha, Registry};
-use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, tool, work_dir};
-
-const STAND_IN_VERSION: &str = "v0.0.0+k3s0";
+use kiln_qemu_tests::{cache_dir, stand_in, extract_range, kiln_with_cache, manifest, tool, work_dir};
 
 /// Writes an OCI layout holding one index (tag `1`) over one image per platform, each a single
 /// uncompressed layer with `/hello.txt` naming the platform and `seed`. Returns the index digest
@@ -50,9 +48,7 @@ fn make_layout(layout: &Path, platforms: &[(&str, Option<&str>)], seed: &str) ->
 
 /// The single-server profile with the stand-in k3s release and `images`.
 fn profile(dir: &Path, name: &str, host: &str, images: &[String]) -> Result<PathBuf> {
-    let base = std::fs::read_to_string(kiln_qemu_tests::repo_root().join("profiles/single-server.yaml"))?;
-    ensure!(base.contains("version: v1.33.5+k3s1"), "profiles/single-server.yaml names another k3s version");
-    let mut text = base.replace("version: v1.33.5+k3s1", &format!("version: {STAND_IN_VERSION}"));
+    let mut text = stand_in::profile_text("single-server")?;
     text.push_str("\nimages:\n");
     for i in images {
         text.push_str(&format!("  - {i}\n"));
@@ -61,19 +57,6 @@ fn profile(dir: &Path, name: &str, host: &str, images: &[String]) -> Result<Path
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, text)?;
     Ok(path)
-}
-
-fn stand_in_k3s(dir: &Path, seed: &str) -> Result<PathBuf> {
-    let assets = dir.join("stand-in-assets");
-    std::fs::create_dir_all(&assets)?;
-    let mut list = String::new();
-    for name in ["k3s", "k3s-airgap-images-amd64.tar.zst"] {
-        let data = format!("stand-in for {name}, not k3s ({seed})\n").into_bytes();
-        std::fs::write(assets.join(name), &data)?;
-        list.push_str(&format!("{}  {name}\n", sha(&data)));
-    }
-    std::fs::write(assets.join("sha256sum-amd64.txt"), &list)?;
-    Ok(assets)
 }
 
 fn s(p: &Path) -> Result<&str> {
@@ -108,7 +91,7 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let seed = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
     let registry = Registry::start(&dir)?;
     let host = registry.host();
-    let assets = stand_in_k3s(&dir, &seed)?;
+    let assets = stand_in::assets(&dir, &seed)?;
     let cache = cache_dir()?;
 
     let (hello_index, hello) = make_layout(&dir.join("hello"), &[("amd64", None), ("arm64", Some("v8")), ("riscv64", None)], &seed)?;
@@ -145,7 +128,7 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
 
     // The good image: pulled, verified, bundled.
     let reference = format!("{host}/kiln-test/hello:1");
-    let p = profile(&dir, "hello", &host, &[reference.clone()])?;
+    let p = profile(&dir, "hello", &host, std::slice::from_ref(&reference))?;
     let out = dir.join("out");
     let gets_before = registry.blob_gets()?;
     let started = Instant::now();
@@ -255,7 +238,7 @@ fn registry_charts_are_pulled_and_installed_with_a_helmchart() -> Result<()> {
     let seed = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
     let registry = Registry::start(&dir)?;
     let host = registry.host();
-    let assets = stand_in_k3s(&dir, &seed)?;
+    let assets = stand_in::assets(&dir, &seed)?;
     let cache = cache_dir()?;
     let tgz = push_chart(&dir, registry.port, "kiln-test/charts/hello-oci", "0.3.0", &seed)?;
 
