@@ -625,15 +625,19 @@ pub(crate) mod tests {
     fn large_contents_go_to_the_tree_spill_and_read_back() {
         let big: Vec<u8> = (0..(SPILL_MIN as u32 + 1000)).map(|i| (i % 251) as u8).collect();
         let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in [("./big", &big[..]), ("./small", &b"tiny"[..])] {
+        // A root-owned 0644 file header of `len` bytes.
+        let header = |len: usize| {
             let mut h = tar::Header::new_ustar();
             h.set_mode(0o644);
             h.set_uid(0);
             h.set_gid(0);
             h.set_mtime(0);
-            h.set_size(data.len() as u64);
+            h.set_size(len as u64);
             h.set_cksum();
-            b.append_data(&mut h, path, data).unwrap();
+            h
+        };
+        for (path, data) in [("./big", &big[..]), ("./small", &b"tiny"[..])] {
+            b.append_data(&mut header(data.len()), path, data).unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
         let mut tree = Tree::new().spill_to(Spill::create_in(dir.path()).unwrap());
@@ -645,14 +649,7 @@ pub(crate) mod tests {
 
         // A truncated archive is an error naming the entry, not a short file.
         let mut b = tar::Builder::new(Vec::new());
-        let mut h = tar::Header::new_ustar();
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_size(big.len() as u64);
-        h.set_cksum();
-        b.append_data(&mut h, "./big", &big[..]).unwrap();
+        b.append_data(&mut header(big.len()), "./big", &big[..]).unwrap();
         let tar = b.into_inner().unwrap();
         let mut tree = Tree::new().spill_to(Spill::create_in(dir.path()).unwrap());
         let err = unpack_tar(&tar[..600], &mut tree, "t.tar").unwrap_err();
