@@ -26,20 +26,46 @@ pub struct Registry {
     pub log: PathBuf,
 }
 
+/// TLS and basic-auth settings for a registry (see [`Registry::start_secured`]).
+pub struct Secured {
+    /// The server certificate (PEM, for 127.0.0.1) and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// An htpasswd file (bcrypt entries).
+    pub htpasswd: PathBuf,
+}
+
 impl Registry {
     /// Starts a registry storing into `dir/registry-storage`; returns once `GET /v2/` answers.
     pub fn start(dir: &Path) -> Result<Registry> {
+        Self::start_with(dir, None)
+    }
+
+    /// [`Registry::start`] serving HTTPS with `secured.cert` and asking for the htpasswd
+    /// credentials; returns once the registry logs that it listens with TLS.
+    pub fn start_secured(dir: &Path, secured: &Secured) -> Result<Registry> {
+        Self::start_with(dir, Some(secured))
+    }
+
+    fn start_with(dir: &Path, secured: Option<&Secured>) -> Result<Registry> {
         let port = free_port()?;
         let storage = dir.join("registry-storage");
         std::fs::create_dir_all(&storage)?;
         let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog: {{level: info}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\nhttp: {{addr: 127.0.0.1:{port}}}\n",
-                storage.display()
-            ),
-        )?;
+        let mut text = format!(
+            "version: 0.1\nlog: {{level: info}}\nstorage: {{filesystem: {{rootdirectory: {}}}, delete: {{enabled: true}}}}\n",
+            storage.display()
+        );
+        match secured {
+            None => text.push_str(&format!("http: {{addr: 127.0.0.1:{port}}}\n")),
+            Some(s) => text.push_str(&format!(
+                "http: {{addr: 127.0.0.1:{port}, tls: {{certificate: {}, key: {}}}}}\nauth: {{htpasswd: {{realm: kiln-test, path: {}}}}}\n",
+                s.cert.display(),
+                s.key.display(),
+                s.htpasswd.display()
+            )),
+        }
+        std::fs::write(&config, text)?;
         let log = dir.join("registry.log");
         let out = std::fs::File::create(&log)?;
         let child = Command::new("docker-registry")
@@ -51,8 +77,13 @@ impl Registry {
             .context("starting docker-registry (install the `docker-registry` package)")?;
         let r = Registry { child, port, storage, log };
         let started = Instant::now();
-        while !r.ready() {
-            ensure!(started.elapsed() < Duration::from_secs(30), "docker-registry did not answer GET /v2/ within 30 s; see {}", r.log.display());
+        // Plain HTTP is probed; with TLS the registry's own "listening on ..., tls" line is awaited.
+        let up = |r: &Registry| match secured {
+            None => r.ready(),
+            Some(_) => std::fs::read_to_string(&r.log).is_ok_and(|l| l.contains(&format!("listening on 127.0.0.1:{port}, tls"))),
+        };
+        while !up(&r) {
+            ensure!(started.elapsed() < Duration::from_secs(30), "docker-registry did not come up within 30 s; see {}", r.log.display());
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(r)
@@ -93,12 +124,17 @@ impl Drop for Registry {
 /// Pushes tag `1` of the OCI layout `layout` (all platforms, digests kept) to `target`
 /// (`host/repository:tag`) over plain HTTP.
 pub fn push(layout: &Path, target: &str) -> Result<()> {
-    tool(
-        Command::new("skopeo")
-            .args(["--insecure-policy", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false", "-q"])
-            .arg(format!("oci:{}:1", layout.display()))
-            .arg(format!("docker://{target}")),
-        "skopeo",
-    )?;
+    push_as(layout, target, None)
+}
+
+/// [`push`] with `user:password` credentials (the test's own registry: its certificate is not
+/// checked).
+pub fn push_as(layout: &Path, target: &str, creds: Option<&str>) -> Result<()> {
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["--insecure-policy", "copy", "--all", "--preserve-digests", "--dest-tls-verify=false", "-q"]);
+    if let Some(c) = creds {
+        cmd.arg("--dest-creds").arg(c);
+    }
+    tool(cmd.arg(format!("oci:{}:1", layout.display())).arg(format!("docker://{target}")), "skopeo")?;
     Ok(())
 }

@@ -38,6 +38,27 @@ pub(super) struct Record {
     pub(super) manifest: Descriptor,
 }
 
+/// An oci-client error with its causes: the reason a connection failed (an untrusted
+/// certificate, a refused connection) is in the source chain, which the error's own text leaves
+/// out. An untrusted certificate or refused credentials also say which keys to look at.
+fn client_error(e: oci_client::errors::OciDistributionError) -> anyhow::Error {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        source = s.source();
+    }
+    if text.contains("certificate") {
+        text.push_str(" (a registry with a certificate from its own CA needs `image_registries.<host>.ca_file`)");
+    } else if text.contains("Not authorized") {
+        text.push_str(" (check `image_registries.<host>.username` and `password_file`, or the host's entry in $REGISTRY_AUTH_FILE / ~/.docker/config.json)");
+    }
+    anyhow!(text)
+}
+
 fn ref_key(arch: Arch, reference: &str) -> String {
     format!("oci/{}/{reference}", arch.name())
 }
@@ -193,7 +214,7 @@ impl<'a> Puller<'a> {
         let (rt, client) = self.client()?;
         let (bytes, digest) = rt
             .block_on(client.pull_manifest_raw(r, &auth, manifest::ACCEPTED))
-            .map_err(|e| anyhow!("{e}"))
+            .map_err(client_error)
             .with_context(|| format!("GET manifest {r}"))?;
         if bytes.len() as u64 > MANIFEST_LIMIT {
             bail!("the manifest of {r} is larger than {MANIFEST_LIMIT} bytes");
@@ -254,7 +275,7 @@ impl<'a> Puller<'a> {
                 client.store_auth_if_needed(at.resolve_registry(), &auth).await;
                 client.pull_blob_stream(&at, d.digest.as_str()).await
             })
-            .map_err(|e| anyhow!("{e}"))
+            .map_err(client_error)
             .with_context(|| format!("{what}: GET blob from {}", at.resolve_registry()))?;
         let failed = Rc::new(Cell::new(false));
         let reader = StreamReader { rt, stream: stream.stream, chunk: bytes::Bytes::new(), digest_failed: failed.clone() };

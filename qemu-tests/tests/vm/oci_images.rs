@@ -9,7 +9,10 @@
 //!   manifest, config and layer, verified here by digest; the reference as the image name), the
 //!   k3s images-directory symlink, and `oci` manifest inputs with the resolved digests;
 //! - a second build downloads no blob (counted in the registry's access log) and bundles the
-//!   same archive bytes; an offline build works with the registry stopped.
+//!   same archive bytes; an offline build works with the registry stopped;
+//! - a second registry serves HTTPS (a CA made with openssl) and asks for htpasswd credentials:
+//!   `ca_file`, `username` and `password_file` pull from it; a missing CA or a wrong password
+//!   fail, and the password never appears in kiln's output.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -19,7 +22,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln_qemu_tests::layout::{Layer, Made, TestLayout};
-use kiln_qemu_tests::registry::{push, sha, Registry};
+use kiln_qemu_tests::registry::{push, push_as, sha, Registry, Secured};
 use kiln_qemu_tests::{cache_dir, stand_in, extract_range, kiln_with_cache, manifest, tool, work_dir};
 
 /// Writes an OCI layout holding one index (tag `1`) over one image per platform, each a single
@@ -176,6 +179,63 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--offline", "--out", s(&out3)?])?;
     ensure!(code == 0, "offline kiln build failed (exit {code}):\n{log}");
     ensure!(bundled_archive(&out3, &dir, &dir.join("bundled-offline"))? == archive, "the offline build bundled different archive bytes");
+    Ok(())
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it (P-256 keys, made with openssl);
+/// returns (CA certificate, server certificate, server key), all PEM.
+fn make_tls(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    let (cert, key, csr, ext) = (dir.join("server.pem"), dir.join("server.key"), dir.join("server.csr"), dir.join("server.ext"));
+    let openssl = |args: &[&str]| tool(Command::new("openssl").args(args), "openssl");
+    openssl(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=kiln test CA", "-keyout", s(&ca_key)?, "-out", s(&ca)?])?;
+    openssl(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", s(&key)?, "-out", s(&csr)?])?;
+    std::fs::write(&ext, "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")?;
+    openssl(&["x509", "-req", "-in", s(&csr)?, "-CA", s(&ca)?, "-CAkey", s(&ca_key)?, "-CAcreateserial", "-days", "2", "-extfile", s(&ext)?, "-out", s(&cert)?])?;
+    Ok((ca, cert, key))
+}
+
+/// A registry with TLS (a CA made here) and htpasswd credentials. `kiln fetch` of a
+/// containerd profile pulls the image with `ca_file`, `username` and `password_file`; without
+/// the CA file, or with a wrong password, it fails naming the registry; the password is in no
+/// output.
+#[test]
+fn a_tls_registry_with_credentials_is_pulled_with_ca_file_and_password_file() -> Result<()> {
+    let dir = work_dir("oci-images-tls-auth")?;
+    let seed = format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+    let (ca, cert, key) = make_tls(&dir)?;
+    let password = format!("pw-{seed}");
+    let htpasswd = dir.join("htpasswd");
+    std::fs::write(&htpasswd, tool(Command::new("htpasswd").args(["-Bbn", "kiln", &password]), "apache2-utils")?)?;
+    let registry = Registry::start_secured(&dir, &Secured { cert, key, htpasswd })?;
+    let host = registry.host();
+    let (_, made) = make_layout(&dir.join("hello"), &[("amd64", None)], &seed)?;
+    let reference = format!("{host}/kiln-test/private:1");
+    push_as(&dir.join("hello"), &reference, Some(&format!("kiln:{password}")))?;
+    std::fs::write(dir.join("right.pw"), format!("{password}\n"))?;
+    std::fs::write(dir.join("wrong.pw"), "not-the-password\n")?;
+
+    // An appliance profile (no k3s needed): `kiln fetch` pulls just what a build would.
+    let fetch = |name: &str, options: &str| -> Result<(i32, String)> {
+        let p = dir.join(format!("{name}.yaml"));
+        std::fs::write(&p, format!(
+            "name: {name}\narch: [x86_64]\nengine: containerd\nimages: [{reference}]\ncontainers: [{{name: c, image: {reference}}}]\nimage_registries:\n  \"{host}\": {{{options}}}\n"
+        ))?;
+        let (code, log) = kiln_with_cache(&cache_dir()?, &["fetch", s(&p)?])?;
+        ensure!(!log.contains(&password), "kiln printed the registry password:\n{log}");
+        eprintln!("{name}: exit {code}; {}", log.lines().find(|l| l.starts_with("error:")).unwrap_or("(no error line)"));
+        Ok((code, log))
+    };
+    let (code, log) = fetch("no-ca", "username: kiln, password_file: right.pw")?;
+    ensure!(code != 0 && log.contains(&host) && log.contains("UnknownIssuer") && log.contains("ca_file"), "a registry with an unknown CA was accepted, or the error does not say why (exit {code}):\n{log}");
+    let ca_file = format!("ca_file: {}", s(&ca)?);
+    let (code, log) = fetch("wrong-password", &format!("{ca_file}, username: kiln, password_file: wrong.pw"))?;
+    ensure!(code != 0 && log.contains(&host) && log.contains("Not authorized") && log.contains("password_file"), "a wrong password was accepted, or the error does not say why (exit {code}):\n{log}");
+    let layer = &made[0].1.layers[0];
+    ensure!(!cache_dir()?.join("blobs/sha256").join(layer).exists(), "a failed pull stored the layer");
+    let (code, log) = fetch("right", &format!("{ca_file}, username: kiln, password_file: right.pw"))?;
+    ensure!(code == 0, "kiln fetch with the CA file and the right password failed (exit {code}):\n{log}");
+    ensure!(cache_dir()?.join("blobs/sha256").join(layer).is_file(), "the layer is not in the cache after the fetch");
     Ok(())
 }
 
