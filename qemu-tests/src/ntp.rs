@@ -37,8 +37,11 @@ impl NtpServer {
             let mut buf = [0u8; 512];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
                 if let Some(reply) = answer(&buf[..n], SystemTime::now() + offset) {
-                    if socket.send_to(&reply, from).is_ok() {
-                        count.fetch_add(1, Ordering::Relaxed);
+                    // Counted before sending: a client that has the reply must see it counted
+                    // (counting after `send_to` raced with the reader of `answered`).
+                    count.fetch_add(1, Ordering::SeqCst);
+                    if socket.send_to(&reply, from).is_err() {
+                        count.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
             }
@@ -48,7 +51,7 @@ impl NtpServer {
 
     /// How many requests were answered so far.
     pub fn answered(&self) -> usize {
-        self.answered.load(Ordering::Relaxed)
+        self.answered.load(Ordering::SeqCst)
     }
 }
 
