@@ -4,7 +4,8 @@
 //!
 //! Starts Debian's `docker-registry` on 127.0.0.1, pushes one x86_64 image whose single
 //! uncompressed layer holds SIZE MiB of incompressible bytes (default 1024), then, each with a
-//! fresh cache so every blob is downloaded:
+//! cache that lacks the image (Debian packages hard-linked from the shared test cache), so the
+//! layer is downloaded every time:
 //! - `kiln fetch` of a k3s profile (stand-in k3s assets) with the image;
 //! - `kiln build` of that profile (archive `.tar.zst`), and of the same profile without images;
 //! - `kiln build` of an `engine: containerd` profile with the image (a plain `.tar` archive).

@@ -424,6 +424,9 @@ impl PackageIndex {
             }
         }
         for providers in provides.values_mut() {
+            // A stanza may name one virtual package twice (`Provides: foo, foo (= 1)`); the
+            // resolver must still see one provider, not a choice between two.
+            providers.dedup_by(|a, b| a.package == b.package && a.package_version == b.package_version);
             providers.shrink_to_fit();
         }
         PackageIndex { arch: arch.to_string(), packages, provides }
@@ -583,6 +586,7 @@ SHA256: 00000000000000000000000000000000000000000000000000000000000000bb
                 mk("a", "1.10", &["v"]),
                 mk("a", "1.9", &[]),
                 mk("0z", "1", &["v"]),
+                mk("b", "2", &["w", "w"]),
             ],
         );
         let versions: Vec<_> = index
@@ -597,6 +601,7 @@ SHA256: 00000000000000000000000000000000000000000000000000000000000000bb
             .map(|p| format!("{}={}", p.package, p.package_version))
             .collect();
         assert_eq!(providers, ["0z=1", "a=1.10", "a=1.0"]);
-        assert_eq!(index.len(), 4);
+        assert_eq!(index.providers("w").len(), 1, "a name provided twice by one stanza is one provider");
+        assert_eq!(index.len(), 5);
     }
 }

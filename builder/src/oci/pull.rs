@@ -333,7 +333,6 @@ impl Read for StreamReader<'_> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
