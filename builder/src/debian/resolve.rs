@@ -116,16 +116,7 @@ impl<'a> Resolver<'a> {
 
     /// Whether and how a single alternative can be met; the error says why not.
     fn alternative(&self, dep: &Dep) -> Result<Choice<'a>, String> {
-        let arch = &self.index.arch;
-        match dep.arch_qualifier.as_deref() {
-            None | Some("any") | Some("native") => {}
-            Some(q) if q == arch => {}
-            Some(q) => {
-                return Err(format!(
-                    "`{dep}` asks for architecture {q}, but the index is for {arch}"
-                ))
-            }
-        }
+        self.check_arch_qualifier(dep)?;
         let constraint = dep.constraint.as_ref();
         let holds = |have: &str| constraint.is_none_or(|(op, want)| op.holds(have, want));
 
@@ -138,18 +129,7 @@ impl<'a> Resolver<'a> {
         let versions = self.index.versions(&dep.name);
         let real = versions.iter().find(|p| holds(&p.version));
 
-        // Virtual providers whose provided version meets the constraint.
-        let providers: Vec<&Package> = self
-            .index
-            .providers(&dep.name)
-            .iter()
-            .filter(|p| match (constraint, &p.provided_version) {
-                (None, _) => true,
-                (Some((op, want)), Some(have)) => op.holds(have, want),
-                (Some(_), None) => false, // unversioned provides never meet a versioned dependency
-            })
-            .filter_map(|p| self.index.get(&p.package, &p.package_version))
-            .collect();
+        let providers = self.providers_meeting(dep);
         if providers.iter().any(|p| {
             self.selected
                 .get(&p.name)
@@ -188,22 +168,52 @@ impl<'a> Resolver<'a> {
                 return Ok(Choice::Select(first));
             }
         }
-        if versions.is_empty() && self.index.providers(&dep.name).is_empty() {
-            Err(format!(
-                "package `{}` not found in the index for {arch}",
-                dep.name
-            ))
-        } else if let Some((op, want)) = constraint {
-            Err(format!(
+        Err(self.unsatisfiable(dep, versions.is_empty()))
+    }
+
+    /// An architecture-qualified dependency (`foo:arm64`) must name the index's own architecture.
+    fn check_arch_qualifier(&self, dep: &Dep) -> Result<(), String> {
+        let arch = &self.index.arch;
+        match dep.arch_qualifier.as_deref() {
+            None | Some("any") | Some("native") => Ok(()),
+            Some(q) if q == arch => Ok(()),
+            Some(q) => Err(format!(
+                "`{dep}` asks for architecture {q}, but the index is for {arch}"
+            )),
+        }
+    }
+
+    /// Virtual providers of the dependency's name whose provided version meets its constraint.
+    fn providers_meeting(&self, dep: &Dep) -> Vec<&'a Package> {
+        let constraint = dep.constraint.as_ref();
+        self.index
+            .providers(&dep.name)
+            .iter()
+            .filter(|p| match (constraint, &p.provided_version) {
+                (None, _) => true,
+                (Some((op, want)), Some(have)) => op.holds(have, want),
+                (Some(_), None) => false, // unversioned provides never meet a versioned dependency
+            })
+            .filter_map(|p| self.index.get(&p.package, &p.package_version))
+            .collect()
+    }
+
+    /// Why nothing satisfies the dependency: unknown name, no version in range, or no provider.
+    fn unsatisfiable(&self, dep: &Dep, no_real_package: bool) -> String {
+        let arch = &self.index.arch;
+        if no_real_package && self.index.providers(&dep.name).is_empty() {
+            format!("package `{}` not found in the index for {arch}", dep.name)
+        } else if let Some((op, want)) = &dep.constraint {
+            format!(
                 "no version of `{}` satisfies `{op} {want}` (have {})",
                 dep.name,
                 self.have_versions(&dep.name)
-            ))
+            )
         } else {
-            Err(format!(
+            format!(
                 "no installable provider of `{}` in the index for {arch}",
                 dep.name
-            ))
+            )
         }
     }
 
