@@ -89,14 +89,14 @@ mod tests {
         }
     }
 
-    /// The README's profile reference is generated, never hand-edited: regenerate it with
-    /// `cargo run -p kiln -- schema --markdown` and paste between the markers.
+    /// The profile reference in docs/profile-reference.md is generated, never hand-edited:
+    /// regenerate it with `cargo run -p kiln -- schema --markdown` and paste between the markers.
     #[test]
     fn readme_reference_is_current() {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
-        let start = readme.find("<!-- profile-reference:start -->\n").expect("README start marker");
-        let end = readme.find("<!-- profile-reference:end -->").expect("README end marker");
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/profile-reference.md")).unwrap();
+        let start = readme.find("<!-- profile-reference:start -->\n").expect("docs/profile-reference.md start marker");
+        let end = readme.find("<!-- profile-reference:end -->").expect("docs/profile-reference.md end marker");
         let section = &readme[start + "<!-- profile-reference:start -->\n".len()..end];
-        assert_eq!(section, super::markdown(), "README profile reference is stale: run `kiln schema --markdown`");
+        assert_eq!(section, super::markdown(), "docs/profile-reference.md is stale: run `kiln schema --markdown`");
     }
 }
