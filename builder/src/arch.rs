@@ -34,7 +34,7 @@ pub struct QemuMachine {
 }
 
 /// The firmware layout QEMU needs for an architecture (paths relative to a firmware root,
-/// `/usr/share` or `/usr/lib` on Debian; see `qemu.rs` for how they are found).
+/// `/usr/share` or `/usr/lib` on Debian; see `qemu/firmware.rs` for how they are found).
 #[derive(Debug, Clone, Copy)]
 pub enum FirmwareKind {
     /// UEFI as two pflash units: read-only code and a writable copy of the variable store.

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub mod identity;
 pub mod render;
 pub mod services;
 pub mod token;

@@ -16,6 +16,9 @@ use crate::tree::Tree;
 pub const NODES_DIR: &str = "etc/kiln/nodes";
 /// The directory for machines that are not in the inventory.
 pub const DEFAULT_NODE: &str = "_default";
+/// The boot step that picks this machine's directory at boot, relative to the appliance overlay.
+/// Its console line is `[kiln] identity: node=<name> roles=<r1,r2|none> by=<cmdline|mac|default>`.
+pub const IDENTITY_STEP: &str = "usr/lib/kiln/boot.d/35-identity.sh";
 
 /// One file of the rendered cluster configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
