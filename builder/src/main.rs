@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln::arch::Arch;
-use kiln::pipeline::{BuildOptions, UsageError};
+use kiln::error::UsageError;
+use kiln::pipeline::BuildOptions;
 use kiln::profile::LoadedProfile;
 
 /// kiln builds offline, self-installing edge Kubernetes disk images.
@@ -124,7 +125,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.chain().any(|c| c.is::<UsageError>() || c.is::<kiln::profile::ProfileError>()) {
+            if kiln::error::is_usage(&e) {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
@@ -231,7 +232,13 @@ fn arch_from_manifest(image: &std::path::Path) -> Result<Arch> {
     let text = std::fs::read_to_string(&manifest).map_err(|e| {
         UsageError(format!("cannot tell the architecture of {}: {} ({e}); pass --arch", image.display(), manifest.display()))
     })?;
-    let m: kiln::manifest::Manifest =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest.display()))?;
-    Ok(m.arch.parse().map_err(|e| UsageError(format!("{}: {e}", manifest.display())))?)
+    let m: kiln::manifest::Manifest = serde_json::from_str(&text).map_err(|e| {
+        // An architecture kiln does not know is a usage problem, as `--arch` with one would be.
+        let v: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        match v.as_ref().and_then(|v| v["arch"].as_str()).map(str::parse::<Arch>) {
+            Some(Err(unknown)) => UsageError(format!("{}: {unknown}", manifest.display())).into(),
+            _ => anyhow::Error::new(e).context(format!("parsing {}", manifest.display())),
+        }
+    })?;
+    Ok(m.arch)
 }

@@ -12,11 +12,14 @@ use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use tracing::info;
 
+use crate::digest::sha256_hex;
+use crate::error::{ResultExt, UsageError};
+
 use crate::arch::Arch;
 use crate::debian::{self, Suite};
 use crate::fetch::Fetcher;
 use crate::gpt::{self, Guid, PartitionSpec};
-use crate::manifest::{Input, Manifest, Output, PartitionRecord};
+use crate::manifest::{Input, InputKind, Manifest, Output, PartitionRecord};
 use crate::platform::Platform;
 use crate::profile::{DiskSize, InstallMode, LoadedProfile};
 use crate::tree::{Content, Kind, Tree, TreePath};
@@ -80,11 +83,6 @@ impl BuildOptions {
         }
     }
 }
-
-/// A usage problem (exit status 2), as opposed to a build failure.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
 
 /// What a successful build wrote.
 #[derive(Debug)]
@@ -350,7 +348,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let fetcher = opts.fetcher()?;
     let platforms: Vec<Platform> = archs
         .iter()
-        .map(|a| Platform::load(profile.platform(*a)).map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())).into()))
+        .map(|a| Platform::load(profile.platform(*a)).in_profile(&profile.path))
         .collect::<Result<_>>()?;
 
     // The cluster token: from the profile's `token_file`, or generated once into
@@ -358,7 +356,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let token = match &profile.profile.cluster {
         Some(c) => {
             let t = crate::cluster::token::load_or_create(profile, &out_dir);
-            Some(if c.token_file.is_some() { t.map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))? } else { t? })
+            Some(if c.token_file.is_some() { t.in_profile(&profile.path)? } else { t? })
         }
         None => None,
     };
@@ -433,10 +431,6 @@ fn source_date_epoch(index: &debian::Index) -> Result<u64> {
     index.release.date_unix.context("the suite's Release file has no parseable Date; set SOURCE_DATE_EPOCH")
 }
 
-fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
-}
-
 fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, platform: &Platform, dir: &Path, token: Option<&crate::cluster::Token>) -> Result<Manifest> {
     let arch = inputs.arch;
     let epoch = source_date_epoch(&inputs.index)?;
@@ -447,9 +441,9 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     let spill = crate::spill::Spill::create_in(dir)?;
     let mut root = Tree::merged_usr(arch).spill_to(spill.clone());
     let mut manifest_inputs = vec![
-        Input { kind: "profile".into(), name: profile.profile.name.clone(), version: None, sha256: sha256_hex(&profile.source), size: Some(profile.source.len() as u64) },
-        Input { kind: "index".into(), name: format!("{}/InRelease", inputs.suite.suite), version: None, sha256: inputs.index.inrelease_sha256.clone(), size: None },
-        Input { kind: "index".into(), name: format!("{}/main/binary-{}/Packages", inputs.suite.suite, arch.debian()), version: None, sha256: inputs.index.packages_sha256.clone(), size: None },
+        Input { kind: InputKind::Profile, name: profile.profile.name.clone(), version: None, sha256: sha256_hex(&profile.source), size: Some(profile.source.len() as u64) },
+        Input { kind: InputKind::Index, name: format!("{}/InRelease", inputs.suite.suite), version: None, sha256: inputs.index.inrelease_sha256.clone(), size: None },
+        Input { kind: InputKind::Index, name: format!("{}/main/binary-{}/Packages", inputs.suite.suite, arch.debian()), version: None, sha256: inputs.index.packages_sha256.clone(), size: None },
     ];
     if let Some(image) = &inputs.os_image {
         // `os.image`: the image is the bottom of the root; Debian's packages go on top.
@@ -479,12 +473,11 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     root.merge(&appliance)?;
     // First-boot configuration (accounts, ssh, network, ...) before the profile's overlays, which
     // may still replace any of its files.
-    crate::provision::render(&profile.profile, &mut root, &modules)
-        .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+    crate::provision::render(&profile.profile, &mut root, &modules).in_profile(&profile.path)?;
     // Every inventory node's configuration; the device picks its own at boot (35-identity.sh).
     if let (Some(cluster), Some(token)) = (&profile.profile.cluster, token) {
         crate::cluster::render(cluster, token, &mut root).context("rendering the cluster configuration")?;
-        crate::cluster::services::install(cluster, &mut root, &modules).map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+        crate::cluster::services::install(cluster, &mut root, &modules).in_profile(&profile.path)?;
     }
     if let Some(k3s) = &inputs.k3s {
         crate::k3s::place(k3s, &mut root).context("placing k3s in the root")?;
@@ -503,8 +496,7 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         manifest_inputs.extend(crate::oci::manifest_inputs(&inputs.images));
     }
     if engine == crate::containerd::Engine::Containerd {
-        crate::containerd::install(&profile.profile, &mut root, &modules, !inputs.images.is_empty())
-            .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+        crate::containerd::install(&profile.profile, &mut root, &modules, !inputs.images.is_empty()).in_profile(&profile.path)?;
     }
     // What k3s deploys by itself (`manifests`, `charts`) and its `registries.yaml`.
     let deployed = crate::deploy::place_manifests(&profile.profile, &profile.base_dir(), &context, &mut root)
@@ -515,27 +507,25 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
             }
             Ok(m)
         })
-        .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+        .in_profile(&profile.path)?;
     manifest_inputs.extend(deployed);
     for o in &profile.profile.overlays {
         let dir = profile.resolve(&o.value);
         let mut t = crate::overlay::read_dir(&dir)?;
         let origin = format!("overlay {}", dir.display());
-        crate::overlay::render_templates(&mut t, &context, &origin)
-            .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+        crate::overlay::render_templates(&mut t, &context, &origin).in_profile(&profile.path)?;
         root.merge(&t).with_context(|| origin.clone())?;
     }
     let hb = crate::overlay::renderer();
     for (i, f) in profile.profile.files.iter().enumerate() {
         let content = if f.template {
-            crate::overlay::render(&hb, &f.content, &context, &format!("files[{i}] ({})", f.path))
-                .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?
+            crate::overlay::render(&hb, &f.content, &context, &format!("files[{i}] ({})", f.path)).in_profile(&profile.path)?
         } else {
             f.content.clone()
         };
         root.add_file(&f.path, f.mode.0, content)?;
     }
-    crate::inittab::check_programs(&root).map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
+    crate::inittab::check_programs(&root).in_profile(&profile.path)?;
 
     // --- initramfs, squashfs, ESP ----------------------------------------------------
     let initramfs_modules: Vec<String> =
@@ -572,7 +562,7 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     })?;
     squashfs_file.flush()?;
     drop(squashfs_file);
-    let squashfs_sha = crate::cache::sha256_file(&squashfs_path).with_context(|| format!("reading {}", squashfs_path.display()))?;
+    let squashfs_sha = crate::digest::sha256_file(&squashfs_path).with_context(|| format!("reading {}", squashfs_path.display()))?;
     let squashfs = Part::File { path: &squashfs_path, len: std::fs::metadata(&squashfs_path)?.len(), sha256: &squashfs_sha };
 
     // Identities derived from the inputs: same inputs, same GUIDs, same bytes.
@@ -610,22 +600,22 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     // --- the installed system's partitions ---------------------------------------------
     let root_slot = round_up(squashfs.len() + squashfs.len() / 4 + (16 << 20), 1 << 20);
     let specs = vec![
-        PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: esp_guid, size: esp.len() as u64, attributes: 0 },
-        PartitionSpec { name: "kiln-root-a".into(), type_guid: arch.root_partition_type().parse()?, guid: root_a_guid, size: root_slot, attributes: 0 },
+        PartitionSpec { name: "esp".into(), type_guid: Guid::esp_type(), guid: esp_guid, size: esp.len() as u64, attributes: 0 },
+        PartitionSpec { name: "kiln-root-a".into(), type_guid: arch.root_partition_type(), guid: root_a_guid, size: root_slot, attributes: 0 },
         // The B slot for A/B updates: same size, empty, and marked "do not auto-mount" (bit 63).
-        PartitionSpec { name: "kiln-root-b".into(), type_guid: arch.root_partition_type().parse()?, guid: root_b_guid, size: root_slot, attributes: 1 << 63 },
+        PartitionSpec { name: "kiln-root-b".into(), type_guid: arch.root_partition_type(), guid: root_b_guid, size: root_slot, attributes: 1 << 63 },
     ];
     let system_contents = [Some(Part::Bytes(&esp)), Some(squashfs), None];
     let fixed = match profile.profile.disk.size {
         DiskSize::Auto => None,
         DiskSize::Fixed(s) => Some(s.0),
     };
-    let disk_size_error = |e: anyhow::Error| UsageError(format!("{}: key `disk.size`: {e:#}", profile.path.display()));
+    let disk_size_key = format!("{}: key `disk.size`", profile.path.display());
     let img_path = dir.join("disk.img");
 
     let (layout, partitions, install, image_cmdline) = match profile.profile.install.mode {
         InstallMode::InPlace => {
-            let layout = gpt::plan(&specs, fixed, profile.profile.disk.headroom.0).map_err(disk_size_error)?;
+            let layout = gpt::plan(&specs, fixed, profile.profile.disk.headroom.0).usage(&disk_size_key)?;
             if opts.wants(Format::Disk) {
                 write_disk(&img_path, &layout, disk_guid, &system_contents, image_mode(&profile.profile))?;
             }
@@ -635,8 +625,7 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         InstallMode::Installer => {
             // The system as it will sit on the target; the medium carries it in other partitions.
             let target = gpt::plan(&specs, None, 0)?;
-            let min_size = crate::installer::min_size(&profile.profile.install, &target)
-                .map_err(|e| UsageError(format!("{}: {e}", profile.path.display())))?;
+            let min_size = crate::installer::min_size(&profile.profile.install, &target).map_err(anyhow::Error::msg).in_profile(&profile.path)?;
             let copies = system_copies(&target, &esp, &squashfs, (crate::installer::INSTALL_PARTITION, crate::installer::ESP_IMAGE_OFFSET), crate::installer::IMAGE_PARTITION);
             let plan = crate::installer::Plan {
                 image_id: &hex::encode(&build_id[..8]),
@@ -657,12 +646,12 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
             let (m_esp_guid, m_image_guid, m_install_guid) = (guid("installer-esp"), guid("installer-image"), guid("installer-plan"));
             let medium_esp = fat_image(&esp_tree(&installer_cmdline)?, m_esp_guid, epoch)?;
             let medium_specs = vec![
-                PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse()?, guid: m_esp_guid, size: medium_esp.len() as u64, attributes: 0 },
-                PartitionSpec { name: crate::installer::IMAGE_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_image_guid, size: squashfs.len(), attributes: 0 },
-                PartitionSpec { name: crate::installer::INSTALL_PARTITION.into(), type_guid: gpt::LINUX_DATA_TYPE.parse()?, guid: m_install_guid, size: install_part.len() as u64, attributes: 0 },
+                PartitionSpec { name: "esp".into(), type_guid: Guid::esp_type(), guid: m_esp_guid, size: medium_esp.len() as u64, attributes: 0 },
+                PartitionSpec { name: crate::installer::IMAGE_PARTITION.into(), type_guid: Guid::linux_data_type(), guid: m_image_guid, size: squashfs.len(), attributes: 0 },
+                PartitionSpec { name: crate::installer::INSTALL_PARTITION.into(), type_guid: Guid::linux_data_type(), guid: m_install_guid, size: install_part.len() as u64, attributes: 0 },
             ];
             let medium_contents = [Some(Part::Bytes(&medium_esp)), Some(squashfs), Some(Part::Bytes(&install_part))];
-            let layout = gpt::plan(&medium_specs, fixed, 0).map_err(disk_size_error)?;
+            let layout = gpt::plan(&medium_specs, fixed, 0).usage(&disk_size_key)?;
             if opts.wants(Format::Disk) {
                 write_disk(&img_path, &layout, guid("installer-disk"), &medium_contents, image_mode(&profile.profile))?;
             }
@@ -676,13 +665,12 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     };
     let mut outputs = Vec::new();
     if opts.wants(Format::Disk) {
-        outputs.push(Output { file: "disk.img".into(), sha256: crate::cache::sha256_file(&img_path)?, size: layout.size });
+        outputs.push(Output { file: "disk.img".into(), sha256: crate::digest::sha256_file(&img_path)?, size: layout.size });
     }
     let mut install = install;
     if let Some(nb_initrd) = netboot_initrd {
         let target = gpt::plan(&specs, None, 0)?;
-        let min_size = crate::installer::min_size(&profile.profile.install, &target)
-            .map_err(|e| UsageError(format!("{}: {e}", profile.path.display())))?;
+        let min_size = crate::installer::min_size(&profile.profile.install, &target).map_err(anyhow::Error::msg).in_profile(&profile.path)?;
         // A network install always reboots: `kiln serve` then sends the machine to its disk.
         let install_settings = crate::profile::Install { after: crate::profile::AfterInstall::Reboot, ..profile.profile.install.clone() };
         let plan = crate::installer::Plan {
@@ -732,7 +720,7 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     let manifest = Manifest {
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         profile: profile.profile.name.clone(),
-        arch: arch.name().into(),
+        arch,
         suite: inputs.suite.suite.clone(),
         kernel_version: kver,
         source_date_epoch: epoch,
@@ -813,7 +801,7 @@ fn add_firstboot_tools(initramfs: &mut Tree, inputs: &Inputs, spill: &std::sync:
 
 fn deb_input(pkg: &debian::Package) -> Input {
     Input {
-        kind: "deb".into(),
+        kind: InputKind::Deb,
         name: pkg.name.clone(),
         version: Some(pkg.version.clone()),
         sha256: pkg.sha256.clone(),
@@ -1003,7 +991,7 @@ fn write_sha256sums(out_dir: &Path) -> Result<()> {
         for f in ["disk.img".to_string(), "manifest.json".to_string()].into_iter().chain(netboot) {
             let p = out_dir.join(arch.name()).join(&f);
             if p.exists() {
-                lines.insert(format!("{}/{f}", arch.name()), crate::cache::sha256_file(&p)?);
+                lines.insert(format!("{}/{f}", arch.name()), crate::digest::sha256_file(&p)?);
             }
         }
     }
