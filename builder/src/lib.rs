@@ -28,6 +28,7 @@ pub mod kmod;
 pub mod manifest;
 pub mod netboot;
 pub mod oci;
+pub mod output;
 pub mod overlay;
 pub mod pipeline;
 pub mod platform;

@@ -153,14 +153,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let profile = LoadedProfile::load(&input.profile)?;
             let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
             let report = kiln::pipeline::build(&profile, &opts)?;
-            for (arch, path, manifest) in &report.images {
-                for o in &manifest.outputs {
-                    if o.file == "disk.img" || o.file.ends_with(kiln::netboot::SCRIPT) {
-                        println!("{arch}: {}", path.join(&o.file).display());
-                    }
+            for image in &report.images {
+                let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
+                for path in image.disk.iter().chain(&script) {
+                    println!("{}: {}", image.arch, path.display());
                 }
             }
-            println!("checksums: {}", report.out_dir.join("SHA256SUMS").display());
+            println!("checksums: {}", report.checksums.display());
         }
         Command::Fetch { input } => {
             let profile = LoadedProfile::load(&input.profile)?;
@@ -228,7 +227,7 @@ fn serve(dir: &std::path::Path, listen: std::net::SocketAddr, reinstall: &[Strin
 
 /// Reads the architecture from the manifest.json written beside an image.
 fn arch_from_manifest(image: &std::path::Path) -> Result<Arch> {
-    let manifest = image.with_file_name("manifest.json");
+    let manifest = image.with_file_name(kiln::pipeline::disk::MANIFEST);
     let text = std::fs::read_to_string(&manifest).map_err(|e| {
         UsageError(format!("cannot tell the architecture of {}: {} ({e}); pass --arch", image.display(), manifest.display()))
     })?;
