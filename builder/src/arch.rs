@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::gpt::Guid;
+
 /// A CPU architecture kiln builds images for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Arch {
@@ -108,12 +110,12 @@ impl Arch {
     }
 
     /// Root partition type GUID from the Discoverable Partitions Specification.
-    pub fn root_partition_type(self) -> &'static str {
-        match self {
+    pub fn root_partition_type(self) -> Guid {
+        Guid::constant(match self {
             Arch::X86_64 => "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
             Arch::Aarch64 => "b921b045-1df0-41c3-af44-4c6f280d3fae",
             Arch::Riscv64 => "72ec70a6-cf74-40e6-bd49-4bda08e8f224",
-        }
+        })
     }
 
     /// The serial console QEMU's machine (and most boards of the arch) exposes.

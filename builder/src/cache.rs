@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
+use crate::digest::sha256_file;
+
 /// Cache failures callers branch on (a corrupt blob is refetched online, reported offline).
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -192,12 +194,6 @@ fn temp_file_in(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
         .with_context(|| format!("creating a temporary file in {}", dir.display()))
 }
 
-/// Lowercase hex sha256 of a file, streamed.
-pub fn sha256_file(path: &Path) -> io::Result<String> {
-    let (digest, _) = copy_hashing(File::open(path)?, &mut io::sink(), None)?;
-    Ok(digest)
-}
-
 /// Copies `reader` to `writer`, returning the sha256 hex and the byte count. Stops early (as a
 /// size mismatch for the caller to report) once more than `limit` bytes arrive, so a wrong
 /// server response cannot fill the disk.
@@ -254,7 +250,7 @@ fn ref_file_name(key: &str) -> String {
         .into_iter()
         .rev()
         .collect();
-    let hash = hex::encode(Sha256::digest(key.as_bytes()));
+    let hash = crate::digest::sha256_hex(key.as_bytes());
     format!("{slug}-{}", &hash[..32])
 }
 

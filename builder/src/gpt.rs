@@ -76,7 +76,7 @@ impl Guid {
     }
 
     /// Parses one of the `*_TYPE` constants (or any GUID known to be well formed).
-    fn constant(text: &str) -> Guid {
+    pub fn constant(text: &str) -> Guid {
         text.parse().unwrap_or_else(|e| panic!("built-in GUID constant {text}: {e}"))
     }
 

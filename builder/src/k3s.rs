@@ -15,7 +15,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::arch::Arch;
 use crate::cache::{CacheError, Mismatch};
 use crate::fetch::Fetcher;
-use crate::manifest::Input;
+use crate::manifest::{Input, InputKind};
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 
 /// Where k3s publishes its releases: `<base>/<version with + as %2B>/<asset>`.
@@ -261,7 +261,7 @@ fn root_insert_file(root: &mut Tree, path: &str, mode: u32, src: &Path) -> Resul
 pub fn manifest_inputs(a: &Artifacts) -> Vec<Input> {
     [&a.binary, &a.airgap]
         .into_iter()
-        .map(|x| Input { kind: "k3s".into(), name: x.name.clone(), version: Some(a.version.clone()), sha256: x.sha256.clone(), size: Some(x.size) })
+        .map(|x| Input { kind: InputKind::K3s, name: x.name.clone(), version: Some(a.version.clone()), sha256: x.sha256.clone(), size: Some(x.size) })
         .collect()
 }
 
@@ -361,7 +361,7 @@ mod tests {
         assert!(a.binary.path.starts_with(cache.path()), "streamed into the cache");
         assert_eq!(a.airgap.size, files["k3s-airgap-images-amd64.tar.zst"].len() as u64);
         let inputs = manifest_inputs(&a);
-        assert_eq!(inputs[0].kind, "k3s");
+        assert_eq!(inputs[0].kind, InputKind::K3s);
         assert_eq!(inputs[0].version.as_deref(), Some(V));
         assert_eq!(inputs[0].sha256, sha(&files["k3s"]));
         // Without the directory: offline from the cache refs, with the release as the source.

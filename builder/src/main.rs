@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln::arch::Arch;
-use kiln::pipeline::{BuildOptions, UsageError};
+use kiln::error::UsageError;
+use kiln::pipeline::BuildOptions;
 use kiln::profile::LoadedProfile;
 
 /// kiln builds offline, self-installing edge Kubernetes disk images.
@@ -124,7 +125,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            if e.chain().any(|c| c.is::<UsageError>() || c.is::<kiln::profile::ProfileError>()) {
+            if kiln::error::is_usage(&e) {
                 ExitCode::from(2)
             } else {
                 ExitCode::from(1)
@@ -152,14 +153,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let profile = LoadedProfile::load(&input.profile)?;
             let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
             let report = kiln::pipeline::build(&profile, &opts)?;
-            for (arch, path, manifest) in &report.images {
-                for o in &manifest.outputs {
-                    if o.file == "disk.img" || o.file.ends_with(kiln::netboot::SCRIPT) {
-                        println!("{arch}: {}", path.join(&o.file).display());
-                    }
+            for image in &report.images {
+                let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
+                for path in image.disk.iter().chain(&script) {
+                    println!("{}: {}", image.arch, path.display());
                 }
             }
-            println!("checksums: {}", report.out_dir.join("SHA256SUMS").display());
+            println!("checksums: {}", report.checksums.display());
         }
         Command::Fetch { input } => {
             let profile = LoadedProfile::load(&input.profile)?;
@@ -227,11 +227,17 @@ fn serve(dir: &std::path::Path, listen: std::net::SocketAddr, reinstall: &[Strin
 
 /// Reads the architecture from the manifest.json written beside an image.
 fn arch_from_manifest(image: &std::path::Path) -> Result<Arch> {
-    let manifest = image.with_file_name("manifest.json");
+    let manifest = image.with_file_name(kiln::pipeline::disk::MANIFEST);
     let text = std::fs::read_to_string(&manifest).map_err(|e| {
         UsageError(format!("cannot tell the architecture of {}: {} ({e}); pass --arch", image.display(), manifest.display()))
     })?;
-    let m: kiln::manifest::Manifest =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", manifest.display()))?;
-    Ok(m.arch.parse().map_err(|e| UsageError(format!("{}: {e}", manifest.display())))?)
+    let m: kiln::manifest::Manifest = serde_json::from_str(&text).map_err(|e| {
+        // An architecture kiln does not know is a usage problem, as `--arch` with one would be.
+        let v: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        match v.as_ref().and_then(|v| v["arch"].as_str()).map(str::parse::<Arch>) {
+            Some(Err(unknown)) => UsageError(format!("{}: {unknown}", manifest.display())).into(),
+            _ => anyhow::Error::new(e).context(format!("parsing {}", manifest.display())),
+        }
+    })?;
+    Ok(m.arch)
 }

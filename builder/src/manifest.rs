@@ -3,11 +3,49 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::Arch;
+
+/// What an input artifact is; written as its lower-case name (`deb`, `oci`, ...).
+///
+/// The variants are in the alphabetical order of those names: inputs are sorted by kind first,
+/// and the order must stay the one the names had as strings.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    /// A Helm chart (profile key `charts`): the `.tgz` as pulled, read or packed.
+    Chart,
+    /// A Debian package.
+    Deb,
+    /// A Debian index: the suite's `InRelease` and the arch's `Packages`.
+    Index,
+    /// A k3s release asset (the binary, the air-gap image archive).
+    K3s,
+    /// A Kubernetes manifest (profile key `manifests`), as rendered.
+    Manifest,
+    /// A container image (profile keys `images` and `os.image`): its platform manifest.
+    Oci,
+    /// The profile file.
+    Profile,
+}
+
+impl InputKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InputKind::Chart => "chart",
+            InputKind::Deb => "deb",
+            InputKind::Index => "index",
+            InputKind::K3s => "k3s",
+            InputKind::Manifest => "manifest",
+            InputKind::Oci => "oci",
+            InputKind::Profile => "profile",
+        }
+    }
+}
+
 /// One input artifact.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Input {
-    /// `deb`, `index`, `profile`, `overlay`.
-    pub kind: String,
+    pub kind: InputKind,
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
@@ -51,7 +89,7 @@ pub struct Output {
 pub struct Manifest {
     pub kiln_version: String,
     pub profile: String,
-    pub arch: String,
+    pub arch: Arch,
     pub suite: String,
     pub kernel_version: String,
     /// The build's timestamp (SOURCE_DATE_EPOCH, else the suite's Release date).
@@ -73,5 +111,47 @@ impl Manifest {
         let mut s = serde_json::to_string_pretty(self).expect("manifest serialises");
         s.push('\n');
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [InputKind; 7] =
+        [InputKind::Chart, InputKind::Deb, InputKind::Index, InputKind::K3s, InputKind::Manifest, InputKind::Oci, InputKind::Profile];
+
+    #[test]
+    fn kinds_serialise_to_their_names_and_sort_as_the_names_do() {
+        for k in ALL {
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{}\"", k.as_str()));
+            assert_eq!(serde_json::from_str::<InputKind>(&format!("\"{}\"", k.as_str())).unwrap(), k);
+        }
+        let mut by_name = ALL;
+        by_name.sort_by_key(|k| k.as_str());
+        assert_eq!(by_name, ALL);
+    }
+
+    #[test]
+    fn arch_is_written_as_its_name() {
+        let m = Manifest {
+            kiln_version: "0".into(),
+            profile: "p".into(),
+            arch: Arch::Aarch64,
+            suite: "trixie".into(),
+            kernel_version: "6".into(),
+            source_date_epoch: 1,
+            kernel_cmdline: String::new(),
+            disk_guid: String::new(),
+            inputs: vec![Input { kind: InputKind::K3s, name: "k3s".into(), version: None, sha256: "00".into(), size: None }],
+            partitions: Vec::new(),
+            install: None,
+            initramfs_modules: Vec::new(),
+            outputs: Vec::new(),
+        };
+        let json = m.to_json();
+        assert!(json.contains("\"arch\": \"aarch64\",") && json.contains("\"kind\": \"k3s\","), "{json}");
+        let back: Manifest = serde_json::from_str(&json).unwrap();
+        assert_eq!((back.arch, back.inputs[0].kind), (Arch::Aarch64, InputKind::K3s));
     }
 }

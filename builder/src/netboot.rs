@@ -1,5 +1,6 @@
 //! The network-boot output of a build (`kiln build --format netboot`): the layout of
-//! `OUT/<arch>/netboot/` and its iPXE script template. `kiln serve` (module `serve`) serves it.
+//! `OUT/<arch>/netboot/`, its iPXE script template and its writer. `kiln serve` (module `serve`)
+//! serves it.
 //!
 //! The directory holds the kernel, the installer initrd (the same initramfs as the disk image;
 //! `kiln.install=URL` on the command line makes it fetch instead of reading a USB medium), the
@@ -10,6 +11,12 @@
 //! to load iPXE first.
 
 use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use crate::manifest::Output;
+use crate::output::{write_part, Part};
 
 /// The directory under `OUT/<arch>/`.
 pub const DIR: &str = "netboot";
@@ -53,6 +60,41 @@ pub fn script_template(profile: &str, arch: &str, cmdline: &str) -> String {
     s
 }
 
+/// What the directory holds, built by the pipeline.
+pub struct Contents<'a> {
+    pub ipxe: &'a [u8],
+    pub kernel: &'a [u8],
+    pub initrd: &'a [u8],
+    pub plan: &'a str,
+    pub esp: &'a [u8],
+    /// The root squashfs, staged beside the outputs: copied, not read into memory.
+    pub root: Part<'a>,
+    pub inventory: &'a [u8],
+    pub script: &'a str,
+}
+
+/// Writes the directory `dir`, every file with `mode`, and returns the manifest's records of its
+/// files (named `netboot/<file>`), in [`FILES`] order.
+pub fn write(dir: &Path, c: &Contents, mode: u32) -> Result<Vec<Output>> {
+    let files: [(&str, Part); 8] = [
+        (IPXE, Part::Bytes(c.ipxe)),
+        (KERNEL, Part::Bytes(c.kernel)),
+        (INITRD, Part::Bytes(c.initrd)),
+        (PLAN, Part::Bytes(c.plan.as_bytes())),
+        (ESP, Part::Bytes(c.esp)),
+        (ROOT, c.root),
+        (INVENTORY, Part::Bytes(c.inventory)),
+        (SCRIPT, Part::Bytes(c.script.as_bytes())),
+    ];
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut outputs = Vec::new();
+    for (name, part) in files {
+        write_part(&dir.join(name), &part, mode)?;
+        outputs.push(Output { file: format!("{DIR}/{name}"), sha256: part.sha256(), size: part.len() });
+    }
+    Ok(outputs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,5 +105,24 @@ mod tests {
         assert!(t.starts_with("#!ipxe\n"));
         assert!(t.contains("kernel ${kiln-base}vmlinuz initrd=initrd console=ttyS0 root=PARTUUID=abc kiln.install=${kiln-base} kiln.mac=${net0/mac} ${kiln-node-arg}\n"), "{t}");
         assert!(t.contains("initrd ${kiln-base}initrd\n") && t.ends_with("boot\n"), "{t}");
+    }
+
+    #[test]
+    fn the_directory_holds_every_file_in_order_with_its_digest() -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir()?;
+        let staged = d.path().join("root.squashfs");
+        std::fs::write(&staged, b"root")?;
+        let root_sha = crate::digest::sha256_hex(b"root");
+        let c = Contents { ipxe: b"i", kernel: b"k", initrd: b"r", plan: "p", esp: b"e", root: Part::File { path: &staged, len: 4, sha256: &root_sha }, inventory: b"", script: "s" };
+        let dir = d.path().join(DIR);
+        let outputs = write(&dir, &c, 0o600)?;
+        assert_eq!(outputs.iter().map(|o| o.file.clone()).collect::<Vec<_>>(), FILES.iter().map(|f| format!("{DIR}/{f}")).collect::<Vec<_>>());
+        for o in &outputs {
+            let path = d.path().join(&o.file);
+            assert_eq!((crate::digest::sha256_file(&path)?, std::fs::metadata(&path)?.len()), (o.sha256.clone(), o.size), "{}", o.file);
+            assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
+        }
+        Ok(())
     }
 }

@@ -443,10 +443,7 @@ fn ser_spanned_paths<S: serde::Serializer>(v: &[Spanned<PathBuf>], s: S) -> Resu
     seq.end()
 }
 
-/// A profile that cannot be read, parsed or validated (the CLI exits with status 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ProfileError(pub String);
+pub use crate::error::ProfileError;
 
 /// The default platform under `firmware/`.
 pub const DEFAULT_PLATFORM: &str = "generic-uefi";

@@ -33,7 +33,7 @@ impl Default for SquashfsOptions {
 /// fifos). The image's time is `opts.mtime` and every entry's mtime is clamped to it (older times are
 /// kept, as with `SOURCE_DATE_EPOCH`), so output is reproducible.
 /// The image is staged in a temporary file (`$TMPDIR`) of the image's size before it reaches `out`.
-pub fn write_squashfs<W: Write + Seek>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> anyhow::Result<u64> {
+pub fn write_squashfs<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> anyhow::Result<u64> {
     check_options(opts)?;
     let root = tree.get(&TreePath::root()).context("the tree has no root directory entry")?;
     ensure!(matches!(root.kind, Kind::Dir), "the tree's root entry is not a directory");

@@ -72,7 +72,7 @@ impl TestLayout {
     /// Moves the file at `path` into the layout as a blob, hashing it as a stream (a layer of
     /// a GiB is never in memory); returns its digest (hex) and size.
     pub fn blob_file(&self, path: &Path) -> Result<(String, u64)> {
-        let hex = kiln::cache::sha256_file(path)?;
+        let hex = kiln::digest::sha256_file(path)?;
         let size = std::fs::metadata(path)?.len();
         std::fs::rename(path, self.dir.join("blobs/sha256").join(&hex)).with_context(|| format!("moving {} into the layout", path.display()))?;
         Ok((hex, size))

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 
-use crate::cache::sha256_file;
+use crate::digest::sha256_file;
 use crate::fetch::Fetcher;
 
 pub use packages::{Dep, Op, Package, PackageIndex};
@@ -91,7 +91,7 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
         release,
         arch: debian_arch.to_string(),
         packages,
-        inrelease_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data)),
+        inrelease_sha256: crate::digest::sha256_hex(&data),
         packages_sha256: sha256,
     })
 }

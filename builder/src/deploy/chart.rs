@@ -241,13 +241,13 @@ pub fn gather(specs: &[ChartSpec], base_dir: &Path, puller: &mut crate::oci::pul
                 let what = format!("key `{key}`: {}", p.display());
                 let file = std::fs::File::open(&p).with_context(|| format!("{what}: opening it"))?;
                 let meta = read_meta(file, &what)?;
-                let sha = crate::cache::sha256_file(&p).with_context(|| format!("{what}: reading it"))?;
+                let sha = crate::digest::sha256_file(&p).with_context(|| format!("{what}: reading it"))?;
                 let size = std::fs::metadata(&p)?.len();
                 (meta, Content::HostFile(p), sha, size, spec.chart.clone(), None)
             }
             Source::Dir(p) => {
                 let (meta, bytes) = pack_dir(&p, mtime).with_context(|| format!("key `{key}`"))?;
-                let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+                let sha = crate::digest::sha256_hex(&bytes);
                 let size = bytes.len() as u64;
                 (meta, Content::bytes(bytes), sha, size, spec.chart.clone(), None)
             }

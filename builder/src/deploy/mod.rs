@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 
 use crate::cluster::{Cluster, DefaultRole};
-use crate::manifest::Input;
+use crate::manifest::{Input, InputKind};
 use crate::profile::Profile;
 use crate::tree::Tree;
 
@@ -48,10 +48,10 @@ pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
 pub fn place_manifests(p: &Profile, base_dir: &Path, context: &serde_json::Value, root: &mut Tree) -> Result<Vec<Input>> {
     let mut inputs = Vec::new();
     for r in manifests::render(&p.manifests, base_dir, context)? {
-        let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&r.content));
+        let sha256 = crate::digest::sha256_hex(&r.content);
         let size = r.content.len() as u64;
         root.add_file(&format!("{}/{}", manifests::DIR, r.path), 0o644, r.content)?;
-        inputs.push(Input { kind: "manifest".into(), name: r.path, version: None, sha256, size: Some(size) });
+        inputs.push(Input { kind: InputKind::Manifest, name: r.path, version: None, sha256, size: Some(size) });
     }
     Ok(inputs)
 }
@@ -73,7 +73,7 @@ pub fn place_charts(charts: &[chart::Chart], root: &mut Tree) -> Result<Vec<Inpu
             bail!("key `charts[{}]`: its HelmChart goes to {path}, but `manifests` already has a file of that name; rename that file", c.index);
         }
         root.add_file(&path, 0o644, chart::helmchart(c)?)?;
-        inputs.push(Input { kind: "chart".into(), name: c.source.clone(), version: Some(c.meta.version.clone()), sha256: c.sha256.clone(), size: Some(c.size) });
+        inputs.push(Input { kind: InputKind::Chart, name: c.source.clone(), version: Some(c.meta.version.clone()), sha256: c.sha256.clone(), size: Some(c.size) });
     }
     Ok(inputs)
 }

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
 use crate::containerd::Engine;
-use crate::manifest::Input;
+use crate::manifest::{Input, InputKind};
 use crate::profile::Profile;
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 
@@ -152,7 +152,7 @@ pub fn place(archive: &Path, arch: Arch, engine: Engine, root: &mut Tree) -> Res
             root.add_symlink(&format!("{}/{name}", crate::k3s::IMAGES_DIR), &format!("/{path}"))?;
         }
         Engine::Containerd => {
-            let sha = crate::cache::sha256_file(archive)?;
+            let sha = crate::digest::sha256_file(archive)?;
             root.add_file(&format!("{path}.sha256"), 0o644, format!("{sha}\n"))?;
         }
     }
@@ -165,7 +165,7 @@ pub fn manifest_inputs(images: &[Image]) -> Vec<Input> {
     images
         .iter()
         .map(|i| Input {
-            kind: "oci".into(),
+            kind: InputKind::Oci,
             name: i.reference.clone(),
             version: Some(i.resolved.clone()),
             sha256: i.manifest.hex().to_string(),

@@ -32,13 +32,13 @@ pub fn extra_disk(arg: &str) -> anyhow::Result<PathBuf> {
         return Ok(path);
     }
     let Some(size) = size else {
-        return Err(crate::pipeline::UsageError(format!(
+        return Err(crate::error::UsageError(format!(
             "--disk {arg}: {file} does not exist; give a size (`{file}:8GiB`) to create a blank disk"
         ))
         .into());
     };
     let bytes: crate::profile::Size =
-        size.parse().map_err(|e| crate::pipeline::UsageError(format!("--disk {arg}: {e}")))?;
+        size.parse().map_err(|e| crate::error::UsageError(format!("--disk {arg}: {e}")))?;
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

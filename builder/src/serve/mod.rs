@@ -292,7 +292,7 @@ pub fn reinstall(dir: &Path, macs: &[String]) -> Result<Vec<String>> {
     let mut missing = Vec::new();
     let normal: Vec<String> = macs
         .iter()
-        .map(|m| state::normalise_mac(m).ok_or_else(|| crate::pipeline::UsageError(format!("--reinstall {m}: not a MAC address (XX:XX:XX:XX:XX:XX)")).into()))
+        .map(|m| state::normalise_mac(m).ok_or_else(|| crate::error::UsageError(format!("--reinstall {m}: not a MAC address (XX:XX:XX:XX:XX:XX)")).into()))
         .collect::<Result<_>>()?;
     store.update(|s| {
         for m in &normal {

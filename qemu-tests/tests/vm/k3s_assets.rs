@@ -11,6 +11,7 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
+use kiln::manifest::InputKind;
 use kiln_qemu_tests::registry::sha;
 use kiln_qemu_tests::{cache_dir, stand_in, extract_range, kiln_with_cache, manifest, tool, work_dir};
 
@@ -37,7 +38,7 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     build_with(&profile_path, &assets, &out, "single-server")?;
 
     let m = manifest(&out, Arch::X86_64)?;
-    let k3s: Vec<_> = m.inputs.iter().filter(|i| i.kind == "k3s").collect();
+    let k3s: Vec<_> = m.inputs.iter().filter(|i| i.kind == InputKind::K3s).collect();
     ensure!(k3s.len() == 2, "manifest k3s inputs: {k3s:?}");
     ensure!(k3s.iter().all(|i| i.version.as_deref() == Some(stand_in::VERSION)), "{k3s:?}");
 
@@ -94,7 +95,7 @@ fn every_example_cluster_profile_builds_with_k3s_assets() -> Result<()> {
         let out = dir.join(format!("out-{name}"));
         build_with(&profile, &assets, &out, name)?;
         let m = manifest(&out, Arch::X86_64)?;
-        let etcd = m.inputs.iter().any(|i| i.kind == "deb" && i.name == "etcd-server");
+        let etcd = m.inputs.iter().any(|i| i.kind == InputKind::Deb && i.name == "etcd-server");
         ensure!(etcd == (name == "ha-external-etcd"), "{name}: etcd-server in the inputs: {etcd}");
         if name == "ha-external-etcd" {
             let sqfs = root_squashfs(&m, &out, &dir)?;
@@ -128,7 +129,7 @@ fn k3s_apps_example_places_manifests_chart_and_registries() -> Result<()> {
     build_with(&profile, &assets, &out, "k3s-apps")?;
 
     let m = manifest(&out, Arch::X86_64)?;
-    let charts: Vec<_> = m.inputs.iter().filter(|i| i.kind == "chart").collect();
+    let charts: Vec<_> = m.inputs.iter().filter(|i| i.kind == InputKind::Chart).collect();
     ensure!(charts.len() == 1 && charts[0].version.as_deref() == Some("0.1.0"), "manifest chart inputs: {charts:?}");
     let sqfs = root_squashfs(&m, &out, &dir)?;
     let listing = tool(Command::new("unsquashfs").arg("-lls").arg(&sqfs), "squashfs-tools")?;

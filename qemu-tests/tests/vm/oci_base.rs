@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
+use kiln::manifest::InputKind;
 use kiln::qemu::{Disk, Vm, VmSpec};
 use kiln_qemu_tests::layout::{deb_data_tar, Layer, TestLayout};
 use kiln_qemu_tests::registry::{push, sha, Registry};
@@ -155,8 +156,8 @@ fn an_os_image_from_a_registry_builds_and_boots() -> Result<()> {
         eprintln!("{l}");
     }
     let m = manifest(&out, Arch::X86_64)?;
-    ensure!(m.inputs.iter().any(|i| i.kind == "oci" && i.name == reference), "manifest inputs: {:?}", m.inputs);
-    ensure!(!m.inputs.iter().any(|i| i.kind == "deb" && i.name.starts_with("linux-image")), "a Debian kernel was installed: {:?}", m.inputs);
+    ensure!(m.inputs.iter().any(|i| i.kind == InputKind::Oci && i.name == reference), "manifest inputs: {:?}", m.inputs);
+    ensure!(!m.inputs.iter().any(|i| i.kind == InputKind::Deb && i.name.starts_with("linux-image")), "a Debian kernel was installed: {:?}", m.inputs);
     let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
     let sqfs = dir.join("root.sqfs");
     extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
+use kiln::manifest::InputKind;
 use kiln_qemu_tests::layout::{Layer, Made, TestLayout};
 use kiln_qemu_tests::registry::{push, push_as, sha, Registry, Secured};
 use kiln_qemu_tests::{cache_dir, stand_in, extract_range, kiln_with_cache, manifest, tool, work_dir};
@@ -143,7 +144,7 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let amd64 = &hello.iter().find(|(a, _)| a == "amd64").context("amd64")?.1;
 
     let m = manifest(&out, Arch::X86_64)?;
-    let oci: Vec<_> = m.inputs.iter().filter(|i| i.kind == "oci").collect();
+    let oci: Vec<_> = m.inputs.iter().filter(|i| i.kind == InputKind::Oci).collect();
     ensure!(oci.len() == 1, "manifest oci inputs: {oci:?}");
     ensure!(oci[0].name == reference && oci[0].version.as_deref() == Some(&format!("sha256:{hello_index}")) && oci[0].sha256 == amd64.manifest, "{:?}", oci[0]);
 
@@ -313,7 +314,7 @@ fn registry_charts_are_pulled_and_installed_with_a_helmchart() -> Result<()> {
     eprintln!("build with one registry chart: {:.1} s", started.elapsed().as_secs_f64());
 
     let m = manifest(&out, Arch::X86_64)?;
-    let charts: Vec<_> = m.inputs.iter().filter(|i| i.kind == "chart").collect();
+    let charts: Vec<_> = m.inputs.iter().filter(|i| i.kind == InputKind::Chart).collect();
     let reference = format!("oci://{host}/kiln-test/charts/hello-oci:0.3.0");
     ensure!(charts.len() == 1 && charts[0].name == reference && charts[0].version.as_deref() == Some("0.3.0") && charts[0].sha256 == sha(&tgz), "manifest chart inputs: {charts:?}");
 

@@ -53,7 +53,7 @@ fn quickstart_images_pass_the_reference_tools() -> Result<()> {
         ensure!(sb.contains("zstd"), "{arch}: root is not zstd squashfs:\n{sb}");
         let ls = tool(Command::new("unsquashfs").args(["-lln"]).arg(&root_file).arg("/usr/lib/kiln/boot"), "squashfs-tools")?;
         ensure!(ls.contains("0/0"), "{arch}: boot script not root-owned:\n{ls}");
-        ensure!(root.type_guid == arch.root_partition_type(), "{arch}: root type {}", root.type_guid);
+        ensure!(root.type_guid == arch.root_partition_type().to_string(), "{arch}: root type {}", root.type_guid);
         eprintln!("{arch}: sgdisk, fsck.vfat, mtools, unsquashfs OK ({} MiB image)", std::fs::metadata(&img)?.len() >> 20);
     }
     Ok(())
@@ -269,7 +269,7 @@ fn a_tampered_cache_entry_is_reported_offline_and_refetched_online() -> Result<(
 
     let (code, log) = kiln_with_cache(&cache, &["fetch", profile, "--arch", "riscv64"])?;
     ensure!(code == 0, "online fetch did not repair the cache:\n{log}");
-    let repaired = kiln::cache::sha256_file(&victim)?;
+    let repaired = kiln::digest::sha256_file(&victim)?;
     ensure!(repaired == name, "blob {name} still has digest {repaired}");
     Ok(())
 }

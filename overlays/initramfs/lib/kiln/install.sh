@@ -224,6 +224,7 @@ mib_has_data() {
 
 # Why disk $1 holds data that is not a kiln system (empty output: it does not).
 foreign_data() {
+    # kiln-root-a: root slot A's GPT name, as builder/src/pipeline/disk.rs names it (ROOT_A).
     if partition_named "$1" kiln-root-a > /dev/null; then
         return 0
     fi

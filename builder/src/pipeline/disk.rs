@@ -1,0 +1,403 @@
+//! The disk stage, and the one place that names the layouts kiln writes:
+//! - the installed system ([`System`]): the ESP, root slot A holding the squashfs, root slot B
+//!   (same size, empty, for A/B updates);
+//! - the installer medium: its own ESP, the squashfs, the install plan with the target's ESP;
+//! - where an installer copies the system from ([`MEDIUM`], [`NETBOOT`]);
+//! - the files of a build's `OUT/<arch>/` directory.
+//!
+//! The on-device scripts find partitions by these names too (`overlays/initramfs/init` takes
+//! the root's from `kiln.rootname=`; `overlays/initramfs/lib/kiln/install.sh` writes them in its
+//! own words): a rename here must be made there as well.
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+use super::boot::Boot;
+use super::{Format, Job};
+use crate::arch::Arch;
+use crate::digest::HashingWriter;
+use crate::error::ResultExt;
+use crate::gpt::{self, DiskLayout, Guid, PartitionSpec};
+use crate::installer;
+use crate::manifest::{InstallRecord, Output, PartitionRecord};
+use crate::output::Part;
+use crate::profile::{DiskSize, Install, InstallMode, LoadedProfile};
+
+/// GPT name of the installed system's EFI system partition.
+pub const ESP: &str = "esp";
+/// GPT name of root slot A: the slot an image boots first (the kernel command line names it in
+/// `kiln.rootname=`, and the installer refuses a disk holding one only with `wipe`).
+pub const ROOT_A: &str = "kiln-root-a";
+/// GPT name of root slot B, for A/B updates.
+pub const ROOT_B: &str = "kiln-root-b";
+/// GPT attribute bit 63, "do not automount" (Discoverable Partitions Specification): set on
+/// the empty B slot.
+const NO_AUTO: u64 = 1 << 63;
+
+/// The disk image (or installer medium) in `OUT/<arch>/`.
+pub const DISK_IMAGE: &str = "disk.img";
+/// The build manifest in `OUT/<arch>/`.
+pub const MANIFEST: &str = "manifest.json";
+
+/// The size of a root slot for a squashfs: the squashfs plus a quarter and 16 MiB, so an update
+/// may grow, in whole MiB.
+pub fn root_slot_size(squashfs_len: u64) -> u64 {
+    round_up(squashfs_len + squashfs_len / 4 + (16 << 20), 1 << 20)
+}
+
+/// A build's identities, derived from its inputs: same inputs, same GUIDs, same bytes.
+pub(super) struct Ids {
+    arch: Arch,
+    build_id: [u8; 32],
+}
+
+impl Ids {
+    pub(super) fn new(arch: Arch, build_id: [u8; 32]) -> Ids {
+        Ids { arch, build_id }
+    }
+
+    fn guid(&self, what: &str) -> Guid {
+        Guid::derive("kiln", &[self.arch.name().as_bytes(), what.as_bytes(), &self.build_id])
+    }
+
+    /// The installed system's disk GUID.
+    pub(super) fn disk_guid(&self) -> Guid {
+        self.guid("disk")
+    }
+
+    pub(super) fn esp_guid(&self) -> Guid {
+        self.guid("esp")
+    }
+
+    pub(super) fn root_a_guid(&self) -> Guid {
+        self.guid("root-a")
+    }
+
+    /// Names the image in install plans: an identical image already on a target is not reinstalled.
+    fn image_id(&self) -> String {
+        hex::encode(&self.build_id[..8])
+    }
+}
+
+/// The installed system: its partitions and what goes into them.
+pub(super) struct System<'a> {
+    specs: Vec<PartitionSpec>,
+    pub(super) esp: &'a [u8],
+    pub(super) squashfs: Part<'a>,
+}
+
+impl<'a> System<'a> {
+    pub(super) fn new(arch: Arch, ids: &Ids, esp: &'a [u8], squashfs: Part<'a>) -> System<'a> {
+        let slot = root_slot_size(squashfs.len());
+        let specs = vec![
+            PartitionSpec { name: ESP.into(), type_guid: Guid::esp_type(), guid: ids.esp_guid(), size: esp.len() as u64, attributes: 0 },
+            PartitionSpec { name: ROOT_A.into(), type_guid: arch.root_partition_type(), guid: ids.root_a_guid(), size: slot, attributes: 0 },
+            // The B slot for A/B updates: same size, empty, and marked "do not auto-mount".
+            PartitionSpec { name: ROOT_B.into(), type_guid: arch.root_partition_type(), guid: ids.guid("root-b"), size: slot, attributes: NO_AUTO },
+        ];
+        System { specs, esp, squashfs }
+    }
+
+    fn contents(&self) -> [Option<Part<'a>>; 3] {
+        [Some(Part::Bytes(self.esp)), Some(self.squashfs), None]
+    }
+
+    /// The system as it sits on an installer's target (the partitions alone, no free space).
+    pub(super) fn target(&self) -> Result<DiskLayout> {
+        gpt::plan(&self.specs, None, 0)
+    }
+
+    /// The manifest's record of what an installer writes onto `target`.
+    pub(super) fn install_record(&self, target: &DiskLayout, ids: &Ids) -> InstallRecord {
+        InstallRecord { disk_guid: ids.disk_guid().to_string(), partitions: partition_records(target, &self.contents()) }
+    }
+
+    /// The two ranges an installer copies onto the target: the ESP image and the root squashfs.
+    fn copies(&self, target: &DiskLayout, from: &Sources) -> Vec<installer::Copy> {
+        vec![
+            installer::Copy {
+                name: ESP.into(),
+                source_partition: from.esp.0,
+                source_offset: from.esp.1,
+                target_offset: target.partitions[0].offset(),
+                length: self.esp.len() as u64,
+                sha256: crate::digest::sha256_hex(self.esp),
+            },
+            installer::Copy {
+                name: ROOT_A.into(),
+                source_partition: from.root,
+                source_offset: 0,
+                target_offset: target.partitions[1].offset(),
+                length: self.squashfs.len(),
+                sha256: self.squashfs.sha256(),
+            },
+        ]
+    }
+}
+
+/// Where an installer finds the system's two images: the ESP image (a medium partition or
+/// netboot file, and the offset in it) and the root squashfs (from offset 0).
+pub(super) struct Sources {
+    esp: (&'static str, u64),
+    root: &'static str,
+}
+
+/// The installer medium: the plan partition holds the ESP image after the plan, the image
+/// partition the squashfs.
+pub(super) const MEDIUM: Sources = Sources { esp: (installer::INSTALL_PARTITION, installer::ESP_IMAGE_OFFSET), root: installer::IMAGE_PARTITION };
+/// A netboot install: the directory's files.
+pub(super) const NETBOOT: Sources = Sources { esp: (crate::netboot::ESP, 0), root: crate::netboot::ROOT };
+
+/// The install plan of the system: `install`'s settings, the minimum target size checked
+/// against the system, and the copies from `from`.
+pub(super) fn install_plan(profile: &LoadedProfile, install: &Install, ids: &Ids, system: &System, target: &DiskLayout, from: &Sources) -> Result<String> {
+    let min_size = installer::min_size(install, target).map_err(anyhow::Error::msg).in_profile(&profile.path)?;
+    installer::Plan { image_id: &ids.image_id(), install, min_size, disk_guid: ids.disk_guid(), target, copies: system.copies(target, from) }.render()
+}
+
+/// What the disk stage records.
+pub(super) struct Disk {
+    /// The image's partitions: the system's, or the installer medium's.
+    pub(super) partitions: Vec<PartitionRecord>,
+    /// Installer images: the system the installer writes onto the target.
+    pub(super) install: Option<InstallRecord>,
+    /// The command line the image boots with (the installer's, on a medium).
+    pub(super) cmdline: String,
+    /// `disk.img`'s record, when the disk format is built.
+    pub(super) output: Option<Output>,
+}
+
+/// Lays out the image (the system itself, or an installer medium carrying it) and writes
+/// `disk.img` if that format is wanted.
+pub(super) fn write(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline: &str) -> Result<Disk> {
+    let p = &job.profile.profile;
+    match p.install.mode {
+        InstallMode::InPlace => {
+            let layout = gpt::plan(&system.specs, fixed_size(job), p.disk.headroom.0).usage(disk_size_key(job.profile))?;
+            let contents = system.contents();
+            let output = write_wanted(job, &layout, ids.disk_guid(), &contents)?;
+            Ok(Disk { partitions: partition_records(&layout, &contents), install: None, cmdline: cmdline.to_string(), output })
+        }
+        InstallMode::Installer => installer_medium(job, ids, system, boot, cmdline),
+    }
+}
+
+/// The installer medium: its own ESP (booting the installer), the root squashfs, and the plan
+/// partition (the plan text, then from [`installer::ESP_IMAGE_OFFSET`] the target's ESP).
+fn installer_medium(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline: &str) -> Result<Disk> {
+    let target = system.target()?;
+    let plan = install_plan(job.profile, &job.profile.profile.install, ids, system, &target, &MEDIUM)?;
+    let mut install_part = Vec::with_capacity(installer::ESP_IMAGE_OFFSET as usize + system.esp.len());
+    install_part.extend_from_slice(plan.as_bytes());
+    install_part.resize(installer::ESP_IMAGE_OFFSET as usize, 0);
+    install_part.extend_from_slice(system.esp);
+
+    let installer_cmdline = format!("{cmdline} {}", installer::CMDLINE_FLAG);
+    let (esp_guid, image_guid, install_guid) = (ids.guid("installer-esp"), ids.guid("installer-image"), ids.guid("installer-plan"));
+    let medium_esp = boot.esp(&installer_cmdline, esp_guid)?;
+    let specs = vec![
+        PartitionSpec { name: ESP.into(), type_guid: Guid::esp_type(), guid: esp_guid, size: medium_esp.len() as u64, attributes: 0 },
+        PartitionSpec { name: installer::IMAGE_PARTITION.into(), type_guid: Guid::linux_data_type(), guid: image_guid, size: system.squashfs.len(), attributes: 0 },
+        PartitionSpec { name: installer::INSTALL_PARTITION.into(), type_guid: Guid::linux_data_type(), guid: install_guid, size: install_part.len() as u64, attributes: 0 },
+    ];
+    let contents = [Some(Part::Bytes(&medium_esp)), Some(system.squashfs), Some(Part::Bytes(&install_part))];
+    let layout = gpt::plan(&specs, fixed_size(job), 0).usage(disk_size_key(job.profile))?;
+    let output = write_wanted(job, &layout, ids.guid("installer-disk"), &contents)?;
+    let install = Some(system.install_record(&target, ids));
+    Ok(Disk { partitions: partition_records(&layout, &contents), install, cmdline: installer_cmdline, output })
+}
+
+fn fixed_size(job: &Job) -> Option<u64> {
+    match job.profile.profile.disk.size {
+        DiskSize::Auto => None,
+        DiskSize::Fixed(s) => Some(s.0),
+    }
+}
+
+fn disk_size_key(profile: &LoadedProfile) -> String {
+    format!("{}: key `disk.size`", profile.path.display())
+}
+
+/// Writes `disk.img` if the disk format is wanted; its record for the manifest.
+fn write_wanted(job: &Job, layout: &DiskLayout, disk_guid: Guid, contents: &[Option<Part>]) -> Result<Option<Output>> {
+    if !job.opts.wants(Format::Disk) {
+        return Ok(None);
+    }
+    let sha256 = write_disk(&job.dir.join(DISK_IMAGE), layout, disk_guid, contents, image_mode(&job.profile.profile))?;
+    Ok(Some(Output { file: DISK_IMAGE.into(), sha256, size: layout.size }))
+}
+
+/// The file mode of a built image. Images that carry secrets (the cluster token in the k3s
+/// configs, users' password hashes in /etc/shadow) are readable by their owner only: the 0600
+/// modes inside the image protect nothing once the image file itself is world-readable.
+pub fn image_mode(p: &crate::profile::Profile) -> u32 {
+    let secrets = p.cluster.is_some() || p.users.iter().any(|u| u.password_hash.is_some());
+    if secrets {
+        0o600
+    } else {
+        0o644
+    }
+}
+
+/// Writes a sparse disk image front to back: the partition table's sectors and each
+/// partition's contents (`None`: left empty) in offset order, the gaps left as holes. Returns
+/// the image's sha256, taken while writing (the holes hash as the zeros they read back as).
+/// `mode` is the image file's permission bits (see [`image_mode`]).
+fn write_disk(path: &Path, layout: &DiskLayout, disk_guid: Guid, contents: &[Option<Part>], mode: u32) -> Result<String> {
+    info!("writing {} ({} MiB){}", path.display(), layout.size >> 20, if mode == 0o600 { ", mode 0600: it holds secrets" } else { "" });
+    let img = crate::output::create(path, mode)?;
+    img.set_len(layout.size)?;
+    let mut table = Sectors::default();
+    gpt::write_gpt(&mut table, layout, disk_guid).context("writing the partition table")?;
+    let mut pieces: Vec<(u64, Part, Option<&str>)> = table.runs.iter().map(|(at, b)| (*at, Part::Bytes(b), None)).collect();
+    for (part, content) in layout.partitions.iter().zip(contents) {
+        if let Some(content) = content {
+            pieces.push((part.offset(), *content, Some(part.name.as_str())));
+        }
+    }
+    pieces.sort_by_key(|p| p.0);
+    let mut out = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, img));
+    for (offset, content, name) in pieces {
+        let written = out.zeros_to(offset).and_then(|()| match content {
+            Part::Bytes(bytes) => out.write_all(bytes),
+            Part::File { path, .. } => File::open(path).and_then(|mut f| std::io::copy(&mut f, &mut out).map(|_| ())),
+        });
+        written.with_context(|| match name {
+            Some(name) => format!("writing partition {name} into {}", path.display()),
+            None => format!("writing the partition table into {}", path.display()),
+        })?;
+    }
+    out.zeros_to(layout.size)?;
+    let (img, sha256, _) = out.finish();
+    img.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(sha256)
+}
+
+/// The runs of bytes written to it, by offset: the partition table, collected to be written in
+/// offset order with the partitions.
+#[derive(Default)]
+struct Sectors {
+    runs: Vec<(u64, Vec<u8>)>,
+    pos: u64,
+}
+
+impl Write for Sectors {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.runs.last_mut() {
+            Some((at, run)) if *at + run.len() as u64 == self.pos => run.extend_from_slice(buf),
+            _ => self.runs.push((self.pos, buf.to_vec())),
+        }
+        self.pos += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Seek for Sectors {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        match to {
+            SeekFrom::Start(p) => self.pos = p,
+            _ => return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "the partition table seeks to offsets only")),
+        }
+        Ok(self.pos)
+    }
+}
+
+/// The manifest's view of a layout: each partition with the digest of what was written into it.
+fn partition_records(layout: &DiskLayout, contents: &[Option<Part>]) -> Vec<PartitionRecord> {
+    layout
+        .partitions
+        .iter()
+        .zip(contents)
+        .enumerate()
+        .map(|(i, (p, content))| PartitionRecord {
+            number: i as u32 + 1,
+            name: p.name.clone(),
+            type_guid: p.type_guid.to_string(),
+            guid: p.guid.to_string(),
+            offset: p.offset(),
+            size: p.size(),
+            content_sha256: content.map(|c| c.sha256()),
+            content_size: content.map(|c| c.len()),
+        })
+        .collect()
+}
+
+fn round_up(v: u64, to: u64) -> u64 {
+    v.div_ceil(to) * to
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::parse;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn images_with_secrets_are_written_owner_only() -> Result<()> {
+        let plain = parse("name: d\narch: [x86_64]\nusers: [{name: ops}]\n").unwrap();
+        let hashed = parse("name: d\narch: [x86_64]\nusers: [{name: ops, password_hash: \"$y$j9T$abcdefgh$0123456789\"}]\n").unwrap();
+        let cluster = parse("name: d\narch: [x86_64]\ncluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n").unwrap();
+        assert_eq!((image_mode(&plain), image_mode(&hashed), image_mode(&cluster)), (0o644, 0o600, 0o600));
+
+        let dir = tempfile::tempdir()?;
+        let spec = gpt::PartitionSpec { name: "p".into(), type_guid: Guid::linux_data_type(), guid: Guid::derive("test", &[b"g"]), size: 1 << 20, attributes: 0 };
+        let layout = gpt::plan(&[spec], None, 0)?;
+        for mode in [0o600, 0o644] {
+            let path = dir.path().join(format!("disk-{mode:o}.img"));
+            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(Part::Bytes(&[1u8; 512]))], mode)?;
+            assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, mode);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_digest_taken_while_writing_is_the_images() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let staged = dir.path().join("staged");
+        let staged_bytes = b"squashfs".repeat(300_000);
+        std::fs::write(&staged, &staged_bytes)?;
+        let staged_sha = crate::digest::sha256_hex(&staged_bytes);
+        let g = |w: &str| Guid::derive("test", &[w.as_bytes()]);
+        let specs: Vec<PartitionSpec> = [("a", 3 << 20), ("b", 5 << 20), ("c", 1 << 20)]
+            .into_iter()
+            .map(|(name, size)| PartitionSpec { name: name.into(), type_guid: Guid::linux_data_type(), guid: g(name), size, attributes: 0 })
+            .collect();
+        let layout = gpt::plan(&specs, None, 7 << 20)?;
+        let contents = [Some(Part::Bytes(&[7u8; 4096])), Some(Part::File { path: &staged, len: staged_bytes.len() as u64, sha256: &staged_sha }), None];
+        let path = dir.path().join(DISK_IMAGE);
+        let sha = write_disk(&path, &layout, g("disk"), &contents, 0o644)?;
+        assert_eq!(std::fs::metadata(&path)?.len(), layout.size);
+        assert_eq!(sha, crate::digest::sha256_file(&path)?);
+        // The table is the one write_gpt writes in place.
+        let mut direct = std::io::Cursor::new(vec![0u8; layout.size as usize]);
+        gpt::write_gpt(&mut direct, &layout, g("disk"))?;
+        let image = std::fs::read(&path)?;
+        assert_eq!(image[..34 * 512], direct.get_ref()[..34 * 512]);
+        assert_eq!(image[image.len() - 33 * 512..], direct.get_ref()[direct.get_ref().len() - 33 * 512..]);
+        assert_eq!(&image[layout.partitions[1].offset() as usize..][..staged_bytes.len()], &staged_bytes[..]);
+        Ok(())
+    }
+
+    #[test]
+    fn the_installed_layout_names_its_slots_and_sizes_them_alike() {
+        let ids = Ids::new(Arch::X86_64, [1; 32]);
+        let esp = vec![0u8; 3 << 20];
+        let dummy = Path::new("unused");
+        let system = System::new(Arch::X86_64, &ids, &esp, Part::File { path: dummy, len: (100 << 20) + 1, sha256: "00" });
+        let names: Vec<&str> = system.specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, [ESP, ROOT_A, ROOT_B]);
+        assert_eq!(system.specs[1].size, 142 << 20, "100 MiB + a quarter + 16 MiB, rounded up to whole MiB");
+        assert_eq!(system.specs[1].size, system.specs[2].size);
+        assert_eq!((system.specs[1].attributes, system.specs[2].attributes), (0, 1 << 63));
+        assert_eq!(system.specs[1].type_guid, Arch::X86_64.root_partition_type());
+        assert_eq!(system.specs[0].type_guid, Guid::esp_type());
+    }
+}

@@ -1,0 +1,264 @@
+//! The build pipeline: profile -> verified inputs -> root model -> initramfs, squashfs, ESP ->
+//! GPT disk image + manifest, per architecture. Outputs appear only when every architecture
+//! succeeded (staging directory, then renames).
+//!
+//! One module per stage: [`inputs`] (fetch and verify), [`root`] (the root filesystem and its
+//! squashfs), [`boot`] (initramfs, command line, ESP), [`disk`] (the partition layouts and the
+//! disk image); the netboot directory is `crate::netboot`'s. [`options`] holds what shapes a
+//! build and what it reports.
+
+mod boot;
+pub mod disk;
+mod inputs;
+mod options;
+mod root;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tracing::info;
+
+use crate::arch::Arch;
+use crate::error::ResultExt;
+use crate::manifest::{InstallRecord, Manifest, Output};
+use crate::platform::Platform;
+use crate::profile::LoadedProfile;
+use crate::tree::Kind;
+
+pub use disk::image_mode;
+pub use inputs::kernel_package;
+pub use options::{ArchOutputs, BuildOptions, BuildReport, Format};
+
+use inputs::Inputs;
+use root::ManifestInputs;
+
+/// `kiln fetch`: fills the cache with everything the profile's builds need.
+pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<()> {
+    let started = std::time::Instant::now();
+    let fetcher = opts.fetcher()?;
+    for arch in opts.archs_for(profile)? {
+        let inputs = inputs::gather(profile, opts, &fetcher, arch)?;
+        info!("{arch}: {} packages cached", inputs.root_debs.len() + 2);
+        if !inputs.images.is_empty() {
+            let blobs: u64 = inputs.images.iter().flat_map(|i| i.all_blobs()).map(|b| b.size).sum();
+            info!("{arch}: {} container images cached ({} MiB)", inputs.images.len(), blobs >> 20);
+        }
+    }
+    log_finished("fetch", started);
+    Ok(())
+}
+
+/// Removes the staging directory unless the build completed.
+struct Staging {
+    dir: PathBuf,
+    done: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `kiln build`.
+pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport> {
+    let started = std::time::Instant::now();
+    let archs = opts.archs_for(profile)?;
+    let out_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&profile.profile.name));
+    let fetcher = opts.fetcher()?;
+    let platforms: Vec<Platform> = archs.iter().map(|a| Platform::load(profile.platform(*a)).in_profile(&profile.path)).collect::<Result<_>>()?;
+
+    // The cluster token: from the profile's `token_file`, or generated once into
+    // `<out>/secrets/` and reused by later builds. Never logged.
+    let token = match &profile.profile.cluster {
+        Some(c) => {
+            let t = crate::cluster::token::load_or_create(profile, &out_dir);
+            Some(if c.token_file.is_some() { t.in_profile(&profile.path)? } else { t? })
+        }
+        None => None,
+    };
+
+    // Fetch everything before writing anything: a bad package name fails fast.
+    let mut all_inputs = Vec::new();
+    for arch in &archs {
+        all_inputs.push(inputs::gather(profile, opts, &fetcher, *arch)?);
+    }
+
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating output directory {}", out_dir.display()))?;
+    let staging_dir = out_dir.join(".kiln-staging");
+    if staging_dir.exists() {
+        std::fs::remove_dir_all(&staging_dir).with_context(|| format!("removing stale {}", staging_dir.display()))?;
+    }
+    let mut staging = Staging { dir: staging_dir.clone(), done: false };
+
+    let mut built = Vec::new();
+    for (inputs, platform) in all_inputs.iter().zip(&platforms) {
+        let dir = staging_dir.join(inputs.arch.name());
+        std::fs::create_dir_all(&dir)?;
+        let manifest = build_arch(profile, opts, inputs, platform, &dir, token.as_ref())
+            .with_context(|| format!("building the {} image", inputs.arch))?;
+        built.push((inputs.arch, manifest));
+    }
+
+    // Everything succeeded: move the outputs into place.
+    let mut images = Vec::new();
+    for (arch, manifest) in built {
+        images.push(move_into_place(opts, &staging_dir, &out_dir, arch, manifest)?);
+    }
+    let checksums = write_sha256sums(&out_dir, &images)?;
+    staging.done = true;
+    let _ = std::fs::remove_dir_all(&staging_dir);
+    log_finished("build", started);
+    Ok(BuildReport { out_dir, checksums, images })
+}
+
+/// Moves one architecture's outputs from the staging directory to `OUT/<arch>/`. Outputs of
+/// formats not built this time are removed: they would not match the manifest.
+fn move_into_place(opts: &BuildOptions, staging_dir: &Path, out_dir: &Path, arch: Arch, manifest: Manifest) -> Result<ArchOutputs> {
+    let dest = out_dir.join(arch.name());
+    std::fs::create_dir_all(&dest)?;
+    for f in [disk::DISK_IMAGE, crate::netboot::DIR, disk::MANIFEST] {
+        let (from, to) = (staging_dir.join(arch.name()).join(f), dest.join(f));
+        if to.is_dir() {
+            std::fs::remove_dir_all(&to).with_context(|| format!("removing the old {}", to.display()))?;
+        } else if to.exists() {
+            std::fs::remove_file(&to).with_context(|| format!("removing the old {}", to.display()))?;
+        }
+        if from.exists() {
+            std::fs::rename(&from, &to).with_context(|| format!("moving {f} into {}", dest.display()))?;
+        }
+    }
+    let disk = opts.wants(Format::Disk).then(|| dest.join(disk::DISK_IMAGE));
+    let netboot = opts.wants(Format::Netboot).then(|| dest.join(crate::netboot::DIR));
+    Ok(ArchOutputs { arch, dir: dest, disk, netboot, manifest })
+}
+
+/// The closing log line of `kiln build` and `kiln fetch`: time taken and peak memory.
+fn log_finished(what: &str, started: std::time::Instant) {
+    let peak = peak_memory_kib().map_or_else(|| "unknown".to_string(), |k| format!("{} MiB", k / 1024));
+    info!("{what} finished in {:.0} s, peak memory {peak}", started.elapsed().as_secs_f64());
+}
+
+/// The process's peak resident memory (the kernel's `VmHWM`): memory must not grow with the
+/// images bundled (README, Memory).
+fn peak_memory_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.trim_start_matches("VmHWM:").trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+fn clamp32(t: u64) -> u32 {
+    t.min(u32::MAX as u64) as u32
+}
+
+/// What every stage of one architecture's build reads.
+struct Job<'a> {
+    profile: &'a LoadedProfile,
+    opts: &'a BuildOptions,
+    inputs: &'a Inputs,
+    platform: &'a Platform,
+    /// The architecture's staging directory.
+    dir: &'a Path,
+    /// The build's timestamp.
+    epoch: u64,
+}
+
+/// One architecture: inputs -> root -> boot -> disk -> netboot -> manifest.
+fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, platform: &Platform, dir: &Path, token: Option<&crate::cluster::Token>) -> Result<Manifest> {
+    let job = Job { profile, opts, inputs, platform, dir, epoch: inputs::source_date_epoch(&inputs.index)? };
+    let mut record = ManifestInputs::new(profile, inputs);
+    let root = root::assemble(&job, token, &mut record)?;
+    let initrds = boot::initrds(&job, &root, &mut record)?;
+    let squashfs = root::write_squashfs(&job, &root.tree)?;
+    // Identities derived from the inputs met so far: same inputs, same GUIDs, same bytes.
+    let ids = disk::Ids::new(inputs.arch, record.build_id());
+    let boot = boot::Boot::new(&job, &root, initrds.initrd.clone(), &mut record)?;
+    let cmdline = boot::kernel_cmdline(platform, inputs.arch, &ids.root_a_guid(), &profile.profile.kernel.cmdline);
+    // The installed system's ESP, as a FAT image in memory.
+    let esp = boot.esp(&cmdline, ids.esp_guid())?;
+    let system = disk::System::new(inputs.arch, &ids, &esp, squashfs.part());
+    let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
+    let netboot = initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &system, &cmdline, initrd, &mut record)).transpose()?;
+    let manifest = manifest(&job, root.kver, initrds.modules, &ids, disk, netboot, record);
+    std::fs::write(dir.join(disk::MANIFEST), manifest.to_json())?;
+    Ok(manifest)
+}
+
+/// The build's record: its inputs, the image's partitions, what an installer installs, and the
+/// outputs (`disk.img` first, then the netboot files).
+fn manifest(job: &Job, kver: String, initramfs_modules: Vec<String>, ids: &disk::Ids, disk: disk::Disk, netboot: Option<(Vec<Output>, InstallRecord)>, record: ManifestInputs) -> Manifest {
+    let (netboot_outputs, netboot_install) = netboot.unzip();
+    Manifest {
+        kiln_version: env!("CARGO_PKG_VERSION").into(),
+        profile: job.profile.profile.name.clone(),
+        arch: job.inputs.arch,
+        suite: job.inputs.suite.suite.clone(),
+        kernel_version: kver,
+        source_date_epoch: job.epoch,
+        kernel_cmdline: disk.cmdline,
+        disk_guid: ids.disk_guid().to_string(),
+        inputs: record.into_sorted(),
+        partitions: disk.partitions,
+        install: disk.install.or(netboot_install),
+        initramfs_modules,
+        outputs: disk.output.into_iter().chain(netboot_outputs.into_iter().flatten()).collect(),
+    }
+}
+
+/// The netboot output: the installer's kernel and initrd, a plan that copies the system from
+/// the directory's files, the system's images, the inventory, iPXE and its script. Returns the
+/// files' records and what the plan installs.
+fn write_netboot(job: &Job, root: &root::Root, ids: &disk::Ids, system: &disk::System, cmdline: &str, initrd: &[u8], record: &mut ManifestInputs) -> Result<(Vec<Output>, InstallRecord)> {
+    let (profile, arch) = (job.profile, job.inputs.arch);
+    let target = system.target()?;
+    // A network install always reboots: `kiln serve` then sends the machine to its disk.
+    let install = crate::profile::Install { after: crate::profile::AfterInstall::Reboot, ..profile.profile.install.clone() };
+    let plan = disk::install_plan(profile, &install, ids, system, &target, &disk::NETBOOT)?;
+    let inventory = match root.tree.get_str("etc/kiln/inventory").map(|e| &e.kind) {
+        Some(Kind::File(c)) => c.read()?.to_vec(),
+        _ => Vec::new(),
+    };
+    let script = crate::netboot::script_template(&profile.profile.name, arch.name(), cmdline);
+    let kernel = root.kernel.read()?;
+    let (ipxe_pkg, ipxe_path) = job.inputs.ipxe_deb.as_ref().context("netboot build without the ipxe package")?;
+    let ipxe = boot::ipxe_efi_binary(ipxe_path, arch).with_context(|| format!("reading {} {}", ipxe_pkg.name, ipxe_pkg.version))?;
+    let ipxe = ipxe.read()?;
+    let dir = job.dir.join(crate::netboot::DIR);
+    info!("{arch}: writing {}", dir.display());
+    let contents = crate::netboot::Contents { ipxe: &ipxe, kernel: &kernel, initrd, plan: &plan, esp: system.esp, root: system.squashfs, inventory: &inventory, script: &script };
+    let outputs = crate::netboot::write(&dir, &contents, image_mode(&profile.profile))?;
+    record.add_once(root::deb_input(ipxe_pkg));
+    Ok((outputs, system.install_record(&target, ids)))
+}
+
+/// `SHA256SUMS` over every image and manifest in the output directory, sorted by path: this
+/// build's from the digests its manifests record, other architectures' files (left by earlier
+/// builds) hashed. Returns its path.
+fn write_sha256sums(out_dir: &Path, built: &[ArchOutputs]) -> Result<PathBuf> {
+    let mut lines = BTreeMap::new();
+    for arch in Arch::ALL {
+        if let Some(b) = built.iter().find(|b| b.arch == arch) {
+            for o in &b.manifest.outputs {
+                lines.insert(format!("{}/{}", arch.name(), o.file), o.sha256.clone());
+            }
+            lines.insert(format!("{}/{}", arch.name(), disk::MANIFEST), crate::digest::sha256_hex(b.manifest.to_json().as_bytes()));
+            continue;
+        }
+        let netboot = crate::netboot::FILES.iter().map(|f| format!("{}/{f}", crate::netboot::DIR));
+        for f in [disk::DISK_IMAGE.to_string(), disk::MANIFEST.to_string()].into_iter().chain(netboot) {
+            let p = out_dir.join(arch.name()).join(&f);
+            if p.exists() {
+                lines.insert(format!("{}/{f}", arch.name()), crate::digest::sha256_file(&p)?);
+            }
+        }
+    }
+    let text: String = lines.iter().map(|(p, h)| format!("{h}  {p}\n")).collect();
+    let tmp = out_dir.join(".SHA256SUMS.tmp");
+    std::fs::write(&tmp, text)?;
+    let path = out_dir.join("SHA256SUMS");
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}

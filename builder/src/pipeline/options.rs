@@ -1,0 +1,101 @@
+//! What shapes a build (the command line's choices) and what a build reports back.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::arch::Arch;
+use crate::error::UsageError;
+use crate::fetch::Fetcher;
+use crate::manifest::Manifest;
+use crate::profile::LoadedProfile;
+
+/// Command-line choices that shape a build.
+#[derive(Debug, Clone, Default)]
+pub struct BuildOptions {
+    /// Subset of the profile's architectures (empty: all of them).
+    pub archs: Vec<Arch>,
+    pub out: Option<PathBuf>,
+    pub offline: bool,
+    /// Overrides the profile's and the host's mirror.
+    pub mirror: Option<String>,
+    /// Progress bars (only on a TTY).
+    pub progress: bool,
+    /// Overrides the cache directory.
+    pub cache_dir: Option<PathBuf>,
+    /// Overrides the profile's `cluster.k3s.source`: a directory (relative to the working
+    /// directory) or an `http(s)://` mirror of the k3s release assets.
+    pub k3s_assets: Option<String>,
+    /// What to write per architecture (empty: [`Format::Disk`]).
+    pub formats: Vec<Format>,
+}
+
+/// An output format of `kiln build --format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// `OUT/<arch>/disk.img`: the disk image (or installer medium) to write to a disk or stick.
+    Disk,
+    /// `OUT/<arch>/netboot/`: kernel, installer initrd, system images and iPXE script for
+    /// network installs served by `kiln serve`.
+    Netboot,
+}
+
+impl BuildOptions {
+    /// Whether a format was asked for (no formats given means `disk`).
+    pub fn wants(&self, f: Format) -> bool {
+        if self.formats.is_empty() {
+            f == Format::Disk
+        } else {
+            self.formats.contains(&f)
+        }
+    }
+
+    pub(super) fn fetcher(&self) -> Result<Fetcher> {
+        let root = match &self.cache_dir {
+            Some(d) => d.clone(),
+            None => crate::cache::Cache::default_root()?,
+        };
+        Ok(Fetcher { offline: self.offline, cache: crate::cache::Cache::new(root), progress: self.progress })
+    }
+
+    /// The architectures to build, checked against the profile.
+    pub fn archs_for(&self, profile: &LoadedProfile) -> Result<Vec<Arch>> {
+        if self.archs.is_empty() {
+            return Ok(profile.profile.arch.clone());
+        }
+        for a in &self.archs {
+            if !profile.profile.arch.contains(a) {
+                return Err(UsageError(format!(
+                    "--arch {a}: the profile {} builds only {}",
+                    profile.path.display(),
+                    profile.profile.arch.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+                ))
+                .into());
+            }
+        }
+        Ok(self.archs.clone())
+    }
+}
+
+/// What a successful build wrote.
+#[derive(Debug)]
+pub struct BuildReport {
+    pub out_dir: PathBuf,
+    /// `OUT/SHA256SUMS`.
+    pub checksums: PathBuf,
+    /// Per architecture, in the order built.
+    pub images: Vec<ArchOutputs>,
+}
+
+/// What a build wrote for one architecture.
+#[derive(Debug)]
+pub struct ArchOutputs {
+    pub arch: Arch,
+    /// `OUT/<arch>`.
+    pub dir: PathBuf,
+    /// `OUT/<arch>/disk.img`, when the disk format was built.
+    pub disk: Option<PathBuf>,
+    /// `OUT/<arch>/netboot/`, when the netboot format was built.
+    pub netboot: Option<PathBuf>,
+    pub manifest: Manifest,
+}

@@ -1,0 +1,262 @@
+//! The root filesystem stage: the packages (on the base OS image, if any) unpacked into a tree,
+//! then in this order the base system, kiln's appliance overlay, first-boot configuration, the
+//! cluster, k3s, the container image archive, containerd, what k3s deploys, and the profile's
+//! overlays and files on top; finally its squashfs. Also [`ManifestInputs`], the record of
+//! every input met on the way.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use tracing::info;
+
+use super::inputs::Inputs;
+use super::Job;
+use crate::arch::Arch;
+use crate::debian;
+use crate::error::ResultExt;
+use crate::kmod::ModuleSet;
+use crate::manifest::{Input, InputKind};
+use crate::output::Part;
+use crate::profile::LoadedProfile;
+use crate::spill::Spill;
+use crate::tree::{Content, Kind, Tree, TreePath};
+
+/// The manifest's `inputs`, in the order the build met them: the build id hashes them in that
+/// order, the manifest lists them sorted.
+pub(super) struct ManifestInputs(Vec<Input>);
+
+impl ManifestInputs {
+    /// Starts with the profile and the two Debian index files.
+    pub(super) fn new(profile: &LoadedProfile, inputs: &Inputs) -> ManifestInputs {
+        let (suite, index) = (&inputs.suite.suite, &inputs.index);
+        ManifestInputs(vec![
+            Input { kind: InputKind::Profile, name: profile.profile.name.clone(), version: None, sha256: crate::digest::sha256_hex(&profile.source), size: Some(profile.source.len() as u64) },
+            Input { kind: InputKind::Index, name: format!("{suite}/InRelease"), version: None, sha256: index.inrelease_sha256.clone(), size: None },
+            Input { kind: InputKind::Index, name: format!("{suite}/main/binary-{}/Packages", inputs.arch.debian()), version: None, sha256: index.packages_sha256.clone(), size: None },
+        ])
+    }
+
+    pub(super) fn push(&mut self, input: Input) {
+        self.0.push(input);
+    }
+
+    pub(super) fn extend(&mut self, inputs: impl IntoIterator<Item = Input>) {
+        self.0.extend(inputs);
+    }
+
+    /// Adds an input unless the same record is there already (a package that both the root and
+    /// the initramfs take files from).
+    pub(super) fn add_once(&mut self, input: Input) {
+        if !self.0.contains(&input) {
+            self.0.push(input);
+        }
+    }
+
+    /// The build id: sha256 over the inputs' digests so far, in order.
+    pub(super) fn build_id(&self) -> [u8; 32] {
+        let mut ids = Sha256::new();
+        for i in &self.0 {
+            ids.update(i.sha256.as_bytes());
+        }
+        ids.finalize().into()
+    }
+
+    pub(super) fn into_sorted(mut self) -> Vec<Input> {
+        self.0.sort();
+        self.0
+    }
+}
+
+pub(super) fn deb_input(pkg: &debian::Package) -> Input {
+    Input { kind: InputKind::Deb, name: pkg.name.clone(), version: Some(pkg.version.clone()), sha256: pkg.sha256.clone(), size: Some(pkg.size) }
+}
+
+/// The assembled root and what was taken out of it on the way.
+pub(super) struct Root {
+    pub(super) tree: Tree,
+    pub(super) kver: String,
+    /// The bootable kernel image (it lives on the ESP, not in the root).
+    pub(super) kernel: Content,
+    pub(super) modules: ModuleSet,
+    /// Where large contents are parked (beside the image being built), not held in memory.
+    pub(super) spill: Arc<Spill>,
+}
+
+/// Builds the root model of one architecture.
+pub(super) fn assemble(job: &Job, token: Option<&crate::cluster::Token>, record: &mut ManifestInputs) -> Result<Root> {
+    let (profile, inputs, arch) = (job.profile, job.inputs, job.inputs.arch);
+    info!("{arch}: unpacking {} packages", inputs.root_debs.len() + 1);
+    // Large contents are parked in a spill file beside the image, not held in memory.
+    let spill = Spill::create_in(job.dir)?;
+    let mut root = Tree::merged_usr(arch).spill_to(spill.clone());
+    let (kver, kernel) = unpack(&mut root, inputs, record)?;
+
+    crate::setup::base_system(&mut root)?;
+    crate::busybox::install_links(&mut root, "usr/bin", "busybox")?;
+    let modules = crate::setup::module_indexes(&mut root, &kver)?;
+
+    let context = template_context(profile, arch, &kver);
+    let mut appliance = crate::assets::overlay("appliance")?;
+    crate::overlay::render_templates(&mut appliance, &context, "kiln's appliance overlay")?;
+    root.merge(&appliance)?;
+    // First-boot configuration (accounts, ssh, network, ...) before the profile's overlays, which
+    // may still replace any of its files.
+    crate::provision::render(&profile.profile, &mut root, &modules).in_profile(&profile.path)?;
+    // Every inventory node's configuration; the device picks its own at boot (35-identity.sh).
+    if let (Some(cluster), Some(token)) = (&profile.profile.cluster, token) {
+        crate::cluster::render(cluster, token, &mut root).context("rendering the cluster configuration")?;
+        crate::cluster::services::install(cluster, &mut root, &modules).in_profile(&profile.path)?;
+    }
+    add_workloads(job, &mut root, &modules, &context, record)?;
+    add_profile_files(profile, &mut root, &context)?;
+    Ok(Root { tree: root, kver, kernel, modules, spill })
+}
+
+/// The base OS image (if any) and the packages, unpacked; returns the kernel's version and image.
+fn unpack(root: &mut Tree, inputs: &Inputs, record: &mut ManifestInputs) -> Result<(String, Content)> {
+    let arch = inputs.arch;
+    if let Some(image) = &inputs.os_image {
+        // `os.image`: the image is the bottom of the root; Debian's packages go on top.
+        crate::oci::base::lay_image(image, &inputs.cache, root, arch)?;
+        record.extend(crate::oci::manifest_inputs(std::slice::from_ref(image)));
+    }
+    for (pkg, path) in inputs.root_debs.iter().chain(inputs.kernel_deb.iter()) {
+        crate::deb::unpack_deb(path, root).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
+        record.push(deb_input(pkg));
+    }
+    match &inputs.os_image {
+        Some(image) => crate::oci::base::take_kernel(root, &image.reference, arch),
+        None => {
+            let kver = single_kernel_version(root)?;
+            let kernel = take_kernel(root, arch, &kver)?;
+            Ok((kver, kernel))
+        }
+    }
+}
+
+/// k3s, the container image archive, containerd, and what k3s deploys by itself.
+fn add_workloads(job: &Job, root: &mut Tree, modules: &ModuleSet, context: &serde_json::Value, record: &mut ManifestInputs) -> Result<()> {
+    let (profile, inputs, arch) = (job.profile, job.inputs, job.inputs.arch);
+    if let Some(k3s) = &inputs.k3s {
+        crate::k3s::place(k3s, root).context("placing k3s in the root")?;
+        record.extend(crate::k3s::manifest_inputs(k3s));
+    }
+    let engine = profile.profile.engine;
+    if !inputs.images.is_empty() {
+        // Written beside the image being built (the staging directory) and streamed into the
+        // squashfs from there: never held in memory.
+        let archive = job.dir.join(crate::oci::archive_name(arch, engine));
+        let zstd = engine == crate::containerd::Engine::K3s;
+        let size = crate::oci::layout::write_archive(&inputs.images, &inputs.cache, job.epoch, &archive, zstd)
+            .with_context(|| format!("{arch}: writing the image archive {}", archive.display()))?;
+        info!("{arch}: {} container images bundled ({} MiB)", inputs.images.len(), size >> 20);
+        crate::oci::place(&archive, arch, engine, root).context("placing the image archive in the root")?;
+        record.extend(crate::oci::manifest_inputs(&inputs.images));
+    }
+    if engine == crate::containerd::Engine::Containerd {
+        crate::containerd::install(&profile.profile, root, modules, !inputs.images.is_empty()).in_profile(&profile.path)?;
+    }
+    // What k3s deploys by itself (`manifests`, `charts`) and its `registries.yaml`.
+    let deployed = crate::deploy::place_manifests(&profile.profile, &profile.base_dir(), context, root)
+        .and_then(|mut m| {
+            m.extend(crate::deploy::place_charts(&inputs.charts, root)?);
+            if let Some(r) = &profile.profile.registries {
+                crate::registries::place(r, &profile.base_dir(), root)?;
+            }
+            Ok(m)
+        })
+        .in_profile(&profile.path)?;
+    record.extend(deployed);
+    Ok(())
+}
+
+/// The profile's overlays and files, on top of everything kiln put there; then the check that
+/// every program inittab starts is in the root.
+fn add_profile_files(profile: &LoadedProfile, root: &mut Tree, context: &serde_json::Value) -> Result<()> {
+    for o in &profile.profile.overlays {
+        let dir = profile.resolve(&o.value);
+        let mut t = crate::overlay::read_dir(&dir)?;
+        let origin = format!("overlay {}", dir.display());
+        crate::overlay::render_templates(&mut t, context, &origin).in_profile(&profile.path)?;
+        root.merge(&t).with_context(|| origin.clone())?;
+    }
+    let hb = crate::overlay::renderer();
+    for (i, f) in profile.profile.files.iter().enumerate() {
+        let content = if f.template {
+            crate::overlay::render(&hb, &f.content, context, &format!("files[{i}] ({})", f.path)).in_profile(&profile.path)?
+        } else {
+            f.content.clone()
+        };
+        root.add_file(&f.path, f.mode.0, content)?;
+    }
+    crate::inittab::check_programs(root).in_profile(&profile.path)
+}
+
+fn template_context(profile: &LoadedProfile, arch: Arch, kver: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": profile.profile.name,
+        "arch": arch.name(),
+        "profile": profile.profile,
+        "vars": profile.profile.vars,
+        "kiln": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "console": arch.serial_console(),
+            "kernel_version": kver,
+            "debian_arch": arch.debian(),
+        }
+    })
+}
+
+fn single_kernel_version(root: &Tree) -> Result<String> {
+    let versions = crate::kmod::kernel_versions(root);
+    match versions.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no kernel modules directory in the root: the kernel package did not unpack"),
+        many => bail!("several kernels in the root ({}); kiln boots exactly one", many.join(", ")),
+    }
+}
+
+/// Takes the bootable kernel image out of the root (it lives on the ESP) and drops `/boot`.
+fn take_kernel(root: &mut Tree, arch: Arch, kver: &str) -> Result<Content> {
+    let path = format!("{}{kver}", arch.kernel_file_prefix());
+    let content = match root.get_str(&path).map(|e| &e.kind) {
+        Some(Kind::File(c)) => c.clone(),
+        _ => bail!("the kernel package has no /{path}"),
+    };
+    root.remove(&TreePath::parse("boot")?);
+    Ok(content)
+}
+
+/// The root's squashfs, staged beside the outputs; its digest is taken while it is written.
+pub(super) struct Squashfs {
+    path: PathBuf,
+    len: u64,
+    sha256: String,
+}
+
+impl Squashfs {
+    pub(super) fn part(&self) -> Part<'_> {
+        Part::File { path: &self.path, len: self.len, sha256: &self.sha256 }
+    }
+}
+
+pub(super) fn write_squashfs(job: &Job, root: &Tree) -> Result<Squashfs> {
+    info!("{}: writing the squashfs root ({} entries)", job.inputs.arch, root.len());
+    // Written to a file in the staging directory, not into memory: with bundled container
+    // images the root can be GiBs.
+    let path = job.dir.join("root.squashfs");
+    let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = crate::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
+    crate::squashfs::write_squashfs(root, &mut out, &crate::squashfs::SquashfsOptions {
+        mtime: super::clamp32(job.epoch),
+        zstd_level: 15,
+        block_size: 128 * 1024,
+    })?;
+    out.flush().with_context(|| format!("writing {}", path.display()))?;
+    let (_, sha256, len) = out.finish();
+    Ok(Squashfs { path, len, sha256 })
+}
