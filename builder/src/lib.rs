@@ -36,6 +36,7 @@ pub mod reference;
 pub mod registries;
 pub mod serve;
 pub mod setup;
+pub mod size;
 pub mod spill;
 pub mod squashfs;
 #[cfg(test)]
