@@ -32,7 +32,6 @@ pub mod platform;
 pub mod profile;
 pub mod provision;
 pub mod qemu;
-pub mod reference;
 pub mod registries;
 pub mod serve;
 pub mod setup;

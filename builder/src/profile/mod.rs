@@ -15,6 +15,8 @@ use serde_saphyr::Spanned;
 use crate::arch::Arch;
 pub use crate::size::Size;
 
+pub mod reference;
+
 /// A kiln profile: everything one build needs.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
