@@ -17,7 +17,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::kmod::ModuleSet;
 use crate::profile::Profile;
-use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
+use crate::setup::{insert, owned, AccountFiles, CHRONY_ACCOUNT};
+use crate::tree::{Content, Kind, Tree};
 
 /// Debian's package with the dropbear SSH server (`/usr/sbin/dropbear`, `dropbearkey`).
 pub const DROPBEAR_PACKAGE: &str = "dropbear-bin";
@@ -25,10 +26,6 @@ pub const DROPBEAR_PACKAGE: &str = "dropbear-bin";
 pub const TZDATA_PACKAGE: &str = "tzdata";
 /// Debian's NTP client and server (`/usr/sbin/chronyd`, `/usr/bin/chronyc`), for `time.servers`.
 pub const CHRONY_PACKAGE: &str = "chrony";
-/// The account chronyd drops to after start-up (Debian's postinst would create it; kiln runs no
-/// maintainer scripts, so it adds the account itself). Below 1000, clear of the base accounts.
-const CHRONY_USER: &str = "_chrony";
-const CHRONY_ID: u32 = 101;
 /// The first uid (and user-private gid) given to the profile's users, in order.
 pub const FIRST_UID: u32 = 1000;
 const DEFAULT_SHELL: &str = "/bin/sh";
@@ -280,7 +277,7 @@ fn is_dns_label(s: &str) -> bool {
 fn reserved_names() -> BTreeSet<&'static str> {
     let mut names: BTreeSet<&'static str> =
         crate::setup::PASSWD.lines().chain(crate::setup::GROUP.lines()).filter_map(|l| l.split(':').next()).collect();
-    names.insert(CHRONY_USER);
+    names.insert(crate::setup::CHRONY_ACCOUNT.name);
     names
 }
 
@@ -473,27 +470,9 @@ pub fn render(p: &Profile, root: &mut Tree, modules: &ModuleSet) -> Result<()> {
     Ok(())
 }
 
-fn file_text(root: &Tree, path: &str) -> Result<String> {
-    match root.get_str(path).map(|e| &e.kind) {
-        Some(Kind::File(c)) => String::from_utf8(c.read()?.into_owned()).with_context(|| format!("/{path} is not UTF-8")),
-        _ => bail!("/{path} is missing from the root"),
-    }
-}
-
-fn insert(root: &mut Tree, path: &str, meta: Meta, kind: Kind) -> Result<()> {
-    root.insert(&TreePath::parse(path)?, Entry { meta, kind })?;
-    Ok(())
-}
-
-fn owned(mode: u32, uid: u32, gid: u32) -> Meta {
-    Meta { mode, uid, gid, mtime: 0 }
-}
-
 /// passwd/group/shadow additions, homes and authorized_keys.
 fn accounts(p: &Profile, root: &mut Tree) -> Result<()> {
-    let mut passwd = file_text(root, "etc/passwd")?;
-    let mut group = file_text(root, "etc/group")?;
-    let mut shadow = file_text(root, "etc/shadow")?;
+    let AccountFiles { mut passwd, mut group, mut shadow } = AccountFiles::read(root)?;
     let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut uid = FIRST_UID;
     for (i, u) in p.users.iter().enumerate() {
@@ -522,11 +501,8 @@ fn accounts(p: &Profile, root: &mut Tree) -> Result<()> {
         uid += 1;
     }
     let group: String = group.lines().map(|l| add_members(l, &members) + "\n").collect();
-    root.add_file("etc/passwd", 0o644, passwd)?;
-    root.add_file("etc/group", 0o644, group)?;
     // Password hashes: readable by root only.
-    insert(root, "etc/shadow", owned(0o600, 0, 0), Kind::File(Content::bytes(shadow)))?;
-    Ok(())
+    AccountFiles { passwd, group, shadow }.write(root)
 }
 
 /// `name:x:gid:a,b` with the profile's users appended to the member list.
@@ -655,23 +631,9 @@ fn chrony(p: &Profile, root: &mut Tree) -> Result<()> {
         bail!("key `time.servers`: NTP needs the `{CHRONY_PACKAGE}` package, but /usr/sbin/chronyd is missing from the root");
     }
     root.add_file("etc/chrony/chrony.conf", 0o644, chrony_conf(&p.time.servers)?)?;
-    add_system_account(root, CHRONY_USER, CHRONY_ID, "chrony", "/var/lib/chrony")?;
+    crate::setup::add_system_account(root, &CHRONY_ACCOUNT)?;
     // -d: stay in the foreground for init and log to the console (source selection, clock steps).
-    crate::inittab::append(root, "NTP client (profile key `time.servers`), restarted by init if it exits.", &format!("::respawn:/usr/sbin/chronyd -d -u {CHRONY_USER}"))
-}
-
-/// Adds a locked system account with its own group (what a Debian maintainer script would have
-/// created; kiln runs none). `id` is below 1000, clear of the base accounts and of other services'.
-pub(crate) fn add_system_account(root: &mut Tree, name: &str, id: u32, gecos: &str, home: &str) -> Result<()> {
-    let mut passwd = file_text(root, "etc/passwd")?;
-    let mut group = file_text(root, "etc/group")?;
-    let mut shadow = file_text(root, "etc/shadow")?;
-    passwd.push_str(&format!("{name}:x:{id}:{id}:{gecos}:{home}:/usr/sbin/nologin\n"));
-    group.push_str(&format!("{name}:x:{id}:\n"));
-    shadow.push_str(&format!("{name}:*:0:0:99999:7:::\n"));
-    root.add_file("etc/passwd", 0o644, passwd)?;
-    root.add_file("etc/group", 0o644, group)?;
-    insert(root, "etc/shadow", owned(0o600, 0, 0), Kind::File(Content::bytes(shadow)))
+    crate::inittab::append(root, "NTP client (profile key `time.servers`), restarted by init if it exits.", &format!("::respawn:/usr/sbin/chronyd -d -u {}", CHRONY_ACCOUNT.name))
 }
 
 pub fn sysctl_conf(map: &BTreeMap<String, SysctlValue>) -> String {
@@ -700,6 +662,8 @@ fn kernel_modules(p: &Profile, root: &mut Tree, modules: &ModuleSet) -> Result<(
 mod tests {
     use super::*;
     use crate::profile::parse;
+    use crate::setup::file_text;
+    use crate::tree::TreePath;
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOaKqWL3yl+u4dh7kBSnQmHzBvlhH7j2N2T4b9LFtjrq alice@laptop";
 

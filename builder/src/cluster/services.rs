@@ -14,10 +14,6 @@ use crate::tree::{Kind, Tree};
 pub const ETCD_PACKAGE: &str = "etcd-server";
 /// The etcd binary `etcd-run` starts.
 const ETCD_BINARY: &str = "usr/bin/etcd";
-/// The account etcd runs as (Debian's postinst would create it; kiln runs no maintainer
-/// scripts). Below 1000 and clear of the other service accounts kiln adds.
-const ETCD_USER: &str = "etcd";
-const ETCD_ID: u32 = 102;
 /// The modules k3s's agent loads at start (its `syssetup`: overlay filesystem for containerd,
 /// conntrack and bridge netfilter for kube-proxy and flannel, the iptables tables it writes).
 /// Loaded at boot by `22-modules.sh` as well, so a kernel without them fails the build instead
@@ -58,7 +54,7 @@ pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> 
         if !root.contains(ETCD_BINARY) {
             bail!("key `cluster.nodes`: etcd members need the `{ETCD_PACKAGE}` package, but /{ETCD_BINARY} is missing from the root");
         }
-        crate::provision::add_system_account(root, ETCD_USER, ETCD_ID, "etcd", "/var/lib/etcd")?;
+        crate::setup::add_system_account(root, &crate::setup::ETCD_ACCOUNT)?;
         crate::inittab::append(
             root,
             "etcd member (nodes with the `etcd` role; others idle), restarted by init if it exits; output in /var/log/etcd.log.",
