@@ -101,7 +101,7 @@ fn nodes(c: &Cluster) -> Result<()> {
             (None, Some(_)) => bail!("key `{key}.gateway`: a gateway goes with a static `address`"),
             (None, None) => {}
             (Some(a), g) => {
-                let ip = crate::provision::parse_cidr(a).with_context(|| format!("key `{key}.address`"))?;
+                let ip = crate::profile::system::parse_cidr(a).with_context(|| format!("key `{key}.address`"))?;
                 if let Some(j) = ips.insert(ip, i) {
                     bail!("key `{key}.address`: {ip} is also the address of `cluster.nodes[{j}]` (`{}`)", c.nodes[j].name);
                 }

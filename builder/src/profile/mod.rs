@@ -16,6 +16,7 @@ use crate::arch::Arch;
 pub use crate::size::Size;
 
 pub mod reference;
+pub mod system;
 
 /// A kiln profile: everything one build needs.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -58,20 +59,20 @@ pub struct Profile {
     pub hostname: Option<String>,
     /// Login accounts, with SSH keys (see "First-boot configuration" in the README).
     #[serde(default)]
-    pub users: Vec<crate::provision::User>,
+    pub users: Vec<system::User>,
     /// The SSH server and its login policy.
     #[serde(default)]
-    pub ssh: crate::provision::Ssh,
+    pub ssh: system::Ssh,
     /// Network configuration. Default: DHCP on every wired interface.
     #[serde(default)]
-    pub network: crate::provision::Network,
+    pub network: system::Network,
     /// Time zone and time synchronisation.
     #[serde(default)]
-    pub time: crate::provision::Time,
+    pub time: system::Time,
     /// Kernel parameters (`net.ipv4.ip_forward: 1`), written to `/etc/sysctl.d/kiln.conf` and
     /// applied at every boot.
     #[serde(default)]
-    pub sysctl: BTreeMap<String, crate::provision::SysctlValue>,
+    pub sysctl: BTreeMap<String, system::SysctlValue>,
     /// A k3s cluster formed from this one image (see "Clusters" in the README). Absent: no cluster.
     #[serde(default)]
     pub cluster: Option<crate::cluster::Cluster>,
@@ -500,7 +501,7 @@ impl LoadedProfile {
                 bail!("{file}: key `vars.{k}`: variable names are letters, digits, `_` and `-`");
             }
         }
-        crate::provision::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        system::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::oci::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::containerd::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
