@@ -42,7 +42,7 @@ mod tests {
         fn new(cmdline: &str, nics: &[(&str, &str)]) -> Machine {
             let yaml = "name: demo\narch: [x86_64]\nnetwork: {dns: [10.0.0.1]}\ncluster:\n  name: lab\n  datastore: external-etcd\n  api_address: 10.0.0.10\n  nodes:\n    - {name: e1, mac: \"52:54:00:00:00:01\", roles: [etcd, server], address: 10.0.0.11/24, gateway: 10.0.0.1}\n    - {name: e2, mac: \"52:54:00:00:00:02\", roles: [etcd, server], address: 10.0.0.12/24}\n    - {name: e3, mac: \"52:54:00:00:00:03\", roles: [etcd, server], address: 10.0.0.13/24}\n    - {name: a1, mac: [\"52:54:00:00:00:04\", \"52:54:00:00:00:14\"], roles: [agent]}\n  k3s: {version: v1.33.5+k3s1}\n";
             let p = crate::profile::parse(yaml).unwrap();
-            crate::cluster::validate(&p).unwrap();
+            crate::profile::cluster::validate(&p).unwrap();
             let dir = tempfile::tempdir().unwrap();
             let root = dir.path().join("root");
             let write = |path: &str, text: &str| {

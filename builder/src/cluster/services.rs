@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 
-use super::{Cluster, DefaultRole, Role};
+use crate::profile::cluster::Cluster;
 use crate::kmod::ModuleSet;
 use crate::tree::{Kind, Tree};
 
@@ -23,19 +23,6 @@ const MODULES_LOAD: &str = "etc/kiln/modules-load.conf";
 /// The readiness script, an inittab `once` entry (the boot script leaves `[kiln] ready` to it).
 pub const AWAIT_ROLES: &str = "/usr/lib/kiln/await-roles";
 const ETCD_RUN: &str = "/usr/lib/kiln/etcd-run";
-
-impl Cluster {
-    /// Whether any machine runs k3s: a node with the `server` or `agent` role, or a default role
-    /// other than `none`. An etcd-only cluster (e.g. the datastore group of an external-etcd
-    /// layout built as its own image) needs no k3s release.
-    pub fn needs_k3s(&self) -> bool {
-        self.default_role != DefaultRole::None || self.nodes.iter().any(|n| n.has(Role::Server) || n.has(Role::Agent))
-    }
-
-    pub fn has_etcd(&self) -> bool {
-        self.etcd_members().next().is_some()
-    }
-}
 
 /// The Debian packages the cluster's services need in the root.
 pub fn packages(c: &Cluster) -> Vec<&'static str> {

@@ -181,7 +181,7 @@ pub struct Chart {
 
 /// Whether `s` is a lower-case DNS label (RFC 1123) of at most `max` characters.
 fn is_label(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && crate::cluster::is_label(s)
+    !s.is_empty() && s.len() <= max && crate::profile::cluster::is_label(s)
 }
 
 /// Checks of one entry that need no chart: the source's shape and the names.

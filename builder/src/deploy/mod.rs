@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 
-use crate::cluster::{Cluster, DefaultRole};
+use crate::profile::cluster::{Cluster, DefaultRole};
 use crate::manifest::Input;
 use crate::profile::Profile;
 use crate::tree::Tree;

@@ -15,6 +15,7 @@ use serde_saphyr::Spanned;
 use crate::arch::Arch;
 pub use crate::size::Size;
 
+pub mod cluster;
 pub mod reference;
 pub mod system;
 
@@ -75,7 +76,7 @@ pub struct Profile {
     pub sysctl: BTreeMap<String, system::SysctlValue>,
     /// A k3s cluster formed from this one image (see "Clusters" in the README). Absent: no cluster.
     #[serde(default)]
-    pub cluster: Option<crate::cluster::Cluster>,
+    pub cluster: Option<cluster::Cluster>,
     /// Container images bundled for k3s (needs `cluster`) or for `engine: containerd`:
     /// references by tag or digest (`registry/repository:tag`, `...@sha256:<hex>`;
     /// `busybox:1.36` means Docker Hub). Each is pulled once per architecture (an index is
@@ -502,7 +503,7 @@ impl LoadedProfile {
             }
         }
         system::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        crate::cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::oci::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::containerd::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::deploy::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
