@@ -23,6 +23,7 @@ use anyhow::{bail, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::image_ref::ImageRef;
 use crate::kmod::ModuleSet;
 use crate::profile::Profile;
 use crate::tree::Tree;
@@ -74,7 +75,7 @@ pub struct Container {
     pub name: String,
     /// The image, exactly one of `images` (compared after normalising: `busybox:1.36` and
     /// `docker.io/library/busybox:1.36` are the same).
-    pub image: String,
+    pub image: ImageRef,
     /// The command and its arguments, replacing the image's entrypoint and command. Empty: the
     /// image's own.
     #[serde(default)]
@@ -177,7 +178,7 @@ pub fn validate(p: &Profile) -> Result<()> {
             }
         }
     }
-    let images: BTreeSet<String> = p.images.iter().filter_map(|i| crate::oci::parse_reference(i).ok()).map(|r| r.whole()).collect();
+    let images: BTreeSet<String> = p.images.iter().map(ImageRef::whole).collect();
     let mut names = BTreeMap::new();
     for (i, c) in p.containers.iter().enumerate() {
         let key = format!("containers[{i}]");
@@ -187,10 +188,13 @@ pub fn validate(p: &Profile) -> Result<()> {
         if let Some(j) = names.insert(c.name.as_str(), i) {
             bail!("key `{key}.name`: `{}` is already the name of `containers[{j}]`", c.name);
         }
-        let image = crate::oci::parse_reference(&c.image).map_err(|e| anyhow::anyhow!("key `{key}.image`: {e:#}"))?.whole();
-        if !images.contains(&image) {
-            let listed = if p.images.is_empty() { "`images` is empty".to_string() } else { format!("`images` lists {}", p.images.join(", ")) };
-            bail!("key `{key}.image`: `{}` is not one of the bundled images ({listed}); add it to `images`", c.image);
+        if !images.contains(&c.image.whole()) {
+            let listed = if p.images.is_empty() {
+                "`images` is empty".to_string()
+            } else {
+                format!("`images` lists {}", p.images.iter().map(ImageRef::as_str).collect::<Vec<_>>().join(", "))
+            };
+            bail!("key `{key}.image`: `{}` is not one of the bundled images ({listed}); add it to `images`", c.image.as_str());
         }
         for k in c.env.keys() {
             let mut chars = k.chars();
@@ -267,7 +271,7 @@ pub fn install(p: &Profile, root: &mut Tree, modules: &ModuleSet, with_images: b
     root.add_file(CONFIG_TOML, 0o644, CONFIG)?;
     crate::cluster::services::load_modules(root, modules, MODULES, "engine")?;
     for c in &p.containers {
-        let image = crate::oci::parse_reference(&c.image)?.whole();
+        let image = c.image.whole();
         root.add_file(&format!("{CONF_DIR}/{}.conf", c.name), 0o644, container_conf(c, &image))?;
     }
     crate::inittab::append(root, "containerd (engine: containerd), restarted by init if it exits; output in /var/log/containerd.log.", &format!("::respawn:{CONTAINERD_RUN}"))?;

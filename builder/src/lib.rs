@@ -17,6 +17,7 @@ pub mod elfclosure;
 pub mod esp;
 pub mod fat;
 pub mod fetch;
+pub mod image_ref;
 pub mod gpt;
 pub mod initramfs;
 pub mod inittab;

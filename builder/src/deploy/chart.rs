@@ -3,14 +3,18 @@
 //! needed), its name and version read from its `Chart.yaml`, and the `HelmChart` manifest that
 //! makes k3s's Helm controller install it from k3s's own static file server, offline.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Context, Result};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::image_ref::{ImageRef, InvalidImageRef};
 use crate::tree::Content;
 
 /// k3s serves this directory at `https://<api>/static/` to its Helm controller.
@@ -31,7 +35,7 @@ pub struct ChartSpec {
     /// options of `image_registries` for that host, verified and cached like images), a packaged
     /// chart `.tgz`, or a chart directory (with `Chart.yaml`) that kiln packs itself. Paths are
     /// relative to the profile.
-    pub chart: String,
+    pub chart: ChartRef,
     /// The release name (the `HelmChart`'s name): a lower-case DNS label of at most 53
     /// characters. Default: the chart's name.
     #[serde(default)]
@@ -49,11 +53,72 @@ pub struct ChartSpec {
     pub values: BTreeMap<String, serde_json::Value>,
 }
 
+/// A `charts` entry's `chart` as written: `oci://<reference>`, whose reference is parsed and
+/// checked when the profile is read, or a path. `Display` and serde give the text back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChartRef {
+    /// A registry chart (the reference after `oci://`).
+    Oci(ImageRef),
+    /// A packaged chart or a chart directory, relative to the profile.
+    Path(String),
+}
+
+impl FromStr for ChartRef {
+    type Err = InvalidImageRef;
+    fn from_str(s: &str) -> Result<ChartRef, InvalidImageRef> {
+        match s.strip_prefix("oci://") {
+            Some(r) => r.parse().map(ChartRef::Oci),
+            None => Ok(ChartRef::Path(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for ChartRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChartRef::Oci(r) => write!(f, "oci://{}", r.as_str()),
+            ChartRef::Path(p) => f.write_str(p),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ChartRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for ChartRef {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A plain string in the schema, like [`ImageRef`].
+impl JsonSchema for ChartRef {
+    fn inline_schema() -> bool {
+        String::inline_schema()
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        String::schema_name()
+    }
+
+    fn schema_id() -> Cow<'static, str> {
+        String::schema_id()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        String::json_schema(generator)
+    }
+}
+
 /// Where a chart entry comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
-    /// A registry reference (without `oci://`).
-    Oci(String),
+    /// A registry reference.
+    Oci(ImageRef),
     /// A packaged chart.
     Archive(PathBuf),
     /// A chart directory.
@@ -61,13 +126,11 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn parse(s: &str, base_dir: &Path) -> Source {
-        if let Some(r) = s.strip_prefix("oci://") {
-            Source::Oci(r.to_string())
-        } else if s.ends_with(".tgz") || s.ends_with(".tar.gz") {
-            Source::Archive(base_dir.join(s))
-        } else {
-            Source::Dir(base_dir.join(s))
+    pub fn of(chart: &ChartRef, base_dir: &Path) -> Source {
+        match chart {
+            ChartRef::Oci(r) => Source::Oci(r.clone()),
+            ChartRef::Path(s) if s.ends_with(".tgz") || s.ends_with(".tar.gz") => Source::Archive(base_dir.join(s)),
+            ChartRef::Path(s) => Source::Dir(base_dir.join(s)),
         }
     }
 }
@@ -187,10 +250,9 @@ fn is_label(s: &str, max: usize) -> bool {
 /// Checks of one entry that need no chart: the source's shape and the names.
 pub fn validate(i: usize, spec: &ChartSpec, base_dir: &Path) -> Result<()> {
     let key = format!("charts[{i}]");
-    match Source::parse(&spec.chart, base_dir) {
+    match Source::of(&spec.chart, base_dir) {
         Source::Oci(r) => {
-            crate::oci::parse_reference(&r).map_err(|e| anyhow!("key `{key}.chart`: {e:#}"))?;
-            if !r.contains('/') {
+            if !r.as_str().contains('/') {
                 bail!("key `{key}.chart`: `{}` names no registry host (`oci://host/repository/name:version`)", spec.chart);
             }
         }
@@ -228,7 +290,7 @@ pub fn gather(specs: &[ChartSpec], base_dir: &Path, puller: &mut crate::oci::pul
     let mut out: Vec<Chart> = Vec::new();
     for (index, spec) in specs.iter().enumerate() {
         let key = format!("charts[{index}]");
-        let (meta, content, sha256, size, source, resolved) = match Source::parse(&spec.chart, base_dir) {
+        let (meta, content, sha256, size, source, resolved) = match Source::of(&spec.chart, base_dir) {
             Source::Oci(r) => {
                 let pulled = puller.chart(&r).with_context(|| format!("key `{key}`"))?;
                 let what = format!("key `{key}`: chart `oci://{}`", pulled.reference);
@@ -243,13 +305,13 @@ pub fn gather(specs: &[ChartSpec], base_dir: &Path, puller: &mut crate::oci::pul
                 let meta = read_meta(file, &what)?;
                 let sha = crate::cache::sha256_file(&p).with_context(|| format!("{what}: reading it"))?;
                 let size = std::fs::metadata(&p)?.len();
-                (meta, Content::HostFile(p), sha, size, spec.chart.clone(), None)
+                (meta, Content::HostFile(p), sha, size, spec.chart.to_string(), None)
             }
             Source::Dir(p) => {
                 let (meta, bytes) = pack_dir(&p, mtime).with_context(|| format!("key `{key}`"))?;
                 let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
                 let size = bytes.len() as u64;
-                (meta, Content::bytes(bytes), sha, size, spec.chart.clone(), None)
+                (meta, Content::bytes(bytes), sha, size, spec.chart.to_string(), None)
             }
         };
         if let Some(want) = &spec.version {
@@ -399,12 +461,14 @@ pub(crate) mod tests {
     #[test]
     fn entries_are_checked_before_anything_is_pulled() {
         let d = tempfile::tempdir().unwrap();
-        let spec = |chart: &str| ChartSpec { chart: chart.into(), name: None, namespace: None, version: None, values: BTreeMap::new() };
+        let spec = |chart: &str| ChartSpec { chart: chart.parse().unwrap(), name: None, namespace: None, version: None, values: BTreeMap::new() };
         let e = validate(0, &spec("missing.tgz"), d.path()).unwrap_err().to_string();
         assert!(e.contains("charts[0].chart") && e.contains("missing.tgz"), "{e}");
         let e = validate(1, &spec("nodir"), d.path()).unwrap_err().to_string();
         assert!(e.contains("charts[1].chart") && e.contains("no Chart.yaml"), "{e}");
-        assert!(validate(0, &spec("oci://Not A Ref"), d.path()).is_err());
+        assert!("oci://Not A Ref".parse::<ChartRef>().unwrap_err().to_string().contains("`Not A Ref` is not an image reference"));
+        let e = validate(0, &spec("oci://hello:0.1.0"), d.path()).unwrap_err().to_string();
+        assert!(e.contains("charts[0].chart") && e.contains("`oci://hello:0.1.0` names no registry host"), "{e}");
         validate(0, &spec("oci://r.example:5000/charts/hello:0.1.0"), d.path()).unwrap();
         let e = validate(0, &ChartSpec { name: Some("traefik".into()), ..spec("oci://r.example/c/t:1") }, d.path()).unwrap_err().to_string();
         assert!(e.contains("packaged charts"), "{e}");

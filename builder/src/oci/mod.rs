@@ -82,24 +82,12 @@ impl Image {
     }
 }
 
-/// Parses and normalises an image reference (`busybox` -> `docker.io/library/busybox:latest`).
-pub fn parse_reference(s: &str) -> Result<oci_client::Reference> {
-    let r: oci_client::Reference = s
-        .parse()
-        .map_err(|e| anyhow::anyhow!("`{s}` is not an image reference (`registry/repository:tag` or `...@sha256:<digest>`): {e}"))?;
-    if let Some(d) = r.digest() {
-        manifest::check_digest(d).map_err(|e| anyhow::anyhow!("`{s}`: {e}"))?;
-    }
-    Ok(r)
-}
-
 /// Semantic checks of `images` and `image_registries` (the profile file is named by the caller).
 pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
     let mut seen = BTreeMap::new();
-    for (i, s) in p.images.iter().enumerate() {
-        let r = parse_reference(s).map_err(|e| anyhow::anyhow!("key `images[{i}]`: {e:#}"))?;
+    for (i, r) in p.images.iter().enumerate() {
         if let Some(j) = seen.insert(r.whole(), i) {
-            bail!("key `images[{i}]`: `{s}` is the same image as `images[{j}]` ({})", r.whole());
+            bail!("key `images[{i}]`: `{}` is the same image as `images[{j}]` ({r})", r.as_str());
         }
     }
     if !p.images.is_empty() && p.cluster.is_none() && p.engine == crate::containerd::Engine::K3s {
@@ -177,16 +165,6 @@ pub fn manifest_inputs(images: &[Image]) -> Vec<Input> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn references_are_normalised_and_checked() {
-        assert_eq!(parse_reference("busybox").unwrap().whole(), "docker.io/library/busybox:latest");
-        assert_eq!(parse_reference("127.0.0.1:5000/t/hello:1").unwrap().registry(), "127.0.0.1:5000");
-        let d = format!("r.example/app@sha256:{}", "a".repeat(64));
-        assert_eq!(parse_reference(&d).unwrap().digest(), Some(format!("sha256:{}", "a".repeat(64)).as_str()));
-        assert!(parse_reference("Not A Ref").is_err());
-        assert!(parse_reference(&format!("r.example/app@sha512:{}", "a".repeat(128))).is_err());
-    }
 
     #[test]
     fn images_need_a_cluster_and_no_duplicates() {

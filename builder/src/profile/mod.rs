@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_saphyr::Spanned;
 
 use crate::arch::Arch;
+use crate::image_ref::ImageRef;
 pub use crate::size::Size;
 
 pub mod cluster;
@@ -84,7 +85,7 @@ pub struct Profile {
     /// `/usr/lib/kiln/images/kiln-images-<arch>.tar.zst` (k3s) or `.tar` (containerd), which the
     /// engine imports at boot. See "Air-gapped container images" in the README.
     #[serde(default)]
-    pub images: Vec<String>,
+    pub images: Vec<ImageRef>,
     /// Pull options per registry host (as written in `images`, e.g. `registry.local:5000`):
     /// `insecure_http: true` (plain HTTP for this host only), `ca_file` (PEM CA certificates to
     /// trust), `username` with `password_file` (default: the host's entry in
@@ -149,7 +150,7 @@ pub struct Os {
     /// kernel and modules boot the appliance. kiln still adds busybox, its boot scripts and init
     /// from `suite`. See "Base OS from an OCI image" in the README.
     #[serde(default)]
-    pub image: Option<String>,
+    pub image: Option<ImageRef>,
 }
 
 fn default_suite() -> String {
@@ -466,9 +467,6 @@ impl LoadedProfile {
             if pkg.is_empty() || pkg.contains(char::is_whitespace) {
                 bail!("{file}: key `os.packages`: `{pkg}` is not a Debian package name");
             }
-        }
-        if let Some(image) = &p.os.image {
-            crate::oci::parse_reference(image).map_err(|e| anyhow::anyhow!("{file}: key `os.image`: {e:#}"))?;
         }
         for o in &p.overlays {
             let dir = self.resolve(&o.value);
