@@ -495,15 +495,15 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
         // Written beside the image being built (the staging directory) and streamed into the
         // squashfs from there: never held in memory.
         let archive = dir.join(crate::oci::archive_name(arch, engine));
-        let zstd = engine == crate::containerd::Engine::K3s;
+        let zstd = engine == crate::profile::containers::Engine::K3s;
         let size = crate::oci::layout::write_archive(&inputs.images, &inputs.cache, epoch, &archive, zstd)
             .with_context(|| format!("{arch}: writing the image archive {}", archive.display()))?;
         info!("{arch}: {} container images bundled ({} MiB)", inputs.images.len(), size >> 20);
         crate::oci::place(&archive, arch, engine, &mut root).context("placing the image archive in the root")?;
         manifest_inputs.extend(crate::oci::manifest_inputs(&inputs.images));
     }
-    if engine == crate::containerd::Engine::Containerd {
-        crate::containerd::install(&profile.profile, &mut root, &modules, !inputs.images.is_empty())
+    if engine == crate::profile::containers::Engine::Containerd {
+        crate::containerd::install(&profile.profile.containers, &mut root, &modules, !inputs.images.is_empty())
             .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
     }
     // What k3s deploys by itself (`manifests`, `charts`) and its `registries.yaml`.

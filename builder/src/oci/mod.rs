@@ -22,7 +22,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
-use crate::containerd::Engine;
+use crate::profile::containers::Engine;
 use crate::manifest::Input;
 use crate::profile::Profile;
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
@@ -90,7 +90,7 @@ pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
             bail!("key `images[{i}]`: `{}` is the same image as `images[{j}]` ({r})", r.as_str());
         }
     }
-    if !p.images.is_empty() && p.cluster.is_none() && p.engine == crate::containerd::Engine::K3s {
+    if !p.images.is_empty() && p.cluster.is_none() && p.engine == Engine::K3s {
         bail!("key `images`: with the default engine the bundled images are imported by k3s, so `images` needs `cluster`; for containers without Kubernetes set `engine: containerd`");
     }
     for (host, r) in &p.image_registries {

@@ -17,6 +17,7 @@ use crate::image_ref::ImageRef;
 pub use crate::size::Size;
 
 pub mod cluster;
+pub mod containers;
 pub mod reference;
 pub mod system;
 
@@ -97,11 +98,11 @@ pub struct Profile {
     /// `containers` run from them; not together with `cluster`). See "Container appliances
     /// (engine: containerd)" in the README.
     #[serde(default)]
-    pub engine: crate::containerd::Engine,
+    pub engine: containers::Engine,
     /// Containers an `engine: containerd` appliance runs, each from one of `images`, started
     /// and supervised by init (logs in `/var/log/containers/<name>.log` and on the console).
     #[serde(default)]
-    pub containers: Vec<crate::containerd::Container>,
+    pub containers: Vec<containers::Container>,
     /// Kubernetes YAML that the k3s servers apply at start (needs a `cluster` with servers):
     /// files or directories (relative to the profile), installed into k3s's auto-deploy
     /// directory `/var/lib/rancher/k3s/server/manifests/`. Files must end in `.yaml`, `.yml` or
@@ -503,7 +504,7 @@ impl LoadedProfile {
         system::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::oci::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        crate::containerd::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        containers::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::deploy::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::registries::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
