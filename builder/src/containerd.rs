@@ -138,14 +138,6 @@ mod tests {
         crate::profile::parse(&format!("name: d\narch: [x86_64]\n{IMAGES}{extra}")).unwrap()
     }
 
-    #[test]
-    fn images_need_a_cluster_only_with_k3s() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::oci::validate(&profile("engine: containerd\n"), dir.path()).unwrap();
-        let e = format!("{:#}", crate::oci::validate(&profile(""), dir.path()).unwrap_err());
-        assert!(e.contains("needs `cluster`") && e.contains("engine: containerd"), "{e}");
-    }
-
     /// Runs a generated settings file through a real shell and prints the parameters it sets,
     /// one per line: what `ctr run` would receive.
     #[test]

@@ -95,7 +95,7 @@ mod tests {
     use super::*;
     use crate::cache::Cache;
     use crate::fetch::Fetcher;
-    use crate::oci::Registry;
+    use crate::profile::images::Registry;
     use sha2::{Digest, Sha256};
     use std::collections::BTreeMap;
 

@@ -23,11 +23,12 @@ use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 
 use super::manifest::{self, Descriptor, Document};
-use super::{Image, Registry};
+use super::Image;
 use crate::arch::Arch;
 use crate::cache::{CacheError, Mismatch};
 use crate::fetch::Fetcher;
 use crate::image_ref::ImageRef;
+use crate::profile::images::Registry;
 
 /// Manifests and indexes are small documents; anything bigger is a wrong response.
 const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;

@@ -18,6 +18,7 @@ pub use crate::size::Size;
 
 pub mod cluster;
 pub mod containers;
+pub mod images;
 pub mod reference;
 pub mod system;
 
@@ -92,7 +93,7 @@ pub struct Profile {
     /// trust), `username` with `password_file` (default: the host's entry in
     /// `$REGISTRY_AUTH_FILE` or `~/.docker/config.json`, else anonymous).
     #[serde(default)]
-    pub image_registries: BTreeMap<String, crate::oci::Registry>,
+    pub image_registries: BTreeMap<String, images::Registry>,
     /// What runs the workloads: `k3s` (default; `images` need `cluster`) or `containerd`
     /// (container appliances without Kubernetes: `images` are imported by containerd and
     /// `containers` run from them; not together with `cluster`). See "Container appliances
@@ -503,7 +504,7 @@ impl LoadedProfile {
         }
         system::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        crate::oci::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        images::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         containers::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::deploy::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::registries::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
