@@ -507,7 +507,7 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
             .map_err(|e| UsageError(format!("{}: {e:#}", profile.path.display())))?;
     }
     // What k3s deploys by itself (`manifests`, `charts`) and its `registries.yaml`.
-    let deployed = crate::deploy::place_manifests(&profile.profile, &profile.base_dir(), &context, &mut root)
+    let deployed = crate::deploy::place_manifests(&profile.profile.manifests, &profile.base_dir(), &context, &mut root)
         .and_then(|mut m| {
             m.extend(crate::deploy::place_charts(&inputs.charts, &mut root)?);
             if let Some(r) = &profile.profile.registries {

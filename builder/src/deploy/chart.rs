@@ -1,139 +1,24 @@
 //! Helm charts (profile key `charts`): where a chart comes from (an OCI registry, a packaged
 //! `.tgz`, or a chart directory that kiln packs itself, reproducibly, so no `helm` binary is
 //! needed), its name and version read from its `Chart.yaml`, and the `HelmChart` manifest that
-//! makes k3s's Helm controller install it from k3s's own static file server, offline.
+//! makes k3s's Helm controller install it from k3s's own static file server, offline. The
+//! `charts` entry's types and checks are in `profile::deploy`.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::fmt;
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use schemars::{JsonSchema, Schema, SchemaGenerator};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::image_ref::{ImageRef, InvalidImageRef};
+use crate::profile::deploy::{check_release, ChartSpec, Source};
 use crate::tree::Content;
 
 /// k3s serves this directory at `https://<api>/static/` to its Helm controller.
 pub const STATIC_DIR: &str = "var/lib/rancher/k3s/server/static/charts";
 /// The namespace k3s's Helm controller watches for `HelmChart` resources.
 const HELMCHART_NAMESPACE: &str = "kube-system";
-/// Release names of k3s's own packaged `HelmChart`s: a chart of the profile with one of these
-/// names would fight k3s over it.
-const K3S_RELEASES: &[&str] = &["traefik", "traefik-crd"];
 /// `Chart.yaml` is small; a bigger one is not a chart's.
 const CHART_YAML_LIMIT: u64 = 1 << 20;
-
-/// One entry of `charts`.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ChartSpec {
-    /// The chart: `oci://host/repository/name:version` (or `...@sha256:<hex>`; pulled with the
-    /// options of `image_registries` for that host, verified and cached like images), a packaged
-    /// chart `.tgz`, or a chart directory (with `Chart.yaml`) that kiln packs itself. Paths are
-    /// relative to the profile.
-    pub chart: ChartRef,
-    /// The release name (the `HelmChart`'s name): a lower-case DNS label of at most 53
-    /// characters. Default: the chart's name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The namespace the chart's resources go into (`targetNamespace`; created if missing).
-    /// Default: `default`.
-    #[serde(default)]
-    pub namespace: Option<String>,
-    /// The chart version this entry expects: the build fails if the chart's `Chart.yaml` says
-    /// otherwise. Written into the `HelmChart` as `version`.
-    #[serde(default)]
-    pub version: Option<String>,
-    /// Values for the chart (a YAML mapping), written into the `HelmChart` as `valuesContent`.
-    #[serde(default)]
-    pub values: BTreeMap<String, serde_json::Value>,
-}
-
-/// A `charts` entry's `chart` as written: `oci://<reference>`, whose reference is parsed and
-/// checked when the profile is read, or a path. `Display` and serde give the text back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChartRef {
-    /// A registry chart (the reference after `oci://`).
-    Oci(ImageRef),
-    /// A packaged chart or a chart directory, relative to the profile.
-    Path(String),
-}
-
-impl FromStr for ChartRef {
-    type Err = InvalidImageRef;
-    fn from_str(s: &str) -> Result<ChartRef, InvalidImageRef> {
-        match s.strip_prefix("oci://") {
-            Some(r) => r.parse().map(ChartRef::Oci),
-            None => Ok(ChartRef::Path(s.to_string())),
-        }
-    }
-}
-
-impl fmt::Display for ChartRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ChartRef::Oci(r) => write!(f, "oci://{}", r.as_str()),
-            ChartRef::Path(p) => f.write_str(p),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for ChartRef {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl Serialize for ChartRef {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-/// A plain string in the schema, like [`ImageRef`].
-impl JsonSchema for ChartRef {
-    fn inline_schema() -> bool {
-        String::inline_schema()
-    }
-
-    fn schema_name() -> Cow<'static, str> {
-        String::schema_name()
-    }
-
-    fn schema_id() -> Cow<'static, str> {
-        String::schema_id()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        String::json_schema(generator)
-    }
-}
-
-/// Where a chart entry comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// A registry reference.
-    Oci(ImageRef),
-    /// A packaged chart.
-    Archive(PathBuf),
-    /// A chart directory.
-    Dir(PathBuf),
-}
-
-impl Source {
-    pub fn of(chart: &ChartRef, base_dir: &Path) -> Source {
-        match chart {
-            ChartRef::Oci(r) => Source::Oci(r.clone()),
-            ChartRef::Path(s) if s.ends_with(".tgz") || s.ends_with(".tar.gz") => Source::Archive(base_dir.join(s)),
-            ChartRef::Path(s) => Source::Dir(base_dir.join(s)),
-        }
-    }
-}
 
 /// What `Chart.yaml` says about a chart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,48 +125,6 @@ pub struct Chart {
     pub source: String,
     /// For registry charts: the manifest digest the reference resolved to.
     pub resolved: Option<String>,
-}
-
-/// Whether `s` is a lower-case DNS label (RFC 1123) of at most `max` characters.
-fn is_label(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && crate::profile::cluster::is_label(s)
-}
-
-/// Checks of one entry that need no chart: the source's shape and the names.
-pub fn validate(i: usize, spec: &ChartSpec, base_dir: &Path) -> Result<()> {
-    let key = format!("charts[{i}]");
-    match Source::of(&spec.chart, base_dir) {
-        Source::Oci(r) => {
-            if !r.as_str().contains('/') {
-                bail!("key `{key}.chart`: `{}` names no registry host (`oci://host/repository/name:version`)", spec.chart);
-            }
-        }
-        Source::Archive(p) if !p.is_file() => bail!("key `{key}.chart`: {} does not exist (paths are relative to the profile)", p.display()),
-        Source::Dir(p) if !p.join("Chart.yaml").is_file() => bail!(
-            "key `{key}.chart`: {} is not a chart directory (no Chart.yaml); give a directory with Chart.yaml, a `.tgz`, or `oci://host/repository/name:version`",
-            p.display()
-        ),
-        _ => {}
-    }
-    if let Some(n) = &spec.name {
-        check_release(n, &key)?;
-    }
-    if let Some(ns) = &spec.namespace {
-        if !is_label(ns, 63) {
-            bail!("key `{key}.namespace`: `{ns}` is not a Kubernetes namespace name (a lower-case DNS label)");
-        }
-    }
-    Ok(())
-}
-
-fn check_release(n: &str, key: &str) -> Result<()> {
-    if !is_label(n, 53) {
-        bail!("key `{key}`: release name `{n}` must be a lower-case DNS label of at most 53 characters (set `name:` to choose another)");
-    }
-    if K3S_RELEASES.contains(&n) {
-        bail!("key `{key}`: release name `{n}` is one of k3s's packaged charts; set another `name:`, or turn k3s's own off with `cluster.k3s.config` `disable: [traefik]`");
-    }
-    Ok(())
 }
 
 /// Resolves every `charts` entry: pulled (registry), read (archive) or packed (directory),
@@ -456,23 +299,5 @@ pub(crate) mod tests {
         let text = helmchart(&chart(BTreeMap::new(), None)).unwrap();
         let doc: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
         assert!(doc["spec"].get("valuesContent").is_none() && doc["spec"].get("version").is_none(), "{text}");
-    }
-
-    #[test]
-    fn entries_are_checked_before_anything_is_pulled() {
-        let d = tempfile::tempdir().unwrap();
-        let spec = |chart: &str| ChartSpec { chart: chart.parse().unwrap(), name: None, namespace: None, version: None, values: BTreeMap::new() };
-        let e = validate(0, &spec("missing.tgz"), d.path()).unwrap_err().to_string();
-        assert!(e.contains("charts[0].chart") && e.contains("missing.tgz"), "{e}");
-        let e = validate(1, &spec("nodir"), d.path()).unwrap_err().to_string();
-        assert!(e.contains("charts[1].chart") && e.contains("no Chart.yaml"), "{e}");
-        assert!("oci://Not A Ref".parse::<ChartRef>().unwrap_err().to_string().contains("`Not A Ref` is not an image reference"));
-        let e = validate(0, &spec("oci://hello:0.1.0"), d.path()).unwrap_err().to_string();
-        assert!(e.contains("charts[0].chart") && e.contains("`oci://hello:0.1.0` names no registry host"), "{e}");
-        validate(0, &spec("oci://r.example:5000/charts/hello:0.1.0"), d.path()).unwrap();
-        let e = validate(0, &ChartSpec { name: Some("traefik".into()), ..spec("oci://r.example/c/t:1") }, d.path()).unwrap_err().to_string();
-        assert!(e.contains("packaged charts"), "{e}");
-        let e = validate(0, &ChartSpec { namespace: Some("Bad_NS".into()), ..spec("oci://r.example/c/t:1") }, d.path()).unwrap_err().to_string();
-        assert!(e.contains("charts[0].namespace"), "{e}");
     }
 }

@@ -18,6 +18,7 @@ pub use crate::size::Size;
 
 pub mod cluster;
 pub mod containers;
+pub mod deploy;
 pub mod images;
 pub mod reference;
 pub mod system;
@@ -118,7 +119,7 @@ pub struct Profile {
     /// goes to `/var/lib/rancher/k3s/server/static/charts/<name>-<version>.tgz`, with a
     /// `HelmChart` manifest (`chart-<release>.yaml`) in the auto-deploy directory.
     #[serde(default)]
-    pub charts: Vec<crate::deploy::chart::ChartSpec>,
+    pub charts: Vec<deploy::ChartSpec>,
     /// k3s's registry configuration, rendered to `/etc/rancher/k3s/registries.yaml` (mode
     /// 0600; needs a `cluster`): `mirrors` (endpoints and rewrites per registry) and `configs`
     /// (per host: `auth` with `username` and `password_file`, `tls` with `ca_file`, `cert_file`,
@@ -506,7 +507,7 @@ impl LoadedProfile {
         cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         images::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         containers::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        crate::deploy::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        deploy::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         crate::registries::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
