@@ -21,6 +21,7 @@ pub mod containers;
 pub mod deploy;
 pub mod images;
 pub mod reference;
+pub mod registries;
 pub mod system;
 
 /// A kiln profile: everything one build needs.
@@ -126,7 +127,7 @@ pub struct Profile {
     /// `key_file`, `insecure_skip_verify`). Named files are copied into the image under
     /// `/etc/rancher/k3s/certs/<host>/`.
     #[serde(default)]
-    pub registries: Option<crate::registries::Registries>,
+    pub registries: Option<registries::Registries>,
 }
 
 /// The Debian base system.
@@ -508,7 +509,7 @@ impl LoadedProfile {
         images::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         containers::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         deploy::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        crate::registries::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
+        registries::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
 }

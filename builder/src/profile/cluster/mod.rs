@@ -1,7 +1,7 @@
 //! The `cluster` section of the profile: one image for every machine of a k3s cluster (and its
 //! etcd group). The types here are the file format; [`validate`] checks what the types cannot.
-//! `crate::cluster` renders each inventory node's configuration into the root at build time, and
-//! the boot step `boot.d/35-identity.sh` picks the node on the device.
+//! The `cluster` module renders each inventory node's configuration into the root at build
+//! time, and the boot step `boot.d/35-identity.sh` picks the node on the device.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
