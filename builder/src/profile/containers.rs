@@ -194,11 +194,11 @@ mod tests {
         assert!(p.containers[1].mounts[0].read_only);
         validate(&p).unwrap();
         assert_eq!(parse("name: d\narch: [x86_64]\n").unwrap().engine, Engine::K3s);
-        let e = parse("name: d\narch: [x86_64]\nengine: docker\n").unwrap_err();
+        let e = parse("name: d\narch: [x86_64]\nengine: docker\n").unwrap_err().to_string();
         assert!(e.contains("docker"), "{e}");
-        let e = parse("name: d\narch: [x86_64]\ncontainers: [{name: a, image: x, restart: sometimes}]\n").unwrap_err();
+        let e = parse("name: d\narch: [x86_64]\ncontainers: [{name: a, image: x, restart: sometimes}]\n").unwrap_err().to_string();
         assert!(e.contains("sometimes"), "{e}");
-        let e = parse("name: d\narch: [x86_64]\ncontainers: [{name: a, image: x, ports: [80]}]\n").unwrap_err();
+        let e = parse("name: d\narch: [x86_64]\ncontainers: [{name: a, image: x, ports: [80]}]\n").unwrap_err().to_string();
         assert!(e.contains("ports"), "{e}");
     }
 

@@ -1,6 +1,13 @@
 //! The profile: the one declarative YAML file a user writes. Its types are the single source of
 //! the file format, the CLI's view of it, the JSON schema and the reference in the README.
 //!
+//! This module owns every profile key's type and its validation: the top level, `os`, `kernel`,
+//! `disk`, `install`, `overlays`, `files` and `vars` here, and one submodule per section
+//! ([`system`], [`cluster`], [`containers`], [`images`], [`deploy`], [`registries`]), plus the
+//! generated [`reference`]. Feature modules import their section from here; nothing here imports
+//! a feature module. A new key: its type and check go into the section's file, and the feature
+//! that acts on it reads it from there.
+//!
 //! Parsing is strict: unknown keys, wrong types and bad values are errors naming the file,
 //! line and key. Semantic checks (`validate`) report locations too, via `Spanned` values.
 
@@ -514,9 +521,15 @@ impl LoadedProfile {
     }
 }
 
+/// Profile YAML that does not parse into a [`Profile`]: bad YAML, an unknown key, a wrong type
+/// or a bad value. The message carries line and column and shows the YAML around them.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct ParseError(#[from] serde_saphyr::Error);
+
 /// Parses profile YAML (no semantic validation). Errors carry line and column.
-pub fn parse(text: &str) -> Result<Profile, String> {
-    serde_saphyr::from_str::<Profile>(text).map_err(|e| e.to_string())
+pub fn parse(text: &str) -> Result<Profile, ParseError> {
+    Ok(serde_saphyr::from_str::<Profile>(text)?)
 }
 
 /// The JSON schema of the profile, generated from the types.
@@ -546,7 +559,7 @@ mod tests {
         assert_eq!(p.install.mode, InstallMode::Installer);
         let p = parse("name: d\narch: [x86_64]\ninstall:\n  mode: in-place\n").unwrap();
         assert_eq!(p.install.mode, InstallMode::InPlace);
-        let err = parse("name: d\narch: [x86_64]\ninstall:\n  mode: pxe\n").unwrap_err();
+        let err = parse("name: d\narch: [x86_64]\ninstall:\n  mode: pxe\n").unwrap_err().to_string();
         assert!(err.contains("pxe"), "{err}");
         let p = parse("name: d\narch: [x86_64]\ninstall: { mode: installer, target: /dev/disk/by-id/virtio-kiln*, wipe: true, after: reboot, min_size: 4GiB }\n").unwrap();
         assert_eq!(p.install.target, InstallTarget::Device("/dev/disk/by-id/virtio-kiln*".into()));
@@ -558,31 +571,31 @@ mod tests {
         assert_eq!(p.install.after, AfterInstall::Poweroff);
         assert!(!p.install.wipe);
         for bad in ["/dev/disk/by-path/pci-0000:00:04.0", "sda", "/dev/", "/dev/disk/by-id/ata-x", "/dev/sd a"] {
-            let err = parse(&format!("name: d\narch: [x86_64]\ninstall: {{ target: \"{bad}\" }}\n")).unwrap_err();
+            let err = parse(&format!("name: d\narch: [x86_64]\ninstall: {{ target: \"{bad}\" }}\n")).unwrap_err().to_string();
             assert!(err.contains("install target"), "{bad}: {err}");
         }
-        let err = parse("name: d\narch: [x86_64]\ninstall:\n  after: halt\n").unwrap_err();
+        let err = parse("name: d\narch: [x86_64]\ninstall:\n  after: halt\n").unwrap_err().to_string();
         assert!(err.contains("halt"), "{err}");
     }
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = parse("name: demo\narch: [x86_64]\nos:\n  suit: trixie\n").unwrap_err();
+        let err = parse("name: demo\narch: [x86_64]\nos:\n  suit: trixie\n").unwrap_err().to_string();
         assert!(err.contains("suit"), "{err}");
         assert!(err.contains('4'), "line number missing: {err}");
     }
 
     #[test]
     fn unknown_arch_is_an_error_naming_it() {
-        let err = parse("name: demo\narch: [mips]\n").unwrap_err();
+        let err = parse("name: demo\narch: [mips]\n").unwrap_err().to_string();
         assert!(err.contains("mips") && err.contains("x86_64"), "{err}");
     }
 
     #[test]
     fn wrong_type_is_an_error() {
-        let err = parse("name: demo\narch: x86_64\n").unwrap_err();
+        let err = parse("name: demo\narch: x86_64\n").unwrap_err().to_string();
         assert!(!err.is_empty());
-        let err = parse("name: demo\narch: [x86_64]\ndisk:\n  size: lots\n").unwrap_err();
+        let err = parse("name: demo\narch: [x86_64]\ndisk:\n  size: lots\n").unwrap_err().to_string();
         assert!(err.contains("lots"), "{err}");
     }
 

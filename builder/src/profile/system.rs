@@ -428,7 +428,7 @@ mod tests {
     fn invalid(extra: &str) -> String {
         match parse(&format!("name: demo\narch: [x86_64]\n{extra}")) {
             Ok(p) => format!("{:#}", validate(&p).expect_err("validation passed")),
-            Err(e) => e,
+            Err(e) => e.to_string(),
         }
     }
 

@@ -258,7 +258,7 @@ pub(crate) mod tests {
 
     fn check(cluster: &str) -> Result<(), String> {
         let text = format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{}", with_version(cluster));
-        let p = parse(&text)?;
+        let p = parse(&text).map_err(|e| e.to_string())?;
         super::validate(&p).map_err(|e| format!("{e:#}"))
     }
 
