@@ -107,7 +107,7 @@ pub fn install(containers: &[Container], root: &mut Tree, modules: &ModuleSet, w
     let (logpipe, mode) = crate::assets::file(&format!("overlays/cluster/{LOGPIPE}")).ok_or_else(|| anyhow::anyhow!("kiln was built without overlays/cluster/{LOGPIPE}"))?;
     root.add_file(LOGPIPE, mode, logpipe)?;
     root.add_file(CONFIG_TOML, 0o644, CONFIG)?;
-    crate::cluster::services::load_modules(root, modules, MODULES, "engine")?;
+    crate::kmod::load_needed_at_boot(root, modules, MODULES, "engine")?;
     for c in containers {
         let image = c.image.whole();
         root.add_file(&format!("{CONF_DIR}/{}.conf", c.name), 0o644, container_conf(c, &image))?;
@@ -198,7 +198,7 @@ mod tests {
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{inittab}");
         assert!(file_text(&t, "etc/kiln/containers/hello.conf").contains("KILN_CONTAINER_IMAGE='docker.io/library/busybox:1.36'"));
         assert!(file_text(&t, "etc/kiln/containers/once.conf").contains("KILN_CONTAINER_RESTART=no"));
-        assert!(file_text(&t, "etc/kiln/modules-load.conf").lines().any(|l| l == "overlay"));
+        assert!(file_text(&t, crate::kmod::BOOT_MODULES).lines().any(|l| l == "overlay"));
         assert!(file_text(&t, CONFIG_TOML).contains("io.containerd.grpc.v1.cri"));
         for s in ["containerd-run", "images-import", "container-run", "await-containers", "containers.sh", "logpipe"] {
             assert!(t.contains(&format!("usr/lib/kiln/{s}")), "{s}");

@@ -236,18 +236,18 @@ pub fn sysctl_conf(map: &BTreeMap<String, SysctlValue>) -> String {
     s
 }
 
+/// The profile's `kernel.load`, each module checked against the kernel, into the boot-time list
+/// (created here, empty or not: provision runs first).
 fn kernel_modules(load: &[String], root: &mut Tree, modules: &ModuleSet) -> Result<()> {
-    let mut text = String::from("# written by kiln from the profile's `kernel.load` key: modules loaded at boot\n");
+    let mut names = Vec::new();
     for (i, m) in load.iter().enumerate() {
         let n = crate::kmod::normalise(m);
-        if !modules.modules.contains_key(&n) && !modules.builtin.contains(&n) {
+        if !modules.has(&n) {
             bail!("key `kernel.load[{i}]`: kernel {} has no module `{m}`", modules.kver);
         }
-        text.push_str(&n);
-        text.push('\n');
+        names.push(n);
     }
-    root.add_file("etc/kiln/modules-load.conf", 0o644, text)?;
-    Ok(())
+    crate::kmod::load_at_boot(root, &names)
 }
 #[cfg(test)]
 mod tests {
@@ -387,7 +387,7 @@ mod tests {
         assert!(matches!(&t.get_str("etc/localtime").unwrap().kind, Kind::Symlink(s) if s == "/usr/share/zoneinfo/Europe/Berlin"));
         assert_eq!(text(&t, "etc/timezone"), "Europe/Berlin\n");
         assert!(text(&t, "etc/sysctl.d/kiln.conf").ends_with("net.ipv4.ip_forward = 1\nvm.swappiness = 17\n"));
-        assert!(text(&t, "etc/kiln/modules-load.conf").ends_with("\nloop\n"));
+        assert_eq!(text(&t, crate::kmod::BOOT_MODULES), "# written by kiln from the profile's `kernel.load` key: modules loaded at boot\nloop\n");
 
         let err = render(&profile("time: {timezone: Mars/Olympus}\n"), &mut base_root(), &module_set()).unwrap_err().to_string();
         assert!(err.contains("time.timezone") && err.contains("Mars/Olympus"), "{err}");

@@ -6,9 +6,9 @@
 
 use anyhow::{bail, Result};
 
-use crate::profile::cluster::Cluster;
 use crate::kmod::ModuleSet;
-use crate::tree::{Kind, Tree};
+use crate::profile::cluster::Cluster;
+use crate::tree::Tree;
 
 /// Debian's etcd server package (`/usr/bin/etcd`).
 pub const ETCD_PACKAGE: &str = "etcd-server";
@@ -19,7 +19,6 @@ const ETCD_BINARY: &str = "usr/bin/etcd";
 /// Loaded at boot by `22-modules.sh` as well, so a kernel without them fails the build instead
 /// of the node.
 pub const K3S_MODULES: &[&str] = &["overlay", "nf_conntrack", "br_netfilter", "iptable_nat", "iptable_filter"];
-const MODULES_LOAD: &str = "etc/kiln/modules-load.conf";
 /// The readiness script, an inittab `once` entry (the boot script leaves `[kiln] ready` to it).
 pub const AWAIT_ROLES: &str = "/usr/lib/kiln/await-roles";
 const ETCD_RUN: &str = "/usr/lib/kiln/etcd-run";
@@ -51,31 +50,11 @@ pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> 
         root.remove(&crate::tree::TreePath::parse(ETCD_RUN)?);
     }
     if c.needs_k3s() {
-        load_modules(root, modules, K3S_MODULES, "cluster")?;
+        crate::kmod::load_needed_at_boot(root, modules, K3S_MODULES, "cluster")?;
     } else {
         root.remove(&crate::tree::TreePath::parse(crate::k3s::RUN_SCRIPT)?);
     }
     crate::inittab::append(root, "Prints `[kiln] ready` once this node's roles are healthy (etcd quorum, k3s node Ready or agent registered).", &format!("::once:{AWAIT_ROLES}"))
-}
-
-/// Adds `wanted` (those not listed yet) to the boot-time module list, each checked against the
-/// kernel's modules; `key` is the profile key that asks for them (named in the error).
-pub(crate) fn load_modules(root: &mut Tree, modules: &ModuleSet, wanted: &[&str], key: &str) -> Result<()> {
-    let mut text = match root.get_str(MODULES_LOAD).map(|e| &e.kind) {
-        Some(Kind::File(c)) => String::from_utf8(c.read()?.into_owned())?,
-        _ => String::from("# modules loaded at boot\n"),
-    };
-    let listed: Vec<String> = text.lines().map(str::to_string).collect();
-    for m in wanted {
-        if !modules.modules.contains_key(*m) && !modules.builtin.contains(*m) {
-            bail!("key `{key}`: the kernel module `{m}` is needed, but kernel {} lacks it", modules.kver);
-        }
-        if !listed.iter().any(|l| l == m) {
-            text.push_str(&format!("{m}\n"));
-        }
-    }
-    root.add_file(MODULES_LOAD, 0o644, text)?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -140,7 +119,7 @@ mod tests {
             assert!(t.contains(script), "{script}");
         }
         assert!(!t.contains("usr/lib/kiln/k3s-run"));
-        assert!(!t.contains(MODULES_LOAD), "an etcd-only image loads no k3s modules");
+        assert!(!t.contains(crate::kmod::BOOT_MODULES), "an etcd-only image loads no k3s modules");
         crate::inittab::check_programs(&t).unwrap();
     }
 
@@ -153,10 +132,10 @@ mod tests {
         let err = format!("{:#}", install(&c, &mut t, &kernel(&["overlay"])).unwrap_err());
         assert!(err.contains("`nf_conntrack`") && err.contains("6.12.0-test"), "{err}");
         let mut t = root();
-        t.add_file(MODULES_LOAD, 0o644, "# from kernel.load\nbr_netfilter\ntun\n").unwrap();
+        t.add_file(crate::kmod::BOOT_MODULES, 0o644, "# from kernel.load\nbr_netfilter\ntun\n").unwrap();
         install(&c, &mut t, &kernel(K3S_MODULES)).unwrap();
         // The profile's own list first, then k3s's, each once.
-        assert_eq!(text(&t, MODULES_LOAD), "# from kernel.load\nbr_netfilter\ntun\noverlay\nnf_conntrack\niptable_nat\niptable_filter\n");
+        assert_eq!(text(&t, crate::kmod::BOOT_MODULES), "# from kernel.load\nbr_netfilter\ntun\noverlay\nnf_conntrack\niptable_nat\niptable_filter\n");
         assert!(t.contains("usr/lib/kiln/k3s-run") && !t.contains("usr/lib/kiln/etcd-run"));
         assert!(!text(&t, "etc/passwd").contains("etcd"));
         assert!(!text(&t, "etc/inittab").contains("etcd-run"));
