@@ -130,12 +130,13 @@ pub fn install(containers: &[Container], root: &mut Tree, modules: &ModuleSet, w
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::test_profile;
     use crate::arch::Arch;
 
     const IMAGES: &str = "images: [busybox:1.36, \"registry.local:5000/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n";
 
     fn profile(extra: &str) -> Profile {
-        crate::profile::parse(&format!("name: d\narch: [x86_64]\n{IMAGES}{extra}")).unwrap()
+        test_profile(&format!("{IMAGES}{extra}"))
     }
 
     /// Runs a generated settings file through a real shell and prints the parameters it sets,

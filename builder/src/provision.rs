@@ -252,29 +252,25 @@ fn kernel_modules(load: &[String], root: &mut Tree, modules: &ModuleSet) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::parse;
+    use crate::profile::test_profile;
     use crate::profile::system::validate;
     use crate::setup::file_text;
     use crate::tree::TreePath;
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOaKqWL3yl+u4dh7kBSnQmHzBvlhH7j2N2T4b9LFtjrq alice@laptop";
 
-    fn profile(extra: &str) -> Profile {
-        parse(&format!("name: demo\narch: [x86_64]\n{extra}")).unwrap()
-    }
-
     #[test]
     fn ntp_servers_become_chrony_lines_and_a_package() {
         let conf = chrony_conf(&["10.0.2.2:11123".into(), "pool.ntp.org".into()]).unwrap();
         assert!(conf.contains("\nserver 10.0.2.2 port 11123 iburst\nserver pool.ntp.org iburst\nmakestep 1 3\n"), "{conf}");
-        let p = profile("time: {servers: [ntp.example]}\n");
+        let p = test_profile("time: {servers: [ntp.example]}\n");
         assert_eq!(packages(&p), vec![DROPBEAR_PACKAGE, CHRONY_PACKAGE]);
     }
 
     #[test]
     fn default_packages() {
-        assert_eq!(packages(&profile("")), vec![DROPBEAR_PACKAGE]);
-        let p = profile("ssh: {server: none}\ntime: {timezone: Europe/Berlin}\n");
+        assert_eq!(packages(&test_profile("")), vec![DROPBEAR_PACKAGE]);
+        let p = test_profile("ssh: {server: none}\ntime: {timezone: Europe/Berlin}\n");
         assert_eq!(packages(&p), vec![TZDATA_PACKAGE]);
     }
 
@@ -307,7 +303,7 @@ mod tests {
     #[test]
     fn users_get_accounts_homes_and_private_keys() {
         let hash = "$6$saltsalt$hashhashhashhash";
-        let p = profile(&format!(
+        let p = test_profile(&format!(
             "hostname: edge-1\nssh: {{root_login: prohibit-password}}\nusers:\n  - name: alice\n    ssh_authorized_keys: [\"{KEY}\"]\n    groups: [adm, video]\n  - name: bob\n    password_hash: \"{hash}\"\n    shell: /usr/bin/sh\n  - name: root\n    ssh_authorized_keys: [\"{KEY}\"]\n"
         ));
         validate(&p).unwrap();
@@ -335,14 +331,14 @@ mod tests {
 
     #[test]
     fn unknown_supplementary_group_is_named() {
-        let p = profile("users: [{name: alice, groups: [wheel]}]\n");
+        let p = test_profile("users: [{name: alice, groups: [wheel]}]\n");
         let err = render(&p, &mut base_root(), &module_set()).unwrap_err().to_string();
         assert!(err.contains("users[0].groups") && err.contains("wheel"), "{err}");
     }
 
     #[test]
     fn ssh_policy_becomes_dropbear_flags_and_a_respawn_line() {
-        let p = profile("");
+        let p = test_profile("");
         let mut t = base_root();
         render(&p, &mut t, &module_set()).unwrap();
         let inittab = text(&t, "etc/inittab");
@@ -353,14 +349,14 @@ mod tests {
             "::respawn:/usr/sbin/dropbear -F -E -p 22 -w -s -r /etc/dropbear/dropbear_ed25519_host_key -r /etc/dropbear/dropbear_ecdsa_host_key"
         );
         assert!(text(&t, "etc/kiln/ssh.conf").contains("KILN_SSH_SERVER=dropbear\n"));
-        assert_eq!(text(&t, "etc/hostname"), "demo\n", "hostname defaults to the profile name");
+        assert_eq!(text(&t, "etc/hostname"), "d\n", "hostname defaults to the profile name");
 
         let yes = Ssh { root_login: RootLogin::Yes, password_auth: true, port: 2200, ..Ssh::default() };
         assert!(dropbear_command(&yes).starts_with("/usr/sbin/dropbear -F -E -p 2200 -r "));
         let keys_only = Ssh { root_login: RootLogin::ProhibitPassword, ..Ssh::default() };
         assert!(dropbear_command(&keys_only).contains(" -g -s "));
 
-        let p = profile("ssh: {server: none}\n");
+        let p = test_profile("ssh: {server: none}\n");
         let mut t = base_root();
         render(&p, &mut t, &module_set()).unwrap();
         assert!(!text(&t, "etc/inittab").contains("dropbear"));
@@ -368,13 +364,13 @@ mod tests {
 
         let mut t = base_root();
         t.remove(&TreePath::parse("usr/sbin/dropbear").unwrap());
-        let err = render(&profile(""), &mut t, &module_set()).unwrap_err().to_string();
+        let err = render(&test_profile(""), &mut t, &module_set()).unwrap_err().to_string();
         assert!(err.contains("ssh.server") && err.contains(DROPBEAR_PACKAGE), "{err}");
     }
 
     #[test]
     fn network_time_sysctl_and_modules_files() {
-        let p = profile(
+        let p = test_profile(
             "network:\n  interfaces:\n    eth0: {address: 10.0.0.5/24, gateway: 10.0.0.1}\n    eth1: {dhcp: true}\n  dns: [10.0.0.1, \"2001:db8::1\"]\ntime: {timezone: Europe/Berlin}\nsysctl:\n  vm.swappiness: 17\n  net.ipv4.ip_forward: true\nkernel: {load: [loop]}\n",
         );
         validate(&p).unwrap();
@@ -389,12 +385,12 @@ mod tests {
         assert!(text(&t, "etc/sysctl.d/kiln.conf").ends_with("net.ipv4.ip_forward = 1\nvm.swappiness = 17\n"));
         assert_eq!(text(&t, crate::kmod::BOOT_MODULES), "# written by kiln from the profile's `kernel.load` key: modules loaded at boot\nloop\n");
 
-        let err = render(&profile("time: {timezone: Mars/Olympus}\n"), &mut base_root(), &module_set()).unwrap_err().to_string();
+        let err = render(&test_profile("time: {timezone: Mars/Olympus}\n"), &mut base_root(), &module_set()).unwrap_err().to_string();
         assert!(err.contains("time.timezone") && err.contains("Mars/Olympus"), "{err}");
-        let err = render(&profile("kernel: {load: [nosuchmod]}\n"), &mut base_root(), &module_set()).unwrap_err().to_string();
+        let err = render(&test_profile("kernel: {load: [nosuchmod]}\n"), &mut base_root(), &module_set()).unwrap_err().to_string();
         assert!(err.contains("kernel.load[0]") && err.contains("nosuchmod"), "{err}");
         let mut t = base_root();
-        render(&profile(""), &mut t, &module_set()).unwrap();
+        render(&test_profile(""), &mut t, &module_set()).unwrap();
         assert!(!t.contains("etc/localtime"), "UTC needs no zone file");
     }
 }

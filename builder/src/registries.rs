@@ -96,9 +96,9 @@ mod tests {
             std::fs::write(d.path().join(n), c).unwrap();
         }
         let text = format!(
-            "name: d\narch: [x86_64]\n{SERVER}registries:\n  mirrors:\n    docker.io:\n      endpoint: [\"https://mirror.lan:5000\"]\n      rewrite: {{\"^rancher/(.*)\": \"mirrored/$1\"}}\n  configs:\n    \"mirror.lan:5000\":\n      auth: {{username: puller, password_file: pw}}\n      tls: {{ca_file: ca.pem, cert_file: c.pem, key_file: c.key}}\n    \"10.0.0.5:5000\":\n      tls: {{insecure_skip_verify: true}}\n"
+            "{SERVER}registries:\n  mirrors:\n    docker.io:\n      endpoint: [\"https://mirror.lan:5000\"]\n      rewrite: {{\"^rancher/(.*)\": \"mirrored/$1\"}}\n  configs:\n    \"mirror.lan:5000\":\n      auth: {{username: puller, password_file: pw}}\n      tls: {{ca_file: ca.pem, cert_file: c.pem, key_file: c.key}}\n    \"10.0.0.5:5000\":\n      tls: {{insecure_skip_verify: true}}\n"
         );
-        let p = crate::profile::parse(&text).unwrap();
+        let p = crate::profile::test_profile(&text);
         crate::profile::registries::validate(&p, d.path()).unwrap();
         let mut root = Tree::new();
         place(p.registries.as_ref().unwrap(), d.path(), &mut root).unwrap();

@@ -207,10 +207,10 @@ fn etcd_env(c: &Cluster, n: &Node) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::parse;
+    use crate::profile::test_profile;
 
     fn cluster(yaml: &str) -> Cluster {
-        let p = parse(&format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{}", crate::profile::cluster::validate::tests::with_version(yaml))).unwrap();
+        let p = test_profile(&format!("cluster:\n  name: lab\n{}", crate::profile::cluster::validate::tests::with_version(yaml)));
         crate::profile::cluster::validate(&p).unwrap();
         p.cluster.unwrap()
     }

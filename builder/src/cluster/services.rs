@@ -60,11 +60,12 @@ pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::test_profile;
     use crate::arch::Arch;
     use crate::tree::Kind;
 
     fn cluster(yaml: &str) -> Cluster {
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\ncluster:\n{yaml}")).unwrap();
+        let p = test_profile(&format!("cluster:\n{yaml}"));
         p.cluster.unwrap()
     }
 

@@ -53,6 +53,7 @@ pub fn place_charts(charts: &[chart::Chart], root: &mut Tree) -> Result<Vec<Inpu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::test_profile;
 
     const SERVER: &str = "cluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n";
 
@@ -60,7 +61,7 @@ mod tests {
     fn manifests_land_in_the_auto_deploy_directory() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("app.yaml.hbs"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: \"{{name}}\"}\n").unwrap();
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nmanifests: [app.yaml.hbs]\n{SERVER}")).unwrap();
+        let p = test_profile(&format!("manifests: [app.yaml.hbs]\n{SERVER}"));
         let mut root = Tree::new();
         let inputs = place_manifests(&p.manifests, d.path(), &serde_json::json!({"name": "shop"}), &mut root).unwrap();
         let e = root.get_str("var/lib/rancher/k3s/server/manifests/app.yaml").expect("placed");
@@ -77,10 +78,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("hello")).unwrap();
         std::fs::write(d.path().join("hello/Chart.yaml"), "apiVersion: v2\nname: hello\nversion: 0.2.0\n").unwrap();
-        let text = "name: d\narch: [x86_64]\ncharts: [{chart: hello, namespace: shop, values: {replicas: 2}}]\n";
-        let p = crate::profile::parse(text).unwrap();
+        let charts = "charts: [{chart: hello, namespace: shop, values: {replicas: 2}}]\n";
+        let p = test_profile(charts);
         assert!(crate::profile::deploy::validate(&p, d.path()).unwrap_err().to_string().contains("key `charts`"));
-        let p = crate::profile::parse(&format!("{text}{SERVER}")).unwrap();
+        let p = test_profile(&format!("{charts}{SERVER}"));
         crate::profile::deploy::validate(&p, d.path()).unwrap();
 
         let fetcher = crate::fetch::Fetcher { offline: true, cache: crate::cache::Cache::new(d.path().join("cache")), progress: false };
@@ -94,7 +95,7 @@ mod tests {
         assert_eq!(inputs[0].sha256, charts[0].sha256);
 
         // A pinned version that the chart does not have, and a manifest in the HelmChart's place.
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\ncharts: [{{chart: hello, version: 9.9.9}}]\n{SERVER}")).unwrap();
+        let p = test_profile(&format!("charts: [{{chart: hello, version: 9.9.9}}]\n{SERVER}"));
         let err = chart::gather(&p.charts, d.path(), &mut puller, 0).unwrap_err().to_string();
         assert!(err.contains("charts[0].version") && err.contains("0.2.0"), "{err}");
         let mut root = Tree::new();

@@ -173,12 +173,12 @@ pub fn validate(p: &Profile) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::parse;
+    use crate::profile::{test_parse_error, test_profile};
 
     const IMAGES: &str = "images: [busybox:1.36, \"registry.local:5000/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n";
 
     fn profile(extra: &str) -> Profile {
-        parse(&format!("name: d\narch: [x86_64]\n{IMAGES}{extra}")).unwrap()
+        test_profile(&format!("{IMAGES}{extra}"))
     }
 
     fn err(extra: &str) -> String {
@@ -193,12 +193,12 @@ mod tests {
         assert_eq!(r, [Restart::Always, Restart::No, Restart::OnFailure]);
         assert!(p.containers[1].mounts[0].read_only);
         validate(&p).unwrap();
-        assert_eq!(parse("name: d\narch: [x86_64]\n").unwrap().engine, Engine::K3s);
-        let e = parse("name: d\narch: [x86_64]\nengine: docker\n").unwrap_err().to_string();
+        assert_eq!(test_profile("").engine, Engine::K3s);
+        let e = test_parse_error("engine: docker\n");
         assert!(e.contains("docker"), "{e}");
-        let e = parse("name: d\narch: [x86_64]\ncontainers: [{name: a, image: x, restart: sometimes}]\n").unwrap_err().to_string();
+        let e = test_parse_error("containers: [{name: a, image: x, restart: sometimes}]\n");
         assert!(e.contains("sometimes"), "{e}");
-        let e = parse("name: d\narch: [x86_64]\ncontainers: [{name: a, image: x, ports: [80]}]\n").unwrap_err().to_string();
+        let e = test_parse_error("containers: [{name: a, image: x, ports: [80]}]\n");
         assert!(e.contains("ports"), "{e}");
     }
 

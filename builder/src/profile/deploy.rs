@@ -201,7 +201,7 @@ pub fn check_release(n: &str, key: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::parse;
+    use crate::profile::test_profile;
 
     const SERVER: &str = "cluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n";
     const AGENTS: &str = "cluster: {name: lab, api_address: 10.0.0.1, token_file: t, nodes: [{name: a1, mac: \"52:54:00:00:00:01\", roles: [agent]}]}\n";
@@ -210,13 +210,13 @@ mod tests {
     fn manifests_need_a_cluster_with_servers_and_existing_paths() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("app.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n").unwrap();
-        let with = |extra: &str| parse(&format!("name: d\narch: [x86_64]\nmanifests: [app.yaml]\n{extra}")).unwrap();
+        let with = |extra: &str| test_profile(&format!("manifests: [app.yaml]\n{extra}"));
         let err = validate(&with(""), d.path()).unwrap_err().to_string();
         assert!(err.contains("key `manifests`") && err.contains("no `cluster`"), "{err}");
         let err = validate(&with(AGENTS), d.path()).unwrap_err().to_string();
         assert!(err.contains("role `server`"), "{err}");
         validate(&with(SERVER), d.path()).unwrap();
-        let p = parse(&format!("name: d\narch: [x86_64]\nmanifests: [app.yaml, gone]\n{SERVER}")).unwrap();
+        let p = test_profile(&format!("manifests: [app.yaml, gone]\n{SERVER}"));
         let err = validate(&p, d.path()).unwrap_err().to_string();
         assert!(err.contains("key `manifests[1]`") && err.contains("gone"), "{err}");
     }

@@ -73,24 +73,25 @@ pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::test_profile;
 
     fn profile(extra: &str) -> Profile {
-        crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36]\n{extra}")).unwrap()
+        test_profile(&format!("images: [busybox:1.36]\n{extra}"))
     }
 
     #[test]
     fn images_need_a_cluster_and_no_duplicates() {
         let dir = tempfile::tempdir().unwrap();
         let cluster = "cluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n";
-        let p = crate::profile::parse("name: d\narch: [x86_64]\nimages: [busybox:1.36]\n").unwrap();
+        let p = test_profile("images: [busybox:1.36]\n");
         assert!(validate(&p, dir.path()).unwrap_err().to_string().contains("needs `cluster`"));
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36, docker.io/library/busybox:1.36]\n{cluster}")).unwrap();
+        let p = test_profile(&format!("images: [busybox:1.36, docker.io/library/busybox:1.36]\n{cluster}"));
         assert!(validate(&p, dir.path()).unwrap_err().to_string().contains("same image as `images[0]`"));
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{username: u}}}}\n{cluster}")).unwrap();
+        let p = test_profile(&format!("images: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{username: u}}}}\n{cluster}"));
         assert!(validate(&p, dir.path()).unwrap_err().to_string().contains("go together"));
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{ca_file: nope.pem}}}}\n{cluster}")).unwrap();
+        let p = test_profile(&format!("images: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{ca_file: nope.pem}}}}\n{cluster}"));
         assert!(validate(&p, dir.path()).unwrap_err().to_string().contains("image_registries.r:5000.ca_file"));
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{insecure_http: true}}}}\n{cluster}")).unwrap();
+        let p = test_profile(&format!("images: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{insecure_http: true}}}}\n{cluster}"));
         validate(&p, dir.path()).unwrap();
     }
 

@@ -532,6 +532,28 @@ pub fn parse(text: &str) -> Result<Profile, ParseError> {
     Ok(serde_saphyr::from_str::<Profile>(text)?)
 }
 
+/// A test profile: `name: d`, `arch: [x86_64]`, then `extra_yaml` (top-level keys, each line
+/// ending in a newline), parsed (not validated).
+#[cfg(test)]
+pub(crate) fn test_parse(extra_yaml: &str) -> Result<Profile, ParseError> {
+    parse(&format!("name: d\narch: [x86_64]\n{extra_yaml}"))
+}
+
+/// [`test_parse`] for a profile that parses; panics with the error otherwise.
+#[cfg(test)]
+pub(crate) fn test_profile(extra_yaml: &str) -> Profile {
+    test_parse(extra_yaml).unwrap_or_else(|e| panic!("test profile does not parse: {e}"))
+}
+
+/// [`test_parse`] for a profile the types refuse: the error's message; panics if it parses.
+#[cfg(test)]
+pub(crate) fn test_parse_error(extra_yaml: &str) -> String {
+    match test_parse(extra_yaml) {
+        Ok(_) => panic!("test profile parses:\n{extra_yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
 /// The JSON schema of the profile, generated from the types.
 pub fn json_schema() -> serde_json::Value {
     serde_json::to_value(schemars::schema_for!(Profile)).expect("schema serialises")
@@ -555,32 +577,32 @@ mod tests {
 
     #[test]
     fn install_modes_parse_and_unknown_ones_are_named() {
-        let p = parse("name: d\narch: [x86_64]\ninstall: { mode: installer }\n").unwrap();
+        let p = test_profile("install: { mode: installer }\n");
         assert_eq!(p.install.mode, InstallMode::Installer);
-        let p = parse("name: d\narch: [x86_64]\ninstall:\n  mode: in-place\n").unwrap();
+        let p = test_profile("install:\n  mode: in-place\n");
         assert_eq!(p.install.mode, InstallMode::InPlace);
-        let err = parse("name: d\narch: [x86_64]\ninstall:\n  mode: pxe\n").unwrap_err().to_string();
+        let err = test_parse_error("install:\n  mode: pxe\n");
         assert!(err.contains("pxe"), "{err}");
-        let p = parse("name: d\narch: [x86_64]\ninstall: { mode: installer, target: /dev/disk/by-id/virtio-kiln*, wipe: true, after: reboot, min_size: 4GiB }\n").unwrap();
+        let p = test_profile("install: { mode: installer, target: /dev/disk/by-id/virtio-kiln*, wipe: true, after: reboot, min_size: 4GiB }\n");
         assert_eq!(p.install.target, InstallTarget::Device("/dev/disk/by-id/virtio-kiln*".into()));
         assert!(p.install.wipe);
         assert_eq!(p.install.after, AfterInstall::Reboot);
         assert_eq!(p.install.min_size, Some(Size(4 << 30)));
-        let p = parse("name: d\narch: [x86_64]\ninstall: { mode: installer }\n").unwrap();
+        let p = test_profile("install: { mode: installer }\n");
         assert_eq!(p.install.target, InstallTarget::Auto);
         assert_eq!(p.install.after, AfterInstall::Poweroff);
         assert!(!p.install.wipe);
         for bad in ["/dev/disk/by-path/pci-0000:00:04.0", "sda", "/dev/", "/dev/disk/by-id/ata-x", "/dev/sd a"] {
-            let err = parse(&format!("name: d\narch: [x86_64]\ninstall: {{ target: \"{bad}\" }}\n")).unwrap_err().to_string();
+            let err = test_parse_error(&format!("install: {{ target: \"{bad}\" }}\n"));
             assert!(err.contains("install target"), "{bad}: {err}");
         }
-        let err = parse("name: d\narch: [x86_64]\ninstall:\n  after: halt\n").unwrap_err().to_string();
+        let err = test_parse_error("install:\n  after: halt\n");
         assert!(err.contains("halt"), "{err}");
     }
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = parse("name: demo\narch: [x86_64]\nos:\n  suit: trixie\n").unwrap_err().to_string();
+        let err = test_parse_error("os:\n  suit: trixie\n");
         assert!(err.contains("suit"), "{err}");
         assert!(err.contains('4'), "line number missing: {err}");
     }
@@ -595,15 +617,15 @@ mod tests {
     fn wrong_type_is_an_error() {
         let err = parse("name: demo\narch: x86_64\n").unwrap_err().to_string();
         assert!(!err.is_empty());
-        let err = parse("name: demo\narch: [x86_64]\ndisk:\n  size: lots\n").unwrap_err().to_string();
+        let err = test_parse_error("disk:\n  size: lots\n");
         assert!(err.contains("lots"), "{err}");
     }
 
     #[test]
     fn modes_parse() {
-        let p = parse("name: d\narch: [x86_64]\nfiles:\n  - path: /etc/x\n    content: hi\n    mode: \"0755\"\n").unwrap();
+        let p = test_profile("files:\n  - path: /etc/x\n    content: hi\n    mode: \"0755\"\n");
         assert_eq!(p.files[0].mode, Mode(0o755));
-        assert!(parse("name: d\narch: [x86_64]\nfiles:\n  - path: /x\n    content: hi\n    mode: \"999\"\n").is_err());
+        assert!(test_parse("files:\n  - path: /x\n    content: hi\n    mode: \"999\"\n").is_err());
     }
 
     fn loaded(text: &str, dir: &Path) -> Result<LoadedProfile> {

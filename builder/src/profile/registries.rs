@@ -133,6 +133,7 @@ pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::{test_parse, test_profile};
 
     const SERVER: &str = "cluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n";
 
@@ -140,7 +141,7 @@ mod tests {
     fn registries_are_checked() {
         let d = tempfile::tempdir().unwrap();
         let check = |extra: &str, reg: &str| {
-            let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\n{extra}registries:\n{reg}")).unwrap();
+            let p = test_profile(&format!("{extra}registries:\n{reg}"));
             validate(&p, d.path()).map(|_| ()).map_err(|e| e.to_string())
         };
         let ok_reg = "  mirrors: {docker.io: {endpoint: [\"https://m.lan\"]}}\n";
@@ -151,6 +152,6 @@ mod tests {
         assert!(check(SERVER, "  configs: {\"r:5000\": {tls: {cert_file: c.pem}}}\n").unwrap_err().contains("go together"));
         assert!(check(SERVER, "  configs: {\"https://r\": {}}\n").unwrap_err().contains("without a scheme"));
         // Passwords are never written inline in the profile.
-        assert!(crate::profile::parse("name: d\narch: [x86_64]\nregistries: {configs: {r: {auth: {username: u, password: p}}}}\n").is_err());
+        assert!(test_parse("registries: {configs: {r: {auth: {username: u, password: p}}}}\n").is_err());
     }
 }

@@ -417,16 +417,12 @@ pub fn ntp_server(s: &str) -> Result<(String, Option<u16>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::parse;
+    use crate::profile::{test_parse, test_profile};
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOaKqWL3yl+u4dh7kBSnQmHzBvlhH7j2N2T4b9LFtjrq alice@laptop";
 
-    fn profile(extra: &str) -> Profile {
-        parse(&format!("name: demo\narch: [x86_64]\n{extra}")).unwrap()
-    }
-
     fn invalid(extra: &str) -> String {
-        match parse(&format!("name: demo\narch: [x86_64]\n{extra}")) {
+        match test_parse(extra) {
             Ok(p) => format!("{:#}", validate(&p).expect_err("validation passed")),
             Err(e) => e.to_string(),
         }
@@ -448,12 +444,12 @@ mod tests {
         for bad in ["", ":123", "host:", "host:99999", "a..b", "[fd00::1]123", "[host]:1"] {
             assert!(ntp_server(bad).is_err(), "{bad} was accepted");
         }
-        validate(&profile("time: {servers: [ntp.example]}\n")).unwrap();
+        validate(&test_profile("time: {servers: [ntp.example]}\n")).unwrap();
         assert!(invalid("users: [{name: _chrony}]\n").contains("system account"));
     }
     #[test]
     fn defaults_keep_old_profiles_valid() {
-        let p = profile("");
+        let p = test_profile("");
         validate(&p).unwrap();
         assert!(p.hostname.is_none() && p.users.is_empty() && p.sysctl.is_empty() && p.kernel.load.is_empty());
         assert_eq!((p.ssh.server, p.ssh.root_login, p.ssh.password_auth, p.ssh.port), (SshServer::Dropbear, RootLogin::No, false, 22));
@@ -503,7 +499,7 @@ mod tests {
     #[test]
     fn password_hashes_never_show_in_debug_errors_or_serialised_output() {
         let secret = "$y$j9T$abcdefghijklmnop$0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef";
-        let p = profile(&format!("users: [{{name: a, password_hash: \"{secret}\"}}]\n"));
+        let p = test_profile(&format!("users: [{{name: a, password_hash: \"{secret}\"}}]\n"));
         validate(&p).unwrap();
         assert!(!format!("{p:?}").contains("abcdefghijklmnop"));
         assert!(!serde_json::to_string(&p).unwrap().contains("abcdefghijklmnop"));

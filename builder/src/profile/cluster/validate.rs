@@ -236,7 +236,7 @@ pub fn check_version(v: &str) -> Result<(), String> {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use crate::profile::parse;
+    use crate::profile::{test_parse, test_profile};
 
     const MACS: [&str; 6] = ["52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03", "52:54:00:00:00:04", "52:54:00:00:00:05", "52:54:00:00:00:06"];
 
@@ -257,8 +257,7 @@ pub(crate) mod tests {
     }
 
     fn check(cluster: &str) -> Result<(), String> {
-        let text = format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{}", with_version(cluster));
-        let p = parse(&text).map_err(|e| e.to_string())?;
+        let p = test_parse(&format!("cluster:\n  name: lab\n{}", with_version(cluster))).map_err(|e| e.to_string())?;
         super::validate(&p).map_err(|e| format!("{e:#}"))
     }
 
@@ -329,7 +328,7 @@ pub(crate) mod tests {
             assert!(err.contains(key), "{cluster}: error does not name {key}: {err}");
         }
         for bad in ["Lab", "a_b", "x".repeat(51).as_str()] {
-            let p = parse(&format!("name: demo\narch: [x86_64]\ncluster: {{name: {bad}, default_role: none, k3s: {{version: v1.33.5+k3s1}}}}\n")).unwrap();
+            let p = test_profile(&format!("cluster: {{name: {bad}, default_role: none, k3s: {{version: v1.33.5+k3s1}}}}\n"));
             let err = format!("{:#}", super::validate(&p).unwrap_err());
             assert!(err.contains("`cluster.name`"), "{bad}: {err}");
         }
@@ -339,14 +338,11 @@ pub(crate) mod tests {
 
     #[test]
     fn node_addresses_may_not_contradict_the_global_network() {
-        let text = format!(
-            "name: demo\narch: [x86_64]\nnetwork: {{interfaces: {{eth0: {{address: 10.0.0.5/24}}}}}}\ncluster:\n  name: lab\n{}",
-            with_version(&nodes(&[node(0, "server", true)]))
-        );
-        let err = format!("{:#}", super::validate(&parse(&text).unwrap()).unwrap_err());
+        let p = test_profile(&format!("network: {{interfaces: {{eth0: {{address: 10.0.0.5/24}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)]))));
+        let err = format!("{:#}", super::validate(&p).unwrap_err());
         assert!(err.contains("cluster.nodes[0].address") && err.contains("network.interfaces.eth0"), "{err}");
-        let ok = format!("name: demo\narch: [x86_64]\nnetwork: {{interfaces: {{eth0: {{dhcp: true}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)])));
-        super::validate(&parse(&ok).unwrap()).unwrap();
+        let ok = test_profile(&format!("network: {{interfaces: {{eth0: {{dhcp: true}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)]))));
+        super::validate(&ok).unwrap();
     }
 
     #[test]
