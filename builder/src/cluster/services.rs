@@ -2,7 +2,8 @@
 //! an `etcd` account when the inventory has etcd members, kiln's cluster overlay
 //! (`overlays/cluster/`: the supervisors `etcd-run` and `k3s-run`, the health checks, the log
 //! rotation and `await-roles`, which prints `[kiln] ready` once the node's roles are healthy)
-//! and the init entries that start them. k3s itself is placed by `crate::k3s::place`.
+//! and the init entries that start them; k3s's kernel modules go into the boot-time list that
+//! `kmod` owns. k3s itself is placed by `crate::k3s::place`.
 
 use anyhow::{bail, Result};
 

@@ -4,6 +4,8 @@
 //!
 //! The files go into the read-only root under `/var/lib/rancher/k3s/server/`: at run time that
 //! path is on the overlay over the data partition, so k3s still writes its own files beside them.
+//!
+//! The `manifests` and `charts` keys' types and checks are in `profile::deploy`.
 
 pub mod chart;
 pub mod manifests;
