@@ -16,14 +16,13 @@
 //! Where containerd keeps its data: `/var/lib/containerd`, which is on the ext4 data partition
 //! (the initramfs binds `/var/lib` from it), so the overlayfs snapshotter works. It could not
 //! put its upper directories on the root, itself an overlay with a tmpfs upper layer.
-
-use std::collections::{BTreeMap, BTreeSet};
+//!
+//! The `engine` and `containers` keys' types and checks are in `profile::containers`.
 
 use anyhow::{bail, Result};
-use schemars::JsonSchema;
-use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::kmod::ModuleSet;
+use crate::profile::containers::{Container, Engine};
 use crate::profile::Profile;
 use crate::tree::Tree;
 
@@ -52,163 +51,6 @@ version = 2\n\
 root = \"/var/lib/containerd\"\n\
 state = \"/run/containerd\"\n\
 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n";
-
-/// What runs the profile's workloads.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Engine {
-    /// k3s (needs `cluster`): bundled `images` are imported by k3s.
-    #[default]
-    K3s,
-    /// containerd without Kubernetes: bundled `images` are imported by containerd and the
-    /// profile's `containers` run from them, supervised by init. Not together with `cluster`.
-    Containerd,
-}
-
-/// One container of an `engine: containerd` appliance.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Container {
-    /// The container's name: letters, digits, `-`, `_`, `.` (starting with a letter or digit,
-    /// at most 64). Names its log `/var/log/containers/<name>.log` and its console prefix.
-    pub name: String,
-    /// The image, exactly one of `images` (compared after normalising: `busybox:1.36` and
-    /// `docker.io/library/busybox:1.36` are the same).
-    pub image: String,
-    /// The command and its arguments, replacing the image's entrypoint and command. Empty: the
-    /// image's own.
-    #[serde(default)]
-    pub args: Vec<String>,
-    /// Environment variables, added to the image's.
-    #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    /// Bind mounts from the appliance into the container. A missing host directory is created
-    /// at start (use a path under `/var/lib` to keep its contents across reboots: the root is
-    /// read-only with a RAM layer).
-    #[serde(default)]
-    pub mounts: Vec<Mount>,
-    /// When the container is started again after it exits: `always` (default), `on-failure`
-    /// (non-zero exit status) or `no`. Restarts back off from 1 s to 60 s; a container that ran
-    /// for a minute starts again after 1 s.
-    #[serde(default)]
-    pub restart: Restart,
-}
-
-/// A bind mount of a container.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Mount {
-    /// Absolute path on the appliance.
-    pub host: String,
-    /// Absolute path inside the container.
-    pub container: String,
-    /// Mount it read-only.
-    #[serde(default)]
-    pub read_only: bool,
-}
-
-/// A container's restart policy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Restart {
-    /// Started again whatever its exit status.
-    #[default]
-    Always,
-    /// Started again only after a non-zero exit status.
-    OnFailure,
-    /// Run once per boot.
-    No,
-}
-
-impl Restart {
-    fn as_str(self) -> &'static str {
-        match self {
-            Restart::Always => "always",
-            Restart::OnFailure => "on-failure",
-            Restart::No => "no",
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Restart {
-    /// Accepts the YAML 1.1 boolean `no` (unquoted `restart: no`) as the policy `no`.
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            B(bool),
-            S(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::B(false) => Ok(Restart::No),
-            Raw::S(s) if s == "always" => Ok(Restart::Always),
-            Raw::S(s) if s == "on-failure" => Ok(Restart::OnFailure),
-            Raw::S(s) if s == "no" => Ok(Restart::No),
-            Raw::B(true) => Err(serde::de::Error::custom("restart policy `true`: use `always`, `on-failure` or `no`")),
-            Raw::S(s) => Err(serde::de::Error::custom(format!("unknown restart policy `{s}`: use `always`, `on-failure` or `no`"))),
-        }
-    }
-}
-
-fn valid_name(n: &str) -> bool {
-    let mut chars = n.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
-        && n.len() <= 64
-        && chars.all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-}
-
-/// A path `ctr --mount` can take: absolute, and free of the `,` and `:` its option syntax
-/// splits on (and of whitespace, so the runner can list them).
-fn valid_mount_path(p: &str) -> bool {
-    p.starts_with('/') && !p.contains(|c: char| c == ',' || c == ':' || c.is_whitespace() || c == '\'') && !p.split('/').any(|s| s == "..")
-}
-
-/// Semantic checks of `engine` and `containers` (the profile file is named by the caller).
-pub fn validate(p: &Profile) -> Result<()> {
-    match p.engine {
-        Engine::K3s => {
-            if !p.containers.is_empty() {
-                bail!("key `containers`: containers run with `engine: containerd` only (with k3s, workloads are Kubernetes manifests)");
-            }
-        }
-        Engine::Containerd => {
-            if p.cluster.is_some() {
-                bail!("key `engine`: `containerd` runs containers without Kubernetes and cannot be combined with `cluster` (k3s brings its own containerd); drop one of them");
-            }
-        }
-    }
-    let images: BTreeSet<String> = p.images.iter().filter_map(|i| crate::oci::parse_reference(i).ok()).map(|r| r.whole()).collect();
-    let mut names = BTreeMap::new();
-    for (i, c) in p.containers.iter().enumerate() {
-        let key = format!("containers[{i}]");
-        if !valid_name(&c.name) {
-            bail!("key `{key}.name`: `{}` must be letters, digits, `-`, `_` or `.`, starting with a letter or digit, at most 64 characters", c.name);
-        }
-        if let Some(j) = names.insert(c.name.as_str(), i) {
-            bail!("key `{key}.name`: `{}` is already the name of `containers[{j}]`", c.name);
-        }
-        let image = crate::oci::parse_reference(&c.image).map_err(|e| anyhow::anyhow!("key `{key}.image`: {e:#}"))?.whole();
-        if !images.contains(&image) {
-            let listed = if p.images.is_empty() { "`images` is empty".to_string() } else { format!("`images` lists {}", p.images.join(", ")) };
-            bail!("key `{key}.image`: `{}` is not one of the bundled images ({listed}); add it to `images`", c.image);
-        }
-        for k in c.env.keys() {
-            let mut chars = k.chars();
-            if !matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_') || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                bail!("key `{key}.env.{k}`: variable names are letters, digits and `_`, not starting with a digit");
-            }
-        }
-        for (m, mount) in c.mounts.iter().enumerate() {
-            for (what, path) in [("host", &mount.host), ("container", &mount.container)] {
-                if !valid_mount_path(path) {
-                    bail!("key `{key}.mounts[{m}].{what}`: `{path}` must be an absolute path without `..`, `,`, `:`, quotes or spaces");
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The Debian packages the engine needs in the root.
 pub fn packages(p: &Profile) -> Vec<&'static str> {
     if p.engine == Engine::Containerd {
@@ -253,9 +95,9 @@ KILN_CONTAINER_IMAGE={}\nKILN_CONTAINER_RESTART={}\nKILN_CONTAINER_DIRS={}\nset 
 }
 
 /// Lays the containerd overlay onto the root with containerd's settings, one settings file per
-/// container, the `overlay` module and the init entries. `with_images`: the root carries an
+/// container (the profile's `containers`), the `overlay` module and the init entries. `with_images`: the root carries an
 /// image archive to import.
-pub fn install(p: &Profile, root: &mut Tree, modules: &ModuleSet, with_images: bool) -> Result<()> {
+pub fn install(containers: &[Container], root: &mut Tree, modules: &ModuleSet, with_images: bool) -> Result<()> {
     for prog in PROGRAMS {
         if !root.contains(prog) {
             bail!("key `engine`: containerd needs /{prog}, which the packages {} did not install", PACKAGES.join(", "));
@@ -265,9 +107,9 @@ pub fn install(p: &Profile, root: &mut Tree, modules: &ModuleSet, with_images: b
     let (logpipe, mode) = crate::assets::file(&format!("overlays/cluster/{LOGPIPE}")).ok_or_else(|| anyhow::anyhow!("kiln was built without overlays/cluster/{LOGPIPE}"))?;
     root.add_file(LOGPIPE, mode, logpipe)?;
     root.add_file(CONFIG_TOML, 0o644, CONFIG)?;
-    crate::cluster::services::load_modules(root, modules, MODULES, "engine")?;
-    for c in &p.containers {
-        let image = crate::oci::parse_reference(&c.image)?.whole();
+    crate::kmod::load_needed_at_boot(root, modules, MODULES, "engine")?;
+    for c in containers {
+        let image = c.image.whole();
         root.add_file(&format!("{CONF_DIR}/{}.conf", c.name), 0o644, container_conf(c, &image))?;
     }
     crate::inittab::append(root, "containerd (engine: containerd), restarted by init if it exits; output in /var/log/containerd.log.", &format!("::respawn:{CONTAINERD_RUN}"))?;
@@ -276,7 +118,7 @@ pub fn install(p: &Profile, root: &mut Tree, modules: &ModuleSet, with_images: b
     } else {
         root.remove(&crate::tree::TreePath::parse(IMAGES_IMPORT)?);
     }
-    for c in &p.containers {
+    for c in containers {
         crate::inittab::append(
             root,
             &format!("Container `{}` (restart: {}); output in /var/log/containers/{}.log and on the console.", c.name, c.restart.as_str(), c.name),
@@ -285,68 +127,16 @@ pub fn install(p: &Profile, root: &mut Tree, modules: &ModuleSet, with_images: b
     }
     crate::inittab::append(root, "Prints `[kiln] ready` once every container that keeps running (restart other than `no`) is RUNNING.", &format!("::once:{AWAIT_CONTAINERS}"))
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::test_profile;
     use crate::arch::Arch;
-    use crate::profile::parse;
 
     const IMAGES: &str = "images: [busybox:1.36, \"registry.local:5000/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n";
 
     fn profile(extra: &str) -> Profile {
-        parse(&format!("name: d\narch: [x86_64]\n{IMAGES}{extra}")).unwrap()
-    }
-
-    fn err(extra: &str) -> String {
-        format!("{:#}", validate(&profile(extra)).unwrap_err())
-    }
-
-    #[test]
-    fn keys_parse_with_defaults_and_yaml_no() {
-        let p = profile("engine: containerd\ncontainers:\n  - {name: a, image: busybox:1.36}\n  - {name: b, image: busybox:1.36, restart: no, args: [sh, -c, 'echo hi'], env: {A: \"1\"}, mounts: [{host: /var/lib/b, container: /data, read_only: true}]}\n  - {name: c, image: busybox:1.36, restart: on-failure}\n");
-        assert_eq!(p.engine, Engine::Containerd);
-        let r: Vec<Restart> = p.containers.iter().map(|c| c.restart).collect();
-        assert_eq!(r, [Restart::Always, Restart::No, Restart::OnFailure]);
-        assert!(p.containers[1].mounts[0].read_only);
-        validate(&p).unwrap();
-        assert_eq!(parse("name: d\narch: [x86_64]\n").unwrap().engine, Engine::K3s);
-        let e = parse("name: d\narch: [x86_64]\nengine: docker\n").unwrap_err();
-        assert!(e.contains("docker"), "{e}");
-        let e = parse("name: d\narch: [x86_64]\ncontainers: [{name: a, image: x, restart: sometimes}]\n").unwrap_err();
-        assert!(e.contains("sometimes"), "{e}");
-        let e = parse("name: d\narch: [x86_64]\ncontainers: [{name: a, image: x, ports: [80]}]\n").unwrap_err();
-        assert!(e.contains("ports"), "{e}");
-    }
-
-    #[test]
-    fn validation_names_the_key() {
-        let e = err("containers: [{name: a, image: busybox:1.36}]\n");
-        assert!(e.contains("key `containers`") && e.contains("engine: containerd"), "{e}");
-        let e = err("engine: containerd\ncluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n");
-        assert!(e.contains("key `engine`") && e.contains("cluster"), "{e}");
-        let e = err("engine: containerd\ncontainers: [{name: a, image: nginx:1}]\n");
-        assert!(e.contains("key `containers[0].image`") && e.contains("nginx:1") && e.contains("busybox:1.36"), "{e}");
-        let e = err("engine: containerd\ncontainers: [{name: a, image: busybox:1.36}, {name: a, image: docker.io/library/busybox:1.36}]\n");
-        assert!(e.contains("key `containers[1].name`") && e.contains("containers[0]"), "{e}");
-        let e = err("engine: containerd\ncontainers: [{name: -x, image: busybox:1.36}]\n");
-        assert!(e.contains("containers[0].name"), "{e}");
-        let e = err("engine: containerd\ncontainers: [{name: a, image: busybox:1.36, env: {1X: y}}]\n");
-        assert!(e.contains("containers[0].env.1X"), "{e}");
-        let e = err("engine: containerd\ncontainers: [{name: a, image: busybox:1.36, mounts: [{host: data, container: /d}]}]\n");
-        assert!(e.contains("containers[0].mounts[0].host"), "{e}");
-        let e = err("engine: containerd\ncontainers: [{name: a, image: busybox:1.36, mounts: [{host: /a, container: \"/b,c\"}]}]\n");
-        assert!(e.contains("containers[0].mounts[0].container"), "{e}");
-        // A digest reference matches itself.
-        validate(&profile("engine: containerd\ncontainers: [{name: a, image: \"registry.local:5000/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}]\n")).unwrap();
-    }
-
-    #[test]
-    fn images_need_a_cluster_only_with_k3s() {
-        let dir = tempfile::tempdir().unwrap();
-        crate::oci::validate(&profile("engine: containerd\n"), dir.path()).unwrap();
-        let e = format!("{:#}", crate::oci::validate(&profile(""), dir.path()).unwrap_err());
-        assert!(e.contains("needs `cluster`") && e.contains("engine: containerd"), "{e}");
+        test_profile(&format!("{IMAGES}{extra}"))
     }
 
     /// Runs a generated settings file through a real shell and prints the parameters it sets,
@@ -395,12 +185,12 @@ mod tests {
     fn install_adds_runner_settings_module_and_init_entries() {
         let p = profile("engine: containerd\ncontainers: [{name: hello, image: busybox:1.36}, {name: once, image: busybox:1.36, restart: no}]\n");
         let mut t = root();
-        let e = format!("{:#}", install(&p, &mut t, &kernel(), true).unwrap_err());
+        let e = format!("{:#}", install(&p.containers, &mut t, &kernel(), true).unwrap_err());
         assert!(e.contains("/usr/bin/containerd") && e.contains("key `engine`"), "{e}");
         for prog in PROGRAMS {
             t.add_file(prog, 0o755, "elf").unwrap();
         }
-        install(&p, &mut t, &kernel(), true).unwrap();
+        install(&p.containers, &mut t, &kernel(), true).unwrap();
         let inittab = file_text(&t, "etc/inittab");
         let order: Vec<usize> = ["::respawn:/usr/lib/kiln/containerd-run", "::once:/usr/lib/kiln/images-import", "::respawn:/usr/lib/kiln/container-run hello", "::respawn:/usr/lib/kiln/container-run once", "::once:/usr/lib/kiln/await-containers"]
             .iter()
@@ -409,7 +199,7 @@ mod tests {
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{inittab}");
         assert!(file_text(&t, "etc/kiln/containers/hello.conf").contains("KILN_CONTAINER_IMAGE='docker.io/library/busybox:1.36'"));
         assert!(file_text(&t, "etc/kiln/containers/once.conf").contains("KILN_CONTAINER_RESTART=no"));
-        assert!(file_text(&t, "etc/kiln/modules-load.conf").lines().any(|l| l == "overlay"));
+        assert!(file_text(&t, crate::kmod::BOOT_MODULES).lines().any(|l| l == "overlay"));
         assert!(file_text(&t, CONFIG_TOML).contains("io.containerd.grpc.v1.cri"));
         for s in ["containerd-run", "images-import", "container-run", "await-containers", "containers.sh", "logpipe"] {
             assert!(t.contains(&format!("usr/lib/kiln/{s}")), "{s}");
@@ -422,7 +212,7 @@ mod tests {
         for prog in PROGRAMS {
             t.add_file(prog, 0o755, "elf").unwrap();
         }
-        install(&p, &mut t, &kernel(), false).unwrap();
+        install(&p.containers, &mut t, &kernel(), false).unwrap();
         assert!(!file_text(&t, "etc/inittab").contains("images-import") && !t.contains("usr/lib/kiln/images-import"));
         crate::inittab::check_programs(&t).unwrap();
     }

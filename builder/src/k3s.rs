@@ -31,22 +31,6 @@ pub const ARCHIVE_DIR: &str = "usr/lib/kiln/k3s";
 /// The supervisor script init runs (from the appliance overlay).
 pub const RUN_SCRIPT: &str = "/usr/lib/kiln/k3s-run";
 
-/// Checks the shape of a k3s release name: `vMAJOR.MINOR.PATCH+k3sN`.
-pub fn check_version(v: &str) -> Result<(), String> {
-    let bad = || format!("`{v}` is not a k3s release name of the form `vMAJOR.MINOR.PATCH+k3sN` (e.g. `v1.33.5+k3s1`)");
-    let rest = v.strip_prefix('v').ok_or_else(bad)?;
-    let (semver, build) = rest.split_once('+').ok_or_else(bad)?;
-    let number = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
-    let parts: Vec<&str> = semver.split('.').collect();
-    if parts.len() != 3 || !parts.iter().all(|p| number(p)) {
-        return Err(bad());
-    }
-    match build.strip_prefix("k3s") {
-        Some(n) if number(n) => Ok(()),
-        _ => Err(bad()),
-    }
-}
-
 /// The air-gap image archive of an architecture.
 pub fn airgap_name(arch: Arch) -> String {
     format!("k3s-airgap-images-{}.tar.zst", arch.debian())
@@ -304,17 +288,6 @@ mod tests {
             Some(b) => ("200 OK", b.clone()),
             None => ("404 Not Found", b"missing".to_vec()),
         })
-    }
-
-    #[test]
-    fn versions_must_be_k3s_release_names() {
-        for good in ["v1.33.5+k3s1", "v1.30.0+k3s12"] {
-            check_version(good).unwrap();
-        }
-        for bad in ["", "1.33.5+k3s1", "v1.33.5", "v1.33+k3s1", "v1.33.5+rke2r1", "v1.33.5+k3s", "v1.33.x+k3s1", "v1.33.5-rc1+k3s1", "latest"] {
-            let err = check_version(bad).unwrap_err();
-            assert!(err.contains("vMAJOR.MINOR.PATCH+k3sN"), "{bad}: {err}");
-        }
     }
 
     #[test]

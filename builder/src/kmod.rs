@@ -1,6 +1,7 @@
 //! Kernel module metadata: reading `.modinfo` from (compressed) `.ko` files in a [`Tree`],
 //! computing the load-order closure of wanted modules, and writing the `modules.dep` /
-//! `modules.alias` files that depmod would, so busybox `modprobe` works on the device.
+//! `modules.alias` files that depmod would, so busybox `modprobe` works on the device. It also
+//! owns the list of modules the appliance loads at every boot ([`BOOT_MODULES`]).
 //!
 //! Debian's kernel package ships no `modules.dep` (its postinst runs depmod), and kiln never
 //! runs depmod on the host: everything here comes from each module's own `depends=`.
@@ -317,6 +318,47 @@ impl ModuleSet {
         }
         out
     }
+
+    /// Whether the kernel has the module `name` (loadable or built in).
+    pub fn has(&self, name: &str) -> bool {
+        self.modules.contains_key(name) || self.builtin.contains(name)
+    }
+}
+
+/// The modules the appliance loads at every boot, one per line, read by `boot.d/22-modules.sh`.
+pub const BOOT_MODULES: &str = "etc/kiln/modules-load.conf";
+/// The list's first line. It still names `kernel.load`, its first writer when the list had two,
+/// so that images stay byte-identical.
+const BOOT_MODULES_HEADER: &str = "# written by kiln from the profile's `kernel.load` key: modules loaded at boot\n";
+
+/// Adds modules to the boot-time list, the one writer of [`BOOT_MODULES`]: the profile's
+/// `kernel.load` (provision), k3s's modules (cluster services) and containerd's each add theirs.
+/// The file is created with its header by the first call (even with no modules), keeps the order
+/// of the additions, and lists each module once, so no caller can drop another's modules
+/// whatever the order they run in.
+pub fn load_at_boot<S: AsRef<str>>(root: &mut Tree, names: &[S]) -> anyhow::Result<()> {
+    let mut text = match root.get_str(BOOT_MODULES).map(|e| &e.kind) {
+        Some(Kind::File(c)) => String::from_utf8(c.read()?.into_owned()).with_context(|| format!("/{BOOT_MODULES} is not UTF-8"))?,
+        _ => String::from(BOOT_MODULES_HEADER),
+    };
+    for n in names {
+        let n = n.as_ref();
+        if !text.lines().any(|l| l == n) {
+            text.push_str(n);
+            text.push('\n');
+        }
+    }
+    root.add_file(BOOT_MODULES, 0o644, text)?;
+    Ok(())
+}
+
+/// [`load_at_boot`] for modules a feature needs, each checked against the kernel's `modules`
+/// first; `key` is the profile key that asks for them (named in the error).
+pub fn load_needed_at_boot(root: &mut Tree, modules: &ModuleSet, wanted: &[&str], key: &str) -> anyhow::Result<()> {
+    if let Some(m) = wanted.iter().find(|m| !modules.has(m)) {
+        bail!("key `{key}`: the kernel module `{m}` is needed, but kernel {} lacks it", modules.kver);
+    }
+    load_at_boot(root, wanted)
 }
 
 #[cfg(test)]
@@ -581,5 +623,24 @@ mod tests {
         assert!(pos("fat") < pos("vfat"));
         assert!(pos("net_failover") < pos("virtio_net"));
         assert_dep_lines_list_users_before_their_dependencies(&s);
+    }
+
+    #[test]
+    fn boot_modules_have_one_writer_that_keeps_order_and_lists_each_once() {
+        let text = |t: &Tree| match &t.get_str(BOOT_MODULES).expect("written").kind {
+            Kind::File(c) => String::from_utf8(c.read().unwrap().into_owned()).unwrap(),
+            k => panic!("{k:?}"),
+        };
+        let mut t = Tree::new();
+        load_at_boot::<&str>(&mut t, &[]).unwrap();
+        assert_eq!(text(&t), BOOT_MODULES_HEADER, "created even when empty");
+        load_at_boot(&mut t, &["loop".to_string(), "br_netfilter".to_string(), "loop".to_string()]).unwrap();
+        let set = ModuleSet { kver: KVER.into(), dir: TreePath::parse("usr/lib/modules/6.12.0-test").unwrap(), modules: Default::default(), builtin: ["overlay", "br_netfilter", "nf_conntrack"].iter().map(|s| s.to_string()).collect() };
+        load_needed_at_boot(&mut t, &set, &["overlay", "br_netfilter", "nf_conntrack"], "cluster").unwrap();
+        load_needed_at_boot(&mut t, &set, &["overlay"], "engine").unwrap();
+        assert_eq!(text(&t), format!("{BOOT_MODULES_HEADER}loop\nbr_netfilter\noverlay\nnf_conntrack\n"));
+        let err = load_needed_at_boot(&mut t, &set, &["overlay", "tun"], "engine").unwrap_err().to_string();
+        assert!(err.contains("key `engine`") && err.contains("`tun`") && err.contains(KVER), "{err}");
+        assert!(!text(&t).contains("tun"), "nothing is written when a module is missing");
     }
 }

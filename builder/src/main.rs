@@ -187,7 +187,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, listen, &reinstall, dnsmasq.as_deref())?,
         Command::Schema { markdown } => {
             if markdown {
-                print!("{}", kiln::reference::markdown());
+                print!("{}", kiln::profile::reference::markdown());
             } else {
                 println!("{}", serde_json::to_string_pretty(&kiln::profile::json_schema())?);
             }

@@ -3,140 +3,19 @@
 //! profile names files, never secrets: passwords come from `password_file`, and CA, client
 //! certificate and key files are copied into the image under `/etc/rancher/k3s/certs/<host>/`,
 //! where the rendered file points. The rendered file holds passwords, so it is mode 0600 and its
-//! content is never logged.
+//! content is never logged. The key's types and checks are in `profile::registries`.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 
+use crate::profile::registries::Registries;
 use crate::tree::Tree;
 
 /// Where k3s reads its registry configuration.
 pub const PATH: &str = "etc/rancher/k3s/registries.yaml";
 /// Where the certificate files of `configs.<host>.tls` are copied (one directory per host).
 pub const CERTS_DIR: &str = "etc/rancher/k3s/certs";
-
-/// k3s's registry configuration.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Registries {
-    /// Per registry name as written in image references (`docker.io`, `registry.lan:5000`, or
-    /// `"*"` for every registry): the endpoints containerd tries first, in order.
-    #[serde(default)]
-    pub mirrors: BTreeMap<String, Mirror>,
-    /// Per registry host (`host` or `host:port`, as in a mirror endpoint): credentials and TLS.
-    #[serde(default)]
-    pub configs: BTreeMap<String, RegistryConfig>,
-}
-
-/// The endpoints of one mirrored registry.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Mirror {
-    /// Endpoint URLs (`https://mirror.lan:5000`, `http://10.0.0.5:5000`), tried in order; the
-    /// registry's own endpoint is tried last.
-    pub endpoint: Vec<String>,
-    /// Regular expression -> replacement applied to the repository path when pulling through
-    /// the endpoints (`"^rancher/(.*)": "mirrored/rancher/$1"`).
-    #[serde(default)]
-    pub rewrite: BTreeMap<String, String>,
-}
-
-/// Credentials and TLS settings for one registry host.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    /// Log in with a user name and a password read from a file.
-    #[serde(default)]
-    pub auth: Option<Auth>,
-    /// TLS settings.
-    #[serde(default)]
-    pub tls: Option<Tls>,
-}
-
-/// Registry credentials.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Auth {
-    pub username: String,
-    /// File (relative to the profile) whose first line is the password. The password goes
-    /// into `registries.yaml` in the image (mode 0600), never into logs.
-    pub password_file: PathBuf,
-}
-
-/// TLS settings of a registry host. The files (relative to the profile) are copied into the image.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Tls {
-    /// PEM CA certificate(s) that sign the registry's certificate.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// Client certificate (PEM), with `key_file`.
-    #[serde(default)]
-    pub cert_file: Option<PathBuf>,
-    /// Client key (PEM), with `cert_file`; mode 0600 in the image.
-    #[serde(default)]
-    pub key_file: Option<PathBuf>,
-    /// Do not verify the registry's certificate.
-    #[serde(default)]
-    pub insecure_skip_verify: bool,
-}
-
-fn check_host(host: &str, key: &str) -> Result<()> {
-    if host.is_empty() || host.contains(['/', '\\']) || host.contains(char::is_whitespace) || host.starts_with('.') {
-        bail!("key `{key}`: `{host}` must be a registry host as written in image references (`host`, `host:port` or `*`), without a scheme or path");
-    }
-    Ok(())
-}
-
-/// Semantic checks (the profile file is named by the caller).
-pub fn validate(p: &crate::profile::Profile, base_dir: &Path) -> Result<()> {
-    let Some(r) = &p.registries else { return Ok(()) };
-    if !p.cluster.as_ref().is_some_and(|c| c.needs_k3s()) {
-        bail!("key `registries`: this is k3s's registry configuration, but the profile has no `cluster` whose machines run k3s");
-    }
-    for (host, m) in &r.mirrors {
-        check_host(host, &format!("registries.mirrors.{host}"))?;
-        if m.endpoint.is_empty() {
-            bail!("key `registries.mirrors.{host}.endpoint`: list at least one endpoint URL");
-        }
-        for e in &m.endpoint {
-            if !(e.starts_with("http://") || e.starts_with("https://")) || e.contains(char::is_whitespace) {
-                bail!("key `registries.mirrors.{host}.endpoint`: `{e}` is not an http:// or https:// URL");
-            }
-        }
-    }
-    for (host, c) in &r.configs {
-        check_host(host, &format!("registries.configs.{host}"))?;
-        let mut files = Vec::new();
-        if let Some(a) = &c.auth {
-            if a.username.is_empty() {
-                bail!("key `registries.configs.{host}.auth.username`: must not be empty");
-            }
-            files.push(("auth.password_file", &a.password_file));
-        }
-        if let Some(t) = &c.tls {
-            if t.cert_file.is_some() != t.key_file.is_some() {
-                bail!("key `registries.configs.{host}.tls`: `cert_file` and `key_file` go together (a client certificate and its key)");
-            }
-            for (k, f) in [("tls.ca_file", &t.ca_file), ("tls.cert_file", &t.cert_file), ("tls.key_file", &t.key_file)] {
-                if let Some(f) = f {
-                    files.push((k, f));
-                }
-            }
-        }
-        for (k, f) in files {
-            let path = base_dir.join(f);
-            if !path.is_file() {
-                bail!("key `registries.configs.{host}.{k}`: {} does not exist (paths are relative to the profile)", path.display());
-            }
-        }
-    }
-    Ok(())
-}
 
 /// The directory of a host's certificates in the image (`*` is not a friendly directory name).
 fn cert_dir(host: &str) -> String {
@@ -217,10 +96,10 @@ mod tests {
             std::fs::write(d.path().join(n), c).unwrap();
         }
         let text = format!(
-            "name: d\narch: [x86_64]\n{SERVER}registries:\n  mirrors:\n    docker.io:\n      endpoint: [\"https://mirror.lan:5000\"]\n      rewrite: {{\"^rancher/(.*)\": \"mirrored/$1\"}}\n  configs:\n    \"mirror.lan:5000\":\n      auth: {{username: puller, password_file: pw}}\n      tls: {{ca_file: ca.pem, cert_file: c.pem, key_file: c.key}}\n    \"10.0.0.5:5000\":\n      tls: {{insecure_skip_verify: true}}\n"
+            "{SERVER}registries:\n  mirrors:\n    docker.io:\n      endpoint: [\"https://mirror.lan:5000\"]\n      rewrite: {{\"^rancher/(.*)\": \"mirrored/$1\"}}\n  configs:\n    \"mirror.lan:5000\":\n      auth: {{username: puller, password_file: pw}}\n      tls: {{ca_file: ca.pem, cert_file: c.pem, key_file: c.key}}\n    \"10.0.0.5:5000\":\n      tls: {{insecure_skip_verify: true}}\n"
         );
-        let p = crate::profile::parse(&text).unwrap();
-        validate(&p, d.path()).unwrap();
+        let p = crate::profile::test_profile(&text);
+        crate::profile::registries::validate(&p, d.path()).unwrap();
         let mut root = Tree::new();
         place(p.registries.as_ref().unwrap(), d.path(), &mut root).unwrap();
         let (mode, yaml) = file(&root, PATH);
@@ -242,23 +121,5 @@ mod tests {
         );
         assert_eq!(file(&root, "etc/rancher/k3s/certs/mirror.lan:5000/ca.crt"), (0o644, "CA\n".into()));
         assert_eq!(file(&root, "etc/rancher/k3s/certs/mirror.lan:5000/client.key"), (0o600, "KEY\n".into()));
-    }
-
-    #[test]
-    fn registries_are_checked() {
-        let d = tempfile::tempdir().unwrap();
-        let check = |extra: &str, reg: &str| {
-            let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\n{extra}registries:\n{reg}")).unwrap();
-            validate(&p, d.path()).map(|_| ()).map_err(|e| e.to_string())
-        };
-        let ok_reg = "  mirrors: {docker.io: {endpoint: [\"https://m.lan\"]}}\n";
-        assert!(check("", ok_reg).unwrap_err().contains("no `cluster`"));
-        check(SERVER, ok_reg).unwrap();
-        assert!(check(SERVER, "  mirrors: {docker.io: {endpoint: [\"m.lan\"]}}\n").unwrap_err().contains("not an http:// or https:// URL"));
-        assert!(check(SERVER, "  configs: {\"r:5000\": {auth: {username: u, password_file: nope}}}\n").unwrap_err().contains("registries.configs.r:5000.auth.password_file"));
-        assert!(check(SERVER, "  configs: {\"r:5000\": {tls: {cert_file: c.pem}}}\n").unwrap_err().contains("go together"));
-        assert!(check(SERVER, "  configs: {\"https://r\": {}}\n").unwrap_err().contains("without a scheme"));
-        // Passwords are never written inline in the profile.
-        assert!(crate::profile::parse("name: d\narch: [x86_64]\nregistries: {configs: {r: {auth: {username: u, password: p}}}}\n").is_err());
     }
 }

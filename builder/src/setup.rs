@@ -1,10 +1,14 @@
 //! What Debian's maintainer scripts would have done, done by kiln on the root model:
 //! accounts, the base directory layout, device nodes, busybox links and kernel module indexes.
 //! No package script ever runs.
+//!
+//! This module owns the account databases (`/etc/passwd`, `/etc/group`, `/etc/shadow`): the base
+//! accounts, the service accounts kiln adds ([`add_system_account`]) and the file handling every
+//! later addition (the profile's users, in `provision`) goes through ([`AccountFiles`]).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
-use crate::tree::{Entry, Kind, Meta, Tree, TreePath};
+use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 
 /// System accounts (Debian's base-passwd numbering). Everything is locked: logins come from the
 /// profile's users (ssh keys), never from a default password.
@@ -36,6 +40,20 @@ nogroup:x:65534:
 ";
 
 const SHADOW_GID: u32 = 42;
+
+/// A locked service account with a group of its own, which a Debian maintainer script would have
+/// created (kiln runs none). Ids are below 1000, clear of the base accounts and of each other.
+pub struct SystemAccount {
+    pub name: &'static str,
+    pub id: u32,
+    pub gecos: &'static str,
+    pub home: &'static str,
+}
+
+/// The account chronyd drops to after start-up (profile key `time.servers`).
+pub const CHRONY_ACCOUNT: SystemAccount = SystemAccount { name: "_chrony", id: 101, gecos: "chrony", home: "/var/lib/chrony" };
+/// The account etcd runs as (nodes with the `etcd` role).
+pub const ETCD_ACCOUNT: SystemAccount = SystemAccount { name: "etcd", id: 102, gecos: "etcd", home: "/var/lib/etcd" };
 
 fn shadow() -> String {
     PASSWD.lines().map(|l| format!("{}:*:0:0:99999:7:::\n", l.split(':').next().unwrap_or_default())).collect()
@@ -82,6 +100,58 @@ pub fn base_system(tree: &mut Tree) -> Result<()> {
     Ok(())
 }
 
+/// The account databases of a root, read to be extended and written back with [`AccountFiles::write`].
+pub struct AccountFiles {
+    pub passwd: String,
+    pub group: String,
+    pub shadow: String,
+}
+
+impl AccountFiles {
+    /// Reads `/etc/passwd`, `/etc/group` and `/etc/shadow` (laid down by [`base_system`]).
+    pub fn read(root: &Tree) -> Result<AccountFiles> {
+        Ok(AccountFiles { passwd: file_text(root, "etc/passwd")?, group: file_text(root, "etc/group")?, shadow: file_text(root, "etc/shadow")? })
+    }
+
+    /// Writes the three files back: passwd and group 0644, shadow 0600 owned by root (it holds
+    /// the password hashes).
+    pub fn write(self, root: &mut Tree) -> Result<()> {
+        root.add_file("etc/passwd", 0o644, self.passwd)?;
+        root.add_file("etc/group", 0o644, self.group)?;
+        insert(root, "etc/shadow", owned(0o600, 0, 0), Kind::File(Content::bytes(self.shadow)))
+    }
+}
+
+/// Adds a locked system account with its own group (what a Debian maintainer script would have
+/// created; kiln runs none).
+pub fn add_system_account(root: &mut Tree, a: &SystemAccount) -> Result<()> {
+    let mut files = AccountFiles::read(root)?;
+    let SystemAccount { name, id, gecos, home } = a;
+    files.passwd.push_str(&format!("{name}:x:{id}:{id}:{gecos}:{home}:/usr/sbin/nologin\n"));
+    files.group.push_str(&format!("{name}:x:{id}:\n"));
+    files.shadow.push_str(&format!("{name}:*:0:0:99999:7:::\n"));
+    files.write(root)
+}
+
+/// The text of a file of the root.
+pub(crate) fn file_text(root: &Tree, path: &str) -> Result<String> {
+    match root.get_str(path).map(|e| &e.kind) {
+        Some(Kind::File(c)) => String::from_utf8(c.read()?.into_owned()).with_context(|| format!("/{path} is not UTF-8")),
+        _ => bail!("/{path} is missing from the root"),
+    }
+}
+
+/// Inserts an entry with the given owner and mode.
+pub(crate) fn insert(root: &mut Tree, path: &str, meta: Meta, kind: Kind) -> Result<()> {
+    root.insert(&TreePath::parse(path)?, Entry { meta, kind })?;
+    Ok(())
+}
+
+/// Metadata with an owner: `mode`, `uid`, `gid`, time 0.
+pub(crate) fn owned(mode: u32, uid: u32, gid: u32) -> Meta {
+    Meta { mode, uid, gid, mtime: 0 }
+}
+
 /// `/dev/console` and `/dev/null`: the kernel opens the console from the root (or initramfs)
 /// before /init runs; without it init has no output at all.
 pub fn add_console_nodes(tree: &mut Tree) -> Result<()> {
@@ -118,5 +188,22 @@ mod tests {
         assert_eq!(text.lines().count(), PASSWD.lines().count());
         assert!(matches!(t.get_str("dev/console").unwrap().kind, Kind::CharDevice { major: 5, minor: 1 }));
         assert_eq!(t.get_str("tmp").unwrap().meta.mode, 0o1777);
+    }
+
+    #[test]
+    fn system_accounts_are_locked_with_a_group_of_their_own() {
+        let mut t = Tree::merged_usr(crate::arch::Arch::X86_64);
+        base_system(&mut t).unwrap();
+        add_system_account(&mut t, &CHRONY_ACCOUNT).unwrap();
+        assert!(file_text(&t, "etc/passwd").unwrap().ends_with("\n_chrony:x:101:101:chrony:/var/lib/chrony:/usr/sbin/nologin\n"));
+        assert!(file_text(&t, "etc/group").unwrap().ends_with("\n_chrony:x:101:\n"));
+        assert!(file_text(&t, "etc/shadow").unwrap().ends_with("\n_chrony:*:0:0:99999:7:::\n"));
+        let shadow = t.get_str("etc/shadow").unwrap().meta;
+        assert_eq!((shadow.mode, shadow.uid, shadow.gid), (0o600, 0, 0));
+        let ids: Vec<&str> = PASSWD.lines().chain(GROUP.lines()).filter_map(|l| l.split(':').nth(2)).collect();
+        for a in [&CHRONY_ACCOUNT, &ETCD_ACCOUNT] {
+            assert!(a.id < 1000 && !ids.contains(&a.id.to_string().as_str()), "{}", a.name);
+        }
+        assert_ne!(CHRONY_ACCOUNT.id, ETCD_ACCOUNT.id);
     }
 }

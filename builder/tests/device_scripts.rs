@@ -107,7 +107,7 @@ mod identity {
     fn cluster_root(cmdline: &str, nics: &[(&str, &str)]) -> FakeRoot {
         let yaml = "name: demo\narch: [x86_64]\nnetwork: {dns: [10.0.0.1]}\ncluster:\n  name: lab\n  datastore: external-etcd\n  api_address: 10.0.0.10\n  nodes:\n    - {name: e1, mac: \"52:54:00:00:00:01\", roles: [etcd, server], address: 10.0.0.11/24, gateway: 10.0.0.1}\n    - {name: e2, mac: \"52:54:00:00:00:02\", roles: [etcd, server], address: 10.0.0.12/24}\n    - {name: e3, mac: \"52:54:00:00:00:03\", roles: [etcd, server], address: 10.0.0.13/24}\n    - {name: a1, mac: [\"52:54:00:00:00:04\", \"52:54:00:00:00:14\"], roles: [agent]}\n  k3s: {version: v1.33.5+k3s1}\n";
         let p = kiln::profile::parse(yaml).unwrap();
-        kiln::cluster::validate(&p).unwrap();
+        kiln::profile::cluster::validate(&p).unwrap();
         let m = FakeRoot::new();
         for f in files(p.cluster.as_ref().unwrap(), &Token::new("t0ken").unwrap()) {
             m.write(&f.path, &f.content);

@@ -9,7 +9,8 @@ use anyhow::Result;
 use serde_json::Value;
 
 use super::yaml::Doc;
-use super::{normalise_mac, url_host, Cluster, Datastore, Node, Role, Token};
+use super::Token;
+use crate::profile::cluster::{normalise_mac, url_host, Cluster, Datastore, Node, Role};
 use crate::tree::Tree;
 
 /// Where the per-node directories live in the root.
@@ -209,11 +210,11 @@ fn etcd_env(c: &Cluster, n: &Node) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::parse;
+    use crate::profile::test_profile;
 
     fn cluster(yaml: &str) -> Cluster {
-        let p = parse(&format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{}", crate::cluster::validate::tests::with_version(yaml))).unwrap();
-        crate::cluster::validate(&p).unwrap();
+        let p = test_profile(&format!("cluster:\n  name: lab\n{}", crate::profile::cluster::validate::tests::with_version(yaml)));
+        crate::profile::cluster::validate(&p).unwrap();
         p.cluster.unwrap()
     }
 

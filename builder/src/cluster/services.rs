@@ -2,44 +2,27 @@
 //! an `etcd` account when the inventory has etcd members, kiln's cluster overlay
 //! (`overlays/cluster/`: the supervisors `etcd-run` and `k3s-run`, the health checks, the log
 //! rotation and `await-roles`, which prints `[kiln] ready` once the node's roles are healthy)
-//! and the init entries that start them. k3s itself is placed by `crate::k3s::place`.
+//! and the init entries that start them; k3s's kernel modules go into the boot-time list that
+//! `kmod` owns. k3s itself is placed by `crate::k3s::place`.
 
 use anyhow::{bail, Result};
 
-use super::{Cluster, DefaultRole, Role};
 use crate::kmod::ModuleSet;
-use crate::tree::{Kind, Tree};
+use crate::profile::cluster::Cluster;
+use crate::tree::Tree;
 
 /// Debian's etcd server package (`/usr/bin/etcd`).
 pub const ETCD_PACKAGE: &str = "etcd-server";
 /// The etcd binary `etcd-run` starts.
 const ETCD_BINARY: &str = "usr/bin/etcd";
-/// The account etcd runs as (Debian's postinst would create it; kiln runs no maintainer
-/// scripts). Below 1000 and clear of the other service accounts kiln adds.
-const ETCD_USER: &str = "etcd";
-const ETCD_ID: u32 = 102;
 /// The modules k3s's agent loads at start (its `syssetup`: overlay filesystem for containerd,
 /// conntrack and bridge netfilter for kube-proxy and flannel, the iptables tables it writes).
 /// Loaded at boot by `22-modules.sh` as well, so a kernel without them fails the build instead
 /// of the node.
 pub const K3S_MODULES: &[&str] = &["overlay", "nf_conntrack", "br_netfilter", "iptable_nat", "iptable_filter"];
-const MODULES_LOAD: &str = "etc/kiln/modules-load.conf";
 /// The readiness script, an inittab `once` entry (the boot script leaves `[kiln] ready` to it).
 pub const AWAIT_ROLES: &str = "/usr/lib/kiln/await-roles";
 const ETCD_RUN: &str = "/usr/lib/kiln/etcd-run";
-
-impl Cluster {
-    /// Whether any machine runs k3s: a node with the `server` or `agent` role, or a default role
-    /// other than `none`. An etcd-only cluster (e.g. the datastore group of an external-etcd
-    /// layout built as its own image) needs no k3s release.
-    pub fn needs_k3s(&self) -> bool {
-        self.default_role != DefaultRole::None || self.nodes.iter().any(|n| n.has(Role::Server) || n.has(Role::Agent))
-    }
-
-    pub fn has_etcd(&self) -> bool {
-        self.etcd_members().next().is_some()
-    }
-}
 
 /// The Debian packages the cluster's services need in the root.
 pub fn packages(c: &Cluster) -> Vec<&'static str> {
@@ -58,7 +41,7 @@ pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> 
         if !root.contains(ETCD_BINARY) {
             bail!("key `cluster.nodes`: etcd members need the `{ETCD_PACKAGE}` package, but /{ETCD_BINARY} is missing from the root");
         }
-        crate::provision::add_system_account(root, ETCD_USER, ETCD_ID, "etcd", "/var/lib/etcd")?;
+        crate::setup::add_system_account(root, &crate::setup::ETCD_ACCOUNT)?;
         crate::inittab::append(
             root,
             "etcd member (nodes with the `etcd` role; others idle), restarted by init if it exits; output in /var/log/etcd.log.",
@@ -68,41 +51,22 @@ pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> 
         root.remove(&crate::tree::TreePath::parse(ETCD_RUN)?);
     }
     if c.needs_k3s() {
-        load_modules(root, modules, K3S_MODULES, "cluster")?;
+        crate::kmod::load_needed_at_boot(root, modules, K3S_MODULES, "cluster")?;
     } else {
         root.remove(&crate::tree::TreePath::parse(crate::k3s::RUN_SCRIPT)?);
     }
     crate::inittab::append(root, "Prints `[kiln] ready` once this node's roles are healthy (etcd quorum, k3s node Ready or agent registered).", &format!("::once:{AWAIT_ROLES}"))
 }
 
-/// Adds `wanted` (those not listed yet) to the boot-time module list, each checked against the
-/// kernel's modules; `key` is the profile key that asks for them (named in the error).
-pub(crate) fn load_modules(root: &mut Tree, modules: &ModuleSet, wanted: &[&str], key: &str) -> Result<()> {
-    let mut text = match root.get_str(MODULES_LOAD).map(|e| &e.kind) {
-        Some(Kind::File(c)) => String::from_utf8(c.read()?.into_owned())?,
-        _ => String::from("# modules loaded at boot\n"),
-    };
-    let listed: Vec<String> = text.lines().map(str::to_string).collect();
-    for m in wanted {
-        if !modules.modules.contains_key(*m) && !modules.builtin.contains(*m) {
-            bail!("key `{key}`: the kernel module `{m}` is needed, but kernel {} lacks it", modules.kver);
-        }
-        if !listed.iter().any(|l| l == m) {
-            text.push_str(&format!("{m}\n"));
-        }
-    }
-    root.add_file(MODULES_LOAD, 0o644, text)?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::test_profile;
     use crate::arch::Arch;
     use crate::tree::Kind;
 
     fn cluster(yaml: &str) -> Cluster {
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\ncluster:\n{yaml}")).unwrap();
+        let p = test_profile(&format!("cluster:\n{yaml}"));
         p.cluster.unwrap()
     }
 
@@ -157,7 +121,7 @@ mod tests {
             assert!(t.contains(script), "{script}");
         }
         assert!(!t.contains("usr/lib/kiln/k3s-run"));
-        assert!(!t.contains(MODULES_LOAD), "an etcd-only image loads no k3s modules");
+        assert!(!t.contains(crate::kmod::BOOT_MODULES), "an etcd-only image loads no k3s modules");
         crate::inittab::check_programs(&t).unwrap();
     }
 
@@ -170,10 +134,10 @@ mod tests {
         let err = format!("{:#}", install(&c, &mut t, &kernel(&["overlay"])).unwrap_err());
         assert!(err.contains("`nf_conntrack`") && err.contains("6.12.0-test"), "{err}");
         let mut t = root();
-        t.add_file(MODULES_LOAD, 0o644, "# from kernel.load\nbr_netfilter\ntun\n").unwrap();
+        t.add_file(crate::kmod::BOOT_MODULES, 0o644, "# from kernel.load\nbr_netfilter\ntun\n").unwrap();
         install(&c, &mut t, &kernel(K3S_MODULES)).unwrap();
         // The profile's own list first, then k3s's, each once.
-        assert_eq!(text(&t, MODULES_LOAD), "# from kernel.load\nbr_netfilter\ntun\noverlay\nnf_conntrack\niptable_nat\niptable_filter\n");
+        assert_eq!(text(&t, crate::kmod::BOOT_MODULES), "# from kernel.load\nbr_netfilter\ntun\noverlay\nnf_conntrack\niptable_nat\niptable_filter\n");
         assert!(t.contains("usr/lib/kiln/k3s-run") && !t.contains("usr/lib/kiln/etcd-run"));
         assert!(!text(&t, "etc/passwd").contains("etcd"));
         assert!(!text(&t, "etc/inittab").contains("etcd-run"));

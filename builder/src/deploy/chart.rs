@@ -1,76 +1,24 @@
 //! Helm charts (profile key `charts`): where a chart comes from (an OCI registry, a packaged
 //! `.tgz`, or a chart directory that kiln packs itself, reproducibly, so no `helm` binary is
 //! needed), its name and version read from its `Chart.yaml`, and the `HelmChart` manifest that
-//! makes k3s's Helm controller install it from k3s's own static file server, offline.
+//! makes k3s's Helm controller install it from k3s's own static file server, offline. The
+//! `charts` entry's types and checks are in `profile::deploy`.
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
 
+use crate::profile::deploy::{check_release, ChartSpec, Source};
 use crate::tree::Content;
 
 /// k3s serves this directory at `https://<api>/static/` to its Helm controller.
 pub const STATIC_DIR: &str = "var/lib/rancher/k3s/server/static/charts";
 /// The namespace k3s's Helm controller watches for `HelmChart` resources.
 const HELMCHART_NAMESPACE: &str = "kube-system";
-/// Release names of k3s's own packaged `HelmChart`s: a chart of the profile with one of these
-/// names would fight k3s over it.
-const K3S_RELEASES: &[&str] = &["traefik", "traefik-crd"];
 /// `Chart.yaml` is small; a bigger one is not a chart's.
 const CHART_YAML_LIMIT: u64 = 1 << 20;
-
-/// One entry of `charts`.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ChartSpec {
-    /// The chart: `oci://host/repository/name:version` (or `...@sha256:<hex>`; pulled with the
-    /// options of `image_registries` for that host, verified and cached like images), a packaged
-    /// chart `.tgz`, or a chart directory (with `Chart.yaml`) that kiln packs itself. Paths are
-    /// relative to the profile.
-    pub chart: String,
-    /// The release name (the `HelmChart`'s name): a lower-case DNS label of at most 53
-    /// characters. Default: the chart's name.
-    #[serde(default)]
-    pub name: Option<String>,
-    /// The namespace the chart's resources go into (`targetNamespace`; created if missing).
-    /// Default: `default`.
-    #[serde(default)]
-    pub namespace: Option<String>,
-    /// The chart version this entry expects: the build fails if the chart's `Chart.yaml` says
-    /// otherwise. Written into the `HelmChart` as `version`.
-    #[serde(default)]
-    pub version: Option<String>,
-    /// Values for the chart (a YAML mapping), written into the `HelmChart` as `valuesContent`.
-    #[serde(default)]
-    pub values: BTreeMap<String, serde_json::Value>,
-}
-
-/// Where a chart entry comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Source {
-    /// A registry reference (without `oci://`).
-    Oci(String),
-    /// A packaged chart.
-    Archive(PathBuf),
-    /// A chart directory.
-    Dir(PathBuf),
-}
-
-impl Source {
-    pub fn parse(s: &str, base_dir: &Path) -> Source {
-        if let Some(r) = s.strip_prefix("oci://") {
-            Source::Oci(r.to_string())
-        } else if s.ends_with(".tgz") || s.ends_with(".tar.gz") {
-            Source::Archive(base_dir.join(s))
-        } else {
-            Source::Dir(base_dir.join(s))
-        }
-    }
-}
 
 /// What `Chart.yaml` says about a chart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,56 +127,13 @@ pub struct Chart {
     pub resolved: Option<String>,
 }
 
-/// Whether `s` is a lower-case DNS label (RFC 1123) of at most `max` characters.
-fn is_label(s: &str, max: usize) -> bool {
-    !s.is_empty() && s.len() <= max && crate::cluster::is_label(s)
-}
-
-/// Checks of one entry that need no chart: the source's shape and the names.
-pub fn validate(i: usize, spec: &ChartSpec, base_dir: &Path) -> Result<()> {
-    let key = format!("charts[{i}]");
-    match Source::parse(&spec.chart, base_dir) {
-        Source::Oci(r) => {
-            crate::oci::parse_reference(&r).map_err(|e| anyhow!("key `{key}.chart`: {e:#}"))?;
-            if !r.contains('/') {
-                bail!("key `{key}.chart`: `{}` names no registry host (`oci://host/repository/name:version`)", spec.chart);
-            }
-        }
-        Source::Archive(p) if !p.is_file() => bail!("key `{key}.chart`: {} does not exist (paths are relative to the profile)", p.display()),
-        Source::Dir(p) if !p.join("Chart.yaml").is_file() => bail!(
-            "key `{key}.chart`: {} is not a chart directory (no Chart.yaml); give a directory with Chart.yaml, a `.tgz`, or `oci://host/repository/name:version`",
-            p.display()
-        ),
-        _ => {}
-    }
-    if let Some(n) = &spec.name {
-        check_release(n, &key)?;
-    }
-    if let Some(ns) = &spec.namespace {
-        if !is_label(ns, 63) {
-            bail!("key `{key}.namespace`: `{ns}` is not a Kubernetes namespace name (a lower-case DNS label)");
-        }
-    }
-    Ok(())
-}
-
-fn check_release(n: &str, key: &str) -> Result<()> {
-    if !is_label(n, 53) {
-        bail!("key `{key}`: release name `{n}` must be a lower-case DNS label of at most 53 characters (set `name:` to choose another)");
-    }
-    if K3S_RELEASES.contains(&n) {
-        bail!("key `{key}`: release name `{n}` is one of k3s's packaged charts; set another `name:`, or turn k3s's own off with `cluster.k3s.config` `disable: [traefik]`");
-    }
-    Ok(())
-}
-
 /// Resolves every `charts` entry: pulled (registry), read (archive) or packed (directory),
 /// with its `Chart.yaml` read and the profile's expectations checked.
 pub fn gather(specs: &[ChartSpec], base_dir: &Path, puller: &mut crate::oci::pull::Puller<'_>, mtime: u64) -> Result<Vec<Chart>> {
     let mut out: Vec<Chart> = Vec::new();
     for (index, spec) in specs.iter().enumerate() {
         let key = format!("charts[{index}]");
-        let (meta, content, sha256, size, source, resolved) = match Source::parse(&spec.chart, base_dir) {
+        let (meta, content, sha256, size, source, resolved) = match Source::of(&spec.chart, base_dir) {
             Source::Oci(r) => {
                 let pulled = puller.chart(&r).with_context(|| format!("key `{key}`"))?;
                 let what = format!("key `{key}`: chart `oci://{}`", pulled.reference);
@@ -243,13 +148,13 @@ pub fn gather(specs: &[ChartSpec], base_dir: &Path, puller: &mut crate::oci::pul
                 let meta = read_meta(file, &what)?;
                 let sha = crate::digest::sha256_file(&p).with_context(|| format!("{what}: reading it"))?;
                 let size = std::fs::metadata(&p)?.len();
-                (meta, Content::HostFile(p), sha, size, spec.chart.clone(), None)
+                (meta, Content::HostFile(p), sha, size, spec.chart.to_string(), None)
             }
             Source::Dir(p) => {
                 let (meta, bytes) = pack_dir(&p, mtime).with_context(|| format!("key `{key}`"))?;
                 let sha = crate::digest::sha256_hex(&bytes);
                 let size = bytes.len() as u64;
-                (meta, Content::bytes(bytes), sha, size, spec.chart.clone(), None)
+                (meta, Content::bytes(bytes), sha, size, spec.chart.to_string(), None)
             }
         };
         if let Some(want) = &spec.version {
@@ -394,21 +299,5 @@ pub(crate) mod tests {
         let text = helmchart(&chart(BTreeMap::new(), None)).unwrap();
         let doc: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
         assert!(doc["spec"].get("valuesContent").is_none() && doc["spec"].get("version").is_none(), "{text}");
-    }
-
-    #[test]
-    fn entries_are_checked_before_anything_is_pulled() {
-        let d = tempfile::tempdir().unwrap();
-        let spec = |chart: &str| ChartSpec { chart: chart.into(), name: None, namespace: None, version: None, values: BTreeMap::new() };
-        let e = validate(0, &spec("missing.tgz"), d.path()).unwrap_err().to_string();
-        assert!(e.contains("charts[0].chart") && e.contains("missing.tgz"), "{e}");
-        let e = validate(1, &spec("nodir"), d.path()).unwrap_err().to_string();
-        assert!(e.contains("charts[1].chart") && e.contains("no Chart.yaml"), "{e}");
-        assert!(validate(0, &spec("oci://Not A Ref"), d.path()).is_err());
-        validate(0, &spec("oci://r.example:5000/charts/hello:0.1.0"), d.path()).unwrap();
-        let e = validate(0, &ChartSpec { name: Some("traefik".into()), ..spec("oci://r.example/c/t:1") }, d.path()).unwrap_err().to_string();
-        assert!(e.contains("packaged charts"), "{e}");
-        let e = validate(0, &ChartSpec { namespace: Some("Bad_NS".into()), ..spec("oci://r.example/c/t:1") }, d.path()).unwrap_err().to_string();
-        assert!(e.contains("charts[0].namespace"), "{e}");
     }
 }

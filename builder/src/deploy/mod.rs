@@ -4,50 +4,24 @@
 //!
 //! The files go into the read-only root under `/var/lib/rancher/k3s/server/`: at run time that
 //! path is on the overlay over the data partition, so k3s still writes its own files beside them.
+//!
+//! The `manifests` and `charts` keys' types and checks are in `profile::deploy`.
 
 pub mod chart;
 pub mod manifests;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::cluster::{Cluster, DefaultRole};
 use crate::manifest::{Input, InputKind};
-use crate::profile::Profile;
 use crate::tree::Tree;
-
-/// Whether any machine of the cluster runs a k3s server (only servers deploy manifests).
-fn has_servers(c: &Cluster) -> bool {
-    c.servers().next().is_some() || c.default_role == DefaultRole::Server
-}
-
-/// Semantic checks of `manifests` and `charts` (the profile file is named by the caller).
-pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
-    for (key, used) in [("manifests", !p.manifests.is_empty()), ("charts", !p.charts.is_empty())] {
-        match &p.cluster {
-            _ if !used => {}
-            Some(c) if has_servers(c) => {}
-            _ => bail!("key `{key}`: k3s servers deploy these, but the profile has no `cluster` with a node of role `server` (or `default_role: server`); an image of agents only joins a cluster whose servers carry them"),
-        }
-    }
-    for (i, c) in p.charts.iter().enumerate() {
-        chart::validate(i, c, base_dir)?;
-    }
-    for (i, m) in p.manifests.iter().enumerate() {
-        let path = base_dir.join(m);
-        if !path.exists() {
-            bail!("key `manifests[{i}]`: {} does not exist (paths are relative to the profile)", path.display());
-        }
-    }
-    Ok(())
-}
 
 /// Renders the profile's manifests into the root (0644 under k3s's manifests directory) and
 /// returns their records for `manifest.json` (kind `manifest`, digest of the rendered file).
-pub fn place_manifests(p: &Profile, base_dir: &Path, context: &serde_json::Value, root: &mut Tree) -> Result<Vec<Input>> {
+pub fn place_manifests(manifests: &[PathBuf], base_dir: &Path, context: &serde_json::Value, root: &mut Tree) -> Result<Vec<Input>> {
     let mut inputs = Vec::new();
-    for r in manifests::render(&p.manifests, base_dir, context)? {
+    for r in manifests::render(manifests, base_dir, context)? {
         let sha256 = crate::digest::sha256_hex(&r.content);
         let size = r.content.len() as u64;
         root.add_file(&format!("{}/{}", manifests::DIR, r.path), 0o644, r.content)?;
@@ -81,32 +55,17 @@ pub fn place_charts(charts: &[chart::Chart], root: &mut Tree) -> Result<Vec<Inpu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::test_profile;
 
     const SERVER: &str = "cluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n";
-    const AGENTS: &str = "cluster: {name: lab, api_address: 10.0.0.1, token_file: t, nodes: [{name: a1, mac: \"52:54:00:00:00:01\", roles: [agent]}]}\n";
-
-    #[test]
-    fn manifests_need_a_cluster_with_servers_and_existing_paths() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("app.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n").unwrap();
-        let parse = |extra: &str| crate::profile::parse(&format!("name: d\narch: [x86_64]\nmanifests: [app.yaml]\n{extra}")).unwrap();
-        let err = validate(&parse(""), d.path()).unwrap_err().to_string();
-        assert!(err.contains("key `manifests`") && err.contains("no `cluster`"), "{err}");
-        let err = validate(&parse(AGENTS), d.path()).unwrap_err().to_string();
-        assert!(err.contains("role `server`"), "{err}");
-        validate(&parse(SERVER), d.path()).unwrap();
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nmanifests: [app.yaml, gone]\n{SERVER}")).unwrap();
-        let err = validate(&p, d.path()).unwrap_err().to_string();
-        assert!(err.contains("key `manifests[1]`") && err.contains("gone"), "{err}");
-    }
 
     #[test]
     fn manifests_land_in_the_auto_deploy_directory() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("app.yaml.hbs"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: \"{{name}}\"}\n").unwrap();
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nmanifests: [app.yaml.hbs]\n{SERVER}")).unwrap();
+        let p = test_profile(&format!("manifests: [app.yaml.hbs]\n{SERVER}"));
         let mut root = Tree::new();
-        let inputs = place_manifests(&p, d.path(), &serde_json::json!({"name": "shop"}), &mut root).unwrap();
+        let inputs = place_manifests(&p.manifests, d.path(), &serde_json::json!({"name": "shop"}), &mut root).unwrap();
         let e = root.get_str("var/lib/rancher/k3s/server/manifests/app.yaml").expect("placed");
         assert_eq!(e.meta.mode, 0o644);
         match &e.kind {
@@ -121,11 +80,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir(d.path().join("hello")).unwrap();
         std::fs::write(d.path().join("hello/Chart.yaml"), "apiVersion: v2\nname: hello\nversion: 0.2.0\n").unwrap();
-        let text = "name: d\narch: [x86_64]\ncharts: [{chart: hello, namespace: shop, values: {replicas: 2}}]\n";
-        let p = crate::profile::parse(text).unwrap();
-        assert!(validate(&p, d.path()).unwrap_err().to_string().contains("key `charts`"));
-        let p = crate::profile::parse(&format!("{text}{SERVER}")).unwrap();
-        validate(&p, d.path()).unwrap();
+        let charts = "charts: [{chart: hello, namespace: shop, values: {replicas: 2}}]\n";
+        let p = test_profile(charts);
+        assert!(crate::profile::deploy::validate(&p, d.path()).unwrap_err().to_string().contains("key `charts`"));
+        let p = test_profile(&format!("{charts}{SERVER}"));
+        crate::profile::deploy::validate(&p, d.path()).unwrap();
 
         let fetcher = crate::fetch::Fetcher { offline: true, cache: crate::cache::Cache::new(d.path().join("cache")), progress: false };
         let mut puller = crate::oci::pull::Puller::new(&fetcher, &p.image_registries, d.path());
@@ -138,7 +97,7 @@ mod tests {
         assert_eq!(inputs[0].sha256, charts[0].sha256);
 
         // A pinned version that the chart does not have, and a manifest in the HelmChart's place.
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\ncharts: [{{chart: hello, version: 9.9.9}}]\n{SERVER}")).unwrap();
+        let p = test_profile(&format!("charts: [{{chart: hello, version: 9.9.9}}]\n{SERVER}"));
         let err = chart::gather(&p.charts, d.path(), &mut puller, 0).unwrap_err().to_string();
         assert!(err.contains("charts[0].version") && err.contains("0.2.0"), "{err}");
         let mut root = Tree::new();

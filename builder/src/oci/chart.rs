@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::manifest::{self, Descriptor, Document};
 use super::pull::{read_small, Puller, Record};
+use crate::image_ref::ImageRef;
 
 /// The config media type of a Helm chart artifact (IANA-registered by the Helm project).
 pub const HELM_CONFIG: &str = "application/vnd.cncf.helm.config.v1+json";
@@ -56,8 +57,8 @@ pub fn chart_layer(manifest_bytes: &[u8]) -> Result<Descriptor> {
 
 impl Puller<'_> {
     /// Pulls (or finds in the cache) the chart `reference` (`host/repo/name:version`, no scheme).
-    pub fn chart(&mut self, reference: &str) -> Result<PulledChart> {
-        let r = super::parse_reference(reference)?;
+    pub fn chart(&mut self, reference: &ImageRef) -> Result<PulledChart> {
+        let r = reference.oci();
         let name = r.whole();
         let key = ref_key(&name);
         let fetcher = self.fetcher();
@@ -72,7 +73,7 @@ impl Puller<'_> {
                 bail!("chart `oci://{name}` is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
             }
             _ => {
-                let (top, digest) = self.manifest(&r).with_context(|| format!("chart `oci://{name}`: fetching its manifest"))?;
+                let (top, digest) = self.manifest(r).with_context(|| format!("chart `oci://{name}`: fetching its manifest"))?;
                 let layer = chart_layer(&top).with_context(|| format!("chart `oci://{name}`"))?;
                 let d = Descriptor { media_type: manifest::OCI_MANIFEST.into(), digest: digest.clone(), size: top.len() as u64 };
                 self.fetcher().cache.put(d.hex(), Some(d.size), &top[..], &format!("chart `oci://{name}`: manifest"))?;
@@ -81,9 +82,9 @@ impl Puller<'_> {
             }
         };
         let what = format!("chart `oci://{name}`: manifest {}", record.manifest.digest);
-        let manifest_path = self.manifest_blob(&r, &record.manifest, &what)?;
+        let manifest_path = self.manifest_blob(r, &record.manifest, &what)?;
         let layer = chart_layer(&read_small(&manifest_path)?).map_err(|e| anyhow!("chart `oci://{name}` {e}"))?;
-        let path = self.blob(&r, &layer, &format!("chart `oci://{name}`: chart layer {}", layer.digest))?;
+        let path = self.blob(r, &layer, &format!("chart `oci://{name}`: chart layer {}", layer.digest))?;
         self.fetcher().cache.put_ref(&key, &serde_json::to_vec(&record)?)?;
         Ok(PulledChart { reference: name, resolved: record.resolved, layer, path })
     }
@@ -94,7 +95,7 @@ mod tests {
     use super::*;
     use crate::cache::Cache;
     use crate::fetch::Fetcher;
-    use crate::oci::Registry;
+    use crate::profile::images::Registry;
     use sha2::{Digest, Sha256};
     use std::collections::BTreeMap;
 
@@ -145,13 +146,13 @@ mod tests {
         let host = fake(&chart, false);
         let regs = BTreeMap::from([(host.clone(), Registry { insecure_http: true, ..Registry::default() })]);
         let dir = tempfile::tempdir().unwrap();
-        let r = format!("{host}/charts/hello:0.1.0");
+        let r: ImageRef = format!("{host}/charts/hello:0.1.0").parse().unwrap();
         let got = Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).chart(&r).unwrap();
         assert_eq!(got.layer.digest, digest(&chart));
         assert_eq!(std::fs::read(&got.path).unwrap(), chart);
         let offline = Puller::new(&fetcher(dir.path(), true), &regs, dir.path()).chart(&r).unwrap();
         assert_eq!(offline, got);
-        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).chart(&format!("{host}/charts/image:1")).unwrap_err());
+        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).chart(&format!("{host}/charts/image:1").parse().unwrap()).unwrap_err());
         assert!(err.contains("charts/image:1") && err.contains("is not a Helm chart"), "{err}");
     }
 
@@ -161,7 +162,7 @@ mod tests {
         let host = fake(&chart, true);
         let regs = BTreeMap::from([(host.clone(), Registry { insecure_http: true, ..Registry::default() })]);
         let dir = tempfile::tempdir().unwrap();
-        let r = format!("{host}/charts/hello:0.1.0");
+        let r: ImageRef = format!("{host}/charts/hello:0.1.0").parse().unwrap();
         let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).chart(&r).unwrap_err());
         assert!(err.contains(&format!("chart `oci://{r}`: chart layer {}", digest(&chart))) && err.contains("does not match"), "{err}");
         assert!(!dir.path().join("blobs/sha256").join(&digest(&chart)[7..]).exists(), "the bad chart was stored");

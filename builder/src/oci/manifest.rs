@@ -90,16 +90,9 @@ struct RawDocument {
 }
 
 /// Checks that `digest` is `sha256:` plus 64 lowercase hex digits (the only algorithm the
-/// cache stores; a registry naming another is refused rather than trusted unverified).
-pub fn check_digest(digest: &str) -> Result<()> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| anyhow!("digest `{digest}` is not a sha256 digest (kiln verifies sha256 only)"))?;
-    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-        bail!("digest `{digest}` is not `sha256:` followed by 64 lowercase hex digits");
-    }
-    Ok(())
-}
+/// cache stores; a registry naming another is refused rather than trusted unverified). Shared
+/// with the profile's image references, which check their pinned digests the same way.
+pub use crate::image_ref::check_digest;
 
 fn descriptor(raw: RawDescriptor, default_type: &str, what: &str) -> Result<Descriptor> {
     check_digest(&raw.digest).map_err(|e| anyhow!("{what}: {e}"))?;

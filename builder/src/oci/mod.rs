@@ -5,6 +5,8 @@
 //! The archive lives in the read-only root under `/usr/lib/kiln/images/` (an update brings its
 //! own; first boot copies nothing onto the data partition); k3s's images directory gets a
 //! symlink to it, like the k3s air-gap archive.
+//!
+//! The `images` and `image_registries` keys' types and checks are in `profile::images`.
 
 pub mod auth;
 pub mod base;
@@ -14,46 +16,17 @@ pub mod layout;
 pub mod manifest;
 pub mod pull;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{bail, Result};
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use anyhow::Result;
 
 use crate::arch::Arch;
-use crate::containerd::Engine;
 use crate::manifest::{Input, InputKind};
-use crate::profile::Profile;
+use crate::profile::containers::Engine;
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 
 /// Where the archives really live (read-only root).
 pub const ARCHIVE_DIR: &str = "usr/lib/kiln/images";
-
-/// Pull options for one registry, keyed by its host as written in image references
-/// (`registry.example:5000`, `docker.io`).
-#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Registry {
-    /// Talk plain HTTP to this registry (a local registry without TLS). Only the hosts named
-    /// here with `insecure_http: true` are ever spoken to without TLS.
-    #[serde(default)]
-    pub insecure_http: bool,
-    /// A PEM file of CA certificates to trust (besides the system's) for this registry's TLS.
-    /// Relative paths are relative to the profile. (The registry client has one trust store, so
-    /// while kiln pulls, these certificates are trusted for every registry of the profile.)
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// User name to log in with (needs `password_file`). Absent: the credentials for this host
-    /// in `$REGISTRY_AUTH_FILE` or `~/.docker/config.json` (inline `auth` entries), else
-    /// anonymous pulls.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// File whose first line is the password or token for `username` (relative to the
-    /// profile). Never logged and never put into the image.
-    #[serde(default)]
-    pub password_file: Option<PathBuf>,
-}
 
 /// One pulled image for one architecture: the reference as the profile wrote it (normalised),
 /// the digest the reference resolved to, and the platform's manifest with its blobs (all in
@@ -81,52 +54,6 @@ impl Image {
         self.blobs.get(1..).unwrap_or_default()
     }
 }
-
-/// Parses and normalises an image reference (`busybox` -> `docker.io/library/busybox:latest`).
-pub fn parse_reference(s: &str) -> Result<oci_client::Reference> {
-    let r: oci_client::Reference = s
-        .parse()
-        .map_err(|e| anyhow::anyhow!("`{s}` is not an image reference (`registry/repository:tag` or `...@sha256:<digest>`): {e}"))?;
-    if let Some(d) = r.digest() {
-        manifest::check_digest(d).map_err(|e| anyhow::anyhow!("`{s}`: {e}"))?;
-    }
-    Ok(r)
-}
-
-/// Semantic checks of `images` and `image_registries` (the profile file is named by the caller).
-pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
-    let mut seen = BTreeMap::new();
-    for (i, s) in p.images.iter().enumerate() {
-        let r = parse_reference(s).map_err(|e| anyhow::anyhow!("key `images[{i}]`: {e:#}"))?;
-        if let Some(j) = seen.insert(r.whole(), i) {
-            bail!("key `images[{i}]`: `{s}` is the same image as `images[{j}]` ({})", r.whole());
-        }
-    }
-    if !p.images.is_empty() && p.cluster.is_none() && p.engine == crate::containerd::Engine::K3s {
-        bail!("key `images`: with the default engine the bundled images are imported by k3s, so `images` needs `cluster`; for containers without Kubernetes set `engine: containerd`");
-    }
-    for (host, r) in &p.image_registries {
-        if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
-            bail!("key `image_registries.{host}`: must be a registry host as written in image references (`host` or `host:port`)");
-        }
-        match (&r.username, &r.password_file) {
-            (Some(_), None) | (None, Some(_)) => {
-                bail!("key `image_registries.{host}`: `username` and `password_file` go together")
-            }
-            _ => {}
-        }
-        for (key, f) in [("ca_file", &r.ca_file), ("password_file", &r.password_file)] {
-            if let Some(f) = f {
-                let path = base_dir.join(f);
-                if !path.is_file() {
-                    bail!("key `image_registries.{host}.{key}`: {} does not exist (paths are relative to the profile)", path.display());
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The archive's file name for an architecture: zstd-compressed for k3s, a plain tar for
 /// containerd (see [`layout::write_archive`]).
 pub fn archive_name(arch: Arch, engine: Engine) -> String {
@@ -172,35 +99,4 @@ pub fn manifest_inputs(images: &[Image]) -> Vec<Input> {
             size: Some(i.manifest.size),
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn references_are_normalised_and_checked() {
-        assert_eq!(parse_reference("busybox").unwrap().whole(), "docker.io/library/busybox:latest");
-        assert_eq!(parse_reference("127.0.0.1:5000/t/hello:1").unwrap().registry(), "127.0.0.1:5000");
-        let d = format!("r.example/app@sha256:{}", "a".repeat(64));
-        assert_eq!(parse_reference(&d).unwrap().digest(), Some(format!("sha256:{}", "a".repeat(64)).as_str()));
-        assert!(parse_reference("Not A Ref").is_err());
-        assert!(parse_reference(&format!("r.example/app@sha512:{}", "a".repeat(128))).is_err());
-    }
-
-    #[test]
-    fn images_need_a_cluster_and_no_duplicates() {
-        let dir = tempfile::tempdir().unwrap();
-        let cluster = "cluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n";
-        let p = crate::profile::parse("name: d\narch: [x86_64]\nimages: [busybox:1.36]\n").unwrap();
-        assert!(validate(&p, dir.path()).unwrap_err().to_string().contains("needs `cluster`"));
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36, docker.io/library/busybox:1.36]\n{cluster}")).unwrap();
-        assert!(validate(&p, dir.path()).unwrap_err().to_string().contains("same image as `images[0]`"));
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{username: u}}}}\n{cluster}")).unwrap();
-        assert!(validate(&p, dir.path()).unwrap_err().to_string().contains("go together"));
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{ca_file: nope.pem}}}}\n{cluster}")).unwrap();
-        assert!(validate(&p, dir.path()).unwrap_err().to_string().contains("image_registries.r:5000.ca_file"));
-        let p = crate::profile::parse(&format!("name: d\narch: [x86_64]\nimages: [busybox:1.36]\nimage_registries: {{\"r:5000\": {{insecure_http: true}}}}\n{cluster}")).unwrap();
-        validate(&p, dir.path()).unwrap();
-    }
 }

@@ -23,10 +23,12 @@ use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 
 use super::manifest::{self, Descriptor, Document};
-use super::{Image, Registry};
+use super::Image;
 use crate::arch::Arch;
 use crate::cache::{CacheError, Mismatch};
 use crate::fetch::Fetcher;
+use crate::image_ref::ImageRef;
+use crate::profile::images::Registry;
 
 /// Manifests and indexes are small documents; anything bigger is a wrong response.
 const MANIFEST_LIMIT: u64 = 4 * 1024 * 1024;
@@ -138,8 +140,8 @@ impl<'a> Puller<'a> {
     }
 
     /// Pulls (or finds in the cache) `reference` for `arch`.
-    pub fn image(&mut self, reference: &str, arch: Arch) -> Result<Image> {
-        let r = super::parse_reference(reference)?;
+    pub fn image(&mut self, reference: &ImageRef, arch: Arch) -> Result<Image> {
+        let r = reference.oci();
         let name = r.whole();
         let key = ref_key(arch, &name);
         let stored: Option<Record> = match self.fetcher.cache.get_ref(&key).with_context(|| format!("reading cache entry `{key}`"))? {
@@ -152,9 +154,9 @@ impl<'a> Puller<'a> {
             None if self.fetcher.offline => bail!(
                 "image `{name}` ({arch}) is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry"
             ),
-            _ => self.resolve(&r, arch)?,
+            _ => self.resolve(r, arch)?,
         };
-        let manifest_path = self.manifest_blob(&r, &record.manifest, &format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))?;
+        let manifest_path = self.manifest_blob(r, &record.manifest, &format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))?;
         let bytes = read_small(&manifest_path)?;
         let blobs = match manifest::parse(&bytes, Some(&record.manifest.media_type)) {
             Ok(Document::Image { config, layers, .. }) => std::iter::once(config).chain(layers).collect::<Vec<_>>(),
@@ -165,7 +167,7 @@ impl<'a> Puller<'a> {
         tracing::info!("{arch}: image {name}: {} blobs, {} MiB", blobs.len(), total >> 20);
         for (i, b) in blobs.iter().enumerate() {
             let what = if i == 0 { "config" } else { "layer" };
-            self.blob(&r, b, &format!("image `{name}` ({arch}): {what} {}", b.digest))?;
+            self.blob(r, b, &format!("image `{name}` ({arch}): {what} {}", b.digest))?;
         }
         if record.resolved == record.manifest.digest {
             // A single-platform image: only its config says which platform it is for.
@@ -415,7 +417,7 @@ mod tests {
         let f = fake(false);
         let dir = tempfile::tempdir().unwrap();
         let regs = registries(&f.host);
-        let r = format!("{}/t/app:1", f.host);
+        let r: ImageRef = format!("{}/t/app:1", f.host).parse().unwrap();
         let img = Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::X86_64).unwrap();
         assert_eq!(img.manifest.digest, f.amd64_manifest);
         assert_eq!(img.blobs.len(), 2);
@@ -437,11 +439,11 @@ mod tests {
         let f = fake(true);
         let dir = tempfile::tempdir().unwrap();
         let regs = registries(&f.host);
-        let r = format!("{}/t/app:1", f.host);
+        let r: ImageRef = format!("{}/t/app:1", f.host).parse().unwrap();
         let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&r, Arch::X86_64).unwrap_err());
         assert!(err.contains(&format!("image `{r}` (x86_64): layer {}", digest(&f.layer))) && err.contains("does not match"), "{err}");
         assert!(!dir.path().join("blobs/sha256").join(&digest(&f.layer)[7..]).exists(), "the bad layer was stored");
-        let odd = format!("{}/t/odd:1", f.host);
+        let odd: ImageRef = format!("{}/t/odd:1", f.host).parse().unwrap();
         let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&odd, Arch::X86_64).unwrap_err());
         assert!(err.contains(&format!("image `{odd}`")) && err.contains("unknown manifest media type `application/vnd.example.odd+json`"), "{err}");
     }

@@ -157,7 +157,7 @@ fn ipxe_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> {
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
 /// k3s release downloads; verified and cached.
-fn gather_k3s(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, c: &crate::cluster::Cluster, arch: Arch) -> Result<crate::k3s::Artifacts> {
+fn gather_k3s(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, c: &crate::profile::cluster::Cluster, arch: Arch) -> Result<crate::k3s::Artifacts> {
     use crate::k3s::Source;
     let version = c
         .k3s

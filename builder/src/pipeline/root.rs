@@ -150,18 +150,18 @@ fn add_workloads(job: &Job, root: &mut Tree, modules: &ModuleSet, context: &serd
         // Written beside the image being built (the staging directory) and streamed into the
         // squashfs from there: never held in memory.
         let archive = job.dir.join(crate::oci::archive_name(arch, engine));
-        let zstd = engine == crate::containerd::Engine::K3s;
+        let zstd = engine == crate::profile::containers::Engine::K3s;
         let size = crate::oci::layout::write_archive(&inputs.images, &inputs.cache, job.epoch, &archive, zstd)
             .with_context(|| format!("{arch}: writing the image archive {}", archive.display()))?;
         info!("{arch}: {} container images bundled ({} MiB)", inputs.images.len(), size >> 20);
         crate::oci::place(&archive, arch, engine, root).context("placing the image archive in the root")?;
         record.extend(crate::oci::manifest_inputs(&inputs.images));
     }
-    if engine == crate::containerd::Engine::Containerd {
-        crate::containerd::install(&profile.profile, root, modules, !inputs.images.is_empty()).in_profile(&profile.path)?;
+    if engine == crate::profile::containers::Engine::Containerd {
+        crate::containerd::install(&profile.profile.containers, root, modules, !inputs.images.is_empty()).in_profile(&profile.path)?;
     }
     // What k3s deploys by itself (`manifests`, `charts`) and its `registries.yaml`.
-    let deployed = crate::deploy::place_manifests(&profile.profile, &profile.base_dir(), context, root)
+    let deployed = crate::deploy::place_manifests(&profile.profile.manifests, &profile.base_dir(), context, root)
         .and_then(|mut m| {
             m.extend(crate::deploy::place_charts(&inputs.charts, root)?);
             if let Some(r) = &profile.profile.registries {

@@ -37,7 +37,7 @@ pub fn extra_disk(arg: &str) -> anyhow::Result<PathBuf> {
         ))
         .into());
     };
-    let bytes: crate::profile::Size =
+    let bytes: crate::size::Size =
         size.parse().map_err(|e| crate::error::UsageError(format!("--disk {arg}: {e}")))?;
     let f = fs::OpenOptions::new()
         .write(true)

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use anyhow::{bail, Context, Result};
 
 use super::{is_label, normalise_mac, ApiAddress, Cluster, Datastore, DefaultRole, Role};
+use crate::profile::system::parse_cidr;
 use crate::profile::Profile;
 
 /// Keys of a node's k3s `config.yaml` that kiln writes itself (`k3s.config` may not set them).
@@ -45,7 +46,7 @@ pub fn validate(p: &Profile) -> Result<()> {
     match &c.k3s.version {
         None if c.needs_k3s() => bail!("key `cluster.k3s.version`: required for clusters that run k3s (a `server` or `agent` node, or a `default_role` other than `none`): the k3s release to install, e.g. `v1.33.5+k3s1`"),
         None => {}
-        Some(v) => crate::k3s::check_version(v).map_err(|e| anyhow::anyhow!("key `cluster.k3s.version`: {e}"))?,
+        Some(v) => check_version(v).map_err(|e| anyhow::anyhow!("key `cluster.k3s.version`: {e}"))?,
     }
     if let Some(s) = &c.k3s.source {
         if s.trim().is_empty() || s.contains(['\n', '\r']) {
@@ -101,7 +102,7 @@ fn nodes(c: &Cluster) -> Result<()> {
             (None, Some(_)) => bail!("key `{key}.gateway`: a gateway goes with a static `address`"),
             (None, None) => {}
             (Some(a), g) => {
-                let ip = crate::provision::parse_cidr(a).with_context(|| format!("key `{key}.address`"))?;
+                let ip = parse_cidr(a).with_context(|| format!("key `{key}.address`"))?;
                 if let Some(j) = ips.insert(ip, i) {
                     bail!("key `{key}.address`: {ip} is also the address of `cluster.nodes[{j}]` (`{}`)", c.nodes[j].name);
                 }
@@ -217,9 +218,25 @@ fn network(p: &Profile, c: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// Checks the shape of a k3s release name: `vMAJOR.MINOR.PATCH+k3sN`.
+pub fn check_version(v: &str) -> Result<(), String> {
+    let bad = || format!("`{v}` is not a k3s release name of the form `vMAJOR.MINOR.PATCH+k3sN` (e.g. `v1.33.5+k3s1`)");
+    let rest = v.strip_prefix('v').ok_or_else(bad)?;
+    let (semver, build) = rest.split_once('+').ok_or_else(bad)?;
+    let number = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = semver.split('.').collect();
+    if parts.len() != 3 || !parts.iter().all(|p| number(p)) {
+        return Err(bad());
+    }
+    match build.strip_prefix("k3s") {
+        Some(n) if number(n) => Ok(()),
+        _ => Err(bad()),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
-    use crate::profile::parse;
+    use crate::profile::{test_parse, test_profile};
 
     const MACS: [&str; 6] = ["52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03", "52:54:00:00:00:04", "52:54:00:00:00:05", "52:54:00:00:00:06"];
 
@@ -240,8 +257,7 @@ pub(crate) mod tests {
     }
 
     fn check(cluster: &str) -> Result<(), String> {
-        let text = format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n{}", with_version(cluster));
-        let p = parse(&text)?;
+        let p = test_parse(&format!("cluster:\n  name: lab\n{}", with_version(cluster))).map_err(|e| e.to_string())?;
         super::validate(&p).map_err(|e| format!("{e:#}"))
     }
 
@@ -312,7 +328,7 @@ pub(crate) mod tests {
             assert!(err.contains(key), "{cluster}: error does not name {key}: {err}");
         }
         for bad in ["Lab", "a_b", "x".repeat(51).as_str()] {
-            let p = parse(&format!("name: demo\narch: [x86_64]\ncluster: {{name: {bad}, default_role: none, k3s: {{version: v1.33.5+k3s1}}}}\n")).unwrap();
+            let p = test_profile(&format!("cluster: {{name: {bad}, default_role: none, k3s: {{version: v1.33.5+k3s1}}}}\n"));
             let err = format!("{:#}", super::validate(&p).unwrap_err());
             assert!(err.contains("`cluster.name`"), "{bad}: {err}");
         }
@@ -322,14 +338,11 @@ pub(crate) mod tests {
 
     #[test]
     fn node_addresses_may_not_contradict_the_global_network() {
-        let text = format!(
-            "name: demo\narch: [x86_64]\nnetwork: {{interfaces: {{eth0: {{address: 10.0.0.5/24}}}}}}\ncluster:\n  name: lab\n{}",
-            with_version(&nodes(&[node(0, "server", true)]))
-        );
-        let err = format!("{:#}", super::validate(&parse(&text).unwrap()).unwrap_err());
+        let p = test_profile(&format!("network: {{interfaces: {{eth0: {{address: 10.0.0.5/24}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)]))));
+        let err = format!("{:#}", super::validate(&p).unwrap_err());
         assert!(err.contains("cluster.nodes[0].address") && err.contains("network.interfaces.eth0"), "{err}");
-        let ok = format!("name: demo\narch: [x86_64]\nnetwork: {{interfaces: {{eth0: {{dhcp: true}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)])));
-        super::validate(&parse(&ok).unwrap()).unwrap();
+        let ok = test_profile(&format!("network: {{interfaces: {{eth0: {{dhcp: true}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)]))));
+        super::validate(&ok).unwrap();
     }
 
     #[test]
@@ -338,5 +351,16 @@ pub(crate) mod tests {
         assert!(err.contains("master") && err.contains("server"), "{err}");
         let err = check("  datastore: mysql\n").unwrap_err();
         assert!(err.contains("mysql"), "{err}");
+    }
+
+    #[test]
+    fn versions_must_be_k3s_release_names() {
+        for good in ["v1.33.5+k3s1", "v1.30.0+k3s12"] {
+            super::check_version(good).unwrap();
+        }
+        for bad in ["", "1.33.5+k3s1", "v1.33.5", "v1.33+k3s1", "v1.33.5+rke2r1", "v1.33.5+k3s", "v1.33.x+k3s1", "v1.33.5-rc1+k3s1", "latest"] {
+            let err = super::check_version(bad).unwrap_err();
+            assert!(err.contains("vMAJOR.MINOR.PATCH+k3sN"), "{bad}: {err}");
+        }
     }
 }

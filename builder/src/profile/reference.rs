@@ -1,11 +1,11 @@
 //! The profile reference (Markdown), generated from the profile's JSON schema, which is itself
-//! generated from the types in `profile.rs`: the README's reference section is this output.
+//! generated from the types in `profile/`: docs/profile-reference.md is this output.
 
 use serde_json::Value;
 
 /// Markdown table of every profile key: `key | type | default | description`.
 pub fn markdown() -> String {
-    let schema = crate::profile::json_schema();
+    let schema = super::json_schema();
     let mut rows = Vec::new();
     walk(&schema, &schema, "", &mut rows);
     let mut out = String::from("| key | type | default | description |\n|---|---|---|---|\n");
