@@ -1,6 +1,6 @@
 //! Benchmark (figures, not a test): peak memory and time of `kiln fetch` and `kiln build` while
 //! bundling a large container image. A build's memory must not grow with the images it bundles
-//! (README, Memory); the issue's bound is 256 MiB while bundling 1 GiB of layers.
+//! (docs/design.md, Memory); the issue's bound is 256 MiB while bundling 1 GiB of layers.
 //!
 //! Starts Debian's `docker-registry` on 127.0.0.1, pushes one x86_64 image whose single
 //! uncompressed layer holds SIZE MiB of incompressible bytes (default 1024), then, each with a
@@ -15,7 +15,7 @@
 //! ```sh
 //! cargo run -p kiln-qemu-tests --example bench_bundle_memory -- [SIZE_MIB]
 //! ```
-//! (the test profile's kiln, as the README's figures; `--release` builds and measures a release kiln).
+//! (the test profile's kiln, as the figures in docs/benchmarks.md; `--release` builds and measures a release kiln).
 //! Needs `docker-registry`, `skopeo` and GNU `tar` (the VM tier's host packages) and about
 //! 4 × SIZE of free disk under `target/`. Debian packages come from the shared test cache.
 

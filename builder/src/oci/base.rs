@@ -1,7 +1,7 @@
 //! A base OS from an OCI image (profile key `os.image`): the image's layers flattened into the
 //! root in place of Debian's packages, and the kernel that boots the appliance taken from it.
 //!
-//! The contract (also in the README, "Base OS from an OCI image"):
+//! The contract (also in docs/containers.md, "Base OS from an OCI image"):
 //! - the image must contain one kernel, `/boot/vmlinuz-<version>` (`vmlinux-` on riscv64) or
 //!   `/usr/lib/modules/<version>/vmlinuz`, with its modules in `/usr/lib/modules/<version>`;
 //! - the root stays merged-/usr: files an image keeps under `/bin`, `/sbin`, `/lib` land in

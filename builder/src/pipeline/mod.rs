@@ -143,7 +143,7 @@ fn log_finished(what: &str, started: std::time::Instant) {
 }
 
 /// The process's peak resident memory (the kernel's `VmHWM`): memory must not grow with the
-/// images bundled (README, Memory).
+/// images bundled (docs/design.md, Memory).
 fn peak_memory_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;

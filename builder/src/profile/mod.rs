@@ -1,5 +1,5 @@
 //! The profile: the one declarative YAML file a user writes. Its types are the single source of
-//! the file format, the CLI's view of it, the JSON schema and the reference in the README.
+//! the file format, the CLI's view of it, the JSON schema and the reference in docs/profile-reference.md.
 //!
 //! This module owns every profile key's type and its validation: the top level, `os`, `kernel`,
 //! `disk`, `install`, `overlays`, `files` and `vars` here, and one submodule per section
@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_saphyr::Spanned;
@@ -73,7 +73,7 @@ pub struct Profile {
     /// Host name (an RFC 1123 label: letters, digits, `-`). Default: the profile's `name`.
     #[serde(default)]
     pub hostname: Option<String>,
-    /// Login accounts, with SSH keys (see "First-boot configuration" in the README).
+    /// Login accounts, with SSH keys (see docs/first-boot.md).
     #[serde(default)]
     pub users: Vec<system::User>,
     /// The SSH server and its login policy.
@@ -89,7 +89,7 @@ pub struct Profile {
     /// applied at every boot.
     #[serde(default)]
     pub sysctl: BTreeMap<String, system::SysctlValue>,
-    /// A k3s cluster formed from this one image (see "Clusters" in the README). Absent: no cluster.
+    /// A k3s cluster formed from this one image (see docs/clusters.md). Absent: no cluster.
     #[serde(default)]
     pub cluster: Option<cluster::Cluster>,
     /// Container images bundled for k3s (needs `cluster`) or for `engine: containerd`:
@@ -97,7 +97,7 @@ pub struct Profile {
     /// `busybox:1.36` means Docker Hub). Each is pulled once per architecture (an index is
     /// resolved to `linux/<arch>`), verified, cached, and bundled into
     /// `/usr/lib/kiln/images/kiln-images-<arch>.tar.zst` (k3s) or `.tar` (containerd), which the
-    /// engine imports at boot. See "Air-gapped container images" in the README.
+    /// engine imports at boot. See docs/containers.md, "Air-gapped container images".
     #[serde(default)]
     pub images: Vec<ImageRef>,
     /// Pull options per registry host (as written in `images`, e.g. `registry.local:5000`):
@@ -108,8 +108,8 @@ pub struct Profile {
     pub image_registries: BTreeMap<String, images::Registry>,
     /// What runs the workloads: `k3s` (default; `images` need `cluster`) or `containerd`
     /// (container appliances without Kubernetes: `images` are imported by containerd and
-    /// `containers` run from them; not together with `cluster`). See "Container appliances
-    /// (engine: containerd)" in the README.
+    /// `containers` run from them; not together with `cluster`). See docs/containers.md,
+    /// "Container appliances (engine: containerd)".
     #[serde(default)]
     pub engine: containers::Engine,
     /// Containers an `engine: containerd` appliance runs, each from one of `images`, started
@@ -120,8 +120,8 @@ pub struct Profile {
     /// files or directories (relative to the profile), installed into k3s's auto-deploy
     /// directory `/var/lib/rancher/k3s/server/manifests/`. Files must end in `.yaml`, `.yml` or
     /// `.json`; a file ending in `.hbs` too is a handlebars template rendered with the overlay
-    /// context (`{{vars.KEY}}`, `{{arch}}`, ...) and installed without the suffix. See "Manifests
-    /// and charts" in the README.
+    /// context (`{{vars.KEY}}`, `{{arch}}`, ...) and installed without the suffix. See docs/containers.md,
+    /// "Manifests and charts".
     #[serde(default)]
     pub manifests: Vec<PathBuf>,
     /// Helm charts the k3s servers install at start (needs a `cluster` with servers): each a
@@ -162,7 +162,7 @@ pub struct Os {
     /// (`registry/repository:tag` or `...@sha256:<hex>`; registry options in
     /// `image_registries`). Pulled for each architecture, verified, cached and flattened; its
     /// kernel and modules boot the appliance. kiln still adds busybox, its boot scripts and init
-    /// from `suite`. See "Base OS from an OCI image" in the README.
+    /// from `suite`. See docs/containers.md, "Base OS from an OCI image".
     #[serde(default)]
     pub image: Option<ImageRef>,
 }
@@ -262,11 +262,12 @@ pub struct LoadedProfile {
 impl LoadedProfile {
     /// Reads, parses and validates a profile file.
     pub fn load(path: &Path) -> Result<LoadedProfile> {
-        let source = std::fs::read(path).map_err(|e| ProfileError(format!("reading profile {}: {e}", path.display())))?;
+        // Each failure is marked as a profile error (exit status 2) over its cause, not flattened.
+        let source = std::fs::read(path).context(ProfileError(format!("reading profile {}", path.display())))?;
         let text = std::str::from_utf8(&source).map_err(|_| ProfileError(format!("profile {} is not UTF-8", path.display())))?;
-        let profile = parse(text).map_err(|e| ProfileError(format!("{}: {e}", path.display())))?;
+        let profile = parse(text).context(ProfileError(path.display().to_string()))?;
         let loaded = LoadedProfile { profile, path: path.to_path_buf(), source };
-        loaded.validate().map_err(|e| ProfileError(format!("{e:#}")))?;
+        loaded.validate()?;
         Ok(loaded)
     }
 
@@ -292,8 +293,29 @@ impl LoadedProfile {
         self.profile.platform.get(&arch).map(String::as_str).unwrap_or(DEFAULT_PLATFORM)
     }
 
-    /// Checks what the types cannot: names, duplicates, paths that must exist.
+    /// Checks what the types cannot: names, duplicates, paths that must exist. Failures are
+    /// [`ProfileError`]s naming the file, over the section check's cause chain.
     pub fn validate(&self) -> Result<()> {
+        // The top-level checks' messages are whole (file, key, problem): no cause to keep.
+        self.check_top_level().map_err(|e| ProfileError(format!("{e:#}")))?;
+        let p = &self.profile;
+        let base = self.base_dir();
+        let sections = [
+            install::validate(&p.install),
+            system::validate(p),
+            cluster::validate(p),
+            images::validate(p, &base),
+            containers::validate(p),
+            deploy::validate(p, &base),
+            registries::validate(p, &base),
+        ];
+        // The first failing section's error, in this order.
+        sections.into_iter().collect::<Result<Vec<()>>>().context(ProfileError(self.path.display().to_string()))?;
+        Ok(())
+    }
+
+    /// The checks of the top-level keys (name, arch, platform, packages, overlays, files, vars).
+    fn check_top_level(&self) -> Result<()> {
         let file = self.path.display();
         let p = &self.profile;
         if p.name.is_empty()
@@ -337,18 +359,11 @@ impl LoadedProfile {
                 bail!("{file}: key `files[{i}].path`: `{}` must be an absolute path inside the appliance", f.path);
             }
         }
-        install::validate(&p.install).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         for k in p.vars.keys() {
             if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
                 bail!("{file}: key `vars.{k}`: variable names are letters, digits, `_` and `-`");
             }
         }
-        system::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        cluster::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        images::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        containers::validate(p).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        deploy::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
-        registries::validate(p, &self.base_dir()).map_err(|e| anyhow::anyhow!("{file}: {e:#}"))?;
         Ok(())
     }
 }
@@ -443,15 +458,15 @@ mod tests {
     #[test]
     fn validation_reports_file_key_and_line() {
         let d = tempfile::tempdir().unwrap();
-        let err = loaded("name: demo\narch: [x86_64]\noverlays:\n  - ./nope\n", d.path()).unwrap_err().to_string();
+        let err = loaded("name: demo\narch: [x86_64]\noverlays:\n  - ./nope\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("p.yaml:4") && err.contains("overlays") && err.contains("nope"), "{err}");
-        let err = loaded("name: Demo!\narch: [x86_64]\n", d.path()).unwrap_err().to_string();
+        let err = loaded("name: Demo!\narch: [x86_64]\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("`name`"), "{err}");
-        let err = loaded("name: d\narch: [x86_64, amd64]\n", d.path()).unwrap_err().to_string();
+        let err = loaded("name: d\narch: [x86_64, amd64]\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("twice"), "{err}");
-        let err = loaded("name: d\narch: [x86_64]\ninstall: { wipe: true }\n", d.path()).unwrap_err().to_string();
+        let err = loaded("name: d\narch: [x86_64]\ninstall: { wipe: true }\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("install.wipe") && err.contains("installer"), "{err}");
-        let err = loaded("name: d\narch: [x86_64]\nfiles:\n  - path: etc/x\n    content: y\n", d.path()).unwrap_err().to_string();
+        let err = loaded("name: d\narch: [x86_64]\nfiles:\n  - path: etc/x\n    content: y\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("files[0].path"), "{err}");
     }
 
