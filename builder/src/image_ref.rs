@@ -3,12 +3,11 @@
 //! is read. A leaf: the profile's keys (`images`, `os.image`, `containers[].image`, OCI `charts`)
 //! hold it, and the registry client (`oci`) pulls by it.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
 use anyhow::{anyhow, bail, Result};
-use schemars::{JsonSchema, Schema, SchemaGenerator};
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// An image reference: the text as written (serialised back unchanged, e.g. into the template
@@ -85,25 +84,33 @@ impl Serialize for ImageRef {
     }
 }
 
-/// In the schema an image reference is a plain string, exactly like `String` (inline, no
-/// definition of its own), so the schema and the reference generated from it name no Rust type.
-impl JsonSchema for ImageRef {
-    fn inline_schema() -> bool {
-        String::inline_schema()
-    }
+/// Implements `JsonSchema` for a type that a profile writes as one string: in the schema it is a
+/// plain string, exactly like `String` (inline, no definition of its own), so the schema and the
+/// reference generated from it name no Rust type.
+macro_rules! json_schema_as_string {
+    ($t:ty) => {
+        impl schemars::JsonSchema for $t {
+            fn inline_schema() -> bool {
+                String::inline_schema()
+            }
 
-    fn schema_name() -> Cow<'static, str> {
-        String::schema_name()
-    }
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                String::schema_name()
+            }
 
-    fn schema_id() -> Cow<'static, str> {
-        String::schema_id()
-    }
+            fn schema_id() -> std::borrow::Cow<'static, str> {
+                String::schema_id()
+            }
 
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        String::json_schema(generator)
-    }
+            fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                String::json_schema(generator)
+            }
+        }
+    };
 }
+pub(crate) use json_schema_as_string;
+
+json_schema_as_string!(ImageRef);
 
 /// Checks that `digest` is `sha256:` plus 64 lowercase hex digits (the only algorithm the
 /// cache stores; a registry naming another is refused rather than trusted unverified).

@@ -2,14 +2,13 @@
 //! chart entry's types, where a chart comes from, and the checks that need no chart (paths,
 //! names, a cluster with servers), each error naming its key. `deploy` renders and places them.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{bail, Result};
-use schemars::{JsonSchema, Schema, SchemaGenerator};
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::cluster::{Cluster, DefaultRole};
@@ -88,24 +87,8 @@ impl Serialize for ChartRef {
     }
 }
 
-/// A plain string in the schema, like [`ImageRef`].
-impl JsonSchema for ChartRef {
-    fn inline_schema() -> bool {
-        String::inline_schema()
-    }
-
-    fn schema_name() -> Cow<'static, str> {
-        String::schema_name()
-    }
-
-    fn schema_id() -> Cow<'static, str> {
-        String::schema_id()
-    }
-
-    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        String::json_schema(generator)
-    }
-}
+// A plain string in the schema, like [`ImageRef`].
+crate::image_ref::json_schema_as_string!(ChartRef);
 
 /// Where a chart entry comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
