@@ -337,7 +337,7 @@ fn slow_and_idle_clients_do_not_hold_up_an_install() {
     }
     let latest = closed.iter().map(|c| c.expect("closed by the deadline").1).max().unwrap();
     assert!(closed.iter().all(|c| matches!(c, Some((408, _)))), "{closed:?}");
-    assert!(latest < deadline + Duration::from_millis(1500), "last slow client closed after {latest:?}");
+    assert!(latest < deadline + Duration::from_secs(3), "last slow client closed after {latest:?}");
     // Their slots are free again: the same address is served.
     let again = request_on(connect_from("127.0.0.1", srv.addr), "GET", "/x86_64/netboot/vmlinuz", &host);
     assert_eq!(again.status, 200);
