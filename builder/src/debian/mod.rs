@@ -45,6 +45,12 @@ const COMPONENT: &str = "main";
 
 /// Fetches `{mirror}/dists/{suite}/InRelease`, verifies it, then fetches and parses
 /// `main/binary-{arch}/Packages.xz` by the digest the verified InRelease gives.
+///
+/// The InRelease must be the suite asked for (`Suite` or `Codename`). One fetched from the
+/// network must also be unexpired (`Valid-Until`) and not older (`Date`) than the copy the cache
+/// held; when it is refused, the cache keeps that copy. Offline, the cached copy was checked
+/// when it was fetched, and an expired `Valid-Until` does not stop a build from it (as apt
+/// installs from lists already on disk).
 pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow::Result<Index> {
     let name = &suite.suite;
     let mirror = suite.mirror.trim_end_matches('/');
@@ -52,14 +58,40 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
 
     let inrelease_url = format!("{dists}/InRelease");
     let key = format!("{mirror}/{name}/InRelease");
+    let previous = if fetcher.offline {
+        None
+    } else {
+        fetcher.cache.get_ref(&key).ok().flatten()
+    };
     let data = fetcher.document(&inrelease_url, &key, &format!("InRelease of {name}"))?;
-    let text = release::verify_inrelease(&data, &suite.keyring).with_context(|| {
-        format!(
-            "InRelease of {name} ({inrelease_url}) does not verify with {}",
-            suite.keyring.display()
-        )
-    })?;
-    let release = Release::parse(&text).with_context(|| format!("parsing InRelease of {name}"))?;
+    let accepted = accept_inrelease(
+        &data,
+        suite,
+        &inrelease_url,
+        !fetcher.offline,
+        previous.as_deref(),
+    )
+    .map_err(|e| match previous {
+        // The one way to accept an older index on purpose (a mirror rolled back by its operator).
+        Some(_) if format!("{e}").contains("older index") => anyhow::anyhow!(
+            "{e}; to accept it anyway, delete the cached copy {}",
+            fetcher.cache.ref_path(&key).display()
+        ),
+        _ => e,
+    });
+    let release = match accepted {
+        Ok(release) => release,
+        Err(e) => {
+            // `document` already stored the refused file: put the last good copy back, so an
+            // offline build and the next check still go by it.
+            if let Some(previous) = &previous {
+                if let Err(restore) = fetcher.cache.put_ref(&key, previous) {
+                    tracing::warn!("restoring the cached InRelease of {name}: {restore:#}");
+                }
+            }
+            return Err(e);
+        }
+    };
     if !release.architectures.iter().any(|a| a == debian_arch) {
         bail!(
             "suite {name} has no architecture {debian_arch} (it has: {})",
@@ -94,6 +126,43 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
         inrelease_sha256: crate::digest::sha256_hex(&data),
         packages_sha256: sha256,
     })
+}
+
+/// Verifies an InRelease and applies apt's acceptance rules (see [`load_index`]); `previous` is
+/// the copy the cache held before this fetch.
+fn accept_inrelease(
+    data: &[u8],
+    suite: &Suite,
+    url: &str,
+    fetched: bool,
+    previous: Option<&[u8]>,
+) -> anyhow::Result<Release> {
+    let name = &suite.suite;
+    let mirror = suite.mirror.trim_end_matches('/');
+    let verified = |data: &[u8]| -> anyhow::Result<Release> {
+        let text = release::verify_inrelease(data, &suite.keyring).with_context(|| {
+            format!(
+                "InRelease of {name} ({url}) does not verify with {}",
+                suite.keyring.display()
+            )
+        })?;
+        Release::parse(&text).with_context(|| format!("parsing InRelease of {name}"))
+    };
+    let release = verified(data)?;
+    release.check_suite(name, mirror)?;
+    if fetched {
+        release.check_valid_until(std::time::SystemTime::now(), name, mirror)?;
+        // The cached copy counts only if it still verifies (a cache entry carries no integrity
+        // of its own).
+        match previous.filter(|p| *p != data).map(verified) {
+            Some(Ok(cached)) => release.check_not_older(&cached, name, mirror)?,
+            Some(Err(e)) => {
+                tracing::warn!("ignoring the cached InRelease of {name} for the date check: {e:#}")
+            }
+            None => {}
+        }
+    }
+    Ok(release)
 }
 
 fn read_packages_xz(path: &std::path::Path) -> anyhow::Result<Vec<Package>> {
@@ -132,6 +201,111 @@ mod tests {
     use super::*;
     use crate::cache::Cache;
     use std::time::Instant;
+
+    /// A mirror on loopback whose InRelease the test replaces: the suite, expiry and rollback
+    /// rules on the fetch path, and the cache keeping the last good copy.
+    #[test]
+    fn inrelease_of_another_suite_expired_or_older_is_refused_and_not_cached() {
+        use release::testkeys::{cert, keyring, sign, T0};
+        use std::io::Write;
+        use std::sync::{Arc, Mutex};
+
+        let dir = tempfile::tempdir().unwrap();
+        let signer = cert(T0, None);
+        let ring = keyring(&dir, "k.gpg", &[&signer]);
+        let stanza = format!(
+            "Package: hello\nVersion: 1.0\nArchitecture: amd64\nFilename: pool/main/h/hello/hello_1.0_amd64.deb\nSize: 1\nSHA256: {}\n\n",
+            "0".repeat(64)
+        );
+        let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+        xz.write_all(stanza.as_bytes()).unwrap();
+        let packages = xz.finish().unwrap();
+        let digest = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&packages));
+        let inrelease = |suite: &str, codename: &str, date: &str, extra: &str| {
+            let text = format!(
+                "Suite: {suite}\nCodename: {codename}\nDate: {date}\n{extra}Architectures: amd64\nComponents: main\nSHA256:\n {digest} {} main/binary-amd64/Packages.xz\n",
+                packages.len()
+            );
+            sign(&text, &[&signer], T0 + 60)
+        };
+        let served = Arc::new(Mutex::new(inrelease(
+            "stable",
+            "trixie",
+            "Sat, 09 Aug 2025 09:26:35 UTC",
+            "",
+        )));
+        let current = served.clone();
+        let packages = packages.clone();
+        let (base, _) = crate::testhttp::serve(move |path| match path {
+            "/dists/trixie/InRelease" => ("200 OK", current.lock().unwrap().clone()),
+            "/dists/trixie/main/binary-amd64/Packages.xz" => ("200 OK", packages.clone()),
+            _ => ("404 Not Found", Vec::new()),
+        });
+        let fetcher = |offline| Fetcher {
+            offline,
+            cache: Cache::new(dir.path().join("cache")),
+            progress: false,
+        };
+        let suite = Suite {
+            mirror: base.clone(),
+            suite: "trixie".into(),
+            keyring: ring,
+        };
+        let cached = |f: &Fetcher| {
+            f.cache
+                .get_ref(&format!("{base}/trixie/InRelease"))
+                .unwrap()
+                .unwrap()
+        };
+        let good = load_index(&fetcher(false), &suite, "amd64").unwrap();
+        assert_eq!(good.packages.len(), 1);
+        let good_bytes = cached(&fetcher(false));
+
+        let refused = [
+            (
+                inrelease("oldstable", "bookworm", "Sun, 10 Aug 2025 09:26:35 UTC", ""),
+                "Codename `bookworm`",
+            ),
+            (
+                inrelease(
+                    "stable",
+                    "trixie",
+                    "Sun, 10 Aug 2025 09:26:35 UTC",
+                    "Valid-Until: Sun, 17 Aug 2025 09:26:35 UTC\n",
+                ),
+                "expired",
+            ),
+            (
+                inrelease("stable", "trixie", "Fri, 01 Aug 2025 09:26:35 UTC", ""),
+                "older index",
+            ),
+        ];
+        for (data, want) in refused {
+            *served.lock().unwrap() = data;
+            let err = format!(
+                "{:#}",
+                load_index(&fetcher(false), &suite, "amd64").unwrap_err()
+            );
+            assert!(err.contains(want) && err.contains(&base), "{want}: {err}");
+            assert_eq!(
+                cached(&fetcher(false)),
+                good_bytes,
+                "{want}: the last good copy stays cached"
+            );
+            // Offline builds go on from the cached copy.
+            load_index(&fetcher(true), &suite, "amd64").unwrap();
+        }
+        // A newer one (the suite's name as its Codename, an unexpired Valid-Until) replaces it.
+        let newer = inrelease(
+            "stable",
+            "trixie",
+            "Sat, 16 Aug 2025 09:26:35 UTC",
+            "Valid-Until: Tue, 16 Aug 2095 09:26:35 UTC\n",
+        );
+        *served.lock().unwrap() = newer.clone();
+        load_index(&fetcher(false), &suite, "amd64").unwrap();
+        assert_eq!(cached(&fetcher(false)), newer);
+    }
 
     #[test]
     fn deb_url_joins_cleanly() {

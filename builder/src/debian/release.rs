@@ -1,5 +1,6 @@
-//! Verifying a suite's `InRelease` (OpenPGP cleartext signature, apt's acceptance rule) and parsing
-//! the verified text into a [`Release`].
+//! Verifying a suite's `InRelease` (OpenPGP cleartext signature, apt's acceptance rule), parsing
+//! the verified text into a [`Release`], and apt's rules for which verified file to accept: the
+//! suite asked for, not expired, not older than the copy already held.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -31,6 +32,9 @@ pub struct Release {
     pub date_unix: Option<u64>,
     pub suite: String,
     pub codename: String,
+    /// `Valid-Until:` as written, when the suite sets one (security and updates suites do,
+    /// stable does not), and in seconds since the epoch.
+    pub valid_until: Option<(String, u64)>,
     pub architectures: Vec<String>,
     pub components: Vec<String>,
     /// Path (`main/binary-arm64/Packages.xz`) -> (sha256 hex, size).
@@ -240,11 +244,20 @@ impl Release {
                 .with_context(|| format!("Release: field `SHA256`: bad size in {line:?}"))?;
             sha256.insert(path.to_string(), (digest.to_ascii_lowercase(), size));
         }
+        let valid_until = match get("Valid-Until") {
+            Some(v) => Some((
+                v.to_string(),
+                parse_rfc2822(v)
+                    .with_context(|| format!("Release: field `Valid-Until`: not a date: {v:?}"))?,
+            )),
+            None => None,
+        };
         let release = Release {
             date_unix: parse_rfc2822(&date),
             date,
             suite: get("Suite").unwrap_or_default().to_string(),
             codename: get("Codename").unwrap_or_default().to_string(),
+            valid_until,
             architectures: words("Architectures"),
             components: words("Components"),
             sha256,
@@ -254,6 +267,67 @@ impl Release {
             bail!("Release: neither `Suite` nor `Codename` is set");
         }
         Ok(release)
+    }
+}
+
+/// apt's rules for a verified Release fetched from `mirror` for the suite `requested`
+/// (`os.suite`). Each error names the suite, the mirror and the values that disagree.
+impl Release {
+    /// The file is the suite asked for: its `Suite` or its `Codename` (apt accepts either, so
+    /// `stable` and `trixie` both name trixie's file) equals `requested`. Another validly signed
+    /// suite (an older release, say) is refused.
+    pub fn check_suite(&self, requested: &str, mirror: &str) -> anyhow::Result<()> {
+        if self.suite == requested || self.codename == requested {
+            return Ok(());
+        }
+        bail!(
+            "InRelease from {mirror} for suite `{requested}` describes Suite `{}`, Codename `{}`: \
+             not the suite asked for (a misconfigured mirror, or another signed suite substituted)",
+            self.suite,
+            self.codename
+        )
+    }
+
+    /// `Valid-Until`, when set, is still ahead of `now`.
+    pub fn check_valid_until(
+        &self,
+        now: SystemTime,
+        requested: &str,
+        mirror: &str,
+    ) -> anyhow::Result<()> {
+        let Some((text, until)) = &self.valid_until else {
+            return Ok(());
+        };
+        let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if now <= *until {
+            return Ok(());
+        }
+        bail!(
+            "InRelease of `{requested}` from {mirror} expired on {text} (Valid-Until): the index of \
+             os.suite `{requested}` is out of date, so its security fixes may be missing (a mirror \
+             that stopped syncing, or an old copy replayed; check this machine's clock too). Stable \
+             has no Valid-Until; security and updates suites do"
+        )
+    }
+
+    /// The `Date` has not gone back from that of `cached` (the copy kept from the last fetch):
+    /// an older file, even validly signed, would freeze or roll back the packages.
+    pub fn check_not_older(
+        &self,
+        cached: &Release,
+        requested: &str,
+        mirror: &str,
+    ) -> anyhow::Result<()> {
+        match (self.date_unix, cached.date_unix) {
+            (Some(new), Some(old)) if new < old => bail!(
+                "InRelease of `{requested}` from {mirror} is dated {} but the copy fetched before is \
+                 dated {}: refusing to go back to an older index (a stale mirror, or a rollback to \
+                 packages with known vulnerabilities)",
+                self.date,
+                cached.date
+            ),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -318,35 +392,21 @@ pub fn unix_time(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
 }
 
+/// Test certificates and signed InRelease files (also for `debian::tests`).
 #[cfg(test)]
-mod tests {
+pub(crate) mod testkeys {
     use super::*;
     use openpgp::serialize::stream::{Message, Signer};
     use openpgp::serialize::Serialize;
     use std::io::Write;
 
-    const RELEASE: &str = "\
-Origin: Debian
-Label: Debian
-Suite: stable
-Codename: trixie
-Date: Sat, 09 Aug 2025 09:26:35 UTC
-Acquire-By-Hash: yes
-Architectures: all amd64 arm64 riscv64
-Components: main contrib non-free-firmware non-free
-Description: Debian 13.0 Released 09 August 2025
-SHA256:
- 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef   738242 contrib/Contents-all
- ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789 12345678 main/binary-arm64/Packages.xz
-";
-
     /// Certificates are made at a fixed past time so signatures are deterministic in what they test.
-    fn t(secs: u64) -> SystemTime {
+    pub fn t(secs: u64) -> SystemTime {
         unix_time(secs)
     }
-    const T0: u64 = 1_700_000_000;
+    pub const T0: u64 = 1_700_000_000;
 
-    fn cert(created: u64, validity: Option<Duration>) -> Cert {
+    pub fn cert(created: u64, validity: Option<Duration>) -> Cert {
         let (cert, _rev) = CertBuilder::new()
             .add_userid("kiln test <test@kiln.invalid>")
             .set_creation_time(t(created))
@@ -371,7 +431,7 @@ SHA256:
             .unwrap()
     }
 
-    fn sign(text: &str, signers: &[&Cert], at: u64) -> Vec<u8> {
+    pub fn sign(text: &str, signers: &[&Cert], at: u64) -> Vec<u8> {
         let mut out = Vec::new();
         {
             let message = Message::new(&mut out);
@@ -386,7 +446,7 @@ SHA256:
         out
     }
 
-    fn keyring(dir: &tempfile::TempDir, name: &str, certs: &[&Cert]) -> std::path::PathBuf {
+    pub fn keyring(dir: &tempfile::TempDir, name: &str, certs: &[&Cert]) -> std::path::PathBuf {
         let path = dir.path().join(name);
         let mut f = fs::File::create(&path).unwrap();
         for c in certs {
@@ -394,6 +454,28 @@ SHA256:
         }
         path
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testkeys::*;
+    use super::*;
+    use openpgp::serialize::Serialize;
+
+    const RELEASE: &str = "\
+Origin: Debian
+Label: Debian
+Suite: stable
+Codename: trixie
+Date: Sat, 09 Aug 2025 09:26:35 UTC
+Acquire-By-Hash: yes
+Architectures: all amd64 arm64 riscv64
+Components: main contrib non-free-firmware non-free
+Description: Debian 13.0 Released 09 August 2025
+SHA256:
+ 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef   738242 contrib/Contents-all
+ ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789 12345678 main/binary-arm64/Packages.xz
+";
 
     const NOW: u64 = T0 + 86400;
 
@@ -513,6 +595,74 @@ SHA256:
             .unwrap_err()
             .to_string()
             .contains("`SHA256`"));
+    }
+
+    const MIRROR: &str = "http://deb.example/debian";
+
+    #[test]
+    fn suite_or_codename_must_be_the_one_asked_for() {
+        let r = Release::parse(RELEASE).unwrap();
+        r.check_suite("stable", MIRROR).unwrap();
+        r.check_suite("trixie", MIRROR).unwrap();
+        let err = r.check_suite("bookworm", MIRROR).unwrap_err().to_string();
+        for want in ["bookworm", "`stable`", "`trixie`", MIRROR] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // Only one of the two set (some third-party repositories): that one decides.
+        let codename_only = Release::parse(&RELEASE.replace("Suite: stable\n", "")).unwrap();
+        codename_only.check_suite("trixie", MIRROR).unwrap();
+        assert!(codename_only.check_suite("stable", MIRROR).is_err());
+    }
+
+    #[test]
+    fn valid_until_in_the_past_is_refused() {
+        let date = parse_rfc2822("Sat, 09 Aug 2025 09:26:35 UTC").unwrap();
+        let text = RELEASE.replace(
+            "Acquire-By-Hash",
+            "Valid-Until: Sat, 16 Aug 2025 09:26:35 UTC\nAcquire-By-Hash",
+        );
+        let r = Release::parse(&text).unwrap();
+        assert_eq!(r.valid_until.as_ref().map(|v| v.1), Some(date + 7 * 86400));
+        r.check_valid_until(t(date + 86400), "trixie-security", MIRROR)
+            .unwrap();
+        r.check_valid_until(t(date + 7 * 86400), "trixie-security", MIRROR)
+            .unwrap();
+        let err = r
+            .check_valid_until(t(date + 7 * 86400 + 1), "trixie-security", MIRROR)
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "expired",
+            "Sat, 16 Aug 2025 09:26:35 UTC",
+            "os.suite `trixie-security`",
+            MIRROR,
+        ] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // Stable has none: never expired.
+        Release::parse(RELEASE)
+            .unwrap()
+            .check_valid_until(t(u64::from(u32::MAX)), "stable", MIRROR)
+            .unwrap();
+        let bad = RELEASE.replace("Acquire-By-Hash", "Valid-Until: soon\nAcquire-By-Hash");
+        let err = Release::parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("`Valid-Until`"), "{err}");
+    }
+
+    #[test]
+    fn a_date_older_than_the_cached_copy_is_refused() {
+        let cached = Release::parse(RELEASE).unwrap();
+        let older = Release::parse(&RELEASE.replace("09 Aug 2025", "02 Aug 2025")).unwrap();
+        let newer = Release::parse(&RELEASE.replace("09 Aug 2025", "16 Aug 2025")).unwrap();
+        newer.check_not_older(&cached, "trixie", MIRROR).unwrap();
+        cached.check_not_older(&cached, "trixie", MIRROR).unwrap();
+        let err = older
+            .check_not_older(&cached, "trixie", MIRROR)
+            .unwrap_err()
+            .to_string();
+        for want in ["older", "02 Aug 2025", "09 Aug 2025", MIRROR] {
+            assert!(err.contains(want), "{want}: {err}");
+        }
     }
 
     #[test]

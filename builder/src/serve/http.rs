@@ -6,6 +6,8 @@ use std::io::{BufRead, Read};
 
 /// Longest request line or header line accepted; iPXE and wget send short ones.
 const MAX_LINE: usize = 8192;
+/// Largest request head (request line plus headers) accepted: a few hundred bytes is usual.
+pub const MAX_HEAD: usize = 16 * 1024;
 /// Most headers accepted in one request.
 const MAX_HEADERS: usize = 100;
 
@@ -26,37 +28,64 @@ impl Request {
     }
 }
 
-/// Why a request could not be parsed; answered with 400.
+/// Why a request head could not be read; each kind has its own answer ([`BadRequest::status`]).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BadRequest(pub String);
+pub enum BadRequest {
+    /// The connection closed before it sent anything (a port probe): not answered, not logged.
+    #[error("connection closed before the request started")]
+    Closed,
+    /// The head did not arrive in time (the reader's deadline ran out): 408.
+    #[error("no complete request head in time")]
+    TimedOut,
+    /// A line or the whole head is over its size limit: 431.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Anything else: 400.
+    #[error("{0}")]
+    Malformed(String),
+}
 
-/// The message of a connection closed before it sent anything (a port probe): not logged.
-pub const CLOSED_EMPTY: &str = "connection closed before the request ended";
+impl BadRequest {
+    /// Status code and reason phrase to answer with (`None`: just close the connection).
+    pub fn status(&self) -> Option<(u16, &'static str)> {
+        match self {
+            BadRequest::Closed => None,
+            BadRequest::TimedOut => Some((408, "Request Timeout")),
+            BadRequest::TooLarge(_) => Some((431, "Request Header Fields Too Large")),
+            BadRequest::Malformed(_) => Some((400, "Bad Request")),
+        }
+    }
+}
 
-/// Reads the request head (request line and headers) from a connection. Bodies are not read:
-/// the only POST kiln serves carries its data in the query.
+fn malformed(why: impl Into<String>) -> BadRequest {
+    BadRequest::Malformed(why.into())
+}
+
+/// Reads the request head (request line and headers, at most [`MAX_HEAD`] bytes) from a
+/// connection. Bodies are not read: the only POST kiln serves carries its data in the query.
+/// The caller bounds the time (a reader whose reads time out at a deadline).
 pub fn read_request(r: &mut impl BufRead) -> Result<Request, BadRequest> {
-    let line = read_line(r)?;
+    let mut budget = MAX_HEAD;
+    let line = read_line(r, &mut budget)?;
     let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(BadRequest(format!("malformed request line `{}`", line.escape_debug())));
+        return Err(malformed(format!("malformed request line `{}`", line.escape_debug())));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(BadRequest(format!("unsupported protocol `{}`", version.escape_debug())));
+        return Err(malformed(format!("unsupported protocol `{}`", version.escape_debug())));
     }
     let (raw_path, raw_query) = target.split_once('?').unwrap_or((target, ""));
-    let path = percent_decode(raw_path).ok_or_else(|| BadRequest("bad percent-encoding in the path".into()))?;
+    let path = percent_decode(raw_path).ok_or_else(|| malformed("bad percent-encoding in the path"))?;
     let mut query = Vec::new();
     for pair in raw_query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = percent_decode(&k.replace('+', " ")).ok_or_else(|| BadRequest("bad percent-encoding in the query".into()))?;
-        let v = percent_decode(&v.replace('+', " ")).ok_or_else(|| BadRequest("bad percent-encoding in the query".into()))?;
+        let k = percent_decode(&k.replace('+', " ")).ok_or_else(|| malformed("bad percent-encoding in the query"))?;
+        let v = percent_decode(&v.replace('+', " ")).ok_or_else(|| malformed("bad percent-encoding in the query"))?;
         query.push((k, v));
     }
     let mut req = Request { method: method.to_string(), path, query, host: None, range: None };
     for _ in 0..MAX_HEADERS {
-        let h = read_line(r)?;
+        let h = read_line(r, &mut budget)?;
         if h.is_empty() {
             return Ok(req);
         }
@@ -68,22 +97,37 @@ pub fn read_request(r: &mut impl BufRead) -> Result<Request, BadRequest> {
             }
         }
     }
-    Err(BadRequest(format!("more than {MAX_HEADERS} headers")))
+    Err(BadRequest::TooLarge(format!("more than {MAX_HEADERS} headers")))
 }
 
-fn read_line(r: &mut impl BufRead) -> Result<String, BadRequest> {
+/// One line of the head, taken from `budget` (the bytes of the head still allowed).
+fn read_line(r: &mut impl BufRead, budget: &mut usize) -> Result<String, BadRequest> {
     let mut buf = Vec::new();
-    let n = r.take(MAX_LINE as u64 + 1).read_until(b'\n', &mut buf).map_err(|e| BadRequest(format!("reading the request: {e}")))?;
+    let limit = MAX_LINE.min(*budget);
+    let n = r.take(limit as u64 + 1).read_until(b'\n', &mut buf).map_err(|e| match e.kind() {
+        // What a read timeout gives on Unix (WouldBlock) or elsewhere (TimedOut).
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => BadRequest::TimedOut,
+        _ => malformed(format!("reading the request: {e}")),
+    })?;
     if n == 0 {
-        return Err(BadRequest(CLOSED_EMPTY.into()));
+        return Err(if *budget == MAX_HEAD { BadRequest::Closed } else { malformed("connection closed in the middle of the request head") });
+    }
+    // A line (newline included) of `limit + 1` bytes is over the limit, ended or not.
+    if n > limit {
+        return Err(if limit < MAX_LINE {
+            BadRequest::TooLarge(format!("request head larger than {MAX_HEAD} bytes"))
+        } else {
+            BadRequest::TooLarge(format!("request line or header longer than {MAX_LINE} bytes"))
+        });
     }
     if !buf.ends_with(b"\n") {
-        return Err(BadRequest(format!("request line or header longer than {MAX_LINE} bytes")));
+        return Err(malformed("connection closed in the middle of the request head"));
     }
+    *budget -= n;
     while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         buf.pop();
     }
-    String::from_utf8(buf).map_err(|_| BadRequest("request head is not UTF-8".into()))
+    String::from_utf8(buf).map_err(|_| malformed("request head is not UTF-8"))
 }
 
 /// `%XX` decoding; `None` for a truncated or non-hex escape or a result that is not UTF-8.
@@ -173,7 +217,105 @@ mod tests {
             assert!(read_request(&mut &raw[..]).is_err(), "{}", String::from_utf8_lossy(raw));
         }
         let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_LINE + 10));
-        assert!(read_request(&mut long.as_bytes()).is_err());
+        assert!(matches!(read_request(&mut long.as_bytes()), Err(BadRequest::TooLarge(_))));
+        // Every line within its limit, the head as a whole not.
+        let big = format!("GET / HTTP/1.1\r\n{}\r\n", format!("X-A: {}\r\n", "a".repeat(1000)).repeat(17));
+        let err = read_request(&mut big.as_bytes()).unwrap_err();
+        assert!(matches!(&err, BadRequest::TooLarge(m) if m.contains("16384")), "{err}");
+        assert!(matches!(read_request(&mut &b""[..]), Err(BadRequest::Closed)));
+        assert!(matches!(read_request(&mut &b"GET / HTTP/1.1\r\nHo"[..]), Err(BadRequest::Malformed(_))));
+        // A read that times out (the connection's deadline) is a timeout, not a bad request.
+        struct Slow;
+        impl Read for Slow {
+            fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        }
+        let err = read_request(&mut std::io::BufReader::new(Slow)).unwrap_err();
+        assert!(matches!(err, BadRequest::TimedOut) && err.status() == Some((408, "Request Timeout")));
+    }
+
+    /// What a client does to put any text in a path or query: everything but unreserved
+    /// characters as `%XX`.
+    fn percent_encode(s: &str) -> String {
+        s.bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect()
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A header value as clients send it: visible ASCII with inner spaces, no surrounding space.
+        fn header_value() -> impl Strategy<Value = String> {
+            "[!-~]([ !-~]{0,40}[!-~])?"
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+            #[test]
+            fn read_request_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+                let _ = read_request(&mut &data[..]);
+            }
+
+            #[test]
+            fn read_request_never_panics_on_near_requests(
+                line in "[A-Z]{1,7} /[ -~]{0,60} HTTP/1\\.[01]",
+                headers in proptest::collection::vec("[ -~\t\r]{0,80}", 0..8),
+                end in "(\r\n){0,2}",
+            ) {
+                let raw = format!("{line}\r\n{}{end}", headers.join("\r\n"));
+                let _ = read_request(&mut raw.as_bytes());
+            }
+
+            #[test]
+            fn well_formed_requests_round_trip(
+                method in "[A-Z]{1,10}",
+                segments in proptest::collection::vec(any::<String>(), 0..4),
+                query in proptest::collection::vec((any::<String>(), any::<String>()), 0..4),
+                host in proptest::option::of(header_value()),
+                range in proptest::option::of(header_value()),
+                others in proptest::collection::vec(("X-[A-Za-z0-9-]{1,20}", header_value()), 0..6),
+                crlf in any::<bool>(),
+            ) {
+                let path = format!("/{}", segments.join("/"));
+                let mut target = segments.iter().map(|s| percent_encode(s)).collect::<Vec<_>>().join("/");
+                target.insert(0, '/');
+                if !query.is_empty() {
+                    target.push('?');
+                    target.push_str(&query.iter().map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v))).collect::<Vec<_>>().join("&"));
+                }
+                let eol = if crlf { "\r\n" } else { "\n" };
+                let mut raw = format!("{method} {target} HTTP/1.1{eol}");
+                for (name, value) in &others {
+                    raw.push_str(&format!("{name}: {value}{eol}"));
+                }
+                if let Some(h) = &host {
+                    raw.push_str(&format!("hOsT:  {h}{eol}"));
+                }
+                if let Some(r) = &range {
+                    raw.push_str(&format!("Range: {r}{eol}"));
+                }
+                raw.push_str(eol);
+                raw.push_str("a body that is never read");
+                let req = read_request(&mut raw.as_bytes()).unwrap();
+                // Keys that are empty once decoded are still pairs; only empty `&&` pieces are dropped.
+                prop_assert_eq!(req, Request { method, path, query, host, range });
+            }
+
+            #[test]
+            fn percent_decode_never_panics(s in any::<String>(), raw in "[%0-9a-fA-F]{0,12}") {
+                let _ = percent_decode(&s);
+                let _ = percent_decode(&raw);
+            }
+
+            #[test]
+            fn percent_decode_inverts_the_encoder(s in any::<String>()) {
+                prop_assert_eq!(percent_decode(&percent_encode(&s)), Some(s));
+            }
+        }
     }
 
     #[test]

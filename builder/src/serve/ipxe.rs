@@ -1,6 +1,10 @@
 //! The per-machine answers to `GET /boot.ipxe`: a chain script that makes iPXE call again with
 //! its MAC and architecture, the installer script (the build's template with this machine's
 //! `kiln.node=`), or "boot from the local disk" for a machine that reported a finished install.
+//!
+//! Every value from the request that reaches a script is checked first ([`host_is_safe`],
+//! MACs normalised, architectures parsed): iPXE expands `${...}` and treats `&&`, `||` and
+//! whitespace as syntax, so nothing else from a client is ever echoed into a script.
 
 use crate::arch::Arch;
 use crate::netboot::{BASE_VAR, NODE_VAR};
@@ -11,15 +15,22 @@ pub fn chain_script(origin: &str) -> String {
     format!("#!ipxe\nchain {origin}/boot.ipxe?mac=${{net0/mac}}&arch=${{buildarch}}\n")
 }
 
-/// The architecture directory for iPXE's `${buildarch}`. `i386` is the BIOS build
-/// (`undionly.kpxe`) that x86_64 machines run too.
+/// The architecture directory for iPXE's `${buildarch}` (kiln's names and aliases, as
+/// [`Arch`] parses them). `i386` is the BIOS build (`undionly.kpxe`) that x86_64 machines run too.
 pub fn arch_from_buildarch(buildarch: &str) -> Option<Arch> {
     match buildarch {
-        "i386" | "x86_64" => Some(Arch::X86_64),
-        "arm64" | "aarch64" => Some(Arch::Aarch64),
-        "riscv64" => Some(Arch::Riscv64),
-        _ => None,
+        "i386" => Some(Arch::X86_64),
+        other => other.parse().ok(),
     }
+}
+
+/// Whether a `Host` header may go into a script's URLs: a host name, IPv4 or bracketed IPv6
+/// address with an optional port, so only `[A-Za-z0-9.:[]-]` (no whitespace, `$`, `&`, `|`,
+/// `#`, `/` or control characters that iPXE would read as syntax).
+pub fn host_is_safe(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 261
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b':' | b'[' | b']' | b'-'))
 }
 
 /// The installer script for one machine: the template (minus its `#!ipxe` line) after the
@@ -84,6 +95,11 @@ mod tests {
         assert_eq!(arch_from_buildarch("arm64"), Some(Arch::Aarch64));
         assert_eq!(arch_from_buildarch("i386"), Some(Arch::X86_64));
         assert_eq!(arch_from_buildarch("../x"), None);
+        assert_eq!(arch_from_buildarch("x86_64||chain"), None);
+        assert!(host_is_safe("10.0.2.2:8080") && host_is_safe("[fe80::1]:80") && host_is_safe("boot-server.lab"));
+        for bad in ["", "h&&shell", "h||x", "h ${x}", "h\tx", "h\r", "h/x", "h#x", "h$x", &"a".repeat(300)] {
+            assert!(!host_is_safe(bad), "{bad:?}");
+        }
         assert!(chain_script("http://h:1").contains("chain http://h:1/boot.ipxe?mac=${net0/mac}&arch=${buildarch}"));
     }
 }

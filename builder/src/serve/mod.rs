@@ -3,41 +3,43 @@
 //! It serves the files under one build output directory (GET, HEAD, single byte ranges; nothing
 //! outside the directory, nothing under `secrets/`, no dot files), answers `/boot.ipxe` per
 //! machine (module `ipxe`) and records finished installs (`POST /installed`, module `state`).
-//! One thread per connection, one request per connection; one log line per request.
+//! One thread per connection, one request per connection; one log line per request. Clients
+//! get a bounded number of connections and a deadline for their request head (module `limits`).
 
 pub mod http;
 pub mod ipxe;
+pub mod limits;
 pub mod state;
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
-use self::http::{RangeAnswer, Request};
+use self::http::{BadRequest, RangeAnswer, Request};
+use self::limits::{Limits, Slot, Slots};
 use self::state::{Installed, Store};
 use crate::netboot;
 
-/// Connections served at once; more are answered 503 (a rack booting at once fits easily).
-const MAX_CONNECTIONS: usize = 512;
-/// A client that sends nothing (or stops reading) for this long is dropped.
-const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the accept loop looks at the stop flag.
 const POLL: Duration = Duration::from_millis(50);
 /// How long a stop waits for downloads in flight.
 const DRAIN: Duration = Duration::from_secs(5);
+/// Refused connections and accept errors are logged at most this often (a flood is one line).
+const LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// A bound server, not yet running.
 pub struct Server {
     listener: TcpListener,
     root: PathBuf,
     store: Arc<Store>,
+    limits: Limits,
 }
 
 impl Server {
@@ -48,7 +50,13 @@ impl Server {
         let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
         listener.set_nonblocking(true)?;
         let store = Arc::new(Store::new(&root));
-        Ok(Server { listener, root, store })
+        Ok(Server { listener, root, store, limits: Limits::default() })
+    }
+
+    /// Replaces the default connection limits (tests use a shorter head deadline).
+    pub fn with_limits(mut self, limits: Limits) -> Server {
+        self.limits = limits;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -60,42 +68,94 @@ impl Server {
     }
 
     /// Serves until `stop` becomes true, then waits (a few seconds at most) for requests in
-    /// flight to finish.
+    /// flight to finish. The accept loop never waits on a client: a connection over a limit, or
+    /// one no thread can be started for, gets a 503 written without blocking (or is dropped).
     pub fn run(self, stop: &AtomicBool) -> Result<()> {
-        let active = Arc::new(AtomicUsize::new(0));
-        let ctx = Arc::new(Shared { root: self.root.clone(), store: self.store.clone() });
+        let slots = Slots::new(self.limits);
+        let ctx = Arc::new(Shared { root: self.root.clone(), store: self.store.clone(), limits: self.limits });
+        let mut refusals = Throttled::default();
+        let mut accept_errors = Throttled::default();
         while !stop.load(Ordering::SeqCst) {
             match self.listener.accept() {
-                Ok((stream, peer)) => {
-                    if active.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                        let _ = stream.set_nonblocking(false);
-                        let _ = respond_simple(&stream, 503, "Service Unavailable", "too many connections; retry\n", false);
-                        info!("{peer} - - 503 0 (too many connections)");
-                        continue;
+                Ok((stream, peer)) => match slots.acquire(peer.ip()) {
+                    Ok(slot) => spawn_connection(&ctx, stream, peer, slot),
+                    Err(why) => {
+                        refuse(&stream, why.why());
+                        refusals.log(|more| info!("{peer} - - 503 0 ({}{more})", why.why()));
                     }
-                    active.fetch_add(1, Ordering::SeqCst);
-                    let (ctx, active) = (ctx.clone(), active.clone());
-                    std::thread::spawn(move || {
-                        handle(&ctx, stream, peer);
-                        active.fetch_sub(1, Ordering::SeqCst);
-                    });
-                }
+                },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
                     std::thread::sleep(POLL)
                 }
                 Err(e) => {
-                    warn!("accepting a connection: {e}");
+                    // Out of file descriptors or memory: keep serving the connections open, retry soon.
+                    accept_errors.log(|more| warn!("accepting a connection: {e}{more}"));
                     std::thread::sleep(POLL);
                 }
             }
         }
         let deadline = Instant::now() + DRAIN;
-        while active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while slots.open() > 0 && Instant::now() < deadline {
             std::thread::sleep(POLL);
         }
-        let left = active.load(Ordering::SeqCst);
+        let left = slots.open();
         info!("stopped{}", if left > 0 { format!(" ({left} downloads cut off)") } else { String::new() });
         Ok(())
+    }
+}
+
+/// Starts the thread for one connection. The stream goes to the thread only once it runs, so a
+/// failed start (no memory, thread limit) can still be answered 503; the slot is freed either way.
+fn spawn_connection(ctx: &Arc<Shared>, stream: TcpStream, peer: SocketAddr, slot: Slot) {
+    let (tx, rx) = mpsc::sync_channel::<TcpStream>(1);
+    let ctx = ctx.clone();
+    let started = std::thread::Builder::new().name(format!("serve {peer}")).spawn(move || {
+        let _slot = slot;
+        if let Ok(stream) = rx.recv() {
+            handle(&ctx, stream, peer);
+        }
+    });
+    match started {
+        Ok(_) => {
+            let _ = tx.send(stream);
+        }
+        Err(e) => {
+            refuse(&stream, "server busy");
+            warn!("{peer} - - 503 0 (cannot start a thread for the connection: {e})");
+        }
+    }
+}
+
+/// Answers 503 without ever blocking the accept loop: one non-blocking write, then close.
+fn refuse(stream: &TcpStream, why: &str) {
+    let body = format!("{why}; retry\n");
+    let msg = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nRetry-After: 2\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.set_nonblocking(true).is_ok() {
+        let mut s = stream;
+        let _ = s.write(msg.as_bytes());
+    }
+}
+
+/// A log line at most every [`LOG_EVERY`]; the next one says how many were left out.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    skipped: u64,
+}
+
+impl Throttled {
+    fn log(&mut self, line: impl FnOnce(&str)) {
+        if self.last.is_some_and(|t| t.elapsed() < LOG_EVERY) {
+            self.skipped += 1;
+            return;
+        }
+        let more = if self.skipped > 0 { format!("; {} more like it not logged", self.skipped) } else { String::new() };
+        line(&more);
+        self.last = Some(Instant::now());
+        self.skipped = 0;
     }
 }
 
@@ -103,6 +163,7 @@ impl Server {
 struct Shared {
     root: PathBuf,
     store: Arc<Store>,
+    limits: Limits,
 }
 
 /// The outcome of one request, for the log line.
@@ -113,19 +174,23 @@ struct Served {
 
 fn handle(ctx: &Shared, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let Ok(read_half) = stream.try_clone() else { return };
-    let mut reader = BufReader::new(read_half);
+    let _ = stream.set_write_timeout(Some(ctx.limits.io_timeout));
+    let head_deadline = ctx.limits.head_deadline;
+    let mut reader = BufReader::new(Deadline { stream: &stream, until: Instant::now() + head_deadline });
     let req = match http::read_request(&mut reader) {
         Ok(r) => r,
-        Err(e) if e.0 == http::CLOSED_EMPTY => return,
         Err(e) => {
-            let _ = respond_simple(&stream, 400, "Bad Request", &format!("{e}\n"), false);
-            info!("{peer} - - 400 0 ({e})");
+            let Some((status, reason)) = e.status() else { return };
+            let why = match e {
+                BadRequest::TimedOut => format!("no complete request head within {} s", head_deadline.as_secs_f32()),
+                e => e.to_string(),
+            };
+            let _ = respond_simple(&stream, status, reason, &format!("{why}\n"), false);
+            info!("{peer} - - {status} 0 ({why})");
             return;
         }
     };
+    drop(reader);
     let served = route(ctx, &req, &stream, peer).unwrap_or_else(|e| {
         // The client went away mid-download, or the disk failed: the log says which.
         warn!("{peer} {} {}: {e:#}", req.method, req.path);
@@ -138,7 +203,29 @@ fn handle(ctx: &Shared, stream: TcpStream, peer: SocketAddr) {
             what.push_str(&format!(" {key}={}", v.escape_debug()));
         }
     }
+    if let Some(h) = req.host.as_deref().filter(|h| !ipxe::host_is_safe(h)) {
+        what.push_str(&format!(" host={}", h.escape_debug()));
+    }
     info!("{peer} {} {} {} {}", req.method, what.escape_debug(), served.status, served.bytes);
+}
+
+/// Reads a connection until a fixed point in time: each read may wait only for what is left,
+/// so a client trickling one byte at a time still runs out (the deadline is for the whole head).
+struct Deadline<'s> {
+    stream: &'s TcpStream,
+    until: Instant,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        let mut s = self.stream;
+        s.read(buf)
+    }
 }
 
 fn route(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> Result<Served> {
@@ -217,19 +304,21 @@ fn content_type(path: &Path) -> &'static str {
 /// `/boot.ipxe[?mac=M&arch=A]`.
 fn boot_script(ctx: &Shared, req: &Request, stream: &TcpStream, head: bool) -> Result<Served> {
     // iPXE sends Host; the URLs in the script point back at the address the machine reached.
-    let Some(host) = req.host.as_deref().filter(|h| !h.is_empty() && !h.contains(['/', ' ', '\\'])) else {
-        return respond_simple(stream, 400, "Bad Request", "boot.ipxe needs a Host header\n", head);
+    // Only host name or address characters get into the script (the log line has the value).
+    let Some(host) = req.host.as_deref().filter(|h| ipxe::host_is_safe(h)) else {
+        return respond_simple(stream, 400, "Bad Request", "boot.ipxe needs a Host header of a host name or address, with an optional port\n", head);
     };
     let origin = format!("http://{host}");
     let Some(raw_mac) = req.param("mac") else {
         return respond_text(stream, &ipxe::chain_script(&origin), head);
     };
+    // A bad value is named, never echoed: the script is read by iPXE, not only by a person.
     let Some(mac) = state::normalise_mac(raw_mac) else {
-        return respond_text(stream, &ipxe::refusal_script(&format!("`{}` is not a MAC address", raw_mac.escape_debug())), head);
+        return respond_text(stream, &ipxe::refusal_script("the mac= value is not a MAC address (XX:XX:XX:XX:XX:XX)"), head);
     };
     let buildarch = req.param("arch").unwrap_or("x86_64");
     let Some(arch) = ipxe::arch_from_buildarch(buildarch) else {
-        return respond_text(stream, &ipxe::refusal_script(&format!("no kiln image for iPXE architecture `{}`", buildarch.escape_debug())), head);
+        return respond_text(stream, &ipxe::refusal_script("no kiln image for the arch= value (x86_64, i386, arm64, aarch64, riscv64)"), head);
     };
     if ctx.store.is_installed(&mac)? {
         return respond_text(stream, &ipxe::local_disk_script(&mac), head);

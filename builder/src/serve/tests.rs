@@ -26,7 +26,11 @@ impl Drop for Running {
 }
 
 fn start(dir: &Path) -> Running {
-    let server = Server::bind(dir, "127.0.0.1:0".parse().unwrap()).unwrap();
+    start_with(dir, Limits::default())
+}
+
+fn start_with(dir: &Path, limits: Limits) -> Running {
+    let server = Server::bind(dir, "127.0.0.1:0".parse().unwrap()).unwrap().with_limits(limits);
     let addr = server.local_addr();
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -54,10 +58,24 @@ impl Response {
 
 /// Sends a raw request target (not normalised by any client library) and reads the answer.
 fn request(addr: SocketAddr, method: &str, target: &str, extra: &str) -> Response {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "{method} {target} HTTP/1.1\r\nHost: 10.0.2.2:{}\r\n{extra}\r\n", addr.port()).unwrap();
+    request_on(TcpStream::connect(addr).unwrap(), method, target, &format!("Host: 10.0.2.2:{}\r\n{extra}", addr.port()))
+}
+
+/// A connection to `addr` from the loopback address `from` (all of 127.0.0.0/8 is local on Linux).
+fn connect_from(from: &str, addr: SocketAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::new(from.parse().unwrap(), 0).into()).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    sock.into()
+}
+
+/// Sends a request with exactly the header lines `headers` on `s` and reads the answer.
+fn request_on(mut s: TcpStream, method: &str, target: &str, headers: &str) -> Response {
+    write!(s, "{method} {target} HTTP/1.1\r\n{headers}\r\n").unwrap();
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    // A server that refuses a head it did not read to the end resets the connection after its
+    // answer: keep what arrived.
+    let _ = s.read_to_end(&mut raw);
     let end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete response head");
     let headers = String::from_utf8(raw[..end].to_vec()).unwrap();
     let status = headers.split(' ').nth(1).unwrap().parse().unwrap();
@@ -192,7 +210,8 @@ fn boot_script_per_machine_install_state_and_reinstall() {
     assert!(reinstall(out.path(), &["zz".into()]).is_err());
 }
 
-/// 50 clients download a system image at once; every copy must hash to the file's digest.
+/// 50 machines (each its own loopback address, as the per-address cap expects) download a
+/// system image at once; every copy must hash to the file's digest.
 #[test]
 fn fifty_concurrent_downloads_each_check_their_digest() {
     let (out, _o) = fixture();
@@ -211,7 +230,8 @@ fn fifty_concurrent_downloads_each_check_their_digest() {
         .map(|i| {
             std::thread::spawn(move || {
                 // Half read slowly at first, so downloads overlap.
-                let r = request(addr, "GET", "/x86_64/netboot/root.img", "");
+                let host = format!("Host: 10.0.2.2:{}\r\n", addr.port());
+                let r = request_on(connect_from(&format!("127.0.1.{}", i + 1), addr), "GET", "/x86_64/netboot/root.img", &host);
                 if i % 2 == 0 {
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -244,4 +264,138 @@ fn dnsmasq_snippet_and_dhcp_settings_name_the_boot_url() {
     assert!(s.contains("dhcp-range=192.0.2.0,proxy") && s.contains("undionly.kpxe") && s.contains("ipxe.efi"));
     assert!(s.contains("pxe-service=tag:ipxe,X86-64_EFI,\"kiln\",http://192.0.2.10:8080/boot.ipxe"));
     assert!(dhcp_settings("192.0.2.10:8080").contains("http://192.0.2.10:8080/boot.ipxe"));
+}
+
+/// The status of an answer already waiting on a non-blocking socket: `Some(0)` when the server
+/// closed or reset it without one, `None` while it is still open and silent.
+fn answered(s: &mut TcpStream) -> Option<u16> {
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(0) => Some(0),
+        Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(_) => Some(0),
+    }
+}
+
+/// 50 slow clients on 127.0.0.1 (25 that stop half-way through the head, 25 that trickle a byte
+/// every 250 ms) do not hold up a machine installing from 127.0.0.2; the per-address cap turns
+/// most of them away at once and the head deadline closes the rest, trickling or not.
+#[test]
+fn slow_and_idle_clients_do_not_hold_up_an_install() {
+    let (out, _o) = fixture();
+    let deadline = Duration::from_secs(2);
+    let limits = Limits { head_deadline: deadline, ..Limits::default() };
+    let srv = start_with(out.path(), limits);
+    let t0 = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..50)
+        .map(|_| {
+            let mut s = connect_from("127.0.0.1", srv.addr);
+            s.write_all(b"GET /x86_64/netboot/vmlinuz HTTP/1.1\r\nX-Slow: ").unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A normal install meanwhile: the boot script, then a file.
+    let host = format!("Host: 10.0.2.2:{}\r\n", srv.addr.port());
+    let started = Instant::now();
+    let script = request_on(connect_from("127.0.0.2", srv.addr), "GET", "/boot.ipxe?mac=52:54:00:00:00:0b&arch=x86_64", &host);
+    let script_took = started.elapsed();
+    let started = Instant::now();
+    let kernel = request_on(connect_from("127.0.0.2", srv.addr), "GET", "/x86_64/netboot/vmlinuz", &host);
+    let kernel_took = started.elapsed();
+    assert_eq!((script.status, kernel.status, kernel.body.len()), (200, 200, 1000));
+    assert!(script.text().contains("kernel ${kiln-base}vmlinuz"), "{}", script.text());
+    assert!(script_took < Duration::from_secs(1) && kernel_took < Duration::from_secs(1), "{script_took:?} {kernel_took:?}");
+
+    // Beyond the per-address cap: 503 at once (or a reset); the rest hold a slot, silent.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for mut s in slow.drain(..) {
+        match answered(&mut s) {
+            None => held.push(s),
+            Some(503 | 0) => refused += 1,
+            Some(other) => panic!("a slow client got {other}"),
+        }
+    }
+    assert_eq!((held.len(), refused), (limits.per_peer, 50 - limits.per_peer));
+
+    // Trickling does not extend the deadline: every held connection is answered 408 by then.
+    let mut closed = vec![None; held.len()];
+    while closed.iter().any(Option::is_none) && t0.elapsed() < deadline + Duration::from_secs(5) {
+        for (i, s) in held.iter_mut().enumerate() {
+            if closed[i].is_none() {
+                if i % 2 == 1 {
+                    let _ = s.write(b"a");
+                }
+                closed[i] = answered(s).map(|status| (status, t0.elapsed()));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let latest = closed.iter().map(|c| c.expect("closed by the deadline").1).max().unwrap();
+    assert!(closed.iter().all(|c| matches!(c, Some((408, _)))), "{closed:?}");
+    assert!(latest < deadline + Duration::from_secs(3), "last slow client closed after {latest:?}");
+    // Their slots are free again: the same address is served.
+    let again = request_on(connect_from("127.0.0.1", srv.addr), "GET", "/x86_64/netboot/vmlinuz", &host);
+    assert_eq!(again.status, 200);
+    eprintln!(
+        "with 50 slow clients: boot.ipxe in {script_took:?}, vmlinuz in {kernel_took:?}; {refused} refused at once, {} closed with 408 by {latest:?} (deadline {deadline:?})",
+        held.len()
+    );
+}
+
+/// Percent-encodes everything but letters and digits, as a hostile client may.
+fn encode(s: &str) -> String {
+    s.bytes().map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") }).collect()
+}
+
+/// iPXE syntax in `mac=`, `arch=` or `Host:` never reaches a script: bad values get 400 or a
+/// refusal script that names the parameter, not the value.
+#[test]
+fn injection_attempts_produce_no_ipxe_command() {
+    let (out, _o) = fixture();
+    let srv = start(out.path());
+    let injected = ["shell", "evil", "${net0", "${x}", "&&", "||"];
+    let check = |what: &str, r: &Response| {
+        assert!(r.status == 400 || r.status == 200, "{what}: {}", r.status);
+        let t = r.text();
+        if r.status == 200 {
+            assert!(t.starts_with("#!ipxe\n") && !t.contains("kernel"), "{what}: {t}");
+        }
+        for bad in injected {
+            assert!(!t.contains(bad), "{what}: `{bad}` in {t}");
+        }
+    };
+    let good_host = format!("Host: 10.0.2.2:{}\r\n", srv.addr.port());
+    for mac in ["01:02&&shell", "52:54:00:00:00:0b && shell", "${net0/ip}", "52:54:00:00:00:0b\nshell", "52:54:00:00:00:0b\tshell", " ${x} "] {
+        let target = format!("/boot.ipxe?mac={}&arch=x86_64", encode(mac));
+        check(mac, &request_on(TcpStream::connect(srv.addr).unwrap(), "GET", &target, &good_host));
+    }
+    for arch in ["x86_64||chain http://evil", "x86_64 && shell", "${x}", "x86_64\nchain http://evil", "x86_64 "] {
+        let target = format!("/boot.ipxe?mac=52:54:00:00:00:0b&arch={}", encode(arch));
+        check(arch, &request_on(TcpStream::connect(srv.addr).unwrap(), "GET", &target, &good_host));
+    }
+    for host in ["h&&shell", "10.0.2.2:1 || chain http://evil", "${net0/ip}", "h\tshell", "h\rshell", "h#shell", "h/evil", ""] {
+        for target in ["/boot.ipxe", "/boot.ipxe?mac=52:54:00:00:00:0b&arch=x86_64"] {
+            let r = request_on(TcpStream::connect(srv.addr).unwrap(), "GET", target, &format!("Host: {host}\r\n"));
+            assert_eq!(r.status, 400, "{host:?}: {}", r.text());
+            check(host, &r);
+        }
+    }
+    // Without a Host header at all, as HTTP/1.0 clients may send.
+    assert_eq!(request_on(TcpStream::connect(srv.addr).unwrap(), "GET", "/boot.ipxe", "").status, 400);
+}
+
+#[test]
+fn oversized_heads_are_refused() {
+    let (out, _o) = fixture();
+    let srv = start(out.path());
+    let many = "X-Filler: ".to_string() + &"a".repeat(1000) + "\r\n";
+    let r = request_on(TcpStream::connect(srv.addr).unwrap(), "GET", "/x86_64/netboot/vmlinuz", &many.repeat(20));
+    assert_eq!(r.status, 431, "{}", r.text());
+    let r = request(srv.addr, "GET", &format!("/{}", "a".repeat(10_000)), "");
+    assert_eq!(r.status, 431, "{}", r.text());
 }
