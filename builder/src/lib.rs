@@ -5,6 +5,7 @@
 
 pub mod arch;
 pub mod assets;
+pub mod bmap;
 pub mod busybox;
 pub mod cache;
 pub mod cluster;
