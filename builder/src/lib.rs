@@ -9,6 +9,7 @@ pub mod bmap;
 pub mod busybox;
 pub mod cache;
 pub mod cluster;
+pub mod compress;
 pub mod containerd;
 pub mod cpio;
 pub mod deb;
