@@ -258,7 +258,7 @@ pub fn merge_blocks(mapped: &[Range<u64>], image_size: u64, block_size: u64) -> 
 }
 
 /// The sha256 of `bytes` of a file.
-pub fn sha256_of(f: &mut (impl Read + Seek), bytes: Range<u64>) -> std::io::Result<[u8; 32]> {
+pub fn sha256_of(f: &mut (impl Read + Seek + ?Sized), bytes: Range<u64>) -> std::io::Result<[u8; 32]> {
     f.seek(SeekFrom::Start(bytes.start))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

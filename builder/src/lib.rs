@@ -19,6 +19,7 @@ pub mod elfclosure;
 pub mod esp;
 pub mod fat;
 pub mod fetch;
+pub mod flash;
 pub mod gpt;
 pub mod initramfs;
 pub mod inittab;
