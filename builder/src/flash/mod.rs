@@ -216,6 +216,9 @@ mod tests {
             // The NVMe system disk: booted from, mounted; not called non-removable on top.
             ("laptop", "nvme0n1", 2 * GIB, &["booted from", "mounted file systems (/, /boot/efi)"]),
             ("laptop", "nvme0n1p1", 2 * GIB, &["partition of nvme0n1", "booted from", "mounted file systems (/boot/efi)", "smaller"]),
+            // / on dm-crypt over a partition: found through dm-0's slaves and the partition's holders.
+            ("luks-laptop", "nvme0n1", 2 * GIB, &["booted from", "mounted file systems (/, /boot/efi)"]),
+            ("luks-laptop", "nvme0n1p2", 2 * GIB, &["partition of nvme0n1", "booted from", "mounted file systems (/)"]),
             // Recorded: this VM's virtio disk, / with no partition table.
             ("virtio-vm", "vda", 2 * GIB, &["booted from", "mounted file systems (/)"]),
         ];
