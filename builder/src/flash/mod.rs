@@ -219,6 +219,12 @@ mod tests {
             // / on dm-crypt over a partition: found through dm-0's slaves and the partition's holders.
             ("luks-laptop", "nvme0n1", 2 * GIB, &["booted from", "mounted file systems (/, /boot/efi)"]),
             ("luks-laptop", "nvme0n1p2", 2 * GIB, &["partition of nvme0n1", "booted from", "mounted file systems (/)"]),
+            // Recorded in QEMU with a real kernel: USB stick, SD card (removable 0, type SD), NVMe.
+            ("qemu-usb-sd-nvme", "sda", 32 << 20, &[]),
+            ("qemu-usb-sd-nvme", "mmcblk0", 32 << 20, &[]),
+            ("qemu-usb-sd-nvme", "mmcblk0", GIB, &["smaller than the image"]),
+            ("qemu-usb-sd-nvme", "nvme0n1", 32 << 20, &["not a removable disk"]),
+            ("qemu-usb-sd-nvme", "sda2", 4 << 20, &["partition of sda"]),
             // Recorded: this VM's virtio disk, / with no partition table.
             ("virtio-vm", "vda", 2 * GIB, &["booted from", "mounted file systems (/)"]),
         ];
@@ -250,6 +256,13 @@ mod tests {
         );
         let sd = device::inspect_block("mmcblk0", &roots("laptop")).unwrap();
         assert_eq!(sd.model, "SC64G");
+        let q = roots("qemu-usb-sd-nvme");
+        let usb = device::inspect_block("sda", &q).unwrap();
+        assert_eq!((usb.model.as_str(), usb.size, usb.removable, usb.partitions.len()), ("QEMU QEMU HARDDISK", 64 << 20, true, 2));
+        let sd = device::inspect_block("mmcblk0", &q).unwrap();
+        assert_eq!((sd.model.as_str(), sd.removable, sd.partitions.len()), ("QEMU!", true, 2));
+        let nvme = device::inspect_block("nvme0n1", &q).unwrap();
+        assert_eq!((nvme.model.as_str(), nvme.removable, nvme.boot_disk, nvme.partitions.len()), ("QEMU NVMe Ctrl", false, false, 2));
     }
 
     #[test]
