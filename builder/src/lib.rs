@@ -5,9 +5,11 @@
 
 pub mod arch;
 pub mod assets;
+pub mod bmap;
 pub mod busybox;
 pub mod cache;
 pub mod cluster;
+pub mod compress;
 pub mod containerd;
 pub mod cpio;
 pub mod deb;
@@ -19,6 +21,7 @@ pub mod error;
 pub mod esp;
 pub mod fat;
 pub mod fetch;
+pub mod flash;
 pub mod image_ref;
 pub mod gpt;
 pub mod initramfs;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln::arch::Arch;
-use kiln::error::UsageError;
+use kiln::error::{ResultExt, UsageError};
 use kiln::pipeline::BuildOptions;
 use kiln::profile::LoadedProfile;
 
@@ -105,6 +105,26 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         dnsmasq: Option<PathBuf>,
     },
+    /// Write an image (raw, .zst or .xz) to an SD card, USB stick or file, only its mapped blocks
+    /// when it has a bmap, then read it back to verify.
+    Flash {
+        /// The image: disk.img, disk.img.zst or disk.img.xz.
+        image: PathBuf,
+        /// The whole disk to write (/dev/sdX, /dev/mmcblkN), or a file (created at the image's size if new).
+        device: PathBuf,
+        /// The block map (default: IMAGE.bmap, or disk.img.bmap beside disk.img.zst/.xz, if present).
+        #[arg(long, value_name = "FILE")]
+        bmap: Option<PathBuf>,
+        /// Do not ask for confirmation (needed when stdin is not a terminal).
+        #[arg(long)]
+        yes: bool,
+        /// Write even to a non-removable or mounted disk, the boot disk, a partition or a smaller device.
+        #[arg(long)]
+        force: bool,
+        /// Skip reading the written data back to compare digests.
+        #[arg(long)]
+        no_verify: bool,
+    },
     /// Print the profile's JSON schema, or with --markdown the profile reference.
     Schema {
         #[arg(long)]
@@ -184,6 +204,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let status = kiln::qemu::run_interactive(&spec)?;
             return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
+        Command::Flash { image, device, bmap, yes, force, no_verify } => {
+            flash(&image, &device, bmap.as_deref(), FlashFlags { yes, force, verify: !no_verify, quiet: cli.quiet })?
+        }
         Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, listen, &reinstall, dnsmasq.as_deref())?,
         Command::Schema { markdown } => {
             if markdown {
@@ -240,4 +263,79 @@ fn arch_from_manifest(image: &std::path::Path) -> Result<Arch> {
         }
     })?;
     Ok(m.arch)
+}
+
+struct FlashFlags {
+    yes: bool,
+    force: bool,
+    verify: bool,
+    quiet: bool,
+}
+
+/// `kiln flash`: describe the target, apply the refusal rules, confirm, write with a progress
+/// bar on a TTY, verify. Refusals and an unconfirmed write are usage errors (exit 2).
+fn flash(image: &std::path::Path, device: &std::path::Path, bmap: Option<&std::path::Path>, f: FlashFlags) -> Result<()> {
+    use kiln::flash;
+    let img = flash::Image::open(image, bmap).usage("cannot use the image")?;
+    let target = flash::inspect(device, &flash::HostRoots::default())?;
+    println!("{}", flash::describe(&target).trim_end());
+    match &img.bmap {
+        Some(b) => println!(
+            "image: {}, {} ({} mapped)",
+            image.display(),
+            flash::human(b.image_size),
+            flash::human(b.mapped_bytes())
+        ),
+        None => println!("image: {}, {} (no bmap: every byte is written)", image.display(), img.size.map_or("size unknown".into(), flash::human)),
+    }
+    let reasons = flash::refusals(&target, img.size);
+    if !reasons.is_empty() {
+        if !f.force {
+            return Err(UsageError(flash::Refused { target: device.display().to_string(), reasons }.to_string()).into());
+        }
+        for r in &reasons {
+            eprintln!("warning: --force: {r}");
+        }
+    }
+    if !f.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(UsageError(format!("not writing to {}: stdin is not a terminal to confirm on; pass --yes", device.display())).into());
+        }
+        eprint!("write {} to {}? [y/N] ", image.display(), device.display());
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer).context("reading the answer")?;
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            return Err(UsageError(format!("not writing to {}: not confirmed", device.display())).into());
+        }
+    }
+    let mut medium = flash::write::open_target(device, img.size)?;
+    let total = img.bmap.as_ref().map(|b| b.mapped_bytes()).or(img.size);
+    let bar = (!f.quiet && std::io::stderr().is_terminal()).then(|| {
+        let bar = total.map_or_else(indicatif::ProgressBar::no_length, indicatif::ProgressBar::new);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message("writing");
+        bar
+    });
+    let start = std::time::Instant::now();
+    let report = flash::flash(&img, &mut medium, flash::FlashOptions { verify: f.verify }, &mut |n| {
+        if let Some(b) = &bar {
+            b.set_position(n)
+        }
+    })
+    .with_context(|| format!("writing {} to {}", image.display(), device.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    println!(
+        "wrote {} of {} to {} in {:.1} s{}",
+        flash::human(report.written),
+        flash::human(report.image_size),
+        device.display(),
+        start.elapsed().as_secs_f64(),
+        if f.verify { format!(", verified {}", flash::human(report.verified)) } else { ", not verified (--no-verify)".into() }
+    );
+    Ok(())
 }
