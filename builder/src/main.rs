@@ -55,8 +55,10 @@ enum Command {
         /// Use only the download cache; fail naming anything missing.
         #[arg(long)]
         offline: bool,
-        /// What to write per architecture, comma-separated: `disk` (OUT/<arch>/disk.img) and/or
-        /// `netboot` (OUT/<arch>/netboot/, served by `kiln serve`).
+        /// What to write per architecture, comma-separated: `disk` (OUT/<arch>/disk.img),
+        /// `disk.img.zst` / `disk.img.xz` (compressed copies, written in the same pass),
+        /// `disk.img.bmap` (its block map for `kiln flash` and `bmaptool`), `netboot`
+        /// (OUT/<arch>/netboot/, served by `kiln serve`).
         #[arg(long = "format", value_enum, value_delimiter = ',', default_value = "disk")]
         formats: Vec<kiln::pipeline::Format>,
     },
@@ -175,7 +177,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let report = kiln::pipeline::build(&profile, &opts)?;
             for image in &report.images {
                 let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
-                for path in image.disk.iter().chain(&script) {
+                // disk.img, then the files derived from it (compressed copies, block map).
+                let derived = image.manifest.outputs.iter().filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str())).map(|o| image.dir.join(&o.file));
+                for path in image.disk.iter().cloned().chain(derived).chain(script) {
                     println!("{}: {}", image.arch, path.display());
                 }
             }

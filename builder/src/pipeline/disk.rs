@@ -19,6 +19,7 @@ use tracing::info;
 use super::boot::Boot;
 use super::{Format, Job};
 use crate::arch::Arch;
+use crate::compress::{Compression, Compressor};
 use crate::digest::HashingWriter;
 use crate::error::ResultExt;
 use crate::gpt::{self, DiskLayout, Guid, PartitionSpec};
@@ -42,6 +43,22 @@ const NO_AUTO: u64 = 1 << 63;
 pub const DISK_IMAGE: &str = "disk.img";
 /// The build manifest in `OUT/<arch>/`.
 pub const MANIFEST: &str = "manifest.json";
+/// The block map of [`DISK_IMAGE`] (`--format disk.img.bmap`).
+pub const DISK_BMAP: &str = "disk.img.bmap";
+/// The compressed copies of [`DISK_IMAGE`] (`--format disk.img.zst,disk.img.xz`).
+pub const DISK_ZST: &str = "disk.img.zst";
+pub const DISK_XZ: &str = "disk.img.xz";
+/// Every file of the disk formats, for moving outputs into place and for `SHA256SUMS`.
+pub const DISK_FILES: [&str; 4] = [DISK_IMAGE, DISK_ZST, DISK_XZ, DISK_BMAP];
+
+/// The file name of a compressed copy of the disk image.
+fn compressed_name(c: Compression) -> &'static str {
+    match c {
+        Compression::Zstd => DISK_ZST,
+        Compression::Xz => DISK_XZ,
+        Compression::None => DISK_IMAGE,
+    }
+}
 
 /// The size of a root slot for a squashfs: the squashfs plus a quarter and 16 MiB, so an update
 /// may grow, in whole MiB.
@@ -167,8 +184,8 @@ pub(super) struct Disk {
     pub(super) install: Option<InstallRecord>,
     /// The command line the image boots with (the installer's, on a medium).
     pub(super) cmdline: String,
-    /// `disk.img`'s record, when the disk format is built.
-    pub(super) output: Option<Output>,
+    /// The records of `disk.img` and the files derived from it, when the disk format is built.
+    pub(super) outputs: Vec<Output>,
 }
 
 /// Lays out the image (the system itself, or an installer medium carrying it) and writes
@@ -179,8 +196,8 @@ pub(super) fn write(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
         InstallMode::InPlace => {
             let layout = gpt::plan(&system.specs, fixed_size(job), p.disk.headroom.0).usage(disk_size_key(job.profile))?;
             let contents = system.contents();
-            let output = write_wanted(job, &layout, ids.disk_guid(), &contents)?;
-            Ok(Disk { partitions: partition_records(&layout, &contents), install: None, cmdline: cmdline.to_string(), output })
+            let outputs = write_wanted(job, &layout, ids.disk_guid(), &contents)?;
+            Ok(Disk { partitions: partition_records(&layout, &contents), install: None, cmdline: cmdline.to_string(), outputs })
         }
         InstallMode::Installer => installer_medium(job, ids, system, boot, cmdline),
     }
@@ -206,9 +223,9 @@ fn installer_medium(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
     ];
     let contents = [Some(Part::Bytes(&medium_esp)), Some(system.squashfs), Some(Part::Bytes(&install_part))];
     let layout = gpt::plan(&specs, fixed_size(job), 0).usage(disk_size_key(job.profile))?;
-    let output = write_wanted(job, &layout, ids.guid("installer-disk"), &contents)?;
+    let outputs = write_wanted(job, &layout, ids.guid("installer-disk"), &contents)?;
     let install = Some(system.install_record(&target, ids));
-    Ok(Disk { partitions: partition_records(&layout, &contents), install, cmdline: installer_cmdline, output })
+    Ok(Disk { partitions: partition_records(&layout, &contents), install, cmdline: installer_cmdline, outputs })
 }
 
 fn fixed_size(job: &Job) -> Option<u64> {
@@ -222,13 +239,27 @@ fn disk_size_key(profile: &LoadedProfile) -> String {
     format!("{}: key `disk.size`", profile.path.display())
 }
 
-/// Writes `disk.img` if the disk format is wanted; its record for the manifest.
-fn write_wanted(job: &Job, layout: &DiskLayout, disk_guid: Guid, contents: &[Option<Part>]) -> Result<Option<Output>> {
+/// Writes `disk.img` if the disk format is wanted, with its compressed copies and block map if
+/// those are; their records for the manifest, `disk.img` first.
+fn write_wanted(job: &Job, layout: &DiskLayout, disk_guid: Guid, contents: &[Option<Part>]) -> Result<Vec<Output>> {
     if !job.opts.wants(Format::Disk) {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let sha256 = write_disk(&job.dir.join(DISK_IMAGE), layout, disk_guid, contents, image_mode(&job.profile.profile))?;
-    Ok(Some(Output { file: DISK_IMAGE.into(), sha256, size: layout.size }))
+    let mode = image_mode(&job.profile.profile);
+    let compressed: Vec<(Compression, std::path::PathBuf)> =
+        job.opts.disk_compressions().into_iter().map(|c| (c, job.dir.join(compressed_name(c)))).collect();
+    let image = job.dir.join(DISK_IMAGE);
+    let written = write_disk(&image, layout, disk_guid, contents, mode, &compressed)?;
+    let mut outputs = vec![Output { file: DISK_IMAGE.into(), sha256: written.sha256, size: layout.size }];
+    outputs.extend(written.compressed);
+    if job.opts.wants(Format::DiskBmap) {
+        // The mapped ranges' digests are read back from the image just written (page cache);
+        // the holes are not read.
+        let path = job.dir.join(DISK_BMAP);
+        crate::bmap::write_bmap(&image, &written.mapped, &path).with_context(|| format!("writing {}", path.display()))?;
+        outputs.push(Output { file: DISK_BMAP.into(), sha256: crate::digest::sha256_file(&path)?, size: std::fs::metadata(&path)?.len() });
+    }
+    Ok(outputs)
 }
 
 /// The file mode of a built image. Images that carry secrets (the cluster token in the k3s
@@ -243,14 +274,30 @@ pub fn image_mode(p: &crate::profile::Profile) -> u32 {
     }
 }
 
+/// What [`write_disk`] wrote.
+struct Written {
+    /// The image's sha256, taken while writing.
+    sha256: String,
+    /// The byte ranges that hold data (the partition table and the partitions' contents).
+    mapped: Vec<std::ops::Range<u64>>,
+    /// The compressed copies' records.
+    compressed: Vec<Output>,
+}
+
 /// Writes a sparse disk image front to back: the partition table's sectors and each
-/// partition's contents (`None`: left empty) in offset order, the gaps left as holes. Returns
-/// the image's sha256, taken while writing (the holes hash as the zeros they read back as).
-/// `mode` is the image file's permission bits (see [`image_mode`]).
-fn write_disk(path: &Path, layout: &DiskLayout, disk_guid: Guid, contents: &[Option<Part>], mode: u32) -> Result<String> {
+/// partition's contents (`None`: left empty) in offset order, the gaps left as holes. The
+/// image's sha256 is taken while writing (the holes hash as the zeros they read back as), and
+/// the same bytes stream into each `compressed` copy (the holes as zeros), so the disk is
+/// written once whatever the formats. `mode` is the files' permission bits (see [`image_mode`]).
+fn write_disk(path: &Path, layout: &DiskLayout, disk_guid: Guid, contents: &[Option<Part>], mode: u32, compressed: &[(Compression, std::path::PathBuf)]) -> Result<Written> {
     info!("writing {} ({} MiB){}", path.display(), layout.size >> 20, if mode == 0o600 { ", mode 0600: it holds secrets" } else { "" });
     let img = crate::output::create(path, mode)?;
     img.set_len(layout.size)?;
+    let mut copies = Vec::new();
+    for (c, copy) in compressed {
+        let file = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, crate::output::create(copy, mode)?));
+        copies.push((copy, Compressor::new(*c, file, Some(layout.size)).with_context(|| format!("starting {}", copy.display()))?));
+    }
     let mut table = Sectors::default();
     gpt::write_gpt(&mut table, layout, disk_guid).context("writing the partition table")?;
     let mut pieces: Vec<(u64, Part, Option<&str>)> = table.runs.iter().map(|(at, b)| (*at, Part::Bytes(b), None)).collect();
@@ -260,7 +307,8 @@ fn write_disk(path: &Path, layout: &DiskLayout, disk_guid: Guid, contents: &[Opt
         }
     }
     pieces.sort_by_key(|p| p.0);
-    let mut out = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, img));
+    let mut out = Tee { image: HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, img)), copies: copies.iter_mut().map(|(_, c)| c).collect() };
+    let mut mapped = Vec::new();
     for (offset, content, name) in pieces {
         let written = out.zeros_to(offset).and_then(|()| match content {
             Part::Bytes(bytes) => out.write_all(bytes),
@@ -270,11 +318,58 @@ fn write_disk(path: &Path, layout: &DiskLayout, disk_guid: Guid, contents: &[Opt
             Some(name) => format!("writing partition {name} into {}", path.display()),
             None => format!("writing the partition table into {}", path.display()),
         })?;
+        mapped.push(offset..out.image.len());
     }
     out.zeros_to(layout.size)?;
-    let (img, sha256, _) = out.finish();
+    let (img, sha256, _) = out.image.finish();
     img.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(sha256)
+    let mut records = Vec::new();
+    for (copy, compressor) in copies {
+        let (file, sha256, size) = compressor.finish().with_context(|| format!("finishing {}", copy.display()))?.finish();
+        file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        let name = copy.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        info!("wrote {} ({} MiB)", copy.display(), size >> 20);
+        records.push(Output { file: name, sha256, size });
+    }
+    Ok(Written { sha256, mapped, compressed: records })
+}
+
+/// The image being written and its compressed copies, fed the same bytes in order.
+struct Tee<'a> {
+    image: HashingWriter<std::io::BufWriter<File>>,
+    copies: Vec<&'a mut Compressor<HashingWriter<std::io::BufWriter<File>>>>,
+}
+
+impl Tee<'_> {
+    /// Moves on to `offset` over a hole: a hole in the image, zeros in the copies.
+    fn zeros_to(&mut self, offset: u64) -> std::io::Result<()> {
+        const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut gap = offset.saturating_sub(self.image.len());
+        self.image.zeros_to(offset)?;
+        while gap > 0 && !self.copies.is_empty() {
+            let n = gap.min(ZEROS.len() as u64) as usize;
+            for c in self.copies.iter_mut() {
+                c.write_all(&ZEROS[..n])?;
+            }
+            gap -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.image.write(buf)?;
+        for c in self.copies.iter_mut() {
+            c.write_all(&buf[..n])?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.image.flush()?;
+        self.copies.iter_mut().try_for_each(|c| c.flush())
+    }
 }
 
 /// The runs of bytes written to it, by offset: the partition table, collected to be written in
@@ -339,6 +434,7 @@ mod tests {
     use super::*;
     use crate::profile::parse;
     use std::os::unix::fs::PermissionsExt;
+use std::io::Read;
 
     #[test]
     fn images_with_secrets_are_written_owner_only() -> Result<()> {
@@ -352,8 +448,10 @@ mod tests {
         let layout = gpt::plan(&[spec], None, 0)?;
         for mode in [0o600, 0o644] {
             let path = dir.path().join(format!("disk-{mode:o}.img"));
-            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(Part::Bytes(&[1u8; 512]))], mode)?;
+            let copy = dir.path().join(format!("disk-{mode:o}.img.zst"));
+            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(Part::Bytes(&[1u8; 512]))], mode, &[(Compression::Zstd, copy.clone())])?;
             assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, mode);
+            assert_eq!(std::fs::metadata(&copy)?.permissions().mode() & 0o777, mode, "a compressed copy holds the same secrets");
         }
         Ok(())
     }
@@ -373,13 +471,25 @@ mod tests {
         let layout = gpt::plan(&specs, None, 7 << 20)?;
         let contents = [Some(Part::Bytes(&[7u8; 4096])), Some(Part::File { path: &staged, len: staged_bytes.len() as u64, sha256: &staged_sha }), None];
         let path = dir.path().join(DISK_IMAGE);
-        let sha = write_disk(&path, &layout, g("disk"), &contents, 0o644)?;
+        let copies = [(Compression::Zstd, dir.path().join(DISK_ZST)), (Compression::Xz, dir.path().join(DISK_XZ))];
+        let written = write_disk(&path, &layout, g("disk"), &contents, 0o644, &copies)?;
         assert_eq!(std::fs::metadata(&path)?.len(), layout.size);
-        assert_eq!(sha, crate::digest::sha256_file(&path)?);
+        assert_eq!(written.sha256, crate::digest::sha256_file(&path)?);
+        // The compressed copies decompress to the image, and their records are their files'.
+        for (record, (_, copy)) in written.compressed.iter().zip(&copies) {
+            let mut whole = Vec::new();
+            crate::compress::open_image(copy)?.read_to_end(&mut whole)?;
+            assert_eq!(crate::digest::sha256_hex(&whole), written.sha256, "{}", copy.display());
+            assert_eq!((record.sha256.clone(), record.size), (crate::digest::sha256_file(copy)?, std::fs::metadata(copy)?.len()));
+        }
+        // Every non-zero byte is in a mapped range: the table, the two written partitions, the backup table.
+        let image = std::fs::read(&path)?;
+        let unmapped_nonzero = image.iter().enumerate().filter(|(i, b)| **b != 0 && !written.mapped.iter().any(|r| r.contains(&(*i as u64)))).count();
+        assert_eq!(unmapped_nonzero, 0, "mapped: {:?}", written.mapped);
+        assert!(crate::bmap::Bmap::from_ranges(&path, &written.mapped)?.mapped_bytes() < layout.size / 2);
         // The table is the one write_gpt writes in place.
         let mut direct = std::io::Cursor::new(vec![0u8; layout.size as usize]);
         gpt::write_gpt(&mut direct, &layout, g("disk"))?;
-        let image = std::fs::read(&path)?;
         assert_eq!(image[..34 * 512], direct.get_ref()[..34 * 512]);
         assert_eq!(image[image.len() - 33 * 512..], direct.get_ref()[direct.get_ref().len() - 33 * 512..]);
         assert_eq!(&image[layout.partitions[1].offset() as usize..][..staged_bytes.len()], &staged_bytes[..]);

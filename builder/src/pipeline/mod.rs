@@ -120,7 +120,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
 fn move_into_place(opts: &BuildOptions, staging_dir: &Path, out_dir: &Path, arch: Arch, manifest: Manifest) -> Result<ArchOutputs> {
     let dest = out_dir.join(arch.name());
     std::fs::create_dir_all(&dest)?;
-    for f in [disk::DISK_IMAGE, crate::netboot::DIR, disk::MANIFEST] {
+    for f in disk::DISK_FILES.into_iter().chain([crate::netboot::DIR, disk::MANIFEST]) {
         let (from, to) = (staging_dir.join(arch.name()).join(f), dest.join(f));
         if to.is_dir() {
             std::fs::remove_dir_all(&to).with_context(|| format!("removing the old {}", to.display()))?;
@@ -204,7 +204,7 @@ fn manifest(job: &Job, kver: String, initramfs_modules: Vec<String>, ids: &disk:
         partitions: disk.partitions,
         install: disk.install.or(netboot_install),
         initramfs_modules,
-        outputs: disk.output.into_iter().chain(netboot_outputs.into_iter().flatten()).collect(),
+        outputs: disk.outputs.into_iter().chain(netboot_outputs.into_iter().flatten()).collect(),
     }
 }
 
@@ -248,7 +248,7 @@ fn write_sha256sums(out_dir: &Path, built: &[ArchOutputs]) -> Result<PathBuf> {
             continue;
         }
         let netboot = crate::netboot::FILES.iter().map(|f| format!("{}/{f}", crate::netboot::DIR));
-        for f in [disk::DISK_IMAGE.to_string(), disk::MANIFEST.to_string()].into_iter().chain(netboot) {
+        for f in disk::DISK_FILES.into_iter().chain([disk::MANIFEST]).map(String::from).chain(netboot) {
             let p = out_dir.join(arch.name()).join(&f);
             if p.exists() {
                 lines.insert(format!("{}/{f}", arch.name()), crate::digest::sha256_file(&p)?);

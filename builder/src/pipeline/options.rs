@@ -38,16 +38,42 @@ pub enum Format {
     /// `OUT/<arch>/netboot/`: kernel, installer initrd, system images and iPXE script for
     /// network installs served by `kiln serve`.
     Netboot,
+    /// `OUT/<arch>/disk.img.zst`: `disk.img` compressed with zstd in the same pass that writes
+    /// it (so `disk.img` is written too). `kiln flash` and `bmaptool copy` read it.
+    #[value(name = "disk.img.zst")]
+    DiskZst,
+    /// `OUT/<arch>/disk.img.xz`: `disk.img` compressed with xz in the same pass (Raspberry Pi
+    /// Imager reads `.img.xz`).
+    #[value(name = "disk.img.xz")]
+    DiskXz,
+    /// `OUT/<arch>/disk.img.bmap`: the block map of `disk.img` (bmaptool's format, a sha256 per
+    /// range), so `kiln flash` and `bmaptool copy` write only the blocks that hold data.
+    #[value(name = "disk.img.bmap")]
+    DiskBmap,
+}
+
+impl Format {
+    /// The formats derived from `disk.img`, which is then written too.
+    fn needs_disk(self) -> bool {
+        matches!(self, Format::Disk | Format::DiskZst | Format::DiskXz | Format::DiskBmap)
+    }
 }
 
 impl BuildOptions {
     /// Whether a format was asked for (no formats given means `disk`).
+    /// `disk.img` is wanted also when a format derived from it is.
     pub fn wants(&self, f: Format) -> bool {
         if self.formats.is_empty() {
             f == Format::Disk
         } else {
-            self.formats.contains(&f)
+            self.formats.contains(&f) || (f == Format::Disk && self.formats.iter().any(|g| g.needs_disk()))
         }
+    }
+
+    /// The compressed copies of `disk.img` asked for.
+    pub fn disk_compressions(&self) -> Vec<crate::compress::Compression> {
+        use crate::compress::Compression;
+        [(Format::DiskZst, Compression::Zstd), (Format::DiskXz, Compression::Xz)].into_iter().filter(|(f, _)| self.formats.contains(f)).map(|(_, c)| c).collect()
     }
 
     pub(super) fn fetcher(&self) -> Result<Fetcher> {

@@ -1,6 +1,7 @@
 //! Slow tier: builds `profiles/quickstart.yaml` for all three architectures with the real Debian
 //! packages, checks the images with the reference tools, rebuilds offline in another directory
-//! (byte-identical), and boots each image in QEMU (in-place mode, below) to the `[kiln] ready` line.
+//! (byte-identical; with `disk.img.zst` and `disk.img.bmap`, which `bmaptool copy` and `kiln flash`
+//! turn back into `disk.img`), and boots each image in QEMU (in-place mode, below) to the `[kiln] ready` line.
 //!
 //! In-place mode: the image written to a disk larger than itself grows on first boot (GPT to the
 //! end of the medium, partition 4 `kiln-data` with ext4 over the free space), and a second boot
@@ -63,16 +64,42 @@ fn quickstart_images_pass_the_reference_tools() -> Result<()> {
 fn offline_rebuild_in_another_directory_is_byte_identical() -> Result<()> {
     let first = quickstart()?;
     let second = work_dir("quickstart-rebuild")?.join("elsewhere");
-    let (ok, log) = kiln(&["build", "profiles/quickstart.yaml", "--offline", "--out", second.to_str().unwrap()])?;
+    // The rebuild also writes the flashing formats: they must not change disk.img.
+    let formats = "disk,disk.img.zst,disk.img.bmap";
+    let (ok, log) = kiln(&["build", "profiles/quickstart.yaml", "--offline", "--out", second.to_str().unwrap(), "--format", formats])?;
     ensure!(ok, "offline rebuild failed:\n{log}");
     for arch in Arch::ALL {
         let a = std::fs::read(first.join(arch.name()).join("disk.img"))?;
         let b = std::fs::read(second.join(arch.name()).join("disk.img"))?;
         ensure!(a == b, "{arch}: disk.img differs between the two builds");
+        // The manifests are the same but for the second build's extra outputs.
+        let (ma, mut mb) = (manifest(first, arch)?, manifest(&second, arch)?);
+        mb.outputs.retain(|o| ma.outputs.iter().any(|p| p.file == o.file));
+        ensure!(ma.to_json() == mb.to_json(), "{arch}: the manifests differ beyond the added outputs");
+        flashing_formats_write_the_image(&second.join(arch.name()), arch)?;
     }
     let sums_a = std::fs::read_to_string(first.join("SHA256SUMS"))?;
     let sums_b = std::fs::read_to_string(second.join("SHA256SUMS"))?;
-    ensure!(sums_a == sums_b, "SHA256SUMS differ:\n{sums_a}\n{sums_b}");
+    let image_lines = |s: &str| s.lines().filter(|l| l.ends_with("/disk.img")).collect::<Vec<_>>().join("\n");
+    ensure!(image_lines(&sums_a) == image_lines(&sums_b), "SHA256SUMS differ:\n{sums_a}\n{sums_b}");
+    Ok(())
+}
+
+/// `disk.img.zst` with `disk.img.bmap`, written by the real `bmaptool copy` and by `kiln flash`
+/// to files, gives back `disk.img` exactly, and the manifest records both files' digests.
+fn flashing_formats_write_the_image(dir: &Path, arch: Arch) -> Result<()> {
+    let image_sha = kiln::digest::sha256_file(&dir.join("disk.img"))?;
+    let recorded: Vec<String> = manifest(dir.parent().unwrap(), arch)?.outputs.iter().map(|o| o.file.clone()).collect();
+    ensure!(recorded.iter().any(|f| f == "disk.img.zst") && recorded.iter().any(|f| f == "disk.img.bmap"), "{arch}: manifest outputs {recorded:?}");
+    let by_bmaptool = dir.join("bmaptool.img");
+    tool(Command::new("bmaptool").arg("copy").arg("--bmap").arg(dir.join("disk.img.bmap")).arg(dir.join("disk.img.zst")).arg(&by_bmaptool), "bmap-tools")?;
+    ensure!(kiln::digest::sha256_file(&by_bmaptool)? == image_sha, "{arch}: bmaptool copy of disk.img.zst is not disk.img");
+    let by_kiln = dir.join("flashed.img");
+    let (ok, log) = kiln(&["flash", dir.join("disk.img.zst").to_str().unwrap(), by_kiln.to_str().unwrap(), "--yes"])?;
+    ensure!(ok, "{arch}: kiln flash failed:\n{log}");
+    ensure!(kiln::digest::sha256_file(&by_kiln)? == image_sha, "{arch}: kiln flash of disk.img.zst is not disk.img");
+    std::fs::remove_file(&by_bmaptool)?;
+    std::fs::remove_file(&by_kiln)?;
     Ok(())
 }
 
