@@ -69,8 +69,7 @@ fn main() {
     let kiln_fat = time(|| {
         let mut f = std::fs::File::create(&kiln_img).unwrap();
         f.set_len(size).unwrap();
-        kiln::fat::write_fat32(&mut f, size, &tree, &kiln::fat::FatOptions { volume_id: 1, label: "KILN-ESP".into(), mtime: 0 })
-            .unwrap();
+        kiln::fat::write_fat32(&mut f, size, &tree, &kiln::fat::FatOptions { volume_id: 1, label: "KILN-ESP".into(), mtime: 0 }).unwrap();
         f.sync_all().unwrap();
     });
     let ref_img = dir.path().join("ref-esp.img");

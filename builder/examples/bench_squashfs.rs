@@ -32,16 +32,12 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if sources.is_empty() {
-        sources = ["/usr/share", "/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/lib/python3"]
-            .iter()
-            .map(PathBuf::from)
-            .collect();
+        sources = ["/usr/share", "/usr/lib/x86_64-linux-gnu", "/usr/bin", "/usr/lib/python3"].iter().map(PathBuf::from).collect();
     }
 
     let tmp = tempfile::tempdir()?;
     let data = keep.unwrap_or_else(|| tmp.path().join("data"));
-    let (files, bytes) =
-        if data.exists() { dir_totals(&data)? } else { copy_sample(&sources, &data, mib * 1024 * 1024)? };
+    let (files, bytes) = if data.exists() { dir_totals(&data)? } else { copy_sample(&sources, &data, mib * 1024 * 1024)? };
     println!("data: {files} files, {:.1} MiB from {sources:?}", bytes as f64 / 1048576.0);
 
     let tree = tree_from_dir(&data)?;
@@ -59,15 +55,7 @@ fn main() -> anyhow::Result<()> {
     for &procs in mksquashfs_runs {
         let img = tmp.path().join("mksquashfs.sqfs");
         let mut cmd = Command::new("mksquashfs");
-        cmd.arg(&data).arg(&img).args([
-            "-comp",
-            "zstd",
-            "-Xcompression-level",
-            &level.to_string(),
-            "-noappend",
-            "-quiet",
-            "-no-progress",
-        ]);
+        cmd.arg(&data).arg(&img).args(["-comp", "zstd", "-Xcompression-level", &level.to_string(), "-noappend", "-quiet", "-no-progress"]);
         if let Some(p) = procs {
             cmd.args(["-processors", &p.to_string()]);
         }

@@ -172,10 +172,7 @@ impl Arch {
                 machine: "q35",
                 cpu: None,
                 firmware_package: "ovmf",
-                firmware: FirmwareKind::Pflash {
-                    code: "OVMF/OVMF_CODE_4M.fd",
-                    vars: "OVMF/OVMF_VARS_4M.fd",
-                },
+                firmware: FirmwareKind::Pflash { code: "OVMF/OVMF_CODE_4M.fd", vars: "OVMF/OVMF_VARS_4M.fd" },
             },
             // virt + AAVMF; cortex-a72 is a real core the Debian kernel supports.
             Arch::Aarch64 => QemuMachine {
@@ -184,10 +181,7 @@ impl Arch {
                 machine: "virt",
                 cpu: Some("cortex-a72"),
                 firmware_package: "qemu-efi-aarch64",
-                firmware: FirmwareKind::Pflash {
-                    code: "AAVMF/AAVMF_CODE.fd",
-                    vars: "AAVMF/AAVMF_VARS.fd",
-                },
+                firmware: FirmwareKind::Pflash { code: "AAVMF/AAVMF_CODE.fd", vars: "AAVMF/AAVMF_VARS.fd" },
             },
             // virt + OpenSBI + U-Boot (S-mode): the fastest riscv64 chain measured, and what
             // real boards run. U-Boot boots the ESP's extlinux.conf or BOOTRISCV64.EFI.
@@ -215,9 +209,7 @@ impl fmt::Display for Arch {
 
 /// An architecture name that is not one kiln builds for.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "unknown architecture `{0}` (expected one of: x86_64, aarch64, riscv64; aliases amd64, arm64)"
-)]
+#[error("unknown architecture `{0}` (expected one of: x86_64, aarch64, riscv64; aliases amd64, arm64)")]
 pub struct UnknownArch(pub String);
 
 impl FromStr for Arch {

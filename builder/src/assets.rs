@@ -28,10 +28,7 @@ pub fn overlay(name: &str) -> Result<Tree> {
 
 /// Names of the embedded platforms (`firmware/<name>.yaml`).
 pub fn platforms() -> Vec<&'static str> {
-    EMBEDDED
-        .iter()
-        .filter_map(|(p, _, _)| p.strip_prefix("firmware/").and_then(|n| n.strip_suffix(".yaml")))
-        .collect()
+    EMBEDDED.iter().filter_map(|(p, _, _)| p.strip_prefix("firmware/").and_then(|n| n.strip_suffix(".yaml"))).collect()
 }
 
 #[cfg(test)]

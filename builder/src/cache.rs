@@ -14,11 +14,7 @@ use crate::digest::sha256_file;
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
     #[error("the cached file is corrupt: {path} (expected {expected}, found {actual})")]
-    Corrupt {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    Corrupt { path: PathBuf, expected: String, actual: String },
     #[error("not a sha256 hex digest: {0:?}")]
     BadDigest(String),
     #[error("reading cached file {path}")]
@@ -59,8 +55,7 @@ impl Cache {
         if let Some(dir) = std::env::var_os("KILN_CACHE_DIR").filter(|d| !d.is_empty()) {
             return Ok(PathBuf::from(dir));
         }
-        let base = dirs::cache_dir()
-            .context("no user cache directory (set $KILN_CACHE_DIR or $XDG_CACHE_HOME/$HOME)")?;
+        let base = dirs::cache_dir().context("no user cache directory (set $KILN_CACHE_DIR or $XDG_CACHE_HOME/$HOME)")?;
         Ok(base.join("kiln"))
     }
 
@@ -77,10 +72,7 @@ impl Cache {
     /// A present but wrong blob is `Err(CacheError::Corrupt)`.
     pub fn get(&self, sha256_hex: &str, size: Option<u64>) -> Result<Option<PathBuf>, CacheError> {
         let path = self.blob_path(sha256_hex)?;
-        let io_err = |source| CacheError::Io {
-            path: path.clone(),
-            source,
-        };
+        let io_err = |source| CacheError::Io { path: path.clone(), source };
         let meta = match fs::metadata(&path) {
             Ok(meta) => meta,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -96,11 +88,7 @@ impl Cache {
         }
         let actual = sha256_file(&path).map_err(io_err)?;
         if actual != sha256_hex.to_ascii_lowercase() {
-            return Err(CacheError::Corrupt {
-                path,
-                expected: format!("sha256 {sha256_hex}"),
-                actual: format!("sha256 {actual}"),
-            });
+            return Err(CacheError::Corrupt { path, expected: format!("sha256 {sha256_hex}"), actual: format!("sha256 {actual}") });
         }
         Ok(Some(path))
     }
@@ -108,47 +96,27 @@ impl Cache {
     /// Streams `reader` into the cache, hashing while writing; verifies digest and size, fsyncs and
     /// renames into place. On any failure nothing is left behind; errors name `what`, and a digest
     /// or size mismatch is a [`Mismatch`] (downcastable) so callers can tell it from a read error.
-    pub fn put(
-        &self,
-        sha256_hex: &str,
-        size: Option<u64>,
-        reader: impl Read,
-        what: &str,
-    ) -> anyhow::Result<PathBuf> {
+    pub fn put(&self, sha256_hex: &str, size: Option<u64>, reader: impl Read, what: &str) -> anyhow::Result<PathBuf> {
         let final_path = self.blob_path(sha256_hex)?;
         let dir = self.blob_dir();
         let mut tmp = temp_file_in(&dir)?;
-        let (actual, written) = copy_hashing(reader, tmp.as_file_mut(), size)
-            .with_context(|| format!("downloading {what}"))?;
+        let (actual, written) = copy_hashing(reader, tmp.as_file_mut(), size).with_context(|| format!("downloading {what}"))?;
         if let Some(size) = size.filter(|s| *s != written) {
-            return Err(Mismatch {
-                what: what.to_string(),
-                expected: format!("{size} bytes"),
-                actual: format!("{written} bytes"),
-            }
-            .into());
+            return Err(Mismatch { what: what.to_string(), expected: format!("{size} bytes"), actual: format!("{written} bytes") }.into());
         }
         if actual != sha256_hex.to_ascii_lowercase() {
-            return Err(Mismatch {
-                what: what.to_string(),
-                expected: format!("sha256 {sha256_hex}"),
-                actual: format!("sha256 {actual}"),
-            }
-            .into());
+            return Err(
+                Mismatch { what: what.to_string(), expected: format!("sha256 {sha256_hex}"), actual: format!("sha256 {actual}") }.into()
+            );
         }
-        tmp.as_file()
-            .sync_all()
-            .with_context(|| format!("syncing {what} to {}", dir.display()))?;
-        tmp.persist(&final_path)
-            .with_context(|| format!("storing {what} as {}", final_path.display()))?;
+        tmp.as_file().sync_all().with_context(|| format!("syncing {what} to {}", dir.display()))?;
+        tmp.persist(&final_path).with_context(|| format!("storing {what} as {}", final_path.display()))?;
         sync_dir(&dir);
         Ok(final_path)
     }
 
     pub fn remove(&self, sha256_hex: &str) -> io::Result<()> {
-        let path = self
-            .blob_path(sha256_hex)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let path = self.blob_path(sha256_hex).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         match fs::remove_file(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
@@ -175,11 +143,8 @@ impl Cache {
         let path = self.ref_path(key);
         let dir = self.root.join("refs");
         let mut tmp = temp_file_in(&dir)?;
-        tmp.write_all(data)
-            .and_then(|()| tmp.as_file().sync_all())
-            .with_context(|| format!("writing cache entry `{key}`"))?;
-        tmp.persist(&path)
-            .with_context(|| format!("storing cache entry `{key}` as {}", path.display()))?;
+        tmp.write_all(data).and_then(|()| tmp.as_file().sync_all()).with_context(|| format!("writing cache entry `{key}`"))?;
+        tmp.persist(&path).with_context(|| format!("storing cache entry `{key}` as {}", path.display()))?;
         sync_dir(&dir);
         Ok(())
     }
@@ -188,20 +153,13 @@ impl Cache {
 /// A temporary file beside its final name (same filesystem, so the rename is atomic).
 fn temp_file_in(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     fs::create_dir_all(dir).with_context(|| format!("creating cache directory {}", dir.display()))?;
-    tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .with_context(|| format!("creating a temporary file in {}", dir.display()))
+    tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))
 }
 
 /// Copies `reader` to `writer`, returning the sha256 hex and the byte count. Stops early (as a
 /// size mismatch for the caller to report) once more than `limit` bytes arrive, so a wrong
 /// server response cannot fill the disk.
-fn copy_hashing(
-    mut reader: impl Read,
-    writer: &mut impl Write,
-    limit: Option<u64>,
-) -> io::Result<(String, u64)> {
+fn copy_hashing(mut reader: impl Read, writer: &mut impl Write, limit: Option<u64>) -> io::Result<(String, u64)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; BUF];
     let mut written = 0u64;
@@ -234,13 +192,7 @@ fn check_digest(sha256_hex: &str) -> Result<String, CacheError> {
 fn ref_file_name(key: &str) -> String {
     let slug: String = key
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
         .collect::<String>()
         .trim_matches(|c| c == '.' || c == '_')
         .chars()
@@ -271,10 +223,7 @@ mod tests {
 
     fn leftovers(cache: &Cache) -> Vec<String> {
         fs::read_dir(cache.blob_dir())
-            .map(|d| {
-                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default()
     }
 
@@ -285,20 +234,12 @@ mod tests {
         let data = b"hello kiln".repeat(100_000);
         let digest = sha(&data);
         assert!(cache.get(&digest, None).unwrap().is_none());
-        let path = cache
-            .put(&digest, Some(data.len() as u64), &data[..], "test blob")
-            .unwrap();
+        let path = cache.put(&digest, Some(data.len() as u64), &data[..], "test blob").unwrap();
         assert_eq!(path, dir.path().join("blobs/sha256").join(&digest));
         assert_eq!(fs::read(&path).unwrap(), data);
-        assert_eq!(
-            cache.get(&digest, Some(data.len() as u64)).unwrap(),
-            Some(path.clone())
-        );
+        assert_eq!(cache.get(&digest, Some(data.len() as u64)).unwrap(), Some(path.clone()));
         assert_eq!(cache.get(&digest.to_uppercase(), None).unwrap(), Some(path));
-        assert_eq!(
-            sha256_file(&dir.path().join("blobs/sha256").join(&digest)).unwrap(),
-            digest
-        );
+        assert_eq!(sha256_file(&dir.path().join("blobs/sha256").join(&digest)).unwrap(), digest);
         cache.remove(&digest).unwrap();
         assert!(cache.get(&digest, None).unwrap().is_none());
         cache.remove(&digest).unwrap();
@@ -308,22 +249,13 @@ mod tests {
     fn mismatch_leaves_nothing_and_names_what() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::new(dir.path().to_path_buf());
-        let err = cache
-            .put(&sha(b"other"), None, &b"data"[..], "busybox.deb")
-            .unwrap_err();
+        let err = cache.put(&sha(b"other"), None, &b"data"[..], "busybox.deb").unwrap_err();
         assert!(err.downcast_ref::<Mismatch>().is_some());
         assert!(err.to_string().contains("busybox.deb"), "{err}");
-        let err = cache
-            .put(&sha(b"data"), Some(5), &b"data"[..], "x.deb")
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("expected 5 bytes, got 4 bytes"),
-            "{err}"
-        );
+        let err = cache.put(&sha(b"data"), Some(5), &b"data"[..], "x.deb").unwrap_err();
+        assert!(err.to_string().contains("expected 5 bytes, got 4 bytes"), "{err}");
         // Oversized input stops early and is rejected.
-        let err = cache
-            .put(&sha(b"data"), Some(2), &b"data"[..], "x.deb")
-            .unwrap_err();
+        let err = cache.put(&sha(b"data"), Some(2), &b"data"[..], "x.deb").unwrap_err();
         assert!(err.downcast_ref::<Mismatch>().is_some(), "{err}");
         assert!(leftovers(&cache).is_empty(), "{:?}", leftovers(&cache));
     }
@@ -341,20 +273,14 @@ mod tests {
         }
         fs::write(&path, b"longer").unwrap();
         let err = cache.get(&digest, Some(4)).unwrap_err();
-        assert!(
-            err.to_string().contains("corrupt") && err.to_string().contains("4 bytes"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("corrupt") && err.to_string().contains("4 bytes"), "{err}");
     }
 
     #[test]
     fn bad_digests_are_rejected() {
         let cache = Cache::new(PathBuf::from("/nonexistent"));
         for bad in ["../../etc/passwd", "", &"g".repeat(64), &"a".repeat(63)] {
-            assert!(
-                matches!(cache.get(bad, None), Err(CacheError::BadDigest(_))),
-                "{bad}"
-            );
+            assert!(matches!(cache.get(bad, None), Err(CacheError::BadDigest(_))), "{bad}");
         }
     }
 
@@ -371,25 +297,12 @@ mod tests {
             cache.put_ref(evil, b"x").unwrap();
             let path = cache.ref_path(evil);
             assert_eq!(path.parent().unwrap(), dir.path().join("refs"), "{evil}");
-            assert!(
-                !path.file_name().unwrap().to_string_lossy().starts_with('.'),
-                "{evil}"
-            );
+            assert!(!path.file_name().unwrap().to_string_lossy().starts_with('.'), "{evil}");
         }
-        assert_ne!(
-            cache.ref_path("a/b"),
-            cache.ref_path("a_b"),
-            "different keys, different files"
-        );
-        let names: Vec<_> = fs::read_dir(dir.path().join("refs"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        assert_ne!(cache.ref_path("a/b"), cache.ref_path("a_b"), "different keys, different files");
+        let names: Vec<_> = fs::read_dir(dir.path().join("refs")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 5, "no temp files left: {names:?}");
-        assert!(cache
-            .ref_path(key)
-            .to_string_lossy()
-            .contains("debian_trixie_InRelease"));
+        assert!(cache.ref_path(key).to_string_lossy().contains("debian_trixie_InRelease"));
     }
 
     #[test]

@@ -104,7 +104,8 @@ pub fn install(containers: &[Container], root: &mut Tree, modules: &ModuleSet, w
         }
     }
     root.merge(&crate::assets::overlay("containerd")?)?;
-    let (logpipe, mode) = crate::assets::file(&format!("overlays/cluster/{LOGPIPE}")).ok_or_else(|| anyhow::anyhow!("kiln was built without overlays/cluster/{LOGPIPE}"))?;
+    let (logpipe, mode) = crate::assets::file(&format!("overlays/cluster/{LOGPIPE}"))
+        .ok_or_else(|| anyhow::anyhow!("kiln was built without overlays/cluster/{LOGPIPE}"))?;
     root.add_file(LOGPIPE, mode, logpipe)?;
     root.add_file(CONFIG_TOML, 0o644, CONFIG)?;
     crate::kmod::load_needed_at_boot(root, modules, MODULES, "engine")?;
@@ -112,28 +113,46 @@ pub fn install(containers: &[Container], root: &mut Tree, modules: &ModuleSet, w
         let image = c.image.whole();
         root.add_file(&format!("{CONF_DIR}/{}.conf", c.name), 0o644, container_conf(c, &image))?;
     }
-    crate::inittab::append(root, "containerd (engine: containerd), restarted by init if it exits; output in /var/log/containerd.log.", &format!("::respawn:{CONTAINERD_RUN}"))?;
+    crate::inittab::append(
+        root,
+        "containerd (engine: containerd), restarted by init if it exits; output in /var/log/containerd.log.",
+        &format!("::respawn:{CONTAINERD_RUN}"),
+    )?;
     if with_images {
-        crate::inittab::append(root, "Imports the bundled image archive into containerd (once per archive, not at every boot).", &format!("::once:{IMAGES_IMPORT}"))?;
+        crate::inittab::append(
+            root,
+            "Imports the bundled image archive into containerd (once per archive, not at every boot).",
+            &format!("::once:{IMAGES_IMPORT}"),
+        )?;
     } else {
         root.remove(&crate::tree::TreePath::parse(IMAGES_IMPORT)?);
     }
     for c in containers {
         crate::inittab::append(
             root,
-            &format!("Container `{}` (restart: {}); output in /var/log/containers/{}.log and on the console.", c.name, c.restart.as_str(), c.name),
+            &format!(
+                "Container `{}` (restart: {}); output in /var/log/containers/{}.log and on the console.",
+                c.name,
+                c.restart.as_str(),
+                c.name
+            ),
             &format!("::respawn:{CONTAINER_RUN} {}", c.name),
         )?;
     }
-    crate::inittab::append(root, "Prints `[kiln] ready` once every container that keeps running (restart other than `no`) is RUNNING.", &format!("::once:{AWAIT_CONTAINERS}"))
+    crate::inittab::append(
+        root,
+        "Prints `[kiln] ready` once every container that keeps running (restart other than `no`) is RUNNING.",
+        &format!("::once:{AWAIT_CONTAINERS}"),
+    )
 }
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::test_profile;
     use crate::arch::Arch;
+    use crate::profile::test_profile;
 
-    const IMAGES: &str = "images: [busybox:1.36, \"registry.local:5000/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n";
+    const IMAGES: &str =
+        "images: [busybox:1.36, \"registry.local:5000/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n";
 
     fn profile(extra: &str) -> Profile {
         test_profile(&format!("{IMAGES}{extra}"))
@@ -183,7 +202,9 @@ mod tests {
 
     #[test]
     fn install_adds_runner_settings_module_and_init_entries() {
-        let p = profile("engine: containerd\ncontainers: [{name: hello, image: busybox:1.36}, {name: once, image: busybox:1.36, restart: no}]\n");
+        let p = profile(
+            "engine: containerd\ncontainers: [{name: hello, image: busybox:1.36}, {name: once, image: busybox:1.36, restart: no}]\n",
+        );
         let mut t = root();
         let e = format!("{:#}", install(&p.containers, &mut t, &kernel(), true).unwrap_err());
         assert!(e.contains("/usr/bin/containerd") && e.contains("key `engine`"), "{e}");
@@ -192,10 +213,16 @@ mod tests {
         }
         install(&p.containers, &mut t, &kernel(), true).unwrap();
         let inittab = file_text(&t, "etc/inittab");
-        let order: Vec<usize> = ["::respawn:/usr/lib/kiln/containerd-run", "::once:/usr/lib/kiln/images-import", "::respawn:/usr/lib/kiln/container-run hello", "::respawn:/usr/lib/kiln/container-run once", "::once:/usr/lib/kiln/await-containers"]
-            .iter()
-            .map(|e| inittab.find(e).unwrap_or_else(|| panic!("{e} missing:\n{inittab}")))
-            .collect();
+        let order: Vec<usize> = [
+            "::respawn:/usr/lib/kiln/containerd-run",
+            "::once:/usr/lib/kiln/images-import",
+            "::respawn:/usr/lib/kiln/container-run hello",
+            "::respawn:/usr/lib/kiln/container-run once",
+            "::once:/usr/lib/kiln/await-containers",
+        ]
+        .iter()
+        .map(|e| inittab.find(e).unwrap_or_else(|| panic!("{e} missing:\n{inittab}")))
+        .collect();
         assert!(order.windows(2).all(|w| w[0] < w[1]), "{inittab}");
         assert!(file_text(&t, "etc/kiln/containers/hello.conf").contains("KILN_CONTAINER_IMAGE='docker.io/library/busybox:1.36'"));
         assert!(file_text(&t, "etc/kiln/containers/once.conf").contains("KILN_CONTAINER_RESTART=no"));

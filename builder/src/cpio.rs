@@ -128,19 +128,14 @@ mod tests {
         owned.uid = 1000;
         owned.gid = 1001;
         owned.mtime = 5; // older than the build time: kept
-        t.insert(&TreePath::parse("home/u/f").unwrap(), Entry { meta: owned, kind: Kind::File(Content::bytes("x")) })
-            .unwrap();
+        t.insert(&TreePath::parse("home/u/f").unwrap(), Entry { meta: owned, kind: Kind::File(Content::bytes("x")) }).unwrap();
         let mut newer = Meta::root(0o644);
         newer.mtime = u64::from(BUILD_TIME) + 1000; // newer: clamped
-        t.insert(&TreePath::parse("etc/new").unwrap(), Entry { meta: newer, kind: Kind::File(Content::bytes("n")) })
-            .unwrap();
+        t.insert(&TreePath::parse("etc/new").unwrap(), Entry { meta: newer, kind: Kind::File(Content::bytes("n")) }).unwrap();
         let dev = |major, minor| Entry { meta: Meta::root(0o600), kind: Kind::CharDevice { major, minor } };
         t.insert(&TreePath::parse("dev/console").unwrap(), dev(5, 1)).unwrap();
-        t.insert(
-            &TreePath::parse("dev/loop0").unwrap(),
-            Entry { meta: Meta::root(0o660), kind: Kind::BlockDevice { major: 7, minor: 0 } },
-        )
-        .unwrap();
+        t.insert(&TreePath::parse("dev/loop0").unwrap(), Entry { meta: Meta::root(0o660), kind: Kind::BlockDevice { major: 7, minor: 0 } })
+            .unwrap();
         t.insert(&TreePath::parse("run/fifo").unwrap(), Entry { meta: Meta::root(0o644), kind: Kind::Fifo }).unwrap();
         t
     }
@@ -198,8 +193,7 @@ mod tests {
                 .collect()
         };
         let names = cpio(&["-it", "--quiet"], &archive(&sample()), None);
-        let expected: Vec<String> =
-            sample().iter().filter(|(p, _)| !p.is_root()).map(|(p, _)| p.as_str().to_string()).collect();
+        let expected: Vec<String> = sample().iter().filter(|(p, _)| !p.is_root()).map(|(p, _)| p.as_str().to_string()).collect();
         assert_eq!(names.lines().collect::<Vec<_>>(), expected);
         assert_eq!(line("usr/bin/su")[0], "-rwsr-xr-x");
         assert_eq!(line("tmp")[0], "drwxrwxrwt");

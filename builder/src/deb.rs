@@ -59,10 +59,7 @@ pub fn unpack_deb_from<R: Read>(mut r: R, tree: &mut Tree, what: &str) -> anyhow
         match name.as_str() {
             "debian-binary" => {
                 let mut v = String::new();
-                (&mut member)
-                    .take(64)
-                    .read_to_string(&mut v)
-                    .with_context(|| format!("{what}: reading debian-binary"))?;
+                (&mut member).take(64).read_to_string(&mut v).with_context(|| format!("{what}: reading debian-binary"))?;
                 let v = v.trim();
                 if !v.starts_with("2.") {
                     bail!("{what}: unsupported package format version `{v}` (expected 2.x)");
@@ -148,8 +145,7 @@ fn read_ar_header<R: Read>(r: &mut R) -> io::Result<Option<ArHeader>> {
     }
     let name = String::from_utf8_lossy(&h[0..16]).trim_end().to_string();
     let size_field = String::from_utf8_lossy(&h[48..58]);
-    let size: u64 =
-        size_field.trim().parse().map_err(|_| invalid(format!("bad ar member size `{}`", size_field.trim())))?;
+    let size: u64 = size_field.trim().parse().map_err(|_| invalid(format!("bad ar member size `{}`", size_field.trim())))?;
     Ok(Some(ArHeader { name, size }))
 }
 
@@ -534,10 +530,7 @@ pub(crate) mod tests {
     fn a_normal_package_unpacks_with_owners_modes_links_and_devices() {
         for comp in [Comp::None, Comp::Gz, Comp::Xz, Comp::Zst] {
             let (info, tree) = unpack(&deb(CONTROL, &normal_entries(), comp)).unwrap();
-            assert_eq!(
-                (info.package.as_str(), info.version.as_str(), info.architecture.as_str()),
-                ("hello", "1.0-1", "amd64")
-            );
+            assert_eq!((info.package.as_str(), info.version.as_str(), info.architecture.as_str()), ("hello", "1.0-1", "amd64"));
             assert_eq!(file_bytes(&tree, "usr/bin/hello"), b"#!/bin/sh\necho hi\n");
             assert_eq!(file_bytes(&tree, "usr/bin/hello2"), b"#!/bin/sh\necho hi\n");
             let su = tree.get_str("usr/bin/su").unwrap();

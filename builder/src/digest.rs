@@ -7,6 +7,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+/// A run of zeros to hash or write for the holes of a sparse image, 64 KiB at a time.
+pub static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
 /// Lowercase hex sha256 of bytes.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -54,7 +57,6 @@ impl<W: Write + Seek> HashingWriter<W> {
         if offset < self.len {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("offset {offset} is before the {} bytes written", self.len)));
         }
-        const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let gap = offset - self.len;
         let mut left = gap;
         while left > 0 {

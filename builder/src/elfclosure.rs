@@ -142,10 +142,8 @@ mod tests {
     #[test]
     fn needs_match_readelf() {
         let needs = elf_needs(&host_program()).unwrap();
-        let out = Command::new("readelf")
-            .args(["-d", "-l", HOST_PROGRAM])
-            .output()
-            .expect("readelf missing: install the `binutils` package");
+        let out =
+            Command::new("readelf").args(["-d", "-l", HOST_PROGRAM]).output().expect("readelf missing: install the `binutils` package");
         let text = String::from_utf8_lossy(&out.stdout);
         let want: Vec<String> = text
             .lines()

@@ -118,9 +118,7 @@ pub fn write_fat32<W: Write + Seek>(out: &mut W, size: u64, tree: &Tree, opts: &
     let used = alloc.used_clusters as u32; // <= layout.clusters, a u32
     let boot = boot_sector(&layout, opts.volume_id, &label);
     let info = fsinfo_sector(layout.clusters - used, used);
-    for (sector, bytes) in
-        [(0, &boot), (FSINFO_SECTOR, &info), (BACKUP_BOOT_SECTOR, &boot), (BACKUP_BOOT_SECTOR + 1, &info)]
-    {
+    for (sector, bytes) in [(0, &boot), (FSINFO_SECTOR, &info), (BACKUP_BOOT_SECTOR, &boot), (BACKUP_BOOT_SECTOR + 1, &info)] {
         w.write_at(sector * SECTOR, bytes).context("writing the FAT32 boot sectors")?;
     }
 
@@ -132,8 +130,7 @@ pub fn write_fat32<W: Write + Seek>(out: &mut W, size: u64, tree: &Tree, opts: &
 
     for (i, dir) in plan.dirs.iter().enumerate() {
         let bytes = plan.dir_bytes(i, &alloc, cluster_bytes, &label, &stamp);
-        w.write_at(layout.cluster_offset(alloc.dir_start[i]), &bytes)
-            .with_context(|| format!("writing directory {}", dir.path))?;
+        w.write_at(layout.cluster_offset(alloc.dir_start[i]), &bytes).with_context(|| format!("writing directory {}", dir.path))?;
     }
 
     for (i, file) in plan.files.iter().enumerate() {
@@ -297,8 +294,7 @@ impl<'t> Plan<'t> {
 
         for (path, entry) in tree.iter().filter(|(p, _)| !p.is_root()) {
             let parent = path.parent().unwrap_or_else(TreePath::root);
-            let &parent_idx =
-                dir_index.get(&parent).with_context(|| format!("{path} has no parent directory in the ESP tree"))?;
+            let &parent_idx = dir_index.get(&parent).with_context(|| format!("{path} has no parent directory in the ESP tree"))?;
             let target = match &entry.kind {
                 Kind::Dir => {
                     dirs.push(DirNode { path: path.clone(), parent: Some(parent_idx), children: Vec::new() });
@@ -315,10 +311,7 @@ impl<'t> Plan<'t> {
                     files.push(FileNode { path, content, size });
                     Target::File(files.len() - 1)
                 }
-                other => bail!(
-                    "{path} is a {}; a FAT32 filesystem holds only directories and regular files",
-                    kind_name(other)
-                ),
+                other => bail!("{path} is a {}; a FAT32 filesystem holds only directories and regular files", kind_name(other)),
             };
             pending[parent_idx].push((path.file_name(), target));
         }
@@ -354,9 +347,8 @@ impl<'t> Plan<'t> {
             extents.push((start, clusters));
             start
         };
-        let dir_start = (0..self.dirs.len())
-            .map(|i| take(((self.dir_slots(i) * DIR_ENTRY) as u64).div_ceil(cluster_bytes).max(1)))
-            .collect();
+        let dir_start =
+            (0..self.dirs.len()).map(|i| take(((self.dir_slots(i) * DIR_ENTRY) as u64).div_ceil(cluster_bytes).max(1))).collect();
         let file_start = self.files.iter().map(|f| take(f.size.div_ceil(cluster_bytes))).collect();
         Allocation { dir_start, file_start, extents, used_clusters: next - u64::from(ROOT_CLUSTER) }
     }
@@ -426,8 +418,7 @@ fn name_children(dir: &TreePath, children: &[(&str, Target)]) -> Result<Vec<Chil
         let (short, long) = match exact_short_name(name) {
             Some(short) => (short, None),
             None => {
-                let short =
-                    short_alias(name, &taken).with_context(|| format!("no free short name for {dir}/{name}"))?;
+                let short = short_alias(name, &taken).with_context(|| format!("no free short name for {dir}/{name}"))?;
                 taken.insert(short);
                 (short, Some(name.encode_utf16().collect()))
             }
@@ -966,23 +957,13 @@ mod tests {
 
     #[test]
     fn short_names_and_aliases_are_windows_style_and_unique() {
-        let names =
-            ["BOOTX64.EFI", "KILN~1.CON", "entries", "kiln.conf", "kiln.config", "loader", LONG_NAME, ".hidden"];
+        let names = ["BOOTX64.EFI", "KILN~1.CON", "entries", "kiln.conf", "kiln.config", "loader", LONG_NAME, ".hidden"];
         let children: Vec<(&str, Target)> = names.iter().map(|n| (*n, Target::File(0))).collect();
         let named = name_children(&TreePath::root(), &children).unwrap();
         let shorts: Vec<String> = named.iter().map(|c| String::from_utf8_lossy(&c.short).into_owned()).collect();
         assert_eq!(
             shorts,
-            [
-                "BOOTX64 EFI",
-                "KILN~1  CON",
-                "ENTRIES    ",
-                "KILN~2  CON",
-                "KILN~3  CON",
-                "LOADER     ",
-                "AVERYL~1TXT",
-                "HIDDEN~1   "
-            ]
+            ["BOOTX64 EFI", "KILN~1  CON", "ENTRIES    ", "KILN~2  CON", "KILN~3  CON", "LOADER     ", "AVERYL~1TXT", "HIDDEN~1   "]
         );
         let long: Vec<bool> = named.iter().map(|c| c.long.is_some()).collect();
         assert_eq!(long, [false, false, true, true, true, true, true, true]);

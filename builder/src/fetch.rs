@@ -34,13 +34,7 @@ impl Fetcher {
     ///
     /// Offline, a miss or a corrupt blob is an error naming `what`, the url and the fix.
     /// Online, a corrupt cached blob is deleted and fetched again.
-    pub fn blob(
-        &self,
-        url: &str,
-        sha256_hex: &str,
-        size: Option<u64>,
-        what: &str,
-    ) -> anyhow::Result<PathBuf> {
+    pub fn blob(&self, url: &str, sha256_hex: &str, size: Option<u64>, what: &str) -> anyhow::Result<PathBuf> {
         match self.cache.get(sha256_hex, size) {
             Ok(Some(path)) => return Ok(path),
             Ok(None) if self.offline => bail!(
@@ -49,18 +43,14 @@ impl Fetcher {
             ),
             Ok(None) => {}
             Err(corrupt @ CacheError::Corrupt { .. }) if self.offline => {
-                return Err(anyhow!(corrupt))
-                    .with_context(|| format!("{what} ({url}) in offline mode"));
+                return Err(anyhow!(corrupt)).with_context(|| format!("{what} ({url}) in offline mode"));
             }
-            Err(CacheError::Corrupt {
-                path,
-                expected,
-                actual,
-            }) => {
-                tracing::warn!("the cached file is corrupt: {} (expected {expected}, found {actual}); fetching {what} again", path.display());
-                self.cache
-                    .remove(sha256_hex)
-                    .with_context(|| format!("removing corrupt {}", path.display()))?;
+            Err(CacheError::Corrupt { path, expected, actual }) => {
+                tracing::warn!(
+                    "the cached file is corrupt: {} (expected {expected}, found {actual}); fetching {what} again",
+                    path.display()
+                );
+                self.cache.remove(sha256_hex).with_context(|| format!("removing corrupt {}", path.display()))?;
             }
             Err(e) => return Err(e).with_context(|| format!("looking up {what} in the cache")),
         }
@@ -83,16 +73,12 @@ impl Fetcher {
     /// Offline: the stored copy, or an error naming the key and url.
     pub fn document(&self, url: &str, key: &str, what: &str) -> anyhow::Result<Vec<u8>> {
         if self.offline {
-            return self
-                .cache
-                .get_ref(key)
-                .with_context(|| format!("reading cached {what} (`{key}`)"))?
-                .with_context(|| {
-                    format!(
-                        "{what} is not in the cache (key `{key}`, {url}); offline mode: \
+            return self.cache.get_ref(key).with_context(|| format!("reading cached {what} (`{key}`)"))?.with_context(|| {
+                format!(
+                    "{what} is not in the cache (key `{key}`, {url}); offline mode: \
                          run `kiln fetch PROFILE` on a connected host"
-                    )
-                });
+                )
+            });
         }
         let data = with_retries(url, what, |agent| {
             let response = request(agent, url)?;
@@ -104,9 +90,7 @@ impl Fetcher {
                 .read_to_end(&mut data)
                 .map_err(|e| Attempt::Retry(anyhow!(e).context(format!("downloading {url}"))))?;
             if data.len() as u64 > DOCUMENT_LIMIT {
-                return Err(Attempt::Fatal(anyhow!(
-                    "{url} is larger than {DOCUMENT_LIMIT} bytes"
-                )));
+                return Err(Attempt::Fatal(anyhow!("{url} is larger than {DOCUMENT_LIMIT} bytes")));
             }
             Ok(data)
         })?;
@@ -116,22 +100,15 @@ impl Fetcher {
 
     /// Wraps a download in a progress bar (large files, `progress` on) or logs one line, and for
     /// long downloads without a bar (logs, CI) a progress line every [`PROGRESS_LINE_EVERY`].
-    pub(crate) fn progress_reader<'r>(
-        &self,
-        reader: impl Read + 'r,
-        length: Option<u64>,
-        what: &str,
-    ) -> Box<dyn Read + 'r> {
+    pub(crate) fn progress_reader<'r>(&self, reader: impl Read + 'r, length: Option<u64>, what: &str) -> Box<dyn Read + 'r> {
         let big = length.is_none_or(|l| l >= BAR_THRESHOLD);
         if self.progress && big {
             let bar = match length {
                 Some(l) => indicatif::ProgressBar::new(l),
                 None => indicatif::ProgressBar::no_length(),
             };
-            let style = indicatif::ProgressStyle::with_template(
-                "{msg:30!} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            let style = indicatif::ProgressStyle::with_template("{msg:30!} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
             bar.set_style(style);
             bar.set_message(what.to_string());
             Box::new(BarReader { inner: reader, bar })
@@ -141,13 +118,7 @@ impl Fetcher {
                 None => tracing::info!("downloading {what}"),
             }
             if big {
-                Box::new(LineReader {
-                    inner: reader,
-                    what: what.to_string(),
-                    length,
-                    done: 0,
-                    last: std::time::Instant::now(),
-                })
+                Box::new(LineReader { inner: reader, what: what.to_string(), length, done: 0, last: std::time::Instant::now() })
             } else {
                 Box::new(reader)
             }
@@ -237,11 +208,7 @@ fn request(agent: &ureq::Agent, url: &str) -> Result<ureq::http::Response<ureq::
 }
 
 /// Runs `attempt` up to [`TRIES`] times with 1 s, 2 s backoff while it fails with a retryable error.
-fn with_retries<T>(
-    url: &str,
-    what: &str,
-    mut attempt: impl FnMut(&ureq::Agent) -> Result<T, Attempt>,
-) -> anyhow::Result<T> {
+fn with_retries<T>(url: &str, what: &str, mut attempt: impl FnMut(&ureq::Agent) -> Result<T, Attempt>) -> anyhow::Result<T> {
     let agent = agent();
     let mut try_no = 1;
     loop {
@@ -249,8 +216,7 @@ fn with_retries<T>(
             Ok(v) => return Ok(v),
             Err(Attempt::Fatal(e)) => return Err(e).with_context(|| format!("fetching {what}")),
             Err(Attempt::Retry(e)) if try_no >= TRIES => {
-                return Err(e)
-                    .with_context(|| format!("fetching {what} failed after {TRIES} tries"));
+                return Err(e).with_context(|| format!("fetching {what} failed after {TRIES} tries"));
             }
             Err(Attempt::Retry(e)) => {
                 let wait = Duration::from_secs(1 << (try_no - 1));
@@ -284,11 +250,7 @@ mod tests {
     }
 
     fn fetcher(dir: &tempfile::TempDir, offline: bool) -> Fetcher {
-        Fetcher {
-            offline,
-            cache: Cache::new(dir.path().to_path_buf()),
-            progress: false,
-        }
+        Fetcher { offline, cache: Cache::new(dir.path().to_path_buf()), progress: false }
     }
 
     const BODY: &[u8] = b"a package";
@@ -303,21 +265,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = fetcher(&dir, false);
         let url = format!("{base}/ok");
-        let path = f
-            .blob(&url, &digest(), Some(BODY.len() as u64), "test.deb")
-            .unwrap();
+        let path = f.blob(&url, &digest(), Some(BODY.len() as u64), "test.deb").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), BODY);
-        f.blob(&url, &digest(), Some(BODY.len() as u64), "test.deb")
-            .unwrap();
-        assert_eq!(
-            hits.load(Ordering::SeqCst),
-            1,
-            "second call served from the cache"
-        );
+        f.blob(&url, &digest(), Some(BODY.len() as u64), "test.deb").unwrap();
+        assert_eq!(hits.load(Ordering::SeqCst), 1, "second call served from the cache");
         // Offline works from the cache.
-        fetcher(&dir, true)
-            .blob(&url, &digest(), None, "test.deb")
-            .unwrap();
+        fetcher(&dir, true).blob(&url, &digest(), None, "test.deb").unwrap();
     }
 
     #[test]
@@ -325,23 +278,11 @@ mod tests {
         let (base, hits) = server(BODY);
         let dir = tempfile::tempdir().unwrap();
         let url = format!("{base}/ok");
-        let path = fetcher(&dir, false)
-            .blob(&url, &digest(), None, "test.deb")
-            .unwrap();
+        let path = fetcher(&dir, false).blob(&url, &digest(), None, "test.deb").unwrap();
         std::fs::write(&path, b"tampered!").unwrap();
-        let err = format!(
-            "{:#}",
-            fetcher(&dir, true)
-                .blob(&url, &digest(), None, "test.deb")
-                .unwrap_err()
-        );
-        assert!(
-            err.contains("the cached file is corrupt") && err.contains("test.deb"),
-            "{err}"
-        );
-        fetcher(&dir, false)
-            .blob(&url, &digest(), None, "test.deb")
-            .unwrap();
+        let err = format!("{:#}", fetcher(&dir, true).blob(&url, &digest(), None, "test.deb").unwrap_err());
+        assert!(err.contains("the cached file is corrupt") && err.contains("test.deb"), "{err}");
+        fetcher(&dir, false).blob(&url, &digest(), None, "test.deb").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), BODY);
         assert_eq!(hits.load(Ordering::SeqCst), 2);
     }
@@ -349,21 +290,11 @@ mod tests {
     #[test]
     fn offline_miss_names_what_url_and_fix() {
         let dir = tempfile::tempdir().unwrap();
-        let err = fetcher(&dir, true)
-            .blob("http://x.invalid/a.deb", &digest(), None, "busybox-static")
-            .unwrap_err();
+        let err = fetcher(&dir, true).blob("http://x.invalid/a.deb", &digest(), None, "busybox-static").unwrap_err();
         let err = err.to_string();
-        assert!(
-            err.contains("busybox-static") && err.contains("http://x.invalid/a.deb"),
-            "{err}"
-        );
-        assert!(
-            err.contains("run `kiln fetch PROFILE` on a connected host"),
-            "{err}"
-        );
-        let err = fetcher(&dir, true)
-            .document("http://x.invalid/InRelease", "k/trixie", "InRelease")
-            .unwrap_err();
+        assert!(err.contains("busybox-static") && err.contains("http://x.invalid/a.deb"), "{err}");
+        assert!(err.contains("run `kiln fetch PROFILE` on a connected host"), "{err}");
+        let err = fetcher(&dir, true).document("http://x.invalid/InRelease", "k/trixie", "InRelease").unwrap_err();
         assert!(err.to_string().contains("`k/trixie`"), "{err}");
     }
 
@@ -372,15 +303,10 @@ mod tests {
         let (base, hits) = server(BODY);
         let dir = tempfile::tempdir().unwrap();
         let f = fetcher(&dir, false);
-        let err = format!(
-            "{:#}",
-            f.blob(&format!("{base}/gone"), &digest(), None, "gone.deb")
-                .unwrap_err()
-        );
+        let err = format!("{:#}", f.blob(&format!("{base}/gone"), &digest(), None, "gone.deb").unwrap_err());
         assert!(err.contains("404") && err.contains("gone.deb"), "{err}");
         assert_eq!(hits.load(Ordering::SeqCst), 1);
-        f.blob(&format!("{base}/flaky"), &digest(), None, "flaky.deb")
-            .unwrap();
+        f.blob(&format!("{base}/flaky"), &digest(), None, "flaky.deb").unwrap();
         assert_eq!(hits.load(Ordering::SeqCst), 3, "one 500, then success");
     }
 
@@ -389,16 +315,8 @@ mod tests {
         let (base, _) = server(BODY);
         let dir = tempfile::tempdir().unwrap();
         let wrong = hex::encode(Sha256::digest(b"something else"));
-        let err = format!(
-            "{:#}",
-            fetcher(&dir, false)
-                .blob(&format!("{base}/ok"), &wrong, None, "x.deb")
-                .unwrap_err()
-        );
-        assert!(
-            err.contains("x.deb") && err.contains("expected sha256"),
-            "{err}"
-        );
+        let err = format!("{:#}", fetcher(&dir, false).blob(&format!("{base}/ok"), &wrong, None, "x.deb").unwrap_err());
+        assert!(err.contains("x.deb") && err.contains("expected sha256"), "{err}");
     }
 
     #[test]
@@ -406,17 +324,7 @@ mod tests {
         let (base, _) = server(BODY);
         let dir = tempfile::tempdir().unwrap();
         let url = format!("{base}/ok");
-        assert_eq!(
-            fetcher(&dir, false)
-                .document(&url, "m/s/InRelease", "InRelease")
-                .unwrap(),
-            BODY
-        );
-        assert_eq!(
-            fetcher(&dir, true)
-                .document(&url, "m/s/InRelease", "InRelease")
-                .unwrap(),
-            BODY
-        );
+        assert_eq!(fetcher(&dir, false).document(&url, "m/s/InRelease", "InRelease").unwrap(), BODY);
+        assert_eq!(fetcher(&dir, true).document(&url, "m/s/InRelease", "InRelease").unwrap(), BODY);
     }
 }

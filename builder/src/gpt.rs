@@ -184,22 +184,16 @@ fn mib(bytes: u64) -> String {
 /// `fixed_size` if given (error naming both sizes if the partitions do not fit, leaving room for the backup GPT)
 /// or else the smallest whole-MiB size with the partitions, `extra` free bytes after them, and the backup GPT.
 pub fn plan(parts: &[PartitionSpec], fixed_size: Option<u64>, extra: u64) -> anyhow::Result<DiskLayout> {
-    ensure!(
-        parts.len() <= ENTRY_COUNT as usize,
-        "{} partitions requested, but a GPT holds at most {ENTRY_COUNT}",
-        parts.len()
-    );
+    ensure!(parts.len() <= ENTRY_COUNT as usize, "{} partitions requested, but a GPT holds at most {ENTRY_COUNT}", parts.len());
     let mut partitions = Vec::with_capacity(parts.len());
     // The first MiB holds the MBR, the primary GPT and alignment padding.
     let mut next = ALIGN;
     for spec in parts {
         check_name(&spec.name).map_err(anyhow::Error::msg)?;
         ensure!(spec.size > 0, "partition `{}` has size 0", spec.name);
-        let size = round_up(spec.size, ALIGN)
-            .ok_or_else(|| anyhow::anyhow!("partition `{}` size {} is too large", spec.name, spec.size))?;
-        let end = next
-            .checked_add(size)
-            .ok_or_else(|| anyhow::anyhow!("partition `{}` does not fit in 64-bit offsets", spec.name))?;
+        let size =
+            round_up(spec.size, ALIGN).ok_or_else(|| anyhow::anyhow!("partition `{}` size {} is too large", spec.name, spec.size))?;
+        let end = next.checked_add(size).ok_or_else(|| anyhow::anyhow!("partition `{}` does not fit in 64-bit offsets", spec.name))?;
         partitions.push(Partition {
             name: spec.name.clone(),
             type_guid: spec.type_guid,
@@ -210,9 +204,7 @@ pub fn plan(parts: &[PartitionSpec], fixed_size: Option<u64>, extra: u64) -> any
         });
         next = end;
     }
-    let needed = next
-        .checked_add(BACKUP_SECTORS * SECTOR)
-        .ok_or_else(|| anyhow::anyhow!("partitions do not fit in 64-bit offsets"))?;
+    let needed = next.checked_add(BACKUP_SECTORS * SECTOR).ok_or_else(|| anyhow::anyhow!("partitions do not fit in 64-bit offsets"))?;
     let size = match fixed_size {
         Some(size) => {
             ensure!(size % SECTOR == 0, "disk size {size} is not a multiple of the {SECTOR}-byte sector");
@@ -303,14 +295,7 @@ fn partition_array(layout: &DiskLayout) -> Vec<u8> {
 }
 
 /// One GPT header sector. `this_lba`/`other_lba` swap between primary and backup.
-fn header(
-    layout: &DiskLayout,
-    disk_guid: Guid,
-    this_lba: u64,
-    other_lba: u64,
-    array_lba: u64,
-    array_crc: u32,
-) -> [u8; SECTOR as usize] {
+fn header(layout: &DiskLayout, disk_guid: Guid, this_lba: u64, other_lba: u64, array_lba: u64, array_crc: u32) -> [u8; SECTOR as usize] {
     let mut h = [0u8; SECTOR as usize];
     h[0..8].copy_from_slice(b"EFI PART");
     h[8..12].copy_from_slice(&0x0001_0000u32.to_le_bytes()); // revision 1.0
@@ -418,12 +403,7 @@ mod tests {
             "28732ac11ff8d211ba4b00a0c93ec93b",
             "first three fields little-endian, as the UEFI spec shows the ESP type on disk"
         );
-        for bad in [
-            "",
-            "c12a7328f81f11d2ba4b00a0c93ec93b",
-            "c12a7328-f81f-11d2-ba4b-00a0c93ec93",
-            "g12a7328-f81f-11d2-ba4b-00a0c93ec93b",
-        ] {
+        for bad in ["", "c12a7328f81f11d2ba4b00a0c93ec93b", "c12a7328-f81f-11d2-ba4b-00a0c93ec93", "g12a7328-f81f-11d2-ba4b-00a0c93ec93b"] {
             assert!(bad.parse::<Guid>().is_err(), "{bad}");
         }
     }

@@ -55,9 +55,9 @@ impl ImageRef {
 impl FromStr for ImageRef {
     type Err = InvalidImageRef;
     fn from_str(s: &str) -> Result<ImageRef, InvalidImageRef> {
-        let reference: oci_client::Reference = s
-            .parse()
-            .map_err(|e| InvalidImageRef(format!("`{s}` is not an image reference (`registry/repository:tag` or `...@sha256:<digest>`): {e}")))?;
+        let reference: oci_client::Reference = s.parse().map_err(|e| {
+            InvalidImageRef(format!("`{s}` is not an image reference (`registry/repository:tag` or `...@sha256:<digest>`): {e}"))
+        })?;
         if let Some(d) = reference.digest() {
             check_digest(d).map_err(|e| InvalidImageRef(format!("`{s}`: {e}")))?;
         }
@@ -115,9 +115,8 @@ json_schema_as_string!(ImageRef);
 /// Checks that `digest` is `sha256:` plus 64 lowercase hex digits (the only algorithm the
 /// cache stores; a registry naming another is refused rather than trusted unverified).
 pub fn check_digest(digest: &str) -> Result<()> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| anyhow!("digest `{digest}` is not a sha256 digest (kiln verifies sha256 only)"))?;
+    let hex =
+        digest.strip_prefix("sha256:").ok_or_else(|| anyhow!("digest `{digest}` is not a sha256 digest (kiln verifies sha256 only)"))?;
     if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         bail!("digest `{digest}` is not `sha256:` followed by 64 lowercase hex digits");
     }
@@ -135,7 +134,10 @@ mod tests {
     #[test]
     fn references_are_normalised_and_checked() {
         assert_eq!(r("busybox").whole(), "docker.io/library/busybox:latest");
-        assert_eq!((r("busybox:1.36").as_str(), r("busybox:1.36").to_string().as_str()), ("busybox:1.36", "docker.io/library/busybox:1.36"));
+        assert_eq!(
+            (r("busybox:1.36").as_str(), r("busybox:1.36").to_string().as_str()),
+            ("busybox:1.36", "docker.io/library/busybox:1.36")
+        );
         assert_eq!(r("127.0.0.1:5000/t/hello:1").registry(), "127.0.0.1:5000");
         let d = format!("r.example/app@sha256:{}", "a".repeat(64));
         assert_eq!(r(&d).digest(), Some(format!("sha256:{}", "a".repeat(64)).as_str()));

@@ -20,7 +20,13 @@ pub struct Initramfs {
 /// Assembles the initramfs tree from the (already unpacked) appliance root. `extra_modules` are
 /// required (the profile's `kernel.modules`), `extra_optional` are taken when the kernel has them
 /// (the netboot installer's NIC drivers).
-pub fn assemble(root: &Tree, modules: &ModuleSet, platform: &Platform, extra_modules: &[String], extra_optional: &[String]) -> Result<Initramfs> {
+pub fn assemble(
+    root: &Tree,
+    modules: &ModuleSet,
+    platform: &Platform,
+    extra_modules: &[String],
+    extra_optional: &[String],
+) -> Result<Initramfs> {
     let mut tree = Tree::new();
     for dir in ["bin", "dev", "proc", "sys", "run", "etc/kiln", "lib/modules", "newroot", "lower", "rw"] {
         tree.add_dir(dir, 0o755)?;
@@ -42,17 +48,11 @@ pub fn assemble(root: &Tree, modules: &ModuleSet, platform: &Platform, extra_mod
     tree.merge(&init)?;
 
     // Required modules must exist (or be built in); optional ones are taken when present.
-    let required: Vec<&str> = platform
-        .initramfs_modules
-        .required
-        .iter()
-        .chain(extra_modules.iter())
-        .map(String::as_str)
-        .collect();
+    let required: Vec<&str> = platform.initramfs_modules.required.iter().chain(extra_modules.iter()).map(String::as_str).collect();
     let optional: Vec<&str> = platform.initramfs_modules.optional.iter().chain(extra_optional).map(String::as_str).collect();
-    let (req, _) = modules.closure(&required, false).with_context(|| {
-        format!("initramfs modules of platform `{}` and `kernel.modules`", platform.name)
-    })?;
+    let (req, _) = modules
+        .closure(&required, false)
+        .with_context(|| format!("initramfs modules of platform `{}` and `kernel.modules`", platform.name))?;
     let (opt, absent) = modules.closure(&optional, true)?;
 
     let mut order: Vec<String> = Vec::new();
@@ -65,19 +65,16 @@ pub fn assemble(root: &Tree, modules: &ModuleSet, platform: &Platform, extra_mod
             Some(Kind::File(c)) => c.clone(),
             _ => bail!("module {} listed but missing at {}", m.name, m.path),
         };
-        tree.insert(&TreePath::parse(&format!("lib/modules/{}", m.rel))?, Entry {
-            meta: Meta::root(0o644),
-            kind: Kind::File(content),
-        })?;
+        tree.insert(&TreePath::parse(&format!("lib/modules/{}", m.rel))?, Entry { meta: Meta::root(0o644), kind: Kind::File(content) })?;
         order.push(m.rel.clone());
         names.push(m.name.clone());
     }
     let mut list = order.join("\n");
     list.push('\n');
-    tree.insert(&TreePath::parse("etc/kiln/modules")?, Entry {
-        meta: Meta::root(0o644),
-        kind: Kind::File(Content::bytes(list.into_bytes())),
-    })?;
+    tree.insert(
+        &TreePath::parse("etc/kiln/modules")?,
+        Entry { meta: Meta::root(0o644), kind: Kind::File(Content::bytes(list.into_bytes())) },
+    )?;
     Ok(Initramfs { tree, modules: names, absent })
 }
 

@@ -70,7 +70,8 @@ mod tests {
     fn programs_in_the_image_pass_and_a_missing_one_is_named_with_its_line() {
         let ok = "# comment\n::sysinit:/usr/lib/kiln/boot\nttyS0::respawn:/usr/bin/getty -L 115200 ttyS0 vt100\n::respawn:/bin/getty x\n";
         check_programs(&root_with(ok)).unwrap();
-        let err = format!("{:#}", check_programs(&root_with("::sysinit:/usr/lib/kiln/boot\nttyS0::respawn:/sbin/getty -L ttyS0\n")).unwrap_err());
+        let err =
+            format!("{:#}", check_programs(&root_with("::sysinit:/usr/lib/kiln/boot\nttyS0::respawn:/sbin/getty -L ttyS0\n")).unwrap_err());
         assert!(err.contains("line 2") && err.contains("/sbin/getty") && err.contains("respawn"), "{err}");
         let err = format!("{:#}", check_programs(&root_with("garbage\n")).unwrap_err());
         assert!(err.contains("line 1"), "{err}");

@@ -136,8 +136,20 @@ mod tests {
         let g = |s: &str| Guid::derive("test", &[s.as_bytes()]);
         let specs = vec![
             PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse().unwrap(), guid: g("esp"), size: 3 << 20, attributes: 0 },
-            PartitionSpec { name: "kiln-root-a".into(), type_guid: gpt::LINUX_DATA_TYPE.parse().unwrap(), guid: g("a"), size: 5 << 20, attributes: 0 },
-            PartitionSpec { name: "kiln-root-b".into(), type_guid: gpt::LINUX_DATA_TYPE.parse().unwrap(), guid: g("b"), size: 5 << 20, attributes: 1 << 63 },
+            PartitionSpec {
+                name: "kiln-root-a".into(),
+                type_guid: gpt::LINUX_DATA_TYPE.parse().unwrap(),
+                guid: g("a"),
+                size: 5 << 20,
+                attributes: 0,
+            },
+            PartitionSpec {
+                name: "kiln-root-b".into(),
+                type_guid: gpt::LINUX_DATA_TYPE.parse().unwrap(),
+                guid: g("b"),
+                size: 5 << 20,
+                attributes: 1 << 63,
+            },
         ];
         gpt::plan(&specs, None, 0).unwrap()
     }
@@ -164,18 +176,17 @@ mod tests {
         let img = dir.path().join("target.img");
         std::fs::File::create(&img).unwrap().set_len(64 << 20).unwrap();
         let args = sgdisk_args(&l, disk_guid);
-        let out = Command::new("sgdisk")
-            .args(args.split(' '))
-            .arg(&img)
-            .output()
-            .expect("running sgdisk (install the `gdisk` package)");
+        let out = Command::new("sgdisk").args(args.split(' ')).arg(&img).output().expect("running sgdisk (install the `gdisk` package)");
         assert!(out.status.success(), "sgdisk {args}: {}", String::from_utf8_lossy(&out.stderr));
         let p = Command::new("sgdisk").arg("-p").arg(&img).output().unwrap();
         let table = String::from_utf8_lossy(&p.stdout).to_lowercase();
         assert!(table.contains(&format!("disk identifier (guid): {disk_guid}")), "{table}");
         for (i, part) in l.partitions.iter().enumerate() {
             let row = format!("{} {} {}", i + 1, part.first_lba, part.last_lba);
-            assert!(table.lines().any(|line| line.split_whitespace().collect::<Vec<_>>().join(" ").starts_with(&row)), "no `{row}` in\n{table}");
+            assert!(
+                table.lines().any(|line| line.split_whitespace().collect::<Vec<_>>().join(" ").starts_with(&row)),
+                "no `{row}` in\n{table}"
+            );
             let info = Command::new("sgdisk").arg(format!("-i={}", i + 1)).arg(&img).output().unwrap();
             let info = String::from_utf8_lossy(&info.stdout).to_lowercase();
             assert!(info.contains(&part.guid.to_string()) && info.contains(&part.type_guid.to_string()), "{info}");
@@ -205,7 +216,16 @@ mod tests {
             }],
         };
         let text = plan.render().unwrap();
-        for want in ["kiln-install=1\n", "image=abc123\n", "target=auto\n", "min_size=1073741824\n", "wipe=1\n", "after=reboot\n", "sgdisk=--clear --disk-guid=", "copy=esp kiln-install 1048576 1048576 3145728 00ff\n"] {
+        for want in [
+            "kiln-install=1\n",
+            "image=abc123\n",
+            "target=auto\n",
+            "min_size=1073741824\n",
+            "wipe=1\n",
+            "after=reboot\n",
+            "sgdisk=--clear --disk-guid=",
+            "copy=esp kiln-install 1048576 1048576 3145728 00ff\n",
+        ] {
             assert!(text.contains(want), "no `{want}` in\n{text}");
         }
         assert!(text.ends_with("end=1\n"));

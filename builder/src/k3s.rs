@@ -232,7 +232,11 @@ pub fn place(a: &Artifacts, root: &mut Tree) -> Result<()> {
     if !root.contains(RUN_SCRIPT.trim_start_matches('/')) {
         bail!("{RUN_SCRIPT} is missing from the root (kiln's cluster overlay)");
     }
-    crate::inittab::append(root, "k3s (profile key `cluster`), restarted by init if it exits; output in /var/log/k3s.log.", &format!("::respawn:{RUN_SCRIPT}"))
+    crate::inittab::append(
+        root,
+        "k3s (profile key `cluster`), restarted by init if it exits; output in /var/log/k3s.log.",
+        &format!("::respawn:{RUN_SCRIPT}"),
+    )
 }
 
 fn root_insert_file(root: &mut Tree, path: &str, mode: u32, src: &Path) -> Result<()> {
@@ -245,7 +249,13 @@ fn root_insert_file(root: &mut Tree, path: &str, mode: u32, src: &Path) -> Resul
 pub fn manifest_inputs(a: &Artifacts) -> Vec<Input> {
     [&a.binary, &a.airgap]
         .into_iter()
-        .map(|x| Input { kind: InputKind::K3s, name: x.name.clone(), version: Some(a.version.clone()), sha256: x.sha256.clone(), size: Some(x.size) })
+        .map(|x| Input {
+            kind: InputKind::K3s,
+            name: x.name.clone(),
+            version: Some(a.version.clone()),
+            sha256: x.sha256.clone(),
+            size: Some(x.size),
+        })
         .collect()
 }
 
@@ -355,7 +365,10 @@ mod tests {
         std::fs::write(assets.path().join("k3s-arm64"), b"tampered").unwrap();
         let src = Source::Dir(assets.path().to_path_buf());
         let err = format!("{:#}", fetch(&fetcher(cache.path(), false), &src, V, Arch::Aarch64, None).unwrap_err());
-        assert!(err.contains("k3s-arm64") && err.contains("does not match its entry in sha256sum-arm64.txt") && err.contains("expected sha256"), "{err}");
+        assert!(
+            err.contains("k3s-arm64") && err.contains("does not match its entry in sha256sum-arm64.txt") && err.contains("expected sha256"),
+            "{err}"
+        );
         assert!(err.contains(&assets.path().display().to_string()), "{err}");
 
         let list = assets.path().join("sha256sum-arm64.txt");
@@ -363,7 +376,10 @@ mod tests {
         let kept: String = text.lines().filter(|l| !l.ends_with(" k3s-arm64")).map(|l| format!("{l}\n")).collect();
         std::fs::write(&list, kept).unwrap();
         let err = format!("{:#}", fetch(&fetcher(cache.path(), false), &src, V, Arch::Aarch64, None).unwrap_err());
-        assert!(err.contains("`k3s-arm64` has no entry in sha256sum-arm64.txt") && err.contains("directory") && err.contains("same release"), "{err}");
+        assert!(
+            err.contains("`k3s-arm64` has no entry in sha256sum-arm64.txt") && err.contains("directory") && err.contains("same release"),
+            "{err}"
+        );
 
         std::fs::remove_file(&list).unwrap();
         let err = format!("{:#}", fetch(&fetcher(cache.path(), false), &src, V, Arch::Aarch64, None).unwrap_err());
@@ -381,7 +397,8 @@ mod tests {
         let err = format!("{:#}", fetch(&fetcher(cache.path(), false), &src, V, Arch::Riscv64, Some(&"0".repeat(64))).unwrap_err());
         assert!(err.contains("key `cluster.k3s.sha256.riscv64`") && err.contains("k3s-riscv64"), "{err}");
         // Offline the pin is checked against the recorded digest too.
-        let err = format!("{:#}", fetch(&fetcher(cache.path(), true), &Source::Release, V, Arch::Riscv64, Some(&"0".repeat(64))).unwrap_err());
+        let err =
+            format!("{:#}", fetch(&fetcher(cache.path(), true), &Source::Release, V, Arch::Riscv64, Some(&"0".repeat(64))).unwrap_err());
         assert!(err.contains("key `cluster.k3s.sha256.riscv64`"), "{err}");
     }
 
@@ -417,8 +434,14 @@ mod tests {
         served.insert("/v1.33.5%2Bk3s1/k3s".into(), b"not what the list says".to_vec());
         let (base, _) = server(served);
         let cache = tempfile::tempdir().unwrap();
-        let err = format!("{:#}", fetch(&fetcher(cache.path(), false), &Source::parse(&base, Path::new("/")), V, Arch::X86_64, None).unwrap_err());
-        assert!(err.contains("k3s asset `k3s` from mirror http://") && err.contains("does not match its entry in sha256sum-amd64.txt"), "{err}");
+        let err = format!(
+            "{:#}",
+            fetch(&fetcher(cache.path(), false), &Source::parse(&base, Path::new("/")), V, Arch::X86_64, None).unwrap_err()
+        );
+        assert!(
+            err.contains("k3s asset `k3s` from mirror http://") && err.contains("does not match its entry in sha256sum-amd64.txt"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -205,16 +205,12 @@ impl ModuleSet {
         let Some(entry) = tree.get(&path) else { return Ok(BTreeSet::new()) };
         let Kind::File(c) = &entry.kind else { bail!("{path} is not a regular file") };
         let text = c.read().with_context(|| format!("reading {path}"))?;
-        Ok(String::from_utf8_lossy(&text)
-            .lines()
-            .filter_map(|l| name_from_file(l.trim().rsplit('/').next()?))
-            .collect())
+        Ok(String::from_utf8_lossy(&text).lines().filter_map(|l| name_from_file(l.trim().rsplit('/').next()?)).collect())
     }
 
     /// Fails unless every module is built for `arch`.
     pub fn check_arch(&self, arch: Arch) -> anyhow::Result<()> {
-        let wrong: Vec<&str> =
-            self.modules.values().filter(|m| m.machine != arch.elf_machine()).map(|m| m.rel.as_str()).collect();
+        let wrong: Vec<&str> = self.modules.values().filter(|m| m.machine != arch.elf_machine()).map(|m| m.rel.as_str()).collect();
         if !wrong.is_empty() {
             bail!("{} module(s) of kernel {} are not built for {arch}: {}", wrong.len(), self.kver, wrong.join(", "));
         }
@@ -384,12 +380,7 @@ mod tests {
         )
         .unwrap();
         let o = dir.path().join("m.o");
-        let status = Command::new("cc")
-            .args(["-c", "-o"])
-            .arg(&o)
-            .arg(&c)
-            .status()
-            .expect("cc not found: install the `gcc` package");
+        let status = Command::new("cc").args(["-c", "-o"]).arg(&o).arg(&c).status().expect("cc not found: install the `gcc` package");
         assert!(status.success(), "cc failed");
         std::fs::read(o).unwrap()
     }
@@ -603,21 +594,14 @@ mod tests {
         let mut t = Tree::merged_usr(Arch::X86_64);
         let started = std::time::Instant::now();
         let info = crate::deb::unpack_deb(std::path::Path::new(&deb), &mut t).unwrap();
-        eprintln!(
-            "{} {} unpacked: {} entries in {:?}",
-            info.package,
-            info.version,
-            info.files.len(),
-            started.elapsed()
-        );
+        eprintln!("{} {} unpacked: {} entries in {:?}", info.package, info.version, info.files.len(), started.elapsed());
         let kvers = kernel_versions(&t);
         assert_eq!(kvers.len(), 1, "{kvers:?}");
         let started = std::time::Instant::now();
         let s = ModuleSet::from_tree(&t, &kvers[0]).unwrap();
         eprintln!("{} modules, {} built in, read in {:?}", s.modules.len(), s.builtin.len(), started.elapsed());
         s.check_arch(Arch::X86_64).unwrap();
-        let (order, absent) =
-            s.closure(&["virtio_blk", "squashfs", "overlay", "ext4", "vfat", "virtio_net"], true).unwrap();
+        let (order, absent) = s.closure(&["virtio_blk", "squashfs", "overlay", "ext4", "vfat", "virtio_net"], true).unwrap();
         eprintln!("order: {:?}, absent: {absent:?}", names(&order));
         let pos = |n: &str| order.iter().position(|m| m.name == n).unwrap_or_else(|| panic!("{n} not in closure"));
         assert!(pos("fat") < pos("vfat"));
@@ -635,7 +619,12 @@ mod tests {
         load_at_boot::<&str>(&mut t, &[]).unwrap();
         assert_eq!(text(&t), BOOT_MODULES_HEADER, "created even when empty");
         load_at_boot(&mut t, &["loop".to_string(), "br_netfilter".to_string(), "loop".to_string()]).unwrap();
-        let set = ModuleSet { kver: KVER.into(), dir: TreePath::parse("usr/lib/modules/6.12.0-test").unwrap(), modules: Default::default(), builtin: ["overlay", "br_netfilter", "nf_conntrack"].iter().map(|s| s.to_string()).collect() };
+        let set = ModuleSet {
+            kver: KVER.into(),
+            dir: TreePath::parse("usr/lib/modules/6.12.0-test").unwrap(),
+            modules: Default::default(),
+            builtin: ["overlay", "br_netfilter", "nf_conntrack"].iter().map(|s| s.to_string()).collect(),
+        };
         load_needed_at_boot(&mut t, &set, &["overlay", "br_netfilter", "nf_conntrack"], "cluster").unwrap();
         load_needed_at_boot(&mut t, &set, &["overlay"], "engine").unwrap();
         assert_eq!(text(&t), format!("{BOOT_MODULES_HEADER}loop\nbr_netfilter\noverlay\nnf_conntrack\n"));

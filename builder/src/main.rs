@@ -178,7 +178,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             for image in &report.images {
                 let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
                 // disk.img, then the files derived from it (compressed copies, block map).
-                let derived = image.manifest.outputs.iter().filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str())).map(|o| image.dir.join(&o.file));
+                let derived = image
+                    .manifest
+                    .outputs
+                    .iter()
+                    .filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str()))
+                    .map(|o| image.dir.join(&o.file));
                 for path in image.disk.iter().cloned().chain(derived).chain(script) {
                     println!("{}: {}", image.arch, path.display());
                 }
@@ -284,13 +289,12 @@ fn flash(image: &std::path::Path, device: &std::path::Path, bmap: Option<&std::p
     let target = flash::inspect(device, &flash::HostRoots::default())?;
     println!("{}", flash::describe(&target).trim_end());
     match &img.bmap {
-        Some(b) => println!(
-            "image: {}, {} ({} mapped)",
+        Some(b) => println!("image: {}, {} ({} mapped)", image.display(), flash::human(b.image_size), flash::human(b.mapped_bytes())),
+        None => println!(
+            "image: {}, {} (no bmap: every byte is written)",
             image.display(),
-            flash::human(b.image_size),
-            flash::human(b.mapped_bytes())
+            img.size.map_or("size unknown".into(), flash::human)
         ),
-        None => println!("image: {}, {} (no bmap: every byte is written)", image.display(), img.size.map_or("size unknown".into(), flash::human)),
     }
     let reasons = flash::refusals(&target, img.size);
     if !reasons.is_empty() {
@@ -303,7 +307,9 @@ fn flash(image: &std::path::Path, device: &std::path::Path, bmap: Option<&std::p
     }
     if !f.yes {
         if !std::io::stdin().is_terminal() {
-            return Err(UsageError(format!("not writing to {}: stdin is not a terminal to confirm on; pass --yes", device.display())).into());
+            return Err(
+                UsageError(format!("not writing to {}: stdin is not a terminal to confirm on; pass --yes", device.display())).into()
+            );
         }
         eprint!("write {} to {}? [y/N] ", image.display(), device.display());
         let mut answer = String::new();

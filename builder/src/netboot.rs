@@ -54,7 +54,12 @@ pub fn script_template(profile: &str, arch: &str, cmdline: &str) -> String {
     writeln!(s, "# `kiln serve` answers /boot.ipxe with this script after setting ${{{BASE_VAR}}} (this directory's").unwrap();
     writeln!(s, "# URL) and, for machines in the inventory, ${{{NODE_VAR}}} (`kiln.node=NAME`).").unwrap();
     writeln!(s, "echo kiln: installing {profile} ({arch}) from ${{{BASE_VAR}}}").unwrap();
-    writeln!(s, "kernel ${{{BASE_VAR}}}{KERNEL} initrd={INITRD} {cmdline} {}=${{{BASE_VAR}}} kiln.mac=${{net0/mac}} ${{{NODE_VAR}}}", crate::installer::CMDLINE_FLAG).unwrap();
+    writeln!(
+        s,
+        "kernel ${{{BASE_VAR}}}{KERNEL} initrd={INITRD} {cmdline} {}=${{{BASE_VAR}}} kiln.mac=${{net0/mac}} ${{{NODE_VAR}}}",
+        crate::installer::CMDLINE_FLAG
+    )
+    .unwrap();
     writeln!(s, "initrd ${{{BASE_VAR}}}{INITRD}").unwrap();
     s.push_str("boot\n");
     s
@@ -114,10 +119,22 @@ mod tests {
         let staged = d.path().join("root.squashfs");
         std::fs::write(&staged, b"root")?;
         let root_sha = crate::digest::sha256_hex(b"root");
-        let c = Contents { ipxe: b"i", kernel: b"k", initrd: b"r", plan: "p", esp: b"e", root: Part::File { path: &staged, len: 4, sha256: &root_sha }, inventory: b"", script: "s" };
+        let c = Contents {
+            ipxe: b"i",
+            kernel: b"k",
+            initrd: b"r",
+            plan: "p",
+            esp: b"e",
+            root: Part::File { path: &staged, len: 4, sha256: &root_sha },
+            inventory: b"",
+            script: "s",
+        };
         let dir = d.path().join(DIR);
         let outputs = write(&dir, &c, 0o600)?;
-        assert_eq!(outputs.iter().map(|o| o.file.clone()).collect::<Vec<_>>(), FILES.iter().map(|f| format!("{DIR}/{f}")).collect::<Vec<_>>());
+        assert_eq!(
+            outputs.iter().map(|o| o.file.clone()).collect::<Vec<_>>(),
+            FILES.iter().map(|f| format!("{DIR}/{f}")).collect::<Vec<_>>()
+        );
         for o in &outputs {
             let path = d.path().join(&o.file);
             assert_eq!((crate::digest::sha256_file(&path)?, std::fs::metadata(&path)?.len()), (o.sha256.clone(), o.size), "{}", o.file);

@@ -4,8 +4,8 @@
 //! (`pipeline`) and the netboot directory (`netboot`) are written with these.
 
 use std::fs::File;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -40,7 +40,13 @@ impl Part<'_> {
 
 /// Creates (or truncates) an output file with exactly `mode`.
 pub fn create(path: &Path, mode: u32) -> Result<File> {
-    let f = File::options().write(true).create(true).truncate(true).mode(mode).open(path).with_context(|| format!("creating {}", path.display()))?;
+    let f = File::options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
     // The mode given at creation is masked by the umask; set it exactly.
     f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     Ok(f)

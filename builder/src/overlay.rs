@@ -46,8 +46,7 @@ pub fn read_dir(dir: &Path) -> Result<Tree> {
                 }
             }
         };
-        tree.insert(&path, Entry { meta: Meta::root(mode), kind })
-            .with_context(|| format!("overlay {}: {rel}", dir.display()))?;
+        tree.insert(&path, Entry { meta: Meta::root(mode), kind }).with_context(|| format!("overlay {}: {rel}", dir.display()))?;
     }
     Ok(tree)
 }

@@ -39,12 +39,10 @@ pub struct InitramfsModules {
 impl Platform {
     /// Loads an embedded platform by name.
     pub fn load(name: &str) -> Result<Platform> {
-        let (data, _) = crate::assets::file(&format!("firmware/{name}.yaml")).with_context(|| {
-            format!("unknown platform `{name}` (known: {})", crate::assets::platforms().join(", "))
-        })?;
+        let (data, _) = crate::assets::file(&format!("firmware/{name}.yaml"))
+            .with_context(|| format!("unknown platform `{name}` (known: {})", crate::assets::platforms().join(", ")))?;
         let text = std::str::from_utf8(data).context("platform file is not UTF-8")?;
-        let mut p: Platform =
-            serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("firmware/{name}.yaml: {e}"))?;
+        let mut p: Platform = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("firmware/{name}.yaml: {e}"))?;
         p.name = name.to_string();
         Ok(p)
     }

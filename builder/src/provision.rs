@@ -52,7 +52,11 @@ pub fn render(p: &Profile, root: &mut Tree, modules: &ModuleSet) -> Result<()> {
     let hostname = p.hostname.clone().unwrap_or_else(|| p.name.clone());
     root.add_file("etc/hostname", 0o644, format!("{hostname}\n"))?;
     if !root.contains("etc/hosts") {
-        root.add_file("etc/hosts", 0o644, format!("127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"))?;
+        root.add_file(
+            "etc/hosts",
+            0o644,
+            format!("127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+        )?;
     }
     accounts(&p.users, root)?;
     ssh(&p.ssh, root)?;
@@ -159,13 +163,18 @@ fn ssh(s: &Ssh, root: &mut Tree) -> Result<()> {
     );
     root.add_file("etc/kiln/ssh.conf", 0o644, conf)?;
     // Respawn entries start after every sysinit step (the host keys exist by then).
-    crate::inittab::append(root, "SSH server (profile key `ssh`), restarted by init if it exits.", &format!("::respawn:{}", dropbear_command(s)))?;
+    crate::inittab::append(
+        root,
+        "SSH server (profile key `ssh`), restarted by init if it exits.",
+        &format!("::respawn:{}", dropbear_command(s)),
+    )?;
     Ok(())
 }
 
 /// One line per rule for `boot.d/40-network.sh`: `dhcp-all`, `dhcp IF`, `static IF ADDR GW|-`, `dns IP`.
 pub fn network_conf(n: &Network) -> String {
-    let mut s = String::from("# written by kiln from the profile's `network` key: dhcp-all | dhcp IF | static IF ADDRESS GATEWAY|- | dns IP\n");
+    let mut s =
+        String::from("# written by kiln from the profile's `network` key: dhcp-all | dhcp IF | static IF ADDRESS GATEWAY|- | dns IP\n");
     if n.interfaces.is_empty() {
         s.push_str("dhcp-all\n");
     }
@@ -225,7 +234,11 @@ fn chrony(servers: &[String], root: &mut Tree) -> Result<()> {
     root.add_file("etc/chrony/chrony.conf", 0o644, chrony_conf(servers)?)?;
     crate::setup::add_system_account(root, &CHRONY_ACCOUNT)?;
     // -d: stay in the foreground for init and log to the console (source selection, clock steps).
-    crate::inittab::append(root, "NTP client (profile key `time.servers`), restarted by init if it exits.", &format!("::respawn:/usr/sbin/chronyd -d -u {}", CHRONY_ACCOUNT.name))
+    crate::inittab::append(
+        root,
+        "NTP client (profile key `time.servers`), restarted by init if it exits.",
+        &format!("::respawn:/usr/sbin/chronyd -d -u {}", CHRONY_ACCOUNT.name),
+    )
 }
 
 pub fn sysctl_conf(map: &BTreeMap<String, SysctlValue>) -> String {
@@ -252,8 +265,8 @@ fn kernel_modules(load: &[String], root: &mut Tree, modules: &ModuleSet) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::test_profile;
     use crate::profile::system::validate;
+    use crate::profile::test_profile;
     use crate::setup::file_text;
     use crate::tree::TreePath;
 
@@ -383,7 +396,10 @@ mod tests {
         assert!(matches!(&t.get_str("etc/localtime").unwrap().kind, Kind::Symlink(s) if s == "/usr/share/zoneinfo/Europe/Berlin"));
         assert_eq!(text(&t, "etc/timezone"), "Europe/Berlin\n");
         assert!(text(&t, "etc/sysctl.d/kiln.conf").ends_with("net.ipv4.ip_forward = 1\nvm.swappiness = 17\n"));
-        assert_eq!(text(&t, crate::kmod::BOOT_MODULES), "# written by kiln from the profile's `kernel.load` key: modules loaded at boot\nloop\n");
+        assert_eq!(
+            text(&t, crate::kmod::BOOT_MODULES),
+            "# written by kiln from the profile's `kernel.load` key: modules loaded at boot\nloop\n"
+        );
 
         let err = render(&test_profile("time: {timezone: Mars/Olympus}\n"), &mut base_root(), &module_set()).unwrap_err().to_string();
         assert!(err.contains("time.timezone") && err.contains("Mars/Olympus"), "{err}");

@@ -54,7 +54,8 @@ pub fn place(r: &Registries, base_dir: &Path, root: &mut Tree) -> Result<()> {
             ] {
                 if let Some(f) = f {
                     let src = base_dir.join(f);
-                    let data = std::fs::read(&src).with_context(|| format!("key `registries.configs.{host}.tls.{k}`: reading {}", src.display()))?;
+                    let data = std::fs::read(&src)
+                        .with_context(|| format!("key `registries.configs.{host}.tls.{k}`: reading {}", src.display()))?;
                     let dest = format!("{}/{name}", cert_dir(host));
                     root.add_file(&dest, mode, data).map_err(|e| anyhow!("placing /{dest}: {e}"))?;
                     tls.insert(k.into(), format!("/{dest}").into());

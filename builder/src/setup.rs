@@ -110,7 +110,11 @@ pub struct AccountFiles {
 impl AccountFiles {
     /// Reads `/etc/passwd`, `/etc/group` and `/etc/shadow` (laid down by [`base_system`]).
     pub fn read(root: &Tree) -> Result<AccountFiles> {
-        Ok(AccountFiles { passwd: file_text(root, "etc/passwd")?, group: file_text(root, "etc/group")?, shadow: file_text(root, "etc/shadow")? })
+        Ok(AccountFiles {
+            passwd: file_text(root, "etc/passwd")?,
+            group: file_text(root, "etc/group")?,
+            shadow: file_text(root, "etc/shadow")?,
+        })
     }
 
     /// Writes the three files back: passwd and group 0644, shadow 0600 owned by root (it holds

@@ -76,6 +76,9 @@ mod tests {
         assert_eq!("2GiB".parse::<Size>().unwrap(), Size(2 << 30));
         assert_eq!("512M".parse::<Size>().unwrap(), Size(512 << 20));
         assert!("12 parsecs".parse::<Size>().is_err());
-        assert_eq!((Size(2 << 30).to_string(), Size(512 << 20).to_string(), Size(1000).to_string()), ("2GiB".into(), "512MiB".into(), "1000".into()));
+        assert_eq!(
+            (Size(2 << 30).to_string(), Size(512 << 20).to_string(), Size(1000).to_string()),
+            ("2GiB".into(), "512MiB".into(), "1000".into())
+        );
     }
 }

@@ -36,8 +36,8 @@ pub struct Spilled {
 impl Spill {
     /// A new spill file in `dir` (created unlinked: nothing is left behind, even on a crash).
     pub fn create_in(dir: &Path) -> io::Result<Arc<Spill>> {
-        let file = tempfile::tempfile_in(dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("creating a spill file in {}: {e}", dir.display())))?;
+        let file =
+            tempfile::tempfile_in(dir).map_err(|e| io::Error::new(e.kind(), format!("creating a spill file in {}: {e}", dir.display())))?;
         Ok(Arc::new(Spill { file, end: Mutex::new(0) }))
     }
 

@@ -116,12 +116,7 @@ fn encode_dev(major: u32, minor: u32) -> anyhow::Result<u32> {
     Ok((minor & 0xff) | (major << 8) | ((minor & !0xff) << 12))
 }
 
-fn push_entry<'c>(
-    fs: &mut FilesystemWriter<'_, '_, 'c>,
-    path: &TreePath,
-    entry: &'c Entry,
-    max_mtime: u32,
-) -> anyhow::Result<()> {
+fn push_entry<'c>(fs: &mut FilesystemWriter<'_, '_, 'c>, path: &TreePath, entry: &'c Entry, max_mtime: u32) -> anyhow::Result<()> {
     let hdr = header(&entry.meta, max_mtime);
     let p = path.as_str();
     let result = match &entry.kind {
@@ -197,12 +192,7 @@ mod tests {
             t.insert(&TreePath::parse(p).unwrap(), Entry { meta, kind }).unwrap();
         };
         ins(&mut t, "usr/bin", meta(0o755, 0, 0, 100), Kind::Dir);
-        ins(
-            &mut t,
-            "usr/bin/su",
-            meta(0o4755, 0, 0, 100),
-            Kind::File(Content::bytes(b"#!/bin/sh\necho su\n".to_vec())),
-        );
+        ins(&mut t, "usr/bin/su", meta(0o4755, 0, 0, 100), Kind::File(Content::bytes(b"#!/bin/sh\necho su\n".to_vec())));
         ins(&mut t, "home/user", meta(0o700, 1000, 1000, 100), Kind::Dir);
         ins(&mut t, "home/user/notes", meta(0o640, 1000, 1000, 100), Kind::File(Content::bytes(b"hello".to_vec())));
         ins(&mut t, "bin", meta(0o777, 0, 0, 100), Kind::Symlink("usr/bin".into()));
@@ -252,9 +242,7 @@ mod tests {
         let list = run("unsquashfs", "squashfs-tools", &["-lln", img_s]);
         let line = |path: &str| -> String {
             list.lines()
-                .find(|l| {
-                    l.ends_with(&format!("squashfs-root{path}")) || l.contains(&format!("squashfs-root{path} -> "))
-                })
+                .find(|l| l.ends_with(&format!("squashfs-root{path}")) || l.contains(&format!("squashfs-root{path} -> ")))
                 .unwrap_or_else(|| panic!("{path} not listed:\n{list}"))
                 // column widths vary with the listing; compare single-spaced
                 .split_whitespace()
@@ -377,11 +365,8 @@ mod tests {
         }
         let mut tree = Tree::new();
         let missing = Path::new("/nonexistent/kiln-test-file");
-        tree.insert(
-            &TreePath::parse("x").unwrap(),
-            Entry { meta: Meta::root(0o644), kind: Kind::File(Content::HostFile(missing.into())) },
-        )
-        .unwrap();
+        tree.insert(&TreePath::parse("x").unwrap(), Entry { meta: Meta::root(0o644), kind: Kind::File(Content::HostFile(missing.into())) })
+            .unwrap();
         let err = format!("{:#}", write_squashfs(&tree, &mut sink, &opts(0)).unwrap_err());
         assert!(err.contains("/nonexistent/kiln-test-file"), "{err}");
     }

@@ -206,12 +206,20 @@ mod k3s_run {
         let m = FakeRoot::new();
         m.write_mode("usr/lib/kiln/lib.sh", &std::fs::read_to_string(overlay("appliance").join("usr/lib/kiln/lib.sh")).unwrap(), 0o644);
         for script in ["health.sh", "logpipe"] {
-            m.write_mode(&format!("usr/lib/kiln/{script}"), &std::fs::read_to_string(cluster.join("usr/lib/kiln").join(script)).unwrap(), 0o755);
+            m.write_mode(
+                &format!("usr/lib/kiln/{script}"),
+                &std::fs::read_to_string(cluster.join("usr/lib/kiln").join(script)).unwrap(),
+                0o755,
+            );
         }
         m.write_mode("usr/local/bin/k3s", "#!/bin/sh\necho \"stand-in binary called with: $*\"\n", 0o755);
         // An etcd member's k3s waits for the local member's /health (here: a stand-in wget).
         m.write_mode("etc/kiln/etcd.env", "ETCD_LISTEN_CLIENT_URLS=http://10.0.0.11:2379,http://127.0.0.1:2379\n", 0o644);
-        m.write_mode("bin/wget", "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/wget-args\"\necho '{\"health\":\"true\",\"reason\":\"\"}'\n", 0o755);
+        m.write_mode(
+            "bin/wget",
+            "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/wget-args\"\necho '{\"health\":\"true\",\"reason\":\"\"}'\n",
+            0o755,
+        );
         m.write_mode("bin/sleep", "#!/bin/sh\necho \"$*\" > \"$KILN_ROOT/slept\"\n", 0o755);
         if let Some(r) = roles {
             m.write_mode("run/kiln/node.conf", &format!("KILN_NODE_NAME=\"n1\"\nKILN_NODE_ROLES=\"{r}\"\n"), 0o644);

@@ -71,7 +71,12 @@ fn push_big_image(dir: &Path, size_mib: u64, target: &str) -> Result<()> {
     write_noise(&src.join("big.bin"), size_mib << 20)?;
     let tar = dir.join("layer.tar");
     tool(
-        Command::new("tar").args(["--numeric-owner", "--owner=0", "--group=0", "--mtime=@0", "-cf"]).arg(&tar).arg("-C").arg(&src).arg("big.bin"),
+        Command::new("tar")
+            .args(["--numeric-owner", "--owner=0", "--group=0", "--mtime=@0", "-cf"])
+            .arg(&tar)
+            .arg("-C")
+            .arg(&src)
+            .arg("big.bin"),
         "tar",
     )?;
     std::fs::remove_dir_all(&src)?;
@@ -138,7 +143,12 @@ fn run_kiln(dir: &Path, command: &[&str], profile: &Path, assets: &Path, images_
     link_tree(&cache_dir()?, images_cache)?;
     let out = dir.join("out");
     let mut cmd = Command::new(kiln_bin()?);
-    cmd.args(command).arg(profile).args(["--arch", "x86_64", "--k3s-assets"]).arg(assets).env("KILN_CACHE_DIR", images_cache).env("RUST_LOG", "info");
+    cmd.args(command)
+        .arg(profile)
+        .args(["--arch", "x86_64", "--k3s-assets"])
+        .arg(assets)
+        .env("KILN_CACHE_DIR", images_cache)
+        .env("RUST_LOG", "info");
     if command == ["build"] {
         cmd.arg("--out").arg(&out);
     }

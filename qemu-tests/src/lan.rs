@@ -20,9 +20,8 @@ impl Lan {
         let ns = format!("kiln-{name}-{}", std::process::id());
         // A namespace left by a killed earlier run of this process id would make `add` fail.
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        run(Command::new("ip").args(["netns", "add", &ns])).with_context(|| {
-            format!("creating network namespace {ns}: the multi-node tests need root (CAP_NET_ADMIN) and iproute2")
-        })?;
+        run(Command::new("ip").args(["netns", "add", &ns]))
+            .with_context(|| format!("creating network namespace {ns}: the multi-node tests need root (CAP_NET_ADMIN) and iproute2"))?;
         let lan = Lan { ns, taps };
         lan.ip(&["link", "set", "lo", "up"])?;
         lan.ip(&["link", "add", "br0", "type", "bridge"])?;

@@ -74,7 +74,8 @@ impl TestLayout {
     pub fn blob_file(&self, path: &Path) -> Result<(String, u64)> {
         let hex = kiln::digest::sha256_file(path)?;
         let size = std::fs::metadata(path)?.len();
-        std::fs::rename(path, self.dir.join("blobs/sha256").join(&hex)).with_context(|| format!("moving {} into the layout", path.display()))?;
+        std::fs::rename(path, self.dir.join("blobs/sha256").join(&hex))
+            .with_context(|| format!("moving {} into the layout", path.display()))?;
         Ok((hex, size))
     }
 
@@ -83,17 +84,22 @@ impl TestLayout {
     pub fn image(&self, arch: &str, layers: &[Layer], config: Value) -> Result<Made> {
         let stored = layers
             .iter()
-            .map(|l| Ok(StoredLayer { media_type: l.media_type, hex: self.blob(&l.blob)?, size: l.blob.len() as u64, diff_id: l.diff_id.clone() }))
+            .map(|l| {
+                Ok(StoredLayer {
+                    media_type: l.media_type,
+                    hex: self.blob(&l.blob)?,
+                    size: l.blob.len() as u64,
+                    diff_id: l.diff_id.clone(),
+                })
+            })
             .collect::<Result<Vec<_>>>()?;
         self.image_of(arch, &stored, config)
     }
 
     /// [`TestLayout::image`] over layers whose blobs are in the layout already.
     pub fn image_of(&self, arch: &str, layers: &[StoredLayer], config: Value) -> Result<Made> {
-        let descriptors: Vec<Value> = layers
-            .iter()
-            .map(|l| json!({"mediaType": l.media_type, "digest": format!("sha256:{}", l.hex), "size": l.size}))
-            .collect();
+        let descriptors: Vec<Value> =
+            layers.iter().map(|l| json!({"mediaType": l.media_type, "digest": format!("sha256:{}", l.hex), "size": l.size})).collect();
         let config = serde_json::to_vec(&json!({
             "architecture": arch, "os": "linux", "config": config,
             "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| format!("sha256:{}", l.diff_id)).collect::<Vec<_>>()},
@@ -144,7 +150,8 @@ impl TestLayout {
 /// A Debian package's files as one tar (its `data.tar`, as `dpkg-deb --fsys-tarfile` gives it):
 /// a ready-made layer.
 pub fn deb_data_tar(deb: &Path) -> Result<Vec<u8>> {
-    let out = std::process::Command::new("dpkg-deb").arg("--fsys-tarfile").arg(deb).output().context("running dpkg-deb (install `dpkg`)")?;
+    let out =
+        std::process::Command::new("dpkg-deb").arg("--fsys-tarfile").arg(deb).output().context("running dpkg-deb (install `dpkg`)")?;
     anyhow::ensure!(out.status.success(), "dpkg-deb --fsys-tarfile {}: {}", deb.display(), String::from_utf8_lossy(&out.stderr));
     Ok(out.stdout)
 }

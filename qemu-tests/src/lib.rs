@@ -13,8 +13,8 @@ use std::sync::OnceLock;
 use anyhow::{bail, Context};
 
 pub mod lan;
-pub mod ntp;
 pub mod layout;
+pub mod ntp;
 pub mod registry;
 pub mod stand_in;
 
@@ -67,7 +67,13 @@ fn build_kiln() -> anyhow::Result<PathBuf> {
     // dependencies every time; the nested build gets the environment of a plain shell instead.
     for (key, _) in std::env::vars_os() {
         if let Some(k) = key.to_str() {
-            if k.starts_with("CARGO_PKG_") || k.starts_with("CARGO_MANIFEST_") || k == "CARGO_CRATE_NAME" || k == "CARGO_PRIMARY_PACKAGE" || k == "OUT_DIR" || k == "CARGO_TARGET_TMPDIR" {
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k == "CARGO_CRATE_NAME"
+                || k == "CARGO_PRIMARY_PACKAGE"
+                || k == "OUT_DIR"
+                || k == "CARGO_TARGET_TMPDIR"
+            {
                 cmd.env_remove(&key);
             }
         }
@@ -116,12 +122,8 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
 
 /// Runs kiln from the repository root with a given cache; returns (exit code, stdout + stderr).
 pub fn kiln_with_cache(cache: &Path, args: &[&str]) -> anyhow::Result<(i32, String)> {
-    let out = Command::new(kiln_bin()?)
-        .args(args)
-        .env("KILN_CACHE_DIR", cache)
-        .current_dir(repo_root())
-        .output()
-        .context("running kiln")?;
+    let out =
+        Command::new(kiln_bin()?).args(args).env("KILN_CACHE_DIR", cache).current_dir(repo_root()).output().context("running kiln")?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     Ok((out.status.code().unwrap_or(-1), text))
 }
@@ -174,8 +176,7 @@ pub fn sha256_range(file: &Path, offset: u64, len: u64) -> anyhow::Result<String
     let mut left = len;
     while left > 0 {
         let n = buf.len().min(left as usize);
-        f.read_exact(&mut buf[..n])
-            .with_context(|| format!("{} ends inside the {len}-byte range at {offset}", file.display()))?;
+        f.read_exact(&mut buf[..n]).with_context(|| format!("{} ends inside the {len}-byte range at {offset}", file.display()))?;
         h.update(&buf[..n]);
         left -= n as u64;
     }
@@ -194,8 +195,7 @@ pub fn tool(cmd: &mut Command, package: &str) -> anyhow::Result<String> {
 
 /// The public key test profiles carry (`users[].ssh_authorized_keys`); [`build_with_test_key`]
 /// replaces it with a key generated for the run, so no private key lives in the repository.
-pub const PLACEHOLDER_KEY: &str =
-    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPLACEHOLDERPLACEHOLDERPLACEHOLDERPLACEH kiln-test-placeholder";
+pub const PLACEHOLDER_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPLACEHOLDERPLACEHOLDERPLACEHOLDERPLACEH kiln-test-placeholder";
 
 /// A build of a test profile with a run-time SSH key: the output directory and the private key.
 pub struct KeyedBuild {
@@ -207,7 +207,11 @@ pub struct KeyedBuild {
 
 /// Generates an ed25519 key with ssh-keygen, writes `profile` (repository path) with
 /// [`PLACEHOLDER_KEY`] replaced into work dir `name` and builds it there, once per `cell`.
-pub fn build_with_test_key(cell: &'static OnceLock<Result<KeyedBuild, String>>, profile: &str, name: &str) -> anyhow::Result<&'static KeyedBuild> {
+pub fn build_with_test_key(
+    cell: &'static OnceLock<Result<KeyedBuild, String>>,
+    profile: &str,
+    name: &str,
+) -> anyhow::Result<&'static KeyedBuild> {
     let r = cell.get_or_init(|| {
         let run = || -> anyhow::Result<KeyedBuild> {
             let dir = work_dir(name)?;
@@ -223,12 +227,10 @@ pub fn build_with_test_key(cell: &'static OnceLock<Result<KeyedBuild, String>>, 
             fs::write(&keyed, text.replace(PLACEHOLDER_KEY, &public))?;
             let out = dir.join("out");
             let started = std::time::Instant::now();
-            let (code, log) = kiln_with_cache(&cache_dir()?, &[
-                "build",
-                keyed.to_str().context("non-UTF-8 work dir")?,
-                "--out",
-                out.to_str().context("non-UTF-8 work dir")?,
-            ])?;
+            let (code, log) = kiln_with_cache(
+                &cache_dir()?,
+                &["build", keyed.to_str().context("non-UTF-8 work dir")?, "--out", out.to_str().context("non-UTF-8 work dir")?],
+            )?;
             if code != 0 {
                 bail!("kiln build {profile} failed (exit {code}):\n{log}");
             }

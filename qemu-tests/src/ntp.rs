@@ -29,7 +29,8 @@ pub struct NtpServer {
 impl NtpServer {
     /// Binds `127.0.0.1:port` (0: any free port) and answers client requests in a background thread.
     pub fn start(port: u16, offset: Duration) -> anyhow::Result<NtpServer> {
-        let socket = UdpSocket::bind(("127.0.0.1", port)).with_context(|| format!("binding the test NTP server to 127.0.0.1:{port} (is another test run using it?)"))?;
+        let socket = UdpSocket::bind(("127.0.0.1", port))
+            .with_context(|| format!("binding the test NTP server to 127.0.0.1:{port} (is another test run using it?)"))?;
         let port = socket.local_addr()?.port();
         let answered = Arc::new(AtomicUsize::new(0));
         let count = answered.clone();

@@ -41,10 +41,8 @@ pub fn render(c: &Cluster, token: &Token, root: &mut Tree) -> Result<()> {
 
 /// Every file the cluster puts in the root, in a fixed order.
 pub fn files(c: &Cluster, token: &Token) -> Vec<RenderedFile> {
-    let mut out = vec![
-        file("etc/kiln/cluster.conf".into(), 0o644, cluster_conf(c)),
-        file("etc/kiln/inventory".into(), 0o644, inventory(c)),
-    ];
+    let mut out =
+        vec![file("etc/kiln/cluster.conf".into(), 0o644, cluster_conf(c)), file("etc/kiln/inventory".into(), 0o644, inventory(c))];
     for n in &c.nodes {
         let dir = format!("{NODES_DIR}/{}", n.name);
         out.push(file(format!("{dir}/node.conf"), 0o644, node_conf(Some(n), &n.sorted_roles())));
@@ -121,7 +119,11 @@ fn node_conf(node: Option<&Node>, roles: &[Role]) -> String {
 
 /// The etcd client URLs k3s servers use in `external-etcd` mode.
 fn etcd_client_urls(c: &Cluster) -> String {
-    c.etcd_members().filter_map(|n| n.ip()).map(|ip| format!("http://{}:{}", url_host(&ip.to_string()), c.etcd.client_port)).collect::<Vec<_>>().join(",")
+    c.etcd_members()
+        .filter_map(|n| n.ip())
+        .map(|ip| format!("http://{}:{}", url_host(&ip.to_string()), c.etcd.client_port))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `/etc/rancher/k3s/config.yaml` of a node (or of the `_default` template when `node` is `None`).
@@ -159,7 +161,14 @@ fn k3s_config(c: &Cluster, token: &Token, node: Option<&Node>, role: Role) -> St
             None => {}
         }
         let mut seen = Vec::new();
-        sans.retain(|s| if seen.contains(s) { false } else { seen.push(s.clone()); true });
+        sans.retain(|s| {
+            if seen.contains(s) {
+                false
+            } else {
+                seen.push(s.clone());
+                true
+            }
+        });
         if !sans.is_empty() {
             doc.push("tls-san", Value::Array(sans));
         }
@@ -219,7 +228,10 @@ mod tests {
     }
 
     fn get<'a>(files: &'a [RenderedFile], path: &str) -> &'a RenderedFile {
-        files.iter().find(|f| f.path == path).unwrap_or_else(|| panic!("{path} not rendered: {:?}", files.iter().map(|f| &f.path).collect::<Vec<_>>()))
+        files
+            .iter()
+            .find(|f| f.path == path)
+            .unwrap_or_else(|| panic!("{path} not rendered: {:?}", files.iter().map(|f| &f.path).collect::<Vec<_>>()))
     }
 
     fn yaml(f: &RenderedFile) -> serde_json::Value {
@@ -292,7 +304,9 @@ mod tests {
         }
         assert!(get(&files, "etc/kiln/nodes/e1/node.conf").content.contains("KILN_NODE_ROLES=\"etcd server\"\n"));
         assert!(!files.iter().any(|f| f.path == "etc/kiln/nodes/_default/k3s-config.yaml"));
-        assert!(get(&files, "etc/kiln/cluster.conf").content.contains("KILN_CLUSTER_API_ADDRESS=\"[fd00::10]:7443\"\nKILN_CLUSTER_DEFAULT_ROLE=\"none\"\nKILN_CLUSTER_NODES=\"e1 e2 e3\"\n"));
+        assert!(get(&files, "etc/kiln/cluster.conf").content.contains(
+            "KILN_CLUSTER_API_ADDRESS=\"[fd00::10]:7443\"\nKILN_CLUSTER_DEFAULT_ROLE=\"none\"\nKILN_CLUSTER_NODES=\"e1 e2 e3\"\n"
+        ));
     }
 
     #[test]

@@ -55,14 +55,18 @@ pub fn install(c: &Cluster, root: &mut Tree, modules: &ModuleSet) -> Result<()> 
     } else {
         root.remove(&crate::tree::TreePath::parse(crate::k3s::RUN_SCRIPT)?);
     }
-    crate::inittab::append(root, "Prints `[kiln] ready` once this node's roles are healthy (etcd quorum, k3s node Ready or agent registered).", &format!("::once:{AWAIT_ROLES}"))
+    crate::inittab::append(
+        root,
+        "Prints `[kiln] ready` once this node's roles are healthy (etcd quorum, k3s node Ready or agent registered).",
+        &format!("::once:{AWAIT_ROLES}"),
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::profile::test_profile;
     use crate::arch::Arch;
+    use crate::profile::test_profile;
     use crate::tree::Kind;
 
     fn cluster(yaml: &str) -> Cluster {
@@ -137,7 +141,10 @@ mod tests {
         t.add_file(crate::kmod::BOOT_MODULES, 0o644, "# from kernel.load\nbr_netfilter\ntun\n").unwrap();
         install(&c, &mut t, &kernel(K3S_MODULES)).unwrap();
         // The profile's own list first, then k3s's, each once.
-        assert_eq!(text(&t, crate::kmod::BOOT_MODULES), "# from kernel.load\nbr_netfilter\ntun\noverlay\nnf_conntrack\niptable_nat\niptable_filter\n");
+        assert_eq!(
+            text(&t, crate::kmod::BOOT_MODULES),
+            "# from kernel.load\nbr_netfilter\ntun\noverlay\nnf_conntrack\niptable_nat\niptable_filter\n"
+        );
         assert!(t.contains("usr/lib/kiln/k3s-run") && !t.contains("usr/lib/kiln/etcd-run"));
         assert!(!text(&t, "etc/passwd").contains("etcd"));
         assert!(!text(&t, "etc/inittab").contains("etcd-run"));

@@ -102,7 +102,10 @@ mod tests {
     use super::*;
 
     fn loaded(dir: &Path, cluster: &str) -> LoadedProfile {
-        let text = format!("name: demo\narch: [x86_64]\ncluster:\n  name: lab\n  api_address: 10.0.0.1\n{}", crate::profile::cluster::validate::tests::with_version(cluster));
+        let text = format!(
+            "name: demo\narch: [x86_64]\ncluster:\n  name: lab\n  api_address: 10.0.0.1\n{}",
+            crate::profile::cluster::validate::tests::with_version(cluster)
+        );
         let path = dir.join("p.yaml");
         std::fs::write(&path, text).unwrap();
         LoadedProfile::load(&path).unwrap()

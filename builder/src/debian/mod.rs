@@ -58,25 +58,13 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
 
     let inrelease_url = format!("{dists}/InRelease");
     let key = format!("{mirror}/{name}/InRelease");
-    let previous = if fetcher.offline {
-        None
-    } else {
-        fetcher.cache.get_ref(&key).ok().flatten()
-    };
+    let previous = if fetcher.offline { None } else { fetcher.cache.get_ref(&key).ok().flatten() };
     let data = fetcher.document(&inrelease_url, &key, &format!("InRelease of {name}"))?;
-    let accepted = accept_inrelease(
-        &data,
-        suite,
-        &inrelease_url,
-        !fetcher.offline,
-        previous.as_deref(),
-    )
-    .map_err(|e| match previous {
+    let accepted = accept_inrelease(&data, suite, &inrelease_url, !fetcher.offline, previous.as_deref()).map_err(|e| match previous {
         // The one way to accept an older index on purpose (a mirror rolled back by its operator).
-        Some(_) if format!("{e}").contains("older index") => anyhow::anyhow!(
-            "{e}; to accept it anyway, delete the cached copy {}",
-            fetcher.cache.ref_path(&key).display()
-        ),
+        Some(_) if format!("{e}").contains("older index") => {
+            anyhow::anyhow!("{e}; to accept it anyway, delete the cached copy {}", fetcher.cache.ref_path(&key).display())
+        }
         _ => e,
     });
     let release = match accepted {
@@ -93,18 +81,11 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
         }
     };
     if !release.architectures.iter().any(|a| a == debian_arch) {
-        bail!(
-            "suite {name} has no architecture {debian_arch} (it has: {})",
-            release.architectures.join(" ")
-        );
+        bail!("suite {name} has no architecture {debian_arch} (it has: {})", release.architectures.join(" "));
     }
 
     let path = format!("{COMPONENT}/binary-{debian_arch}/Packages.xz");
-    let (sha256, size) = release
-        .sha256
-        .get(&path)
-        .cloned()
-        .with_context(|| format!("InRelease of {name} lists no SHA256 for {path}"))?;
+    let (sha256, size) = release.sha256.get(&path).cloned().with_context(|| format!("InRelease of {name} lists no SHA256 for {path}"))?;
     // by-hash URLs never change content, so a mirror in the middle of an update cannot hand
     // us a Packages file that disagrees with the InRelease we verified.
     let url = if release.acquire_by_hash {
@@ -115,8 +96,7 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
     let what = format!("{path} of {name}");
     let blob = fetcher.blob(&url, &sha256, Some(size), &what)?;
 
-    let packages =
-        read_packages_xz(&blob).with_context(|| format!("reading {what} ({})", blob.display()))?;
+    let packages = read_packages_xz(&blob).with_context(|| format!("reading {what} ({})", blob.display()))?;
     let packages = PackageIndex::new(debian_arch, packages);
     tracing::info!("{name}/{debian_arch}: {} packages", packages.len());
     Ok(Index {
@@ -130,22 +110,12 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
 
 /// Verifies an InRelease and applies apt's acceptance rules (see [`load_index`]); `previous` is
 /// the copy the cache held before this fetch.
-fn accept_inrelease(
-    data: &[u8],
-    suite: &Suite,
-    url: &str,
-    fetched: bool,
-    previous: Option<&[u8]>,
-) -> anyhow::Result<Release> {
+fn accept_inrelease(data: &[u8], suite: &Suite, url: &str, fetched: bool, previous: Option<&[u8]>) -> anyhow::Result<Release> {
     let name = &suite.suite;
     let mirror = suite.mirror.trim_end_matches('/');
     let verified = |data: &[u8]| -> anyhow::Result<Release> {
-        let text = release::verify_inrelease(data, &suite.keyring).with_context(|| {
-            format!(
-                "InRelease of {name} ({url}) does not verify with {}",
-                suite.keyring.display()
-            )
-        })?;
+        let text = release::verify_inrelease(data, &suite.keyring)
+            .with_context(|| format!("InRelease of {name} ({url}) does not verify with {}", suite.keyring.display()))?;
         Release::parse(&text).with_context(|| format!("parsing InRelease of {name}"))
     };
     let release = verified(data)?;
@@ -173,22 +143,13 @@ fn read_packages_xz(path: &std::path::Path) -> anyhow::Result<Vec<Package>> {
 
 /// The `.deb` URL of a package on a mirror.
 pub fn deb_url(mirror: &str, pkg: &Package) -> String {
-    format!(
-        "{}/{}",
-        mirror.trim_end_matches('/'),
-        pkg.filename.trim_start_matches('/')
-    )
+    format!("{}/{}", mirror.trim_end_matches('/'), pkg.filename.trim_start_matches('/'))
 }
 
 /// Downloads (or takes from the cache) a package's `.deb`, verified against its Packages sha256+size.
 pub fn fetch_deb(fetcher: &Fetcher, suite: &Suite, pkg: &Package) -> anyhow::Result<PathBuf> {
     let what = format!("{}_{}_{}.deb", pkg.name, pkg.version, pkg.architecture);
-    fetcher.blob(
-        &deb_url(&suite.mirror, pkg),
-        &pkg.sha256,
-        Some(pkg.size),
-        &what,
-    )
+    fetcher.blob(&deb_url(&suite.mirror, pkg), &pkg.sha256, Some(pkg.size), &what)
 }
 
 /// sha256 of a downloaded file, re-exported for manifest writers that hold a path.
@@ -228,12 +189,7 @@ mod tests {
             );
             sign(&text, &[&signer], T0 + 60)
         };
-        let served = Arc::new(Mutex::new(inrelease(
-            "stable",
-            "trixie",
-            "Sat, 09 Aug 2025 09:26:35 UTC",
-            "",
-        )));
+        let served = Arc::new(Mutex::new(inrelease("stable", "trixie", "Sat, 09 Aug 2025 09:26:35 UTC", "")));
         let current = served.clone();
         let packages = packages.clone();
         let (base, _) = crate::testhttp::serve(move |path| match path {
@@ -241,67 +197,28 @@ mod tests {
             "/dists/trixie/main/binary-amd64/Packages.xz" => ("200 OK", packages.clone()),
             _ => ("404 Not Found", Vec::new()),
         });
-        let fetcher = |offline| Fetcher {
-            offline,
-            cache: Cache::new(dir.path().join("cache")),
-            progress: false,
-        };
-        let suite = Suite {
-            mirror: base.clone(),
-            suite: "trixie".into(),
-            keyring: ring,
-        };
-        let cached = |f: &Fetcher| {
-            f.cache
-                .get_ref(&format!("{base}/trixie/InRelease"))
-                .unwrap()
-                .unwrap()
-        };
+        let fetcher = |offline| Fetcher { offline, cache: Cache::new(dir.path().join("cache")), progress: false };
+        let suite = Suite { mirror: base.clone(), suite: "trixie".into(), keyring: ring };
+        let cached = |f: &Fetcher| f.cache.get_ref(&format!("{base}/trixie/InRelease")).unwrap().unwrap();
         let good = load_index(&fetcher(false), &suite, "amd64").unwrap();
         assert_eq!(good.packages.len(), 1);
         let good_bytes = cached(&fetcher(false));
 
         let refused = [
-            (
-                inrelease("oldstable", "bookworm", "Sun, 10 Aug 2025 09:26:35 UTC", ""),
-                "Codename `bookworm`",
-            ),
-            (
-                inrelease(
-                    "stable",
-                    "trixie",
-                    "Sun, 10 Aug 2025 09:26:35 UTC",
-                    "Valid-Until: Sun, 17 Aug 2025 09:26:35 UTC\n",
-                ),
-                "expired",
-            ),
-            (
-                inrelease("stable", "trixie", "Fri, 01 Aug 2025 09:26:35 UTC", ""),
-                "older index",
-            ),
+            (inrelease("oldstable", "bookworm", "Sun, 10 Aug 2025 09:26:35 UTC", ""), "Codename `bookworm`"),
+            (inrelease("stable", "trixie", "Sun, 10 Aug 2025 09:26:35 UTC", "Valid-Until: Sun, 17 Aug 2025 09:26:35 UTC\n"), "expired"),
+            (inrelease("stable", "trixie", "Fri, 01 Aug 2025 09:26:35 UTC", ""), "older index"),
         ];
         for (data, want) in refused {
             *served.lock().unwrap() = data;
-            let err = format!(
-                "{:#}",
-                load_index(&fetcher(false), &suite, "amd64").unwrap_err()
-            );
+            let err = format!("{:#}", load_index(&fetcher(false), &suite, "amd64").unwrap_err());
             assert!(err.contains(want) && err.contains(&base), "{want}: {err}");
-            assert_eq!(
-                cached(&fetcher(false)),
-                good_bytes,
-                "{want}: the last good copy stays cached"
-            );
+            assert_eq!(cached(&fetcher(false)), good_bytes, "{want}: the last good copy stays cached");
             // Offline builds go on from the cached copy.
             load_index(&fetcher(true), &suite, "amd64").unwrap();
         }
         // A newer one (the suite's name as its Codename, an unexpired Valid-Until) replaces it.
-        let newer = inrelease(
-            "stable",
-            "trixie",
-            "Sat, 16 Aug 2025 09:26:35 UTC",
-            "Valid-Until: Tue, 16 Aug 2095 09:26:35 UTC\n",
-        );
+        let newer = inrelease("stable", "trixie", "Sat, 16 Aug 2025 09:26:35 UTC", "Valid-Until: Tue, 16 Aug 2095 09:26:35 UTC\n");
         *served.lock().unwrap() = newer.clone();
         load_index(&fetcher(false), &suite, "amd64").unwrap();
         assert_eq!(cached(&fetcher(false)), newer);
@@ -334,19 +251,10 @@ mod tests {
     #[ignore = "downloads trixie's arm64 index from the host's Debian mirror"]
     fn real_trixie_arm64() {
         let mirror = host_debian_mirror(std::path::Path::new("/etc/apt")).unwrap();
-        let cache_dir = std::env::var_os("KILN_TEST_CACHE")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| std::env::temp_dir().join("kiln-test-cache"));
-        let fetcher = Fetcher {
-            offline: false,
-            cache: Cache::new(cache_dir),
-            progress: false,
-        };
-        let suite = Suite {
-            mirror,
-            suite: "trixie".into(),
-            keyring: "/usr/share/keyrings/debian-archive-keyring.gpg".into(),
-        };
+        let cache_dir =
+            std::env::var_os("KILN_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("kiln-test-cache"));
+        let fetcher = Fetcher { offline: false, cache: Cache::new(cache_dir), progress: false };
+        let suite = Suite { mirror, suite: "trixie".into(), keyring: "/usr/share/keyrings/debian-archive-keyring.gpg".into() };
         let start = Instant::now();
         let index = load_index(&fetcher, &suite, "arm64").unwrap();
         let loaded = start.elapsed();
@@ -359,39 +267,25 @@ mod tests {
         let resolved = start.elapsed();
         let names: Vec<&str> = pkgs.iter().map(|p| p.name.as_str()).collect();
         assert!(names.contains(&"busybox-static"), "{names:?}");
-        assert!(
-            names.iter().any(|n| n.starts_with("linux-image-6.")),
-            "{names:?}"
-        );
+        assert!(names.iter().any(|n| n.starts_with("linux-image-6.")), "{names:?}");
         eprintln!(
             "trixie/arm64: {} packages, load {:?}, resolve {:?}: {} selected: {}",
             index.packages.len(),
             loaded,
             resolved,
             pkgs.len(),
-            pkgs.iter()
-                .map(|p| format!("{}={}", p.name, p.version))
-                .collect::<Vec<_>>()
-                .join(" ")
+            pkgs.iter().map(|p| format!("{}={}", p.name, p.version)).collect::<Vec<_>>().join(" ")
         );
 
         // One real .deb, through the cache, verified.
         let bb = pkgs.iter().find(|p| p.name == "busybox-static").unwrap();
         let start = Instant::now();
         let deb = fetch_deb(&fetcher, &suite, bb).unwrap();
-        eprintln!(
-            "busybox-static .deb ({} bytes) in {:?}",
-            bb.size,
-            start.elapsed()
-        );
+        eprintln!("busybox-static .deb ({} bytes) in {:?}", bb.size, start.elapsed());
         assert_eq!(file_sha256(&deb).unwrap(), bb.sha256);
 
         // Offline, the same index loads from the cache alone.
-        let offline = Fetcher {
-            offline: true,
-            cache: fetcher.cache.clone(),
-            progress: false,
-        };
+        let offline = Fetcher { offline: true, cache: fetcher.cache.clone(), progress: false };
         let start = Instant::now();
         let again = load_index(&offline, &suite, "arm64").unwrap();
         eprintln!("offline reload from the cache in {:?}", start.elapsed());

@@ -291,9 +291,7 @@ fn parse_stanza(fields: &Fields<'_>) -> anyhow::Result<Package> {
     let get = |key: &str| fields.get(key);
     let required = |key: &str| get(key).with_context(|| format!("missing field `{key}`"));
     let relation = |key: &str| -> anyhow::Result<Relations> {
-        get(key).map_or(Ok(Relations::default()), |v| {
-            Relations::parse(v).with_context(|| format!("field `{key}`"))
-        })
+        get(key).map_or(Ok(Relations::default()), |v| Relations::parse(v).with_context(|| format!("field `{key}`")))
     };
     let size = required("Size")?;
     Ok(Package {
@@ -303,13 +301,9 @@ fn parse_stanza(fields: &Fields<'_>) -> anyhow::Result<Package> {
         source: get("Source").map(|s| s.split_whitespace().next().unwrap_or(s).to_string()),
         depends: relation("Depends")?,
         pre_depends: relation("Pre-Depends")?,
-        provides: get("Provides")
-            .map_or(Ok(Vec::new()), parse_provides)
-            .context("field `Provides`")?,
+        provides: get("Provides").map_or(Ok(Vec::new()), parse_provides).context("field `Provides`")?,
         filename: required("Filename")?.to_string(),
-        size: size
-            .parse()
-            .with_context(|| format!("field `Size`: not a number: {size:?}"))?,
+        size: size.parse().with_context(|| format!("field `Size`: not a number: {size:?}"))?,
         sha256: parse_sha256(required("SHA256")?).context("field `SHA256`")?,
         essential: get("Essential").is_some_and(|v| v.eq_ignore_ascii_case("yes")),
         multi_arch: get("Multi-Arch").map(str::to_string),
@@ -325,11 +319,7 @@ fn parse_sha256(s: &str) -> anyhow::Result<String> {
 
 /// Parses a `Depends`-style field: `a (>= 1) | b, c:any`.
 pub fn parse_relations(s: &str) -> anyhow::Result<Vec<Vec<Dep>>> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|g| !g.is_empty())
-        .map(|group| group.split('|').map(parse_dep).collect())
-        .collect()
+    s.split(',').map(str::trim).filter(|g| !g.is_empty()).map(|group| group.split('|').map(parse_dep).collect()).collect()
 }
 
 /// Parses one alternative: `name[:qualifier] [(op version)]`. Architecture restrictions (`[...]`)
@@ -338,16 +328,10 @@ pub fn parse_dep(s: &str) -> anyhow::Result<Dep> {
     let s = s.trim();
     let (head, constraint) = match s.split_once('(') {
         Some((head, rest)) => {
-            let inner = rest
-                .strip_suffix(')')
-                .with_context(|| format!("dependency `{s}`: unclosed `(`"))?
-                .trim();
-            let split = inner
-                .find(|c: char| !matches!(c, '<' | '>' | '='))
-                .unwrap_or(inner.len());
+            let inner = rest.strip_suffix(')').with_context(|| format!("dependency `{s}`: unclosed `(`"))?.trim();
+            let split = inner.find(|c: char| !matches!(c, '<' | '>' | '=')).unwrap_or(inner.len());
             let (op, ver) = inner.split_at(split);
-            let op = Op::parse(op.trim())
-                .with_context(|| format!("dependency `{s}`: unknown operator {:?}", op.trim()))?;
+            let op = Op::parse(op.trim()).with_context(|| format!("dependency `{s}`: unknown operator {:?}", op.trim()))?;
             let ver = ver.trim();
             if ver.is_empty() || ver.contains(char::is_whitespace) {
                 bail!("dependency `{s}`: bad version {ver:?}");
@@ -363,11 +347,7 @@ pub fn parse_dep(s: &str) -> anyhow::Result<Dep> {
         Some((n, q)) => (n, Some(q.to_string())),
         None => (head, None),
     };
-    Ok(Dep {
-        name: name.to_string(),
-        arch_qualifier,
-        constraint,
-    })
+    Ok(Dep { name: name.to_string(), arch_qualifier, constraint })
 }
 
 /// `Provides: a, b (= 1.0)` — only `=` is allowed for provided versions.
@@ -500,63 +480,32 @@ SHA256: 00000000000000000000000000000000000000000000000000000000000000bb
         assert_eq!(libc.multi_arch.as_deref(), Some("same"));
         assert_eq!(libc.size, 2712345);
         assert!(libc.sha256.starts_with("aa00"), "sha256 is lowercased");
-        assert_eq!(
-            libc.provides,
-            vec![
-                ("libc6-dev-alt".into(), Some("2.41".into())),
-                ("glibc-runtime".into(), None)
-            ]
-        );
+        assert_eq!(libc.provides, vec![("libc6-dev-alt".into(), Some("2.41".into())), ("glibc-runtime".into(), None)]);
         let bb = &pkgs[1];
         assert_eq!(bb.version, "1:1.37.0-6");
         assert!(!bb.essential);
-        assert_eq!(
-            bb.pre_depends.groups()[0][0].constraint,
-            Some((Op::Ge, "2.34".into()))
-        );
-        assert_eq!(
-            bb.depends.groups().len(),
-            3,
-            "continuation line joins the third group"
-        );
+        assert_eq!(bb.pre_depends.groups()[0][0].constraint, Some((Op::Ge, "2.34".into())));
+        assert_eq!(bb.depends.groups().len(), 3, "continuation line joins the third group");
         assert_eq!(
             bb.depends.groups()[0],
             vec![
-                Dep {
-                    name: "foo".into(),
-                    arch_qualifier: Some("any".into()),
-                    constraint: Some((Op::Lt, "2".into()))
-                },
-                Dep {
-                    name: "bar".into(),
-                    arch_qualifier: None,
-                    constraint: Some((Op::Ge, "1.0~rc1".into()))
-                },
+                Dep { name: "foo".into(), arch_qualifier: Some("any".into()), constraint: Some((Op::Lt, "2".into())) },
+                Dep { name: "bar".into(), arch_qualifier: None, constraint: Some((Op::Ge, "1.0~rc1".into())) },
             ]
         );
         assert_eq!(bb.depends.groups()[1][0].arch_qualifier.as_deref(), Some("native"));
-        assert_eq!(
-            bb.depends.groups()[2][0].constraint,
-            Some((Op::Ge, "3".into())),
-            "old `>` means `>=`"
-        );
+        assert_eq!(bb.depends.groups()[2][0].constraint, Some((Op::Ge, "3".into())), "old `>` means `>=`");
     }
 
     #[test]
     fn errors_name_stanza_and_field() {
         let bad = FIXTURE.replace("Size: 1000", "Size: lots");
         let err = format!("{:#}", parse_packages(&bad).unwrap_err());
-        assert!(
-            err.contains("busybox-static") && err.contains("`Size`"),
-            "{err}"
-        );
+        assert!(err.contains("busybox-static") && err.contains("`Size`"), "{err}");
 
         let bad = FIXTURE.replace("Depends: libgcc-s1", "Depends: libgcc-s1 (~= 3)");
         let err = format!("{:#}", parse_packages(&bad).unwrap_err());
-        assert!(
-            err.contains("libc6") && err.contains("`Depends`") && err.contains("operator"),
-            "{err}"
-        );
+        assert!(err.contains("libc6") && err.contains("`Depends`") && err.contains("operator"), "{err}");
 
         let bad = FIXTURE.replace("Filename: pool/main/g/glibc/libc6_2.41-12_arm64.deb\n", "");
         let err = format!("{:#}", parse_packages(&bad).unwrap_err());
@@ -581,25 +530,11 @@ SHA256: 00000000000000000000000000000000000000000000000000000000000000bb
         };
         let index = PackageIndex::new(
             "arm64",
-            vec![
-                mk("a", "1.0", &["v"]),
-                mk("a", "1.10", &["v"]),
-                mk("a", "1.9", &[]),
-                mk("0z", "1", &["v"]),
-                mk("b", "2", &["w", "w"]),
-            ],
+            vec![mk("a", "1.0", &["v"]), mk("a", "1.10", &["v"]), mk("a", "1.9", &[]), mk("0z", "1", &["v"]), mk("b", "2", &["w", "w"])],
         );
-        let versions: Vec<_> = index
-            .versions("a")
-            .iter()
-            .map(|p| p.version.as_str())
-            .collect();
+        let versions: Vec<_> = index.versions("a").iter().map(|p| p.version.as_str()).collect();
         assert_eq!(versions, ["1.10", "1.9", "1.0"]);
-        let providers: Vec<_> = index
-            .providers("v")
-            .iter()
-            .map(|p| format!("{}={}", p.package, p.package_version))
-            .collect();
+        let providers: Vec<_> = index.providers("v").iter().map(|p| format!("{}={}", p.package, p.package_version)).collect();
         assert_eq!(providers, ["0z=1", "a=1.10", "a=1.0"]);
         assert_eq!(index.providers("w").len(), 1, "a name provided twice by one stanza is one provider");
         assert_eq!(index.len(), 5);

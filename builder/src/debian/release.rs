@@ -12,10 +12,7 @@ use anyhow::{anyhow, bail, Context};
 use sequoia_openpgp as openpgp;
 
 use openpgp::cert::prelude::*;
-use openpgp::parse::stream::{
-    GoodChecksum, MessageLayer, MessageStructure, VerificationError, VerificationHelper,
-    VerifierBuilder,
-};
+use openpgp::parse::stream::{GoodChecksum, MessageLayer, MessageStructure, VerificationError, VerificationHelper, VerifierBuilder};
 use openpgp::parse::Parse;
 use openpgp::policy::{Policy, StandardPolicy};
 use openpgp::types::RevocationStatus;
@@ -56,20 +53,13 @@ pub fn verify_inrelease(data: &[u8], keyring: &Path) -> anyhow::Result<String> {
 pub fn verify_inrelease_at(data: &[u8], keyring: &Path, now: SystemTime) -> anyhow::Result<String> {
     let certs = load_keyring(keyring)?;
     let policy = StandardPolicy::new();
-    let helper = Helper {
-        certs,
-        policy: &policy,
-        now,
-        good: Vec::new(),
-    };
+    let helper = Helper { certs, policy: &policy, now, good: Vec::new() };
     let mut verifier = VerifierBuilder::from_bytes(data)
         .context("InRelease is not an OpenPGP signed message")?
         .with_policy(&policy, now, helper)
         .context("verifying InRelease")?;
     let mut text = Vec::new();
-    verifier
-        .read_to_end(&mut text)
-        .context("verifying InRelease")?;
+    verifier.read_to_end(&mut text).context("verifying InRelease")?;
     // The verifier only yields all data once `check` has passed; make that explicit.
     if !verifier.message_processed() || verifier.helper_ref().good.is_empty() {
         bail!("InRelease: signature check did not complete");
@@ -87,10 +77,7 @@ pub fn load_keyring(path: &Path) -> anyhow::Result<Vec<Cert>> {
         let mut files: Vec<_> = fs::read_dir(path)
             .with_context(|| format!("listing keyring directory {}", path.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|e| e == "gpg" || e == "pgp" || e == "asc")
-            })
+            .filter(|p| p.extension().is_some_and(|e| e == "gpg" || e == "pgp" || e == "asc"))
             .collect();
         files.sort();
         files
@@ -100,15 +87,11 @@ pub fn load_keyring(path: &Path) -> anyhow::Result<Vec<Cert>> {
     let mut certs = Vec::new();
     for file in &files {
         let data = fs::read(file).with_context(|| format!("reading keyring {}", file.display()))?;
-        let parser = CertParser::from_bytes(&data)
-            .with_context(|| format!("parsing keyring {}", file.display()))?;
+        let parser = CertParser::from_bytes(&data).with_context(|| format!("parsing keyring {}", file.display()))?;
         for cert in parser {
             match cert {
                 Ok(cert) => certs.push(cert),
-                Err(e) => tracing::warn!(
-                    "keyring {}: skipping an unreadable certificate: {e}",
-                    file.display()
-                ),
+                Err(e) => tracing::warn!("keyring {}: skipping an unreadable certificate: {e}", file.display()),
             }
         }
     }
@@ -149,15 +132,10 @@ impl VerificationHelper for Helper<'_> {
                             Err(e) => worthless.push(format!("{fpr}: {e}")),
                         }
                     }
-                    Err(VerificationError::MissingKey { sig }) => unknown.push(
-                        sig.get_issuers()
-                            .first()
-                            .map_or("unknown issuer".into(), |h| h.to_hex()),
-                    ),
-                    Err(
-                        e @ (VerificationError::BadKey { .. }
-                        | VerificationError::UnboundKey { .. }),
-                    ) => worthless.push(e.to_string()),
+                    Err(VerificationError::MissingKey { sig }) => {
+                        unknown.push(sig.get_issuers().first().map_or("unknown issuer".into(), |h| h.to_hex()))
+                    }
+                    Err(e @ (VerificationError::BadKey { .. } | VerificationError::UnboundKey { .. })) => worthless.push(e.to_string()),
                     Err(e) => bad.push(e.to_string()),
                 }
             }
@@ -168,16 +146,10 @@ impl VerificationHelper for Helper<'_> {
         if self.good.is_empty() {
             let mut why = Vec::new();
             if !unknown.is_empty() {
-                why.push(format!(
-                    "signed only by keys not in the keyring ({})",
-                    unknown.join(", ")
-                ));
+                why.push(format!("signed only by keys not in the keyring ({})", unknown.join(", ")));
             }
             if !worthless.is_empty() {
-                why.push(format!(
-                    "signatures by unusable keys ({})",
-                    worthless.join("; ")
-                ));
+                why.push(format!("signatures by unusable keys ({})", worthless.join("; ")));
             }
             if why.is_empty() {
                 why.push("no signatures".to_string());
@@ -189,24 +161,13 @@ impl VerificationHelper for Helper<'_> {
 }
 
 /// Sequoia judges keys at signature time; apt (gpgv) also wants them alive and unrevoked now.
-fn alive_now(
-    cert: &Cert,
-    key: &KeyHandle,
-    policy: &dyn Policy,
-    now: SystemTime,
-) -> anyhow::Result<()> {
-    let valid = cert
-        .with_policy(policy, now)
-        .context("certificate not valid now")?;
+fn alive_now(cert: &Cert, key: &KeyHandle, policy: &dyn Policy, now: SystemTime) -> anyhow::Result<()> {
+    let valid = cert.with_policy(policy, now).context("certificate not valid now")?;
     valid.alive().context("certificate expired")?;
     if let RevocationStatus::Revoked(_) = valid.revocation_status() {
         bail!("certificate revoked");
     }
-    let ka = valid
-        .keys()
-        .key_handle(key.clone())
-        .next()
-        .context("signing key not valid now")?;
+    let ka = valid.keys().key_handle(key.clone()).next().context("signing key not valid now")?;
     ka.alive().context("signing key expired")?;
     if let RevocationStatus::Revoked(_) = ka.revocation_status() {
         bail!("signing key revoked");
@@ -220,14 +181,9 @@ impl Release {
         let fields = stanzas(text).next().context("Release: empty")?;
         let get = |key: &str| field(&fields, key);
         let words = |key: &str| field_words(&fields, key);
-        let date = get("Date")
-            .context("Release: missing field `Date`")?
-            .to_string();
+        let date = get("Date").context("Release: missing field `Date`")?.to_string();
         let mut sha256 = BTreeMap::new();
-        for line in get("SHA256")
-            .context("Release: missing field `SHA256`")?
-            .lines()
-        {
+        for line in get("SHA256").context("Release: missing field `SHA256`")?.lines() {
             let line = line.trim();
             if line.is_empty() {
                 continue;
@@ -239,17 +195,11 @@ impl Release {
             if digest.len() != 64 || !digest.bytes().all(|c| c.is_ascii_hexdigit()) {
                 bail!("Release: field `SHA256`: bad digest in {line:?}");
             }
-            let size = size
-                .parse()
-                .with_context(|| format!("Release: field `SHA256`: bad size in {line:?}"))?;
+            let size = size.parse().with_context(|| format!("Release: field `SHA256`: bad size in {line:?}"))?;
             sha256.insert(path.to_string(), (digest.to_ascii_lowercase(), size));
         }
         let valid_until = match get("Valid-Until") {
-            Some(v) => Some((
-                v.to_string(),
-                parse_rfc2822(v)
-                    .with_context(|| format!("Release: field `Valid-Until`: not a date: {v:?}"))?,
-            )),
+            Some(v) => Some((v.to_string(), parse_rfc2822(v).with_context(|| format!("Release: field `Valid-Until`: not a date: {v:?}"))?)),
             None => None,
         };
         let release = Release {
@@ -289,12 +239,7 @@ impl Release {
     }
 
     /// `Valid-Until`, when set, is still ahead of `now`.
-    pub fn check_valid_until(
-        &self,
-        now: SystemTime,
-        requested: &str,
-        mirror: &str,
-    ) -> anyhow::Result<()> {
+    pub fn check_valid_until(&self, now: SystemTime, requested: &str, mirror: &str) -> anyhow::Result<()> {
         let Some((text, until)) = &self.valid_until else {
             return Ok(());
         };
@@ -312,12 +257,7 @@ impl Release {
 
     /// The `Date` has not gone back from that of `cached` (the copy kept from the last fetch):
     /// an older file, even validly signed, would freeze or roll back the packages.
-    pub fn check_not_older(
-        &self,
-        cached: &Release,
-        requested: &str,
-        mirror: &str,
-    ) -> anyhow::Result<()> {
+    pub fn check_not_older(&self, cached: &Release, requested: &str, mirror: &str) -> anyhow::Result<()> {
         match (self.date_unix, cached.date_unix) {
             (Some(new), Some(old)) if new < old => bail!(
                 "InRelease of `{requested}` from {mirror} is dated {} but the copy fetched before is \
@@ -339,16 +279,11 @@ pub fn parse_rfc2822(s: &str) -> Option<u64> {
     let [day, month, year, time, zone] = parts[..] else {
         return None;
     };
-    const MONTHS: [&str; 12] = [
-        "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
-    ];
+    const MONTHS: [&str; 12] = ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"];
     let month = MONTHS.iter().position(|m| month.eq_ignore_ascii_case(m))? as u32 + 1;
     let day: u32 = day.parse().ok()?;
     let year: i64 = year.parse().ok()?;
-    let hms: Vec<u32> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
+    let hms: Vec<u32> = time.split(':').map(|p| p.parse().ok()).collect::<Option<_>>()?;
     let (h, m, sec) = match hms[..] {
         [h, m, s] => (h, m, s),
         [h, m] => (h, m, 0),
@@ -371,8 +306,7 @@ pub fn parse_rfc2822(s: &str) -> Option<u64> {
         }
         _ => return None,
     };
-    let secs =
-        days_from_civil(year, month, day) * 86400 + i64::from(h * 3600 + m * 60 + sec) - offset;
+    let secs = days_from_civil(year, month, day) * 86400 + i64::from(h * 3600 + m * 60 + sec) - offset;
     u64::try_from(secs).ok()
 }
 
@@ -419,16 +353,7 @@ pub(crate) mod testkeys {
 
     fn signer(cert: &Cert, at: u64) -> openpgp::crypto::KeyPair {
         let p = StandardPolicy::new();
-        cert.keys()
-            .with_policy(&p, t(at))
-            .secret()
-            .for_signing()
-            .next()
-            .unwrap()
-            .key()
-            .clone()
-            .into_keypair()
-            .unwrap()
+        cert.keys().with_policy(&p, t(at)).secret().for_signing().next().unwrap().key().clone().into_keypair().unwrap()
     }
 
     pub fn sign(text: &str, signers: &[&Cert], at: u64) -> Vec<u8> {
@@ -495,10 +420,7 @@ SHA256:
         assert_eq!(r.components.len(), 4);
         assert_eq!(
             r.sha256["main/binary-arm64/Packages.xz"],
-            (
-                "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".to_string(),
-                12345678
-            )
+            ("abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".to_string(), 12345678)
         );
         assert_eq!(r.sha256["contrib/Contents-all"].1, 738242);
     }
@@ -510,8 +432,7 @@ SHA256:
         let mut data = sign(RELEASE, &[&good], T0 + 60);
         let at = data.windows(7).position(|w| w == b"Codenam").unwrap();
         data[at + 9] ^= 0x01; // one byte of "trixie"
-        let err =
-            verify_inrelease_at(&data, &keyring(&dir, "k.gpg", &[&good]), t(NOW)).unwrap_err();
+        let err = verify_inrelease_at(&data, &keyring(&dir, "k.gpg", &[&good]), t(NOW)).unwrap_err();
         assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
     }
 
@@ -520,8 +441,7 @@ SHA256:
         let dir = tempfile::tempdir().unwrap();
         let (good, other) = (cert(T0, None), cert(T0, None));
         let data = sign(RELEASE, &[&good], T0 + 60);
-        let err =
-            verify_inrelease_at(&data, &keyring(&dir, "k.gpg", &[&other]), t(NOW)).unwrap_err();
+        let err = verify_inrelease_at(&data, &keyring(&dir, "k.gpg", &[&other]), t(NOW)).unwrap_err();
         assert!(format!("{err:#}").contains("not in the keyring"), "{err:#}");
     }
 
@@ -560,10 +480,7 @@ SHA256:
         fs::write(ring.join("good.asc"), armored).unwrap();
         fs::write(ring.join("ignored.txt"), b"not a key").unwrap();
         verify_inrelease_at(&data, &ring, t(NOW)).unwrap();
-        assert!(
-            load_keyring(dir.path()).is_err(),
-            "a directory without keys is an error"
-        );
+        assert!(load_keyring(dir.path()).is_err(), "a directory without keys is an error");
     }
 
     #[test]
@@ -576,25 +493,15 @@ SHA256:
     #[test]
     fn host_keyring_loads() {
         let path = Path::new("/usr/share/keyrings/debian-archive-keyring.gpg");
-        assert!(
-            path.exists(),
-            "{} missing: install the `debian-archive-keyring` package",
-            path.display()
-        );
+        assert!(path.exists(), "{} missing: install the `debian-archive-keyring` package", path.display());
         assert!(!load_keyring(path).unwrap().is_empty());
     }
 
     #[test]
     fn release_parse_errors() {
-        assert!(Release::parse("Suite: x\nSHA256:\n 00 1 a\n")
-            .unwrap_err()
-            .to_string()
-            .contains("`Date`"));
+        assert!(Release::parse("Suite: x\nSHA256:\n 00 1 a\n").unwrap_err().to_string().contains("`Date`"));
         let bad = RELEASE.replace("  738242", " big");
-        assert!(Release::parse(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("`SHA256`"));
+        assert!(Release::parse(&bad).unwrap_err().to_string().contains("`SHA256`"));
     }
 
     const MIRROR: &str = "http://deb.example/debian";
@@ -617,33 +524,17 @@ SHA256:
     #[test]
     fn valid_until_in_the_past_is_refused() {
         let date = parse_rfc2822("Sat, 09 Aug 2025 09:26:35 UTC").unwrap();
-        let text = RELEASE.replace(
-            "Acquire-By-Hash",
-            "Valid-Until: Sat, 16 Aug 2025 09:26:35 UTC\nAcquire-By-Hash",
-        );
+        let text = RELEASE.replace("Acquire-By-Hash", "Valid-Until: Sat, 16 Aug 2025 09:26:35 UTC\nAcquire-By-Hash");
         let r = Release::parse(&text).unwrap();
         assert_eq!(r.valid_until.as_ref().map(|v| v.1), Some(date + 7 * 86400));
-        r.check_valid_until(t(date + 86400), "trixie-security", MIRROR)
-            .unwrap();
-        r.check_valid_until(t(date + 7 * 86400), "trixie-security", MIRROR)
-            .unwrap();
-        let err = r
-            .check_valid_until(t(date + 7 * 86400 + 1), "trixie-security", MIRROR)
-            .unwrap_err()
-            .to_string();
-        for want in [
-            "expired",
-            "Sat, 16 Aug 2025 09:26:35 UTC",
-            "os.suite `trixie-security`",
-            MIRROR,
-        ] {
+        r.check_valid_until(t(date + 86400), "trixie-security", MIRROR).unwrap();
+        r.check_valid_until(t(date + 7 * 86400), "trixie-security", MIRROR).unwrap();
+        let err = r.check_valid_until(t(date + 7 * 86400 + 1), "trixie-security", MIRROR).unwrap_err().to_string();
+        for want in ["expired", "Sat, 16 Aug 2025 09:26:35 UTC", "os.suite `trixie-security`", MIRROR] {
             assert!(err.contains(want), "{want}: {err}");
         }
         // Stable has none: never expired.
-        Release::parse(RELEASE)
-            .unwrap()
-            .check_valid_until(t(u64::from(u32::MAX)), "stable", MIRROR)
-            .unwrap();
+        Release::parse(RELEASE).unwrap().check_valid_until(t(u64::from(u32::MAX)), "stable", MIRROR).unwrap();
         let bad = RELEASE.replace("Acquire-By-Hash", "Valid-Until: soon\nAcquire-By-Hash");
         let err = Release::parse(&bad).unwrap_err().to_string();
         assert!(err.contains("`Valid-Until`"), "{err}");
@@ -656,10 +547,7 @@ SHA256:
         let newer = Release::parse(&RELEASE.replace("09 Aug 2025", "16 Aug 2025")).unwrap();
         newer.check_not_older(&cached, "trixie", MIRROR).unwrap();
         cached.check_not_older(&cached, "trixie", MIRROR).unwrap();
-        let err = older
-            .check_not_older(&cached, "trixie", MIRROR)
-            .unwrap_err()
-            .to_string();
+        let err = older.check_not_older(&cached, "trixie", MIRROR).unwrap_err().to_string();
         for want in ["older", "02 Aug 2025", "09 Aug 2025", MIRROR] {
             assert!(err.contains(want), "{want}: {err}");
         }
@@ -667,15 +555,9 @@ SHA256:
 
     #[test]
     fn rfc2822_dates() {
-        assert_eq!(
-            parse_rfc2822("Sat, 09 Aug 2025 09:26:35 UTC"),
-            Some(1_754_731_595)
-        );
+        assert_eq!(parse_rfc2822("Sat, 09 Aug 2025 09:26:35 UTC"), Some(1_754_731_595));
         assert_eq!(parse_rfc2822("Thu, 01 Jan 1970 00:00:00 UTC"), Some(0));
-        assert_eq!(
-            parse_rfc2822("29 Feb 2024 12:00:00 +0100"),
-            Some(1_709_204_400)
-        );
+        assert_eq!(parse_rfc2822("29 Feb 2024 12:00:00 +0100"), Some(1_709_204_400));
         assert_eq!(parse_rfc2822("Sat, 09 Aug 2025 09:26:35 CEST"), None);
         assert_eq!(parse_rfc2822("garbage"), None);
     }

@@ -17,12 +17,7 @@ use super::packages::{Dep, Package, PackageIndex};
 ///
 /// Output is sorted by package name.
 pub fn resolve(index: &PackageIndex, roots: &[&str]) -> anyhow::Result<Vec<Package>> {
-    let mut r = Resolver {
-        index,
-        selected: BTreeMap::new(),
-        needed_by: BTreeMap::new(),
-        queue: VecDeque::new(),
-    };
+    let mut r = Resolver { index, selected: BTreeMap::new(), needed_by: BTreeMap::new(), queue: VecDeque::new() };
     for root in roots {
         r.add_root(root)?;
     }
@@ -65,21 +60,14 @@ impl<'a> Resolver<'a> {
             })?;
             if let Some(chosen) = self.selected.get(name) {
                 if chosen.version != version {
-                    bail!(
-                        "root `{root}` conflicts with `{name}={}` already selected",
-                        chosen.version
-                    );
+                    bail!("root `{root}` conflicts with `{name}={}` already selected", chosen.version);
                 }
                 return Ok(());
             }
             self.select(pkg, None);
             return Ok(());
         }
-        let dep = Dep {
-            name: name.to_string(),
-            arch_qualifier: None,
-            constraint: None,
-        };
+        let dep = Dep { name: name.to_string(), arch_qualifier: None, constraint: None };
         match self.alternative(&dep) {
             Ok(Choice::Selected) => Ok(()),
             Ok(Choice::Select(pkg)) => {
@@ -93,10 +81,7 @@ impl<'a> Resolver<'a> {
     /// Meets one OR-group of `parent`'s dependencies, or fails naming the chain.
     fn satisfy(&mut self, parent: &str, group: &[Dep]) -> anyhow::Result<()> {
         // An alternative that is already met wins over earlier ones that would need a new package.
-        if group
-            .iter()
-            .any(|dep| matches!(self.alternative(dep), Ok(Choice::Selected)))
-        {
+        if group.iter().any(|dep| matches!(self.alternative(dep), Ok(Choice::Selected))) {
             return Ok(());
         }
         let mut reasons = Vec::new();
@@ -130,41 +115,26 @@ impl<'a> Resolver<'a> {
         let real = versions.iter().find(|p| holds(&p.version));
 
         let providers = self.providers_meeting(dep);
-        if providers.iter().any(|p| {
-            self.selected
-                .get(&p.name)
-                .is_some_and(|s| s.version == p.version)
-        }) {
+        if providers.iter().any(|p| self.selected.get(&p.name).is_some_and(|s| s.version == p.version)) {
             return Ok(Choice::Selected);
         }
 
         if let Some(chosen) = self.selected.get(&dep.name) {
             // A name is selected once; a different version of it cannot also be installed.
             if providers.is_empty() {
-                return Err(format!(
-                    "`{}` {} is selected but `{dep}` is needed",
-                    dep.name, chosen.version
-                ));
+                return Err(format!("`{}` {} is selected but `{dep}` is needed", dep.name, chosen.version));
             }
         } else if let Some(pkg) = real {
             return Ok(Choice::Select(pkg));
         }
         // Providers not blocked by another selected version of the same name.
-        let usable: Vec<&Package> = providers
-            .into_iter()
-            .filter(|p| !self.selected.contains_key(&p.name))
-            .collect();
+        let usable: Vec<&Package> = providers.into_iter().filter(|p| !self.selected.contains_key(&p.name)).collect();
         match usable.as_slice() {
             [] => {}
             [only] => return Ok(Choice::Select(only)),
             [first, ..] => {
                 let names: Vec<&str> = usable.iter().map(|p| p.name.as_str()).collect();
-                tracing::info!(
-                    "`{}` is provided by {}; choosing `{}`",
-                    dep.name,
-                    names.join(", "),
-                    first.name
-                );
+                tracing::info!("`{}` is provided by {}; choosing `{}`", dep.name, names.join(", "), first.name);
                 return Ok(Choice::Select(first));
             }
         }
@@ -177,9 +147,7 @@ impl<'a> Resolver<'a> {
         match dep.arch_qualifier.as_deref() {
             None | Some("any") | Some("native") => Ok(()),
             Some(q) if q == arch => Ok(()),
-            Some(q) => Err(format!(
-                "`{dep}` asks for architecture {q}, but the index is for {arch}"
-            )),
+            Some(q) => Err(format!("`{dep}` asks for architecture {q}, but the index is for {arch}")),
         }
     }
 
@@ -204,16 +172,9 @@ impl<'a> Resolver<'a> {
         if no_real_package && self.index.providers(&dep.name).is_empty() {
             format!("package `{}` not found in the index for {arch}", dep.name)
         } else if let Some((op, want)) = &dep.constraint {
-            format!(
-                "no version of `{}` satisfies `{op} {want}` (have {})",
-                dep.name,
-                self.have_versions(&dep.name)
-            )
+            format!("no version of `{}` satisfies `{op} {want}` (have {})", dep.name, self.have_versions(&dep.name))
         } else {
-            format!(
-                "no installable provider of `{}` in the index for {arch}",
-                dep.name
-            )
+            format!("no installable provider of `{}` in the index for {arch}", dep.name)
         }
     }
 
@@ -241,21 +202,11 @@ impl<'a> Resolver<'a> {
 
     /// Versions the index has for a name, and provided versions, for error messages.
     fn have_versions(&self, name: &str) -> String {
-        let mut have: Vec<String> = self
-            .index
-            .versions(name)
-            .iter()
-            .map(|p| p.version.clone())
-            .collect();
-        have.extend(
-            self.index
-                .providers(name)
-                .iter()
-                .map(|p| match &p.provided_version {
-                    Some(v) => format!("{v} provided by {}", p.package),
-                    None => format!("unversioned provide by {}", p.package),
-                }),
-        );
+        let mut have: Vec<String> = self.index.versions(name).iter().map(|p| p.version.clone()).collect();
+        have.extend(self.index.providers(name).iter().map(|p| match &p.provided_version {
+            Some(v) => format!("{v} provided by {}", p.package),
+            None => format!("unversioned provide by {}", p.package),
+        }));
         if have.is_empty() {
             "none".to_string()
         } else {
@@ -290,9 +241,7 @@ mod tests {
     }
 
     fn names(pkgs: &[Package]) -> Vec<String> {
-        pkgs.iter()
-            .map(|p| format!("{}={}", p.name, p.version))
-            .collect()
+        pkgs.iter().map(|p| format!("{}={}", p.name, p.version)).collect()
     }
 
     #[test]
@@ -306,31 +255,16 @@ mod tests {
             ("unused", "1", "", ""),
         ]);
         let got = resolve(&idx, &["root"]).unwrap();
-        assert_eq!(
-            names(&got),
-            ["libc6=2.41-12", "libgcc-s1=14", "root=1", "tool=3"]
-        );
+        assert_eq!(names(&got), ["libc6=2.41-12", "libgcc-s1=14", "root=1", "tool=3"]);
     }
 
     #[test]
     fn or_groups_prefer_already_selected_then_first_satisfiable() {
-        let idx = index(&[
-            ("root", "1", "a | b, c", ""),
-            ("a", "1", "", ""),
-            ("b", "1", "", ""),
-            ("c", "1", "missing | b", ""),
-        ]);
+        let idx = index(&[("root", "1", "a | b, c", ""), ("a", "1", "", ""), ("b", "1", "", ""), ("c", "1", "missing | b", "")]);
         // `a` is first for root; for `c`, `missing` is unsatisfiable so `b` is taken.
-        assert_eq!(
-            names(&resolve(&idx, &["root"]).unwrap()),
-            ["a=1", "b=1", "c=1", "root=1"]
-        );
+        assert_eq!(names(&resolve(&idx, &["root"]).unwrap()), ["a=1", "b=1", "c=1", "root=1"]);
 
-        let idx = index(&[
-            ("root", "1", "b, a | b", ""),
-            ("a", "1", "", ""),
-            ("b", "1", "", ""),
-        ]);
+        let idx = index(&[("root", "1", "b, a | b", ""), ("a", "1", "", ""), ("b", "1", "", "")]);
         // `b` is already selected when `a | b` is seen, so `a` is not pulled in.
         assert_eq!(names(&resolve(&idx, &["root"]).unwrap()), ["b=1", "root=1"]);
     }
@@ -344,15 +278,9 @@ mod tests {
             ("exim4", "4", "", "mail-transport-agent"),
         ]);
         // One provider: taken. Several: first by name (exim4).
-        assert_eq!(
-            names(&resolve(&idx, &["root"]).unwrap()),
-            ["exim4=4", "mawk=1.3", "root=1"]
-        );
+        assert_eq!(names(&resolve(&idx, &["root"]).unwrap()), ["exim4=4", "mawk=1.3", "root=1"]);
         // An already selected provider is preferred.
-        assert_eq!(
-            names(&resolve(&idx, &["postfix", "root"]).unwrap()),
-            ["mawk=1.3", "postfix=3", "root=1"]
-        );
+        assert_eq!(names(&resolve(&idx, &["postfix", "root"]).unwrap()), ["mawk=1.3", "postfix=3", "root=1"]);
     }
 
     #[test]
@@ -363,10 +291,7 @@ mod tests {
             ("libfoo2", "2.0", "", "libfoo-abi (= 2)"),
             ("libfoo-any", "9", "", "libfoo-abi"),
         ]);
-        assert_eq!(
-            names(&resolve(&idx, &["root"]).unwrap()),
-            ["libfoo2=2.0", "root=1"]
-        );
+        assert_eq!(names(&resolve(&idx, &["root"]).unwrap()), ["libfoo2=2.0", "root=1"]);
     }
 
     #[test]
@@ -380,12 +305,7 @@ mod tests {
             ("x (< 2)", "x=2"),
             ("x (> 1)", "x=3"),
         ] {
-            let idx = index(&[
-                ("root", "1", dep, ""),
-                ("x", "1", "", ""),
-                ("x", "2", "", ""),
-                ("x", "3", "", ""),
-            ]);
+            let idx = index(&[("root", "1", dep, ""), ("x", "1", "", ""), ("x", "2", "", ""), ("x", "3", "", "")]);
             let got = names(&resolve(&idx, &["root"]).unwrap());
             assert_eq!(got, ["root=1", want], "{dep}");
         }
@@ -397,45 +317,25 @@ mod tests {
         assert_eq!(names(&resolve(&idx, &["x=1"]).unwrap()), ["x=1"]);
         assert_eq!(names(&resolve(&idx, &["x"]).unwrap()), ["x=2"]);
         let err = resolve(&idx, &["x=7"]).unwrap_err().to_string();
-        assert!(
-            err.contains("`x=7` not found") && err.contains("have 2, 1"),
-            "{err}"
-        );
+        assert!(err.contains("`x=7` not found") && err.contains("have 2, 1"), "{err}");
         let err = resolve(&idx, &["nope"]).unwrap_err().to_string();
-        assert!(
-            err.contains("package `nope` not found in the index for arm64"),
-            "{err}"
-        );
+        assert!(err.contains("package `nope` not found in the index for arm64"), "{err}");
     }
 
     #[test]
     fn errors_name_the_chain() {
         let idx = index(&[("busybox-static", "1", "bar", ""), ("bar", "1", "foo", "")]);
         let err = resolve(&idx, &["busybox-static"]).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "package `foo` not found in the index for arm64 (needed by bar <- busybox-static)"
-        );
+        assert_eq!(err, "package `foo` not found in the index for arm64 (needed by bar <- busybox-static)");
 
-        let idx = index(&[
-            ("root", "1", "mid", ""),
-            ("mid", "1", "libc6 (>= 9.0)", ""),
-            ("libc6", "2.41-12", "", ""),
-        ]);
+        let idx = index(&[("root", "1", "mid", ""), ("mid", "1", "libc6 (>= 9.0)", ""), ("libc6", "2.41-12", "", "")]);
         let err = resolve(&idx, &["root"]).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "no version of `libc6` satisfies `>= 9.0` (have 2.41-12) (needed by mid <- root)"
-        );
+        assert_eq!(err, "no version of `libc6` satisfies `>= 9.0` (have 2.41-12) (needed by mid <- root)");
     }
 
     #[test]
     fn foreign_arch_qualifier_is_unsatisfiable() {
-        let idx = index(&[
-            ("root", "1", "x:amd64 | y:native", ""),
-            ("x", "1", "", ""),
-            ("y", "1", "", ""),
-        ]);
+        let idx = index(&[("root", "1", "x:amd64 | y:native", ""), ("x", "1", "", ""), ("y", "1", "", "")]);
         assert_eq!(names(&resolve(&idx, &["root"]).unwrap()), ["root=1", "y=1"]);
     }
 

@@ -29,14 +29,9 @@ pub fn host_debian_mirror(etc_apt: &Path) -> anyhow::Result<String> {
     files.extend(drop_in_files(&etc_apt.join("sources.list.d"))?);
 
     for file in &files {
-        let text =
-            fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         let deb822 = file.extension().is_some_and(|e| e == "sources");
-        let sources = if deb822 {
-            parse_deb822(&text)
-        } else {
-            parse_one_line(&text)
-        };
+        let sources = if deb822 { parse_deb822(&text) } else { parse_one_line(&text) };
         for source in sources {
             if let Some(uri) = debian_uri(&source) {
                 return Ok(uri);
@@ -44,11 +39,7 @@ pub fn host_debian_mirror(etc_apt: &Path) -> anyhow::Result<String> {
         }
     }
     let read: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-    let read = if read.is_empty() {
-        format!("{} (no source files)", etc_apt.display())
-    } else {
-        read.join(", ")
-    };
+    let read = if read.is_empty() { format!("{} (no source files)", etc_apt.display()) } else { read.join(", ") };
     bail!("no Debian mirror found in {read}; set `os.mirror` in the profile or pass `--mirror`")
 }
 
@@ -61,12 +52,8 @@ fn drop_in_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     };
     let mut files = Vec::new();
     for entry in entries {
-        let path = entry
-            .with_context(|| format!("listing {}", dir.display()))?
-            .path();
-        let wanted = path
-            .extension()
-            .is_some_and(|e| e == "list" || e == "sources");
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        let wanted = path.extension().is_some_and(|e| e == "list" || e == "sources");
         if wanted && path.is_file() {
             files.push(path);
         }
@@ -80,10 +67,7 @@ fn parse_one_line(text: &str) -> Vec<Source> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        let Some(rest) = line
-            .strip_prefix("deb")
-            .filter(|r| r.starts_with([' ', '\t']))
-        else {
+        let Some(rest) = line.strip_prefix("deb").filter(|r| r.starts_with([' ', '\t'])) else {
             continue;
         };
         let mut rest = rest.trim_start();
@@ -108,11 +92,7 @@ fn parse_one_line(text: &str) -> Vec<Source> {
         if option("enabled").is_some_and(|v| v.eq_ignore_ascii_case("no")) {
             continue;
         }
-        out.push(Source {
-            uris: vec![uri.to_string()],
-            suites: vec![suite.to_string()],
-            signed_by: option("signed-by"),
-        });
+        out.push(Source { uris: vec![uri.to_string()], suites: vec![suite.to_string()], signed_by: option("signed-by") });
     }
     out
 }
@@ -129,11 +109,7 @@ fn parse_deb822(text: &str) -> Vec<Source> {
         if !words("Types").iter().any(|t| t == "deb") {
             continue;
         }
-        out.push(Source {
-            uris: words("URIs"),
-            suites: words("Suites"),
-            signed_by: get("Signed-By").map(str::to_string),
-        });
+        out.push(Source { uris: words("URIs"), suites: words("Suites"), signed_by: get("Signed-By").map(str::to_string) });
     }
     out
 }
@@ -141,17 +117,10 @@ fn parse_deb822(text: &str) -> Vec<Source> {
 /// The source's first usable Debian archive URI, if it is one.
 fn debian_uri(source: &Source) -> Option<String> {
     // Security and debug suites live in separate archives with a different layout and content.
-    if source
-        .suites
-        .iter()
-        .any(|s| s.ends_with("-security") || s.ends_with("-debug"))
-    {
+    if source.suites.iter().any(|s| s.ends_with("-security") || s.ends_with("-debug")) {
         return None;
     }
-    let debian_signed = source
-        .signed_by
-        .as_deref()
-        .is_some_and(|s| s.contains("debian-archive-keyring"));
+    let debian_signed = source.signed_by.as_deref().is_some_and(|s| s.contains("debian-archive-keyring"));
     source.uris.iter().find_map(|uri| {
         let uri = uri.trim_end_matches('/');
         let (scheme, rest) = uri.split_once("://")?;
@@ -160,10 +129,7 @@ fn debian_uri(source: &Source) -> Option<String> {
         }
         let path = rest.split_once('/').map_or("", |(_, p)| p);
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        if segments
-            .iter()
-            .any(|s| matches!(*s, "debian-security" | "debian-debug" | "debian-ports"))
-        {
+        if segments.iter().any(|s| matches!(*s, "debian-security" | "debian-debug" | "debian-ports")) {
             return None;
         }
         let ends_in_debian = segments.last() == Some(&"debian");
@@ -196,16 +162,16 @@ mod tests {
                  Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\
                  Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
             ),
-            ("sources.list.d/google-cloud-sdk.list.disabled-by-farm", "deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main\n"),
+            (
+                "sources.list.d/google-cloud-sdk.list.disabled-by-farm",
+                "deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main\n",
+            ),
             (
                 "sources.list.d/nodesource.sources.disabled-by-farm",
                 "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\nComponents: main\n",
             ),
         ]);
-        assert_eq!(
-            host_debian_mirror(dir.path()).unwrap(),
-            "http://mirror.example/debian"
-        );
+        assert_eq!(host_debian_mirror(dir.path()).unwrap(), "http://mirror.example/debian");
     }
 
     #[test]
@@ -223,7 +189,10 @@ mod tests {
                 "Types: deb\nURIs: https://deb.nodesource.com/node_20.x\nSuites: nodistro\nComponents: main\n\
                  Signed-By: /usr/share/keyrings/nodesource.gpg\n",
             ),
-            ("sources.list.d/b-cloud.list", "deb [signed-by=/usr/share/keyrings/cloud.google.gpg] https://packages.cloud.google.com/apt cloud-sdk main\n"),
+            (
+                "sources.list.d/b-cloud.list",
+                "deb [signed-by=/usr/share/keyrings/cloud.google.gpg] https://packages.cloud.google.com/apt cloud-sdk main\n",
+            ),
             (
                 "sources.list.d/c-debian.sources",
                 "Types: deb\nURIs: http://disabled.example/debian\nSuites: trixie\nEnabled: no\n\n\
@@ -231,10 +200,7 @@ mod tests {
                  Types: deb deb-src\nURIs: https://good.example/pub/debian/\nSuites: trixie\nComponents: main\n",
             ),
         ]);
-        assert_eq!(
-            host_debian_mirror(dir.path()).unwrap(),
-            "https://good.example/pub/debian"
-        );
+        assert_eq!(host_debian_mirror(dir.path()).unwrap(), "https://good.example/pub/debian");
     }
 
     #[test]
@@ -244,33 +210,18 @@ mod tests {
             "deb [ arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg ] \
              http://snapshot.example/archive/debian/20250520T000000Z/ bookworm main\n",
         )]);
-        assert_eq!(
-            host_debian_mirror(dir.path()).unwrap(),
-            "http://snapshot.example/archive/debian/20250520T000000Z"
-        );
+        assert_eq!(host_debian_mirror(dir.path()).unwrap(), "http://snapshot.example/archive/debian/20250520T000000Z");
 
-        let dir = etc(&[(
-            "sources.list",
-            "deb http://ftp.example/debian/ bookworm main contrib\n",
-        )]);
-        assert_eq!(
-            host_debian_mirror(dir.path()).unwrap(),
-            "http://ftp.example/debian"
-        );
+        let dir = etc(&[("sources.list", "deb http://ftp.example/debian/ bookworm main contrib\n")]);
+        assert_eq!(host_debian_mirror(dir.path()).unwrap(), "http://ftp.example/debian");
     }
 
     #[test]
     fn error_names_files_and_the_fix() {
-        let dir = etc(&[(
-            "sources.list.d/x.list",
-            "deb http://sec.example/debian-security bookworm-security main\n",
-        )]);
+        let dir = etc(&[("sources.list.d/x.list", "deb http://sec.example/debian-security bookworm-security main\n")]);
         let err = host_debian_mirror(dir.path()).unwrap_err().to_string();
         assert!(err.starts_with("no Debian mirror found in "), "{err}");
-        assert!(
-            err.contains("x.list") && err.contains("`os.mirror`") && err.contains("`--mirror`"),
-            "{err}"
-        );
+        assert!(err.contains("x.list") && err.contains("`os.mirror`") && err.contains("`--mirror`"), "{err}");
 
         let empty = tempfile::tempdir().unwrap();
         let err = host_debian_mirror(empty.path()).unwrap_err().to_string();
@@ -281,9 +232,6 @@ mod tests {
     #[test]
     fn host_has_a_mirror() {
         let mirror = host_debian_mirror(Path::new("/etc/apt")).unwrap();
-        assert!(
-            mirror.starts_with("http") && !mirror.ends_with('/'),
-            "{mirror}"
-        );
+        assert!(mirror.starts_with("http") && !mirror.ends_with('/'), "{mirror}");
     }
 }

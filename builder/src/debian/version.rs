@@ -9,9 +9,7 @@ use std::cmp::Ordering;
 pub fn compare(a: &str, b: &str) -> Ordering {
     let (ea, ua, ra) = split(a.trim());
     let (eb, ub, rb) = split(b.trim());
-    compare_digit_runs(ea, eb)
-        .then_with(|| verrevcmp(ua, ub))
-        .then_with(|| verrevcmp(ra, rb))
+    compare_digit_runs(ea, eb).then_with(|| verrevcmp(ua, ub)).then_with(|| verrevcmp(ra, rb))
 }
 
 /// Splits into (epoch, upstream, revision). A missing epoch is "0"; a missing revision is ""
@@ -44,9 +42,7 @@ fn verrevcmp(a: &str, b: &str) -> Ordering {
     let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
     while !a.is_empty() || !b.is_empty() {
         // Non-digit prefix, character by character.
-        while a.first().is_some_and(|c| !c.is_ascii_digit())
-            || b.first().is_some_and(|c| !c.is_ascii_digit())
-        {
+        while a.first().is_some_and(|c| !c.is_ascii_digit()) || b.first().is_some_and(|c| !c.is_ascii_digit()) {
             let (wa, wb) = (weight(a.first().copied()), weight(b.first().copied()));
             if wa != wb {
                 return wa.cmp(&wb);

@@ -55,7 +55,8 @@ pub fn parse_chart_yaml(text: &str, what: &str) -> Result<ChartMeta> {
 /// Reads `<dir>/Chart.yaml` out of a chart archive (gzip-compressed tar with the chart in one
 /// top-level directory, as `helm package` writes it).
 pub fn read_meta(archive: impl Read, what: &str) -> Result<ChartMeta> {
-    let not_chart = |e: &dyn std::fmt::Display| anyhow!("{what} is not a Helm chart archive (a gzip-compressed tar, as `helm package` writes): {e}");
+    let not_chart =
+        |e: &dyn std::fmt::Display| anyhow!("{what} is not a Helm chart archive (a gzip-compressed tar, as `helm package` writes): {e}");
     let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(archive));
     for entry in tar.entries().map_err(|e| not_chart(&e))? {
         let entry = entry.map_err(|e| not_chart(&e))?;
@@ -76,7 +77,8 @@ pub fn read_meta(archive: impl Read, what: &str) -> Result<ChartMeta> {
 pub fn pack_dir(dir: &Path, mtime: u64) -> Result<(ChartMeta, Vec<u8>)> {
     let what = format!("chart directory {}", dir.display());
     let chart_yaml = dir.join("Chart.yaml");
-    let text = std::fs::read_to_string(&chart_yaml).with_context(|| format!("{what} is not a Helm chart: reading {}", chart_yaml.display()))?;
+    let text =
+        std::fs::read_to_string(&chart_yaml).with_context(|| format!("{what} is not a Helm chart: reading {}", chart_yaml.display()))?;
     let meta = parse_chart_yaml(&text, &what)?;
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     let mut tar = tar::Builder::new(gz);
@@ -226,7 +228,8 @@ pub(crate) mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("Chart.yaml"), format!("apiVersion: v2\nname: {name}\nversion: {version}\n")).unwrap();
         std::fs::create_dir(d.path().join("templates")).unwrap();
-        std::fs::write(d.path().join("templates/cm.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\n").unwrap();
+        std::fs::write(d.path().join("templates/cm.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\n")
+            .unwrap();
         pack_dir(d.path(), 1_700_000_000).unwrap().1
     }
 

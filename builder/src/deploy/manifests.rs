@@ -15,7 +15,8 @@ pub const DIR: &str = "var/lib/rancher/k3s/server/manifests";
 
 /// What k3s writes into its manifests directory itself at every start (its packaged
 /// components): a file of the profile with one of these names would be overwritten.
-pub const K3S_PACKAGED: &[&str] = &["coredns.yaml", "traefik.yaml", "local-storage.yaml", "metrics-server", "rolebindings.yaml", "ccm.yaml", "runtimes.yaml"];
+pub const K3S_PACKAGED: &[&str] =
+    &["coredns.yaml", "traefik.yaml", "local-storage.yaml", "metrics-server", "rolebindings.yaml", "ccm.yaml", "runtimes.yaml"];
 
 /// The extensions k3s's deploy controller applies.
 const EXTENSIONS: &[&str] = &[".yaml", ".yml", ".json"];
@@ -34,7 +35,8 @@ pub struct Rendered {
 /// their paths relative to it (sorted, so builds are reproducible).
 fn files_of(entry: &Path, key: &str) -> Result<Vec<(String, PathBuf)>> {
     if entry.is_file() {
-        let name = entry.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("key `{key}`: {} has no UTF-8 file name", entry.display()))?;
+        let name =
+            entry.file_name().and_then(|n| n.to_str()).ok_or_else(|| anyhow!("key `{key}`: {} has no UTF-8 file name", entry.display()))?;
         return Ok(vec![(name.to_string(), entry.to_path_buf())]);
     }
     if !entry.is_dir() {
@@ -94,12 +96,10 @@ pub fn render(entries: &[PathBuf], base_dir: &Path, context: &serde_json::Value)
             }
             let bytes = std::fs::read(&source).with_context(|| format!("key `{key}`: reading {}", source.display()))?;
             let text = String::from_utf8(bytes).map_err(|_| anyhow!("key `{key}`: {} is not UTF-8 text", source.display()))?;
-            let text = if template {
-                crate::overlay::render(&hb, &text, context, &format!("{} (key `{key}`)", source.display()))?
-            } else {
-                text
-            };
-            check_yaml(&text).map_err(|e| anyhow!("key `{key}`: {}{}: {e}", source.display(), if template { " (rendered)" } else { "" }))?;
+            let text =
+                if template { crate::overlay::render(&hb, &text, context, &format!("{} (key `{key}`)", source.display()))? } else { text };
+            check_yaml(&text)
+                .map_err(|e| anyhow!("key `{key}`: {}{}: {e}", source.display(), if template { " (rendered)" } else { "" }))?;
             out.push(Rendered { path, content: text.into_bytes(), source });
         }
     }
@@ -137,7 +137,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("apps/sub")).unwrap();
         std::fs::write(d.path().join("apps/a.yaml"), CM).unwrap();
-        std::fs::write(d.path().join("apps/sub/b.yaml.hbs"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"{{vars.site}}-{{arch}}\"\n---\n").unwrap();
+        std::fs::write(
+            d.path().join("apps/sub/b.yaml.hbs"),
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: \"{{vars.site}}-{{arch}}\"\n---\n",
+        )
+        .unwrap();
         std::fs::write(d.path().join("one.yml"), "apiVersion: v1\nkind: Namespace\nmetadata: {name: x}\n").unwrap();
         let out = render(&["apps".into(), "one.yml".into()], d.path(), &ctx()).unwrap();
         let paths: Vec<&str> = out.iter().map(|r| r.path.as_str()).collect();

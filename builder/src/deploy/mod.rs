@@ -44,10 +44,19 @@ pub fn place_charts(charts: &[chart::Chart], root: &mut Tree) -> Result<Vec<Inpu
         let file = chart::helmchart_file(c);
         let path = format!("{}/{file}", manifests::DIR);
         if root.contains(&path) {
-            bail!("key `charts[{}]`: its HelmChart goes to {path}, but `manifests` already has a file of that name; rename that file", c.index);
+            bail!(
+                "key `charts[{}]`: its HelmChart goes to {path}, but `manifests` already has a file of that name; rename that file",
+                c.index
+            );
         }
         root.add_file(&path, 0o644, chart::helmchart(c)?)?;
-        inputs.push(Input { kind: InputKind::Chart, name: c.source.clone(), version: Some(c.meta.version.clone()), sha256: c.sha256.clone(), size: Some(c.size) });
+        inputs.push(Input {
+            kind: InputKind::Chart,
+            name: c.source.clone(),
+            version: Some(c.meta.version.clone()),
+            sha256: c.sha256.clone(),
+            size: Some(c.size),
+        });
     }
     Ok(inputs)
 }

@@ -104,9 +104,8 @@ pub fn from_auth_files(registry: &str) -> Result<Option<Credentials>> {
 
 /// Credentials from the profile: `username` and the first line of `password_file`.
 pub fn from_profile(registry: &str, username: &str, password_file: &Path) -> Result<Credentials> {
-    let text = std::fs::read_to_string(password_file).with_context(|| {
-        format!("key `image_registries.{registry}.password_file`: reading {}", password_file.display())
-    })?;
+    let text = std::fs::read_to_string(password_file)
+        .with_context(|| format!("key `image_registries.{registry}.password_file`: reading {}", password_file.display()))?;
     let password = text.lines().next().unwrap_or("").to_string();
     if password.is_empty() {
         anyhow::bail!("key `image_registries.{registry}.password_file`: {} is empty", password_file.display());

@@ -77,11 +77,7 @@ pub fn take_kernel(root: &mut Tree, reference: &str, arch: Arch) -> Result<(Stri
         _ => None,
     });
     let Some((path, kernel)) = found else {
-        bail!(
-            "image `{reference}` has modules for kernel {kver} but no kernel: kiln looked at /{} and /{}",
-            candidates[0],
-            candidates[1]
-        );
+        bail!("image `{reference}` has modules for kernel {kver} but no kernel: kiln looked at /{} and /{}", candidates[0], candidates[1]);
     };
     info!("{arch}: kernel {kver} from image {reference} (/{path})");
     root.remove(&TreePath::parse(&path)?);
@@ -116,7 +112,12 @@ mod tests {
     #[test]
     fn an_image_without_a_kernel_is_named_with_the_paths_looked_at() {
         let err = take_kernel(&mut root_with(&["etc/os-release"]), "r/os:1", Arch::X86_64).unwrap_err().to_string();
-        assert!(err.contains("image `r/os:1` has no kernel") && err.contains("/boot/vmlinuz-<version>") && err.contains("/usr/lib/modules/<version>/vmlinuz"), "{err}");
+        assert!(
+            err.contains("image `r/os:1` has no kernel")
+                && err.contains("/boot/vmlinuz-<version>")
+                && err.contains("/usr/lib/modules/<version>/vmlinuz"),
+            "{err}"
+        );
         let err = take_kernel(&mut root_with(&["usr/lib/modules/6.1/modules.order"]), "r/os:1", Arch::Riscv64).unwrap_err().to_string();
         assert!(err.contains("/boot/vmlinux-6.1") && err.contains("/usr/lib/modules/6.1/vmlinuz"), "{err}");
     }

@@ -45,7 +45,8 @@ pub fn chart_layer(manifest_bytes: &[u8]) -> Result<Descriptor> {
             if config.media_type != HELM_CONFIG {
                 bail!("is not a Helm chart: its config has media type `{}` (a Helm chart's is `{HELM_CONFIG}`); container images go in `images`", config.media_type);
             }
-            let found: Vec<&Descriptor> = layers.iter().filter(|l| l.media_type == HELM_CHART || l.media_type == HELM_CHART_LEGACY).collect();
+            let found: Vec<&Descriptor> =
+                layers.iter().filter(|l| l.media_type == HELM_CHART || l.media_type == HELM_CHART_LEGACY).collect();
             match found.as_slice() {
                 [one] => Ok((*one).clone()),
                 [] => bail!("is a Helm artifact without a chart layer (`{HELM_CHART}`)"),
@@ -70,7 +71,9 @@ impl Puller<'_> {
         let record = match stored {
             Some(rec) if from_cache => rec,
             None if fetcher.offline => {
-                bail!("chart `oci://{name}` is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry")
+                bail!(
+                    "chart `oci://{name}` is not in the cache; offline mode: run `kiln fetch PROFILE` on a host that reaches the registry"
+                )
             }
             _ => {
                 let (top, digest) = self.manifest(r).with_context(|| format!("chart `oci://{name}`: fetching its manifest"))?;
@@ -152,7 +155,12 @@ mod tests {
         assert_eq!(std::fs::read(&got.path).unwrap(), chart);
         let offline = Puller::new(&fetcher(dir.path(), true), &regs, dir.path()).chart(&r).unwrap();
         assert_eq!(offline, got);
-        let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).chart(&format!("{host}/charts/image:1").parse().unwrap()).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Puller::new(&fetcher(dir.path(), false), &regs, dir.path())
+                .chart(&format!("{host}/charts/image:1").parse().unwrap())
+                .unwrap_err()
+        );
         assert!(err.contains("charts/image:1") && err.contains("is not a Helm chart"), "{err}");
     }
 

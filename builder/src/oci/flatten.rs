@@ -223,7 +223,9 @@ mod tests {
     fn layers_apply_in_order_in_each_compression() {
         let l1 = tarball(&[E::Dir("etc/", 0o755), E::File("etc/os-release", 0o644, b"one"), E::File("usr/bin/su", 0o4755, b"su")]);
         let l2 = tarball(&[E::File("etc/os-release", 0o644, b"two"), E::Symlink("usr/bin/sh", "dash")]);
-        for (ty, pack) in [(TAR, (|d: Vec<u8>| d) as fn(Vec<u8>) -> Vec<u8>), (GZ, |d| gzip(&d)), (ZST, |d| zstd::encode_all(&d[..], 3).unwrap())] {
+        for (ty, pack) in
+            [(TAR, (|d: Vec<u8>| d) as fn(Vec<u8>) -> Vec<u8>), (GZ, |d| gzip(&d)), (ZST, |d| zstd::encode_all(&d[..], 3).unwrap())]
+        {
             let mut t = Tree::merged_usr(Arch::X86_64);
             let s1 = apply_layer(&pack(l1.clone())[..], ty, &mut t, "l1").unwrap();
             apply_layer(&pack(l2.clone())[..], ty, &mut t, "l2").unwrap();
@@ -237,7 +239,10 @@ mod tests {
     #[test]
     fn unknown_media_types_and_mislabelled_layers_are_refused() {
         let l = tarball(&[E::File("a", 0o644, b"x")]);
-        let err = format!("{:#}", apply_layer(&l[..], "application/vnd.oci.image.layer.v1.tar+bzip2", &mut Tree::new(), "image `test`: layer x").unwrap_err());
+        let err = format!(
+            "{:#}",
+            apply_layer(&l[..], "application/vnd.oci.image.layer.v1.tar+bzip2", &mut Tree::new(), "image `test`: layer x").unwrap_err()
+        );
         assert!(err.contains("image `test`: layer x") && err.contains("`application/vnd.oci.image.layer.v1.tar+bzip2`"), "{err}");
         // A plain tar labelled gzip is not sniffed into working.
         assert!(apply_layer(&l[..], GZ, &mut Tree::new(), "l").is_err());
@@ -246,9 +251,19 @@ mod tests {
     #[test]
     fn whiteouts_delete_lower_entries_only() {
         let t = layers(&[
-            &[E::File("etc/motd", 0o644, b"hi"), E::File("etc/keep", 0o644, b"k"), E::Dir("opt/tool/", 0o755), E::File("opt/tool/bin", 0o755, b"b")],
+            &[
+                E::File("etc/motd", 0o644, b"hi"),
+                E::File("etc/keep", 0o644, b"k"),
+                E::Dir("opt/tool/", 0o755),
+                E::File("opt/tool/bin", 0o755, b"b"),
+            ],
             // The whiteout comes after a same-layer entry of the same name: that entry stays.
-            &[E::File("etc/.wh.motd", 0o644, b""), E::File("opt/.wh.tool", 0o644, b""), E::File("etc/new", 0o644, b"n"), E::File("etc/.wh.new", 0o644, b"")],
+            &[
+                E::File("etc/.wh.motd", 0o644, b""),
+                E::File("opt/.wh.tool", 0o644, b""),
+                E::File("etc/new", 0o644, b"n"),
+                E::File("etc/.wh.new", 0o644, b""),
+            ],
         ])
         .unwrap();
         assert!(!t.contains("etc/motd") && !t.contains("etc/.wh.motd"));
@@ -325,7 +340,11 @@ mod tests {
 
     #[test]
     fn merged_usr_links_of_an_image_keep_the_root_merged() {
-        let t = layers(&[&[E::Symlink("bin", "usr/bin"), E::Dir("usr/bin/", 0o755), E::File("usr/bin/dash", 0o755, b"d")], &[E::File("bin/extra", 0o755, b"e")]]).unwrap();
+        let t = layers(&[
+            &[E::Symlink("bin", "usr/bin"), E::Dir("usr/bin/", 0o755), E::File("usr/bin/dash", 0o755, b"d")],
+            &[E::File("bin/extra", 0o755, b"e")],
+        ])
+        .unwrap();
         assert_eq!(text(&t, "usr/bin/extra"), "e");
         assert_eq!(text(&t, "bin/dash"), "d");
     }

@@ -127,7 +127,12 @@ mod tests {
         let config = put(cache, b"{\"architecture\":\"amd64\",\"os\":\"linux\"}", "application/vnd.oci.image.config.v1+json");
         let layer = put(cache, &vec![7u8; 300_000], "application/vnd.oci.image.layer.v1.tar");
         let manifest = put(cache, b"{\"schemaVersion\":2}", OCI_MANIFEST);
-        let img = |r: &str| Image { reference: r.into(), resolved: manifest.digest.clone(), manifest: manifest.clone(), blobs: vec![config.clone(), layer.clone()] };
+        let img = |r: &str| Image {
+            reference: r.into(),
+            resolved: manifest.digest.clone(),
+            manifest: manifest.clone(),
+            blobs: vec![config.clone(), layer.clone()],
+        };
         vec![img("r.example/b:2"), img("r.example/a:1")]
     }
 
@@ -170,7 +175,8 @@ mod tests {
         sorted.sort();
         assert_eq!(names, sorted);
         let index: serde_json::Value = serde_json::from_slice(&index).unwrap();
-        let refs: Vec<&str> = index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["io.containerd.image.name"].as_str().unwrap()).collect();
+        let refs: Vec<&str> =
+            index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["io.containerd.image.name"].as_str().unwrap()).collect();
         assert_eq!(refs, ["r.example/a:1", "r.example/b:2"]);
         assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "r.example/a:1");
     }

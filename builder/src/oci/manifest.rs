@@ -135,10 +135,7 @@ pub fn parse(bytes: &[u8], content_type: Option<&str>) -> Result<Document> {
             }
             Ok(Document::Image { media_type, config, layers })
         }
-        other => bail!(
-            "unknown manifest media type `{other}`: kiln understands {}",
-            ACCEPTED.join(", ")
-        ),
+        other => bail!("unknown manifest media type `{other}`: kiln understands {}", ACCEPTED.join(", ")),
     }
 }
 
@@ -159,10 +156,8 @@ pub fn select(entries: &[IndexEntry], arch: Arch) -> Result<&IndexEntry> {
     if let Some(e) = entries.iter().find(|e| e.platform.as_ref().is_some_and(|p| matches(p, arch))) {
         return Ok(e);
     }
-    let have: Vec<String> = entries
-        .iter()
-        .map(|e| e.platform.as_ref().map_or_else(|| "(no platform)".to_string(), |p| p.to_string()))
-        .collect();
+    let have: Vec<String> =
+        entries.iter().map(|e| e.platform.as_ref().map_or_else(|| "(no platform)".to_string(), |p| p.to_string())).collect();
     bail!(
         "no linux/{} image for {arch}: the index has only {}",
         arch.oci(),
@@ -196,7 +191,8 @@ mod tests {
 
     #[test]
     fn index_entries_are_selected_per_arch() {
-        let doc = parse(index(&[("linux", "amd64", None), ("linux", "arm64", Some("v8")), ("linux", "riscv64", None)]).as_bytes(), None).unwrap();
+        let doc =
+            parse(index(&[("linux", "amd64", None), ("linux", "arm64", Some("v8")), ("linux", "riscv64", None)]).as_bytes(), None).unwrap();
         let Document::Index(entries) = doc else { panic!("not an index") };
         assert_eq!(select(&entries, Arch::X86_64).unwrap().manifest.size, 100);
         assert_eq!(select(&entries, Arch::Aarch64).unwrap().manifest.size, 101);
@@ -205,7 +201,9 @@ mod tests {
 
     #[test]
     fn a_missing_platform_names_the_ones_there_are() {
-        let doc = parse(index(&[("linux", "arm64", Some("v8")), ("windows", "amd64", None), ("linux", "arm", Some("v7"))]).as_bytes(), None).unwrap();
+        let doc =
+            parse(index(&[("linux", "arm64", Some("v8")), ("windows", "amd64", None), ("linux", "arm", Some("v7"))]).as_bytes(), None)
+                .unwrap();
         let Document::Index(entries) = doc else { panic!("not an index") };
         let err = select(&entries, Arch::X86_64).unwrap_err().to_string();
         assert!(err.contains("no linux/amd64 image") && err.contains("linux/arm64/v8, windows/amd64, linux/arm/v7"), "{err}");
@@ -232,7 +230,9 @@ mod tests {
 
     #[test]
     fn unknown_media_types_and_bad_descriptors_are_refused() {
-        let err = parse(b"{\"schemaVersion\":2,\"mediaType\":\"application/vnd.example.thing+json\",\"layers\":[]}", None).unwrap_err().to_string();
+        let err = parse(b"{\"schemaVersion\":2,\"mediaType\":\"application/vnd.example.thing+json\",\"layers\":[]}", None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown manifest media type `application/vnd.example.thing+json`"), "{err}");
         let err = parse(b"{\"schemaVersion\":1,\"name\":\"x\"}", None).unwrap_err().to_string();
         assert!(err.contains("schemaVersion"), "{err}");

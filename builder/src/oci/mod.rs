@@ -10,8 +10,8 @@
 
 pub mod auth;
 pub mod base;
-pub mod flatten;
 pub mod chart;
+pub mod flatten;
 pub mod layout;
 pub mod manifest;
 pub mod pull;
@@ -70,10 +70,7 @@ pub fn archive_name(arch: Arch, engine: Engine) -> String {
 pub fn place(archive: &Path, arch: Arch, engine: Engine, root: &mut Tree) -> Result<()> {
     let name = archive_name(arch, engine);
     let path = format!("{ARCHIVE_DIR}/{name}");
-    root.insert(
-        &TreePath::parse(&path)?,
-        Entry { meta: Meta::root(0o644), kind: Kind::File(Content::HostFile(archive.to_path_buf())) },
-    )?;
+    root.insert(&TreePath::parse(&path)?, Entry { meta: Meta::root(0o644), kind: Kind::File(Content::HostFile(archive.to_path_buf())) })?;
     match engine {
         Engine::K3s => {
             root.add_symlink(&format!("{}/{name}", crate::k3s::IMAGES_DIR), &format!("/{path}"))?;

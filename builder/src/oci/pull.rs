@@ -111,10 +111,8 @@ impl<'a> Puller<'a> {
                 ..ClientConfig::default()
             };
             let client = Client::try_from(config).context("setting up the registry client")?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the registry client's runtime")?;
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the registry client's runtime")?;
             self.online = Some((rt, client));
         }
         Ok(self.online.as_ref().expect("set above"))
@@ -156,7 +154,8 @@ impl<'a> Puller<'a> {
             ),
             _ => self.resolve(r, arch)?,
         };
-        let manifest_path = self.manifest_blob(r, &record.manifest, &format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))?;
+        let manifest_path =
+            self.manifest_blob(r, &record.manifest, &format!("image `{name}` ({arch}): manifest {}", record.manifest.digest))?;
         let bytes = read_small(&manifest_path)?;
         let blobs = match manifest::parse(&bytes, Some(&record.manifest.media_type)) {
             Ok(Document::Image { config, layers, .. }) => std::iter::once(config).chain(layers).collect::<Vec<_>>(),
@@ -445,6 +444,9 @@ mod tests {
         assert!(!dir.path().join("blobs/sha256").join(&digest(&f.layer)[7..]).exists(), "the bad layer was stored");
         let odd: ImageRef = format!("{}/t/odd:1", f.host).parse().unwrap();
         let err = format!("{:#}", Puller::new(&fetcher(dir.path(), false), &regs, dir.path()).image(&odd, Arch::X86_64).unwrap_err());
-        assert!(err.contains(&format!("image `{odd}`")) && err.contains("unknown manifest media type `application/vnd.example.odd+json`"), "{err}");
+        assert!(
+            err.contains(&format!("image `{odd}`")) && err.contains("unknown manifest media type `application/vnd.example.odd+json`"),
+            "{err}"
+        );
     }
 }

@@ -95,20 +95,32 @@ impl<'a> Boot<'a> {
             None => None,
         };
         let title = format!("kiln {} ({arch})", job.profile.profile.name);
-        Ok(Boot { platform: job.platform, arch, title, kver: root.kver.clone(), kernel: root.kernel.clone(), initrd, systemd_boot, epoch: job.epoch })
+        Ok(Boot {
+            platform: job.platform,
+            arch,
+            title,
+            kver: root.kver.clone(),
+            kernel: root.kernel.clone(),
+            initrd,
+            systemd_boot,
+            epoch: job.epoch,
+        })
     }
 
     /// The FAT image of an ESP that boots the kernel with `cmdline`.
     pub(super) fn esp(&self, cmdline: &str, guid: Guid) -> Result<Vec<u8>> {
-        let tree = crate::esp::tree(self.platform, &crate::esp::BootFiles {
-            arch: self.arch,
-            title: &self.title,
-            kernel_version: &self.kver,
-            kernel: self.kernel.clone(),
-            initrd: self.initrd.clone(),
-            systemd_boot: self.systemd_boot.clone(),
-            cmdline,
-        })?;
+        let tree = crate::esp::tree(
+            self.platform,
+            &crate::esp::BootFiles {
+                arch: self.arch,
+                title: &self.title,
+                kernel_version: &self.kver,
+                kernel: self.kernel.clone(),
+                initrd: self.initrd.clone(),
+                systemd_boot: self.systemd_boot.clone(),
+                cmdline,
+            },
+        )?;
         fat_image(&tree, guid, self.epoch)
     }
 }
@@ -131,7 +143,12 @@ fn systemd_boot_binary(deb: &Path, arch: Arch) -> Result<Content> {
 
 /// iPXE's EFI binary for the arch (the netboot output's first stage), from the ipxe package.
 pub(super) fn ipxe_efi_binary(deb: &Path, arch: Arch) -> Result<Content> {
-    file_from_deb(deb, arch, &format!("usr/lib/ipxe/{}", arch.ipxe_efi_file()), " (Debian ships per-architecture iPXE EFI binaries from trixie on)")
+    file_from_deb(
+        deb,
+        arch,
+        &format!("usr/lib/ipxe/{}", arch.ipxe_efi_file()),
+        " (Debian ships per-architecture iPXE EFI binaries from trixie on)",
+    )
 }
 
 /// One file of a package, unpacked into a scratch tree; `hint` follows the error if it is missing.
@@ -148,12 +165,17 @@ fn file_from_deb(deb: &Path, arch: Arch, path: &str, hint: &str) -> Result<Conte
 fn fat_image(esp: &Tree, guid: Guid, epoch: u64) -> Result<Vec<u8>> {
     let size = crate::fat::fat32_size_for(esp, 8 << 20)?;
     let mut out = std::io::Cursor::new(Vec::with_capacity(size as usize));
-    crate::fat::write_fat32(&mut out, size, esp, &crate::fat::FatOptions {
-        // The volume id comes from the partition GUID: derived, so reproducible.
-        volume_id: u32::from_le_bytes(guid.to_disk_bytes()[..4].try_into().expect("4 bytes")),
-        label: "KILN-ESP".into(),
-        mtime: epoch,
-    })
+    crate::fat::write_fat32(
+        &mut out,
+        size,
+        esp,
+        &crate::fat::FatOptions {
+            // The volume id comes from the partition GUID: derived, so reproducible.
+            volume_id: u32::from_le_bytes(guid.to_disk_bytes()[..4].try_into().expect("4 bytes")),
+            label: "KILN-ESP".into(),
+            mtime: epoch,
+        },
+    )
     .context("writing the EFI system partition")?;
     let mut bytes = out.into_inner();
     bytes.resize(size as usize, 0);

@@ -112,9 +112,21 @@ impl<'a> System<'a> {
         let slot = root_slot_size(squashfs.len());
         let specs = vec![
             PartitionSpec { name: ESP.into(), type_guid: Guid::esp_type(), guid: ids.esp_guid(), size: esp.len() as u64, attributes: 0 },
-            PartitionSpec { name: ROOT_A.into(), type_guid: arch.root_partition_type(), guid: ids.root_a_guid(), size: slot, attributes: 0 },
+            PartitionSpec {
+                name: ROOT_A.into(),
+                type_guid: arch.root_partition_type(),
+                guid: ids.root_a_guid(),
+                size: slot,
+                attributes: 0,
+            },
             // The B slot for A/B updates: same size, empty, and marked "do not auto-mount".
-            PartitionSpec { name: ROOT_B.into(), type_guid: arch.root_partition_type(), guid: ids.guid("root-b"), size: slot, attributes: NO_AUTO },
+            PartitionSpec {
+                name: ROOT_B.into(),
+                type_guid: arch.root_partition_type(),
+                guid: ids.guid("root-b"),
+                size: slot,
+                attributes: NO_AUTO,
+            },
         ];
         System { specs, esp, squashfs }
     }
@@ -165,15 +177,31 @@ pub(super) struct Sources {
 
 /// The installer medium: the plan partition holds the ESP image after the plan, the image
 /// partition the squashfs.
-pub(super) const MEDIUM: Sources = Sources { esp: (installer::INSTALL_PARTITION, installer::ESP_IMAGE_OFFSET), root: installer::IMAGE_PARTITION };
+pub(super) const MEDIUM: Sources =
+    Sources { esp: (installer::INSTALL_PARTITION, installer::ESP_IMAGE_OFFSET), root: installer::IMAGE_PARTITION };
 /// A netboot install: the directory's files.
 pub(super) const NETBOOT: Sources = Sources { esp: (crate::netboot::ESP, 0), root: crate::netboot::ROOT };
 
 /// The install plan of the system: `install`'s settings, the minimum target size checked
 /// against the system, and the copies from `from`.
-pub(super) fn install_plan(profile: &LoadedProfile, install: &Install, ids: &Ids, system: &System, target: &DiskLayout, from: &Sources) -> Result<String> {
+pub(super) fn install_plan(
+    profile: &LoadedProfile,
+    install: &Install,
+    ids: &Ids,
+    system: &System,
+    target: &DiskLayout,
+    from: &Sources,
+) -> Result<String> {
     let min_size = installer::min_size(install, target).map_err(anyhow::Error::msg).in_profile(&profile.path)?;
-    installer::Plan { image_id: &ids.image_id(), install, min_size, disk_guid: ids.disk_guid(), target, copies: system.copies(target, from) }.render()
+    installer::Plan {
+        image_id: &ids.image_id(),
+        install,
+        min_size,
+        disk_guid: ids.disk_guid(),
+        target,
+        copies: system.copies(target, from),
+    }
+    .render()
 }
 
 /// What the disk stage records.
@@ -218,8 +246,20 @@ fn installer_medium(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
     let medium_esp = boot.esp(&installer_cmdline, esp_guid)?;
     let specs = vec![
         PartitionSpec { name: ESP.into(), type_guid: Guid::esp_type(), guid: esp_guid, size: medium_esp.len() as u64, attributes: 0 },
-        PartitionSpec { name: installer::IMAGE_PARTITION.into(), type_guid: Guid::linux_data_type(), guid: image_guid, size: system.squashfs.len(), attributes: 0 },
-        PartitionSpec { name: installer::INSTALL_PARTITION.into(), type_guid: Guid::linux_data_type(), guid: install_guid, size: install_part.len() as u64, attributes: 0 },
+        PartitionSpec {
+            name: installer::IMAGE_PARTITION.into(),
+            type_guid: Guid::linux_data_type(),
+            guid: image_guid,
+            size: system.squashfs.len(),
+            attributes: 0,
+        },
+        PartitionSpec {
+            name: installer::INSTALL_PARTITION.into(),
+            type_guid: Guid::linux_data_type(),
+            guid: install_guid,
+            size: install_part.len() as u64,
+            attributes: 0,
+        },
     ];
     let contents = [Some(Part::Bytes(&medium_esp)), Some(system.squashfs), Some(Part::Bytes(&install_part))];
     let layout = gpt::plan(&specs, fixed_size(job), 0).usage(disk_size_key(job.profile))?;
@@ -289,7 +329,14 @@ struct Written {
 /// image's sha256 is taken while writing (the holes hash as the zeros they read back as), and
 /// the same bytes stream into each `compressed` copy (the holes as zeros), so the disk is
 /// written once whatever the formats. `mode` is the files' permission bits (see [`image_mode`]).
-fn write_disk(path: &Path, layout: &DiskLayout, disk_guid: Guid, contents: &[Option<Part>], mode: u32, compressed: &[(Compression, std::path::PathBuf)]) -> Result<Written> {
+fn write_disk(
+    path: &Path,
+    layout: &DiskLayout,
+    disk_guid: Guid,
+    contents: &[Option<Part>],
+    mode: u32,
+    compressed: &[(Compression, std::path::PathBuf)],
+) -> Result<Written> {
     info!("writing {} ({} MiB){}", path.display(), layout.size >> 20, if mode == 0o600 { ", mode 0600: it holds secrets" } else { "" });
     let img = crate::output::create(path, mode)?;
     img.set_len(layout.size)?;
@@ -307,7 +354,10 @@ fn write_disk(path: &Path, layout: &DiskLayout, disk_guid: Guid, contents: &[Opt
         }
     }
     pieces.sort_by_key(|p| p.0);
-    let mut out = Tee { image: HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, img)), copies: copies.iter_mut().map(|(_, c)| c).collect() };
+    let mut out = Tee {
+        image: HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, img)),
+        copies: copies.iter_mut().map(|(_, c)| c).collect(),
+    };
     let mut mapped = Vec::new();
     for (offset, content, name) in pieces {
         let written = out.zeros_to(offset).and_then(|()| match content {
@@ -343,13 +393,12 @@ struct Tee<'a> {
 impl Tee<'_> {
     /// Moves on to `offset` over a hole: a hole in the image, zeros in the copies.
     fn zeros_to(&mut self, offset: u64) -> std::io::Result<()> {
-        const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         let mut gap = offset.saturating_sub(self.image.len());
         self.image.zeros_to(offset)?;
         while gap > 0 && !self.copies.is_empty() {
-            let n = gap.min(ZEROS.len() as u64) as usize;
+            let n = gap.min(crate::digest::ZEROS.len() as u64) as usize;
             for c in self.copies.iter_mut() {
-                c.write_all(&ZEROS[..n])?;
+                c.write_all(&crate::digest::ZEROS[..n])?;
             }
             gap -= n as u64;
         }
@@ -433,23 +482,38 @@ fn round_up(v: u64, to: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::profile::parse;
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
-use std::io::Read;
 
     #[test]
     fn images_with_secrets_are_written_owner_only() -> Result<()> {
         let plain = parse("name: d\narch: [x86_64]\nusers: [{name: ops}]\n").unwrap();
         let hashed = parse("name: d\narch: [x86_64]\nusers: [{name: ops, password_hash: \"$y$j9T$abcdefgh$0123456789\"}]\n").unwrap();
-        let cluster = parse("name: d\narch: [x86_64]\ncluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n").unwrap();
+        let cluster =
+            parse("name: d\narch: [x86_64]\ncluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n")
+                .unwrap();
         assert_eq!((image_mode(&plain), image_mode(&hashed), image_mode(&cluster)), (0o644, 0o600, 0o600));
 
         let dir = tempfile::tempdir()?;
-        let spec = gpt::PartitionSpec { name: "p".into(), type_guid: Guid::linux_data_type(), guid: Guid::derive("test", &[b"g"]), size: 1 << 20, attributes: 0 };
+        let spec = gpt::PartitionSpec {
+            name: "p".into(),
+            type_guid: Guid::linux_data_type(),
+            guid: Guid::derive("test", &[b"g"]),
+            size: 1 << 20,
+            attributes: 0,
+        };
         let layout = gpt::plan(&[spec], None, 0)?;
         for mode in [0o600, 0o644] {
             let path = dir.path().join(format!("disk-{mode:o}.img"));
             let copy = dir.path().join(format!("disk-{mode:o}.img.zst"));
-            write_disk(&path, &layout, Guid::derive("test", &[b"d"]), &[Some(Part::Bytes(&[1u8; 512]))], mode, &[(Compression::Zstd, copy.clone())])?;
+            write_disk(
+                &path,
+                &layout,
+                Guid::derive("test", &[b"d"]),
+                &[Some(Part::Bytes(&[1u8; 512]))],
+                mode,
+                &[(Compression::Zstd, copy.clone())],
+            )?;
             assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, mode);
             assert_eq!(std::fs::metadata(&copy)?.permissions().mode() & 0o777, mode, "a compressed copy holds the same secrets");
         }
@@ -469,7 +533,11 @@ use std::io::Read;
             .map(|(name, size)| PartitionSpec { name: name.into(), type_guid: Guid::linux_data_type(), guid: g(name), size, attributes: 0 })
             .collect();
         let layout = gpt::plan(&specs, None, 7 << 20)?;
-        let contents = [Some(Part::Bytes(&[7u8; 4096])), Some(Part::File { path: &staged, len: staged_bytes.len() as u64, sha256: &staged_sha }), None];
+        let contents = [
+            Some(Part::Bytes(&[7u8; 4096])),
+            Some(Part::File { path: &staged, len: staged_bytes.len() as u64, sha256: &staged_sha }),
+            None,
+        ];
         let path = dir.path().join(DISK_IMAGE);
         let copies = [(Compression::Zstd, dir.path().join(DISK_ZST)), (Compression::Xz, dir.path().join(DISK_XZ))];
         let written = write_disk(&path, &layout, g("disk"), &contents, 0o644, &copies)?;
@@ -484,7 +552,8 @@ use std::io::Read;
         }
         // Every non-zero byte is in a mapped range: the table, the two written partitions, the backup table.
         let image = std::fs::read(&path)?;
-        let unmapped_nonzero = image.iter().enumerate().filter(|(i, b)| **b != 0 && !written.mapped.iter().any(|r| r.contains(&(*i as u64)))).count();
+        let unmapped_nonzero =
+            image.iter().enumerate().filter(|(i, b)| **b != 0 && !written.mapped.iter().any(|r| r.contains(&(*i as u64)))).count();
         assert_eq!(unmapped_nonzero, 0, "mapped: {:?}", written.mapped);
         assert!(crate::bmap::Bmap::from_ranges(&path, &written.mapped)?.mapped_bytes() < layout.size / 2);
         // The table is the one write_gpt writes in place.

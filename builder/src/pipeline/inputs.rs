@@ -92,20 +92,19 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
         .with_context(|| format!("{arch}: loading the Debian {} package index", suite.suite))?;
 
     let roots = root_packages(&profile.profile);
-    let root_pkgs = debian::resolve::resolve(&index.packages, &roots)
-        .with_context(|| format!("{arch}: resolving packages {}", roots.join(", ")))?;
+    let root_pkgs =
+        debian::resolve::resolve(&index.packages, &roots).with_context(|| format!("{arch}: resolving packages {}", roots.join(", ")))?;
 
     // `os.image`: the root and kernel come from an OCI image; kiln's runtime still from Debian.
     let p = &profile.profile;
     // One registry session for the base OS image, `images` and `charts`.
     let mut puller = crate::oci::pull::Puller::new(fetcher, &p.image_registries, &profile.base_dir());
-    let os_image = p
-        .os
-        .image
-        .as_ref()
-        .map(|r| puller.image(r, arch))
-        .transpose()
-        .with_context(|| format!("{arch}: pulling the base OS image (`os.image`)"))?;
+    let os_image =
+        p.os.image
+            .as_ref()
+            .map(|r| puller.image(r, arch))
+            .transpose()
+            .with_context(|| format!("{arch}: pulling the base OS image (`os.image`)"))?;
     // The kernel is installed without its dependencies (initramfs-tools, kmod, linux-base):
     // kiln writes the initramfs and module indexes itself.
     let kernel_pkg = if os_image.is_none() { Some(kernel_package(&index, arch)?) } else { None };
@@ -130,8 +129,12 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
         Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         _ => None,
     };
-    let images: Vec<crate::oci::Image> =
-        p.images.iter().map(|i| puller.image(i, arch)).collect::<Result<_>>().with_context(|| format!("{arch}: pulling the profile's `images`"))?;
+    let images: Vec<crate::oci::Image> = p
+        .images
+        .iter()
+        .map(|i| puller.image(i, arch))
+        .collect::<Result<_>>()
+        .with_context(|| format!("{arch}: pulling the profile's `images`"))?;
     let charts = crate::deploy::chart::gather(&p.charts, &profile.base_dir(), &mut puller, source_date_epoch(&index)?)
         .with_context(|| format!("{}: {arch}: the profile's `charts`", profile.path.display()))?;
     // Everything is resolved: the package lists (~70k packages, the largest thing a build holds)
@@ -140,7 +143,21 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
     let mut index = index;
     index.packages = Default::default();
     let cache = fetcher.cache.clone();
-    Ok(Inputs { arch, suite, index, root_debs, firstboot_debs, kernel_deb, os_image, systemd_boot_deb, ipxe_deb, k3s, images, cache, charts })
+    Ok(Inputs {
+        arch,
+        suite,
+        index,
+        root_debs,
+        firstboot_debs,
+        kernel_deb,
+        os_image,
+        systemd_boot_deb,
+        ipxe_deb,
+        k3s,
+        images,
+        cache,
+        charts,
+    })
 }
 
 /// The named package of the index alone, its dependencies left out (`None` if the suite lacks it).
@@ -157,7 +174,13 @@ fn ipxe_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> {
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
 /// k3s release downloads; verified and cached.
-fn gather_k3s(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, c: &crate::profile::cluster::Cluster, arch: Arch) -> Result<crate::k3s::Artifacts> {
+fn gather_k3s(
+    profile: &LoadedProfile,
+    opts: &BuildOptions,
+    fetcher: &Fetcher,
+    c: &crate::profile::cluster::Cluster,
+    arch: Arch,
+) -> Result<crate::k3s::Artifacts> {
     use crate::k3s::Source;
     let version = c
         .k3s

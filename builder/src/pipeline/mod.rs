@@ -69,7 +69,8 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let archs = opts.archs_for(profile)?;
     let out_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&profile.profile.name));
     let fetcher = opts.fetcher()?;
-    let platforms: Vec<Platform> = archs.iter().map(|a| Platform::load(profile.platform(*a)).in_profile(&profile.path)).collect::<Result<_>>()?;
+    let platforms: Vec<Platform> =
+        archs.iter().map(|a| Platform::load(profile.platform(*a)).in_profile(&profile.path)).collect::<Result<_>>()?;
 
     // The cluster token: from the profile's `token_file`, or generated once into
     // `<out>/secrets/` and reused by later builds. Never logged.
@@ -167,7 +168,14 @@ struct Job<'a> {
 }
 
 /// One architecture: inputs -> root -> boot -> disk -> netboot -> manifest.
-fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, platform: &Platform, dir: &Path, token: Option<&crate::cluster::Token>) -> Result<Manifest> {
+fn build_arch(
+    profile: &LoadedProfile,
+    opts: &BuildOptions,
+    inputs: &Inputs,
+    platform: &Platform,
+    dir: &Path,
+    token: Option<&crate::cluster::Token>,
+) -> Result<Manifest> {
     let job = Job { profile, opts, inputs, platform, dir, epoch: inputs::source_date_epoch(&inputs.index)? };
     let mut record = ManifestInputs::new(profile, inputs);
     let root = root::assemble(&job, token, &mut record)?;
@@ -181,7 +189,8 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
     let esp = boot.esp(&cmdline, ids.esp_guid())?;
     let system = disk::System::new(inputs.arch, &ids, &esp, squashfs.part());
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
-    let netboot = initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &system, &cmdline, initrd, &mut record)).transpose()?;
+    let netboot =
+        initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &system, &cmdline, initrd, &mut record)).transpose()?;
     let manifest = manifest(&job, root.kver, initrds.modules, &ids, disk, netboot, record);
     std::fs::write(dir.join(disk::MANIFEST), manifest.to_json())?;
     Ok(manifest)
@@ -189,7 +198,15 @@ fn build_arch(profile: &LoadedProfile, opts: &BuildOptions, inputs: &Inputs, pla
 
 /// The build's record: its inputs, the image's partitions, what an installer installs, and the
 /// outputs (`disk.img` first, then the netboot files).
-fn manifest(job: &Job, kver: String, initramfs_modules: Vec<String>, ids: &disk::Ids, disk: disk::Disk, netboot: Option<(Vec<Output>, InstallRecord)>, record: ManifestInputs) -> Manifest {
+fn manifest(
+    job: &Job,
+    kver: String,
+    initramfs_modules: Vec<String>,
+    ids: &disk::Ids,
+    disk: disk::Disk,
+    netboot: Option<(Vec<Output>, InstallRecord)>,
+    record: ManifestInputs,
+) -> Manifest {
     let (netboot_outputs, netboot_install) = netboot.unzip();
     Manifest {
         kiln_version: env!("CARGO_PKG_VERSION").into(),
@@ -211,7 +228,15 @@ fn manifest(job: &Job, kver: String, initramfs_modules: Vec<String>, ids: &disk:
 /// The netboot output: the installer's kernel and initrd, a plan that copies the system from
 /// the directory's files, the system's images, the inventory, iPXE and its script. Returns the
 /// files' records and what the plan installs.
-fn write_netboot(job: &Job, root: &root::Root, ids: &disk::Ids, system: &disk::System, cmdline: &str, initrd: &[u8], record: &mut ManifestInputs) -> Result<(Vec<Output>, InstallRecord)> {
+fn write_netboot(
+    job: &Job,
+    root: &root::Root,
+    ids: &disk::Ids,
+    system: &disk::System,
+    cmdline: &str,
+    initrd: &[u8],
+    record: &mut ManifestInputs,
+) -> Result<(Vec<Output>, InstallRecord)> {
     let (profile, arch) = (job.profile, job.inputs.arch);
     let target = system.target()?;
     // A network install always reboots: `kiln serve` then sends the machine to its disk.
@@ -228,7 +253,16 @@ fn write_netboot(job: &Job, root: &root::Root, ids: &disk::Ids, system: &disk::S
     let ipxe = ipxe.read()?;
     let dir = job.dir.join(crate::netboot::DIR);
     info!("{arch}: writing {}", dir.display());
-    let contents = crate::netboot::Contents { ipxe: &ipxe, kernel: &kernel, initrd, plan: &plan, esp: system.esp, root: system.squashfs, inventory: &inventory, script: &script };
+    let contents = crate::netboot::Contents {
+        ipxe: &ipxe,
+        kernel: &kernel,
+        initrd,
+        plan: &plan,
+        esp: system.esp,
+        root: system.squashfs,
+        inventory: &inventory,
+        script: &script,
+    };
     let outputs = crate::netboot::write(&dir, &contents, image_mode(&profile.profile))?;
     record.add_once(root::deb_input(ipxe_pkg));
     Ok((outputs, system.install_record(&target, ids)))

@@ -73,7 +73,11 @@ impl BuildOptions {
     /// The compressed copies of `disk.img` asked for.
     pub fn disk_compressions(&self) -> Vec<crate::compress::Compression> {
         use crate::compress::Compression;
-        [(Format::DiskZst, Compression::Zstd), (Format::DiskXz, Compression::Xz)].into_iter().filter(|(f, _)| self.formats.contains(f)).map(|(_, c)| c).collect()
+        [(Format::DiskZst, Compression::Zstd), (Format::DiskXz, Compression::Xz)]
+            .into_iter()
+            .filter(|(f, _)| self.formats.contains(f))
+            .map(|(_, c)| c)
+            .collect()
     }
 
     pub(super) fn fetcher(&self) -> Result<Fetcher> {

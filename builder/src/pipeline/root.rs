@@ -34,9 +34,27 @@ impl ManifestInputs {
     pub(super) fn new(profile: &LoadedProfile, inputs: &Inputs) -> ManifestInputs {
         let (suite, index) = (&inputs.suite.suite, &inputs.index);
         ManifestInputs(vec![
-            Input { kind: InputKind::Profile, name: profile.profile.name.clone(), version: None, sha256: crate::digest::sha256_hex(&profile.source), size: Some(profile.source.len() as u64) },
-            Input { kind: InputKind::Index, name: format!("{suite}/InRelease"), version: None, sha256: index.inrelease_sha256.clone(), size: None },
-            Input { kind: InputKind::Index, name: format!("{suite}/main/binary-{}/Packages", inputs.arch.debian()), version: None, sha256: index.packages_sha256.clone(), size: None },
+            Input {
+                kind: InputKind::Profile,
+                name: profile.profile.name.clone(),
+                version: None,
+                sha256: crate::digest::sha256_hex(&profile.source),
+                size: Some(profile.source.len() as u64),
+            },
+            Input {
+                kind: InputKind::Index,
+                name: format!("{suite}/InRelease"),
+                version: None,
+                sha256: index.inrelease_sha256.clone(),
+                size: None,
+            },
+            Input {
+                kind: InputKind::Index,
+                name: format!("{suite}/main/binary-{}/Packages", inputs.arch.debian()),
+                version: None,
+                sha256: index.packages_sha256.clone(),
+                size: None,
+            },
         ])
     }
 
@@ -72,7 +90,13 @@ impl ManifestInputs {
 }
 
 pub(super) fn deb_input(pkg: &debian::Package) -> Input {
-    Input { kind: InputKind::Deb, name: pkg.name.clone(), version: Some(pkg.version.clone()), sha256: pkg.sha256.clone(), size: Some(pkg.size) }
+    Input {
+        kind: InputKind::Deb,
+        name: pkg.name.clone(),
+        version: Some(pkg.version.clone()),
+        sha256: pkg.sha256.clone(),
+        size: Some(pkg.size),
+    }
 }
 
 /// The assembled root and what was taken out of it on the way.
@@ -249,13 +273,19 @@ pub(super) fn write_squashfs(job: &Job, root: &Tree) -> Result<Squashfs> {
     // Written to a file in the staging directory, not into memory: with bundled container
     // images the root can be GiBs.
     let path = job.dir.join("root.squashfs");
-    let file = File::options().read(true).write(true).create(true).truncate(true).open(&path).with_context(|| format!("creating {}", path.display()))?;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
     let mut out = crate::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
-    crate::squashfs::write_squashfs(root, &mut out, &crate::squashfs::SquashfsOptions {
-        mtime: super::clamp32(job.epoch),
-        zstd_level: 15,
-        block_size: 128 * 1024,
-    })?;
+    crate::squashfs::write_squashfs(
+        root,
+        &mut out,
+        &crate::squashfs::SquashfsOptions { mtime: super::clamp32(job.epoch), zstd_level: 15, block_size: 128 * 1024 },
+    )?;
     out.flush().with_context(|| format!("writing {}", path.display()))?;
     let (_, sha256, len) = out.finish();
     Ok(Squashfs { path, len, sha256 })

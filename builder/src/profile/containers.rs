@@ -140,7 +140,10 @@ pub fn validate(p: &Profile) -> Result<()> {
     for (i, c) in p.containers.iter().enumerate() {
         let key = format!("containers[{i}]");
         if !valid_name(&c.name) {
-            bail!("key `{key}.name`: `{}` must be letters, digits, `-`, `_` or `.`, starting with a letter or digit, at most 64 characters", c.name);
+            bail!(
+                "key `{key}.name`: `{}` must be letters, digits, `-`, `_` or `.`, starting with a letter or digit, at most 64 characters",
+                c.name
+            );
         }
         if let Some(j) = names.insert(c.name.as_str(), i) {
             bail!("key `{key}.name`: `{}` is already the name of `containers[{j}]`", c.name);
@@ -155,7 +158,9 @@ pub fn validate(p: &Profile) -> Result<()> {
         }
         for k in c.env.keys() {
             let mut chars = k.chars();
-            if !matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_') || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if !matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+            {
                 bail!("key `{key}.env.{k}`: variable names are letters, digits and `_`, not starting with a digit");
             }
         }
@@ -175,7 +180,8 @@ mod tests {
     use super::*;
     use crate::profile::{test_parse_error, test_profile};
 
-    const IMAGES: &str = "images: [busybox:1.36, \"registry.local:5000/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n";
+    const IMAGES: &str =
+        "images: [busybox:1.36, \"registry.local:5000/app@sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"]\n";
 
     fn profile(extra: &str) -> Profile {
         test_profile(&format!("{IMAGES}{extra}"))

@@ -146,10 +146,8 @@ fn is_label(s: &str, max: usize) -> bool {
 fn validate_chart(i: usize, spec: &ChartSpec, base_dir: &Path) -> Result<()> {
     let key = format!("charts[{i}]");
     match Source::of(&spec.chart, base_dir) {
-        Source::Oci(r) => {
-            if !r.as_str().contains('/') {
-                bail!("key `{key}.chart`: `{}` names no registry host (`oci://host/repository/name:version`)", spec.chart);
-            }
+        Source::Oci(r) if !r.as_str().contains('/') => {
+            bail!("key `{key}.chart`: `{}` names no registry host (`oci://host/repository/name:version`)", spec.chart)
         }
         Source::Archive(p) if !p.is_file() => bail!("key `{key}.chart`: {} does not exist (paths are relative to the profile)", p.display()),
         Source::Dir(p) if !p.join("Chart.yaml").is_file() => bail!(
@@ -187,7 +185,8 @@ mod tests {
     use crate::profile::test_profile;
 
     const SERVER: &str = "cluster: {name: lab, nodes: [{name: s1, mac: \"52:54:00:00:00:01\", roles: [server]}]}\n";
-    const AGENTS: &str = "cluster: {name: lab, api_address: 10.0.0.1, token_file: t, nodes: [{name: a1, mac: \"52:54:00:00:00:01\", roles: [agent]}]}\n";
+    const AGENTS: &str =
+        "cluster: {name: lab, api_address: 10.0.0.1, token_file: t, nodes: [{name: a1, mac: \"52:54:00:00:00:01\", roles: [agent]}]}\n";
 
     #[test]
     fn manifests_need_a_cluster_with_servers_and_existing_paths() {
@@ -207,7 +206,8 @@ mod tests {
     #[test]
     fn entries_are_checked_before_anything_is_pulled() {
         let d = tempfile::tempdir().unwrap();
-        let spec = |chart: &str| ChartSpec { chart: chart.parse().unwrap(), name: None, namespace: None, version: None, values: BTreeMap::new() };
+        let spec =
+            |chart: &str| ChartSpec { chart: chart.parse().unwrap(), name: None, namespace: None, version: None, values: BTreeMap::new() };
         let e = validate_chart(0, &spec("missing.tgz"), d.path()).unwrap_err().to_string();
         assert!(e.contains("charts[0].chart") && e.contains("missing.tgz"), "{e}");
         let e = validate_chart(1, &spec("nodir"), d.path()).unwrap_err().to_string();
@@ -216,9 +216,13 @@ mod tests {
         let e = validate_chart(0, &spec("oci://hello:0.1.0"), d.path()).unwrap_err().to_string();
         assert!(e.contains("charts[0].chart") && e.contains("`oci://hello:0.1.0` names no registry host"), "{e}");
         validate_chart(0, &spec("oci://r.example:5000/charts/hello:0.1.0"), d.path()).unwrap();
-        let e = validate_chart(0, &ChartSpec { name: Some("traefik".into()), ..spec("oci://r.example/c/t:1") }, d.path()).unwrap_err().to_string();
+        let e = validate_chart(0, &ChartSpec { name: Some("traefik".into()), ..spec("oci://r.example/c/t:1") }, d.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("packaged charts"), "{e}");
-        let e = validate_chart(0, &ChartSpec { namespace: Some("Bad_NS".into()), ..spec("oci://r.example/c/t:1") }, d.path()).unwrap_err().to_string();
+        let e = validate_chart(0, &ChartSpec { namespace: Some("Bad_NS".into()), ..spec("oci://r.example/c/t:1") }, d.path())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("charts[0].namespace"), "{e}");
     }
 }

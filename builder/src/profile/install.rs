@@ -194,7 +194,8 @@ mod tests {
         assert_eq!(p.install.mode, InstallMode::InPlace);
         let err = test_parse_error("install:\n  mode: pxe\n");
         assert!(err.contains("pxe"), "{err}");
-        let p = test_profile("install: { mode: installer, target: /dev/disk/by-id/virtio-kiln*, wipe: true, after: reboot, min_size: 4GiB }\n");
+        let p =
+            test_profile("install: { mode: installer, target: /dev/disk/by-id/virtio-kiln*, wipe: true, after: reboot, min_size: 4GiB }\n");
         assert_eq!(p.install.target, InstallTarget::Device("/dev/disk/by-id/virtio-kiln*".into()));
         assert!(p.install.wipe);
         assert_eq!(p.install.after, AfterInstall::Reboot);

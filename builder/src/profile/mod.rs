@@ -458,22 +458,28 @@ mod tests {
     #[test]
     fn validation_reports_file_key_and_line() {
         let d = tempfile::tempdir().unwrap();
-        let err = loaded("name: demo\narch: [x86_64]\noverlays:\n  - ./nope\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
+        let err =
+            loaded("name: demo\narch: [x86_64]\noverlays:\n  - ./nope\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("p.yaml:4") && err.contains("overlays") && err.contains("nope"), "{err}");
         let err = loaded("name: Demo!\narch: [x86_64]\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("`name`"), "{err}");
         let err = loaded("name: d\narch: [x86_64, amd64]\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("twice"), "{err}");
-        let err = loaded("name: d\narch: [x86_64]\ninstall: { wipe: true }\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
+        let err =
+            loaded("name: d\narch: [x86_64]\ninstall: { wipe: true }\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
         assert!(err.contains("install.wipe") && err.contains("installer"), "{err}");
-        let err = loaded("name: d\narch: [x86_64]\nfiles:\n  - path: etc/x\n    content: y\n", d.path()).map(|_| ()).map_err(|e| format!("{e:#}")).unwrap_err();
+        let err = loaded("name: d\narch: [x86_64]\nfiles:\n  - path: etc/x\n    content: y\n", d.path())
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+            .unwrap_err();
         assert!(err.contains("files[0].path"), "{err}");
     }
 
     #[test]
     fn every_example_profile_parses_and_validates() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../profiles");
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+        let mut names: Vec<PathBuf> =
+            std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
         names.sort();
         for p in &names {
             LoadedProfile::load(p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
@@ -488,7 +494,10 @@ mod tests {
     fn schema_lists_every_top_level_key() {
         let s = json_schema();
         let props = s["properties"].as_object().unwrap();
-        for k in ["name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars", "hostname", "users", "ssh", "network", "time", "sysctl", "cluster"] {
+        for k in [
+            "name", "arch", "os", "kernel", "platform", "disk", "install", "overlays", "files", "vars", "hostname", "users", "ssh",
+            "network", "time", "sysctl", "cluster",
+        ] {
             assert!(props.contains_key(k), "schema lacks {k}");
         }
     }

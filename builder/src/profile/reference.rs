@@ -24,7 +24,9 @@ fn resolve<'a>(root: &'a Value, v: &'a Value) -> &'a Value {
     }
     // `Option<T>` and defaulted structs appear as anyOf/allOf wrappers.
     for key in ["allOf", "anyOf"] {
-        if let Some(first) = v.get(key).and_then(Value::as_array).and_then(|a| a.iter().find(|x| x.get("type") != Some(&Value::from("null")))) {
+        if let Some(first) =
+            v.get(key).and_then(Value::as_array).and_then(|a| a.iter().find(|x| x.get("type") != Some(&Value::from("null"))))
+        {
             return resolve(root, first);
         }
     }

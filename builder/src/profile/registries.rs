@@ -148,7 +148,9 @@ mod tests {
         assert!(check("", ok_reg).unwrap_err().contains("no `cluster`"));
         check(SERVER, ok_reg).unwrap();
         assert!(check(SERVER, "  mirrors: {docker.io: {endpoint: [\"m.lan\"]}}\n").unwrap_err().contains("not an http:// or https:// URL"));
-        assert!(check(SERVER, "  configs: {\"r:5000\": {auth: {username: u, password_file: nope}}}\n").unwrap_err().contains("registries.configs.r:5000.auth.password_file"));
+        assert!(check(SERVER, "  configs: {\"r:5000\": {auth: {username: u, password_file: nope}}}\n")
+            .unwrap_err()
+            .contains("registries.configs.r:5000.auth.password_file"));
         assert!(check(SERVER, "  configs: {\"r:5000\": {tls: {cert_file: c.pem}}}\n").unwrap_err().contains("go together"));
         assert!(check(SERVER, "  configs: {\"https://r\": {}}\n").unwrap_err().contains("without a scheme"));
         // Passwords are never written inline in the profile.

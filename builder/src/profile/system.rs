@@ -231,11 +231,7 @@ pub fn validate(p: &Profile) -> Result<()> {
 }
 
 fn is_dns_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
+    !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') && !s.starts_with('-') && !s.ends_with('-')
 }
 
 /// Account and group names kiln's base system already uses (see `setup.rs`).
@@ -276,9 +272,7 @@ fn validate_users(p: &Profile) -> Result<()> {
             check_ssh_key(k).with_context(|| format!("key `{key}.ssh_authorized_keys[{j}]`"))?;
         }
         if let Some(h) = &u.password_hash {
-            let ok = h.0.starts_with('$')
-                && h.0.len() >= 8
-                && h.0.chars().all(|c| c.is_ascii_alphanumeric() || "$./=,-".contains(c));
+            let ok = h.0.starts_with('$') && h.0.len() >= 8 && h.0.chars().all(|c| c.is_ascii_alphanumeric() || "$./=,-".contains(c));
             if !ok {
                 // The value itself is not repeated: it may be a real secret pasted by mistake.
                 bail!("key `{key}.password_hash`: not a crypt(3) hash (expected `$y$...` or `$6$...`, e.g. from `mkpasswd`)");

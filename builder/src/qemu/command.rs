@@ -37,8 +37,7 @@ pub fn extra_disk(arg: &str) -> anyhow::Result<PathBuf> {
         ))
         .into());
     };
-    let bytes: crate::size::Size =
-        size.parse().map_err(|e| crate::error::UsageError(format!("--disk {arg}: {e}")))?;
+    let bytes: crate::size::Size = size.parse().map_err(|e| crate::error::UsageError(format!("--disk {arg}: {e}")))?;
     let f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -297,8 +296,7 @@ fn nic_device(spec: &VmSpec) -> anyhow::Result<String> {
 fn copy_vars(template: &Path, workdir: &Path) -> anyhow::Result<PathBuf> {
     let name = template.file_name().context("UEFI variable store path has no file name")?;
     let dest = workdir.join(name);
-    fs::copy(template, &dest)
-        .with_context(|| format!("copying UEFI variable store {} to {}", template.display(), dest.display()))?;
+    fs::copy(template, &dest).with_context(|| format!("copying UEFI variable store {} to {}", template.display(), dest.display()))?;
     // Debian's templates are read-only (0644 as root, but a copy of a 0444 file stays 0444): QEMU must write it.
     let mut perms = fs::metadata(&dest).with_context(|| format!("reading {}", dest.display()))?.permissions();
     #[allow(clippy::permissions_set_readonly_false)]
@@ -342,9 +340,7 @@ mod tests {
     /// A firmware directory laid out flat, with tiny stand-in files (the command line never reads them).
     fn fake_firmware_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
-        for name in
-            ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "AAVMF_CODE.fd", "AAVMF_VARS.fd", "fw_dynamic.bin", "u-boot.bin"]
-        {
+        for name in ["OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd", "AAVMF_CODE.fd", "AAVMF_VARS.fd", "fw_dynamic.bin", "u-boot.bin"] {
             fs::write(dir.path().join(name), name.as_bytes()).unwrap();
         }
         dir
@@ -376,10 +372,7 @@ mod tests {
         assert!(has(&args, "-m", "1024") && has(&args, "-smp", "1"), "{args:?}");
         let code = fw.path().join("OVMF_CODE_4M.fd");
         let vars = work.path().join("OVMF_VARS_4M.fd");
-        assert!(
-            has(&args, "-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display())),
-            "{args:?}"
-        );
+        assert!(has(&args, "-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display())), "{args:?}");
         assert!(has(&args, "-drive", &format!("if=pflash,format=raw,unit=1,file={}", vars.display())), "{args:?}");
         assert_eq!(fs::read(&vars).unwrap(), b"OVMF_VARS_4M.fd", "vars copy made in the work dir");
         assert!(!fs::metadata(&vars).unwrap().permissions().readonly());
@@ -395,15 +388,9 @@ mod tests {
         let cmd = command(&spec_with(Arch::Aarch64, fw.path()), work.path()).unwrap();
         let args = args_of(&cmd);
         assert_eq!(cmd.get_program(), "qemu-system-aarch64");
-        assert!(
-            has(&args, "-accel", "tcg") && has(&args, "-machine", "virt") && has(&args, "-cpu", "cortex-a72"),
-            "{args:?}"
-        );
+        assert!(has(&args, "-accel", "tcg") && has(&args, "-machine", "virt") && has(&args, "-cpu", "cortex-a72"), "{args:?}");
         let code = fw.path().join("AAVMF_CODE.fd");
-        assert!(
-            has(&args, "-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display())),
-            "{args:?}"
-        );
+        assert!(has(&args, "-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", code.display())), "{args:?}");
         assert!(work.path().join("AAVMF_VARS.fd").is_file(), "vars copy made");
     }
 
@@ -426,10 +413,7 @@ mod tests {
         let fw = fake_firmware_dir();
         let work = tempfile::tempdir().unwrap();
         let spec = VmSpec {
-            disks: vec![
-                Disk { path: "/img/a,b.img".into(), snapshot: false },
-                Disk { path: "/img/boot.img".into(), snapshot: true },
-            ],
+            disks: vec![Disk { path: "/img/a,b.img".into(), snapshot: false }, Disk { path: "/img/boot.img".into(), snapshot: true }],
             boot_disk: 1,
             memory_mib: 2048,
             net: Net::User { hostfwd: vec!["tcp:127.0.0.1:2222-:22".into()] },
@@ -457,7 +441,11 @@ mod tests {
         assert!(command(&bad, work.path()).is_err());
 
         // A VM on a test LAN: QEMU runs inside the namespace, its NIC on the tap with the given MAC.
-        let tap = VmSpec { net: Net::Tap { netns: "kiln-t".into(), ifname: "tap1".into() }, mac: Some("52:54:00:e7:00:01".into()), ..spec.clone() };
+        let tap = VmSpec {
+            net: Net::Tap { netns: "kiln-t".into(), ifname: "tap1".into() },
+            mac: Some("52:54:00:e7:00:01".into()),
+            ..spec.clone()
+        };
         let cmd = command(&tap, work.path()).unwrap();
         assert_eq!(cmd.get_program(), "ip");
         let args = args_of(&cmd);

@@ -80,14 +80,10 @@ pub struct Vm {
 impl Vm {
     /// Starts QEMU for `spec`; the console (and QEMU's stderr) are appended to `log`.
     pub fn start(spec: &VmSpec, log: &Path) -> anyhow::Result<Vm> {
-        let workdir =
-            tempfile::Builder::new().prefix("kiln-vm-").tempdir().context("creating a temporary directory")?;
+        let workdir = tempfile::Builder::new().prefix("kiln-vm-").tempdir().context("creating a temporary directory")?;
         let mut cmd = command(spec, workdir.path())?;
-        let log_file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .with_context(|| format!("opening console log {}", log.display()))?;
+        let log_file =
+            OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("opening console log {}", log.display()))?;
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         tracing::debug!(?cmd, log = %log.display(), "starting QEMU");
         let mut child = spawn(cmd, spec.arch)?;
@@ -172,8 +168,7 @@ impl Vm {
             if state.console_closed {
                 // QEMU's own error message (the likely reason it exited) may still be in flight.
                 state = wait_until(&shared, state, Duration::from_secs(1), |s| s.stderr_closed);
-                let (tail, stderr) =
-                    (tail_lines(&state.console, TAIL_LINES), String::from_utf8_lossy(&state.stderr).into_owned());
+                let (tail, stderr) = (tail_lines(&state.console, TAIL_LINES), String::from_utf8_lossy(&state.stderr).into_owned());
                 drop(state);
                 let status = self.exit_status_soon();
                 return Err(WaitError::Exited { arch: self.arch, needle: needle.into(), status, stderr, tail }.into());
@@ -231,7 +226,11 @@ impl Vm {
         let tail = tail_lines(&state.console, TAIL_LINES);
         drop(state);
         if !closed {
-            bail!("{}: QEMU still running after {} s (the guest did not power off); last console lines:\n{tail}", self.arch, timeout.as_secs());
+            bail!(
+                "{}: QEMU still running after {} s (the guest did not power off); last console lines:\n{tail}",
+                self.arch,
+                timeout.as_secs()
+            );
         }
         let status = self.child.wait().context("waiting for QEMU")?;
         self.killed = true;
@@ -363,13 +362,8 @@ mod tests {
 
     /// `wait_for` over a real process: `sh` stands in for QEMU (no VM needed).
     fn fake_vm(script: &str, log: &Path) -> Vm {
-        let mut child = Command::new("sh")
-            .args(["-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child =
+            Command::new("sh").args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let shared = Arc::new(Shared {
             state: Mutex::new(Captured {
                 console: Vec::new(),
@@ -418,10 +412,7 @@ mod tests {
     #[test]
     fn a_line_printed_in_pieces_is_returned_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let mut vm = fake_vm(
-            "printf 'BdsDxe'; sleep 0.1; printf ': loading Boot0001\\n'; exec sleep 5",
-            &dir.path().join("p.log"),
-        );
+        let mut vm = fake_vm("printf 'BdsDxe'; sleep 0.1; printf ': loading Boot0001\\n'; exec sleep 5", &dir.path().join("p.log"));
         assert_eq!(vm.wait_for("BdsDxe", Duration::from_secs(3)).unwrap(), "BdsDxe: loading Boot0001");
     }
 
@@ -429,8 +420,7 @@ mod tests {
     fn wait_for_fails_early_on_panic_and_on_exit() {
         let dir = tempfile::tempdir().unwrap();
         let start = Instant::now();
-        let mut vm =
-            fake_vm("echo booting; echo 'Kernel panic - not syncing: VFS'; exec sleep 5", &dir.path().join("a.log"));
+        let mut vm = fake_vm("echo booting; echo 'Kernel panic - not syncing: VFS'; exec sleep 5", &dir.path().join("a.log"));
         let err = vm.wait_for("login:", Duration::from_secs(4)).unwrap_err();
         assert!(matches!(err.downcast_ref::<WaitError>(), Some(WaitError::GuestFailed { .. })), "{err:#}");
         assert!(err.to_string().contains("booting"), "{err}");

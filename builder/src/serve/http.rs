@@ -110,7 +110,11 @@ fn read_line(r: &mut impl BufRead, budget: &mut usize) -> Result<String, BadRequ
         _ => malformed(format!("reading the request: {e}")),
     })?;
     if n == 0 {
-        return Err(if *budget == MAX_HEAD { BadRequest::Closed } else { malformed("connection closed in the middle of the request head") });
+        return Err(if *budget == MAX_HEAD {
+            BadRequest::Closed
+        } else {
+            malformed("connection closed in the middle of the request head")
+        });
     }
     // A line (newline included) of `limit + 1` bytes is over the limit, ended or not.
     if n > limit {

@@ -63,14 +63,11 @@ pub fn refusal_script(why: &str) -> String {
 
 /// The node name of `mac` in an inventory (`MAC NODE` lines, `#` comments).
 pub fn node_for(inventory: &str, mac: &str) -> Option<String> {
-    inventory
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .find_map(|l| {
-            let mut w = l.split_whitespace();
-            let m = crate::serve::state::normalise_mac(w.next()?)?;
-            (m == mac).then(|| w.next().map(str::to_string)).flatten()
-        })
+    inventory.lines().filter(|l| !l.trim_start().starts_with('#')).find_map(|l| {
+        let mut w = l.split_whitespace();
+        let m = crate::serve::state::normalise_mac(w.next()?)?;
+        (m == mac).then(|| w.next().map(str::to_string)).flatten()
+    })
 }
 
 #[cfg(test)]

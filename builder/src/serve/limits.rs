@@ -125,7 +125,8 @@ mod tests {
     #[test]
     fn slots_are_capped_per_peer_and_in_total_and_freed_on_drop() {
         let slots = Slots::new(Limits { max_connections: 5, per_peer: 2, ..Limits::default() });
-        let (a, b, c): (IpAddr, IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
+            ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
         let a1 = slots.acquire(a).unwrap();
         let _a2 = slots.acquire(a).unwrap();
         assert_eq!(slots.acquire(a).unwrap_err(), Refused::PeerFull);

@@ -270,7 +270,9 @@ fn send_file(path: &Path, req: &Request, mut stream: &TcpStream, head: bool) -> 
         RangeAnswer::Whole => (200, "OK", 0, len),
         RangeAnswer::Part { start, end } => (206, "Partial Content", start, end - start + 1),
         RangeAnswer::Unsatisfiable => {
-            let h = format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            let h = format!(
+                "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
             stream.write_all(h.as_bytes())?;
             return Ok(Served { status: 416, bytes: 0 });
         }
@@ -296,7 +298,9 @@ fn content_type(path: &Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
         Some("ipxe") => "text/plain; charset=utf-8",
         Some("json") => "application/json",
-        _ if path.file_name().is_some_and(|n| n == "SHA256SUMS" || n == netboot::PLAN || n == netboot::INVENTORY) => "text/plain; charset=utf-8",
+        _ if path.file_name().is_some_and(|n| n == "SHA256SUMS" || n == netboot::PLAN || n == netboot::INVENTORY) => {
+            "text/plain; charset=utf-8"
+        }
         _ => "application/octet-stream",
     }
 }
@@ -306,7 +310,13 @@ fn boot_script(ctx: &Shared, req: &Request, stream: &TcpStream, head: bool) -> R
     // iPXE sends Host; the URLs in the script point back at the address the machine reached.
     // Only host name or address characters get into the script (the log line has the value).
     let Some(host) = req.host.as_deref().filter(|h| ipxe::host_is_safe(h)) else {
-        return respond_simple(stream, 400, "Bad Request", "boot.ipxe needs a Host header of a host name or address, with an optional port\n", head);
+        return respond_simple(
+            stream,
+            400,
+            "Bad Request",
+            "boot.ipxe needs a Host header of a host name or address, with an optional port\n",
+            head,
+        );
     };
     let origin = format!("http://{host}");
     let Some(raw_mac) = req.param("mac") else {
@@ -318,7 +328,11 @@ fn boot_script(ctx: &Shared, req: &Request, stream: &TcpStream, head: bool) -> R
     };
     let buildarch = req.param("arch").unwrap_or("x86_64");
     let Some(arch) = ipxe::arch_from_buildarch(buildarch) else {
-        return respond_text(stream, &ipxe::refusal_script("no kiln image for the arch= value (x86_64, i386, arm64, aarch64, riscv64)"), head);
+        return respond_text(
+            stream,
+            &ipxe::refusal_script("no kiln image for the arch= value (x86_64, i386, arm64, aarch64, riscv64)"),
+            head,
+        );
     };
     if ctx.store.is_installed(&mac)? {
         return respond_text(stream, &ipxe::local_disk_script(&mac), head);
@@ -327,7 +341,11 @@ fn boot_script(ctx: &Shared, req: &Request, stream: &TcpStream, head: bool) -> R
     let template = match std::fs::read_to_string(dir.join(netboot::SCRIPT)) {
         Ok(t) => t,
         Err(_) => {
-            let why = format!("this build has no {arch} netboot output ({arch}/{}/{}); build with --format netboot", netboot::DIR, netboot::SCRIPT);
+            let why = format!(
+                "this build has no {arch} netboot output ({arch}/{}/{}); build with --format netboot",
+                netboot::DIR,
+                netboot::SCRIPT
+            );
             return respond_text(stream, &ipxe::refusal_script(&why), head);
         }
     };
@@ -381,7 +399,10 @@ pub fn reinstall(dir: &Path, macs: &[String]) -> Result<Vec<String>> {
     let mut missing = Vec::new();
     let normal: Vec<String> = macs
         .iter()
-        .map(|m| state::normalise_mac(m).ok_or_else(|| crate::error::UsageError(format!("--reinstall {m}: not a MAC address (XX:XX:XX:XX:XX:XX)")).into()))
+        .map(|m| {
+            state::normalise_mac(m)
+                .ok_or_else(|| crate::error::UsageError(format!("--reinstall {m}: not a MAC address (XX:XX:XX:XX:XX:XX)")).into())
+        })
         .collect::<Result<_>>()?;
     store.update(|s| {
         for m in &normal {

@@ -54,8 +54,9 @@ impl Store {
     /// The current state; a missing file is an empty state.
     pub fn load(&self) -> Result<State> {
         match std::fs::read_to_string(&self.path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("parsing {} (fix or delete it; it only records which machines are installed)", self.path.display())),
+            Ok(text) => serde_json::from_str(&text).with_context(|| {
+                format!("parsing {} (fix or delete it; it only records which machines are installed)", self.path.display())
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
             Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
         }
@@ -97,7 +98,10 @@ mod tests {
         let store = Store::new(dir.path());
         assert!(!store.is_installed("52:54:00:00:00:01").unwrap());
         store
-            .update(|s| s.installed.insert("52:54:00:00:00:01".into(), Installed { installed_at: 1, arch: Some("x86_64".into()), node: None, image: None }))
+            .update(|s| {
+                s.installed
+                    .insert("52:54:00:00:00:01".into(), Installed { installed_at: 1, arch: Some("x86_64".into()), node: None, image: None })
+            })
             .unwrap();
         assert!(store.is_installed("52:54:00:00:00:01").unwrap());
         assert!(!dir.path().join("serve-state.json.tmp").exists());

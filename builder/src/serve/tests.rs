@@ -370,7 +370,9 @@ fn injection_attempts_produce_no_ipxe_command() {
         }
     };
     let good_host = format!("Host: 10.0.2.2:{}\r\n", srv.addr.port());
-    for mac in ["01:02&&shell", "52:54:00:00:00:0b && shell", "${net0/ip}", "52:54:00:00:00:0b\nshell", "52:54:00:00:00:0b\tshell", " ${x} "] {
+    for mac in
+        ["01:02&&shell", "52:54:00:00:00:0b && shell", "${net0/ip}", "52:54:00:00:00:0b\nshell", "52:54:00:00:00:0b\tshell", " ${x} "]
+    {
         let target = format!("/boot.ipxe?mac={}&arch=x86_64", encode(mac));
         check(mac, &request_on(TcpStream::connect(srv.addr).unwrap(), "GET", &target, &good_host));
     }

@@ -119,7 +119,12 @@ fn wait_all(vm: &Vm, needles: &[&str], what: &str) -> Result<Vec<(String, f64)>>
         }
         let tail: Vec<&str> = console.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
         ensure!(!console.contains("[kiln] error:"), "{what}: a boot error:\n{}", tail.join("\n"));
-        ensure!(vm.elapsed() < TIMEOUT, "{what}: after {TIMEOUT:?} the console lacks {:?}:\n{}", needles.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(n, _)| *n).collect::<Vec<_>>(), tail.join("\n"));
+        ensure!(
+            vm.elapsed() < TIMEOUT,
+            "{what}: after {TIMEOUT:?} the console lacks {:?}:\n{}",
+            needles.iter().zip(&found).filter(|(_, f)| f.is_none()).map(|(n, _)| *n).collect::<Vec<_>>(),
+            tail.join("\n")
+        );
         // Polling the console buffer the VM's reader thread fills; there is no event per line here.
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -148,7 +153,10 @@ fn boots_twice(arch: Arch, out: &Path, dir: &Path) -> Result<()> {
     std::fs::copy(out.join(arch.name()).join("disk.img"), &disk)?;
     let first = boot(arch, &disk, &dir.join(format!("{arch}-console-1.log")), 1)?;
     let archive = format!("kiln-images-{}.tar", arch.debian());
-    ensure!(first.contains(&format!("[kiln] images: the import of {archive}: imported {archive} in")), "{arch}: no import line on the first boot");
+    ensure!(
+        first.contains(&format!("[kiln] images: the import of {archive}: imported {archive} in")),
+        "{arch}: no import line on the first boot"
+    );
     ensure!(first.contains("[once] kiln-container-once-ran"), "{arch}: `once` printed nothing");
     ensure!(first.contains("[kiln] containerd: starting (data on ext4"), "{arch}: containerd's data is not on the ext4 data partition");
     ensure!(!first.contains("container once: starting again"), "{arch}: a `restart: no` container was started again");
@@ -168,21 +176,31 @@ fn container_appliances_run_their_containers_without_a_nic() -> Result<()> {
     let p = profile(&dir, &registry.host(), &busybox)?;
     let out = dir.join("out");
     let started = std::time::Instant::now();
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p.to_str().context("non-UTF-8 dir")?, "--out", out.to_str().context("non-UTF-8 dir")?])?;
+    let (code, log) =
+        kiln_with_cache(&cache_dir()?, &["build", p.to_str().context("non-UTF-8 dir")?, "--out", out.to_str().context("non-UTF-8 dir")?])?;
     ensure!(code == 0, "kiln build failed (exit {code}):\n{log}");
     eprintln!("containerd profile build (x86_64 + aarch64): {:.1} s", started.elapsed().as_secs_f64());
     drop(registry);
     for arch in ARCHS {
         let m = kiln_qemu_tests::manifest(&out, arch)?;
         let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
-        eprintln!("{arch}: root squashfs {:.1} MiB, disk.img {} MiB", root.content_size.unwrap_or(0) as f64 / 1048576.0, m.partitions.last().map(|p| (p.offset + p.size) >> 20).unwrap_or(0));
+        eprintln!(
+            "{arch}: root squashfs {:.1} MiB, disk.img {} MiB",
+            root.content_size.unwrap_or(0) as f64 / 1048576.0,
+            m.partitions.last().map(|p| (p.offset + p.size) >> 20).unwrap_or(0)
+        );
     }
 
     let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ARCHS.iter().map(|&arch| s.spawn({
-            let (out, dir) = (&out, &dir);
-            move || boots_twice(arch, out, dir)
-        })).collect();
+        let handles: Vec<_> = ARCHS
+            .iter()
+            .map(|&arch| {
+                s.spawn({
+                    let (out, dir) = (&out, &dir);
+                    move || boots_twice(arch, out, dir)
+                })
+            })
+            .collect();
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("boot thread panicked")))).collect()
     });
     for r in results {

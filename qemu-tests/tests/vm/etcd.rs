@@ -67,7 +67,10 @@ fn etcdctl(via: Option<&Lan>, endpoints: &[String], args: &[&str]) -> Result<Str
         Some(lan) => lan.command("etcdctl"),
         None => Command::new("etcdctl"),
     };
-    cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={}", endpoints.join(","))).args(["--dial-timeout=5s", "--command-timeout=15s"]).args(args);
+    cmd.env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(["--dial-timeout=5s", "--command-timeout=15s"])
+        .args(args);
     let out = cmd.output().context("running etcdctl: install Debian's `etcd-client` (.ci/install-host-deps does)")?;
     if !out.status.success() {
         bail!("etcdctl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());

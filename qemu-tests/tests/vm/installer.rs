@@ -17,7 +17,10 @@ use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::manifest::Manifest;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
-use kiln_qemu_tests::{sgdisk_partition as partition, build_with_test_key, free_port, manifest, sha256_range, ssh_until_ok, tool, work_dir, KeyedBuild, BOOT_TIMEOUT};
+use kiln_qemu_tests::{
+    build_with_test_key, free_port, manifest, sgdisk_partition as partition, sha256_range, ssh_until_ok, tool, work_dir, KeyedBuild,
+    BOOT_TIMEOUT,
+};
 
 const GIB: u64 = 1 << 30;
 /// From power-on to `install: done` and power-off: a boot to the initramfs plus writing and reading
@@ -65,10 +68,17 @@ fn check_installed(arch: Arch, target: &Path, m: &Manifest) -> Result<()> {
     let verify = tool(Command::new("sgdisk").arg("-v").arg(target), "gdisk")?;
     ensure!(verify.contains("No problems found"), "{arch}: sgdisk -v {}:\n{verify}", target.display());
     let table = tool(Command::new("sgdisk").arg("-p").arg(target), "gdisk")?;
-    ensure!(table.to_lowercase().contains(&format!("disk identifier (guid): {}", install.disk_guid)), "{arch}: disk GUID is not the manifest's:\n{table}");
+    ensure!(
+        table.to_lowercase().contains(&format!("disk identifier (guid): {}", install.disk_guid)),
+        "{arch}: disk GUID is not the manifest's:\n{table}"
+    );
     for p in &install.partitions {
         let (first, last, name) = partition(&table, p.number).with_context(|| format!("{arch}: no partition {}:\n{table}", p.number))?;
-        ensure!(name == p.name && first * 512 == p.offset && (last + 1 - first) * 512 == p.size, "{arch}: partition {} is `{name}` {first}-{last}, manifest says {p:?}", p.number);
+        ensure!(
+            name == p.name && first * 512 == p.offset && (last + 1 - first) * 512 == p.size,
+            "{arch}: partition {} is `{name}` {first}-{last}, manifest says {p:?}",
+            p.number
+        );
         if let (Some(sha), Some(len)) = (&p.content_sha256, p.content_size) {
             let got = sha256_range(target, p.offset, len)?;
             ensure!(&got == sha, "{arch}: {} on the target has sha256 {got}, the manifest {sha}", p.name);
@@ -76,7 +86,10 @@ fn check_installed(arch: Arch, target: &Path, m: &Manifest) -> Result<()> {
     }
     let (_, last, name) = partition(&table, 4).with_context(|| format!("{arch}: no data partition:\n{table}"))?;
     let sectors = std::fs::metadata(target)?.len() / 512;
-    ensure!(name == "kiln-data" && last + 1 + 2048 >= sectors, "{arch}: partition 4 `{name}` ends at {last} of {sectors} sectors:\n{table}");
+    ensure!(
+        name == "kiln-data" && last + 1 + 2048 >= sectors,
+        "{arch}: partition 4 `{name}` ends at {last} of {sectors} sectors:\n{table}"
+    );
     Ok(())
 }
 
@@ -130,7 +143,12 @@ fn installs_onto_the_larger_disk_and_boots(arch: Arch) -> Result<()> {
     ensure!(console.contains("[kiln] data: mounted /dev/vda4 ("), "{arch}: the data partition was not mounted");
     ensure!(!console.contains("[kiln] install:"), "{arch}: the installed system ran the installer");
     let b = built()?;
-    let out = ssh_until_ok(&b.key, port, "ops", "hostname; cat ~/.ssh/authorized_keys; cat /sys/class/block/vda4/size /sys/class/block/vda/size")?;
+    let out = ssh_until_ok(
+        &b.key,
+        port,
+        "ops",
+        "hostname; cat ~/.ssh/authorized_keys; cat /sys/class/block/vda4/size /sys/class/block/vda/size",
+    )?;
     let lines: Vec<&str> = out.lines().collect();
     ensure!(lines.first() == Some(&"kiln-installed") && lines.get(1) == Some(&b.public.as_str()), "{arch}: ssh ops@: {out}");
     let (data, disk): (u64, u64) = (lines[2].trim().parse()?, lines[3].trim().parse()?);

@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::manifest::InputKind;
 use kiln_qemu_tests::registry::sha;
-use kiln_qemu_tests::{cache_dir, stand_in, extract_range, kiln_with_cache, manifest, tool, work_dir};
+use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, stand_in, tool, work_dir};
 
 /// Stand-in assets with a fresh seed, so each run's digests are new.
 fn stand_in_assets(dir: &Path) -> Result<PathBuf> {
@@ -58,11 +58,13 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
     std::fs::remove_dir_all(&assets)?;
     let out2 = dir.join("out-offline");
     let o2 = out2.to_str().context("non-UTF-8 work dir")?;
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", profile_path.to_str().context("non-UTF-8 work dir")?, "--arch", "x86_64", "--offline", "--out", o2])?;
+    let (code, log) = kiln_with_cache(
+        &cache_dir()?,
+        &["build", profile_path.to_str().context("non-UTF-8 work dir")?, "--arch", "x86_64", "--offline", "--out", o2],
+    )?;
     ensure!(code == 0, "offline kiln build failed (exit {code}):\n{log}");
     Ok(())
 }
-
 
 /// The other example cluster profiles build too (x86_64), and the external-etcd layout's image
 /// carries etcd and its supervisor.
@@ -70,7 +72,8 @@ fn single_server_build_places_verified_k3s_assets() -> Result<()> {
 fn build_with(profile: &Path, assets: &Path, out: &Path, name: &str) -> Result<()> {
     let started = std::time::Instant::now();
     let s = |p: &Path| p.to_str().context("non-UTF-8 work dir").map(str::to_string);
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", &s(profile)?, "--arch", "x86_64", "--k3s-assets", &s(assets)?, "--out", &s(out)?])?;
+    let (code, log) =
+        kiln_with_cache(&cache_dir()?, &["build", &s(profile)?, "--arch", "x86_64", "--k3s-assets", &s(assets)?, "--out", &s(out)?])?;
     ensure!(code == 0, "kiln build {name} failed (exit {code}):\n{log}");
     eprintln!("{name} x86_64 build with stand-in k3s assets: {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -150,9 +153,14 @@ fn k3s_apps_example_places_manifests_chart_and_registries() -> Result<()> {
     let tgz_path = dir.join("hello.tgz");
     std::fs::write(&tgz_path, &tgz)?;
     let members = tool(Command::new("tar").arg("-tzf").arg(&tgz_path), "tar")?;
-    ensure!(members.lines().any(|l| l == "hello/Chart.yaml") && members.lines().any(|l| l == "hello/templates/deployment.yaml"), "chart archive members:\n{members}");
+    ensure!(
+        members.lines().any(|l| l == "hello/Chart.yaml") && members.lines().any(|l| l == "hello/templates/deployment.yaml"),
+        "chart archive members:\n{members}"
+    );
     let hc = String::from_utf8(cat("var/lib/rancher/k3s/server/manifests/chart-hello.yaml")?)?;
-    for want in ["kind: HelmChart", "https://%{KUBERNETES_API}%/static/charts/hello-0.1.0.tgz", "targetNamespace: depot", "hello from the depot"] {
+    for want in
+        ["kind: HelmChart", "https://%{KUBERNETES_API}%/static/charts/hello-0.1.0.tgz", "targetNamespace: depot", "hello from the depot"]
+    {
         ensure!(hc.contains(want), "HelmChart lacks {want}:\n{hc}");
     }
 

@@ -120,16 +120,24 @@ fn x86_64_single_server_is_ready_and_runs_a_pod_from_the_air_gap_images() -> Res
     ssh_at_until_ok(None, &b.key, "127.0.0.1", port, "ops", "true")?;
     kubectl_until(None, &b.key, "127.0.0.1", port, "get nodes", |t| all_ready(t, &["server-1"]))?;
     // No registry is reachable: running pods prove the air-gap images were imported.
-    kubectl_until(None, &b.key, "127.0.0.1", port, "-n kube-system get pods -l k8s-app=kube-dns -o 'jsonpath={.items[*].status.phase}'", |t| {
-        t.trim() == "Running"
+    kubectl_until(
+        None,
+        &b.key,
+        "127.0.0.1",
+        port,
+        "-n kube-system get pods -l k8s-app=kube-dns -o 'jsonpath={.items[*].status.phase}'",
+        |t| t.trim() == "Running",
+    )?;
+    let images = kubectl_until(None, &b.key, "127.0.0.1", port, "get node server-1 -o 'jsonpath={.status.images[*].names}'", |t| {
+        t.contains("busybox")
     })?;
-    let images = kubectl_until(None, &b.key, "127.0.0.1", port, "get node server-1 -o 'jsonpath={.status.images[*].names}'", |t| t.contains("busybox"))?;
     let busybox = images
         .split(|c: char| c == '"' || c == ',' || c == '[' || c == ']' || c.is_whitespace())
         .find(|n| n.contains("busybox") && n.contains(':') && !n.contains("@sha256"))
         .with_context(|| format!("no busybox image among the node's images: {images}"))?
         .to_string();
-    let run = format!("run kiln-probe --image={busybox} --image-pull-policy=Never --restart=Never --command -- sh -c 'echo kiln-airgap-pod-ok'");
+    let run =
+        format!("run kiln-probe --image={busybox} --image-pull-policy=Never --restart=Never --command -- sh -c 'echo kiln-airgap-pod-ok'");
     let (ok, out) = ssh_at(None, &b.key, "127.0.0.1", port, "ops", &format!("/usr/local/bin/k3s kubectl {run}"))?;
     ensure!(ok, "kubectl {run}:\n{out}");
     kubectl_until(None, &b.key, "127.0.0.1", port, "get pod kiln-probe -o 'jsonpath={.status.phase}'", |t| t.trim() == "Succeeded")?;
@@ -141,7 +149,11 @@ fn x86_64_single_server_is_ready_and_runs_a_pod_from_the_air_gap_images() -> Res
 
 /// Boots every node of a LAN profile at once and waits until each is ready and `kubectl get
 /// nodes` on the first server lists all of them Ready; returns that table.
-fn lan_cluster(profile: &str, cell: &'static OnceLock<Result<KeyedBuild, String>>, nodes_: &[(&str, &str, &str)]) -> Result<Option<String>> {
+fn lan_cluster(
+    profile: &str,
+    cell: &'static OnceLock<Result<KeyedBuild, String>>,
+    nodes_: &[(&str, &str, &str)],
+) -> Result<Option<String>> {
     let Some(assets) = assets()? else {
         skip("KILN_K3S_ASSETS not set");
         return Ok(None);

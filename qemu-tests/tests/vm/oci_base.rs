@@ -157,7 +157,11 @@ fn an_os_image_from_a_registry_builds_and_boots() -> Result<()> {
     }
     let m = manifest(&out, Arch::X86_64)?;
     ensure!(m.inputs.iter().any(|i| i.kind == InputKind::Oci && i.name == reference), "manifest inputs: {:?}", m.inputs);
-    ensure!(!m.inputs.iter().any(|i| i.kind == InputKind::Deb && i.name.starts_with("linux-image")), "a Debian kernel was installed: {:?}", m.inputs);
+    ensure!(
+        !m.inputs.iter().any(|i| i.kind == InputKind::Deb && i.name.starts_with("linux-image")),
+        "a Debian kernel was installed: {:?}",
+        m.inputs
+    );
     let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
     let sqfs = dir.join("root.sqfs");
     extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
@@ -182,7 +186,10 @@ fn an_os_image_from_a_registry_builds_and_boots() -> Result<()> {
     push(&dir.join("evil"), &format!("{host}/kiln-test/evil:1"))?;
     let log = build_fails(&dir, "evil", &host, &format!("{host}/kiln-test/evil:1"))?;
     ensure!(
-        log.contains(&format!("image `{host}/kiln-test/evil:1`")) && log.contains(&format!("layer sha256:{evil_digest}")) && log.contains("entry `../../etc/evil`") && log.contains("`..`"),
+        log.contains(&format!("image `{host}/kiln-test/evil:1`"))
+            && log.contains(&format!("layer sha256:{evil_digest}"))
+            && log.contains("entry `../../etc/evil`")
+            && log.contains("`..`"),
         "{log}"
     );
 
@@ -192,7 +199,9 @@ fn an_os_image_from_a_registry_builds_and_boots() -> Result<()> {
     push(&dir.join("bare"), &format!("{host}/kiln-test/bare:1"))?;
     let log = build_fails(&dir, "bare", &host, &format!("{host}/kiln-test/bare:1"))?;
     ensure!(
-        log.contains(&format!("image `{host}/kiln-test/bare:1` has no kernel")) && log.contains("/boot/vmlinuz-<version>") && log.contains("/usr/lib/modules/<version>/vmlinuz"),
+        log.contains(&format!("image `{host}/kiln-test/bare:1` has no kernel"))
+            && log.contains("/boot/vmlinuz-<version>")
+            && log.contains("/usr/lib/modules/<version>/vmlinuz"),
         "{log}"
     );
     Ok(())

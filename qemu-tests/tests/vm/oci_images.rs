@@ -24,7 +24,7 @@ use kiln::arch::Arch;
 use kiln::manifest::InputKind;
 use kiln_qemu_tests::layout::{Layer, Made, TestLayout};
 use kiln_qemu_tests::registry::{push, push_as, sha, Registry, Secured};
-use kiln_qemu_tests::{cache_dir, stand_in, extract_range, kiln_with_cache, manifest, tool, work_dir};
+use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, stand_in, tool, work_dir};
 
 /// Writes an OCI layout holding one index (tag `1`) over one image per platform, each a single
 /// uncompressed layer with `/hello.txt` naming the platform and `seed`. Returns the index digest
@@ -38,7 +38,16 @@ fn make_layout(layout: &Path, platforms: &[(&str, Option<&str>)], seed: &str) ->
         std::fs::write(src.join("hello.txt"), format!("hello from linux/{arch} ({seed})\n"))?;
         let tar_path = layout.join(format!("layer-{arch}.tar"));
         tool(
-            Command::new("tar").arg("--numeric-owner").arg("--owner=0").arg("--group=0").arg("--mtime=@0").arg("-cf").arg(&tar_path).arg("-C").arg(&src).arg("hello.txt"),
+            Command::new("tar")
+                .arg("--numeric-owner")
+                .arg("--owner=0")
+                .arg("--group=0")
+                .arg("--mtime=@0")
+                .arg("-cf")
+                .arg(&tar_path)
+                .arg("-C")
+                .arg(&src)
+                .arg("hello.txt"),
             "tar",
         )?;
         let layer = Layer::plain(std::fs::read(&tar_path)?);
@@ -111,7 +120,12 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
     ensure!(code != 0, "a build needing a missing platform succeeded:\n{log}");
     eprintln!("missing platform: {}", log.lines().find(|l| l.starts_with("error:")).unwrap_or("(no error line)"));
-    ensure!(log.contains(&format!("image `{host}/kiln-test/armonly:1`")) && log.contains("no linux/amd64 image") && log.contains("linux/arm64/v8"), "{log}");
+    ensure!(
+        log.contains(&format!("image `{host}/kiln-test/armonly:1`"))
+            && log.contains("no linux/amd64 image")
+            && log.contains("linux/arm64/v8"),
+        "{log}"
+    );
     ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
 
     // A tampered blob (same size, other bytes) in the registry's storage: refused, nothing stored.
@@ -126,7 +140,12 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
     ensure!(code != 0, "a build with a tampered layer succeeded:\n{log}");
     eprintln!("tampered blob: {}", log.lines().find(|l| l.starts_with("error:")).unwrap_or("(no error line)"));
-    ensure!(log.contains(&format!("image `{host}/kiln-test/tampered:1`")) && log.contains(&format!("layer sha256:{layer}")) && log.contains("does not match"), "{log}");
+    ensure!(
+        log.contains(&format!("image `{host}/kiln-test/tampered:1`"))
+            && log.contains(&format!("layer sha256:{layer}"))
+            && log.contains("does not match"),
+        "{log}"
+    );
     ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
     ensure!(!cache.join("blobs/sha256").join(layer).exists(), "the tampered blob is in the cache");
 
@@ -146,11 +165,17 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     let m = manifest(&out, Arch::X86_64)?;
     let oci: Vec<_> = m.inputs.iter().filter(|i| i.kind == InputKind::Oci).collect();
     ensure!(oci.len() == 1, "manifest oci inputs: {oci:?}");
-    ensure!(oci[0].name == reference && oci[0].version.as_deref() == Some(&format!("sha256:{hello_index}")) && oci[0].sha256 == amd64.manifest, "{:?}", oci[0]);
+    ensure!(
+        oci[0].name == reference && oci[0].version.as_deref() == Some(&format!("sha256:{hello_index}")) && oci[0].sha256 == amd64.manifest,
+        "{:?}",
+        oci[0]
+    );
 
     let layout = dir.join("bundled");
     let archive = bundled_archive(&out, &dir, &layout)?;
-    let mut names: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))?.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect::<Result<_, _>>()?;
+    let mut names: Vec<String> = std::fs::read_dir(layout.join("blobs/sha256"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_, _>>()?;
     names.sort();
     let mut want = vec![amd64.manifest.clone(), amd64.config.clone(), amd64.layers[0].clone()];
     want.sort();
@@ -189,10 +214,55 @@ fn make_tls(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     let (ca, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
     let (cert, key, csr, ext) = (dir.join("server.pem"), dir.join("server.key"), dir.join("server.csr"), dir.join("server.ext"));
     let openssl = |args: &[&str]| tool(Command::new("openssl").args(args), "openssl");
-    openssl(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=kiln test CA", "-keyout", s(&ca_key)?, "-out", s(&ca)?])?;
-    openssl(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", s(&key)?, "-out", s(&csr)?])?;
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=kiln test CA",
+        "-keyout",
+        s(&ca_key)?,
+        "-out",
+        s(&ca)?,
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        s(&key)?,
+        "-out",
+        s(&csr)?,
+    ])?;
     std::fs::write(&ext, "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")?;
-    openssl(&["x509", "-req", "-in", s(&csr)?, "-CA", s(&ca)?, "-CAkey", s(&ca_key)?, "-CAcreateserial", "-days", "2", "-extfile", s(&ext)?, "-out", s(&cert)?])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        s(&csr)?,
+        "-CA",
+        s(&ca)?,
+        "-CAkey",
+        s(&ca_key)?,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        s(&ext)?,
+        "-out",
+        s(&cert)?,
+    ])?;
     Ok((ca, cert, key))
 }
 
@@ -228,10 +298,16 @@ fn a_tls_registry_with_credentials_is_pulled_with_ca_file_and_password_file() ->
         Ok((code, log))
     };
     let (code, log) = fetch("no-ca", "username: kiln, password_file: right.pw")?;
-    ensure!(code != 0 && log.contains(&host) && log.contains("UnknownIssuer") && log.contains("ca_file"), "a registry with an unknown CA was accepted, or the error does not say why (exit {code}):\n{log}");
+    ensure!(
+        code != 0 && log.contains(&host) && log.contains("UnknownIssuer") && log.contains("ca_file"),
+        "a registry with an unknown CA was accepted, or the error does not say why (exit {code}):\n{log}"
+    );
     let ca_file = format!("ca_file: {}", s(&ca)?);
     let (code, log) = fetch("wrong-password", &format!("{ca_file}, username: kiln, password_file: wrong.pw"))?;
-    ensure!(code != 0 && log.contains(&host) && log.contains("Not authorized") && log.contains("password_file"), "a wrong password was accepted, or the error does not say why (exit {code}):\n{log}");
+    ensure!(
+        code != 0 && log.contains(&host) && log.contains("Not authorized") && log.contains("password_file"),
+        "a wrong password was accepted, or the error does not say why (exit {code}):\n{log}"
+    );
     let layer = &made[0].1.layers[0];
     ensure!(!cache_dir()?.join("blobs/sha256").join(layer).exists(), "a failed pull stored the layer");
     let (code, log) = fetch("right", &format!("{ca_file}, username: kiln, password_file: right.pw"))?;
@@ -243,12 +319,17 @@ fn a_tls_registry_with_credentials_is_pulled_with_ca_file_and_password_file() ->
 /// One HTTP/1.0 request to the registry: the status code and the `Location` header.
 fn http(port: u16, method: &str, path: &str, content_type: &str, body: &[u8]) -> Result<(u16, Option<String>)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len())?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
     s.write_all(body)?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    let location = resp.lines().find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: "))).map(|l| l.trim().to_string());
+    let location =
+        resp.lines().find_map(|l| l.strip_prefix("Location: ").or_else(|| l.strip_prefix("location: "))).map(|l| l.trim().to_string());
     Ok((status, location))
 }
 
@@ -274,9 +355,21 @@ fn push_chart(dir: &Path, port: u16, repo: &str, tag: &str, seed: &str) -> Resul
     std::fs::write(src.join("Chart.yaml"), format!("apiVersion: v2\nname: hello-oci\nversion: {tag}\ndescription: test chart {seed}\n"))?;
     std::fs::write(src.join("templates/cm.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {{ .Release.Name }}\n")?;
     let tgz_path = dir.join("hello-oci.tgz");
-    tool(Command::new("tar").arg("--owner=0").arg("--group=0").arg("-czf").arg(&tgz_path).arg("-C").arg(dir.join("chart-src")).arg("hello-oci"), "tar")?;
+    tool(
+        Command::new("tar")
+            .arg("--owner=0")
+            .arg("--group=0")
+            .arg("-czf")
+            .arg(&tgz_path)
+            .arg("-C")
+            .arg(dir.join("chart-src"))
+            .arg("hello-oci"),
+        "tar",
+    )?;
     let tgz = std::fs::read(&tgz_path)?;
-    let config = serde_json::to_vec(&serde_json::json!({"apiVersion": "v2", "name": "hello-oci", "version": tag, "description": format!("test chart {seed}")}))?;
+    let config = serde_json::to_vec(
+        &serde_json::json!({"apiVersion": "v2", "name": "hello-oci", "version": tag, "description": format!("test chart {seed}")}),
+    )?;
     let config_digest = push_blob(port, repo, &config)?;
     let chart_digest = push_blob(port, repo, &tgz)?;
     let manifest = serde_json::to_vec(&serde_json::json!({
@@ -305,7 +398,9 @@ fn registry_charts_are_pulled_and_installed_with_a_helmchart() -> Result<()> {
 
     let p = profile(&dir, "chart", &host, &[])?;
     let mut text = std::fs::read_to_string(&p)?.replace("\nimages:\n", "\nimages: []\n");
-    text.push_str(&format!("charts:\n  - chart: oci://{host}/kiln-test/charts/hello-oci:0.3.0\n    namespace: apps\n    values: {{greeting: \"hi {seed}\"}}\n"));
+    text.push_str(&format!(
+        "charts:\n  - chart: oci://{host}/kiln-test/charts/hello-oci:0.3.0\n    namespace: apps\n    values: {{greeting: \"hi {seed}\"}}\n"
+    ));
     std::fs::write(&p, text)?;
     let out = dir.join("out");
     let started = Instant::now();
@@ -316,16 +411,24 @@ fn registry_charts_are_pulled_and_installed_with_a_helmchart() -> Result<()> {
     let m = manifest(&out, Arch::X86_64)?;
     let charts: Vec<_> = m.inputs.iter().filter(|i| i.kind == InputKind::Chart).collect();
     let reference = format!("oci://{host}/kiln-test/charts/hello-oci:0.3.0");
-    ensure!(charts.len() == 1 && charts[0].name == reference && charts[0].version.as_deref() == Some("0.3.0") && charts[0].sha256 == sha(&tgz), "manifest chart inputs: {charts:?}");
+    ensure!(
+        charts.len() == 1 && charts[0].name == reference && charts[0].version.as_deref() == Some("0.3.0") && charts[0].sha256 == sha(&tgz),
+        "manifest chart inputs: {charts:?}"
+    );
 
     let check = |out: &Path| -> Result<()> {
         let m = manifest(out, Arch::X86_64)?;
         let root = m.partitions.iter().find(|p| p.name == "kiln-root-a").context("no kiln-root-a")?;
         let sqfs = dir.join("root.sqfs");
         extract_range(&out.join("x86_64/disk.img"), root.offset, root.content_size.context("empty root")?, &sqfs)?;
-        let got = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg("var/lib/rancher/k3s/server/static/charts/hello-oci-0.3.0.tgz").output()?;
+        let got = Command::new("unsquashfs")
+            .arg("-cat")
+            .arg(&sqfs)
+            .arg("var/lib/rancher/k3s/server/static/charts/hello-oci-0.3.0.tgz")
+            .output()?;
         ensure!(got.status.success() && got.stdout == tgz, "the chart in the image is not the pushed one: {:?}", got.status);
-        let hc = Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg("var/lib/rancher/k3s/server/manifests/chart-hello-oci.yaml").output()?;
+        let hc =
+            Command::new("unsquashfs").arg("-cat").arg(&sqfs).arg("var/lib/rancher/k3s/server/manifests/chart-hello-oci.yaml").output()?;
         let hc = String::from_utf8_lossy(&hc.stdout);
         for want in ["kind: HelmChart", "https://%{KUBERNETES_API}%/static/charts/hello-oci-0.3.0.tgz", "targetNamespace: apps", &seed] {
             ensure!(hc.contains(want), "HelmChart lacks {want}:\n{hc}");

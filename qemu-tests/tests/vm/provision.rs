@@ -53,7 +53,8 @@ fn boot(arch: Arch, disk: &Path, port: u16, log: &Path) -> Result<Vm> {
 
 /// The VM's ed25519 host key as the host's `ssh-keyscan` sees it (the base64 blob).
 fn host_key(port: u16) -> Result<String> {
-    let text = tool(Command::new("ssh-keyscan").args(["-T", "30", "-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"]), "openssh-client")?;
+    let text =
+        tool(Command::new("ssh-keyscan").args(["-T", "30", "-t", "ed25519", "-p", &port.to_string(), "127.0.0.1"]), "openssh-client")?;
     text.lines()
         .find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
@@ -108,13 +109,9 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     ensure!(lines.first() == Some(&HOSTNAME), "{arch}: hostname: {out}");
     ensure!(lines.get(1) == Some(&"17"), "{arch}: vm.swappiness: {out}");
     ensure!(matches!(lines.get(2), Some(&"CET") | Some(&"CEST")), "{arch}: time zone: {out}");
-    for want in [
-        "tun-loaded",
-        "700 ops /home/ops/.ssh",
-        "600 ops /home/ops/.ssh/authorized_keys",
-        "600 root /etc/shadow",
-        "700 root /etc/dropbear",
-    ] {
+    for want in
+        ["tun-loaded", "700 ops /home/ops/.ssh", "600 ops /home/ops/.ssh/authorized_keys", "600 root /etc/shadow", "700 root /etc/dropbear"]
+    {
         ensure!(lines.contains(&want), "{arch}: ssh output lacks `{want}`:\n{out}");
     }
     ensure!(lines.last().is_some_and(|l| l.split_whitespace().any(|g| g == "adm")), "{arch}: ops is not in adm: {out}");
@@ -136,7 +133,11 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     // (getty prints its prompt right after `[kiln] ready`, long before chronyd has stepped the clock.)
     let console = vm.console();
     ensure!(console.contains(&format!("{HOSTNAME} login:")), "{arch}: no login prompt on the serial console");
-    ensure!(!console.contains("can't run"), "{arch}: init could not start a program:\n{}", console.lines().filter(|l| l.contains("can't run")).collect::<Vec<_>>().join("\n"));
+    ensure!(
+        !console.contains("can't run"),
+        "{arch}: init could not start a program:\n{}",
+        console.lines().filter(|l| l.contains("can't run")).collect::<Vec<_>>().join("\n")
+    );
 
     // The default policy refuses root.
     let (ok, text) = ssh(&b.key, port, "root", "true")?;
@@ -147,7 +148,11 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     // Second boot of the same disk: the keys from the first boot are kept.
     let mut vm = boot(arch, &disk, port, &dir.join("console-2.log"))?;
     let console = vm.console();
-    ensure!(console.contains("[kiln] ssh: dropbear on port 22") && console.contains("host keys kept"), "{arch}: second boot:\n{}", kiln_lines(&console));
+    ensure!(
+        console.contains("[kiln] ssh: dropbear on port 22") && console.contains("host keys kept"),
+        "{arch}: second boot:\n{}",
+        kiln_lines(&console)
+    );
     ensure!(!console.contains("generated host keys"), "{arch}: second boot generated host keys again");
     ssh_until_ok(&b.key, port, USER, "true")?;
     let second_key = host_key(port)?;
@@ -183,7 +188,8 @@ fn x86_64_dhcp_without_a_server_does_not_hang_the_boot() -> Result<()> {
     let mut spec = VmSpec::new(arch);
     spec.disks = vec![Disk { path: b.out.join(arch.name()).join("disk.img"), snapshot: true }];
     // `romfile=`: no iPXE option ROM, so the firmware does not try to boot from the NIC.
-    spec.extra_args = ["-netdev", "hubport,id=lonely,hubid=7", "-device", "virtio-net-pci,netdev=lonely,romfile="].map(String::from).to_vec();
+    spec.extra_args =
+        ["-netdev", "hubport,id=lonely,hubid=7", "-device", "virtio-net-pci,netdev=lonely,romfile="].map(String::from).to_vec();
     let mut vm = Vm::start(&spec, &dir.join("console.log"))?;
     vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
     let console = vm.console();

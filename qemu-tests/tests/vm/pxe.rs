@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
-use kiln_qemu_tests::{cache_dir, free_port, kiln_bin, kiln_with_cache, manifest, sgdisk_partition, sha256_range, tool, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::{
+    cache_dir, free_port, kiln_bin, kiln_with_cache, manifest, sgdisk_partition, sha256_range, tool, work_dir, BOOT_TIMEOUT,
+};
 
 const PROFILE: &str = "qemu-tests/profiles/pxe.yaml";
 /// From power-on through iPXE, the installer's DHCP and the streamed download (~150 MiB over
@@ -134,7 +136,10 @@ fn build(cell: &'static OnceLock<Result<PathBuf, String>>, arch: Arch) -> Result
         let run = || -> Result<PathBuf> {
             let out = work_dir(&format!("pxe-build-{arch}"))?;
             let started = Instant::now();
-            let (code, log) = kiln_with_cache(&cache_dir()?, &["build", PROFILE, "--arch", arch.name(), "--format", "disk,netboot", "--out", out.to_str().context("non-UTF-8 dir")?])?;
+            let (code, log) = kiln_with_cache(
+                &cache_dir()?,
+                &["build", PROFILE, "--arch", arch.name(), "--format", "disk,netboot", "--out", out.to_str().context("non-UTF-8 dir")?],
+            )?;
             ensure!(code == 0, "kiln build --format disk,netboot failed (exit {code}):\n{log}");
             eprintln!("{PROFILE} {arch} build (disk + netboot): {:.1} s", started.elapsed().as_secs_f64());
             Ok(out)
@@ -184,7 +189,10 @@ fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
     vm.wait_for("[kiln] ready", BOOT_TIMEOUT)?;
     // Not in the inventory: no kiln.node= for the installer, the default identity after it.
     let derived = format!("rack-{}", MAC.replace(':', ""));
-    ensure!(vm.console().contains(&format!("[kiln] identity: node={derived} roles=none by=default")), "no default identity {derived} on the console");
+    ensure!(
+        vm.console().contains(&format!("[kiln] identity: node={derived} roles=none by=default")),
+        "no default identity {derived} on the console"
+    );
     ensure!(!vm.console().contains("kiln.node="), "a machine outside the inventory was given kiln.node=");
     eprintln!("{arch}: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());
     vm.kill();
@@ -215,7 +223,11 @@ fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
     vm.kill();
 
     let lines = serve.lines();
-    ensure!(lines.iter().any(|l| l.contains("GET /x86_64/netboot/root.img") && l.contains(" 200 ")), "no root.img download logged:\n{}", lines.join("\n"));
+    ensure!(
+        lines.iter().any(|l| l.contains("GET /x86_64/netboot/root.img") && l.contains(" 200 ")),
+        "no root.img download logged:\n{}",
+        lines.join("\n")
+    );
     ensure!(lines.iter().any(|l| l.contains("POST /installed") && l.contains(MAC)), "no install report logged");
     let status = serve.interrupt()?;
     ensure!(status.success(), "kiln serve exited {status} on SIGINT");
@@ -287,7 +299,11 @@ fn aarch64_pxe_through_firmware_tftp_and_ipxe_installs_and_boots_from_disk() -> 
     // The inventory node: named to the installer by the server, found again by MAC once installed,
     // and running that node's role.
     let console = vm.console();
-    ensure!(console.contains(&format!("[kiln] install: this machine is inventory node rack-a1 (kiln.node= from the server, chosen by MAC {mac})")), "the installer was not told its node");
+    ensure!(
+        console
+            .contains(&format!("[kiln] install: this machine is inventory node rack-a1 (kiln.node= from the server, chosen by MAC {mac})")),
+        "the installer was not told its node"
+    );
     ensure!(console.contains("[kiln] identity: node=rack-a1 roles=etcd by=mac"), "the installed system did not find itself as rack-a1");
     ensure!(console.contains("[kiln] etcd: starting member rack-a1"), "rack-a1's etcd member did not start");
     eprintln!("aarch64: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());

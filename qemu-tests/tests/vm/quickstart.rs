@@ -17,7 +17,10 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::{cache_dir, extract_range, flash_grown, kiln_with_cache, manifest, quickstart as build_quickstart, repo_root, sgdisk_partition as partition, tool, wait_ready, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::{
+    cache_dir, extract_range, flash_grown, kiln_with_cache, manifest, quickstart as build_quickstart, repo_root,
+    sgdisk_partition as partition, tool, wait_ready, work_dir, BOOT_TIMEOUT,
+};
 
 fn quickstart() -> Result<&'static Path> {
     build_quickstart("quickstart-build")
@@ -28,7 +31,6 @@ fn kiln(args: &[&str]) -> Result<(bool, String)> {
     let (code, text) = kiln_with_cache(&cache_dir()?, args)?;
     Ok((code == 0, text))
 }
-
 
 #[test]
 fn quickstart_images_pass_the_reference_tools() -> Result<()> {
@@ -90,9 +92,15 @@ fn offline_rebuild_in_another_directory_is_byte_identical() -> Result<()> {
 fn flashing_formats_write_the_image(dir: &Path, arch: Arch) -> Result<()> {
     let image_sha = kiln::digest::sha256_file(&dir.join("disk.img"))?;
     let recorded: Vec<String> = manifest(dir.parent().unwrap(), arch)?.outputs.iter().map(|o| o.file.clone()).collect();
-    ensure!(recorded.iter().any(|f| f == "disk.img.zst") && recorded.iter().any(|f| f == "disk.img.bmap"), "{arch}: manifest outputs {recorded:?}");
+    ensure!(
+        recorded.iter().any(|f| f == "disk.img.zst") && recorded.iter().any(|f| f == "disk.img.bmap"),
+        "{arch}: manifest outputs {recorded:?}"
+    );
     let by_bmaptool = dir.join("bmaptool.img");
-    tool(Command::new("bmaptool").arg("copy").arg("--bmap").arg(dir.join("disk.img.bmap")).arg(dir.join("disk.img.zst")).arg(&by_bmaptool), "bmap-tools")?;
+    tool(
+        Command::new("bmaptool").arg("copy").arg("--bmap").arg(dir.join("disk.img.bmap")).arg(dir.join("disk.img.zst")).arg(&by_bmaptool),
+        "bmap-tools",
+    )?;
     ensure!(kiln::digest::sha256_file(&by_bmaptool)? == image_sha, "{arch}: bmaptool copy of disk.img.zst is not disk.img");
     let by_kiln = dir.join("flashed.img");
     let (ok, log) = kiln(&["flash", dir.join("disk.img.zst").to_str().unwrap(), by_kiln.to_str().unwrap(), "--yes"])?;
@@ -192,7 +200,10 @@ fn grows_on_first_boot_once(arch: Arch) -> Result<()> {
     ensure!(last + 1 + (1 << 20) / SECTOR >= disk_sectors, "{arch}: partition 4 ends at sector {last} of {disk_sectors}:\n{table}");
     // It takes the free space right after the B slot (1 MiB-aligned), which was the image's headroom.
     let (_, b_last, _) = partition(&table, 3).with_context(|| format!("{arch}: no partition 3:\n{table}"))?;
-    ensure!(first > b_last && first <= (b_last + 1).div_ceil(2048) * 2048, "{arch}: partition 4 starts at sector {first}, not after partition 3:\n{table}");
+    ensure!(
+        first > b_last && first <= (b_last + 1).div_ceil(2048) * 2048,
+        "{arch}: partition 4 starts at sector {first}, not after partition 3:\n{table}"
+    );
     ensure!(first * SECTOR < image_size, "{arch}: partition 4 does not use the image's headroom:\n{table}");
 
     // The filesystem, checked by the reference tool on a (sparse) copy of the partition.
@@ -245,7 +256,8 @@ fn a_package_that_does_not_exist_fails_naming_it_and_leaves_no_image() -> Result
     let text = std::fs::read_to_string(&p)?.replace("packages: []", "packages: [kiln-no-such-package]");
     std::fs::write(&p, text)?;
     let out = dir.join("out");
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    let (code, log) =
+        kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
     ensure!(code == 1, "exit {code}:\n{log}");
     ensure!(log.contains("kiln-no-such-package"), "{log}");
     ensure!(!out.join("riscv64/disk.img").exists(), "image left behind");
@@ -260,7 +272,8 @@ fn an_undefined_template_variable_fails_naming_it_and_leaves_no_image() -> Resul
     let text = std::fs::read_to_string(&p)?.replace("Welcome to {{name}}", "Welcome to {{vars.undefined_thing}}");
     std::fs::write(&p, text)?;
     let out = dir.join("out");
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    let (code, log) =
+        kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
     ensure!(code == 2, "exit {code}:\n{log}");
     ensure!(log.contains("undefined_thing"), "{log}");
     ensure!(!out.join("riscv64/disk.img").exists(), "image left behind");
@@ -312,7 +325,8 @@ fn a_failing_boot_step_reports_an_error_and_leaves_a_console_shell() -> Result<(
     let text = std::fs::read_to_string(&p)?.replace("overlays:\n", &format!("overlays:\n  - {}\n", overlay.display()));
     std::fs::write(&p, text)?;
     let out = dir.join("out");
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
+    let (code, log) =
+        kiln_with_cache(&cache_dir()?, &["build", p.to_str().unwrap(), "--offline", "--arch", "riscv64", "--out", out.to_str().unwrap()])?;
     ensure!(code == 0, "build failed:\n{log}");
 
     let mut spec = VmSpec::new(Arch::Riscv64);

@@ -20,7 +20,10 @@ const MAX_CLUSTER_NAME: usize = 63 - 13;
 pub fn validate(p: &Profile) -> Result<()> {
     let Some(c) = &p.cluster else { return Ok(()) };
     if !is_label(&c.name) || c.name.len() > MAX_CLUSTER_NAME {
-        bail!("key `cluster.name`: `{}` must be a lower-case DNS label (letters, digits, `-`) of at most {MAX_CLUSTER_NAME} characters", c.name);
+        bail!(
+            "key `cluster.name`: `{}` must be a lower-case DNS label (letters, digits, `-`) of at most {MAX_CLUSTER_NAME} characters",
+            c.name
+        );
     }
     if let Some(f) = &c.token_file {
         if f.as_os_str().is_empty() {
@@ -50,7 +53,9 @@ pub fn validate(p: &Profile) -> Result<()> {
     }
     if let Some(s) = &c.k3s.source {
         if s.trim().is_empty() || s.contains(['\n', '\r']) {
-            bail!("key `cluster.k3s.source`: give an `http(s)://` mirror URL or a directory, or remove the key for the k3s release downloads");
+            bail!(
+                "key `cluster.k3s.source`: give an `http(s)://` mirror URL or a directory, or remove the key for the k3s release downloads"
+            );
         }
     }
     for (arch, pin) in &c.k3s.sha256 {
@@ -238,7 +243,8 @@ pub fn check_version(v: &str) -> Result<(), String> {
 pub(crate) mod tests {
     use crate::profile::{test_parse, test_profile};
 
-    const MACS: [&str; 6] = ["52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03", "52:54:00:00:00:04", "52:54:00:00:00:05", "52:54:00:00:00:06"];
+    const MACS: [&str; 6] =
+        ["52:54:00:00:00:01", "52:54:00:00:00:02", "52:54:00:00:00:03", "52:54:00:00:00:04", "52:54:00:00:00:05", "52:54:00:00:00:06"];
 
     fn node(i: usize, roles: &str, addr: bool) -> String {
         let a = if addr { format!(", address: 10.0.0.{}/24", 10 + i) } else { String::new() };
@@ -338,10 +344,16 @@ pub(crate) mod tests {
 
     #[test]
     fn node_addresses_may_not_contradict_the_global_network() {
-        let p = test_profile(&format!("network: {{interfaces: {{eth0: {{address: 10.0.0.5/24}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)]))));
+        let p = test_profile(&format!(
+            "network: {{interfaces: {{eth0: {{address: 10.0.0.5/24}}}}}}\ncluster:\n  name: lab\n{}",
+            with_version(&nodes(&[node(0, "server", true)]))
+        ));
         let err = format!("{:#}", super::validate(&p).unwrap_err());
         assert!(err.contains("cluster.nodes[0].address") && err.contains("network.interfaces.eth0"), "{err}");
-        let ok = test_profile(&format!("network: {{interfaces: {{eth0: {{dhcp: true}}}}}}\ncluster:\n  name: lab\n{}", with_version(&nodes(&[node(0, "server", true)]))));
+        let ok = test_profile(&format!(
+            "network: {{interfaces: {{eth0: {{dhcp: true}}}}}}\ncluster:\n  name: lab\n{}",
+            with_version(&nodes(&[node(0, "server", true)]))
+        ));
         super::validate(&ok).unwrap();
     }
 
@@ -358,7 +370,9 @@ pub(crate) mod tests {
         for good in ["v1.33.5+k3s1", "v1.30.0+k3s12"] {
             super::check_version(good).unwrap();
         }
-        for bad in ["", "1.33.5+k3s1", "v1.33.5", "v1.33+k3s1", "v1.33.5+rke2r1", "v1.33.5+k3s", "v1.33.x+k3s1", "v1.33.5-rc1+k3s1", "latest"] {
+        for bad in
+            ["", "1.33.5+k3s1", "v1.33.5", "v1.33+k3s1", "v1.33.5+rke2r1", "v1.33.5+k3s", "v1.33.x+k3s1", "v1.33.5-rc1+k3s1", "latest"]
+        {
             let err = super::check_version(bad).unwrap_err();
             assert!(err.contains("vMAJOR.MINOR.PATCH+k3sN"), "{bad}: {err}");
         }
