@@ -181,7 +181,8 @@ impl Default for Os {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Kernel {
-    /// Extra kernel command line, appended to kiln's own.
+    /// Extra kernel command line, appended to kiln's own: printable characters on one line;
+    /// `kiln.*` parameters are kiln's own (set per image and per machine) and refused here.
     #[serde(default)]
     pub cmdline: String,
     /// Extra kernel modules to put in the initramfs (with their dependencies).
@@ -301,6 +302,7 @@ impl LoadedProfile {
         let p = &self.profile;
         let base = self.base_dir();
         let sections = [
+            check_cmdline(&p.kernel.cmdline),
             install::validate(&p.install),
             system::validate(p),
             cluster::validate(p),
@@ -366,6 +368,21 @@ impl LoadedProfile {
         }
         Ok(())
     }
+}
+
+/// `kernel.cmdline` goes into boot loader entries, extlinux and iPXE scripts line by line: a
+/// control character could end the line and start a directive of its own. `kiln.*` parameters
+/// steer first boot and installs (`kiln.rootname`, `kiln.install`, `kiln.node`, `kiln.mac`):
+/// kiln sets them, a profile must not.
+fn check_cmdline(cmdline: &str) -> Result<()> {
+    if let Some(c) = cmdline.chars().find(|c| c.is_control()) {
+        bail!("key `kernel.cmdline`: contains the control character {c:?}; write the parameters on one line, separated by spaces");
+    }
+    if let Some(word) = cmdline.split_whitespace().find(|w| w.starts_with("kiln.")) {
+        let key = word.split('=').next().unwrap_or(word);
+        bail!("key `kernel.cmdline`: `{key}` is reserved: kiln sets the `kiln.*` parameters itself (a machine's node comes from `cluster.nodes` by MAC, or `kiln.node=` typed at its boot loader)");
+    }
+    Ok(())
 }
 
 /// Profile YAML that does not parse into a [`Profile`]: bad YAML, an unknown key, a wrong type
@@ -453,6 +470,23 @@ mod tests {
         let path = dir.join("p.yaml");
         std::fs::write(&path, text).unwrap();
         LoadedProfile::load(&path)
+    }
+
+    #[test]
+    fn kernel_cmdline_is_one_line_without_kiln_parameters() {
+        let d = tempfile::tempdir().unwrap();
+        let check = |cmdline: &str| {
+            let yaml = format!("name: d\narch: [x86_64]\nkernel: {{cmdline: {}}}\n", serde_json::to_string(cmdline).unwrap());
+            loaded(&yaml, d.path()).map(|_| ()).map_err(|e| format!("{e:#}"))
+        };
+        assert!(check("quiet loglevel=3 console=ttyS1,115200").is_ok());
+        let newline = check("quiet\ninitrd /evil").unwrap_err();
+        assert!(newline.contains("kernel.cmdline") && newline.contains("control character"), "{newline}");
+        assert!(check("quiet\tx").is_err());
+        let reserved = check("quiet kiln.install=1").unwrap_err();
+        assert!(reserved.contains("`kiln.install` is reserved"), "{reserved}");
+        assert!(check("kiln.node").unwrap_err().contains("`kiln.node` is reserved"));
+        assert!(check("nokiln.x=1 akiln.y").is_ok(), "only parameters named kiln.* are kiln's");
     }
 
     #[test]
