@@ -96,13 +96,14 @@ impl Bmap {
         x.push_str("<!-- Block map written by kiln: the blocks of the image that hold data, with the sha256\n");
         x.push_str("     of each range. `bmaptool copy` and `kiln flash` write only these blocks. -->\n\n");
         x.push_str("<bmap version=\"2.0\">\n");
-        let _ = writeln!(x, "    <!-- Image size in bytes: {} -->", human(self.image_size));
+        let _ = writeln!(x, "    <!-- Image size in bytes: {} -->", crate::size::human(self.image_size));
         let _ = writeln!(x, "    <ImageSize> {} </ImageSize>\n", self.image_size);
         x.push_str("    <!-- Size of a block in bytes -->\n");
         let _ = writeln!(x, "    <BlockSize> {} </BlockSize>\n", self.block_size);
         x.push_str("    <!-- Count of blocks in the image file -->\n");
         let _ = writeln!(x, "    <BlocksCount> {} </BlocksCount>\n", self.blocks_count());
-        let _ = writeln!(x, "    <!-- Count of mapped blocks: {} or {pct:.1}% -->", human(self.mapped_blocks() * self.block_size));
+        let _ =
+            writeln!(x, "    <!-- Count of mapped blocks: {} or {pct:.1}% -->", crate::size::human(self.mapped_blocks() * self.block_size));
         let _ = writeln!(x, "    <MappedBlocksCount> {} </MappedBlocksCount>\n", self.mapped_blocks());
         x.push_str("    <!-- Type of checksum used in this file -->\n");
         x.push_str("    <ChecksumType> sha256 </ChecksumType>\n\n");
@@ -318,21 +319,6 @@ fn attr(text: &str, tag: &str, name: &str) -> Option<String> {
     }
     let rest = &head[at + 1..];
     Some(rest[..rest.find(quote)?].to_string())
-}
-
-fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} bytes")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 #[cfg(test)]

@@ -289,11 +289,13 @@ fn flash(image: &std::path::Path, device: &std::path::Path, bmap: Option<&std::p
     let target = flash::inspect(device, &flash::HostRoots::default())?;
     println!("{}", flash::describe(&target).trim_end());
     match &img.bmap {
-        Some(b) => println!("image: {}, {} ({} mapped)", image.display(), flash::human(b.image_size), flash::human(b.mapped_bytes())),
+        Some(b) => {
+            println!("image: {}, {} ({} mapped)", image.display(), kiln::size::human(b.image_size), kiln::size::human(b.mapped_bytes()))
+        }
         None => println!(
             "image: {}, {} (no bmap: every byte is written)",
             image.display(),
-            img.size.map_or("size unknown".into(), flash::human)
+            img.size.map_or("size unknown".into(), kiln::size::human)
         ),
     }
     let reasons = flash::refusals(&target, img.size);
@@ -341,11 +343,11 @@ fn flash(image: &std::path::Path, device: &std::path::Path, bmap: Option<&std::p
     }
     println!(
         "wrote {} of {} to {} in {:.1} s{}",
-        flash::human(report.written),
-        flash::human(report.image_size),
+        kiln::size::human(report.written),
+        kiln::size::human(report.image_size),
         device.display(),
         start.elapsed().as_secs_f64(),
-        if f.verify { format!(", verified {}", flash::human(report.verified)) } else { ", not verified (--no-verify)".into() }
+        if f.verify { format!(", verified {}", kiln::size::human(report.verified)) } else { ", not verified (--no-verify)".into() }
     );
     Ok(())
 }

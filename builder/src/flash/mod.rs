@@ -14,6 +14,7 @@ pub use write::{flash, FlashOptions, FlashReport};
 
 use crate::bmap::Bmap;
 use crate::compress::Compression;
+use crate::size::human;
 
 /// A refusal to write, with every reason; the CLI exits 2 on it (a usage error, not a failure).
 #[derive(Debug, thiserror::Error)]
@@ -167,22 +168,6 @@ pub fn describe(target: &Target) -> String {
             }
             s
         }
-    }
-}
-
-/// Bytes in binary units with one decimal ("29.8 GiB").
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 
