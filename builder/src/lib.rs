@@ -40,6 +40,7 @@ pub mod profile;
 pub mod provision;
 pub mod qemu;
 pub mod registries;
+pub mod secret_files;
 pub mod serve;
 pub mod setup;
 pub mod size;

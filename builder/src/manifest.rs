@@ -102,6 +102,10 @@ pub struct Manifest {
     /// and partitions with content digests); the same digests are in the medium's install plan.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub install: Option<InstallRecord>,
+    /// Netboot outputs: the system a network install writes. Its root is the image's root
+    /// without the secrets (docs/security.md), so its digests differ from `install`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netboot_install: Option<InstallRecord>,
     pub initramfs_modules: Vec<String>,
     pub outputs: Vec<Output>,
 }
@@ -146,6 +150,7 @@ mod tests {
             inputs: vec![Input { kind: InputKind::K3s, name: "k3s".into(), version: None, sha256: "00".into(), size: None }],
             partitions: Vec::new(),
             install: None,
+            netboot_install: None,
             initramfs_modules: Vec::new(),
             outputs: Vec::new(),
         };

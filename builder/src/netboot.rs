@@ -37,18 +37,25 @@ pub const SCRIPT: &str = "boot.ipxe";
 pub const IPXE: &str = "ipxe.efi";
 /// Every file of the directory, in the order they are written.
 pub const FILES: &[&str] = &[IPXE, KERNEL, INITRD, PLAN, ESP, ROOT, INVENTORY, SCRIPT];
+/// The files `kiln serve` hands to machines (the inventory is the server's own).
+pub const SERVED: &[&str] = &[IPXE, KERNEL, INITRD, PLAN, ESP, ROOT, SCRIPT];
 
 /// The iPXE variable holding this directory's URL (with the trailing `/`); `kiln serve` sets it.
 pub const BASE_VAR: &str = "kiln-base";
 /// The iPXE variable holding `kiln.node=NAME` for inventory machines; unset otherwise (an unset
 /// iPXE variable expands to nothing).
 pub const NODE_VAR: &str = "kiln-node-arg";
+/// The iPXE variable holding this install's one-time credential (`kiln.cred=HEX`, and
+/// `kiln.secrets=SHA256` when the node has secrets to fetch); `kiln serve` sets it.
+pub const CRED_VAR: &str = "kiln-cred-arg";
 
 /// The `boot.ipxe` template: boots the installer kernel with the installed system's command
-/// line plus `kiln.install=<this directory's URL>` and `kiln.mac=` (the MAC iPXE booted from,
-/// which the installer reports back to `kiln serve`). `initrd=initrd` stays on the command line:
+/// line plus `kiln.install=<this directory's URL>`, `kiln.mac=` (the MAC iPXE booted from,
+/// which the installer reports back to `kiln serve`) and `kiln.plan=<sha256 of the plan>`: the
+/// installer refuses any other plan, so whoever answers its later downloads cannot make it
+/// install something else than this script named. `initrd=initrd` stays on the command line:
 /// older iPXE builds (Debian bookworm's ROMs) hand the initrd to the kernel only that way.
-pub fn script_template(profile: &str, arch: &str, cmdline: &str) -> String {
+pub fn script_template(profile: &str, arch: &str, cmdline: &str, plan_sha256: &str) -> String {
     let mut s = String::from("#!ipxe\n");
     writeln!(s, "# kiln netboot installer for profile {profile} ({arch}), written by `kiln build --format netboot`.").unwrap();
     writeln!(s, "# `kiln serve` answers /boot.ipxe with this script after setting ${{{BASE_VAR}}} (this directory's").unwrap();
@@ -56,7 +63,7 @@ pub fn script_template(profile: &str, arch: &str, cmdline: &str) -> String {
     writeln!(s, "echo kiln: installing {profile} ({arch}) from ${{{BASE_VAR}}}").unwrap();
     writeln!(
         s,
-        "kernel ${{{BASE_VAR}}}{KERNEL} initrd={INITRD} {cmdline} {}=${{{BASE_VAR}}} kiln.mac=${{net0/mac}} ${{{NODE_VAR}}}",
+        "kernel ${{{BASE_VAR}}}{KERNEL} initrd={INITRD} {cmdline} {}=${{{BASE_VAR}}} kiln.mac=${{net0/mac}} kiln.plan={plan_sha256} ${{{NODE_VAR}}} ${{{CRED_VAR}}}",
         crate::installer::CMDLINE_FLAG
     )
     .unwrap();
@@ -106,9 +113,9 @@ mod tests {
 
     #[test]
     fn template_names_the_files_and_the_installer_flag() {
-        let t = script_template("rack", "x86_64", "console=ttyS0 root=PARTUUID=abc");
+        let t = script_template("rack", "x86_64", "console=ttyS0 root=PARTUUID=abc", "5a5a");
         assert!(t.starts_with("#!ipxe\n"));
-        assert!(t.contains("kernel ${kiln-base}vmlinuz initrd=initrd console=ttyS0 root=PARTUUID=abc kiln.install=${kiln-base} kiln.mac=${net0/mac} ${kiln-node-arg}\n"), "{t}");
+        assert!(t.contains("kernel ${kiln-base}vmlinuz initrd=initrd console=ttyS0 root=PARTUUID=abc kiln.install=${kiln-base} kiln.mac=${net0/mac} kiln.plan=5a5a ${kiln-node-arg} ${kiln-cred-arg}\n"), "{t}");
         assert!(t.contains("initrd ${kiln-base}initrd\n") && t.ends_with("boot\n"), "{t}");
     }
 

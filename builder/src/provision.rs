@@ -122,7 +122,9 @@ fn write_keys(root: &mut Tree, home: &str, keys: &[String], uid: u32, gid: u32) 
     }
     let text: String = keys.iter().map(|k| format!("{}\n", k.trim())).collect();
     insert(root, &format!("{home}/.ssh"), owned(0o700, uid, gid), Kind::Dir)?;
-    insert(root, &format!("{home}/.ssh/authorized_keys"), owned(0o600, uid, gid), Kind::File(Content::bytes(text)))
+    // Public keys, so readable (dropbear, like sshd's StrictModes, refuses only a writable file):
+    // an owner-only file would count as a secret and be kept out of the netboot root.
+    insert(root, &format!("{home}/.ssh/authorized_keys"), owned(0o644, uid, gid), Kind::File(Content::bytes(text)))
 }
 
 /// The dropbear command line init runs (foreground, log to stderr = console), from the policy.
@@ -335,11 +337,11 @@ mod tests {
         assert_eq!(meta(&t, "etc/shadow"), (0o600, 0, 0));
         assert_eq!(meta(&t, "home/alice"), (0o755, 1000, 1000));
         assert_eq!(meta(&t, "home/alice/.ssh"), (0o700, 1000, 1000));
-        assert_eq!(meta(&t, "home/alice/.ssh/authorized_keys"), (0o600, 1000, 1000));
+        assert_eq!(meta(&t, "home/alice/.ssh/authorized_keys"), (0o644, 1000, 1000));
         assert_eq!(text(&t, "home/alice/.ssh/authorized_keys"), format!("{KEY}\n"));
         assert_eq!(meta(&t, "home/bob"), (0o755, 1001, 1001));
         assert!(!t.contains("home/bob/.ssh"), "no keys, no .ssh");
-        assert_eq!(meta(&t, "root/.ssh/authorized_keys"), (0o600, 0, 0));
+        assert_eq!(meta(&t, "root/.ssh/authorized_keys"), (0o644, 0, 0));
     }
 
     #[test]

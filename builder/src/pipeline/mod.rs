@@ -132,6 +132,7 @@ fn move_into_place(opts: &BuildOptions, staging_dir: &Path, out_dir: &Path, arch
             std::fs::rename(&from, &to).with_context(|| format!("moving {f} into {}", dest.display()))?;
         }
     }
+    move_node_secrets(staging_dir, out_dir, arch)?;
     let disk = opts.wants(Format::Disk).then(|| dest.join(disk::DISK_IMAGE));
     let netboot = opts.wants(Format::Netboot).then(|| dest.join(crate::netboot::DIR));
     Ok(ArchOutputs { arch, dir: dest, disk, netboot, manifest })
@@ -180,7 +181,7 @@ fn build_arch(
     let mut record = ManifestInputs::new(profile, inputs);
     let root = root::assemble(&job, token, &mut record)?;
     let initrds = boot::initrds(&job, &root, &mut record)?;
-    let squashfs = root::write_squashfs(&job, &root.tree)?;
+    let squashfs = root::write_squashfs(&job, &root.tree, "root.squashfs")?;
     // Identities derived from the inputs met so far: same inputs, same GUIDs, same bytes.
     let ids = disk::Ids::new(inputs.arch, record.build_id());
     let boot = boot::Boot::new(&job, &root, initrds.initrd.clone(), &mut record)?;
@@ -190,7 +191,7 @@ fn build_arch(
     let system = disk::System::new(inputs.arch, &ids, &esp, squashfs.part());
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
     let netboot =
-        initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &system, &cmdline, initrd, &mut record)).transpose()?;
+        initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, &mut record)).transpose()?;
     let manifest = manifest(&job, root.kver, initrds.modules, &ids, disk, netboot, record);
     std::fs::write(dir.join(disk::MANIFEST), manifest.to_json())?;
     Ok(manifest)
@@ -219,34 +220,42 @@ fn manifest(
         disk_guid: ids.disk_guid().to_string(),
         inputs: record.into_sorted(),
         partitions: disk.partitions,
-        install: disk.install.or(netboot_install),
+        install: disk.install,
+        netboot_install,
         initramfs_modules,
         outputs: disk.outputs.into_iter().chain(netboot_outputs.into_iter().flatten()).collect(),
     }
 }
 
 /// The netboot output: the installer's kernel and initrd, a plan that copies the system from
-/// the directory's files, the system's images, the inventory, iPXE and its script. Returns the
-/// files' records and what the plan installs.
+/// the directory's files, the system's images, the inventory, iPXE and its script; and beside
+/// it, never served as a file, each inventory node's secrets (`crate::secret_files`). The
+/// served root is the root without its secrets, so the netboot system has a squashfs of its
+/// own. Returns the files' records and what the plan installs.
 fn write_netboot(
     job: &Job,
     root: &root::Root,
     ids: &disk::Ids,
-    system: &disk::System,
+    esp: &[u8],
     cmdline: &str,
     initrd: &[u8],
     record: &mut ManifestInputs,
 ) -> Result<(Vec<Output>, InstallRecord)> {
     let (profile, arch) = (job.profile, job.inputs.arch);
+    let secrets = crate::secret_files::Secrets::find(&root.tree, &root.baseline).in_profile(&profile.path)?;
+    info!("{arch}: {} secret files kept out of the netboot root", secrets.paths().len());
+    let public = root::write_squashfs(job, &secrets.public_root(&root.tree), "root-public.squashfs")?;
+    let system = disk::System::new(arch, ids, esp, public.part());
     let target = system.target()?;
     // A network install always reboots: `kiln serve` then sends the machine to its disk.
     let install = crate::profile::Install { after: crate::profile::AfterInstall::Reboot, ..profile.profile.install.clone() };
-    let plan = disk::install_plan(profile, &install, ids, system, &target, &disk::NETBOOT)?;
+    let plan = disk::install_plan(profile, &install, ids, &system, &target, &disk::NETBOOT)?;
     let inventory = match root.tree.get_str("etc/kiln/inventory").map(|e| &e.kind) {
         Some(Kind::File(c)) => c.read()?.to_vec(),
         _ => Vec::new(),
     };
-    let script = crate::netboot::script_template(&profile.profile.name, arch.name(), cmdline);
+    write_node_secrets(job, root, &secrets)?;
+    let script = crate::netboot::script_template(&profile.profile.name, arch.name(), cmdline, &crate::digest::sha256_hex(plan.as_bytes()));
     let kernel = root.kernel.read()?;
     let (ipxe_pkg, ipxe_path) = job.inputs.ipxe_deb.as_ref().context("netboot build without the ipxe package")?;
     let ipxe = boot::ipxe_efi_binary(ipxe_path, arch).with_context(|| format!("reading {} {}", ipxe_pkg.name, ipxe_pkg.version))?;
@@ -266,6 +275,46 @@ fn write_netboot(
     let outputs = crate::netboot::write(&dir, &contents, image_mode(&profile.profile))?;
     record.add_once(root::deb_input(ipxe_pkg));
     Ok((outputs, system.install_record(&target, ids)))
+}
+
+/// The staging directory's bundles of node secrets, moved to `OUT/secrets/netboot/<arch>/`.
+const NODE_SECRETS: &str = "netboot-secrets";
+
+/// One newc archive per inventory node, mode 0600 in a 0700 directory. Machines outside the
+/// inventory get none (docs/security.md).
+fn write_node_secrets(job: &Job, root: &root::Root, secrets: &crate::secret_files::Secrets) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = job.dir.join(NODE_SECRETS);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for node in job.profile.profile.cluster.iter().flat_map(|c| &c.nodes) {
+        let bundle = secrets.for_node(&root.tree, &node.name)?;
+        let path = dir.join(crate::secret_files::bundle_file(&node.name));
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        crate::cpio::write_newc(&bundle, std::io::BufWriter::new(file), clamp32(job.epoch))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Replaces `OUT/secrets/netboot/<arch>/` with this build's bundles (or removes it when the
+/// build has no netboot output: old bundles would not match the served root).
+fn move_node_secrets(staging_dir: &Path, out_dir: &Path, arch: Arch) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let (from, to) = (staging_dir.join(arch.name()).join(NODE_SECRETS), crate::secret_files::bundle_dir(out_dir, arch));
+    if to.exists() {
+        std::fs::remove_dir_all(&to).with_context(|| format!("removing the old {}", to.display()))?;
+    }
+    if from.exists() {
+        let parent = to.parent().expect("a bundle directory has a parent");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::rename(&from, &to).with_context(|| format!("moving the node secrets into {}", to.display()))?;
+    }
+    Ok(())
 }
 
 /// `SHA256SUMS` over every image and manifest in the output directory, sorted by path: this

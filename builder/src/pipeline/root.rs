@@ -108,6 +108,8 @@ pub(super) struct Root {
     pub(super) modules: ModuleSet,
     /// Where large contents are parked (beside the image being built), not held in memory.
     pub(super) spill: Arc<Spill>,
+    /// The owner-only files the packages brought: not secrets (`crate::secret_files`).
+    pub(super) baseline: crate::secret_files::Baseline,
 }
 
 /// Builds the root model of one architecture.
@@ -118,6 +120,7 @@ pub(super) fn assemble(job: &Job, token: Option<&crate::cluster::Token>, record:
     let spill = Spill::create_in(job.dir)?;
     let mut root = Tree::merged_usr(arch).spill_to(spill.clone());
     let (kver, kernel) = unpack(&mut root, inputs, record)?;
+    let baseline = crate::secret_files::Baseline::of(&root)?;
 
     crate::setup::base_system(&mut root)?;
     crate::busybox::install_links(&mut root, "usr/bin", "busybox")?;
@@ -137,7 +140,7 @@ pub(super) fn assemble(job: &Job, token: Option<&crate::cluster::Token>, record:
     }
     add_workloads(job, &mut root, &modules, &context, record)?;
     add_profile_files(profile, &mut root, &context)?;
-    Ok(Root { tree: root, kver, kernel, modules, spill })
+    Ok(Root { tree: root, kver, kernel, modules, spill, baseline })
 }
 
 /// The base OS image (if any) and the packages, unpacked; returns the kernel's version and image.
@@ -268,11 +271,12 @@ impl Squashfs {
     }
 }
 
-pub(super) fn write_squashfs(job: &Job, root: &Tree) -> Result<Squashfs> {
-    info!("{}: writing the squashfs root ({} entries)", job.inputs.arch, root.len());
+/// Writes `root` as squashfs to `name` in the staging directory.
+pub(super) fn write_squashfs(job: &Job, root: &Tree, name: &str) -> Result<Squashfs> {
+    info!("{}: writing the squashfs root {name} ({} entries)", job.inputs.arch, root.len());
     // Written to a file in the staging directory, not into memory: with bundled container
     // images the root can be GiBs.
-    let path = job.dir.join("root.squashfs");
+    let path = job.dir.join(name);
     let file = File::options()
         .read(true)
         .write(true)

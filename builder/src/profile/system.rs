@@ -25,7 +25,7 @@ pub struct User {
     pub name: String,
     /// Public keys allowed to log in, one OpenSSH key line each (`ssh-ed25519 AAAA... comment`;
     /// types `ssh-ed25519`, `ssh-rsa`, `ecdsa-sha2-*`, `sk-*`; no options prefix).
-    /// Written to `~/.ssh/authorized_keys` (mode 0600, owned by the user).
+    /// Written to `~/.ssh/authorized_keys` (mode 0644, owned by the user: public keys).
     #[serde(default)]
     pub ssh_authorized_keys: Vec<String>,
     /// A crypt(3) hash (`$y$...`, `$6$...`; make one with `mkpasswd`). Absent: no password

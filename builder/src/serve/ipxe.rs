@@ -7,7 +7,7 @@
 //! whitespace as syntax, so nothing else from a client is ever echoed into a script.
 
 use crate::arch::Arch;
-use crate::netboot::{BASE_VAR, NODE_VAR};
+use crate::netboot::{BASE_VAR, CRED_VAR, NODE_VAR};
 
 /// Answer to `/boot.ipxe` without `mac=`: call again with iPXE's own MAC and build architecture,
 /// so DHCP can hand out the plain URL (no `${...}` to escape in a DHCP server's config).
@@ -34,12 +34,16 @@ pub fn host_is_safe(host: &str) -> bool {
 }
 
 /// The installer script for one machine: the template (minus its `#!ipxe` line) after the
-/// variables it uses. `node` is the inventory name, if the MAC is in the inventory.
-pub fn install_script(template: &str, base_url: &str, node: Option<&str>) -> String {
+/// variables it uses. `node` is the inventory name, if the MAC is in the inventory;
+/// `cred_arg` the install credential's command-line words (iPXE's `set` keeps the spaces).
+pub fn install_script(template: &str, base_url: &str, node: Option<&str>, cred_arg: &str) -> String {
     let body = template.strip_prefix("#!ipxe\n").unwrap_or(template);
     let mut s = format!("#!ipxe\nset {BASE_VAR} {base_url}\n");
     if let Some(n) = node {
         s.push_str(&format!("set {NODE_VAR} kiln.node={n}\n"));
+    }
+    if !cred_arg.is_empty() {
+        s.push_str(&format!("set {CRED_VAR} {cred_arg}\n"));
     }
     s.push_str(body);
     s
@@ -76,12 +80,17 @@ mod tests {
 
     #[test]
     fn install_script_sets_the_base_and_only_known_nodes() {
-        let template = crate::netboot::script_template("rack", "x86_64", "console=ttyS0");
-        let s = install_script(&template, "http://10.0.2.2:8080/x86_64/netboot/", Some("n1"));
-        assert!(s.starts_with("#!ipxe\nset kiln-base http://10.0.2.2:8080/x86_64/netboot/\nset kiln-node-arg kiln.node=n1\n"), "{s}");
+        let template = crate::netboot::script_template("rack", "x86_64", "console=ttyS0", "5a5a");
+        let s = install_script(&template, "http://10.0.2.2:8080/x86_64/netboot/", Some("n1"), "kiln.cred=ab kiln.secrets=cd");
+        assert!(
+            s.starts_with(
+                "#!ipxe\nset kiln-base http://10.0.2.2:8080/x86_64/netboot/\nset kiln-node-arg kiln.node=n1\nset kiln-cred-arg kiln.cred=ab kiln.secrets=cd\n"
+            ),
+            "{s}"
+        );
         assert_eq!(s.matches("#!ipxe").count(), 1);
-        let s = install_script(&template, "http://h/x86_64/netboot/", None);
-        assert!(!s.contains("set kiln-node-arg"), "{s}");
+        let s = install_script(&template, "http://h/x86_64/netboot/", None, "");
+        assert!(!s.contains("set kiln-node-arg") && !s.contains("set kiln-cred-arg"), "{s}");
     }
 
     #[test]

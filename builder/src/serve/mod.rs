@@ -6,6 +6,7 @@
 //! One thread per connection, one request per connection; one log line per request. Clients
 //! get a bounded number of connections and a deadline for their request head (module `limits`).
 
+pub mod grants;
 pub mod http;
 pub mod ipxe;
 pub mod limits;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tracing::{info, warn};
 
+use self::grants::Grants;
 use self::http::{BadRequest, RangeAnswer, Request};
 use self::limits::{Limits, Slot, Slots};
 use self::state::{Installed, Store};
@@ -72,7 +74,7 @@ impl Server {
     /// one no thread can be started for, gets a 503 written without blocking (or is dropped).
     pub fn run(self, stop: &AtomicBool) -> Result<()> {
         let slots = Slots::new(self.limits);
-        let ctx = Arc::new(Shared { root: self.root.clone(), store: self.store.clone(), limits: self.limits });
+        let ctx = Arc::new(Shared { root: self.root.clone(), store: self.store.clone(), limits: self.limits, grants: Grants::default() });
         let mut refusals = Throttled::default();
         let mut accept_errors = Throttled::default();
         while !stop.load(Ordering::SeqCst) {
@@ -164,6 +166,7 @@ struct Shared {
     root: PathBuf,
     store: Arc<Store>,
     limits: Limits,
+    grants: Grants,
 }
 
 /// The outcome of one request, for the log line.
@@ -233,6 +236,7 @@ fn route(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> R
     match (req.method.as_str(), req.path.as_str()) {
         ("GET" | "HEAD", "/boot.ipxe") => boot_script(ctx, req, stream, head),
         ("POST", "/installed") => installed(ctx, req, stream, peer),
+        ("GET", "/secrets") => node_secrets(ctx, req, stream, peer),
         ("GET" | "HEAD", _) => match resolve(&ctx.root, &req.path) {
             Some(path) => send_file(&path, req, stream, head),
             None => respond_simple(stream, 404, "Not Found", "not found\n", head),
@@ -241,26 +245,38 @@ fn route(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> R
     }
 }
 
+/// The files a machine may fetch, relative to the served directory: the netboot files an
+/// install needs, each architecture's manifest and the checksums. Nothing else is served, so
+/// `disk.img`, `secrets/`, the state file or a stray file an operator left there never are.
+fn servable(rel: &Path) -> bool {
+    let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
+    let arch = |a: &str| crate::arch::Arch::ALL.iter().any(|x| x.name() == a);
+    match parts.as_slice() {
+        ["SHA256SUMS"] => true,
+        [a, "manifest.json"] => arch(a),
+        [a, dir, file] => arch(a) && *dir == netboot::DIR && netboot::SERVED.contains(file),
+        _ => false,
+    }
+}
+
 /// The file a request path names inside `root`, or `None` (answered 404) when it does not exist,
-/// is not a regular file, has a `..`, dot-file or `secrets` component, or resolves (through
-/// symlinks) to a place outside `root`.
+/// is not a regular file, has a `..` or dot-file component, or is not one of the files machines
+/// may fetch ([`servable`]) once symlinks are resolved: the check runs on the real path, so a
+/// symlink into `secrets/` or out of the directory is refused like the path itself.
 pub fn resolve(root: &Path, request_path: &str) -> Option<PathBuf> {
     let rel = request_path.strip_prefix('/')?;
     let mut path = root.to_path_buf();
-    for (i, part) in rel.split('/').enumerate() {
+    for part in rel.split('/') {
         let c = Path::new(part).components().collect::<Vec<_>>();
         // One normal component per segment: no `..`, no `.`, no empty segment, no root.
         if c.len() != 1 || !matches!(c[0], Component::Normal(_)) || part.starts_with('.') || part.contains('\\') {
             return None;
         }
-        // The cluster token lives in OUT/secrets/ (and the state file is the server's own).
-        if i == 0 && (part == "secrets" || part == state::STATE_FILE) {
-            return None;
-        }
         path.push(part);
     }
     let real = path.canonicalize().ok()?;
-    (real.starts_with(root) && real.is_file()).then_some(real)
+    let inside = real.strip_prefix(root).ok()?;
+    (servable(inside) && real.is_file()).then_some(real)
 }
 
 fn send_file(path: &Path, req: &Request, mut stream: &TcpStream, head: bool) -> Result<Served> {
@@ -351,8 +367,43 @@ fn boot_script(ctx: &Shared, req: &Request, stream: &TcpStream, head: bool) -> R
     };
     let inventory = std::fs::read_to_string(dir.join(netboot::INVENTORY)).unwrap_or_default();
     let node = ipxe::node_for(&inventory, &mac);
+    // Only inventory nodes have secrets; their bundle's digest goes on the command line, so the
+    // installer takes only the bundle this script meant.
+    let bundle = node.as_ref().map(|n| crate::secret_files::bundle_dir(&ctx.root, arch).join(crate::secret_files::bundle_file(n)));
+    let bundle = bundle.filter(|b| b.is_file());
+    let mut cred_arg = String::new();
+    if !head {
+        let bundle_sha256 = bundle.as_deref().map(crate::digest::sha256_file).transpose()?;
+        let credential = ctx.grants.issue(&mac, node.clone(), bundle)?;
+        cred_arg = format!("kiln.cred={credential}");
+        if let Some(sha) = bundle_sha256 {
+            cred_arg.push_str(&format!(" kiln.secrets={sha}"));
+        }
+    }
     let base = format!("{origin}/{}/{}/", arch.name(), netboot::DIR);
-    respond_text(stream, &ipxe::install_script(&template, &base, node.as_deref()), head)
+    respond_text(stream, &ipxe::install_script(&template, &base, node.as_deref(), &cred_arg), head)
+}
+
+/// `GET /secrets?mac=M&cred=C`: the node's secrets bundle, once per install credential.
+fn node_secrets(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> Result<Served> {
+    let (Some(mac), Some(cred)) = (req.param("mac").and_then(state::normalise_mac), req.param("cred")) else {
+        return respond_simple(stream, 400, "Bad Request", "GET /secrets needs mac= and cred=\n", false);
+    };
+    match ctx.grants.take_secrets(&mac, cred) {
+        Ok(grant) => {
+            let (node, path) = (grant.node.unwrap_or_default(), grant.secrets.expect("take_secrets checks it"));
+            let served = send_file(&path, req, stream, false)?;
+            info!(
+                "{peer}: delivered the secrets of node {node} to {mac} ({} bytes); its install credential allows no second fetch",
+                served.bytes
+            );
+            Ok(served)
+        }
+        Err(why) => {
+            warn!("{peer}: refused the secrets of {mac}: {why}");
+            respond_simple(stream, 403, "Forbidden", &format!("{why}\n"), false)
+        }
+    }
 }
 
 /// `POST /installed?mac=M[&arch=A][&image=I]`: the installer's report at the end of an install.
@@ -360,6 +411,11 @@ fn installed(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) 
     let Some(mac) = req.param("mac").and_then(state::normalise_mac) else {
         return respond_simple(stream, 400, "Bad Request", "POST /installed needs mac=XX:XX:XX:XX:XX:XX\n", false);
     };
+    // Only the install this server handed a script to may report, once.
+    if let Err(why) = ctx.grants.complete(&mac, req.param("cred").unwrap_or_default()) {
+        warn!("{peer}: refused an install report for {mac}: {why}");
+        return respond_simple(stream, 403, "Forbidden", &format!("{why}\n"), false);
+    }
     let arch = req.param("arch").and_then(ipxe::arch_from_buildarch);
     let node = arch.and_then(|a| {
         let inv = std::fs::read_to_string(ctx.root.join(a.name()).join(netboot::DIR).join(netboot::INVENTORY)).ok()?;
@@ -371,7 +427,17 @@ fn installed(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) 
         node,
         image: req.param("image").filter(|i| i.len() <= 64 && i.bytes().all(|b| b.is_ascii_alphanumeric())).map(str::to_string),
     };
-    ctx.store.update(|s| s.installed.insert(mac.clone(), record))?;
+    let recorded = ctx.store.update(|s| {
+        if s.installed.len() >= state::MAX_INSTALLED && !s.installed.contains_key(&mac) {
+            return false;
+        }
+        s.installed.insert(mac.clone(), record);
+        true
+    })?;
+    if !recorded {
+        warn!("{peer}: {mac} finished an install, but the install state holds {} machines already: not recorded", state::MAX_INSTALLED);
+        return respond_simple(stream, 507, "Insufficient Storage", "the install state is full\n", false);
+    }
     info!("{peer}: {mac} reported a finished install; its next network boot goes to its disk");
     respond_simple(stream, 200, "OK", "recorded\n", false)
 }

@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 
 /// File name of the state file inside the served directory.
 pub const STATE_FILE: &str = "serve-state.json";
+/// The lock file serialising writers of the state file across processes (a dot file: never served).
+const LOCK_FILE: &str = ".serve-state.lock";
+
+/// The most machines the state records: it is rewritten whole on each report, so it must stay
+/// small; a site with more machines than this serves them from more than one output directory.
+pub const MAX_INSTALLED: usize = 10_000;
 
 /// One installed machine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,9 +72,14 @@ impl Store {
         Ok(self.load()?.installed.contains_key(mac))
     }
 
-    /// Applies `change` to the state and writes it back atomically.
+    /// Applies `change` to the state and writes it back atomically. The read-modify-write holds
+    /// this process's mutex and an exclusive `flock` on `.serve-state.lock` beside the file, so
+    /// `kiln serve --reinstall` run while the server records a report cannot lose either change.
     pub fn update<T>(&self, change: impl FnOnce(&mut State) -> T) -> Result<T> {
         let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let lock_path = self.path.with_file_name(LOCK_FILE);
+        let lock = std::fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+        lock_exclusive(&lock).with_context(|| format!("locking {}", lock_path.display()))?;
         let mut state = self.load()?;
         let out = change(&mut state);
         let mut text = serde_json::to_string_pretty(&state).expect("state serialises");
@@ -77,6 +88,18 @@ impl Store {
         std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, &self.path).with_context(|| format!("renaming {} to {}", tmp.display(), self.path.display()))?;
         Ok(out)
+    }
+}
+
+/// Waits for an exclusive `flock` on `file`; it is released when the file is closed.
+/// (`File::lock` is newer than the workspace's minimum Rust.)
+fn lock_exclusive(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function borrows; it touches no memory.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

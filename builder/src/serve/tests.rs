@@ -88,7 +88,7 @@ fn fixture() -> (tempfile::TempDir, tempfile::TempDir) {
     let outside = tempfile::tempdir().unwrap();
     let nb = out.path().join("x86_64/netboot");
     std::fs::create_dir_all(&nb).unwrap();
-    std::fs::write(nb.join("boot.ipxe"), crate::netboot::script_template("rack", "x86_64", "console=ttyS0")).unwrap();
+    std::fs::write(nb.join("boot.ipxe"), crate::netboot::script_template("rack", "x86_64", "console=ttyS0", "5a5a")).unwrap();
     std::fs::write(nb.join("inventory"), "# MAC NODE\n52:54:00:00:00:0a node-a\n").unwrap();
     std::fs::write(nb.join("vmlinuz"), (0..=255u8).cycle().take(1000).collect::<Vec<u8>>()).unwrap();
     std::fs::create_dir_all(out.path().join("secrets")).unwrap();
@@ -98,6 +98,18 @@ fn fixture() -> (tempfile::TempDir, tempfile::TempDir) {
     std::os::unix::fs::symlink(outside.path().join("passwd"), out.path().join("x86_64/escape")).unwrap();
     std::os::unix::fs::symlink(outside.path(), out.path().join("x86_64/escapedir")).unwrap();
     std::os::unix::fs::symlink("netboot/vmlinuz", out.path().join("x86_64/inside")).unwrap();
+    // What no machine may fetch although it lies inside: images with secrets, the server's own
+    // files, and links into secrets/ (the review's finding 3), also under a name that is served.
+    std::fs::write(out.path().join("x86_64/disk.img"), "disk with secrets").unwrap();
+    std::fs::create_dir_all(out.path().join("Secrets")).unwrap();
+    std::fs::write(out.path().join("Secrets/cluster-token"), "K10secret").unwrap();
+    std::os::unix::fs::symlink("../secrets/cluster-token", out.path().join("x86_64/tok-link")).unwrap();
+    std::os::unix::fs::symlink("../../secrets/cluster-token", nb.join("esp.img")).unwrap();
+    std::os::unix::fs::symlink("../.hidden", out.path().join("x86_64/dot-link")).unwrap();
+    // A node's secrets bundle, where `kiln build` keeps it.
+    let bundles = out.path().join("secrets/netboot/x86_64");
+    std::fs::create_dir_all(&bundles).unwrap();
+    std::fs::write(bundles.join("node-a.cpio"), "node-a's K10secret bundle").unwrap();
     (out, outside)
 }
 
@@ -123,6 +135,13 @@ fn nothing_outside_the_directory_and_no_unknown_files() {
         "/x86_64/./netboot/vmlinuz",
         "/x86_64//netboot/vmlinuz",
         "/x86_64/netboot\\..\\..\\secrets",
+        "/x86_64/disk.img",
+        "/Secrets/cluster-token",
+        "/x86_64/tok-link",
+        "/x86_64/netboot/esp.img",
+        "/x86_64/dot-link",
+        "/x86_64/netboot/inventory",
+        "/secrets/netboot/x86_64/node-a.cpio",
     ] {
         let r = request(srv.addr, "GET", target, "");
         assert_eq!(r.status, 404, "{target}: {}", r.headers);
@@ -193,7 +212,11 @@ fn boot_script_per_machine_install_state_and_reinstall() {
     }
 
     // The installer reports; the next boot goes to the disk; the state file says so.
-    assert_eq!(request(srv.addr, "POST", "/installed?mac=52:54:00:00:00:0a&arch=x86_64&image=abc123", "").status, 200);
+    let cred = credential(&request(srv.addr, "GET", "/boot.ipxe?mac=52:54:00:00:00:0a&arch=x86_64", "").text());
+    assert_eq!(
+        request(srv.addr, "POST", &format!("/installed?mac=52:54:00:00:00:0a&arch=x86_64&image=abc123&cred={cred}"), "").status,
+        200
+    );
     assert_eq!(request(srv.addr, "POST", "/installed?mac=bogus", "").status, 400);
     let t = request(srv.addr, "GET", "/boot.ipxe?mac=52:54:00:00:00:0a&arch=x86_64", "").text();
     assert!(t.contains("exit") && t.contains("sanboot") && !t.contains("kernel"), "{t}");
@@ -208,6 +231,61 @@ fn boot_script_per_machine_install_state_and_reinstall() {
     assert_eq!(missing, vec!["52:54:00:00:00:0c".to_string()]);
     assert!(request(srv.addr, "GET", "/boot.ipxe?mac=52:54:00:00:00:0a&arch=x86_64", "").text().contains("kernel"));
     assert!(reinstall(out.path(), &["zz".into()]).is_err());
+}
+
+/// The `kiln.cred=` value of an installer script.
+fn credential(script: &str) -> String {
+    let at = script.find("kiln.cred=").unwrap_or_else(|| panic!("no credential in {script}")) + "kiln.cred=".len();
+    script[at..].split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn secrets_go_once_to_their_node_and_reports_need_the_install_credential() {
+    let (out, _o) = fixture();
+    let srv = start(out.path());
+    let bundle = std::fs::read(out.path().join("secrets/netboot/x86_64/node-a.cpio")).unwrap();
+    let node_a = "/boot.ipxe?mac=52:54:00:00:00:0a&arch=x86_64";
+
+    // A machine outside the inventory gets a credential (to report its install) but no secrets.
+    let stranger = request(srv.addr, "GET", "/boot.ipxe?mac=52:54:00:00:00:0b&arch=x86_64", "").text();
+    assert!(!stranger.contains("kiln.secrets="), "{stranger}");
+    let stranger_cred = credential(&stranger);
+    let r = request(srv.addr, "GET", &format!("/secrets?mac=52:54:00:00:00:0b&cred={stranger_cred}"), "");
+    assert_eq!(r.status, 403, "{}", r.text());
+    // ... nor with its credential under the node's MAC.
+    assert_eq!(request(srv.addr, "GET", &format!("/secrets?mac=52:54:00:00:00:0a&cred={stranger_cred}"), "").status, 403);
+
+    // The node's script names the bundle by digest; a newer script replaces the credential.
+    let first = request(srv.addr, "GET", node_a, "").text();
+    let script = request(srv.addr, "GET", node_a, "").text();
+    assert!(
+        script.contains(&format!(
+            "set kiln-cred-arg kiln.cred={} kiln.secrets={}\n",
+            credential(&script),
+            hex::encode(Sha256::digest(&bundle))
+        )),
+        "{script}"
+    );
+    assert_eq!(request(srv.addr, "GET", &format!("/secrets?mac=52:54:00:00:00:0a&cred={}", credential(&first)), "").status, 403);
+    assert_eq!(request(srv.addr, "GET", "/secrets?mac=52:54:00:00:00:0a", "").status, 400);
+    let cred = credential(&script);
+    let r = request(srv.addr, "GET", &format!("/secrets?mac=52:54:00:00:00:0a&cred={cred}"), "");
+    assert_eq!((r.status, r.body.as_slice()), (200, bundle.as_slice()));
+    // Once per install.
+    let again = request(srv.addr, "GET", &format!("/secrets?mac=52:54:00:00:00:0a&cred={cred}"), "");
+    assert_eq!(again.status, 403);
+    assert!(!again.text().contains("K10"), "{}", again.text());
+
+    // Reports: none without the credential, a forged one is refused, the real one once.
+    for forged in ["/installed?mac=52:54:00:00:00:0a&arch=x86_64", "/installed?mac=52:54:00:00:00:0a&cred=00000000000000000000000000000000"]
+    {
+        assert_eq!(request(srv.addr, "POST", forged, "").status, 403, "{forged}");
+    }
+    assert!(!out.path().join("serve-state.json").exists(), "a refused report changed the state");
+    assert_eq!(request(srv.addr, "POST", &format!("/installed?mac=52:54:00:00:00:0a&arch=x86_64&cred={cred}"), "").status, 200);
+    assert_eq!(request(srv.addr, "POST", &format!("/installed?mac=52:54:00:00:00:0a&arch=x86_64&cred={cred}"), "").status, 403);
+    // Installed: its next boot gets no installer, so no credential and no secrets.
+    assert!(!request(srv.addr, "GET", node_a, "").text().contains("kiln.cred="));
 }
 
 /// 50 machines (each its own loopback address, as the per-address cap expects) download a

@@ -110,7 +110,7 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     ensure!(lines.get(1) == Some(&"17"), "{arch}: vm.swappiness: {out}");
     ensure!(matches!(lines.get(2), Some(&"CET") | Some(&"CEST")), "{arch}: time zone: {out}");
     for want in
-        ["tun-loaded", "700 ops /home/ops/.ssh", "600 ops /home/ops/.ssh/authorized_keys", "600 root /etc/shadow", "700 root /etc/dropbear"]
+        ["tun-loaded", "700 ops /home/ops/.ssh", "644 ops /home/ops/.ssh/authorized_keys", "600 root /etc/shadow", "700 root /etc/dropbear"]
     {
         ensure!(lines.contains(&want), "{arch}: ssh output lacks `{want}`:\n{out}");
     }

@@ -171,6 +171,17 @@ fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
         ensure!(m.outputs.iter().any(|o| o.file == format!("netboot/{f}")), "manifest lists no netboot/{f}");
     }
 
+    // The served root holds no secret: /etc/shadow stays in the disk image's root only.
+    let served_root = squashfs_listing(&netboot.join(kiln::netboot::ROOT))?;
+    ensure!(served_root.contains("/etc/passwd") && !served_root.contains("/etc/shadow"), "the netboot root.img lists /etc/shadow");
+    let disk_root = work.join("disk-root.squashfs");
+    // The disk image is the USB installer medium: the partition holding what it installs as kiln-root-a.
+    let usb_root =
+        m.install.as_ref().and_then(|i| i.partitions.iter().find(|p| p.name == "kiln-root-a")).context("no USB install record")?;
+    let root_a = m.partitions.iter().find(|p| p.content_sha256 == usb_root.content_sha256).context("no root squashfs on the medium")?;
+    copy_range(&out.join("x86_64/disk.img"), root_a.offset, root_a.content_size.context("kiln-root-a without content")?, &disk_root)?;
+    ensure!(squashfs_listing(&disk_root)?.contains("/etc/shadow"), "the disk image's root lost /etc/shadow");
+
     let port = free_port()?;
     let mut serve = Serve::start(&out, port)?;
     let disk = blank(&work.join("target.img"), 4 << 30)?;
@@ -194,6 +205,7 @@ fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
         "no default identity {derived} on the console"
     );
     ensure!(!vm.console().contains("kiln.node="), "a machine outside the inventory was given kiln.node=");
+    ensure!(!vm.console().contains("secret files of node"), "a machine outside the inventory was given secrets");
     eprintln!("{arch}: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());
     vm.kill();
     drop(vm);
@@ -202,7 +214,7 @@ fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
     let state: kiln::serve::state::State = serde_json::from_str(&std::fs::read_to_string(out.join("serve-state.json"))?)?;
     let rec = state.installed.get(MAC).with_context(|| format!("serve-state.json has no {MAC}: {state:?}"))?;
     ensure!(rec.arch.as_deref() == Some("x86_64"), "{rec:?}");
-    let install = m.install.as_ref().context("manifest without `install`")?;
+    let install = m.netboot_install.as_ref().context("manifest without `netboot_install`")?;
     let table = tool(Command::new("sgdisk").arg("-p").arg(&disk), "gdisk")?;
     ensure!(table.to_lowercase().contains(&format!("disk identifier (guid): {}", install.disk_guid)), "{table}");
     for p in &install.partitions {
@@ -228,7 +240,11 @@ fn x86_64_pxe_installs_reports_and_then_boots_from_disk() -> Result<()> {
         "no root.img download logged:\n{}",
         lines.join("\n")
     );
-    ensure!(lines.iter().any(|l| l.contains("POST /installed") && l.contains(MAC)), "no install report logged");
+    ensure!(
+        lines.iter().any(|l| l.contains("POST /installed") && l.contains(MAC) && l.contains(" 200 ")),
+        "no accepted install report logged"
+    );
+    ensure!(!lines.iter().any(|l| l.contains("/secrets") && l.contains(" 200 ")), "secrets were served to a machine outside the inventory");
     let status = serve.interrupt()?;
     ensure!(status.success(), "kiln serve exited {status} on SIGINT");
     Ok(())
@@ -304,6 +320,7 @@ fn aarch64_pxe_through_firmware_tftp_and_ipxe_installs_and_boots_from_disk() -> 
             .contains(&format!("[kiln] install: this machine is inventory node rack-a1 (kiln.node= from the server, chosen by MAC {mac})")),
         "the installer was not told its node"
     );
+    ensure!(console.contains("secret files of node rack-a1 delivered into the data partition"), "rack-a1's secrets were not delivered");
     ensure!(console.contains("[kiln] identity: node=rack-a1 roles=etcd by=mac"), "the installed system did not find itself as rack-a1");
     ensure!(console.contains("[kiln] etcd: starting member rack-a1"), "rack-a1's etcd member did not start");
     eprintln!("aarch64: `{done}` at {:.1} s, ready from disk at {:.1} s", t_done.as_secs_f64(), vm.elapsed().as_secs_f64());
@@ -311,7 +328,24 @@ fn aarch64_pxe_through_firmware_tftp_and_ipxe_installs_and_boots_from_disk() -> 
     let state: kiln::serve::state::State = serde_json::from_str(&std::fs::read_to_string(out.join("serve-state.json"))?)?;
     let rec = state.installed.get(mac).with_context(|| format!("serve-state.json has no {mac}"))?;
     ensure!(rec.arch.as_deref() == Some("aarch64") && rec.node.as_deref() == Some("rack-a1"), "{rec:?}");
+    let lines = serve.lines();
+    let delivered = lines.iter().filter(|l| l.contains("delivered the secrets of node rack-a1 to 52:54:00:4b:00:03")).count();
+    ensure!(delivered == 1, "the secrets of rack-a1 were delivered {delivered} times:\n{}", lines.join("\n"));
     let status = serve.interrupt()?;
     ensure!(status.success(), "kiln serve exited {status} on SIGINT");
+    Ok(())
+}
+
+/// `unsquashfs -l` of a squashfs image: one path per line.
+fn squashfs_listing(image: &Path) -> Result<String> {
+    tool(Command::new("unsquashfs").arg("-l").arg(image), "squashfs-tools")
+}
+
+/// Copies `len` bytes at `offset` of `from` into the new file `to`.
+fn copy_range(from: &Path, offset: u64, len: u64, to: &Path) -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    f.seek(SeekFrom::Start(offset))?;
+    std::io::copy(&mut f.take(len), &mut std::fs::File::create(to)?)?;
     Ok(())
 }

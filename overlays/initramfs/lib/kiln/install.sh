@@ -129,6 +129,13 @@ fetch_plan() {
         [ "$tries" -le 5 ] || fail "install: cannot download ${INSTALL_URL}plan; is kiln serve running and reachable?"
         sleep 2
     done
+    # The script that booted this installer named the plan by digest (kiln.plan=): a plan from
+    # anyone else who answers on the network is refused before a byte is written.
+    want=$(cmdline_value kiln.plan)
+    [ -n "$want" ] || fail "install: no kiln.plan= on the kernel command line: boot the installer through kiln serve's /boot.ipxe"
+    got=$(sha256sum < "$INSTALL_PLAN")
+    got=${got%% *}
+    [ "$got" = "$want" ] || fail "install: ${INSTALL_URL}plan has sha256 $got, the boot script named $want: the server holds another build, or something else answered; nothing was written"
     if [ "$(plan_value kiln-install)" != 1 ] || [ "$(plan_value end)" != 1 ]; then
         fail "install: ${INSTALL_URL}plan is no complete install plan"
     fi
@@ -157,11 +164,50 @@ stream_copy() {
 # to the disk). A failed report is not fatal: an installed target is detected and booted anyway.
 report_installed() {
     origin=$(echo "$INSTALL_URL" | sed 's,^\(http://[^/]*\)/.*,\1,')
-    if wget -q -O /dev/null --post-data "" "$origin/installed?mac=$INSTALL_MAC&arch=$(uname -m)&image=$(plan_value image)"; then
+    if wget -q -O /dev/null --post-data "" "$origin/installed?mac=$INSTALL_MAC&arch=$(uname -m)&image=$(plan_value image)&cred=$(cmdline_value kiln.cred)"; then
         log "install: reported to $origin (machine $INSTALL_MAC installed)"
     else
         log "install: could not report to $origin; the next network boot starts the installer again, which finds this image installed and boots it"
     fi
+}
+
+# A new data partition for the installed system: always a new filesystem (a reinstall never
+# re-attaches an earlier install's /etc, /var/lib or /var/log), seeded from the root just
+# written, with this node's secrets when the server has any for it (network install).
+prepare_data() {
+    root_dev=$(partition_named "$TARGET" kiln-root-a) || fail "install: /dev/$TARGET has no kiln-root-a partition after the install"
+    ensure_node "$root_dev"
+    ensure_node "$DATA_DEV"
+    mkdir -p /run/kiln-new-root
+    mount -t squashfs -o ro "/dev/$root_dev" /run/kiln-new-root || fail "install: cannot mount the new root /dev/$root_dev"
+    format_data "/dev/$DATA_DEV" /run/kiln-new-data /run/kiln-new-root
+    umount /run/kiln-new-root
+    [ -z "$(cmdline_value kiln.secrets)" ] || deliver_secrets /run/kiln-new-data
+    mark_data_ready /run/kiln-new-data
+    umount /run/kiln-new-data
+    log "install: data partition /dev/$DATA_DEV ready"
+}
+
+# Network install of an inventory node: fetches its secrets from kiln serve with the one-time
+# credential of this install (kiln.cred=), checks them against the digest the boot script named
+# (kiln.secrets=), and lays them into the data partition mounted on $1: /etc files into the
+# /etc upper layer, /var/lib files into /var/lib. They never touch the served images.
+deliver_secrets() {
+    origin=$(echo "$INSTALL_URL" | sed 's,^\(http://[^/]*\)/.*,\1,')
+    bundle=/run/kiln-secrets.cpio
+    wget -q -O "$bundle" "$origin/secrets?mac=$INSTALL_MAC&cred=$(cmdline_value kiln.cred)" \
+        || fail "install: $origin refused this node's secrets (its server log says why: a second fetch with the same credential, a restarted server, or another machine with this MAC took them); the next network boot installs again"
+    got=$(sha256sum < "$bundle")
+    got=${got%% *}
+    [ "$got" = "$(cmdline_value kiln.secrets)" ] || fail "install: the secrets from $origin have sha256 $got, the boot script named $(cmdline_value kiln.secrets)"
+    mkdir -p /run/kiln-secrets
+    (cd /run/kiln-secrets && cpio -i -d -m -u < "$bundle" 2> /dev/null) || fail "install: cannot unpack the secrets from $origin"
+    rm -f "$bundle"
+    [ ! -d /run/kiln-secrets/etc ] || cp -a /run/kiln-secrets/etc/. "$1/etc/upper/"
+    [ ! -d /run/kiln-secrets/var/lib ] || cp -a /run/kiln-secrets/var/lib/. "$1/var/lib/"
+    count=$(find /run/kiln-secrets -type f | wc -l)
+    rm -rf /run/kiln-secrets
+    log "install: $count secret files of node $(cmdline_value kiln.node) delivered into the data partition (fetched once from $origin)"
 }
 
 # Whole disks that could be targets at all (not loop, RAM, optical, eMMC boot areas ...).
@@ -284,9 +330,18 @@ select_target() {
 
 # The target already holds this image, completely installed.
 target_has_this_image() {
-    partition_named "$TARGET" "$DATA_NAME" > /dev/null || return 1
+    data=$(partition_named "$TARGET" "$DATA_NAME") || return 1
     guid=$(/sbin/sgdisk -p "/dev/$TARGET" 2>/dev/null | sed -n 's/^Disk identifier (GUID): //p' | tr 'A-F' 'a-f')
-    [ "$guid" = "$(plan_value disk_guid)" ]
+    [ "$guid" = "$(plan_value disk_guid)" ] || return 1
+    # The installer formats the data partition and marks it ready last: a partition without the
+    # marker is an install cut short (its secrets may be missing), so it is installed again.
+    ensure_node "$data"
+    mkdir -p /run/kiln-check
+    mount -t ext4 -o ro "/dev/$data" /run/kiln-check 2> /dev/null || return 1
+    ready=1
+    [ -e "/run/kiln-check/$DATA_MARKER" ] || ready=0
+    umount /run/kiln-check
+    [ "$ready" = 1 ]
 }
 
 # The plan's copy lines, in a file: loops read it by redirection, not through a pipe, so `fail`
@@ -354,6 +409,7 @@ install_system() {
     # shellcheck disable=SC2034
     STEP=install
     ensure_data_partition
+    prepare_data
     sync
     log "install: done target=/dev/$TARGET"
     [ -z "$INSTALL_URL" ] || report_installed
