@@ -16,6 +16,9 @@ pub use validate::validate;
 
 /// The k3s API port (`https://<api_address>:6443`) when `api_address` names none.
 pub const DEFAULT_API_PORT: u16 = 6443;
+/// etcd's plain-HTTP `/health` and `/metrics` listener, on loopback only (the node's own health
+/// check; the client port requires a client certificate). Its usual port (kubeadm's too).
+pub const ETCD_METRICS_PORT: u16 = 2381;
 
 /// A k3s cluster (and, for `external-etcd`, its etcd group) formed from one image: every machine
 /// boots the same image and finds its place by MAC address or `kiln.node=<name>`.
