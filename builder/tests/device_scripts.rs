@@ -217,6 +217,54 @@ mod identity {
         }
     }
 
+    /// The cluster overlay's `etcd-run` after the identity step: it hands the member's keys to
+    /// the etcd account and starts etcd (a stand-in) only when etcd.env sets up TLS completely.
+    #[test]
+    fn etcd_run_starts_a_member_only_with_its_tls_files() {
+        let cluster = super::overlay("cluster");
+        let run = |m: &FakeRoot| m.sh([cluster.join("usr/lib/kiln/etcd-run")]);
+        let setup = || {
+            let m = cluster_root("kiln.node=e1", &[("eth0", "52:54:00:00:00:01")]);
+            let (ok, out) = m.boot_step(IDENTITY_STEP);
+            assert!(ok, "{out}");
+            let lib = std::fs::read_to_string(super::overlay("appliance").join("usr/lib/kiln/lib.sh")).unwrap();
+            m.write_mode("usr/lib/kiln/lib.sh", &lib, 0o644);
+            m.write_mode("usr/lib/kiln/logpipe", "#!/bin/sh\ncat >> \"$1\"\n", 0o755);
+            m.write_mode("bin/chown", "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/chowned\"\n", 0o755);
+            m.write_mode("bin/start-stop-daemon", "#!/bin/sh\necho \"etcd started: $*\"\n", 0o755);
+            m.write_mode("bin/sleep", "#!/bin/sh\necho \"$*\" > \"$KILN_ROOT/slept\"\n", 0o755);
+            m
+        };
+        let m = setup();
+        let (ok, out) = run(&m);
+        assert!(ok, "{out}");
+        assert_eq!(out, "[kiln] etcd: starting member e1, joining the initial cluster (log /var/log/etcd.log)\n");
+        assert!(m.read("var/log/etcd.log").contains("etcd started: -S -c etcd:etcd -x /usr/bin/etcd\n"));
+        let root = m.path().display().to_string();
+        let chowned = m.read("chowned");
+        assert!(chowned.contains(&format!("etcd:etcd {root}/etc/kiln/etcd/server.key {root}/etc/kiln/etcd/peer.key\n")), "{chowned}");
+        assert!(!chowned.contains("client.key"), "the k3s server's client key stays root's: {chowned}");
+        assert_eq!((m.mode("etc/kiln/etcd/server.key"), m.mode("etc/kiln/etcd/peer.key")), (0o600, 0o600));
+
+        // Without client certificate checks, or without a key file, no etcd.
+        for (broken, why) in
+            [("ETCD_CLIENT_CERT_AUTH=true", "does not require client certificates"), ("ETCD_PEER_KEY_FILE=", "ETCD_PEER_KEY_FILE")]
+        {
+            let m = setup();
+            let env = m.read("etc/kiln/etcd.env");
+            let env: String = env.lines().filter(|l| !l.starts_with(broken)).map(|l| format!("{l}\n")).collect();
+            m.write("etc/kiln/etcd.env", &env);
+            let (ok, out) = run(&m);
+            assert!(ok && out.starts_with("[kiln] etcd: not started: ") && out.contains(why), "{broken}: {out}");
+            assert_eq!(m.read("slept"), "2147483647\n");
+            assert!(!m.exists("var/log/etcd.log"), "{broken}: etcd was started");
+        }
+        let m = setup();
+        std::fs::remove_file(m.path().join("etc/kiln/etcd/server.key")).unwrap();
+        let (_, out) = run(&m);
+        assert!(out.contains("ETCD_KEY_FILE names /etc/kiln/etcd/server.key, which is missing"), "{out}");
+    }
+
     #[test]
     fn images_without_a_cluster_say_so() {
         let m = cluster_root("", &[("eth0", "52:54:00:00:00:01")]);
