@@ -252,13 +252,13 @@ impl Ca {
             k => format!("{name}.{}.pem", k.name()),
         };
         let path = dir.join(&file);
-        let mark = format!("# kiln {} certificate of {name}: {}; CA {}", k_text(kind), san_text(sans), self.id);
+        let mark = format!("# kiln {} certificate of {name}: {}; CA {}", describe(kind), san_text(sans), self.id);
         let help = || format!("certificate file {} (delete it to have kiln issue a new one from the cluster CA)", path.display());
         if let Ok(text) = std::fs::read_to_string(&path) {
             if text.lines().next() == Some(mark.as_str()) {
                 return parse_pair(&text).with_context(help);
             }
-            tracing::info!("issuing the {} certificate of {name} again: its names or its CA changed", k_text(kind));
+            tracing::info!("issuing the {} certificate of {name} again: its names or its CA changed", describe(kind));
             let text = self.issue(kind, name, sans, &mark)?;
             secrets::replace(&path, text.as_bytes()).with_context(help)?;
             return parse_pair(&text).with_context(help);
@@ -284,12 +284,12 @@ impl Ca {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = kind.usages();
         p.use_authority_key_identifier_extension = true;
-        let cert = p.signed_by(&key, &self.issuer).with_context(|| format!("signing the {} certificate of {name}", k_text(kind)))?;
+        let cert = p.signed_by(&key, &self.issuer).with_context(|| format!("signing the {} certificate of {name}", describe(kind)))?;
         Ok(format!("{mark}\n{}{}", cert.pem(), key.serialize_pem()))
     }
 }
 
-fn k_text(kind: Kind) -> &'static str {
+fn describe(kind: Kind) -> &'static str {
     match kind {
         Kind::EtcdServer => "etcd server",
         Kind::EtcdPeer => "etcd peer",
