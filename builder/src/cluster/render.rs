@@ -344,7 +344,7 @@ mod tests {
         let c = cluster(
             "  datastore: external-etcd\n  api_address: \"[fd00::10]:7443\"\n  default_role: none\n  etcd: {client_port: 12379}\n  nodes:\n    - {name: e1, mac: \"52:54:00:00:00:01\", roles: [server, etcd], address: 10.0.0.11/24}\n    - {name: e2, mac: \"52:54:00:00:00:02\", roles: [etcd], address: 10.0.0.12/24}\n    - {name: e3, mac: \"52:54:00:00:00:03\", roles: [etcd], address: \"fd00::13/64\"}\n",
         );
-        let (secrets, _keep) = secrets(&c);
+        let (secrets, keep) = secrets(&c);
         let files = files(&c, &secrets).unwrap();
         let e1 = yaml(get(&files, "etc/kiln/nodes/e1/k3s-config.yaml"));
         assert_eq!(e1["datastore-endpoint"], "https://10.0.0.11:12379,https://10.0.0.12:12379,https://[fd00::13]:12379");
@@ -411,6 +411,9 @@ mod tests {
         let ca = std::fs::read_to_string(pki.dir.join("ca.pem")).unwrap();
         let ca_key = ca[ca.find("-----BEGIN PRIVATE KEY-----").unwrap()..].lines().nth(1).unwrap();
         assert!(!files.iter().any(|f| f.content.contains(ca_key)), "the CA key is never rendered");
+        // A rebuild with the same secrets/ renders the same bytes.
+        let again = Secrets { token: token(), pki: pki::load_or_create(&c, keep.path()).unwrap() };
+        assert_eq!(super::files(&c, &again).unwrap(), files, "a rebuild renders the same files");
         assert!(get(&files, "etc/kiln/nodes/e1/node.conf").content.contains("KILN_NODE_ROLES=\"etcd server\"\n"));
         assert!(!files.iter().any(|f| f.path == "etc/kiln/nodes/_default/k3s-config.yaml"));
         assert!(get(&files, "etc/kiln/cluster.conf").content.contains(
