@@ -127,6 +127,16 @@ enum Command {
         #[arg(long)]
         no_verify: bool,
     },
+    /// Create the cluster's secrets without building: the token (unless `cluster.token_file`
+    /// gives one) and, with etcd members, the cluster CA and every certificate, in
+    /// OUT/secrets/ (reused as they are if present). Back this directory up.
+    Secrets {
+        /// The profile (YAML).
+        profile: PathBuf,
+        /// Output directory the builds will use (default: out/<profile name>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the profile's JSON schema, or with --markdown the profile reference.
     Schema {
         #[arg(long)]
@@ -217,6 +227,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
             flash(&image, &device, bmap.as_deref(), FlashFlags { yes, force, verify: !no_verify, quiet: cli.quiet })?
         }
         Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, listen, &reinstall, dnsmasq.as_deref())?,
+        Command::Secrets { profile, out } => {
+            let profile = LoadedProfile::load(&profile)?;
+            let out = out.unwrap_or_else(|| kiln::pipeline::default_out_dir(&profile));
+            let Some(c) = &profile.profile.cluster else {
+                return Err(
+                    UsageError(format!("{} has no `cluster` key: there are no cluster secrets to create", profile.path.display())).into()
+                );
+            };
+            let secrets = kiln::pipeline::cluster_secrets(&profile, &out)?.context("the profile has a cluster")?;
+            if c.token_file.is_none() {
+                println!("token: {}", kiln::cluster::token::generated_path(&out, &c.name).display());
+            }
+            if let Some(pki) = &secrets.pki {
+                println!("cluster CA: {} (certificate: {})", pki.dir.join("ca.pem").display(), pki.dir.join("ca.crt").display());
+                println!(
+                    "etcdctl: --cacert {} --cert {} --key {}",
+                    pki.dir.join("ca.crt").display(),
+                    pki.dir.join("etcdctl.crt").display(),
+                    pki.dir.join("etcdctl.key").display()
+                );
+            }
+        }
         Command::Schema { markdown } => {
             if markdown {
                 print!("{}", kiln::profile::reference::markdown());

@@ -106,3 +106,30 @@ fn serve_refuses_a_missing_directory_and_a_bad_reinstall_mac() {
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("not-a-mac"), "{text}");
 }
+
+#[test]
+fn secrets_creates_the_cluster_secrets_once_and_needs_a_cluster() {
+    let d = tempfile::tempdir().unwrap();
+    profile(
+        d.path(),
+        "name: demo\narch: [x86_64]\ncluster:\n  name: lab\n  datastore: external-etcd\n  default_role: none\n  nodes:\n    - {name: e1, mac: \"52:54:00:00:00:01\", roles: [etcd], address: 10.0.0.11/24}\n",
+    );
+    let (code, out) = kiln(d.path(), &["secrets", "p.yaml"]);
+    assert_eq!(code, 0, "{out}");
+    let pki = d.path().join("out/demo/secrets/lab-pki");
+    assert!(out.contains("out/demo/secrets/lab.token") && out.contains("lab-pki/ca.pem") && out.contains("--cert"), "{out}");
+    let ca = std::fs::read(pki.join("ca.pem")).unwrap();
+    let key = std::fs::read_to_string(pki.join("e1.server.pem")).unwrap();
+    let key_line = key.lines().skip_while(|l| !l.contains("PRIVATE KEY")).nth(1).unwrap();
+    assert!(!out.contains(key_line), "a private key was printed");
+    // A second run (or a build) keeps them.
+    let (code, out) = kiln(d.path(), &["secrets", "p.yaml", "--out", "out/demo"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(std::fs::read(pki.join("ca.pem")).unwrap(), ca);
+    assert_eq!(std::fs::read_to_string(pki.join("e1.server.pem")).unwrap(), key);
+
+    profile(d.path(), "name: demo\narch: [x86_64]\n");
+    let (code, out) = kiln(d.path(), &["secrets", "p.yaml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("p.yaml") && out.contains("no `cluster` key"), "{out}");
+}

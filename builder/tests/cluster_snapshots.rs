@@ -1,7 +1,9 @@
 //! Snapshot tests of the cluster configuration kiln renders for every node of every example
 //! profile in `profiles/`. The expected files live in `builder/tests/snapshots/<profile>/`:
 //! `<node>/{node.conf,k3s-config.yaml,etcd.env}`, `_default/` (machines not in the inventory) and
-//! `_cluster/{cluster.conf,inventory,modes}`. The token is a fixed test token.
+//! `_cluster/{cluster.conf,inventory,modes}`. The token is a fixed test token. The etcd group's
+//! certificates and keys (`<node>/etcd/`) are made afresh by each run: they are listed with their
+//! modes in `_cluster/modes`, not kept as files (their checks are `cluster::pki`'s unit tests).
 //!
 //! When the rendering changes on purpose, rewrite them with
 //! `KILN_BLESS=1 cargo test -p kiln --test cluster_snapshots` and review the diff in git.
@@ -9,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kiln::cluster::{files, Token};
+use kiln::cluster::{files, pki, Secrets, Token};
 use kiln::profile::LoadedProfile;
 
 const TEST_TOKEN: &str = "K10-kiln-snapshot-test-token";
@@ -29,13 +31,17 @@ fn snapshot_path(root_path: &str) -> String {
 /// Every snapshot file of one profile: relative path -> content.
 fn expected_for(profile: &LoadedProfile) -> Option<BTreeMap<String, String>> {
     let cluster = profile.profile.cluster.as_ref()?;
-    let rendered = files(cluster, &Token::new(TEST_TOKEN).unwrap());
+    let d = tempfile::tempdir().unwrap();
+    let secrets = Secrets { token: Token::new(TEST_TOKEN).unwrap(), pki: pki::load_or_create(cluster, d.path()).unwrap() };
+    let rendered = files(cluster, &secrets).unwrap();
     let mut out = BTreeMap::new();
     let mut modes = String::new();
     for f in rendered {
         let p = snapshot_path(&f.path);
         modes.push_str(&format!("{:04o} {p}\n", f.mode));
-        out.insert(p, f.content);
+        if !f.content.starts_with("-----BEGIN ") {
+            out.insert(p, f.content);
+        }
     }
     out.insert("_cluster/modes".into(), modes);
     Some(out)

@@ -99,7 +99,7 @@ impl FakeRoot {
 /// line is `[kiln] identity: node=<name> roles=<r1,r2|none> by=<cmdline|mac|default>`.
 mod identity {
     use kiln::cluster::render::IDENTITY_STEP;
-    use kiln::cluster::{files, Token};
+    use kiln::cluster::{files, pki, Secrets, Token};
 
     use super::FakeRoot;
 
@@ -109,8 +109,11 @@ mod identity {
         let p = kiln::profile::parse(yaml).unwrap();
         kiln::profile::cluster::validate(&p).unwrap();
         let m = FakeRoot::new();
-        for f in files(p.cluster.as_ref().unwrap(), &Token::new("t0ken").unwrap()) {
-            m.write(&f.path, &f.content);
+        let keep = tempfile::tempdir().unwrap();
+        let c = p.cluster.as_ref().unwrap();
+        let secrets = Secrets { token: Token::new("t0ken").unwrap(), pki: pki::load_or_create(c, keep.path()).unwrap() };
+        for f in files(c, &secrets).unwrap() {
+            m.write_mode(&f.path, &f.content, f.mode);
         }
         m.write("etc/kiln/network.conf", &kiln::provision::network_conf(&p.network));
         m.write("etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\tdemo\n");
@@ -133,6 +136,35 @@ mod identity {
         assert!(m.read("etc/rancher/k3s/config.yaml").contains("node-name: \"e2\"\n"));
         assert_eq!(m.mode("etc/rancher/k3s/config.yaml"), 0o600);
         assert!(m.read("etc/kiln/etcd.env").contains("ETCD_NAME=e2\n"));
+        // e2's own TLS files, as etcd.env and config.yaml name them: keys 0600, certificates 0644.
+        let mut tls: Vec<(String, u32)> = std::fs::read_dir(m.path().join("etc/kiln/etcd"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .map(|n| {
+                let mode = m.mode(&format!("etc/kiln/etcd/{n}"));
+                (n, mode)
+            })
+            .collect();
+        tls.sort();
+        let want: Vec<(String, u32)> = [
+            ("ca.crt", 0o644),
+            ("client.crt", 0o644),
+            ("client.key", 0o600),
+            ("peer.crt", 0o644),
+            ("peer.key", 0o600),
+            ("server.crt", 0o644),
+            ("server.key", 0o600),
+        ]
+        .iter()
+        .map(|(n, m)| (n.to_string(), *m))
+        .collect();
+        assert_eq!(tls, want);
+        assert_eq!(m.mode("etc/kiln/etcd"), 0o755);
+        for f in ["ca.crt", "server.key", "client.key"] {
+            assert_eq!(m.read(&format!("etc/kiln/etcd/{f}")), m.read(&format!("etc/kiln/nodes/e2/etcd/{f}")), "{f}");
+        }
+        let cfg = m.read("etc/rancher/k3s/config.yaml");
+        assert!(cfg.contains("datastore-keyfile: \"/etc/kiln/etcd/client.key\"\n"), "{cfg}");
         assert_eq!(m.read("etc/hostname"), "e2\n");
         assert_eq!(m.read("hostname-set"), "e2\n");
         assert!(m.read("etc/hosts").contains("127.0.1.1\te2\n"));
@@ -155,6 +187,7 @@ mod identity {
         assert!(ok, "{out}");
         assert_eq!(out.trim_end(), "[kiln] identity: node=a1 roles=agent by=mac");
         assert!(!m.exists("etc/kiln/etcd.env") && !m.exists("run/kiln/network.conf"));
+        assert!(!m.exists("etc/kiln/etcd"), "an agent keeps no etcd keys of its former identity");
         assert!(m.read("etc/rancher/k3s/config.yaml").contains("server: \"https://10.0.0.10:6443\"\n"));
     }
 
@@ -182,6 +215,54 @@ mod identity {
             assert!(line.starts_with("[kiln] error: identity: ") && line.contains("known nodes: e1 e2 e3 a1"), "{bad}: {out}");
             assert!(!m.exists("etc/rancher/k3s/config.yaml"));
         }
+    }
+
+    /// The cluster overlay's `etcd-run` after the identity step: it hands the member's keys to
+    /// the etcd account and starts etcd (a stand-in) only when etcd.env sets up TLS completely.
+    #[test]
+    fn etcd_run_starts_a_member_only_with_its_tls_files() {
+        let cluster = super::overlay("cluster");
+        let run = |m: &FakeRoot| m.sh([cluster.join("usr/lib/kiln/etcd-run")]);
+        let setup = || {
+            let m = cluster_root("kiln.node=e1", &[("eth0", "52:54:00:00:00:01")]);
+            let (ok, out) = m.boot_step(IDENTITY_STEP);
+            assert!(ok, "{out}");
+            let lib = std::fs::read_to_string(super::overlay("appliance").join("usr/lib/kiln/lib.sh")).unwrap();
+            m.write_mode("usr/lib/kiln/lib.sh", &lib, 0o644);
+            m.write_mode("usr/lib/kiln/logpipe", "#!/bin/sh\ncat >> \"$1\"\n", 0o755);
+            m.write_mode("bin/chown", "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/chowned\"\n", 0o755);
+            m.write_mode("bin/start-stop-daemon", "#!/bin/sh\necho \"etcd started: $*\"\n", 0o755);
+            m.write_mode("bin/sleep", "#!/bin/sh\necho \"$*\" > \"$KILN_ROOT/slept\"\n", 0o755);
+            m
+        };
+        let m = setup();
+        let (ok, out) = run(&m);
+        assert!(ok, "{out}");
+        assert_eq!(out, "[kiln] etcd: starting member e1, joining the initial cluster (log /var/log/etcd.log)\n");
+        assert!(m.read("var/log/etcd.log").contains("etcd started: -S -c etcd:etcd -x /usr/bin/etcd\n"));
+        let root = m.path().display().to_string();
+        let chowned = m.read("chowned");
+        assert!(chowned.contains(&format!("etcd:etcd {root}/etc/kiln/etcd/server.key {root}/etc/kiln/etcd/peer.key\n")), "{chowned}");
+        assert!(!chowned.contains("client.key"), "the k3s server's client key stays root's: {chowned}");
+        assert_eq!((m.mode("etc/kiln/etcd/server.key"), m.mode("etc/kiln/etcd/peer.key")), (0o600, 0o600));
+
+        // Without client certificate checks, or without a key file, no etcd.
+        for (broken, why) in
+            [("ETCD_CLIENT_CERT_AUTH=true", "does not require client certificates"), ("ETCD_PEER_KEY_FILE=", "ETCD_PEER_KEY_FILE")]
+        {
+            let m = setup();
+            let env = m.read("etc/kiln/etcd.env");
+            let env: String = env.lines().filter(|l| !l.starts_with(broken)).map(|l| format!("{l}\n")).collect();
+            m.write("etc/kiln/etcd.env", &env);
+            let (ok, out) = run(&m);
+            assert!(ok && out.starts_with("[kiln] etcd: not started: ") && out.contains(why), "{broken}: {out}");
+            assert_eq!(m.read("slept"), "2147483647\n");
+            assert!(!m.exists("var/log/etcd.log"), "{broken}: etcd was started");
+        }
+        let m = setup();
+        std::fs::remove_file(m.path().join("etc/kiln/etcd/server.key")).unwrap();
+        let (_, out) = run(&m);
+        assert!(out.contains("ETCD_KEY_FILE names /etc/kiln/etcd/server.key, which is missing"), "{out}");
     }
 
     #[test]
@@ -213,8 +294,13 @@ mod k3s_run {
             );
         }
         m.write_mode("usr/local/bin/k3s", "#!/bin/sh\necho \"stand-in binary called with: $*\"\n", 0o755);
-        // An etcd member's k3s waits for the local member's /health (here: a stand-in wget).
-        m.write_mode("etc/kiln/etcd.env", "ETCD_LISTEN_CLIENT_URLS=http://10.0.0.11:2379,http://127.0.0.1:2379\n", 0o644);
+        // An etcd member's k3s waits for the local member's /health on its loopback metrics
+        // listener (here: a stand-in wget); the client port would want a client certificate.
+        m.write_mode(
+            "etc/kiln/etcd.env",
+            "ETCD_LISTEN_CLIENT_URLS=https://10.0.0.11:2379,https://127.0.0.1:2379\nETCD_LISTEN_METRICS_URLS=http://127.0.0.1:2381\n",
+            0o644,
+        );
         m.write_mode(
             "bin/wget",
             "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/wget-args\"\necho '{\"health\":\"true\",\"reason\":\"\"}'\n",
@@ -240,7 +326,7 @@ mod k3s_run {
             };
             assert_eq!(out, format!("{waited}[kiln] k3s: starting {role} (log /var/log/k3s.log)\n"), "{roles}");
             let asked = std::fs::read_to_string(m.path().join("wget-args")).unwrap_or_default();
-            assert_eq!(asked.contains("http://127.0.0.1:2379/health"), roles.contains("etcd"), "{asked}");
+            assert_eq!(asked.contains("http://127.0.0.1:2381/health"), roles.contains("etcd"), "{asked}");
             let log = m.read("var/log/k3s.log");
             assert!(log.contains(&format!("k3s-run: starting k3s {role}\n")), "{log}");
             assert!(log.ends_with(&format!("stand-in binary called with: {role}\n")), "{log}");

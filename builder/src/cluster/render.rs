@@ -3,14 +3,18 @@
 //! (servers and agents; mode 0600, it holds the token) and `etcd.env` (etcd members); the same
 //! for `_default` (machines not in the inventory, completed at boot); and the MAC table
 //! `/etc/kiln/inventory` plus `/etc/kiln/cluster.conf`. `boot.d/35-identity.sh` picks one
-//! directory at boot. All output is plain text and byte-for-byte deterministic.
+//! directory at boot. Nodes of the etcd group's PKI also get `etcd/` there: the CA certificate
+//! (0644) and their own certificates (0644) and private keys (0600); a key is only ever in its
+//! own node's directory. All output is plain text and byte-for-byte deterministic given the
+//! secrets.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::Value;
 
+use super::pki::{self, Kind};
 use super::yaml::Doc;
-use super::Token;
-use crate::profile::cluster::{normalise_mac, url_host, Cluster, Datastore, Node, Role};
+use super::{Secrets, Token};
+use crate::profile::cluster::{normalise_mac, url_host, Cluster, Datastore, Node, Role, ETCD_METRICS_PORT};
 use crate::tree::Tree;
 
 /// Where the per-node directories live in the root.
@@ -31,16 +35,17 @@ pub struct RenderedFile {
 }
 
 /// Writes the cluster's files into the root.
-pub fn render(c: &Cluster, token: &Token, root: &mut Tree) -> Result<()> {
+pub fn render(c: &Cluster, secrets: &Secrets, root: &mut Tree) -> Result<()> {
     root.add_dir(NODES_DIR, 0o755)?;
-    for f in files(c, token) {
+    for f in files(c, secrets)? {
         root.add_file(&f.path, f.mode, f.content)?;
     }
     Ok(())
 }
 
 /// Every file the cluster puts in the root, in a fixed order.
-pub fn files(c: &Cluster, token: &Token) -> Vec<RenderedFile> {
+pub fn files(c: &Cluster, secrets: &Secrets) -> Result<Vec<RenderedFile>> {
+    let token = &secrets.token;
     let mut out =
         vec![file("etc/kiln/cluster.conf".into(), 0o644, cluster_conf(c)), file("etc/kiln/inventory".into(), 0o644, inventory(c))];
     for n in &c.nodes {
@@ -52,6 +57,7 @@ pub fn files(c: &Cluster, token: &Token) -> Vec<RenderedFile> {
         if n.has(Role::Etcd) {
             out.push(file(format!("{dir}/etcd.env"), 0o644, etcd_env(c, n)));
         }
+        out.extend(tls_files(c, n, secrets.pki.as_ref())?);
     }
     let dir = format!("{NODES_DIR}/{DEFAULT_NODE}");
     let roles: Vec<Role> = c.default_role.role().into_iter().collect();
@@ -59,7 +65,33 @@ pub fn files(c: &Cluster, token: &Token) -> Vec<RenderedFile> {
     if let Some(role) = c.default_role.role() {
         out.push(file(format!("{dir}/k3s-config.yaml"), 0o600, k3s_config(c, token, None, role)));
     }
-    out
+    Ok(out)
+}
+
+/// `<node>/etcd/`: the CA certificate and the node's own certificates and keys, under the names
+/// `etcd.env` and `k3s-config.yaml` use on the device ([`pki::DEVICE_DIR`]).
+fn tls_files(c: &Cluster, n: &Node, pki: Option<&pki::Pki>) -> Result<Vec<RenderedFile>> {
+    let kinds = pki::kinds_for(c, n);
+    if kinds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(pki) = pki else { bail!("node {} needs etcd TLS certificates, but the cluster's PKI was not loaded", n.name) };
+    let Some(certs) = pki.nodes.get(&n.name) else { bail!("the cluster's PKI has no certificates for node {}", n.name) };
+    let dir = format!("{NODES_DIR}/{}/{}", n.name, pki::SUBDIR);
+    let mut out = vec![file(format!("{dir}/{}", pki::CA_CERT), 0o644, pki.ca_cert.clone())];
+    for kind in kinds {
+        let Some(pair) = certs.get(&kind) else { bail!("the cluster's PKI has no {} certificate for node {}", kind.name(), n.name) };
+        out.push(file(format!("{dir}/{}.crt", kind.name()), 0o644, pair.cert.clone()));
+        // Private keys: 0600, and only in the owning node's directory (`kiln serve` delivers a
+        // node's non-world-readable files to that node alone).
+        out.push(file(format!("{dir}/{}.key", kind.name()), 0o600, pair.key_pem().to_string()));
+    }
+    Ok(out)
+}
+
+/// `/etc/kiln/etcd/<name>` on the device.
+fn device_file(name: &str) -> String {
+    format!("{}/{name}", pki::DEVICE_DIR)
 }
 
 fn file(path: String, mode: u32, content: String) -> RenderedFile {
@@ -121,7 +153,7 @@ fn node_conf(node: Option<&Node>, roles: &[Role]) -> String {
 fn etcd_client_urls(c: &Cluster) -> String {
     c.etcd_members()
         .filter_map(|n| n.ip())
-        .map(|ip| format!("http://{}:{}", url_host(&ip.to_string()), c.etcd.client_port))
+        .map(|ip| format!("https://{}:{}", url_host(&ip.to_string()), c.etcd.client_port))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -145,7 +177,13 @@ fn k3s_config(c: &Cluster, token: &Token, node: Option<&Node>, role: Role) -> St
                     doc.push("server", a.url());
                 }
             }
-            Datastore::ExternalEtcd => doc.push("datastore-endpoint", etcd_client_urls(c)),
+            Datastore::ExternalEtcd => {
+                // Mutual TLS: the group's CA, and this server's own client certificate.
+                doc.push("datastore-endpoint", etcd_client_urls(c));
+                doc.push("datastore-cafile", device_file(pki::CA_CERT));
+                doc.push("datastore-certfile", device_file(&format!("{}.crt", Kind::DatastoreClient.name())));
+                doc.push("datastore-keyfile", device_file(&format!("{}.key", Kind::DatastoreClient.name())));
+            }
             Datastore::External => doc.push("datastore-endpoint", c.datastore_endpoint.clone().unwrap_or_default()),
             Datastore::Sqlite => {}
         }
@@ -189,13 +227,17 @@ fn k3s_config(c: &Cluster, token: &Token, node: Option<&Node>, role: Role) -> St
     doc.to_yaml()
 }
 
-/// Environment for Debian's etcd-server (`/etc/default/etcd` names) of one member.
+/// Environment for Debian's etcd-server (`/etc/default/etcd` names, the same settings as etcd's
+/// flags) of one member: TLS on the client and the peer port, each requiring a certificate from
+/// the cluster CA (`--client-cert-auth`, `--peer-client-cert-auth`), and plain HTTP only for
+/// `/health` and `/metrics` on loopback, for the node's own health check.
 fn etcd_env(c: &Cluster, n: &Node) -> String {
     let (peer, client) = (c.etcd.peer_port, c.etcd.client_port);
-    let url = |ip: std::net::IpAddr, port: u16| format!("http://{}:{port}", url_host(&ip.to_string()));
+    let url = |ip: std::net::IpAddr, port: u16| format!("https://{}:{port}", url_host(&ip.to_string()));
     let ip = n.ip().expect("validated: etcd members have static addresses");
     let initial: Vec<String> = c.etcd_members().filter_map(|m| m.ip().map(|ip| format!("{}={}", m.name, url(ip, peer)))).collect();
     let loopback = "127.0.0.1".parse().expect("loopback");
+    let (server, peer_name) = (Kind::EtcdServer.name(), Kind::EtcdPeer.name());
     format!(
         "# written by kiln from the profile's `cluster` key: etcd member {name} of cluster {cluster}\n\
          ETCD_NAME={name}\n\
@@ -206,13 +248,24 @@ fn etcd_env(c: &Cluster, n: &Node) -> String {
          ETCD_INITIAL_ADVERTISE_PEER_URLS={peer_url}\n\
          ETCD_LISTEN_PEER_URLS={peer_url}\n\
          ETCD_LISTEN_CLIENT_URLS={client_url},{loop_url}\n\
-         ETCD_ADVERTISE_CLIENT_URLS={client_url}\n",
+         ETCD_ADVERTISE_CLIENT_URLS={client_url}\n\
+         ETCD_LISTEN_METRICS_URLS=http://127.0.0.1:{ETCD_METRICS_PORT}\n\
+         ETCD_CERT_FILE={dir}/{server}.crt\n\
+         ETCD_KEY_FILE={dir}/{server}.key\n\
+         ETCD_TRUSTED_CA_FILE={dir}/{ca}\n\
+         ETCD_CLIENT_CERT_AUTH=true\n\
+         ETCD_PEER_CERT_FILE={dir}/{peer_name}.crt\n\
+         ETCD_PEER_KEY_FILE={dir}/{peer_name}.key\n\
+         ETCD_PEER_TRUSTED_CA_FILE={dir}/{ca}\n\
+         ETCD_PEER_CLIENT_CERT_AUTH=true\n",
         name = n.name,
         cluster = c.name,
         initial = initial.join(","),
         peer_url = url(ip, peer),
         client_url = url(ip, client),
         loop_url = url(loopback, client),
+        dir = pki::DEVICE_DIR,
+        ca = pki::CA_CERT,
     )
 }
 
@@ -242,12 +295,20 @@ mod tests {
         Token::new("t0ken").unwrap()
     }
 
+    /// The test token, and for a cluster with etcd members a PKI made in a temporary directory
+    /// (returned too: it lives as long as the test keeps it).
+    fn secrets(c: &Cluster) -> (Secrets, tempfile::TempDir) {
+        let d = tempfile::tempdir().unwrap();
+        (Secrets { token: token(), pki: pki::load_or_create(c, d.path()).unwrap() }, d)
+    }
+
     #[test]
     fn embedded_etcd_first_server_inits_the_others_join() {
         let c = cluster(
             "  datastore: embedded-etcd\n  api_address: 10.0.0.10\n  k3s: {config: {disable: [traefik], tls-san: k3s.lab, flannel-backend: host-gw}}\n  nodes:\n    - {name: s1, mac: \"52:54:00:00:00:01\", roles: [server], address: 10.0.0.11/24, gateway: 10.0.0.1}\n    - {name: s2, mac: \"52:54:00:00:00:02\", roles: [server], address: 10.0.0.12/24}\n    - {name: s3, mac: \"52:54:00:00:00:03\", roles: [server], address: 10.0.0.13/24}\n    - {name: a1, mac: [\"52:54:00:00:00:04\", \"52-54-00-00-00-AA\"], roles: [agent]}\n",
         );
-        let files = files(&c, &token());
+        let (secrets, _keep) = secrets(&c);
+        let files = files(&c, &secrets).unwrap();
         let s1 = get(&files, "etc/kiln/nodes/s1/k3s-config.yaml");
         assert_eq!(s1.mode, 0o600);
         assert_eq!(
@@ -274,7 +335,8 @@ mod tests {
         assert_eq!(d["server"], "https://10.0.0.10:6443");
         assert!(d.get("node-name").is_none());
         assert!(get(&files, "etc/kiln/nodes/_default/node.conf").content.contains("KILN_NODE_NAME=\"\"\nKILN_NODE_ROLES=\"agent\"\n"));
-        assert_eq!(files, super::files(&c, &token()), "deterministic");
+        assert_eq!(files, super::files(&c, &secrets).unwrap(), "deterministic");
+        assert!(!files.iter().any(|f| f.path.contains("/etcd/")), "no etcd group, no TLS files");
     }
 
     #[test]
@@ -282,26 +344,76 @@ mod tests {
         let c = cluster(
             "  datastore: external-etcd\n  api_address: \"[fd00::10]:7443\"\n  default_role: none\n  etcd: {client_port: 12379}\n  nodes:\n    - {name: e1, mac: \"52:54:00:00:00:01\", roles: [server, etcd], address: 10.0.0.11/24}\n    - {name: e2, mac: \"52:54:00:00:00:02\", roles: [etcd], address: 10.0.0.12/24}\n    - {name: e3, mac: \"52:54:00:00:00:03\", roles: [etcd], address: \"fd00::13/64\"}\n",
         );
-        let files = files(&c, &token());
+        let (secrets, keep) = secrets(&c);
+        let files = files(&c, &secrets).unwrap();
         let e1 = yaml(get(&files, "etc/kiln/nodes/e1/k3s-config.yaml"));
-        assert_eq!(e1["datastore-endpoint"], "http://10.0.0.11:12379,http://10.0.0.12:12379,http://[fd00::13]:12379");
+        assert_eq!(e1["datastore-endpoint"], "https://10.0.0.11:12379,https://10.0.0.12:12379,https://[fd00::13]:12379");
+        assert_eq!(e1["datastore-cafile"], "/etc/kiln/etcd/ca.crt");
+        assert_eq!(e1["datastore-certfile"], "/etc/kiln/etcd/client.crt");
+        assert_eq!(e1["datastore-keyfile"], "/etc/kiln/etcd/client.key");
         assert_eq!(e1["tls-san"], serde_json::json!(["fd00::10"]));
         assert!(e1.get("server").is_none());
         assert!(!files.iter().any(|f| f.path == "etc/kiln/nodes/e2/k3s-config.yaml"), "etcd-only nodes run no k3s");
         let env = &get(&files, "etc/kiln/nodes/e3/etcd.env").content;
         for line in [
             "ETCD_NAME=e3",
-            "ETCD_INITIAL_CLUSTER=e1=http://10.0.0.11:2380,e2=http://10.0.0.12:2380,e3=http://[fd00::13]:2380",
+            "ETCD_INITIAL_CLUSTER=e1=https://10.0.0.11:2380,e2=https://10.0.0.12:2380,e3=https://[fd00::13]:2380",
             "ETCD_INITIAL_CLUSTER_STATE=new",
             "ETCD_INITIAL_CLUSTER_TOKEN=lab",
-            "ETCD_LISTEN_CLIENT_URLS=http://[fd00::13]:12379,http://127.0.0.1:12379",
-            "ETCD_ADVERTISE_CLIENT_URLS=http://[fd00::13]:12379",
-            "ETCD_INITIAL_ADVERTISE_PEER_URLS=http://[fd00::13]:2380",
-            "ETCD_LISTEN_PEER_URLS=http://[fd00::13]:2380",
+            "ETCD_LISTEN_CLIENT_URLS=https://[fd00::13]:12379,https://127.0.0.1:12379",
+            "ETCD_ADVERTISE_CLIENT_URLS=https://[fd00::13]:12379",
+            "ETCD_INITIAL_ADVERTISE_PEER_URLS=https://[fd00::13]:2380",
+            "ETCD_LISTEN_PEER_URLS=https://[fd00::13]:2380",
+            "ETCD_LISTEN_METRICS_URLS=http://127.0.0.1:2381",
             "ETCD_DATA_DIR=/var/lib/etcd",
+            "ETCD_CERT_FILE=/etc/kiln/etcd/server.crt",
+            "ETCD_KEY_FILE=/etc/kiln/etcd/server.key",
+            "ETCD_TRUSTED_CA_FILE=/etc/kiln/etcd/ca.crt",
+            "ETCD_CLIENT_CERT_AUTH=true",
+            "ETCD_PEER_CERT_FILE=/etc/kiln/etcd/peer.crt",
+            "ETCD_PEER_KEY_FILE=/etc/kiln/etcd/peer.key",
+            "ETCD_PEER_TRUSTED_CA_FILE=/etc/kiln/etcd/ca.crt",
+            "ETCD_PEER_CLIENT_CERT_AUTH=true",
         ] {
             assert!(env.lines().any(|l| l == line), "{line} missing:\n{env}");
         }
+        assert!(
+            !env.contains("http://")
+                || env.lines().filter(|l| l.contains("http://")).all(|l| l.starts_with("ETCD_LISTEN_METRICS_URLS=http://127.0.0.1:")),
+            "plain HTTP only on loopback:\n{env}"
+        );
+        // Each node's TLS files in its own directory: the CA certificate, its certificates
+        // (0644) and its keys (0600); e1 is also a k3s server and gets a client certificate.
+        let pki = secrets.pki.as_ref().unwrap();
+        let tls: Vec<(String, u32)> = files.iter().filter(|f| f.path.contains("/etcd/")).map(|f| (f.path.clone(), f.mode)).collect();
+        let mut want = Vec::new();
+        for (node, kinds) in [("e1", &["server", "peer", "client"][..]), ("e2", &["server", "peer"][..]), ("e3", &["server", "peer"][..])] {
+            want.push((format!("etc/kiln/nodes/{node}/etcd/ca.crt"), 0o644));
+            for k in kinds {
+                want.push((format!("etc/kiln/nodes/{node}/etcd/{k}.crt"), 0o644));
+                want.push((format!("etc/kiln/nodes/{node}/etcd/{k}.key"), 0o600));
+            }
+        }
+        assert_eq!(tls, want);
+        for f in files.iter().filter(|f| f.path.contains("/etcd/")) {
+            let node = f.path.split('/').nth(3).unwrap();
+            if f.path.ends_with(".key") {
+                assert!(f.content.starts_with("-----BEGIN PRIVATE KEY-----"), "{}", f.path);
+                // The key is this node's own and appears nowhere else.
+                let owner = &pki.nodes[node];
+                assert!(owner.values().any(|p| p.key_pem() == f.content), "{}", f.path);
+                assert_eq!(files.iter().filter(|g| g.content.contains(f.content.as_str())).count(), 1, "{} elsewhere too", f.path);
+            } else {
+                assert!(f.content.starts_with("-----BEGIN CERTIFICATE-----"), "{}", f.path);
+            }
+        }
+        assert_eq!(get(&files, "etc/kiln/nodes/e2/etcd/ca.crt").content, pki.ca_cert);
+        let ca = std::fs::read_to_string(pki.dir.join("ca.pem")).unwrap();
+        let ca_key = ca[ca.find("-----BEGIN PRIVATE KEY-----").unwrap()..].lines().nth(1).unwrap();
+        assert!(!files.iter().any(|f| f.content.contains(ca_key)), "the CA key is never rendered");
+        // A rebuild with the same secrets/ renders the same bytes.
+        let again = Secrets { token: token(), pki: pki::load_or_create(&c, keep.path()).unwrap() };
+        assert_eq!(super::files(&c, &again).unwrap(), files, "a rebuild renders the same files");
         assert!(get(&files, "etc/kiln/nodes/e1/node.conf").content.contains("KILN_NODE_ROLES=\"etcd server\"\n"));
         assert!(!files.iter().any(|f| f.path == "etc/kiln/nodes/_default/k3s-config.yaml"));
         assert!(get(&files, "etc/kiln/cluster.conf").content.contains(
@@ -312,12 +424,12 @@ mod tests {
     #[test]
     fn single_server_gives_its_address_to_agents_and_render_writes_the_tree() {
         let c = cluster("  nodes:\n    - {name: s1, mac: \"52:54:00:00:00:01\", roles: [server], address: 10.0.0.11/24}\n");
-        let files = files(&c, &token());
+        let files = files(&c, &secrets(&c).0).unwrap();
         let s1 = yaml(get(&files, "etc/kiln/nodes/s1/k3s-config.yaml"));
         assert_eq!(s1, serde_json::json!({"token": "t0ken", "tls-san": ["10.0.0.11"], "node-name": "s1", "node-ip": "10.0.0.11"}));
         assert_eq!(yaml(get(&files, "etc/kiln/nodes/_default/k3s-config.yaml"))["server"], "https://10.0.0.11:6443");
         let mut t = Tree::new();
-        render(&c, &token(), &mut t).unwrap();
+        render(&c, &secrets(&c).0, &mut t).unwrap();
         let e = t.get_str("etc/kiln/nodes/s1/k3s-config.yaml").unwrap();
         assert_eq!(e.meta.mode, 0o600);
         assert!(t.contains("etc/kiln/inventory") && t.contains("etc/kiln/cluster.conf"));

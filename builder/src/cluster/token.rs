@@ -5,12 +5,12 @@
 //! reaches a log or an error message.
 
 use std::fmt;
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use super::secrets;
 use crate::profile::LoadedProfile;
 
 /// A cluster token. Only [`Token::expose`] shows the secret.
@@ -50,7 +50,7 @@ impl fmt::Display for Token {
 
 /// Where a generated token is kept: `<out>/secrets/<cluster>.token`.
 pub fn generated_path(out_dir: &Path, cluster: &str) -> PathBuf {
-    out_dir.join("secrets").join(format!("{cluster}.token"))
+    secrets::dir(out_dir).join(format!("{cluster}.token"))
 }
 
 /// The profile's cluster token: `cluster.token_file` if given, else the generated one in
@@ -73,33 +73,23 @@ fn read(path: &Path) -> Result<Token> {
     Token::new(&text)
 }
 
-/// 32 random bytes from the kernel, hex; written with `create_new` so a concurrent build cannot
-/// overwrite a token another build already used.
+/// 32 random bytes from the kernel, hex; created once ([`secrets::create_new`]) so a concurrent
+/// build cannot overwrite a token another build already used.
 fn create(path: &Path) -> Result<Token> {
-    let dir = path.parent().context("token path has no directory")?;
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    secrets::ensure_dir(path.parent().context("token path has no directory")?)?;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes).context("reading /dev/urandom")?;
     let token = Token(hex::encode(bytes));
-    let tmp = dir.join(format!(".{}.tmp", std::process::id()));
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    f.write_all(format!("{}\n", token.expose()).as_bytes())?;
-    f.sync_all()?;
-    drop(f);
-    // A link, not a rename: fails instead of replacing a token that appeared meanwhile.
-    let linked = std::fs::hard_link(&tmp, path);
-    let _ = std::fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => Ok(token),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(path),
-        Err(e) => Err(e.into()),
+    match secrets::create_new(path, format!("{}\n", token.expose()).as_bytes())? {
+        secrets::Created::Written => Ok(token),
+        secrets::Created::Existing(_) => read(path),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn loaded(dir: &Path, cluster: &str) -> LoadedProfile {
         let text = format!(

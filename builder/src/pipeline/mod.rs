@@ -63,24 +63,34 @@ impl Drop for Staging {
     }
 }
 
+/// Where a build of `profile` writes when no `--out` is given: `out/<profile name>`.
+pub fn default_out_dir(profile: &LoadedProfile) -> PathBuf {
+    PathBuf::from("out").join(&profile.profile.name)
+}
+
+/// The cluster's secrets for a build into `out_dir` (`None` without a `cluster` key): the token
+/// from the profile's `token_file` or generated once into `<out>/secrets/`, and, with etcd
+/// members, the cluster PKI in `<out>/secrets/<cluster>-pki/`, created once and reused by later
+/// builds (`kiln build`, `kiln secrets`). Never logged.
+pub fn cluster_secrets(profile: &LoadedProfile, out_dir: &Path) -> Result<Option<crate::cluster::Secrets>> {
+    let Some(c) = &profile.profile.cluster else { return Ok(None) };
+    let t = crate::cluster::token::load_or_create(profile, out_dir);
+    let token = if c.token_file.is_some() { t.in_profile(&profile.path)? } else { t? };
+    let pki = crate::cluster::pki::load_or_create(c, out_dir)
+        .with_context(|| format!("the cluster PKI in {}", crate::cluster::pki::dir(out_dir, &c.name).display()))?;
+    Ok(Some(crate::cluster::Secrets { token, pki }))
+}
+
 /// `kiln build`.
 pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport> {
     let started = std::time::Instant::now();
     let archs = opts.archs_for(profile)?;
-    let out_dir = opts.out.clone().unwrap_or_else(|| PathBuf::from("out").join(&profile.profile.name));
+    let out_dir = opts.out.clone().unwrap_or_else(|| default_out_dir(profile));
     let fetcher = opts.fetcher()?;
     let platforms: Vec<Platform> =
         archs.iter().map(|a| Platform::load(profile.platform(*a)).in_profile(&profile.path)).collect::<Result<_>>()?;
 
-    // The cluster token: from the profile's `token_file`, or generated once into
-    // `<out>/secrets/` and reused by later builds. Never logged.
-    let token = match &profile.profile.cluster {
-        Some(c) => {
-            let t = crate::cluster::token::load_or_create(profile, &out_dir);
-            Some(if c.token_file.is_some() { t.in_profile(&profile.path)? } else { t? })
-        }
-        None => None,
-    };
+    let secrets = cluster_secrets(profile, &out_dir)?;
 
     // Fetch everything before writing anything: a bad package name fails fast.
     let mut all_inputs = Vec::new();
@@ -99,7 +109,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     for (inputs, platform) in all_inputs.iter().zip(&platforms) {
         let dir = staging_dir.join(inputs.arch.name());
         std::fs::create_dir_all(&dir)?;
-        let manifest = build_arch(profile, opts, inputs, platform, &dir, token.as_ref())
+        let manifest = build_arch(profile, opts, inputs, platform, &dir, secrets.as_ref())
             .with_context(|| format!("building the {} image", inputs.arch))?;
         built.push((inputs.arch, manifest));
     }
@@ -175,11 +185,11 @@ fn build_arch(
     inputs: &Inputs,
     platform: &Platform,
     dir: &Path,
-    token: Option<&crate::cluster::Token>,
+    secrets: Option<&crate::cluster::Secrets>,
 ) -> Result<Manifest> {
     let job = Job { profile, opts, inputs, platform, dir, epoch: inputs::source_date_epoch(&inputs.index)? };
     let mut record = ManifestInputs::new(profile, inputs);
-    let root = root::assemble(&job, token, &mut record)?;
+    let root = root::assemble(&job, secrets, &mut record)?;
     let initrds = boot::initrds(&job, &root, &mut record)?;
     let squashfs = root::write_squashfs(&job, &root.tree, "root.squashfs")?;
     // Identities derived from the inputs met so far: same inputs, same GUIDs, same bytes.

@@ -113,7 +113,7 @@ pub(super) struct Root {
 }
 
 /// Builds the root model of one architecture.
-pub(super) fn assemble(job: &Job, token: Option<&crate::cluster::Token>, record: &mut ManifestInputs) -> Result<Root> {
+pub(super) fn assemble(job: &Job, secrets: Option<&crate::cluster::Secrets>, record: &mut ManifestInputs) -> Result<Root> {
     let (profile, inputs, arch) = (job.profile, job.inputs, job.inputs.arch);
     info!("{arch}: unpacking {} packages", inputs.root_debs.len() + 1);
     // Large contents are parked in a spill file beside the image, not held in memory.
@@ -134,8 +134,8 @@ pub(super) fn assemble(job: &Job, token: Option<&crate::cluster::Token>, record:
     // may still replace any of its files.
     crate::provision::render(&profile.profile, &mut root, &modules).in_profile(&profile.path)?;
     // Every inventory node's configuration; the device picks its own at boot (35-identity.sh).
-    if let (Some(cluster), Some(token)) = (&profile.profile.cluster, token) {
-        crate::cluster::render(cluster, token, &mut root).context("rendering the cluster configuration")?;
+    if let (Some(cluster), Some(secrets)) = (&profile.profile.cluster, secrets) {
+        crate::cluster::render(cluster, secrets, &mut root).context("rendering the cluster configuration")?;
         crate::cluster::services::install(cluster, &mut root, &modules).in_profile(&profile.path)?;
     }
     add_workloads(job, &mut root, &modules, &context, record)?;

@@ -10,6 +10,10 @@
 //!     MAC-derived host name.
 //! aarch64 and riscv64: (d) a single-member group on QEMU user networking, its client port
 //! forwarded to the host.
+//! Everything runs over mutual TLS: `etcdctl` uses the CA certificate and the operator's client
+//! certificate from the build's `secrets/<cluster>-pki/`; the same call without the client
+//! certificate fails, and a TLS client shows that the member refused it in the handshake
+//! (etcdctl alone cannot tell that from an unreachable endpoint).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -20,6 +24,7 @@ use anyhow::{bail, ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
 use kiln_qemu_tests::lan::Lan;
+use kiln_qemu_tests::tls::{self, Outcome};
 use kiln_qemu_tests::{build_once, flash_grown, free_port, wait_ready, work_dir};
 
 /// Four VMs boot at once on two host cores under TCG, and a member's `[kiln] ready` also waits
@@ -60,15 +65,48 @@ fn kiln_lines(console: &str) -> String {
     console.lines().filter(|l| l.contains("[kiln] identity:") || l.contains("[kiln] etcd:")).collect::<Vec<_>>().join("\n")
 }
 
-/// Runs Debian's `etcdctl` (API v3) against `endpoints`, through `via` (the LAN's namespace) or
-/// on the host; returns stdout, or the error with stderr.
-fn etcdctl(via: Option<&Lan>, endpoints: &[String], args: &[&str]) -> Result<String> {
+/// The operator's TLS files from a build's `secrets/<cluster>-pki/` (`kiln secrets` prints them).
+struct ClientTls {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl ClientTls {
+    fn of(image: &Path, cluster: &str) -> Result<ClientTls> {
+        let dir = image.join("secrets").join(format!("{cluster}-pki"));
+        let tls = ClientTls { ca: dir.join("ca.crt"), cert: dir.join("etcdctl.crt"), key: dir.join("etcdctl.key") };
+        for f in [&tls.ca, &tls.cert, &tls.key] {
+            ensure!(f.is_file(), "the build left no {}", f.display());
+        }
+        Ok(tls)
+    }
+
+    /// `etcdctl` flags: the CA, and the client certificate unless `with_cert` is false.
+    fn flags(&self, with_cert: bool) -> Vec<String> {
+        let mut v = vec![format!("--cacert={}", self.ca.display())];
+        if with_cert {
+            v.push(format!("--cert={}", self.cert.display()));
+            v.push(format!("--key={}", self.key.display()));
+        }
+        v
+    }
+}
+
+/// Runs Debian's `etcdctl` (API v3) with the operator's certificate against `endpoints`, through
+/// `via` (the LAN's namespace) or on the host; returns stdout, or the error with stderr.
+fn etcdctl(via: Option<&Lan>, tls: &ClientTls, endpoints: &[String], args: &[&str]) -> Result<String> {
+    etcdctl_tls(via, tls, endpoints, true, args)
+}
+
+fn etcdctl_tls(via: Option<&Lan>, tls: &ClientTls, endpoints: &[String], with_cert: bool, args: &[&str]) -> Result<String> {
     let mut cmd = match via {
         Some(lan) => lan.command("etcdctl"),
         None => Command::new("etcdctl"),
     };
     cmd.env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(tls.flags(with_cert))
         .args(["--dial-timeout=5s", "--command-timeout=15s"])
         .args(args);
     let out = cmd.output().context("running etcdctl: install Debian's `etcd-client` (.ci/install-host-deps does)")?;
@@ -80,10 +118,10 @@ fn etcdctl(via: Option<&Lan>, endpoints: &[String], args: &[&str]) -> Result<Str
 
 /// Retries `etcdctl` until it succeeds and `ok` accepts the output (a member that just printed
 /// `ready` may still be catching up on the raft log).
-fn etcdctl_until(via: Option<&Lan>, endpoints: &[String], args: &[&str], ok: impl Fn(&str) -> bool) -> Result<String> {
+fn etcdctl_until(via: Option<&Lan>, tls: &ClientTls, endpoints: &[String], args: &[&str], ok: impl Fn(&str) -> bool) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let last = etcdctl(via, endpoints, args);
+        let last = etcdctl(via, tls, endpoints, args);
         match &last {
             Ok(out) if ok(out) => return Ok(out.clone()),
             _ if Instant::now() > deadline => bail!("etcdctl {} never gave the expected answer; last: {last:?}", args.join(" ")),
@@ -104,13 +142,45 @@ fn members(list: &str) -> Vec<(String, String, bool)> {
 }
 
 fn url(ip: &str) -> String {
-    format!("http://{ip}:2379")
+    format!("https://{ip}:2379")
+}
+
+/// Without a client certificate the member at `addr` refuses the same `etcdctl` call, in the TLS
+/// handshake: etcdctl fails, and a TLS client with the same CA gets the member's alert, while with
+/// the operator's certificate it gets `/health` answered from the same address (so the refusal is
+/// no timeout or unreachable port).
+fn refused_without_client_cert(
+    via: Option<&Lan>,
+    tls: &ClientTls,
+    endpoint: &str,
+    addr: std::net::SocketAddr,
+    server_name: &str,
+) -> Result<()> {
+    let started = Instant::now();
+    let denied = etcdctl_tls(via, tls, &[endpoint.to_string()], false, &["get", "kiln/before", "--print-value-only"]);
+    ensure!(denied.is_err(), "etcdctl without a client certificate was served: {denied:?}");
+    eprintln!("etcdctl without a client certificate failed after {:.1} s: {:#}", started.elapsed().as_secs_f64(), denied.unwrap_err());
+    match tls::get(via, addr, server_name, &tls.ca, None, "/health")? {
+        Outcome::Tls(rustls::Error::AlertReceived(
+            a @ (rustls::AlertDescription::BadCertificate | rustls::AlertDescription::CertificateRequired),
+        )) => {
+            eprintln!("{endpoint} without a client certificate: TLS alert {a:?}");
+        }
+        other => {
+            bail!("{endpoint} without a client certificate: expected the member's TLS alert (bad or required certificate), got {other:?}")
+        }
+    }
+    match tls::get(via, addr, server_name, &tls.ca, Some((&tls.cert, &tls.key)), "/health")? {
+        Outcome::Answered(a) if a.contains(r#""health":"true""#) => Ok(()),
+        other => bail!("{endpoint} with the operator's certificate: expected a healthy /health, got {other:?}"),
+    }
 }
 
 #[test]
 fn x86_64_etcd_group_forms_keeps_quorum_and_a_member_rejoins() -> Result<()> {
     let arch = Arch::X86_64;
     let image = group_image()?;
+    let tls = ClientTls::of(image, "etcdlab")?;
     let dir = work_dir("etcd-group")?;
     let lan = Lan::new("etcd", "10.0.0.1/24", MEMBERS.len() + 1)?;
     let spec = |i: usize, mac: &str| VmSpec {
@@ -158,22 +228,25 @@ fn x86_64_etcd_group_forms_keeps_quorum_and_a_member_rejoins() -> Result<()> {
 
     // (a) Seen from the LAN's host side: three started members with the inventory's names, all healthy.
     let all: Vec<String> = MEMBERS.iter().map(|(_, _, ip)| url(ip)).collect();
-    let list = etcdctl(Some(&lan), &all, &["member", "list"])?;
+    let list = etcdctl(Some(&lan), &tls, &all, &["member", "list"])?;
     let before = members(&list);
     let mut names: Vec<&str> = before.iter().map(|(n, _, _)| n.as_str()).collect();
     names.sort();
     ensure!(names == ["etcd-1", "etcd-2", "etcd-3"] && before.iter().all(|m| m.2), "member list:\n{list}");
     // Exits non-zero if any endpoint is unhealthy.
-    etcdctl(Some(&lan), &all, &["endpoint", "health"]).context("endpoint health of the three members")?;
-    etcdctl(Some(&lan), &all, &["put", "kiln/before", "written with three members"])?;
+    etcdctl(Some(&lan), &tls, &all, &["endpoint", "health"]).context("endpoint health of the three members")?;
+    etcdctl(Some(&lan), &tls, &all, &["put", "kiln/before", "written with three members"])?;
+    // Mutual TLS: no client certificate, no answer (checked at one member; all share the settings).
+    let (_, _, ip1) = MEMBERS[0];
+    refused_without_client_cert(Some(&lan), &tls, &url(ip1), format!("{ip1}:2379").parse()?, ip1)?;
 
     // (b) Lose etcd-3: the remaining two still have quorum and accept writes.
     let (lost, _, lost_ip) = MEMBERS[2];
     vms[2].kill();
     let survivors: Vec<String> = MEMBERS[..2].iter().map(|(_, _, ip)| url(ip)).collect();
     // If etcd-3 was the leader, the two elect a new one first: the write may need a retry.
-    etcdctl_until(Some(&lan), &survivors, &["put", "kiln/during", "written while etcd-3 was down"], |_| true)?;
-    let got = etcdctl(Some(&lan), &survivors, &["get", "kiln/during", "--print-value-only"])?;
+    etcdctl_until(Some(&lan), &tls, &survivors, &["put", "kiln/during", "written while etcd-3 was down"], |_| true)?;
+    let got = etcdctl(Some(&lan), &tls, &survivors, &["get", "kiln/during", "--print-value-only"])?;
     ensure!(got.trim() == "written while etcd-3 was down", "linearizable read from the survivors: {got:?}");
 
     // Power it on again from the same disk: it restarts from its data directory as the same member.
@@ -186,7 +259,7 @@ fn x86_64_etcd_group_forms_keeps_quorum_and_a_member_rejoins() -> Result<()> {
         kiln_lines(&console)
     );
     vms[2] = vm;
-    let list = etcdctl(Some(&lan), &all, &["member", "list"])?;
+    let list = etcdctl(Some(&lan), &tls, &all, &["member", "list"])?;
     let after = members(&list);
     ensure!(after.len() == 3 && after.iter().all(|m| m.2), "member list after the rejoin:\n{list}");
     let id = |ms: &[(String, String, bool)]| ms.iter().find(|m| m.0 == lost).map(|m| m.1.clone());
@@ -194,7 +267,7 @@ fn x86_64_etcd_group_forms_keeps_quorum_and_a_member_rejoins() -> Result<()> {
     // A serializable read is answered from the member's own copy: it has caught up on what it missed.
     let own = vec![url(lost_ip)];
     for (key, want) in [("kiln/before", "written with three members"), ("kiln/during", "written while etcd-3 was down")] {
-        etcdctl_until(Some(&lan), &own, &["get", key, "--print-value-only", "--consistency=s"], |v| v.trim() == want)?;
+        etcdctl_until(Some(&lan), &tls, &own, &["get", key, "--print-value-only", "--consistency=s"], |v| v.trim() == want)?;
     }
     for vm in &mut vms {
         vm.kill();
@@ -208,6 +281,7 @@ fn x86_64_etcd_group_forms_keeps_quorum_and_a_member_rejoins() -> Result<()> {
 /// (d) One member on its own: ready only once etcd answers healthy; reachable and writable.
 fn single_member(arch: Arch) -> Result<()> {
     let image = single_image()?;
+    let tls = ClientTls::of(image, "etcdsolo")?;
     let dir = work_dir(&format!("etcd-single-{arch}"))?;
     let port = free_port()?;
     let disk = disk_for(image, arch, &dir, "etcd-solo")?;
@@ -224,13 +298,15 @@ fn single_member(arch: Arch) -> Result<()> {
         "{arch}: console:\n{}",
         kiln_lines(&console)
     );
-    let endpoint = vec![format!("http://127.0.0.1:{port}")];
-    let list = etcdctl(None, &endpoint, &["member", "list"])?;
+    // Through the forwarded port the member is 127.0.0.1, one of the names in its certificate.
+    let endpoint = vec![format!("https://127.0.0.1:{port}")];
+    let list = etcdctl(None, &tls, &endpoint, &["member", "list"])?;
     let m = members(&list);
     ensure!(m.len() == 1 && m[0].0 == "etcd-solo" && m[0].2, "{arch}: member list:\n{list}");
-    etcdctl(None, &endpoint, &["put", "kiln/arch", arch.name()])?;
-    let got = etcdctl(None, &endpoint, &["get", "kiln/arch", "--print-value-only"])?;
+    etcdctl(None, &tls, &endpoint, &["put", "kiln/arch", arch.name()])?;
+    let got = etcdctl(None, &tls, &endpoint, &["get", "kiln/arch", "--print-value-only"])?;
     ensure!(got.trim() == arch.name(), "{arch}: read back {got:?}");
+    refused_without_client_cert(None, &tls, &endpoint[0], format!("127.0.0.1:{port}").parse()?, "127.0.0.1")?;
     vm.kill();
     let _ = std::fs::remove_file(&disk);
     Ok(())

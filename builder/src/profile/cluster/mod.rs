@@ -16,6 +16,9 @@ pub use validate::validate;
 
 /// The k3s API port (`https://<api_address>:6443`) when `api_address` names none.
 pub const DEFAULT_API_PORT: u16 = 6443;
+/// etcd's plain-HTTP `/health` and `/metrics` listener, on loopback only (the node's own health
+/// check; the client port requires a client certificate). Its usual port (kubeadm's too).
+pub const ETCD_METRICS_PORT: u16 = 2381;
 
 /// A k3s cluster (and, for `external-etcd`, its etcd group) formed from one image: every machine
 /// boots the same image and finds its place by MAC address or `kiln.node=<name>`.
@@ -52,14 +55,16 @@ pub struct Cluster {
     #[serde(default)]
     pub nodes: Vec<Node>,
     /// Role of a machine whose MAC is not in `nodes`: `agent` (joins through `api_address`),
-    /// `server` (joins as another server) or `none` (runs no k3s). Its host name is
+    /// `server` (joins as another server; not with `external-etcd`, whose servers need a client
+    /// certificate issued to an inventory node) or `none` (runs no k3s). Its host name is
     /// `<cluster name>-<MAC of its first wired NIC without colons>`.
     #[serde(default)]
     pub default_role: DefaultRole,
     /// k3s settings shared by every node.
     #[serde(default)]
     pub k3s: K3s,
-    /// Ports of the etcd group (`datastore: external-etcd`).
+    /// Ports of the etcd group (`datastore: external-etcd`; both mutual TLS with certificates
+    /// from the cluster CA; neither may be 2381, each member's loopback health port).
     #[serde(default)]
     pub etcd: Etcd,
 }
@@ -182,8 +187,9 @@ pub struct K3s {
     /// Any other k3s setting, copied into every node's `/etc/rancher/k3s/config.yaml` (keys are
     /// the k3s flags without dashes: `disable: [traefik]`, `flannel-backend: host-gw`,
     /// `cluster-cidr`, `node-label`, ...). kiln sets `token`, `server`, `cluster-init`,
-    /// `datastore-endpoint`, `node-name` and `node-ip` itself: they are refused here. `tls-san`
-    /// entries are added after `api_address`.
+    /// `datastore-endpoint`, `node-name` and `node-ip` itself (with `external-etcd` also
+    /// `datastore-cafile`, `datastore-certfile` and `datastore-keyfile`, the etcd group's TLS
+    /// files): they are refused here. `tls-san` entries are added after `api_address`.
     #[serde(default)]
     pub config: BTreeMap<String, serde_json::Value>,
     /// k3s release to install (required): `vMAJOR.MINOR.PATCH+k3sN`, e.g. `v1.33.5+k3s1`. Its

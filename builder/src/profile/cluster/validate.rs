@@ -6,12 +6,14 @@ use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
 
-use super::{is_label, normalise_mac, ApiAddress, Cluster, Datastore, DefaultRole, Role};
+use super::{is_label, normalise_mac, ApiAddress, Cluster, Datastore, DefaultRole, Role, ETCD_METRICS_PORT};
 use crate::profile::system::parse_cidr;
 use crate::profile::Profile;
 
 /// Keys of a node's k3s `config.yaml` that kiln writes itself (`k3s.config` may not set them).
 pub const KILN_K3S_KEYS: &[&str] = &["token", "server", "cluster-init", "datastore-endpoint", "node-name", "node-ip"];
+/// Keys kiln also sets with `datastore: external-etcd`: the servers' TLS files for the etcd group.
+pub const KILN_ETCD_TLS_KEYS: &[&str] = &["datastore-cafile", "datastore-certfile", "datastore-keyfile"];
 
 /// Longest cluster name: `<name>-<12 hex digits>` must stay a 63-character host name.
 const MAX_CLUSTER_NAME: usize = 63 - 13;
@@ -68,6 +70,9 @@ pub fn validate(p: &Profile) -> Result<()> {
     }
     if c.etcd.client_port == 0 || c.etcd.peer_port == 0 || c.etcd.client_port == c.etcd.peer_port {
         bail!("key `cluster.etcd`: `client_port` and `peer_port` must be two different non-zero ports");
+    }
+    if c.has_etcd() && [c.etcd.client_port, c.etcd.peer_port].contains(&ETCD_METRICS_PORT) {
+        bail!("key `cluster.etcd`: port {ETCD_METRICS_PORT} is etcd's loopback health port on every member; choose another `client_port` or `peer_port`");
     }
     network(p, c)?;
     Ok(())
@@ -161,6 +166,9 @@ fn datastore_and_roles(c: &Cluster) -> Result<()> {
             if let Some(&i) = etcd.iter().find(|&&i| c.nodes[i].address.is_none()) {
                 bail!("key `cluster.nodes[{i}].address`: etcd members need static addresses (the initial cluster and the servers' `datastore-endpoint` are fixed at build time)");
             }
+            if c.default_role == DefaultRole::Server {
+                bail!("key `cluster.default_role`: with `external-etcd` each server needs its own etcd client certificate, issued at build time to an inventory node; list the servers in `cluster.nodes`, or use `agent` or `none`");
+            }
         }
         Datastore::External => {}
     }
@@ -197,6 +205,9 @@ fn k3s_config(c: &Cluster) -> Result<()> {
         let base = k.trim_end_matches('+');
         if KILN_K3S_KEYS.contains(&base) {
             bail!("key `cluster.k3s.config.{k}`: kiln sets `{base}` itself from the `cluster` key; remove it");
+        }
+        if c.datastore == Datastore::ExternalEtcd && KILN_ETCD_TLS_KEYS.contains(&base) {
+            bail!("key `cluster.k3s.config.{k}`: with `datastore: external-etcd` kiln sets `{base}` itself (the cluster CA's certificates in /etc/kiln/etcd/); remove it");
         }
         if k.is_empty() || !k.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_+.".contains(ch)) {
             bail!("key `cluster.k3s.config.{k}`: not a k3s setting name (the flag without dashes, e.g. `flannel-backend`)");

@@ -4,12 +4,14 @@
 # short state on stdout and succeeds only when the role is healthy.
 # Every path is under ${KILN_ROOT:-} so the checks can be tested on a host.
 
-# The etcd member on this node answers on its loopback client URL and has a leader: etcd's
+# The etcd member on this node answers on its loopback health URL and has a leader: etcd's
 # /health is `"health":"true"` only when the member sees a leader, i.e. the group has quorum.
+# The client port requires a client certificate; the metrics listener (plain HTTP, 127.0.0.1
+# only, /health and /metrics, no keys or values) does not.
 etcd_healthy() {
-    url=$(sed -n 's/^ETCD_LISTEN_CLIENT_URLS=//p' "${KILN_ROOT:-}/etc/kiln/etcd.env" | tr ',' '\n' | grep -m1 '127\.0\.0\.1')
+    url=$(sed -n 's/^ETCD_LISTEN_METRICS_URLS=//p' "${KILN_ROOT:-}/etc/kiln/etcd.env" | tr ',' '\n' | grep -m1 '^http://127\.0\.0\.1:')
     if [ -z "$url" ]; then
-        echo "no loopback client URL in /etc/kiln/etcd.env"
+        echo "no loopback health URL (ETCD_LISTEN_METRICS_URLS) in /etc/kiln/etcd.env"
         return 1
     fi
     answer=$(wget -q -T 5 -O - "$url/health" 2>/dev/null) || answer=""

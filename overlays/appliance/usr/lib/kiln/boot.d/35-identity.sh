@@ -5,7 +5,7 @@
 # in the inventory, then the cluster's default role with the host name
 # `<cluster>-<MAC of the first wired NIC without colons>` (`_default`, completed here).
 # It puts the node's files in place: /etc/rancher/k3s/config.yaml (0600), /etc/kiln/etcd.env,
-# the host name, /run/kiln/node.conf (the identity, for later steps) and, for a node with a
+# the node's etcd TLS files in /etc/kiln/etcd/ (private keys 0600, certificates 0644), the host name, /run/kiln/node.conf (the identity, for later steps) and, for a node with a
 # static address, /run/kiln/network.conf, which 40-network.sh then reads instead of
 # /etc/kiln/network.conf. The address goes on the NIC whose MAC matched, else the first wired NIC.
 # /etc is persistent: files of a previous identity that the new one lacks are removed.
@@ -102,6 +102,28 @@ if [ -r "$dir/etcd.env" ]; then
     cp "$dir/etcd.env" "$KILN_DIR/etcd.env"
 else
     rm -f "$KILN_DIR/etcd.env"
+fi
+# The node's TLS files (etcd member, or k3s server of an external etcd group), copied whole into
+# a fresh directory that replaces the old one. umask 077 creates every file private before a
+# byte of it is written; then certificates become 0644 and keys stay 0600 (etcd-run gives the
+# member's keys to the etcd account).
+tls=$KILN_DIR/etcd
+rm -rf "$tls.kiln-tmp"
+if [ -d "$dir/etcd" ]; then
+    (
+        umask 077
+        mkdir "$tls.kiln-tmp"
+        for f in "$dir"/etcd/*; do
+            [ -f "$f" ] || continue
+            cat "$f" > "$tls.kiln-tmp/${f##*/}"
+            case "$f" in *.key) ;; *) chmod 644 "$tls.kiln-tmp/${f##*/}" ;; esac
+        done
+    )
+    chmod 755 "$tls.kiln-tmp"
+    rm -rf "$tls"
+    mv "$tls.kiln-tmp" "$tls"
+else
+    rm -rf "$tls"
 fi
 
 echo "$name" > "$R/etc/hostname"
