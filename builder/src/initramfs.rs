@@ -8,6 +8,10 @@ use crate::kmod::ModuleSet;
 use crate::platform::Platform;
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 
+/// Present in the initramfs when the profile has `debug.rescue_shell: true`: `/init`'s `fail`
+/// (`overlays/initramfs/lib/kiln/fail.sh`) then leaves a shell instead of rebooting.
+pub const RESCUE_SHELL: &str = "lib/kiln/rescue-shell";
+
 /// What went into an initramfs, for the build log and manifest.
 pub struct Initramfs {
     pub tree: Tree,
@@ -46,6 +50,11 @@ pub fn assemble(
 
     let init = crate::assets::overlay("initramfs")?;
     tree.merge(&init)?;
+    // The console policy follows the root the initramfs boots (`debug.rescue_shell`, written by
+    // `provision`): one setting, so the initramfs and the appliance cannot disagree.
+    if let Some(Entry { kind: Kind::File(c), .. }) = root.get_str(crate::provision::RESCUE_SHELL) {
+        tree.insert(&TreePath::parse(RESCUE_SHELL)?, Entry { meta: Meta::root(0o644), kind: Kind::File(c.clone()) })?;
+    }
 
     // Required modules must exist (or be built in); optional ones are taken when present.
     let required: Vec<&str> = platform.initramfs_modules.required.iter().chain(extra_modules.iter()).map(String::as_str).collect();

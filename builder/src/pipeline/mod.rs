@@ -187,7 +187,7 @@ fn build_arch(
     let cmdline = boot::kernel_cmdline(platform, inputs.arch, &ids.root_a_guid(), &profile.profile.kernel.cmdline);
     // The installed system's ESP, as a FAT image in memory.
     let esp = boot.esp(&cmdline, ids.esp_guid())?;
-    let system = disk::System::new(inputs.arch, &ids, &esp, squashfs.part());
+    let system = disk::System::new(inputs.arch, &ids, &profile.profile.deployment(), &esp, squashfs.part());
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
     let netboot =
         initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &system, &cmdline, initrd, &mut record)).transpose()?;
