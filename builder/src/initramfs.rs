@@ -50,11 +50,7 @@ pub fn assemble(
 
     let init = crate::assets::overlay("initramfs")?;
     tree.merge(&init)?;
-    // The console policy follows the root the initramfs boots (`debug.rescue_shell`, written by
-    // `provision`): one setting, so the initramfs and the appliance cannot disagree.
-    if let Some(Entry { kind: Kind::File(c), .. }) = root.get_str(crate::provision::RESCUE_SHELL) {
-        tree.insert(&TreePath::parse(RESCUE_SHELL)?, Entry { meta: Meta::root(0o644), kind: Kind::File(c.clone()) })?;
-    }
+    copy_console_policy(root, &mut tree)?;
 
     // Required modules must exist (or be built in); optional ones are taken when present.
     let required: Vec<&str> = platform.initramfs_modules.required.iter().chain(extra_modules.iter()).map(String::as_str).collect();
@@ -87,6 +83,15 @@ pub fn assemble(
     Ok(Initramfs { tree, modules: names, absent })
 }
 
+/// The console policy follows the root the initramfs boots (`debug.rescue_shell`, written by
+/// `provision`): one setting, so the initramfs and the appliance cannot disagree.
+fn copy_console_policy(root: &Tree, initramfs: &mut Tree) -> Result<()> {
+    if let Some(Entry { kind: Kind::File(c), .. }) = root.get_str(crate::provision::RESCUE_SHELL) {
+        initramfs.insert(&TreePath::parse(RESCUE_SHELL)?, Entry { meta: Meta::root(0o644), kind: Kind::File(c.clone()) })?;
+    }
+    Ok(())
+}
+
 /// cpio newc + zstd: what the kernel unpacks (Debian kernels have CONFIG_RD_ZSTD).
 pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
     use zstd::zstd_safe::CParameter;
@@ -99,4 +104,20 @@ pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
     // The cpio archive streams into the compressor rather than being held whole.
     crate::cpio::write_newc(tree, &mut zst, mtime).context("writing the initramfs cpio archive")?;
     zst.finish().context("compressing the initramfs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rescue_shell_marker_follows_the_root() {
+        let mut root = Tree::new();
+        let mut initramfs = Tree::new();
+        copy_console_policy(&root, &mut initramfs).unwrap();
+        assert!(!initramfs.contains(RESCUE_SHELL), "no console shell unless the root has one");
+        root.add_file(crate::provision::RESCUE_SHELL, 0o644, "# on\n").unwrap();
+        copy_console_policy(&root, &mut initramfs).unwrap();
+        assert!(initramfs.contains(RESCUE_SHELL));
+    }
 }

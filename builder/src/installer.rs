@@ -8,7 +8,11 @@
 //! carry `kiln.install`, and its digest cannot live inside itself: the plan holds the digests.
 //!
 //! The plan is `key=value` lines a POSIX shell reads with `sed`; `copy=` lines repeat, and
-//! `end=1` comes last so a truncated read is detected.
+//! `end=1` comes last so a truncated read is detected. `deployment=` names the profile's
+//! deployment: the installer takes a kiln disk only if its ESP's GPT name records the same one
+//! (`esp@<deployment>`, see `pipeline::disk::esp_name`), and refuses others without `wipe=1`.
+//! The installer writes the `copy=` ranges at their offsets, reads them back, and only then
+//! runs the `sgdisk=` arguments that write the partition table.
 
 use std::fmt::Write as _;
 

@@ -356,6 +356,16 @@ mod tests {
     }
 
     #[test]
+    fn the_rescue_shell_marker_is_written_only_when_asked_for() {
+        let mut root = base_root();
+        render(&test_profile(""), &mut root, &module_set()).unwrap();
+        assert!(!root.contains(RESCUE_SHELL), "no console shell by default");
+        let mut root = base_root();
+        render(&test_profile("debug: {rescue_shell: true}\n"), &mut root, &module_set()).unwrap();
+        assert!(root.contains(RESCUE_SHELL));
+    }
+
+    #[test]
     fn unknown_supplementary_group_is_named() {
         let p = test_profile("users: [{name: alice, groups: [wheel]}]\n");
         let err = render(&p, &mut base_root(), &module_set()).unwrap_err().to_string();
