@@ -31,7 +31,7 @@ kiln_error() {
 kiln_fatal() {
     kiln_error "$*"
     if [ -e "${KILN_ROOT:-}/usr/lib/kiln/rescue-shell" ]; then
-        echo "[kiln] boot stopped: a root shell follows on the console (debug.rescue_shell); 'exit' continues booting"
+        echo "[kiln] boot paused: a root shell follows on the console (debug.rescue_shell); 'exit' continues booting"
         sh -l <> "${KILN_ROOT:-}/dev/console" >&0 2>&1 || true
     else
         echo "[kiln] no shell on the console (debug.rescue_shell is off): the error above stays here and in /run/kiln/status"
