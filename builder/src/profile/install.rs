@@ -201,7 +201,7 @@ pub fn deployment(name: &str, cluster: Option<&str>, explicit: Option<&str>) -> 
         _ => name.to_string(),
     };
     // The profile's name may start with `-` or `_`; the deployment starts with a letter or digit.
-    let full = full.trim_start_matches(['-', '_']).to_string();
+    let full = full.trim_start_matches(['-', '_', '.']).to_string();
     let full = if full.is_empty() { "kiln".to_string() } else { full };
     if full.len() <= DEPLOYMENT_MAX {
         return full;
@@ -211,7 +211,8 @@ pub fn deployment(name: &str, cluster: Option<&str>, explicit: Option<&str>) -> 
     format!("{}-{}", &full[..DEPLOYMENT_MAX - 9], &hash[..8])
 }
 
-/// The installer-only keys are refused with `install.mode: in-place`.
+/// `install.deployment`'s alphabet and length (it applies to both modes: in-place disks record it
+/// too); the installer-only keys are refused with `install.mode: in-place`.
 pub fn validate(i: &Install) -> Result<()> {
     if let Some(d) = &i.deployment {
         if !is_deployment_name(d) {
@@ -278,6 +279,7 @@ mod tests {
         assert!(a.starts_with("a-very-long-profile-nam-") && a != b, "{a} {b}");
         assert_eq!(a, deployment(long, Some("north"), None), "derived names are deterministic");
         assert!(is_deployment_name(&deployment("_x.y", None, None)));
+        assert!(is_deployment_name(&deployment("-.x", None, None)));
         assert!((ESP_NAME_PREFIX.len() + DEPLOYMENT_MAX) <= 36, "a GPT partition name holds 36 UTF-16 units");
     }
 
