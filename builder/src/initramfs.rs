@@ -8,6 +8,10 @@ use crate::kmod::ModuleSet;
 use crate::platform::Platform;
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 
+/// Present in the initramfs when the profile has `debug.rescue_shell: true`: `/init`'s `fail`
+/// (`overlays/initramfs/lib/kiln/fail.sh`) then leaves a shell instead of rebooting.
+pub const RESCUE_SHELL: &str = "lib/kiln/rescue-shell";
+
 /// What went into an initramfs, for the build log and manifest.
 pub struct Initramfs {
     pub tree: Tree,
@@ -46,6 +50,7 @@ pub fn assemble(
 
     let init = crate::assets::overlay("initramfs")?;
     tree.merge(&init)?;
+    copy_console_policy(root, &mut tree)?;
 
     // Required modules must exist (or be built in); optional ones are taken when present.
     let required: Vec<&str> = platform.initramfs_modules.required.iter().chain(extra_modules.iter()).map(String::as_str).collect();
@@ -78,6 +83,15 @@ pub fn assemble(
     Ok(Initramfs { tree, modules: names, absent })
 }
 
+/// The console policy follows the root the initramfs boots (`debug.rescue_shell`, written by
+/// `provision`): one setting, so the initramfs and the appliance cannot disagree.
+fn copy_console_policy(root: &Tree, initramfs: &mut Tree) -> Result<()> {
+    if let Some(Entry { kind: Kind::File(c), .. }) = root.get_str(crate::provision::RESCUE_SHELL) {
+        initramfs.insert(&TreePath::parse(RESCUE_SHELL)?, Entry { meta: Meta::root(0o644), kind: Kind::File(c.clone()) })?;
+    }
+    Ok(())
+}
+
 /// cpio newc + zstd: what the kernel unpacks (Debian kernels have CONFIG_RD_ZSTD).
 pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
     use zstd::zstd_safe::CParameter;
@@ -90,4 +104,20 @@ pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
     // The cpio archive streams into the compressor rather than being held whole.
     crate::cpio::write_newc(tree, &mut zst, mtime).context("writing the initramfs cpio archive")?;
     zst.finish().context("compressing the initramfs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rescue_shell_marker_follows_the_root() {
+        let mut root = Tree::new();
+        let mut initramfs = Tree::new();
+        copy_console_policy(&root, &mut initramfs).unwrap();
+        assert!(!initramfs.contains(RESCUE_SHELL), "no console shell unless the root has one");
+        root.add_file(crate::provision::RESCUE_SHELL, 0o644, "# on\n").unwrap();
+        copy_console_policy(&root, &mut initramfs).unwrap();
+        assert!(initramfs.contains(RESCUE_SHELL));
+    }
 }

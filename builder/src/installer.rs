@@ -8,7 +8,11 @@
 //! carry `kiln.install`, and its digest cannot live inside itself: the plan holds the digests.
 //!
 //! The plan is `key=value` lines a POSIX shell reads with `sed`; `copy=` lines repeat, and
-//! `end=1` comes last so a truncated read is detected.
+//! `end=1` comes last so a truncated read is detected. `deployment=` names the profile's
+//! deployment: the installer takes a kiln disk only if its ESP's GPT name records the same one
+//! (`esp@<deployment>`, see `pipeline::disk::esp_name`), and refuses others without `wipe=1`.
+//! The installer writes the `copy=` ranges at their offsets, reads them back, and only then
+//! runs the `sgdisk=` arguments that write the partition table.
 
 use std::fmt::Write as _;
 
@@ -50,6 +54,8 @@ pub struct Copy {
 pub struct Plan<'a> {
     /// Names this image; an identical image already on the target is booted, not reinstalled.
     pub image_id: &'a str,
+    /// The profile's deployment: a kiln disk recording another one is foreign to the installer.
+    pub deployment: &'a str,
     pub install: &'a Install,
     /// `install.min_size`, or its default.
     pub min_size: u64,
@@ -106,8 +112,16 @@ impl Plan<'_> {
             AfterInstall::Reboot => "reboot",
         };
         let mut s = String::new();
+        // The installer compares it with the ESP's GPT name, in a shell: the profile checks the
+        // alphabet, this keeps a bad name from ever reaching a plan.
+        ensure!(
+            !self.deployment.is_empty() && self.deployment.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            "deployment `{}` is not a plain name",
+            self.deployment
+        );
         s.push_str("kiln-install=1\n");
         writeln!(s, "image={}", self.image_id)?;
+        writeln!(s, "deployment={}", self.deployment)?;
         writeln!(s, "target={target}")?;
         writeln!(s, "min_size={}", self.min_size)?;
         writeln!(s, "wipe={}", u8::from(self.install.wipe))?;
@@ -135,7 +149,13 @@ mod tests {
     fn layout() -> DiskLayout {
         let g = |s: &str| Guid::derive("test", &[s.as_bytes()]);
         let specs = vec![
-            PartitionSpec { name: "esp".into(), type_guid: gpt::ESP_TYPE.parse().unwrap(), guid: g("esp"), size: 3 << 20, attributes: 0 },
+            PartitionSpec {
+                name: "esp@lab-7".into(),
+                type_guid: gpt::ESP_TYPE.parse().unwrap(),
+                guid: g("esp"),
+                size: 3 << 20,
+                attributes: 0,
+            },
             PartitionSpec {
                 name: "kiln-root-a".into(),
                 type_guid: gpt::LINUX_DATA_TYPE.parse().unwrap(),
@@ -202,6 +222,7 @@ mod tests {
         let install = Install { wipe: true, after: AfterInstall::Reboot, ..Default::default() };
         let plan = Plan {
             image_id: "abc123",
+            deployment: "lab-7",
             install: &install,
             min_size: 1 << 30,
             disk_guid: Guid::derive("test", &[b"disk"]),
@@ -219,6 +240,7 @@ mod tests {
         for want in [
             "kiln-install=1\n",
             "image=abc123\n",
+            "deployment=lab-7\n",
             "target=auto\n",
             "min_size=1073741824\n",
             "wipe=1\n",
@@ -229,6 +251,11 @@ mod tests {
             assert!(text.contains(want), "no `{want}` in\n{text}");
         }
         assert!(text.ends_with("end=1\n"));
+        assert!(text.contains(" --change-name=1:esp@lab-7 "), "the ESP's name records the deployment:\n{text}");
+        for deployment in ["", "a b", "a\nwipe=1"] {
+            let bad = Plan { deployment, ..plan.clone() };
+            assert!(bad.render().is_err(), "{deployment:?}");
+        }
         let bad = Plan { copies: vec![Copy { source_offset: 5, ..plan.copies[0].clone() }], ..plan };
         assert!(bad.render().is_err());
     }

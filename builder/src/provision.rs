@@ -64,8 +64,21 @@ pub fn render(p: &Profile, root: &mut Tree, modules: &ModuleSet) -> Result<()> {
     time(&p.time, root)?;
     root.add_file("etc/sysctl.d/kiln.conf", 0o644, sysctl_conf(&p.sysctl))?;
     kernel_modules(&p.kernel.load, root, modules)?;
+    if p.debug.rescue_shell {
+        root.add_file(RESCUE_SHELL, 0o644, RESCUE_SHELL_TEXT)?;
+    }
     Ok(())
 }
+
+/// Present when the profile has `debug.rescue_shell: true`: a failed boot step then leaves a
+/// root shell on the console (`usr/lib/kiln/lib.sh`'s `kiln_fatal`; the initramfs has its own
+/// copy at `lib/kiln/rescue-shell`, taken from the root). A file rather than a kernel command-line word: the command
+/// line can be edited at the boot loader or sent by whoever answers a network boot, and the
+/// setting must follow the image. It lives under `/usr`, in the read-only squashfs, not in
+/// `/etc`, whose writable layer persists on the data partition and could outlive the image.
+pub const RESCUE_SHELL: &str = "usr/lib/kiln/rescue-shell";
+const RESCUE_SHELL_TEXT: &str =
+    "# debug.rescue_shell: true in the profile: a failed boot step leaves an unauthenticated root shell on the console.\n";
 
 /// passwd/group/shadow additions, homes and authorized_keys.
 fn accounts(users: &[User], root: &mut Tree) -> Result<()> {
@@ -342,6 +355,16 @@ mod tests {
         assert_eq!(meta(&t, "home/bob"), (0o755, 1001, 1001));
         assert!(!t.contains("home/bob/.ssh"), "no keys, no .ssh");
         assert_eq!(meta(&t, "root/.ssh/authorized_keys"), (0o644, 0, 0));
+    }
+
+    #[test]
+    fn the_rescue_shell_marker_is_written_only_when_asked_for() {
+        let mut root = base_root();
+        render(&test_profile(""), &mut root, &module_set()).unwrap();
+        assert!(!root.contains(RESCUE_SHELL), "no console shell by default");
+        let mut root = base_root();
+        render(&test_profile("debug: {rescue_shell: true}\n"), &mut root, &module_set()).unwrap();
+        assert!(root.contains(RESCUE_SHELL));
     }
 
     #[test]

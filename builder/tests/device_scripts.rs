@@ -345,3 +345,298 @@ mod k3s_run {
         }
     }
 }
+
+/// The installer (`overlays/initramfs/lib/kiln/install.sh`): which disks it takes, and the order
+/// and bounds of its writes. Its functions run against a fake `/sys`, `/dev` (disks are sparse
+/// files) and `/run`, with `/init`'s own helpers stood in by [`INIT_STAND_INS`] and the real
+/// `fail` (`lib/kiln/fail.sh`); `sleep`, `reboot`, `sgdisk`, `blockdev` and `wget` are stand-ins
+/// that record what they were asked.
+mod installer {
+    use std::ffi::OsStr;
+
+    use super::{overlay, FakeRoot};
+
+    const MIB: u64 = 1 << 20;
+    const DISK_MIB: u64 = 64;
+
+    /// `/init`'s helpers that install.sh uses: the console line, device nodes (the fake disks
+    /// are files already) and partitions by name (the fake medium's are files named after them).
+    const INIT_STAND_INS: &str = "log() { echo \"[kiln] $*\"; }\nensure_node() { :; }\npartition_named() { echo \"$1-$2\"; }\n";
+
+    /// A root with disk `vdb` (64 MiB, blank), the plan `plan` and the stand-in commands.
+    fn root(plan: &str) -> FakeRoot {
+        let m = FakeRoot::new();
+        m.write("sys/block/vdb/size", &format!("{}\n", DISK_MIB * MIB / 512));
+        m.write("sys/block/vdb/removable", "0\n");
+        m.write("sys/block/vdb/ro", "0\n");
+        std::fs::create_dir_all(m.path().join("sys/class/block")).unwrap();
+        std::os::unix::fs::symlink("../../block/vdb", m.path().join("sys/class/block/vdb")).unwrap();
+        std::fs::create_dir_all(m.path().join("dev")).unwrap();
+        std::fs::File::create(m.path().join("dev/vdb")).unwrap().set_len(DISK_MIB * MIB).unwrap();
+        std::fs::create_dir_all(m.path().join("proc/sys/vm")).unwrap();
+        m.write("run/kiln-install.plan", plan);
+        m.write_mode("bin/sleep", "#!/bin/sh\necho \"sleep $*\" >> \"$KILN_ROOT/calls\"\n", 0o755);
+        m.write_mode("bin/reboot", "#!/bin/sh\necho \"reboot $*\" >> \"$KILN_ROOT/calls\"\n", 0o755);
+        m.write_mode("bin/blockdev", "#!/bin/sh\n", 0o755);
+        m.write_mode("sbin/sgdisk", "#!/bin/sh\necho \"sgdisk $*\" >> \"$KILN_ROOT/calls\"\n", 0o755);
+        m
+    }
+
+    /// A partition of the fake `vdb` with GPT name `name`.
+    fn partition(m: &FakeRoot, n: u32, name: &str) {
+        m.write(
+            &format!("sys/block/vdb/vdb{n}/uevent"),
+            &format!("MAJOR=254\nMINOR={n}\nDEVNAME=vdb{n}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={name}\n"),
+        );
+    }
+
+    fn plan(deployment: &str, wipe: bool) -> String {
+        format!(
+            "kiln-install=1\nimage=abc\ndeployment={deployment}\ntarget=auto\nmin_size={}\nwipe={}\nafter=poweroff\nend=1\n",
+            32 * MIB,
+            u8::from(wipe)
+        )
+    }
+
+    /// Runs `script` after sourcing fail.sh and install.sh (with `/init`'s stand-ins).
+    fn run(m: &FakeRoot, script: &str) -> (bool, String) {
+        let initramfs = overlay("initramfs");
+        let fail = initramfs.join("lib/kiln/fail.sh");
+        let install = initramfs.join("lib/kiln/install.sh");
+        let text = format!("set -eu\n{INIT_STAND_INS}. \"$1\"\n. \"$2\"\nMEDIUM=\"\"\n{script}");
+        m.sh([OsStr::new("-c"), OsStr::new(&text), OsStr::new("install-test"), fail.as_os_str(), install.as_os_str()])
+    }
+
+    fn calls(m: &FakeRoot) -> String {
+        std::fs::read_to_string(m.path().join("calls")).unwrap_or_default()
+    }
+
+    /// `select_target` on the fake `vdb`: what it printed, and whether it chose it.
+    fn select(m: &FakeRoot) -> (String, bool) {
+        let (_, out) = run(m, "select_target\necho \"chosen=$TARGET\"\n");
+        let chosen = out.contains("chosen=vdb");
+        (out, chosen)
+    }
+
+    #[test]
+    fn blank_disks_and_kiln_disks_of_the_same_deployment_are_taken_without_wipe() {
+        let m = root(&plan("lab-7", false));
+        let (out, chosen) = select(&m);
+        assert!(chosen && !out.contains("error"), "blank disk: {out}");
+
+        let m = root(&plan("lab-7", false));
+        partition(&m, 1, "esp@lab-7");
+        partition(&m, 2, "kiln-root-a");
+        partition(&m, 3, "kiln-root-b");
+        partition(&m, 4, "kiln-data");
+        let (out, chosen) = select(&m);
+        assert!(chosen && !out.contains("error") && !out.contains("wipe"), "same deployment: {out}");
+        assert_eq!(calls(&m), "", "nothing rebooted, nothing written");
+    }
+
+    #[test]
+    fn a_kiln_disk_of_another_deployment_is_refused_without_wipe_and_taken_with_it() {
+        for wipe in [false, true] {
+            let m = root(&plan("lab-7", wipe));
+            partition(&m, 1, "esp@plant-2");
+            partition(&m, 2, "kiln-root-a");
+            partition(&m, 4, "kiln-data");
+            let (out, chosen) = select(&m);
+            let said = "/dev/vdb holds a kiln system of another deployment (plant-2; this image is deployment lab-7)";
+            assert!(out.contains(said), "wipe={wipe}: {out}");
+            if wipe {
+                assert!(chosen && out.contains("install.wipe is set: overwriting it") && !out.contains("error"), "{out}");
+            } else {
+                assert!(!chosen, "{out}");
+                let error = out.lines().find(|l| l.starts_with("[kiln] error: install: ")).unwrap_or_else(|| panic!("{out}"));
+                assert!(error.contains(said) && error.contains("Set install.wipe: true") && error.contains("vdb 64 MiB"), "{error}");
+                assert!(!out.contains("dropping to a shell"), "no console shell by default: {out}");
+                assert!(out.contains("rebooting in 30 s"), "{out}");
+                assert_eq!(calls(&m), "sleep 30\nreboot -f\nsleep 2147483647\n");
+            }
+        }
+        // A kiln disk from before deployments were recorded (the ESP named plain `esp`).
+        let m = root(&plan("lab-7", false));
+        partition(&m, 1, "esp");
+        partition(&m, 2, "kiln-root-a");
+        let (out, chosen) = select(&m);
+        assert!(!chosen && out.contains("/dev/vdb holds a kiln system that records no deployment"), "{out}");
+    }
+
+    #[test]
+    fn disks_with_other_data_are_refused_without_wipe() {
+        let m = root(&plan("lab-7", false));
+        partition(&m, 1, "precious");
+        let (out, chosen) = select(&m);
+        assert!(!chosen && out.contains("/dev/vdb holds data that is not a kiln system (it has partitions: vdb1)"), "{out}");
+
+        // No table, but bytes in the last MiB (e.g. a RAID superblock).
+        let m = root(&plan("lab-7", false));
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new().write(true).open(m.path().join("dev/vdb")).unwrap();
+            f.seek(SeekFrom::Start(DISK_MIB * MIB - 4096)).unwrap();
+            f.write_all(b"superblock").unwrap();
+        }
+        let (out, chosen) = select(&m);
+        assert!(!chosen && out.contains("holds data that is not a kiln system (its last MiB is not blank)"), "{out}");
+        let m2 = root(&plan("lab-7", true));
+        std::fs::copy(m.path().join("dev/vdb"), m2.path().join("dev/vdb")).unwrap();
+        let (out, chosen) = select(&m2);
+        assert!(chosen, "wipe takes it: {out}");
+    }
+
+    /// A plan copying `ranges` (name, bytes) to 1 MiB, 8 MiB, ... of the target; the served (or
+    /// medium) bytes are `served`, which may differ from what the plan's digests say.
+    fn write_and_verify(network: bool, ranges: &[(&str, Vec<u8>)], served: &[Vec<u8>]) -> (FakeRoot, bool, String) {
+        use sha2::Digest;
+        let mut text = plan("lab-7", false).replace("end=1\n", "");
+        text.push_str("sgdisk=--clear --disk-guid=G --new=1:2048:4095 --change-name=1:esp@lab-7\n");
+        for (i, (name, bytes)) in ranges.iter().enumerate() {
+            let sha = hex::encode(sha2::Sha256::digest(bytes));
+            text.push_str(&format!("copy={name} src{i} 0 {} {} {sha}\n", (1 + 7 * i as u64) * MIB, bytes.len()));
+        }
+        text.push_str("end=1\n");
+        let m = root(&text);
+        for (i, bytes) in served.iter().enumerate() {
+            // The network path fetches srv/srcN, the USB path reads the medium's partition.
+            let name = if network { format!("srv/src{i}") } else { format!("dev/vda-src{i}") };
+            m.write(&name, "");
+            std::fs::write(m.path().join(name), bytes).unwrap();
+        }
+        m.write_mode("bin/wget", "#!/bin/sh\nfor last; do :; done\ncat \"$KILN_ROOT/srv/${last#http://server/}\"\n", 0o755);
+        let setup = if network { "INSTALL_URL=http://server/\nMEDIUM=vda\n" } else { "INSTALL_URL=\"\"\nMEDIUM=vda\n" };
+        let (ok, out) = run(&m, &format!("{setup}TARGET=vdb\nwrite_system\nverify_system\necho installed\n"));
+        (m, ok && out.contains("installed"), out)
+    }
+
+    #[test]
+    fn the_partition_table_is_written_only_after_every_range_verified() {
+        let esp = vec![0xe5u8; (MIB + 123) as usize];
+        let root_fs = vec![0x5au8; (3 * MIB + 7) as usize];
+        for network in [false, true] {
+            let (m, ok, out) =
+                write_and_verify(network, &[("esp", esp.clone()), ("kiln-root-a", root_fs.clone())], &[esp.clone(), root_fs.clone()]);
+            assert!(ok, "network={network}: {out}");
+            let calls = calls(&m);
+            let lines: Vec<&str> = calls.lines().collect();
+            assert_eq!(lines.len(), 2, "{calls}");
+            assert!(lines[0].starts_with("sgdisk --zap-all "), "the old table goes first: {calls}");
+            assert!(lines[1].starts_with("sgdisk --clear --disk-guid=G "), "the new table comes last: {calls}");
+            let verified = out.find("[kiln] install: verified kiln-root-a").unwrap_or_else(|| panic!("{out}"));
+            assert!(out.find("[kiln] install: partition table written").unwrap() > verified, "{out}");
+            let disk = std::fs::read(m.path().join("dev/vdb")).unwrap();
+            assert_eq!(&disk[MIB as usize..][..esp.len()], &esp[..]);
+            assert_eq!(&disk[8 * MIB as usize..][..root_fs.len()], &root_fs[..]);
+        }
+    }
+
+    #[test]
+    fn an_oversized_or_tampered_source_writes_nothing_past_its_length_and_no_table() {
+        let esp = vec![0xe5u8; (MIB + 123) as usize];
+        for network in [false, true] {
+            // A source longer than the plan says: only the plan's length reaches the disk, and the
+            // bytes written are the ones verified.
+            let mut long = esp.clone();
+            long.extend(vec![0xffu8; 3 * MIB as usize]);
+            let (m, ok, out) = write_and_verify(network, &[("esp", esp.clone())], &[long]);
+            assert!(ok, "network={network}: {out}");
+            let disk = std::fs::read(m.path().join("dev/vdb")).unwrap();
+            assert_eq!(&disk[MIB as usize..][..esp.len()], &esp[..]);
+            assert!(
+                disk[MIB as usize + esp.len()..].iter().all(|&b| b == 0),
+                "network={network}: bytes past the plan's length were written"
+            );
+
+            // Different bytes: refused before any partition table is written.
+            let mut bad = esp.clone();
+            bad[1000] ^= 1;
+            let (m, ok, out) = write_and_verify(network, &[("esp", esp.clone())], &[bad]);
+            assert!(!ok && out.contains("[kiln] error: install: esp"), "network={network}: {out}");
+            let calls = calls(&m);
+            assert!(calls.starts_with("sgdisk --zap-all ") && !calls.contains("--clear"), "network={network}: {calls}");
+        }
+    }
+}
+
+/// The console policy: a failed step leaves no shell on the console unless the profile has
+/// `debug.rescue_shell: true` (the build then writes the marker files these tests create).
+mod console_policy {
+    use std::ffi::OsStr;
+
+    use super::{overlay, FakeRoot};
+
+    /// A stand-in `sh` that records it was started (a console shell).
+    fn with_shell_stand_in(m: &FakeRoot) {
+        m.write_mode("bin/sh", "#!/bin/sh\necho \"shell $*\" >> \"$KILN_ROOT/calls\"\n", 0o755);
+        m.write_mode("bin/sleep", "#!/bin/sh\necho \"sleep $*\" >> \"$KILN_ROOT/calls\"\n", 0o755);
+        m.write_mode("bin/reboot", "#!/bin/sh\necho \"reboot $*\" >> \"$KILN_ROOT/calls\"\n", 0o755);
+        m.write_mode("init", "#!/bin/sh\necho \"init again\" >> \"$KILN_ROOT/calls\"\n", 0o755);
+    }
+
+    fn initramfs_fail(m: &FakeRoot) -> String {
+        let fail = overlay("initramfs").join("lib/kiln/fail.sh");
+        let (_, out) = m.sh([
+            OsStr::new("-c"),
+            OsStr::new(". \"$1\"; fail 'root partition not found'; echo returned"),
+            OsStr::new("t"),
+            fail.as_os_str(),
+        ]);
+        out
+    }
+
+    #[test]
+    fn the_initramfs_reboots_after_a_delay_without_a_shell_by_default() {
+        let m = FakeRoot::new();
+        with_shell_stand_in(&m);
+        let out = initramfs_fail(&m);
+        assert!(out.starts_with("[kiln] error: root partition not found\n"), "{out}");
+        assert!(out.contains("[kiln] initramfs: no shell on the console (debug.rescue_shell is off); rebooting in 30 s"), "{out}");
+        assert_eq!(m.read("calls"), "sleep 30\nreboot -f\nsleep 2147483647\n");
+        assert!(!out.contains("returned"), "fail must not return to the failed step: {out}");
+    }
+
+    #[test]
+    fn the_initramfs_rescue_shell_is_opt_in() {
+        let m = FakeRoot::new();
+        with_shell_stand_in(&m);
+        m.write("lib/kiln/rescue-shell", "# debug.rescue_shell: true\n");
+        let out = initramfs_fail(&m);
+        assert!(out.contains("dropping to a shell (debug.rescue_shell)"), "{out}");
+        assert_eq!(m.read("calls"), "shell \ninit again\n", "a shell, then /init again");
+    }
+
+    /// Runs the appliance's `boot` over three steps, the middle one failing.
+    fn boot_with_a_failing_step(m: &FakeRoot) -> (bool, String) {
+        let appliance = overlay("appliance");
+        m.write("usr/lib/kiln/lib.sh", &std::fs::read_to_string(appliance.join("usr/lib/kiln/lib.sh")).unwrap());
+        m.write("usr/lib/kiln/boot.d/10-first.sh", "kiln_log first ok\n");
+        m.write("usr/lib/kiln/boot.d/35-identity.sh", "kiln_log identity about to fail\nfalse\nkiln_log identity not reached\n");
+        m.write("usr/lib/kiln/boot.d/60-ssh.sh", "kiln_log ssh started\n");
+        m.write("dev/console", "");
+        std::fs::create_dir_all(m.path().join("run/kiln")).unwrap();
+        m.sh([appliance.join("usr/lib/kiln/boot")])
+    }
+
+    #[test]
+    fn a_failed_appliance_step_is_reported_the_rest_run_and_the_node_is_not_ready() {
+        let m = FakeRoot::new();
+        let (ok, out) = boot_with_a_failing_step(&m);
+        assert!(ok, "{out}");
+        let want = "[kiln] first: ok\n[kiln] identity: about to fail\n[kiln] error: boot step identity failed\n[kiln] no shell on the console (debug.rescue_shell is off): the error above stays here and in /run/kiln/status\n[kiln] ssh: started\n[kiln] boot: not ready: failed step(s): identity (errors above); the node reports ready only after a boot without errors\n";
+        assert_eq!(out, want);
+        assert!(!m.exists("run/kiln/booted"));
+    }
+
+    #[test]
+    fn the_appliance_rescue_shell_is_opt_in() {
+        let m = FakeRoot::new();
+        m.write("usr/lib/kiln/rescue-shell", "# debug.rescue_shell: true\n");
+        // `boot` sets the system's PATH: the host's `sh` is the console shell here, reading the
+        // fake console (empty) and leaving at once, like an operator typing `exit`.
+        let (ok, out) = boot_with_a_failing_step(&m);
+        assert!(ok, "{out}");
+        assert!(out.contains("[kiln] boot paused: a root shell follows on the console (debug.rescue_shell)"), "{out}");
+        assert!(out.contains("[kiln] ssh: started") && !out.contains("ready arch"), "{out}");
+    }
+}

@@ -28,7 +28,8 @@ use crate::manifest::{InstallRecord, Output, PartitionRecord};
 use crate::output::Part;
 use crate::profile::{DiskSize, Install, InstallMode, LoadedProfile};
 
-/// GPT name of the installed system's EFI system partition.
+/// GPT name of the installer medium's EFI system partition, and the installed system's ESP in
+/// console lines; on an installed system the ESP's GPT name is [`esp_name`].
 pub const ESP: &str = "esp";
 /// GPT name of root slot A: the slot an image boots first (the kernel command line names it in
 /// `kiln.rootname=`, and the installer refuses a disk holding one only with `wipe`).
@@ -58,6 +59,16 @@ fn compressed_name(c: Compression) -> &'static str {
         Compression::Xz => DISK_XZ,
         Compression::None => DISK_IMAGE,
     }
+}
+
+/// The GPT name of the installed system's ESP: `esp@<deployment>`. The ESP is the partition
+/// that records the deployment because firmware ignores its name (nothing finds it by name, unlike
+/// `kiln-root-a`), it exists in every layout kiln writes (in place, installer target, netboot),
+/// and the initramfs reads partition names from sysfs (`PARTNAME=` in `uevent`) with no tool
+/// at all; a name also reads plainly in `sgdisk -p`, `lsblk -o PARTLABEL` and the installer's
+/// refusal, which a GUID derived from the deployment would not.
+pub fn esp_name(deployment: &str) -> String {
+    format!("{}{deployment}", crate::profile::install::ESP_NAME_PREFIX)
 }
 
 /// The size of a root slot for a squashfs: the squashfs plus a quarter and 16 MiB, so an update
@@ -108,10 +119,16 @@ pub(super) struct System<'a> {
 }
 
 impl<'a> System<'a> {
-    pub(super) fn new(arch: Arch, ids: &Ids, esp: &'a [u8], squashfs: Part<'a>) -> System<'a> {
+    pub(super) fn new(arch: Arch, ids: &Ids, deployment: &str, esp: &'a [u8], squashfs: Part<'a>) -> System<'a> {
         let slot = root_slot_size(squashfs.len());
         let specs = vec![
-            PartitionSpec { name: ESP.into(), type_guid: Guid::esp_type(), guid: ids.esp_guid(), size: esp.len() as u64, attributes: 0 },
+            PartitionSpec {
+                name: esp_name(deployment),
+                type_guid: Guid::esp_type(),
+                guid: ids.esp_guid(),
+                size: esp.len() as u64,
+                attributes: 0,
+            },
             PartitionSpec {
                 name: ROOT_A.into(),
                 type_guid: arch.root_partition_type(),
@@ -195,6 +212,7 @@ pub(super) fn install_plan(
     let min_size = installer::min_size(install, target).map_err(anyhow::Error::msg).in_profile(&profile.path)?;
     installer::Plan {
         image_id: &ids.image_id(),
+        deployment: &profile.profile.deployment(),
         install,
         min_size,
         disk_guid: ids.disk_guid(),
@@ -570,9 +588,9 @@ mod tests {
         let ids = Ids::new(Arch::X86_64, [1; 32]);
         let esp = vec![0u8; 3 << 20];
         let dummy = Path::new("unused");
-        let system = System::new(Arch::X86_64, &ids, &esp, Part::File { path: dummy, len: (100 << 20) + 1, sha256: "00" });
+        let system = System::new(Arch::X86_64, &ids, "lab-7", &esp, Part::File { path: dummy, len: (100 << 20) + 1, sha256: "00" });
         let names: Vec<&str> = system.specs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, [ESP, ROOT_A, ROOT_B]);
+        assert_eq!(names, ["esp@lab-7", ROOT_A, ROOT_B]);
         assert_eq!(system.specs[1].size, 142 << 20, "100 MiB + a quarter + 16 MiB, rounded up to whole MiB");
         assert_eq!(system.specs[1].size, system.specs[2].size);
         assert_eq!((system.specs[1].attributes, system.specs[2].attributes), (0, 1 << 63));

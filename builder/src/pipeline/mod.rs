@@ -198,7 +198,7 @@ fn build_arch(
     let cmdline = boot::kernel_cmdline(platform, inputs.arch, &ids.root_a_guid(), &profile.profile.kernel.cmdline);
     // The installed system's ESP, as a FAT image in memory.
     let esp = boot.esp(&cmdline, ids.esp_guid())?;
-    let system = disk::System::new(inputs.arch, &ids, &esp, squashfs.part());
+    let system = disk::System::new(inputs.arch, &ids, &profile.profile.deployment(), &esp, squashfs.part());
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
     let netboot =
         initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, &mut record)).transpose()?;
@@ -255,7 +255,7 @@ fn write_netboot(
     let secrets = crate::secret_files::Secrets::find(&root.tree, &root.baseline).in_profile(&profile.path)?;
     info!("{arch}: {} secret files kept out of the netboot root", secrets.paths().len());
     let public = root::write_squashfs(job, &secrets.public_root(&root.tree), "root-public.squashfs")?;
-    let system = disk::System::new(arch, ids, esp, public.part());
+    let system = disk::System::new(arch, ids, &profile.profile.deployment(), esp, public.part());
     let target = system.target()?;
     // A network install always reboots: `kiln serve` then sends the machine to its disk.
     let install = crate::profile::Install { after: crate::profile::AfterInstall::Reboot, ..profile.profile.install.clone() };

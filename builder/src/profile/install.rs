@@ -54,11 +54,19 @@ pub struct Install {
     /// 1 GiB for the data partition. Smaller explicit targets are refused too.
     #[serde(default)]
     pub min_size: Option<Size>,
-    /// Installer mode: overwrite a target that holds data which is not a kiln system (any
-    /// partition table or non-zero bytes in its first or last MiB). Default `false`: such a disk
-    /// is refused and left untouched. A disk holding a kiln system is always replaced.
+    /// Installer mode: overwrite a target that holds data which is not a kiln system of this
+    /// image's `deployment` (any partition table, non-zero bytes in its first or last MiB, or a
+    /// kiln system of another deployment). Default `false`: such a disk is refused and left
+    /// untouched. A kiln disk of the same deployment is always replaced.
     #[serde(default)]
     pub wipe: bool,
+    /// The deployment this image belongs to: a short name (lower-case letters, digits, `-`, `_`,
+    /// `.`; at most 32 characters) recorded on every disk kiln writes (the ESP's GPT name is
+    /// `esp@<deployment>`). An installer replaces a kiln disk of the same deployment and refuses
+    /// one of another deployment unless `wipe` is set. Default: the profile's `name`, joined with
+    /// `-` to `cluster.name` when there is a cluster (long names are shortened with a hash).
+    #[serde(default)]
+    pub deployment: Option<String>,
     /// Installer mode: what the machine does once the install is written and verified.
     #[serde(default)]
     pub after: AfterInstall,
@@ -165,8 +173,54 @@ impl<'de> Deserialize<'de> for DiskSize {
     }
 }
 
-/// The installer-only keys are refused with `install.mode: in-place`.
+/// The longest deployment name: a GPT partition name holds 36 characters, and the ESP's is
+/// `esp@<deployment>`.
+pub const DEPLOYMENT_MAX: usize = 32;
+/// The GPT name of the installed system's ESP starts with this, the deployment follows.
+pub const ESP_NAME_PREFIX: &str = "esp@";
+
+/// Whether `s` can be a deployment name: it goes into a GPT partition name, the install plan and
+/// the installer's shell words, so only a small alphabet.
+fn is_deployment_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= DEPLOYMENT_MAX
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+}
+
+/// The profile's deployment: `install.deployment`, else derived from the profile's name and its
+/// cluster's name, so that builds of the same profile agree without anyone choosing a name (and
+/// stay reproducible). A derived name too long for the GPT keeps its start and gets a hash of
+/// the whole, so two long names that share a start still differ.
+pub fn deployment(name: &str, cluster: Option<&str>, explicit: Option<&str>) -> String {
+    if let Some(d) = explicit {
+        return d.to_string();
+    }
+    let full = match cluster {
+        Some(c) if c != name => format!("{name}-{c}"),
+        _ => name.to_string(),
+    };
+    // The profile's name may start with `-` or `_`; the deployment starts with a letter or digit.
+    let full = full.trim_start_matches(['-', '_', '.']).to_string();
+    let full = if full.is_empty() { "kiln".to_string() } else { full };
+    if full.len() <= DEPLOYMENT_MAX {
+        return full;
+    }
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(full.as_bytes()));
+    format!("{}-{}", &full[..DEPLOYMENT_MAX - 9], &hash[..8])
+}
+
+/// `install.deployment`'s alphabet and length (it applies to both modes: in-place disks record it
+/// too); the installer-only keys are refused with `install.mode: in-place`.
 pub fn validate(i: &Install) -> Result<()> {
+    if let Some(d) = &i.deployment {
+        if !is_deployment_name(d) {
+            bail!(
+                "key `install.deployment`: `{d}` must be 1-{DEPLOYMENT_MAX} lower-case letters, digits, `-`, `_` or `.`, starting with a letter or digit"
+            );
+        }
+    }
     if i.mode == InstallMode::InPlace {
         let set = [
             ("target", i.target != InstallTarget::Auto),
@@ -210,5 +264,33 @@ mod tests {
         }
         let err = test_parse_error("install:\n  after: halt\n");
         assert!(err.contains("halt"), "{err}");
+    }
+
+    #[test]
+    fn deployment_is_explicit_or_derived_from_the_names_and_fits_a_gpt_name() {
+        assert_eq!(deployment("edge", None, None), "edge");
+        assert_eq!(deployment("edge", Some("lab"), None), "edge-lab");
+        assert_eq!(deployment("lab", Some("lab"), None), "lab");
+        assert_eq!(deployment("edge", Some("lab"), Some("site-7")), "site-7");
+        let long = "a-very-long-profile-name-for-the-factory-floor";
+        let a = deployment(long, Some("north"), None);
+        let b = deployment(long, Some("south"), None);
+        assert!(a.len() <= DEPLOYMENT_MAX && is_deployment_name(&a), "{a}");
+        assert!(a.starts_with("a-very-long-profile-nam-") && a != b, "{a} {b}");
+        assert_eq!(a, deployment(long, Some("north"), None), "derived names are deterministic");
+        assert!(is_deployment_name(&deployment("_x.y", None, None)));
+        assert!(is_deployment_name(&deployment("-.x", None, None)));
+        assert!((ESP_NAME_PREFIX.len() + DEPLOYMENT_MAX) <= 36, "a GPT partition name holds 36 UTF-16 units");
+    }
+
+    #[test]
+    fn deployment_names_outside_the_alphabet_are_refused_naming_the_key() {
+        for bad in ["", "Lab", "a b", "a/b", "-x", &"x".repeat(33), "a@b"] {
+            let mut i = Install { deployment: Some(bad.to_string()), ..Default::default() };
+            let err = validate(&i).unwrap_err().to_string();
+            assert!(err.contains("install.deployment") && err.contains("32"), "{bad}: {err}");
+            i.deployment = Some("site-7.a_b".into());
+            validate(&i).unwrap();
+        }
     }
 }

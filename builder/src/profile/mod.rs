@@ -138,6 +138,17 @@ pub struct Profile {
     /// `/etc/rancher/k3s/certs/<host>/`.
     #[serde(default)]
     pub registries: Option<registries::Registries>,
+    /// Settings for debugging a device on the bench. Not for machines on untrusted sites.
+    #[serde(default)]
+    pub debug: system::DebugOptions,
+}
+
+impl Profile {
+    /// The deployment this image belongs to (`install.deployment` or derived: see
+    /// [`install::deployment`]).
+    pub fn deployment(&self) -> String {
+        install::deployment(&self.name, self.cluster.as_ref().map(|c| c.name.as_str()), self.install.deployment.as_deref())
+    }
 }
 
 /// The Debian base system.

@@ -57,6 +57,20 @@ impl Serialize for PasswordHash {
     }
 }
 
+/// Settings for debugging a device on the bench (`debug`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DebugOptions {
+    /// UNSAFE on untrusted sites: when a boot step fails (in the initramfs, including every
+    /// installer refusal, or in the appliance), leave an unauthenticated root shell on the
+    /// console. Default `false`: the error stays on the console without a shell; the initramfs
+    /// reboots after 30 s to try again, the appliance runs its remaining boot steps and does not
+    /// report ready. Anyone at the serial console or IPMI can make a step fail (pull a cable,
+    /// attach a disk), so with `true` they get root.
+    #[serde(default)]
+    pub rescue_shell: bool,
+}
+
 /// The SSH server and its login policy.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

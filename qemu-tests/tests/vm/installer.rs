@@ -6,7 +6,10 @@
 //!   target booted alone reaches `[kiln] ready` with the data partition spanning the disk, the
 //!   profile's host name, and the user's SSH key (the test logs in);
 //! - QEMU killed while the installer writes: the next boot of the medium installs completely;
-//! - a target holding foreign data is refused, named on the console, and left byte-for-byte as it was.
+//! - a target holding foreign data is refused, named on the console, and left byte-for-byte as it
+//!   was; no shell follows on the console: the installer reboots after its stated delay;
+//! - a kiln disk of another deployment is refused the same way, and installed over (a new table,
+//!   the ESP naming this image's deployment) with `install.wipe`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -167,8 +170,9 @@ fn interrupted_install_completes(arch: Arch) -> Result<()> {
     let mut vm = start(arch, &[(&medium, true), (&target, false)], &dir.join("console-1.log"))?;
     vm.wait_for("[kiln] install: writing kiln-root-a", INSTALL_TIMEOUT)?;
     vm.kill();
+    // The table is written only after verification: the killed install left none.
     let table = tool(Command::new("sgdisk").arg("-p").arg(&target), "gdisk")?;
-    ensure!(partition(&table, 4).is_none(), "{arch}: the killed install already had a data partition:\n{table}");
+    ensure!(partition(&table, 1).is_none(), "{arch}: the killed install already had a partition table:\n{table}");
 
     let mut vm = start(arch, &[(&medium, true), (&target, false)], &dir.join("console-2.log"))?;
     let started = vm.wait_for("[kiln] install: target=", INSTALL_TIMEOUT)?;
@@ -195,14 +199,90 @@ fn foreign_target_is_refused(arch: Arch) -> Result<()> {
 
     let mut vm = start(arch, &[(&medium, true), (&foreign, false)], &dir.join("console.log"))?;
     let line = vm.wait_for("[kiln] error: install:", INSTALL_TIMEOUT)?;
-    vm.kill();
     eprintln!("{arch}: {line}");
     for want in ["/dev/vdb holds data that is not a kiln system", "install.wipe: true", "vda ", "(the installer medium)", "vdb 2048 MiB"] {
         ensure!(line.contains(want), "{arch}: the refusal does not say `{want}`: {line}");
     }
+    no_shell_then_reboot(arch, &mut vm)?;
     ensure!(!vm.console().contains("[kiln] install: target="), "{arch}: the installer started writing");
     ensure!(sha256_file(&foreign)? == before, "{arch}: the refused disk was changed");
     Ok(())
+}
+
+/// The refusal's aftermath with the default console policy: no shell, the stated delay, then a
+/// reboot: the machine starts over and the initramfs runs again (the installer would retry).
+fn no_shell_then_reboot(arch: Arch, vm: &mut Vm) -> Result<()> {
+    let line = vm.wait_for("[kiln] initramfs: no shell on the console", INSTALL_TIMEOUT)?;
+    ensure!(line.contains("rebooting in 30 s"), "{arch}: {line}");
+    vm.wait_for("[kiln] initramfs: rebooting", Duration::from_secs(120))?;
+    vm.wait_for("[kiln] initramfs: kernel", INSTALL_TIMEOUT)?;
+    eprintln!("{arch}: no shell; rebooted and started over after {:.1} s", vm.elapsed().as_secs_f64());
+    vm.kill();
+    ensure!(!vm.console().contains("dropping to a shell"), "{arch}: a shell was offered on the console");
+    Ok(())
+}
+
+/// A disk that another deployment's installer wrote: kiln's partition names, but the ESP records
+/// `other-site`, and bytes of that deployment's data where its `kiln-data` partition lies.
+fn other_deployments_disk(path: &Path) -> Result<PathBuf> {
+    let disk = blank(path, 8 * GIB)?;
+    tool(
+        Command::new("sgdisk")
+            .args(["--new=1:2048:+64M", "--typecode=1:ef00", "--change-name=1:esp@other-site"])
+            .args(["--new=2:0:+512M", "--change-name=2:kiln-root-a", "--new=3:0:+512M", "--change-name=3:kiln-root-b"])
+            .args(["--new=4:0:0", "--change-name=4:kiln-data"])
+            .arg(&disk),
+        "gdisk",
+    )?;
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new().write(true).open(&disk)?;
+    f.seek(SeekFrom::Start(2 * GIB))?;
+    f.write_all(&b"other-site's data\n".repeat(1000))?;
+    Ok(disk)
+}
+
+fn other_deployment_is_refused_then_wiped(arch: Arch) -> Result<()> {
+    let out = image()?;
+    let m = manifest(out, arch)?;
+    let install = m.install.as_ref().context("no install record")?;
+    let deployment = install.partitions[0].name.strip_prefix("esp@").context("the ESP's name records no deployment")?.to_string();
+    let dir = work_dir(&format!("installer-{arch}-other-deployment"))?;
+    let medium = out.join(arch.name()).join("disk.img");
+    let target = other_deployments_disk(&dir.join("other-8g.img"))?;
+    let before = sha256_file(&target)?;
+
+    let mut vm = start(arch, &[(&medium, true), (&target, false)], &dir.join("console-refused.log"))?;
+    let line = vm.wait_for("[kiln] error: install:", INSTALL_TIMEOUT)?;
+    eprintln!("{arch}: {line}");
+    let said = format!("/dev/vdb holds a kiln system of another deployment (other-site; this image is deployment {deployment})");
+    ensure!(line.contains(&said) && line.contains("install.wipe: true"), "{arch}: want `{said}` in {line}");
+    no_shell_then_reboot(arch, &mut vm)?;
+    drop(vm);
+    ensure!(sha256_file(&target)? == before, "{arch}: the refused disk was changed");
+
+    // The same medium with `wipe=1` in its plan (same length, so the plan stays in place): what
+    // `install.wipe: true` builds, without a second image build.
+    let wiping = dir.join("medium-wipe.img");
+    std::fs::copy(&medium, &wiping)?;
+    let plan_part = m.partitions.iter().find(|p| p.name == "kiln-install").context("the medium has no kiln-install partition")?;
+    {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&wiping)?;
+        let mut plan = vec![0u8; 64 << 10];
+        f.seek(SeekFrom::Start(plan_part.offset))?;
+        f.read_exact(&mut plan)?;
+        let at = plan.windows(8).position(|w| w == b"\nwipe=0\n").context("no `wipe=0` in the plan")?;
+        plan[at + 6] = b'1';
+        f.seek(SeekFrom::Start(plan_part.offset))?;
+        f.write_all(&plan)?;
+    }
+    let mut vm = start(arch, &[(&wiping, true), (&target, false)], &dir.join("console-wipe.log"))?;
+    let overwriting = vm.wait_for("install.wipe is set: overwriting it", INSTALL_TIMEOUT)?;
+    ensure!(overwriting.contains(&said), "{arch}: {overwriting}");
+    finish_install(arch, &mut vm)?;
+    drop(vm);
+    // A fresh table: the manifest's partitions, the ESP naming this deployment, kiln-data after them.
+    check_installed(arch, &target, &m)
 }
 
 #[test]
@@ -248,4 +328,19 @@ fn aarch64_installer_refuses_a_disk_with_foreign_data() -> Result<()> {
 #[test]
 fn riscv64_installer_refuses_a_disk_with_foreign_data() -> Result<()> {
     foreign_target_is_refused(Arch::Riscv64)
+}
+
+#[test]
+fn x86_64_installer_refuses_another_deployments_disk_and_wipes_it_when_told() -> Result<()> {
+    other_deployment_is_refused_then_wiped(Arch::X86_64)
+}
+
+#[test]
+fn aarch64_installer_refuses_another_deployments_disk_and_wipes_it_when_told() -> Result<()> {
+    other_deployment_is_refused_then_wiped(Arch::Aarch64)
+}
+
+#[test]
+fn riscv64_installer_refuses_another_deployments_disk_and_wipes_it_when_told() -> Result<()> {
+    other_deployment_is_refused_then_wiped(Arch::Riscv64)
 }

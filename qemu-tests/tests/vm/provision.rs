@@ -5,6 +5,10 @@
 //! from the test's NTP server on the host (`kiln_qemu_tests::ntp`), which runs an hour ahead. Root login is refused under the profile's policy, and a
 //! second boot of the same disk keeps the host key generated on the first. A NIC on a network without
 //! a DHCP server does not hang the boot.
+//!
+//! The console policy (`qemu-tests/profiles/console-policy.yaml`, x86_64): a boot step that fails
+//! leaves no shell on the console; the later steps still run (the user logs in over SSH) and the
+//! node never reports ready.
 
 use std::path::Path;
 use std::process::Command;
@@ -196,5 +200,30 @@ fn x86_64_dhcp_without_a_server_does_not_hang_the_boot() -> Result<()> {
     vm.kill();
     let want = "[kiln] network: eth0 no lease after 5 s (dhcp continues in the background)";
     ensure!(console.contains(want), "{arch}: console lacks `{want}`:\n{}", kiln_lines(&console));
+    Ok(())
+}
+
+#[test]
+fn x86_64_a_failed_boot_step_leaves_no_console_shell_and_the_node_reachable_but_not_ready() -> Result<()> {
+    static BUILT: OnceLock<Result<KeyedBuild, String>> = OnceLock::new();
+    let b = build_with_test_key(&BUILT, "qemu-tests/profiles/console-policy.yaml", "console-policy-build")?;
+    let arch = Arch::X86_64;
+    let dir = work_dir("console-policy-x86_64")?;
+    let port = free_port()?;
+    let mut spec = VmSpec::new(arch);
+    spec.disks = vec![Disk { path: b.out.join(arch.name()).join("disk.img"), snapshot: true }];
+    spec.net = Net::User { hostfwd: vec![format!("tcp:127.0.0.1:{port}-:22")] };
+    let mut vm = Vm::start(&spec, &dir.join("console.log"))?;
+    vm.wait_for("[kiln] error: boot step broken failed", BOOT_TIMEOUT)?;
+    let no_shell = vm.wait_for("[kiln] ", Duration::from_secs(30))?;
+    ensure!(no_shell.contains("no shell on the console (debug.rescue_shell is off)"), "{arch}: after the error: `{no_shell}`");
+    let closing = vm.wait_for("[kiln] boot: not ready", BOOT_TIMEOUT)?;
+    eprintln!("{arch}: `{closing}` after {:.1} s", vm.elapsed().as_secs_f64());
+    ensure!(closing.contains("failed step(s): broken"), "{arch}: {closing}");
+    // The steps after the failed one ran: SSH works, and the status file holds the error.
+    let out = ssh_until_ok(&b.key, port, USER, "cat /run/kiln/status; test -e /run/kiln/booted && echo booted || echo not-booted")?;
+    ensure!(out.contains("error: boot step broken failed") && out.trim_end().ends_with("not-booted"), "{arch}: {out}");
+    let console = vm.console();
+    ensure!(!console.contains("root shell follows") && !console.contains("[kiln] ready"), "{arch}: shell or ready on the console");
     Ok(())
 }

@@ -11,14 +11,25 @@
 # mismatch before anything else happens; at the end the installer reports
 # `POST /installed?mac=...` to the server and reboots.
 #
-# Crash safety: the first write is the target's new partition table, which names the disk a
-# kiln system; the data partition is created only after verification. A target with a kiln
-# table but no data partition is an unfinished install, and the next boot installs again.
+# Which disks it takes: a blank one; a kiln disk of this image's deployment (the plan's
+# `deployment=`, which kiln records in the GPT name of the ESP, `esp@<deployment>`); anything
+# else (other partitions or data, a kiln system of another deployment or one that records
+# none) only with `install.wipe`.
+#
+# Crash safety: the first write removes the target's old partition table; the system's ranges
+# are then written at their absolute offsets and read back, and only when every digest matches
+# is the new partition table written; the data partition comes last. An install cut short
+# leaves a disk with no partition table (the old data still on it, no longer referenced), which
+# the next boot takes as blank and installs again; never a table pointing at half-written
+# partitions. A target with a kiln table but no data partition is an unfinished install too.
 # A target holding this very image (same disk GUID) with its data partition is a finished
 # install: the medium then boots it instead of installing again (`after: reboot` with the
 # medium still first in the boot order does not loop).
+#
+# Host tests (builder/tests/device_scripts.rs) run these functions against a fake root: every
+# path below /sys, /dev and /run is under ${KILN_ROOT:-}.
 
-INSTALL_PLAN=/run/kiln-install.plan
+INSTALL_PLAN=${KILN_ROOT:-}/run/kiln-install.plan
 MIB=1048576
 
 # The value of KEY in the install plan (first match).
@@ -144,20 +155,24 @@ fetch_plan() {
 }
 
 # Network install: streams copy $1 (file $2 of the netboot directory) onto the target at byte
-# $3 while sha256sum reads the same bytes through a fifo; refuses unless the digest is $4.
+# $3 while sha256sum reads the same bytes through a fifo; refuses unless the digest is $5.
+# At most $4 bytes (the plan's length) reach the disk: a larger file (another build, or a
+# hostile server) cannot write past its slot before its digest is checked.
 stream_copy() {
-    fifo=/run/kiln-install.fifo
+    run=${KILN_ROOT:-}/run
+    fifo=$run/kiln-install.fifo
     rm -f "$fifo"
     mkfifo "$fifo"
-    sha256sum < "$fifo" > /run/kiln-install.sha &
+    sha256sum < "$fifo" > "$run/kiln-install.sha" &
     hasher=$!
     log "install: streaming $1 from $INSTALL_URL$2 to $(($3 / MIB)) MiB of /dev/$TARGET"
-    wget -q -O - "$INSTALL_URL$2" | tee "$fifo" | dd of="/dev/$TARGET" bs="$MIB" seek=$(($3 / MIB)) conv=fsync 2> /dev/null \
+    wget -q -O - "$INSTALL_URL$2" | head -c "$4" | tee "$fifo" \
+        | dd of="${KILN_ROOT:-}/dev/$TARGET" bs="$MIB" seek=$(($3 / MIB)) conv=notrunc,fsync 2> /dev/null \
         || fail "install: writing $1 to /dev/$TARGET failed"
     wait "$hasher" || true
-    got=$(cut -d' ' -f1 /run/kiln-install.sha)
-    [ "$got" = "$4" ] || fail "install: $1 from $INSTALL_URL$2 arrived with sha256 $got, the plan says $4 (download cut off, or the server holds another build); the target has no data partition and installs again on the next boot"
-    log "install: $1 arrived intact (sha256 $4)"
+    got=$(cut -d' ' -f1 "$run/kiln-install.sha")
+    [ "$got" = "$5" ] || fail "install: $1 from $INSTALL_URL$2 arrived with sha256 $got, the plan says $5 (download cut off, or the server holds another build); the target has no partition table yet and installs again on the next boot"
+    log "install: $1 arrived intact (sha256 $5)"
 }
 
 # Network install: tells the server this machine is installed (its next network boot then goes
@@ -212,7 +227,7 @@ deliver_secrets() {
 
 # Whole disks that could be targets at all (not loop, RAM, optical, eMMC boot areas ...).
 all_disks() {
-    for d in /sys/block/*; do
+    for d in "${KILN_ROOT:-}"/sys/block/*; do
         name=${d##*/}
         case "$name" in
             loop* | ram* | zram* | sr* | fd* | dm-* | md* | nbd* | mtdblock* | *boot[0-9] | *rpmb) continue ;;
@@ -223,7 +238,7 @@ all_disks() {
 }
 
 disk_bytes() {
-    echo $(($(cat "/sys/block/$1/size") * 512))
+    echo $(($(cat "${KILN_ROOT:-}/sys/block/$1/size") * 512))
 }
 
 # The /dev/disk/by-id names udev would give disk $1, for the buses kiln knows without udev.
@@ -265,25 +280,53 @@ matches_target() {
 
 # Non-zero bytes in MiB number $2 of disk $1.
 mib_has_data() {
-    [ "$(dd if="/dev/$1" bs="$MIB" skip="$2" count=1 2>/dev/null | tr -d '\000' | head -c 1 | wc -c)" -gt 0 ]
+    [ "$(dd if="${KILN_ROOT:-}/dev/$1" bs="$MIB" skip="$2" count=1 2>/dev/null | tr -d '\000' | head -c 1 | wc -c)" -gt 0 ]
 }
 
-# Why disk $1 holds data that is not a kiln system (empty output: it does not).
+# Whether disk $1 has a partition whose GPT name is $2 (sysfs puts partitions below their disk).
+has_partition_named() {
+    grep -qx "PARTNAME=$2" "${KILN_ROOT:-}"/sys/class/block/"$1"/*/uevent 2> /dev/null
+}
+
+# The deployment kiln recorded on disk $1: the GPT name of its ESP is `esp@<deployment>`
+# (builder/src/pipeline/disk.rs, esp_name). Empty output: no partition records one.
+recorded_deployment() {
+    for uevent in "${KILN_ROOT:-}"/sys/class/block/"$1"/*/uevent; do
+        [ -e "$uevent" ] || continue
+        name=$(sed -n 's/^PARTNAME=//p' "$uevent")
+        case "$name" in
+            esp@?*)
+                echo "${name#esp@}"
+                return 0
+                ;;
+        esac
+    done
+}
+
+# Why disk $1 is not a blank disk or a kiln disk of this image's deployment, as the rest of the
+# sentence "/dev/X ..." (empty output: it is one of those, and may be installed onto).
 foreign_data() {
     # kiln-root-a: root slot A's GPT name, as builder/src/pipeline/disk.rs names it (ROOT_A).
-    if partition_named "$1" kiln-root-a > /dev/null; then
+    if has_partition_named "$1" kiln-root-a; then
+        want=$(plan_value deployment)
+        recorded=$(recorded_deployment "$1")
+        if [ -z "$recorded" ]; then
+            echo "holds a kiln system that records no deployment (written before kiln recorded one); this image is deployment $want"
+        elif [ "$recorded" != "$want" ]; then
+            echo "holds a kiln system of another deployment ($recorded; this image is deployment $want)"
+        fi
         return 0
     fi
-    for part in /sys/block/"$1"/"$1"*; do
+    for part in "${KILN_ROOT:-}/sys/block/$1/$1"*; do
         if [ -e "$part" ]; then
-            echo "it has partitions ($(cd "/sys/block/$1" && echo "$1"*))"
+            echo "holds data that is not a kiln system (it has partitions: $(cd "${KILN_ROOT:-}/sys/block/$1" && echo "$1"*))"
             return 0
         fi
     done
     if mib_has_data "$1" 0; then
-        echo "its first MiB is not blank"
+        echo "holds data that is not a kiln system (its first MiB is not blank)"
     elif mib_has_data "$1" $(($(disk_bytes "$1") / MIB - 1)); then
-        echo "its last MiB is not blank"
+        echo "holds data that is not a kiln system (its last MiB is not blank)"
     fi
 }
 
@@ -300,9 +343,9 @@ select_target() {
             why="the installer medium"
         elif [ "$spec" != auto ] && ! matches_target "$disk" "$spec"; then
             why="does not match $spec"
-        elif [ "$spec" = auto ] && [ "$(cat "/sys/block/$disk/removable")" = 1 ]; then
+        elif [ "$spec" = auto ] && [ "$(cat "${KILN_ROOT:-}/sys/block/$disk/removable")" = 1 ]; then
             why="removable"
-        elif [ "$(cat "/sys/block/$disk/ro")" = 1 ]; then
+        elif [ "$(cat "${KILN_ROOT:-}/sys/block/$disk/ro")" = 1 ]; then
             why="read-only"
         elif [ "$size" -lt "$min" ]; then
             why="smaller than install.min_size $((min / MIB)) MiB"
@@ -322,8 +365,11 @@ select_target() {
     fi
     [ -n "$TARGET" ] || fail "install: no disk qualifies as target ($spec). Disks: $seen"
     foreign=$(foreign_data "$TARGET")
-    if [ -n "$foreign" ] && [ "$(plan_value wipe)" != 1 ]; then
-        fail "install: /dev/$TARGET holds data that is not a kiln system ($foreign); it was left untouched. Set install.wipe: true to overwrite it, or choose another install.target. Disks: $seen"
+    if [ -n "$foreign" ]; then
+        if [ "$(plan_value wipe)" != 1 ]; then
+            fail "install: /dev/$TARGET $foreign; it was left untouched. Set install.wipe: true to overwrite it, or choose another install.target. Disks: $seen"
+        fi
+        log "install: /dev/$TARGET $foreign; install.wipe is set: overwriting it"
     fi
     TARGET_SEEN=$seen
 }
@@ -346,41 +392,55 @@ target_has_this_image() {
 
 # The plan's copy lines, in a file: loops read it by redirection, not through a pipe, so `fail`
 # runs in the installer's own shell rather than a subshell.
-INSTALL_COPIES=/run/kiln-install.copies
+INSTALL_COPIES=${KILN_ROOT:-}/run/kiln-install.copies
 
+# Removes the target's old partition tables (GPT, its backup, the protective MBR) before any
+# system byte is written: the old table would otherwise point at partitions being overwritten.
+clear_partition_table() {
+    "${KILN_ROOT:-}/sbin/sgdisk" --zap-all "${KILN_ROOT:-}/dev/$TARGET" > /dev/null 2>&1 \
+        || fail "install: cannot remove the old partition table of /dev/$TARGET"
+    log "install: old partition table of /dev/$TARGET removed; the new one is written after verification"
+}
+
+# Writes every copy of the plan at its absolute offset on the target, each bounded by the
+# plan's length; no partition table yet (see verify_system).
 write_system() {
-    # Word splitting is wanted: the plan holds sgdisk's arguments, one per word.
-    # shellcheck disable=SC2046
-    /sbin/sgdisk $(plan_value sgdisk) "/dev/$TARGET" > /dev/null \
-        || fail "install: cannot write the partition table of /dev/$TARGET"
-    log "install: partition table written to /dev/$TARGET"
     sed -n 's/^copy=//p' "$INSTALL_PLAN" > "$INSTALL_COPIES"
+    clear_partition_table
     while read -r name source source_offset target_offset length sha; do
         if [ -n "$INSTALL_URL" ]; then
-            stream_copy "$name" "$source" "$target_offset" "$sha"
+            stream_copy "$name" "$source" "$target_offset" "$length" "$sha"
             continue
         fi
         source_dev=$(partition_named "$MEDIUM" "$source") || fail "install: the medium has no $source partition"
         ensure_node "$source_dev"
-        count=$(((length + MIB - 1) / MIB))
-        log "install: writing $name ($count MiB) at $((target_offset / MIB)) MiB of /dev/$TARGET"
-        dd if="/dev/$source_dev" of="/dev/$TARGET" bs="$MIB" skip=$((source_offset / MIB)) seek=$((target_offset / MIB)) \
-            count="$count" conv=fsync 2> /dev/null || fail "install: writing $name to /dev/$TARGET failed"
+        log "install: writing $name ($(((length + MIB - 1) / MIB)) MiB) at $((target_offset / MIB)) MiB of /dev/$TARGET"
+        # count_bytes: exactly the plan's length, not whole blocks of whatever follows it.
+        dd if="${KILN_ROOT:-}/dev/$source_dev" of="${KILN_ROOT:-}/dev/$TARGET" bs="$MIB" skip=$((source_offset / MIB)) \
+            seek=$((target_offset / MIB)) count="$length" iflag=count_bytes conv=notrunc,fsync 2> /dev/null \
+            || fail "install: writing $name to /dev/$TARGET failed"
     done < "$INSTALL_COPIES"
 }
 
-# Reads every copied range back from the disk (not the page cache) and checks its digest.
+# Reads every copied range back from the disk (not the page cache) and checks its digest; only
+# then writes the new partition table, so a disk whose table names a kiln system holds one
+# whole (until the data partition exists, an unfinished install: the next boot installs again).
 verify_system() {
     sync
-    blockdev --flushbufs "/dev/$TARGET" || true
-    echo 3 > /proc/sys/vm/drop_caches
+    blockdev --flushbufs "${KILN_ROOT:-}/dev/$TARGET" || true
+    echo 3 > "${KILN_ROOT:-}/proc/sys/vm/drop_caches"
     while read -r name _source _source_offset target_offset length sha; do
         count=$(((length + MIB - 1) / MIB))
-        got=$(dd if="/dev/$TARGET" bs="$MIB" skip=$((target_offset / MIB)) count="$count" 2> /dev/null | head -c "$length" | sha256sum)
+        got=$(dd if="${KILN_ROOT:-}/dev/$TARGET" bs="$MIB" skip=$((target_offset / MIB)) count="$count" 2> /dev/null | head -c "$length" | sha256sum)
         got=${got%% *}
-        [ "$got" = "$sha" ] || fail "install: $name on /dev/$TARGET reads back as sha256 $got, the image has $sha; the disk may be failing"
+        [ "$got" = "$sha" ] || fail "install: $name on /dev/$TARGET reads back as sha256 $got, the image has $sha; the disk may be failing (it has no partition table now; the next boot installs again)"
         log "install: verified $name (sha256 $sha)"
     done < "$INSTALL_COPIES"
+    # Word splitting is wanted: the plan holds sgdisk's arguments, one per word.
+    # shellcheck disable=SC2046
+    "${KILN_ROOT:-}/sbin/sgdisk" $(plan_value sgdisk) "${KILN_ROOT:-}/dev/$TARGET" > /dev/null \
+        || fail "install: cannot write the partition table of /dev/$TARGET"
+    log "install: partition table written to /dev/$TARGET (deployment $(plan_value deployment))"
 }
 
 install_system() {

@@ -22,11 +22,20 @@ kiln_error() {
     fi
 }
 
-# Reports the failure and leaves a shell on the console instead of a hung boot.
+# Reports a failure that stops this boot from being complete. The error stays on the console,
+# and the caller goes on (it decides what still makes sense; see /usr/lib/kiln/boot). No shell:
+# anyone at the serial console or IPMI can make a step fail, and a shell there would be an
+# unauthenticated root login. `debug.rescue_shell: true` in the profile (the build then writes
+# /usr/lib/kiln/rescue-shell, in the read-only root, not in the persistent /etc) restores a root
+# shell on the console for the bench; the caller goes on after `exit`.
 kiln_fatal() {
     kiln_error "$*"
-    echo "[kiln] boot stopped: a root shell follows on the console; 'exit' continues booting"
-    /bin/sh -l < /dev/console > /dev/console 2>&1 || true
+    if [ -e "${KILN_ROOT:-}/usr/lib/kiln/rescue-shell" ]; then
+        echo "[kiln] boot paused: a root shell follows on the console (debug.rescue_shell); 'exit' continues booting"
+        sh -l <> "${KILN_ROOT:-}/dev/console" >&0 2>&1 || true
+    else
+        echo "[kiln] no shell on the console (debug.rescue_shell is off): the error above stays here and in /run/kiln/status"
+    fi
 }
 
 # For services init respawns: reports why the service does not run here, then sleeps for
