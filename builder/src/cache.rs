@@ -97,22 +97,58 @@ impl Cache {
     /// renames into place. On any failure nothing is left behind; errors name `what`, and a digest
     /// or size mismatch is a [`Mismatch`] (downcastable) so callers can tell it from a read error.
     pub fn put(&self, sha256_hex: &str, size: Option<u64>, reader: impl Read, what: &str) -> anyhow::Result<PathBuf> {
+        let mut w = self.writer(sha256_hex, size, what)?;
+        match copy_into(reader, &mut w) {
+            // More than `size` bytes: reported as the size mismatch it is, below.
+            Err(_) if w.over_limit() => {}
+            Err(e) => return Err(e).with_context(|| format!("downloading {what}")),
+            Ok(()) => {}
+        }
+        w.check()?;
+        w.persist()
+    }
+
+    /// A blob to be written in pieces (a download that is also read by someone else, as the
+    /// layer check of `oci::pull` does): [`BlobWriter::persist`] verifies and stores it.
+    pub fn writer(&self, sha256_hex: &str, size: Option<u64>, what: &str) -> anyhow::Result<BlobWriter> {
         let final_path = self.blob_path(sha256_hex)?;
         let dir = self.blob_dir();
-        let mut tmp = temp_file_in(&dir)?;
-        let (actual, written) = copy_hashing(reader, tmp.as_file_mut(), size).with_context(|| format!("downloading {what}"))?;
-        if let Some(size) = size.filter(|s| *s != written) {
-            return Err(Mismatch { what: what.to_string(), expected: format!("{size} bytes"), actual: format!("{written} bytes") }.into());
-        }
-        if actual != sha256_hex.to_ascii_lowercase() {
-            return Err(
-                Mismatch { what: what.to_string(), expected: format!("sha256 {sha256_hex}"), actual: format!("sha256 {actual}") }.into()
-            );
-        }
-        tmp.as_file().sync_all().with_context(|| format!("syncing {what} to {}", dir.display()))?;
-        tmp.persist(&final_path).with_context(|| format!("storing {what} as {}", final_path.display()))?;
-        sync_dir(&dir);
-        Ok(final_path)
+        let (file, path) = temp_file_in(&dir)?.into_parts();
+        Ok(BlobWriter {
+            file: io::BufWriter::with_capacity(BUF, file),
+            path,
+            final_path,
+            dir,
+            expected: sha256_hex.to_ascii_lowercase(),
+            size,
+            hasher: Sha256::new(),
+            written: 0,
+            what: what.to_string(),
+        })
+    }
+
+    /// Opens a blob for one streaming read that is verified as it goes: see [`VerifiedBlob`].
+    /// `Ok(None)` if the blob is not in the cache.
+    ///
+    /// Readers that use a blob after the pull (flattening, bundling) go through this rather than
+    /// re-opening [`Cache::blob_path`]: a shared cache's file may have been replaced since it was
+    /// verified, and the bytes read are the ones checked.
+    pub fn open(&self, sha256_hex: &str, size: u64) -> Result<Option<VerifiedBlob>, CacheError> {
+        let path = self.blob_path(sha256_hex)?;
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(CacheError::Io { path, source }),
+        };
+        Ok(Some(VerifiedBlob {
+            file,
+            path,
+            expected: sha256_hex.to_ascii_lowercase(),
+            size,
+            hasher: Sha256::new(),
+            read: 0,
+            verdict: None,
+        }))
     }
 
     pub fn remove(&self, sha256_hex: &str) -> io::Result<()> {
@@ -156,29 +192,176 @@ fn temp_file_in(dir: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
     tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).with_context(|| format!("creating a temporary file in {}", dir.display()))
 }
 
-/// Copies `reader` to `writer`, returning the sha256 hex and the byte count. Stops early (as a
-/// size mismatch for the caller to report) once more than `limit` bytes arrive, so a wrong
-/// server response cannot fill the disk.
-fn copy_hashing(mut reader: impl Read, writer: &mut impl Write, limit: Option<u64>) -> io::Result<(String, u64)> {
-    let mut hasher = Sha256::new();
+/// Copies `reader` into a blob writer, `BUF` bytes at a time.
+fn copy_into(mut reader: impl Read, w: &mut BlobWriter) -> io::Result<()> {
     let mut buf = vec![0u8; BUF];
-    let mut written = 0u64;
     loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+        match reader.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => w.write_all(&buf[..n])?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
-        };
-        hasher.update(&buf[..n]);
-        writer.write_all(&buf[..n])?;
-        written += n as u64;
-        if limit.is_some_and(|l| written > l) {
-            break;
         }
     }
-    writer.flush()?;
-    Ok((hex::encode(hasher.finalize()), written))
+}
+
+/// A blob being written into the cache: what is written is hashed and counted. Writing more than
+/// the expected size fails at once (as a size mismatch for [`BlobWriter::check`] to report), so a
+/// wrong server response cannot fill the disk. Dropped without [`BlobWriter::persist`], it leaves
+/// nothing behind.
+pub struct BlobWriter {
+    file: io::BufWriter<File>,
+    path: tempfile::TempPath,
+    final_path: PathBuf,
+    dir: PathBuf,
+    expected: String,
+    size: Option<u64>,
+    hasher: Sha256,
+    written: u64,
+    what: String,
+}
+
+impl BlobWriter {
+    /// More bytes arrived than the expected size.
+    pub fn over_limit(&self) -> bool {
+        self.size.is_some_and(|s| self.written > s)
+    }
+
+    /// Do the bytes written so far match the expected size and digest? A [`Mismatch`] if not.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(size) = self.size.filter(|s| *s != self.written) {
+            return Err(
+                Mismatch { what: self.what.clone(), expected: format!("{size} bytes"), actual: format!("{} bytes", self.written) }.into()
+            );
+        }
+        let actual = hex::encode(self.hasher.clone().finalize());
+        if actual != self.expected {
+            return Err(Mismatch {
+                what: self.what.clone(),
+                expected: format!("sha256 {}", self.expected),
+                actual: format!("sha256 {actual}"),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Checks the blob, then fsyncs it and renames it into place; returns its path.
+    pub fn persist(self) -> anyhow::Result<PathBuf> {
+        self.check()?;
+        let what = &self.what;
+        let file =
+            self.file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {what} to {}", self.dir.display()))?;
+        file.sync_all().with_context(|| format!("syncing {what} to {}", self.dir.display()))?;
+        self.path.persist(&self.final_path).with_context(|| format!("storing {what} as {}", self.final_path.display()))?;
+        sync_dir(&self.dir);
+        Ok(self.final_path)
+    }
+}
+
+impl Write for BlobWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.written += buf.len() as u64;
+        if let Some(size) = self.size.filter(|_| self.over_limit()) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{}: more than the expected {size} bytes", self.what)));
+        }
+        self.hasher.update(buf);
+        self.file.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// A cached blob opened once and verified while it is read: what is read is hashed and counted,
+/// and the read that reaches the expected size fails (its bytes withheld) unless the digest
+/// matches; so does a file that ends early or runs on. The whole stream is only good once a read
+/// has returned the end (`Ok(0)`) or [`VerifiedBlob::finish`] has succeeded: a consumer that
+/// stops early (a tar reader at the end-of-archive blocks) calls `finish`, which reads the rest.
+pub struct VerifiedBlob {
+    file: File,
+    path: PathBuf,
+    expected: String,
+    size: u64,
+    hasher: Sha256,
+    read: u64,
+    /// Set once the expected size is reached: `Err` (kept, so every later read fails the same
+    /// way) if the bytes were not the expected ones.
+    verdict: Option<Result<(), CacheError>>,
+}
+
+impl VerifiedBlob {
+    fn corrupt(&self, actual: String) -> CacheError {
+        CacheError::Corrupt { path: self.path.clone(), expected: format!("sha256 {}, {} bytes", self.expected, self.size), actual }
+    }
+
+    fn conclude(&mut self) {
+        let actual = hex::encode(self.hasher.clone().finalize());
+        self.verdict = Some(if actual == self.expected { Ok(()) } else { Err(self.corrupt(format!("sha256 {actual}"))) });
+    }
+
+    fn failed(&self) -> Option<io::Error> {
+        match &self.verdict {
+            Some(Err(CacheError::Corrupt { path, expected, actual })) => Some(io::Error::new(
+                io::ErrorKind::InvalidData,
+                CacheError::Corrupt { path: path.clone(), expected: expected.clone(), actual: actual.clone() },
+            )),
+            _ => None,
+        }
+    }
+
+    /// Reads what is left and returns the verdict: `Err(CacheError::Corrupt)` if the bytes read
+    /// (by the consumer and here) were not the blob's.
+    pub fn finish(mut self) -> Result<(), CacheError> {
+        let mut buf = vec![0u8; BUF];
+        loop {
+            match self.read(&mut buf) {
+                Ok(0) => return self.verdict.unwrap_or(Ok(())),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(match self.verdict {
+                        Some(Err(c)) => c,
+                        _ => CacheError::Io { path: self.path, source: e },
+                    })
+                }
+            }
+        }
+    }
+}
+
+impl Read for VerifiedBlob {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(e) = self.failed() {
+            return Err(e);
+        }
+        let n = self.file.read(buf).map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", self.path.display())))?;
+        if n == 0 {
+            if self.read < self.size {
+                self.verdict = Some(Err(self.corrupt(format!("{} bytes", self.read))));
+                return Err(self.failed().expect("just set"));
+            }
+            if self.verdict.is_none() {
+                self.conclude(); // an empty blob
+            }
+            return self.failed().map_or(Ok(0), Err);
+        }
+        self.read += n as u64;
+        if self.read > self.size {
+            self.verdict = Some(Err(self.corrupt(format!("more than {} bytes", self.size))));
+            return Err(self.failed().expect("just set"));
+        }
+        self.hasher.update(&buf[..n]);
+        if self.read == self.size {
+            self.conclude();
+            if let Some(e) = self.failed() {
+                return Err(e);
+            }
+        }
+        Ok(n)
+    }
 }
 
 fn check_digest(sha256_hex: &str) -> Result<String, CacheError> {
@@ -274,6 +457,39 @@ mod tests {
         fs::write(&path, b"longer").unwrap();
         let err = cache.get(&digest, Some(4)).unwrap_err();
         assert!(err.to_string().contains("corrupt") && err.to_string().contains("4 bytes"), "{err}");
+    }
+
+    /// `open` reads each byte once and checks it: the read that completes a changed blob fails
+    /// with its bytes withheld, and a shorter, longer or changed file fails `finish`.
+    #[test]
+    fn opened_blobs_are_verified_as_they_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().to_path_buf());
+        let good = b"layer".repeat(100_000);
+        let digest = sha(&good);
+        let path = cache.put(&digest, None, &good[..], "t").unwrap();
+        let size = good.len() as u64;
+        let mut read = Vec::new();
+        cache.open(&digest, size).unwrap().unwrap().read_to_end(&mut read).unwrap();
+        assert_eq!(read, good);
+        cache.open(&digest, size).unwrap().unwrap().finish().unwrap();
+        assert!(cache.open(&sha(b"absent"), 1).unwrap().is_none());
+        let empty = sha(b"");
+        cache.put(&empty, Some(0), &b""[..], "t").unwrap();
+        cache.open(&empty, 0).unwrap().unwrap().finish().unwrap();
+
+        let mut changed = good.clone();
+        changed[good.len() - 1] ^= 1;
+        for (bad, why) in [(changed, "sha256 "), (good[..10].to_vec(), "10 bytes"), ([&good[..], b"+"].concat(), "more than")] {
+            fs::write(&path, &bad).unwrap();
+            let mut blob = cache.open(&digest, size).unwrap().unwrap();
+            let mut seen = Vec::new();
+            let err = blob.read_to_end(&mut seen).unwrap_err();
+            assert!(err.to_string().contains("corrupt") && err.to_string().contains(why), "{err}");
+            assert!(seen.len() < good.len(), "the bytes of the read that reached the size were handed out");
+            let err = cache.open(&digest, size).unwrap().unwrap().finish().unwrap_err();
+            assert!(matches!(err, CacheError::Corrupt { .. }) && err.to_string().contains(why), "{err}");
+        }
     }
 
     #[test]

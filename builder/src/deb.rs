@@ -225,7 +225,7 @@ pub fn decompress<'a, R: Read + 'a>(mut r: R) -> io::Result<Box<dyn Read + 'a>> 
 pub fn unpack_tar<R: Read>(tar: R, tree: &mut Tree, what: &str) -> anyhow::Result<Vec<TreePath>> {
     let plain = decompress(tar).with_context(|| format!("{what}: detecting compression"))?;
     let spill = tree.spill().cloned();
-    for_each_entry(plain, what, spill.as_ref(), |item| insert_item(tree, item).map(Some))
+    for_each_entry(plain, what, Contents::keep(spill.as_ref()), |item| insert_item(tree, item).map(Some))
 }
 
 /// One tar entry read into the tree model: paths already checked by
@@ -238,14 +238,33 @@ pub enum TarItem {
     HardLink { path: TreePath, target: TreePath, meta: Meta },
 }
 
+/// What [`for_each_entry`] does with a regular file's contents.
+#[derive(Debug, Clone, Copy)]
+pub enum Contents<'s> {
+    /// Read into memory.
+    Memory,
+    /// Large contents parked in the spill file, small ones in memory.
+    Spill(&'s Arc<Spill>),
+    /// Not kept: the item's file is empty. For walks that only check the entries (bundled
+    /// images' layers); the tar reader skips the bytes as it streams past them.
+    Skip,
+}
+
+impl<'s> Contents<'s> {
+    /// Into the spill file if there is one, else into memory.
+    pub fn keep(spill: Option<&'s Arc<Spill>>) -> Self {
+        spill.map_or(Contents::Memory, Contents::Spill)
+    }
+}
+
 /// The one tar walker of kiln (packages and OCI layers): reads each entry of an uncompressed
 /// tar stream into a [`TarItem`] and hands it to `apply`, which places it (and returns the path
-/// placed, if any). An error, from reading or from `apply`, names `what` and the entry. With a
-/// `spill`, large file contents go there instead of into memory.
+/// placed, if any). An error, from reading or from `apply`, names `what` and the entry.
+/// `contents` says where file contents go.
 pub fn for_each_entry<R: Read>(
     plain_tar: R,
     what: &str,
-    spill: Option<&Arc<Spill>>,
+    contents: Contents<'_>,
     mut apply: impl FnMut(TarItem) -> anyhow::Result<Option<TreePath>>,
 ) -> anyhow::Result<Vec<TreePath>> {
     let mut archive = tar::Archive::new(plain_tar);
@@ -253,7 +272,7 @@ pub fn for_each_entry<R: Read>(
     for entry in archive.entries().with_context(|| format!("reading {what}"))? {
         let mut entry = entry.with_context(|| format!("reading {what}"))?;
         let raw_path = entry_path(&entry).with_context(|| format!("{what}: reading an entry name"))?;
-        let item = read_item(&mut entry, &raw_path, spill).with_context(|| format!("{what}: entry `{raw_path}`"))?;
+        let item = read_item(&mut entry, &raw_path, contents).with_context(|| format!("{what}: entry `{raw_path}`"))?;
         if let Some(item) = item {
             if let Some(p) = apply(item).with_context(|| format!("{what}: entry `{raw_path}`"))? {
                 placed.push(p);
@@ -278,7 +297,7 @@ fn entry_path<R: Read>(entry: &tar::Entry<'_, R>) -> anyhow::Result<String> {
 }
 
 /// Reads one tar entry; `None` for metadata-only headers.
-fn read_item<R: Read>(entry: &mut tar::Entry<'_, R>, raw_path: &str, spill: Option<&Arc<Spill>>) -> anyhow::Result<Option<TarItem>> {
+fn read_item<R: Read>(entry: &mut tar::Entry<'_, R>, raw_path: &str, contents: Contents<'_>) -> anyhow::Result<Option<TarItem>> {
     use tar::EntryType as T;
     let etype = entry.header().entry_type();
     if etype.is_pax_global_extensions() {
@@ -292,9 +311,12 @@ fn read_item<R: Read>(entry: &mut tar::Entry<'_, R>, raw_path: &str, spill: Opti
         // GNU sparse files are expanded by the tar crate's reader; `7` is a contiguous file.
         T::Regular | T::Continuous | T::GNUSparse => {
             let size = entry.size();
-            match spill {
-                Some(spill) if size >= SPILL_MIN => Kind::File(Content::Spilled(spill.store(entry, size).context("reading contents")?)),
-                _ => {
+            match contents {
+                Contents::Skip => Kind::File(Content::bytes(Vec::new())),
+                Contents::Spill(spill) if size >= SPILL_MIN => {
+                    Kind::File(Content::Spilled(spill.store(entry, size).context("reading contents")?))
+                }
+                Contents::Spill(_) | Contents::Memory => {
                     // The header's size bounds what is read; the cap only limits the up-front allocation.
                     let mut data = Vec::with_capacity(size.min(64 << 20) as usize);
                     entry.read_to_end(&mut data).context("reading contents")?;

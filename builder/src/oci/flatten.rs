@@ -17,9 +17,12 @@
 //!   `/dev` is a devtmpfs on the appliance), and whiteouts that go through a symlink.
 //! - setuid/setgid bits are kept: the image is the operating system, as trusted as Debian's
 //!   packages (`su`, `mount`, `passwd` need them). The flattening logs how many it kept.
+//!
+//! Layers are read from the cache once, re-hashed as they are read ([`crate::cache::Cache::open`]).
+//! The same rules check the layers of bundled images (profile key `images`) as they are pulled,
+//! without building a root: [`LayerCheck`].
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::{BufReader, Read};
 
 use anyhow::{bail, Context, Result};
@@ -27,7 +30,7 @@ use anyhow::{bail, Context, Result};
 use super::manifest::Descriptor;
 use super::Image;
 use crate::cache::Cache;
-use crate::deb::TarItem;
+use crate::deb::{Contents, TarItem};
 use crate::tree::{Kind, Tree, TreePath};
 
 /// How a layer's tar is compressed, from its media type.
@@ -85,12 +88,16 @@ const OPAQUE: &str = ".wh..wh..opq";
 /// Applies one layer (a tar stream compressed as `media_type` says) onto `tree`. `what` names
 /// the image and layer in errors. On error the tree holds part of the layer: callers drop it.
 pub fn apply_layer<R: Read>(layer: R, media_type: &str, tree: &mut Tree, what: &str) -> Result<Stats> {
+    let spill = tree.spill().cloned();
+    apply_layer_with(layer, media_type, tree, what, Contents::keep(spill.as_ref()))
+}
+
+fn apply_layer_with<R: Read>(layer: R, media_type: &str, tree: &mut Tree, what: &str, contents: Contents<'_>) -> Result<Stats> {
     let plain = decoder(layer, compression(media_type).with_context(|| what.to_string())?)?;
     let mut stats = Stats::default();
     // Paths this layer placed: whiteouts and replacements act on lower layers only.
     let mut placed: HashSet<TreePath> = HashSet::new();
-    let spill = tree.spill().cloned();
-    crate::deb::for_each_entry(plain, what, spill.as_ref(), |item| {
+    crate::deb::for_each_entry(plain, what, contents, |item| {
         stats.entries += 1;
         match item {
             TarItem::HardLink { path, target, meta } => {
@@ -163,8 +170,8 @@ fn opaque(tree: &mut Tree, dir: &TreePath, placed: &HashSet<TreePath>) -> Result
     Ok(())
 }
 
-/// Applies every layer of `image` in order onto `tree`, each streamed from its verified copy
-/// in `cache`.
+/// Applies every layer of `image` in order onto `tree`, each streamed from the cache and
+/// verified as it is read (see [`apply_cached`]).
 pub fn flatten(image: &Image, cache: &Cache, tree: &mut Tree, arch: crate::arch::Arch) -> Result<Stats> {
     let mut total = Stats::default();
     for layer in image.layers() {
@@ -173,10 +180,48 @@ pub fn flatten(image: &Image, cache: &Cache, tree: &mut Tree, arch: crate::arch:
     Ok(total)
 }
 
+/// One layer from the cache: opened once and re-hashed while it is applied, never re-opened by
+/// path after the pull verified it (a shared cache's file may have been replaced since). A
+/// mismatch fails the layer whatever was applied (the caller drops the tree), and is the error
+/// reported even when the changed bytes also broke the tar.
 fn apply_cached(layer: &Descriptor, cache: &Cache, tree: &mut Tree, what: &str) -> Result<Stats> {
-    let path = cache.blob_path(layer.hex()).with_context(|| what.to_string())?;
-    let file = File::open(&path).with_context(|| format!("{what}: opening {}", path.display()))?;
-    apply_layer(BufReader::with_capacity(1 << 20, file), &layer.media_type, tree, what)
+    let mut blob = cache
+        .open(layer.hex(), layer.size)
+        .with_context(|| what.to_string())?
+        .with_context(|| format!("{what}: not in the cache (it was removed after the pull; run the build again to fetch it)"))?;
+    let applied = apply_layer(BufReader::with_capacity(1 << 20, &mut blob), &layer.media_type, tree, what);
+    super::used_as_pulled(blob, what)?;
+    applied
+}
+
+/// The layer rules applied to a bundled image (profile key `images`), whose layers a container
+/// engine unpacks on the device, without building its root: the entries go into a tree of their
+/// own with no file contents (memory grows with the number of entries, never with their
+/// bytes), layer after layer (a symlink of a lower layer counts for the paths of the upper
+/// ones). Unlike an `os.image`, the tree has no merged-/usr links: the image is its own root.
+pub struct LayerCheck {
+    tree: Tree,
+    /// Layers and entries checked so far.
+    pub layers: u64,
+    pub entries: u64,
+}
+
+impl Default for LayerCheck {
+    fn default() -> Self {
+        LayerCheck { tree: Tree::new(), layers: 0, entries: 0 }
+    }
+}
+
+impl LayerCheck {
+    /// Checks the next layer (a tar stream compressed as `media_type` says) against the rules
+    /// of [`apply_layer`]. It reads only as far as the tar's end-of-archive blocks: a caller
+    /// verifying the whole stream reads the rest itself. `what` names the image and the layer.
+    pub fn layer<R: Read>(&mut self, layer: R, media_type: &str, what: &str) -> Result<()> {
+        let stats = apply_layer_with(layer, media_type, &mut self.tree, what, Contents::Skip)?;
+        self.layers += 1;
+        self.entries += stats.entries;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -353,5 +398,39 @@ mod tests {
     fn whiteouts_of_merged_usr_links_are_refused() {
         refused(&[&[E::File("usr/bin/dash", 0o755, b"d")], &[E::File(".wh.bin", 0o644, b"")]], ".wh.bin", "merged-/usr link");
         refused(&[&[], &[E::File("./.wh.lib", 0o644, b"")]], "./.wh.lib", "merged-/usr link");
+    }
+
+    /// The fuzz target's seeds, on the fuzz target's root (`lower-link -> /etc` from a lower
+    /// layer): the hostile ones are refused naming their entry, the others apply.
+    #[test]
+    fn the_fuzz_seeds_are_refused_or_applied_as_intended() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/flatten");
+        let hostile = [
+            ("lower-link-child.tar", "lower-link/x", "through the symlink"),
+            ("symlink-then-child.tar", "evil/passwd", "through the symlink"),
+            ("hardlink-into-link.tar", "lower-link/h", "through the symlink"),
+            ("whiteout-under-link.tar", "lower-link/.wh.passwd", "through the symlink"),
+            ("opaque-under-link.tar", "lower-link/.wh..wh..opq", "not a directory"),
+        ];
+        let mut seen = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let mut root = Tree::merged_usr(Arch::X86_64);
+            root.add_symlink("lower-link", "/etc").unwrap();
+            root.add_file("lower/file", 0o644, "x").unwrap();
+            let applied = apply_layer(&std::fs::read(&path).unwrap()[..], TAR, &mut root, "fuzz seed");
+            match hostile.iter().find(|(n, ..)| *n == name) {
+                Some((_, entry, why)) => {
+                    let err = format!("{:#}", applied.expect_err(&name));
+                    assert!(err.contains(&format!("entry `{entry}`")) && err.contains(why), "{name}: {err}");
+                    seen += 1;
+                }
+                None => {
+                    applied.unwrap_or_else(|e| panic!("{name}: {e:#}"));
+                }
+            }
+        }
+        assert_eq!(seen, hostile.len(), "a hostile seed is missing from {}", dir.display());
     }
 }

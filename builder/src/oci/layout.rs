@@ -6,14 +6,15 @@
 //!
 //! Reproducible: entries sorted by path, fixed mtime (the build's timestamp), owner 0:0, fixed
 //! modes, blobs deduplicated by digest. Blobs are streamed from the cache into the compressor,
-//! so memory stays flat however large the layers are.
+//! so memory stays flat however large the layers are, and re-hashed on the way
+//! ([`crate::cache::Cache::open`]): a blob changed in the cache after the pull fails the build.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Write};
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::json;
 
 use super::manifest::OCI_INDEX;
@@ -95,14 +96,16 @@ fn append_layout<W: Write>(mut tar: tar::Builder<W>, images: &[Image], cache: &C
     tar.append(&dir("blobs/")?, std::io::empty())?;
     tar.append(&dir("blobs/sha256/")?, std::io::empty())?;
     for (hex, size) in &blobs {
-        let path = cache.blob_path(hex)?;
-        let file = File::open(&path).with_context(|| format!("opening cached blob {}", path.display()))?;
-        let actual = file.metadata()?.len();
-        if actual != *size {
-            bail!("cached blob {} is {actual} bytes, its descriptor says {size}: run the build online to pull it again", path.display());
-        }
+        // Opened once and re-hashed while copied (not re-opened by path and trusted): the archive
+        // holds the bytes the pull verified, or the build fails.
+        let what = format!("blob sha256:{hex}");
+        let mut blob = cache
+            .open(hex, *size)?
+            .with_context(|| format!("{what} is not in the cache (removed after the pull?): run the build again to fetch it"))?;
         let h = header(&format!("blobs/sha256/{hex}"), tar::EntryType::Regular, 0o644, *size, mtime)?;
-        tar.append(&h, file.take(*size)).with_context(|| format!("adding blob sha256:{hex} to {}", out.display()))?;
+        let appended = tar.append(&h, &mut blob);
+        super::used_as_pulled(blob, &what)?;
+        appended.with_context(|| format!("adding {what} to {}", out.display()))?;
     }
     let index = index_json(images);
     tar.append(&header("index.json", tar::EntryType::Regular, 0o644, index.len() as u64, mtime)?, &index[..])?;
@@ -116,6 +119,7 @@ mod tests {
     use super::*;
     use crate::oci::manifest::{Descriptor, OCI_MANIFEST};
     use sha2::{Digest, Sha256};
+    use std::io::Read;
 
     fn put(cache: &Cache, data: &[u8], media_type: &str) -> Descriptor {
         let hex = hex::encode(Sha256::digest(data));
@@ -179,5 +183,25 @@ mod tests {
             index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["io.containerd.image.name"].as_str().unwrap()).collect();
         assert_eq!(refs, ["r.example/a:1", "r.example/b:2"]);
         assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "r.example/a:1");
+    }
+
+    /// The archive of a fixed set of images, pinned by digest: recorded with the code before the
+    /// blobs were read through the verifying reader, so a change in what is bundled shows here.
+    #[test]
+    fn a_good_image_bundles_byte_identically_to_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::new(dir.path().join("cache"));
+        let imgs = images(&cache);
+        let (zst, plain) = (dir.path().join("a.tar.zst"), dir.path().join("a.tar"));
+        write_archive(&imgs, &cache, 1_700_000_000, &zst, true).unwrap();
+        write_archive(&imgs, &cache, 1_700_000_000, &plain, false).unwrap();
+        let sha = |p: &Path| crate::digest::sha256_file(p).unwrap();
+        assert_eq!(
+            (sha(&zst), sha(&plain)),
+            (
+                "0fc3a018c1b3883f13bedf122bb5597f01a0c4e4f9cb9e75433ab50bdfd78839".to_string(),
+                "287d22010e097468b34ffe5df6a3079a6a6a203268f780a58dc8f80908e60a77".to_string()
+            )
+        );
     }
 }

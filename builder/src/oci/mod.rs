@@ -18,7 +18,7 @@ pub mod pull;
 
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::arch::Arch;
 use crate::manifest::{Input, InputKind};
@@ -81,6 +81,14 @@ pub fn place(archive: &Path, arch: Arch, engine: Engine, root: &mut Tree) -> Res
         }
     }
     Ok(())
+}
+
+/// Reads the rest of a blob opened with [`crate::cache::Cache::open`] and fails, naming `what`, if the bytes
+/// read were not the ones the pull verified.
+pub(crate) fn used_as_pulled(blob: crate::cache::VerifiedBlob, what: &str) -> Result<()> {
+    blob.finish().map_err(anyhow::Error::new).with_context(|| {
+        format!("{what}: the cached copy changed after it was verified (another process writing the cache?); nothing built from it is kept: run the build again")
+    })
 }
 
 /// The manifest's records (kind `oci`): the reference, what it resolved to, and the platform

@@ -132,7 +132,7 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
     let images: Vec<crate::oci::Image> = p
         .images
         .iter()
-        .map(|i| puller.image(i, arch))
+        .map(|i| puller.bundled(i, arch))
         .collect::<Result<_>>()
         .with_context(|| format!("{arch}: pulling the profile's `images`"))?;
     let charts = crate::deploy::chart::gather(&p.charts, &profile.base_dir(), &mut puller, source_date_epoch(&index)?)

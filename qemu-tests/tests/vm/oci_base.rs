@@ -20,7 +20,7 @@ use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::manifest::InputKind;
 use kiln::qemu::{Disk, Vm, VmSpec};
-use kiln_qemu_tests::layout::{deb_data_tar, Layer, TestLayout};
+use kiln_qemu_tests::layout::{deb_data_tar, raw_tar, Layer, TestLayout};
 use kiln_qemu_tests::registry::{push, sha, Registry};
 use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, tool, wait_ready, work_dir, BOOT_TIMEOUT};
 
@@ -52,39 +52,6 @@ fn compressed(tar: Vec<u8>, program: &str, media_type: &'static str, dir: &Path)
     let out = Command::new(program).args(["-q", "-c", "-1"]).arg(&path).output().with_context(|| format!("running {program}"))?;
     ensure!(out.status.success(), "{program} failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(Layer { media_type, diff_id: sha(&tar), blob: out.stdout })
-}
-
-/// A tar of test entries written header by header (raw names: `..` and whiteouts as given).
-/// Each entry is (name, contents); a name ending in `/` is a directory.
-fn raw_tar(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, data) in entries {
-        let dir = name.ends_with('/');
-        let mut h = [0u8; 512];
-        h[..name.len()].copy_from_slice(name.as_bytes());
-        let octal = |field: &mut [u8], v: u64| {
-            let text = format!("{v:0width$o}\0", width = field.len() - 1);
-            field.copy_from_slice(text.as_bytes());
-        };
-        octal(&mut h[100..108], if dir { 0o755 } else { 0o644 });
-        octal(&mut h[108..116], 0);
-        octal(&mut h[116..124], 0);
-        octal(&mut h[124..136], if dir { 0 } else { data.len() as u64 });
-        octal(&mut h[136..148], 1_700_000_000);
-        h[156] = if dir { b'5' } else { b'0' };
-        h[257..263].copy_from_slice(b"ustar\0");
-        h[263..265].copy_from_slice(b"00");
-        h[148..156].fill(b' ');
-        let sum: u64 = h.iter().map(|b| *b as u64).sum();
-        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
-        out.extend_from_slice(&h);
-        if !dir {
-            out.extend_from_slice(data);
-            out.resize(out.len().div_ceil(512) * 512, 0);
-        }
-    }
-    out.resize(out.len() + 1024, 0);
-    out
 }
 
 /// Writes a single-platform (linux/amd64) OCI layout, tag `1`, of `layers` bottom first.

@@ -4,7 +4,8 @@
 //! (`profiles/single-server.yaml` with stand-in k3s assets, as in `k3s_assets.rs`) pulls them:
 //!
 //! - a missing platform and a tampered blob each fail with an error naming the image, and
-//!   leave no image (and no bad blob in the cache);
+//!   leave no image (and no bad blob in the cache); so does an image whose layer has a `../`
+//!   entry, checked as it streams in (naming image, layer and entry; the layer not cached);
 //! - the build bundles `/usr/lib/kiln/images/kiln-images-amd64.tar.zst` (OCI layout: the amd64
 //!   manifest, config and layer, verified here by digest; the reference as the image name), the
 //!   k3s images-directory symlink, and `oci` manifest inputs with the resolved digests;
@@ -22,7 +23,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::manifest::InputKind;
-use kiln_qemu_tests::layout::{Layer, Made, TestLayout};
+use kiln_qemu_tests::layout::{raw_tar, Layer, Made, TestLayout};
 use kiln_qemu_tests::registry::{push, push_as, sha, Registry, Secured};
 use kiln_qemu_tests::{cache_dir, extract_range, kiln_with_cache, manifest, stand_in, tool, work_dir};
 
@@ -148,6 +149,29 @@ fn registry_images_are_pulled_verified_bundled_and_cached() -> Result<()> {
     );
     ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
     ensure!(!cache.join("blobs/sha256").join(layer).exists(), "the tampered blob is in the cache");
+
+    // A layer with a traversal entry (unique per run, so no earlier run cached it): refused at
+    // build time whatever the engine would do with it, naming image, layer and entry.
+    let entry = format!("../../etc/cron.d/kiln-{seed}");
+    let evil = Layer::plain(raw_tar(&[("etc/", b""), (entry.as_str(), b"* * * * * root id\n")]));
+    let evil_digest = sha(&evil.blob);
+    let l = TestLayout::create(&dir.join("evil"))?;
+    let image = l.image("amd64", &[evil], serde_json::json!({"Cmd": ["/bin/sh"]}))?;
+    l.tag(&image.descriptor)?;
+    push(&dir.join("evil"), &format!("{host}/kiln-test/evil:1"))?;
+    let p = profile(&dir, "evil", &host, &[format!("{host}/kiln-test/evil:1")])?;
+    let out = dir.join("out-evil");
+    let (code, log) = kiln_with_cache(&cache, &["build", s(&p)?, "--arch", "x86_64", "--k3s-assets", s(&assets)?, "--out", s(&out)?])?;
+    ensure!(code != 0, "a build bundling a layer with a `../` entry succeeded:\n{log}");
+    eprintln!("traversal entry: {}", log.lines().find(|l| l.starts_with("error:")).unwrap_or("(no error line)"));
+    ensure!(
+        log.contains(&format!("image `{host}/kiln-test/evil:1` (x86_64): layer sha256:{evil_digest}"))
+            && log.contains(&format!("entry `{entry}`"))
+            && log.contains("`..`"),
+        "{log}"
+    );
+    ensure!(!out.join("x86_64/disk.img").exists(), "a failed build left an image");
+    ensure!(!cache.join("blobs/sha256").join(&evil_digest).exists(), "the refused layer is in the cache");
 
     // The good image: pulled, verified, bundled.
     let reference = format!("{host}/kiln-test/hello:1");
