@@ -124,15 +124,20 @@ pub fn load_index_from(fetcher: &Fetcher, suite: &Suite, debian_arch: &str, comp
     let mut all = Vec::new();
     let mut read = Vec::with_capacity(components.len());
     let mut earlier_names = HashSet::new();
+    let mut kept = 0;
     for component in components {
         let (packages, sha256) = read_component(fetcher, &release, &dists, name, component, debian_arch)?;
-        // First-listed component wins a name (see above).
-        let names: HashSet<String> = packages.iter().map(|p| p.name.clone()).collect();
-        let shadowed = names.iter().filter(|n| earlier_names.contains(*n)).count();
-        if shadowed > 0 {
-            tracing::warn!("{name}/{component}/{debian_arch}: {shadowed} package names already in an earlier component are ignored");
-        }
+        // First-listed component wins a name (see above). The names are only needed while a
+        // later component is still to come (not at all for the default `[main]`).
+        let last = read.len() + 1 == components.len();
+        let names: HashSet<String> = if last { HashSet::new() } else { packages.iter().map(|p| p.name.clone()).collect() };
+        let before = packages.len();
         all.extend(packages.into_iter().filter(|p| !earlier_names.contains(&p.name)));
+        let shadowed = before - (all.len() - kept);
+        if shadowed > 0 {
+            tracing::warn!("{name}/{component}/{debian_arch}: {shadowed} packages whose name an earlier component has are ignored");
+        }
+        kept = all.len();
         earlier_names.extend(names);
         read.push(ComponentIndex { component: component.clone(), packages_sha256: sha256 });
     }
