@@ -137,6 +137,12 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// List the platforms (boards and firmware) kiln knows: name, architectures, boot methods.
+    Platforms {
+        /// Print a JSON list instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the profile's JSON schema, or with --markdown the profile reference.
     Schema {
         #[arg(long)]
@@ -247,6 +253,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     pki.dir.join("etcdctl.crt").display(),
                     pki.dir.join("etcdctl.key").display()
                 );
+            }
+        }
+        Command::Platforms { json } => {
+            let platforms = kiln::platform::Platform::all()?;
+            if json {
+                let summaries: Vec<_> = platforms.iter().map(kiln::platform::Platform::summary).collect();
+                println!("{}", serde_json::to_string_pretty(&summaries)?);
+            } else {
+                print!("{}", kiln::platform::table(&platforms));
             }
         }
         Command::Schema { markdown } => {

@@ -1,7 +1,7 @@
 //! Platforms: per-board boot knowledge read from `firmware/<name>.yaml` (data, not code).
 
-use anyhow::{Context, Result};
-use serde::Deserialize;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
 
@@ -11,7 +11,10 @@ use crate::arch::Arch;
 pub struct Platform {
     #[serde(skip)]
     pub name: String,
+    /// One line: what hardware this platform is for (shown by `kiln platforms`).
     pub description: String,
+    /// The architectures it boots (a board family is usually one).
+    pub arch: Vec<Arch>,
     pub boot: BootMethods,
     /// Kernel console arguments; `{serial}` becomes the architecture's serial console.
     pub console_args: String,
@@ -21,7 +24,29 @@ pub struct Platform {
     pub netboot_modules: Vec<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// What `kiln platforms` shows of a platform (`--json`: a list of these).
+#[derive(Debug, Clone, Serialize)]
+pub struct PlatformSummary {
+    pub name: String,
+    pub arch: Vec<String>,
+    pub boot: Vec<String>,
+    pub description: String,
+}
+
+/// `kiln platforms`: one aligned line per platform (name, architectures, boot methods, description).
+pub fn table(platforms: &[Platform]) -> String {
+    let rows: Vec<[String; 4]> =
+        platforms.iter().map(|p| [p.name.clone(), p.arch_list(), p.boot_methods().join(","), p.description.clone()]).collect();
+    let header = ["PLATFORM", "ARCH", "BOOT", "DESCRIPTION"].map(String::from);
+    let widths: Vec<usize> = (0..3).map(|i| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in [&header].into_iter().chain(&rows) {
+        out.push_str(&format!("{:w0$}  {:w1$}  {:w2$}  {}\n", r[0], r[1], r[2], r[3], w0 = widths[0], w1 = widths[1], w2 = widths[2]));
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootMethods {
     pub systemd_boot: bool,
@@ -47,6 +72,50 @@ impl Platform {
         Ok(p)
     }
 
+    /// Every embedded platform, by name.
+    pub fn all() -> Result<Vec<Platform>> {
+        crate::assets::platforms().into_iter().map(Platform::load).collect()
+    }
+
+    /// Loads a platform for one architecture of a build, refusing one that does not boot it.
+    pub fn load_for(name: &str, arch: Arch) -> Result<Platform> {
+        let p = Platform::load(name)?;
+        p.check_arch(arch)?;
+        Ok(p)
+    }
+
+    fn check_arch(&self, arch: Arch) -> Result<()> {
+        if !self.arch.contains(&arch) {
+            bail!(
+                "platform `{}` is for {}, not {arch}: set `platform.{arch}` to a platform of {arch} (`kiln platforms` lists them)",
+                self.name,
+                self.arch_list()
+            );
+        }
+        Ok(())
+    }
+
+    /// The boot methods this platform writes, by their common names.
+    pub fn boot_methods(&self) -> Vec<&'static str> {
+        let BootMethods { systemd_boot, extlinux } = self.boot;
+        [(systemd_boot, "uefi/systemd-boot"), (extlinux, "u-boot/extlinux")].into_iter().filter(|(on, _)| *on).map(|(_, m)| m).collect()
+    }
+
+    /// The architectures, comma-separated.
+    pub fn arch_list(&self) -> String {
+        self.arch.iter().map(|a| a.name()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The one-line summary `kiln platforms` prints and `--json` carries.
+    pub fn summary(&self) -> PlatformSummary {
+        PlatformSummary {
+            name: self.name.clone(),
+            arch: self.arch.iter().map(|a| a.name().to_string()).collect(),
+            boot: self.boot_methods().into_iter().map(String::from).collect(),
+            description: self.description.clone(),
+        }
+    }
+
     /// Kernel console arguments for an architecture.
     pub fn console_args(&self, arch: Arch) -> String {
         self.console_args.replace("{serial}", arch.serial_console())
@@ -67,5 +136,31 @@ mod tests {
         assert_eq!(p.console_args(Arch::Aarch64), "console=tty0 console=ttyAMA0");
         let err = Platform::load("toaster").unwrap_err().to_string();
         assert!(err.contains("toaster") && err.contains("generic-uefi"), "{err}");
+        assert_eq!(p.arch, [Arch::X86_64, Arch::Aarch64, Arch::Riscv64]);
+        assert_eq!(p.boot_methods(), ["uefi/systemd-boot", "u-boot/extlinux"]);
+    }
+
+    #[test]
+    fn a_platform_is_refused_for_an_arch_it_does_not_boot() {
+        let mut p = Platform::load("generic-uefi").unwrap();
+        Platform::load_for("generic-uefi", Arch::Riscv64).unwrap();
+        p.arch = vec![Arch::Aarch64];
+        p.name = "board".into();
+        p.check_arch(Arch::Aarch64).unwrap();
+        let err = p.check_arch(Arch::X86_64).unwrap_err().to_string();
+        assert!(err.contains("`board` is for aarch64, not x86_64") && err.contains("platform.x86_64"), "{err}");
+    }
+
+    #[test]
+    fn table_has_one_aligned_line_per_platform() {
+        let mut p = Platform::load("generic-uefi").unwrap();
+        p.arch = vec![Arch::Aarch64];
+        p.name = "board".into();
+        let table = table(std::slice::from_ref(&p));
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 2, "{table}");
+        assert!(lines[1].starts_with("board ") && lines[1].contains("aarch64") && lines[1].ends_with(&p.description), "{table}");
+        // Columns line up under the header.
+        assert_eq!(lines[0].find("ARCH"), lines[1].find("aarch64"), "{table}");
     }
 }

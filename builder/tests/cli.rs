@@ -133,3 +133,30 @@ fn secrets_creates_the_cluster_secrets_once_and_needs_a_cluster() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("p.yaml") && out.contains("no `cluster` key"), "{out}");
 }
+
+#[test]
+fn platforms_lists_each_embedded_platform_on_one_line() {
+    let d = tempfile::tempdir().unwrap();
+    let (code, text) = kiln(d.path(), &["platforms"]);
+    assert_eq!(code, 0, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("PLATFORM") && lines[0].contains("DESCRIPTION"), "{text}");
+    let generic = lines.iter().find(|l| l.starts_with("generic-uefi ")).unwrap_or_else(|| panic!("no generic-uefi line:\n{text}"));
+    assert!(
+        generic.contains("x86_64,aarch64,riscv64") && generic.contains("uefi/systemd-boot") && generic.contains("Generic UEFI"),
+        "{text}"
+    );
+    // One line per firmware/*.yaml, plus the header.
+    let yamls = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../firmware"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "yaml"))
+        .count();
+    assert_eq!(lines.len(), yamls + 1, "{text}");
+
+    let (code, text) = kiln(d.path(), &["platforms", "--json"]);
+    assert_eq!(code, 0, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let generic = v.as_array().unwrap().iter().find(|p| p["name"] == "generic-uefi").unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(generic["arch"], serde_json::json!(["x86_64", "aarch64", "riscv64"]), "{text}");
+    assert!(generic["description"].as_str().unwrap().starts_with("Generic UEFI"), "{text}");
+}

@@ -6,6 +6,7 @@ pub mod resolve;
 pub mod sources;
 pub mod version;
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -33,25 +34,56 @@ pub struct Suite {
 pub struct Index {
     pub release: Release,
     pub arch: String,
+    /// The packages of every component read, merged (see [`load_index_from`] for precedence).
     pub packages: PackageIndex,
     /// sha256 of the InRelease file as fetched (for the build manifest).
     pub inrelease_sha256: String,
-    /// sha256 of `main/binary-<arch>/Packages.xz` (as listed in the verified InRelease).
+    /// Each component's `Packages.xz`, in the order they were asked for.
+    pub components: Vec<ComponentIndex>,
+}
+
+/// One component's package list as read: its name and the sha256 of its
+/// `<component>/binary-<arch>/Packages.xz` (as listed in the verified InRelease).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentIndex {
+    pub component: String,
     pub packages_sha256: String,
 }
 
-/// The component kiln installs from (Debian's free software only).
-const COMPONENT: &str = "main";
+/// The component kiln installs from unless told otherwise (Debian's free software only).
+pub const DEFAULT_COMPONENT: &str = "main";
 
-/// Fetches `{mirror}/dists/{suite}/InRelease`, verifies it, then fetches and parses
-/// `main/binary-{arch}/Packages.xz` by the digest the verified InRelease gives.
+/// A component asked for that the suite's verified Release does not list. A typed error so
+/// the caller can name the profile key that asked for it.
+#[derive(Debug, thiserror::Error)]
+#[error("suite {suite} has no component `{component}` (its Release lists: {})", available.join(" "))]
+pub struct MissingComponent {
+    pub suite: String,
+    pub component: String,
+    pub available: Vec<String>,
+}
+
+/// [`load_index_from`] for the `main` component alone.
+pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow::Result<Index> {
+    load_index_from(fetcher, suite, debian_arch, &[DEFAULT_COMPONENT.to_string()])
+}
+
+/// Fetches `{mirror}/dists/{suite}/InRelease`, verifies it, then fetches and parses each
+/// component's `<component>/binary-{arch}/Packages.xz` by the digest the verified InRelease
+/// gives. A component the Release does not list is refused ([`MissingComponent`]).
+///
+/// Precedence: a package name belongs to the first component (in `components` order) that has
+/// it; the same name in a later component is ignored. Debian's archive never puts one name in
+/// two components of a suite, so this only matters for third-party repositories: there the
+/// order written in the profile decides, predictably, and `main` first (the default) means a
+/// later component can add packages but never replace one of `main`'s.
 ///
 /// The InRelease must be the suite asked for (`Suite` or `Codename`). One fetched from the
 /// network must also be unexpired (`Valid-Until`) and not older (`Date`) than the copy the cache
 /// held; when it is refused, the cache keeps that copy. Offline, the cached copy was checked
 /// when it was fetched, and an expired `Valid-Until` does not stop a build from it (as apt
 /// installs from lists already on disk).
-pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow::Result<Index> {
+pub fn load_index_from(fetcher: &Fetcher, suite: &Suite, debian_arch: &str, components: &[String]) -> anyhow::Result<Index> {
     let name = &suite.suite;
     let mirror = suite.mirror.trim_end_matches('/');
     let dists = format!("{mirror}/dists/{name}");
@@ -83,29 +115,61 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
     if !release.architectures.iter().any(|a| a == debian_arch) {
         bail!("suite {name} has no architecture {debian_arch} (it has: {})", release.architectures.join(" "));
     }
+    // Checked before any download: the Release's `Components` is the suite's own list, so a
+    // misspelt name is reported as such rather than as a missing SHA256 entry.
+    if let Some(missing) = components.iter().find(|c| !release.components.contains(c)) {
+        return Err(MissingComponent { suite: name.clone(), component: missing.clone(), available: release.components.clone() }.into());
+    }
 
-    let path = format!("{COMPONENT}/binary-{debian_arch}/Packages.xz");
+    let mut all = Vec::new();
+    let mut read = Vec::with_capacity(components.len());
+    let mut earlier_names = HashSet::new();
+    let mut kept = 0;
+    for component in components {
+        let (packages, sha256) = read_component(fetcher, &release, &dists, name, component, debian_arch)?;
+        // First-listed component wins a name (see above). The names are only needed while a
+        // later component is still to come (not at all for the default `[main]`).
+        let last = read.len() + 1 == components.len();
+        let names: HashSet<String> = if last { HashSet::new() } else { packages.iter().map(|p| p.name.clone()).collect() };
+        let before = packages.len();
+        all.extend(packages.into_iter().filter(|p| !earlier_names.contains(&p.name)));
+        let shadowed = before - (all.len() - kept);
+        if shadowed > 0 {
+            tracing::warn!("{name}/{component}/{debian_arch}: {shadowed} packages whose name an earlier component has are ignored");
+        }
+        kept = all.len();
+        earlier_names.extend(names);
+        read.push(ComponentIndex { component: component.clone(), packages_sha256: sha256 });
+    }
+
+    let packages = PackageIndex::new(debian_arch, all);
+    tracing::info!("{name}/{debian_arch}: {} packages from {}", packages.len(), components.join(", "));
+    Ok(Index { release, arch: debian_arch.to_string(), packages, inrelease_sha256: crate::digest::sha256_hex(&data), components: read })
+}
+
+/// Fetches one component's `Packages.xz` by the digest the verified Release lists for it, and
+/// parses it.
+fn read_component(
+    fetcher: &Fetcher,
+    release: &Release,
+    dists: &str,
+    name: &str,
+    component: &str,
+    debian_arch: &str,
+) -> anyhow::Result<(Vec<Package>, String)> {
+    let path = format!("{component}/binary-{debian_arch}/Packages.xz");
     let (sha256, size) = release.sha256.get(&path).cloned().with_context(|| format!("InRelease of {name} lists no SHA256 for {path}"))?;
     // by-hash URLs never change content, so a mirror in the middle of an update cannot hand
     // us a Packages file that disagrees with the InRelease we verified.
     let url = if release.acquire_by_hash {
-        format!("{dists}/{COMPONENT}/binary-{debian_arch}/by-hash/SHA256/{sha256}")
+        format!("{dists}/{component}/binary-{debian_arch}/by-hash/SHA256/{sha256}")
     } else {
         format!("{dists}/{path}")
     };
     let what = format!("{path} of {name}");
     let blob = fetcher.blob(&url, &sha256, Some(size), &what)?;
-
     let packages = read_packages_xz(&blob).with_context(|| format!("reading {what} ({})", blob.display()))?;
-    let packages = PackageIndex::new(debian_arch, packages);
-    tracing::info!("{name}/{debian_arch}: {} packages", packages.len());
-    Ok(Index {
-        release,
-        arch: debian_arch.to_string(),
-        packages,
-        inrelease_sha256: crate::digest::sha256_hex(&data),
-        packages_sha256: sha256,
-    })
+    Ok((packages, sha256))
 }
 
 /// Verifies an InRelease and applies apt's acceptance rules (see [`load_index`]); `previous` is
@@ -224,6 +288,100 @@ mod tests {
         assert_eq!(cached(&fetcher(false)), newer);
     }
 
+    /// Two components on a loopback mirror: each `Packages.xz` fetched by the digest the signed
+    /// InRelease lists (a tampered one refused), packages resolved across both, the first-listed
+    /// component winning a name found in both, and a component the suite lacks refused by name.
+    #[test]
+    fn components_are_each_verified_and_resolve_together() {
+        use release::testkeys::{cert, keyring, sign, T0};
+        use std::io::Write;
+        use std::sync::{Arc, Mutex};
+
+        let dir = tempfile::tempdir().unwrap();
+        let signer = cert(T0, None);
+        let ring = keyring(&dir, "k.gpg", &[&signer]);
+        let stanza = |name: &str, version: &str, depends: &str, component: &str| {
+            format!(
+                "Package: {name}\nVersion: {version}\nArchitecture: arm64\n{depends}Filename: pool/{component}/{name}_{version}_arm64.deb\nSize: 1\nSHA256: {}\n\n",
+                "0".repeat(64)
+            )
+        };
+        let xz = |text: String| {
+            let mut xz = liblzma::write::XzEncoder::new(Vec::new(), 1);
+            xz.write_all(text.as_bytes()).unwrap();
+            xz.finish().unwrap()
+        };
+        let main = xz(stanza("linux-image", "1.0", "", "main") + &stanza("shared", "1.0", "", "main"));
+        // `raspi-firmware` depends on a package of main; `shared` is here too, at a higher version.
+        let nff = xz(stanza("raspi-firmware", "1:1.2", "Depends: linux-image\n", "non-free-firmware")
+            + &stanza("shared", "9.0", "", "non-free-firmware"));
+        let digest = |b: &[u8]| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b));
+        let text = format!(
+            "Suite: stable\nCodename: trixie\nDate: Sat, 09 Aug 2025 09:26:35 UTC\nArchitectures: arm64\nComponents: main non-free-firmware\nSHA256:\n {} {} main/binary-arm64/Packages.xz\n {} {} non-free-firmware/binary-arm64/Packages.xz\n",
+            digest(&main),
+            main.len(),
+            digest(&nff),
+            nff.len()
+        );
+        let inrelease = sign(&text, &[&signer], T0 + 60);
+        let served_nff = Arc::new(Mutex::new(nff.clone()));
+        let current = served_nff.clone();
+        let served_main = main.clone();
+        let (base, _) = crate::testhttp::serve(move |path| match path {
+            "/dists/trixie/InRelease" => ("200 OK", inrelease.clone()),
+            "/dists/trixie/main/binary-arm64/Packages.xz" => ("200 OK", served_main.clone()),
+            "/dists/trixie/non-free-firmware/binary-arm64/Packages.xz" => ("200 OK", current.lock().unwrap().clone()),
+            _ => ("404 Not Found", Vec::new()),
+        });
+        let suite = Suite { mirror: base.clone(), suite: "trixie".into(), keyring: ring };
+        let components = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        // Each load with an empty cache of its own, so every list is fetched and checked.
+        let caches = std::cell::Cell::new(0);
+        let fresh = || {
+            caches.set(caches.get() + 1);
+            Fetcher { offline: false, cache: Cache::new(dir.path().join(format!("cache{}", caches.get()))), progress: false }
+        };
+
+        // A tampered component list is refused by its digest, like main's.
+        // (same size, one byte changed: only the digest can tell)
+        let mut tampered = nff.clone();
+        tampered[40] ^= 1;
+        *served_nff.lock().unwrap() = tampered;
+        let err = format!("{:#}", load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free-firmware"])).unwrap_err());
+        assert!(err.contains("non-free-firmware/binary-arm64/Packages.xz"), "{err}");
+        assert!(err.contains(&digest(&nff)), "names the digest the Release lists: {err}");
+        *served_nff.lock().unwrap() = nff.clone();
+
+        let index = load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free-firmware"])).unwrap();
+        assert_eq!(
+            index.components,
+            vec![
+                ComponentIndex { component: "main".into(), packages_sha256: digest(&main) },
+                ComponentIndex { component: "non-free-firmware".into(), packages_sha256: digest(&nff) },
+            ]
+        );
+        let picked = resolve(&index.packages, &["raspi-firmware", "shared"]).unwrap();
+        let mut names: Vec<String> = picked.iter().map(|p| format!("{}={}", p.name, p.version)).collect();
+        names.sort();
+        assert_eq!(names, ["linux-image=1.0", "raspi-firmware=1:1.2", "shared=1.0"], "main listed first keeps `shared`");
+        let shared = |order: &[&str]| {
+            let index = load_index_from(&fresh(), &suite, "arm64", &components(order)).unwrap();
+            index.packages.versions("shared").iter().map(|p| p.version.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(shared(&["non-free-firmware", "main"]), ["9.0"], "the first-listed component wins a name");
+
+        // Main alone (the default) reads one list and does not see the other's packages.
+        let main_only = load_index(&fresh(), &suite, "arm64").unwrap();
+        assert_eq!(main_only.components.len(), 1);
+        assert!(main_only.packages.versions("raspi-firmware").is_empty());
+
+        let err = load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free"])).unwrap_err();
+        let missing = err.downcast_ref::<MissingComponent>().unwrap_or_else(|| panic!("typed: {err:#}"));
+        assert_eq!(missing.component, "non-free");
+        let err = format!("{err:#}");
+        assert!(err.contains("`non-free`") && err.contains("main non-free-firmware") && err.contains("trixie"), "{err}");
+    }
+
     #[test]
     fn deb_url_joins_cleanly() {
         let pkg = Package {
@@ -289,6 +447,6 @@ mod tests {
         let start = Instant::now();
         let again = load_index(&offline, &suite, "arm64").unwrap();
         eprintln!("offline reload from the cache in {:?}", start.elapsed());
-        assert_eq!(again.packages_sha256, index.packages_sha256);
+        assert_eq!(again.components, index.components);
     }
 }

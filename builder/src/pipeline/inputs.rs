@@ -88,8 +88,15 @@ fn root_packages(p: &Profile) -> Vec<&str> {
 pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch: Arch) -> Result<Inputs> {
     let suite = suite_for(profile, opts)?;
     info!("{arch}: reading {} {} for {}", suite.mirror, suite.suite, arch.debian());
-    let index = debian::load_index(fetcher, &suite, arch.debian())
-        .with_context(|| format!("{arch}: loading the Debian {} package index", suite.suite))?;
+    let components = &profile.profile.os.components;
+    let index = debian::load_index_from(fetcher, &suite, arch.debian(), components).map_err(|e| {
+        // A component the suite lacks is the profile's doing: name the key that asked for it.
+        let e = match e.downcast_ref::<debian::MissingComponent>() {
+            Some(_) => e.context(format!("{}: key `os.components`", profile.path.display())),
+            None => e,
+        };
+        e.context(format!("{arch}: loading the Debian {} package index ({})", suite.suite, components.join(", ")))
+    })?;
 
     let roots = root_packages(&profile.profile);
     let root_pkgs =

@@ -88,7 +88,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let out_dir = opts.out.clone().unwrap_or_else(|| default_out_dir(profile));
     let fetcher = opts.fetcher()?;
     let platforms: Vec<Platform> =
-        archs.iter().map(|a| Platform::load(profile.platform(*a)).in_profile(&profile.path)).collect::<Result<_>>()?;
+        archs.iter().map(|a| Platform::load_for(profile.platform(*a), *a).in_profile(&profile.path)).collect::<Result<_>>()?;
 
     let secrets = cluster_secrets(profile, &out_dir)?;
 

@@ -30,10 +30,12 @@ use crate::tree::{Content, Kind, Tree, TreePath};
 pub(super) struct ManifestInputs(Vec<Input>);
 
 impl ManifestInputs {
-    /// Starts with the profile and the two Debian index files.
+    /// Starts with the profile and the Debian index files: the InRelease, then each component's
+    /// package list in the profile's order (a profile with the default `[main]` records exactly
+    /// the two inputs it always did, so its build id is unchanged).
     pub(super) fn new(profile: &LoadedProfile, inputs: &Inputs) -> ManifestInputs {
         let (suite, index) = (&inputs.suite.suite, &inputs.index);
-        ManifestInputs(vec![
+        let mut records = vec![
             Input {
                 kind: InputKind::Profile,
                 name: profile.profile.name.clone(),
@@ -48,14 +50,15 @@ impl ManifestInputs {
                 sha256: index.inrelease_sha256.clone(),
                 size: None,
             },
-            Input {
-                kind: InputKind::Index,
-                name: format!("{suite}/main/binary-{}/Packages", inputs.arch.debian()),
-                version: None,
-                sha256: index.packages_sha256.clone(),
-                size: None,
-            },
-        ])
+        ];
+        records.extend(index.components.iter().map(|c| Input {
+            kind: InputKind::Index,
+            name: format!("{suite}/{}/binary-{}/Packages", c.component, inputs.arch.debian()),
+            version: None,
+            sha256: c.packages_sha256.clone(),
+            size: None,
+        }));
+        ManifestInputs(records)
     }
 
     pub(super) fn push(&mut self, input: Input) {

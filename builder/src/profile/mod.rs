@@ -165,6 +165,12 @@ pub struct Os {
     /// Default: `/usr/share/keyrings/debian-archive-keyring.gpg`.
     #[serde(default)]
     pub keyring: Option<PathBuf>,
+    /// Debian components whose package lists are read (`main`, `contrib`, `non-free`,
+    /// `non-free-firmware`), each verified by the digest in the suite's signed Release; packages
+    /// resolve across all of them. A package name found in two belongs to the first listed.
+    /// `non-free-firmware` carries e.g. the Raspberry Pi boot firmware (`raspi-firmware`).
+    #[serde(default = "default_components")]
+    pub components: Vec<String>,
     /// Extra Debian packages installed into the root (with their dependencies). With `image`
     /// they are unpacked on top of the image's files.
     #[serde(default)]
@@ -182,9 +188,14 @@ fn default_suite() -> String {
     "trixie".into()
 }
 
+fn default_components() -> Vec<String> {
+    // Debian's free software only, as before the key existed.
+    vec!["main".into()]
+}
+
 impl Default for Os {
     fn default() -> Self {
-        Os { suite: default_suite(), mirror: None, keyring: None, packages: Vec::new(), image: None }
+        Os { suite: default_suite(), mirror: None, keyring: None, components: default_components(), packages: Vec::new(), image: None }
     }
 }
 
@@ -352,6 +363,18 @@ impl LoadedProfile {
                 bail!("{file}: key `platform.{a}`: {a} is not in `arch`");
             }
         }
+        if p.os.components.is_empty() {
+            bail!("{file}: key `os.components`: list at least one Debian component (the default is [main])");
+        }
+        for (i, c) in p.os.components.iter().enumerate() {
+            // The name becomes a path on the mirror (`dists/<suite>/<component>/...`).
+            if c.is_empty() || !c.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c)) || c.starts_with('.') {
+                bail!("{file}: key `os.components`: `{c}` is not a Debian component name (e.g. main, contrib, non-free-firmware)");
+            }
+            if p.os.components[..i].contains(c) {
+                bail!("{file}: key `os.components`: `{c}` is listed twice");
+            }
+        }
         for pkg in &p.os.packages {
             if pkg.is_empty() || pkg.contains(char::is_whitespace) {
                 bail!("{file}: key `os.packages`: `{pkg}` is not a Debian package name");
@@ -498,6 +521,27 @@ mod tests {
         assert!(reserved.contains("`kiln.install` is reserved"), "{reserved}");
         assert!(check("kiln.node").unwrap_err().contains("`kiln.node` is reserved"));
         assert!(check("nokiln.x=1 akiln.y").is_ok(), "only parameters named kiln.* are kiln's");
+    }
+
+    #[test]
+    fn os_components_default_to_main_and_are_checked() {
+        assert_eq!(test_profile("").os.components, ["main"]);
+        assert_eq!(test_profile("os: {components: [main, non-free-firmware]}\n").os.components, ["main", "non-free-firmware"]);
+        let d = tempfile::tempdir().unwrap();
+        let check = |components: &str| {
+            let yaml = format!("name: d\narch: [x86_64]\nos: {{components: {components}}}\n");
+            loaded(&yaml, d.path()).map(|_| ()).map_err(|e| format!("{e:#}"))
+        };
+        assert!(check("[main, contrib, non-free, non-free-firmware]").is_ok());
+        for (bad, want) in [
+            ("[]", "at least one"),
+            ("[main, main]", "`main` is listed twice"),
+            ("[\"../main\"]", "`../main` is not"),
+            ("[Main]", "`Main` is not"),
+        ] {
+            let err = check(bad).unwrap_err();
+            assert!(err.contains("key `os.components`") && err.contains(want) && err.contains("p.yaml"), "{bad}: {err}");
+        }
     }
 
     #[test]
