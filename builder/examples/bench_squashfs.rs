@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     println!("data: {files} files, {:.1} MiB from {sources:?}", bytes as f64 / 1048576.0);
 
     let tree = tree_from_dir(&data)?;
-    let opts = SquashfsOptions { mtime: 1_700_000_000, zstd_level: level, block_size: 128 * 1024 };
+    let opts = SquashfsOptions { mtime: 1_700_000_000, zstd_level: level, block_size: 128 * 1024, threads: 0 };
     let ours = tmp.path().join("kiln.sqfs");
     let t0 = Instant::now();
     let mut f = std::fs::File::create(&ours)?;
