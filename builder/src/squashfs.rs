@@ -7,7 +7,6 @@
 //! the one backhand writes alone on one thread.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::io::{BufReader, Cursor, Read, Seek, Write};
 use std::path::Path;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -16,7 +15,6 @@ use anyhow::{anyhow, ensure, Context};
 use backhand::compression::{CompressionAction, CompressionOptions, Compressor, DefaultCompressor, Zstd};
 use backhand::kind::{Kind as ImageKind, LE_V4_0};
 use backhand::{BackhandError, FilesystemCompressor, FilesystemReader, FilesystemWriter, Id, NodeHeader, SuperBlock};
-use rayon::prelude::*;
 
 use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 
@@ -99,9 +97,9 @@ fn write_counted<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> 
             .build()
             .context("starting the squashfs compression threads")?;
         std::thread::scope(|scope| {
-            // A batch being compressed, one queued and one being consumed: a few MiB at most.
-            let (tx, rx) = sync_channel(1);
-            let ahead = scope.spawn(|| compress_ahead(&files, compressor, opts.block_size, threads * 4, &pool, tx));
+            // Blocks in flight: a few per thread, a few MiB at most whatever the image's size.
+            let (tx, rx) = sync_channel(threads * 4);
+            let ahead = scope.spawn(|| compress_ahead(&files, compressor, opts.block_size, &pool, tx));
             let queue = AheadQueue::install(rx);
             let result = fs.write(&mut spool);
             // Dropping the queue ends the compressing thread even when the write failed early.
@@ -126,7 +124,7 @@ fn write_counted<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> 
 // thread pool compress them (backhand's own zstd call, so the bytes are the same) and queues
 // them in order; the custom compressor hands backhand the queued result when backhand's block
 // is the next queued one (compared byte for byte), and compresses the block itself otherwise
-// (metadata blocks, or a file that changed between the two reads). Only a few batches are in
+// (metadata blocks, or a file that changed between the two reads). Only a few blocks are in
 // flight, so memory does not grow with the image and nothing needs to be spilled to disk.
 
 /// The compressor backhand is given; its state is the calling thread's [`AheadQueue`]
@@ -147,30 +145,31 @@ struct Block {
 }
 
 struct AheadQueue {
-    batches: Receiver<Vec<Block>>,
-    ready: VecDeque<Block>,
+    /// Each queued block's result, in backhand's order.
+    blocks: Receiver<Receiver<Block>>,
+    next: Option<Block>,
     taken: u64,
 }
 
 impl AheadQueue {
     /// Makes the queue the current thread's until the returned guard is finished or dropped.
-    fn install(batches: Receiver<Vec<Block>>) -> AheadGuard {
-        AHEAD_QUEUE.with_borrow_mut(|q| *q = Some(AheadQueue { batches, ready: VecDeque::new(), taken: 0 }));
+    fn install(blocks: Receiver<Receiver<Block>>) -> AheadGuard {
+        AHEAD_QUEUE.with_borrow_mut(|q| *q = Some(AheadQueue { blocks, next: None, taken: 0 }));
         AheadGuard
     }
 
     /// The compressed form of `raw` if it is the next queued block.
     fn take_if_next(&mut self, raw: &[u8]) -> Option<Vec<u8>> {
-        if self.ready.is_empty() {
-            // Blocks until the next batch is compressed, or the compressing thread is done.
-            self.ready.extend(self.batches.recv().ok()?);
+        if self.next.is_none() {
+            // Waits until the next block is compressed, or the reading-ahead thread is done.
+            self.next = Some(self.blocks.recv().ok()?.recv().ok()?);
         }
-        let next = self.ready.front()?;
+        let next = self.next.as_ref()?;
         if next.raw != raw || next.packed.is_none() {
             return None;
         }
         self.taken += 1;
-        self.ready.pop_front().and_then(|b| b.packed)
+        self.next.take().and_then(|b| b.packed)
     }
 }
 
@@ -230,8 +229,9 @@ fn files_in_backhand_order(tree: &Tree) -> Vec<(&TreePath, &Content)> {
     files
 }
 
-/// Cuts `files` into the blocks backhand compresses, in its order, compresses them in batches of
-/// `batch` on `pool` and sends them; returns how many blocks it compressed. It mirrors backhand
+/// Cuts `files` into the blocks backhand compresses, in its order, has `pool` compress each and
+/// sends where its result will arrive (so the pool never waits for a slow block while the queue has
+/// room); returns how many blocks it queued. It mirrors backhand
 /// 0.25's `DataWriter::add_bytes`: a file shorter than a block goes to the shared fragment block
 /// (written when the next one does not fit), a longer one is cut into blocks (its tail is a short
 /// block, not a fragment), and a block of zeros is a hole (not compressed). Any difference only
@@ -240,38 +240,35 @@ fn compress_ahead(
     files: &[(&TreePath, &Content)],
     fc: FilesystemCompressor,
     block_size: u32,
-    batch: usize,
     pool: &rayon::ThreadPool,
-    tx: SyncSender<Vec<Block>>,
+    tx: SyncSender<Receiver<Block>>,
 ) -> u64 {
     let bs = block_size as usize;
-    let mut pending: Vec<Vec<u8>> = Vec::with_capacity(batch);
-    let mut compressed = 0u64;
-    let send = |pending: &mut Vec<Vec<u8>>, compressed: &mut u64| -> bool {
-        let raws = std::mem::take(pending);
-        *compressed += raws.len() as u64;
-        let blocks: Vec<Block> = pool.install(|| {
-            raws.into_par_iter()
-                .map(|raw| {
-                    let packed = DefaultCompressor.compress(&raw, fc, block_size).ok();
-                    Block { raw, packed }
-                })
-                .collect()
+    let mut queued = 0u64;
+    let mut send = |raw: Vec<u8>| -> bool {
+        let (done, result) = sync_channel(1);
+        // Waits while the queue is full: that bounds the blocks in flight.
+        if tx.send(result).is_err() {
+            return false; // the writer is gone (finished or failed): stop
+        }
+        queued += 1;
+        pool.spawn(move || {
+            let packed = DefaultCompressor.compress(&raw, fc, block_size).ok();
+            let _ = done.send(Block { raw, packed }); // the writer may be gone
         });
-        // An error means the writer is gone (finished or failed): stop.
-        tx.send(blocks).is_ok()
+        true
     };
     let mut fragment: Vec<u8> = Vec::with_capacity(bs);
-    for (_, content) in files {
+    'files: for (_, content) in files {
         let mut reader = content.stream();
         let mut first = true;
         loop {
             // A file that cannot be read is backhand's error to report; stop reading ahead.
-            let Ok(chunk) = read_block(&mut reader, bs) else { return compressed };
+            let Ok(chunk) = read_block(&mut reader, bs) else { break 'files };
             if first && chunk.len() < bs {
                 if !chunk.is_empty() {
-                    if chunk.len() + fragment.len() > bs {
-                        pending.push(std::mem::replace(&mut fragment, Vec::with_capacity(bs)));
+                    if chunk.len() + fragment.len() > bs && !send(std::mem::replace(&mut fragment, Vec::with_capacity(bs))) {
+                        break 'files;
                     }
                     fragment.extend_from_slice(&chunk);
                 }
@@ -282,27 +279,18 @@ fn compress_ahead(
                 break;
             }
             let last = chunk.len() < bs;
-            if chunk.iter().any(|&b| b != 0) {
-                pending.push(chunk);
-            }
-            if pending.len() >= batch && !send(&mut pending, &mut compressed) {
-                return compressed;
+            if chunk.iter().any(|&b| b != 0) && !send(chunk) {
+                break 'files;
             }
             if last {
                 break;
             }
         }
-        if pending.len() >= batch && !send(&mut pending, &mut compressed) {
-            return compressed;
-        }
     }
     if !fragment.is_empty() {
-        pending.push(fragment);
+        send(fragment);
     }
-    if !pending.is_empty() {
-        send(&mut pending, &mut compressed);
-    }
-    compressed
+    queued
 }
 
 /// Reads up to `len` bytes: fewer only at the end of the stream (as backhand reads a block).
@@ -681,8 +669,12 @@ mod tests {
         let first = text(b"first version ");
         std::fs::write(&host, &first).unwrap();
         let stale: Vec<Block> = read_blocks_for_test(&first, 128 * 1024);
-        let (tx, rx) = sync_channel(1);
-        tx.send(stale).unwrap();
+        let (tx, rx) = sync_channel(stale.len());
+        for block in stale {
+            let (done, result) = sync_channel(1);
+            done.send(block).unwrap();
+            tx.send(result).unwrap();
+        }
         drop(tx);
         let second = text(b"second, other ");
         std::fs::write(&host, &second).unwrap();
