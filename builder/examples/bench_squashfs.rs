@@ -15,7 +15,7 @@
 //! The dev profile already optimises dependencies (backhand, zstd), which do the work.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{symlink, MetadataExt};
+use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -83,24 +83,48 @@ fn main() -> anyhow::Result<()> {
     let kiln_seq = sq("kiln-1.sqfs");
     let mk = sq("mksquashfs.sqfs");
     let mut squashfs: Vec<(String, Vec<String>, bool, String)> = vec![
-        ("kiln squashfs (2 threads)".into(), vec!["squashfs".into(), data_s.into(), kiln_par.clone(), lvl.clone(), "0".into()], true, kiln_par.clone()),
-        ("kiln squashfs (1 thread)".into(), vec!["squashfs".into(), data_s.into(), kiln_seq.clone(), lvl.clone(), "1".into()], true, kiln_seq.clone()),
+        (
+            "kiln squashfs (2 threads)".into(),
+            vec!["squashfs".into(), data_s.into(), kiln_par.clone(), lvl.clone(), "0".into()],
+            true,
+            kiln_par.clone(),
+        ),
+        (
+            "kiln squashfs (1 thread)".into(),
+            vec!["squashfs".into(), data_s.into(), kiln_seq.clone(), lvl.clone(), "1".into()],
+            true,
+            kiln_seq.clone(),
+        ),
     ];
     if !kiln_only {
-        let args = [data_s, &mk, "-comp", "zstd", "-Xcompression-level", &lvl, "-b", "131072", "-noappend", "-quiet", "-no-progress", "-processors", "2"];
+        let args = [
+            data_s,
+            &mk,
+            "-comp",
+            "zstd",
+            "-Xcompression-level",
+            &lvl,
+            "-b",
+            "131072",
+            "-noappend",
+            "-quiet",
+            "-no-progress",
+            "-processors",
+            "2",
+        ];
         squashfs.push(("mksquashfs -processors 2".into(), args.iter().map(|s| s.to_string()).collect(), false, mk.clone()));
     }
     for (label, args, ours, out) in &squashfs {
         rows.push(measure(label, reps, || if *ours { run_child(&me, args) } else { run_tool("mksquashfs", args) }, out)?);
     }
-    ensure!(std::fs::read(&kiln_par)? == std::fs::read(&kiln_seq)?, "kiln's parallel and sequential squashfs images differ");
+    ensure!(same_bytes(&kiln_par, &kiln_seq)?, "kiln's parallel and sequential squashfs images differ");
 
     // Initramfs: kiln's settings against the zstd CLI at the same level.
     let cpio_s = cpio.to_str().context("non-UTF-8 cpio path")?.to_string();
     let zl = ZSTD.level.to_string();
     let kz = sq("kiln.cpio.zst");
     let args = vec!["initramfs".into(), cpio_s.clone(), kz.clone(), zl.clone(), ZSTD.workers.to_string(), ZSTD.job_size.to_string()];
-    rows.push(measure(&format!("kiln initramfs (zstd {}, {} thread(s))", ZSTD.level, ZSTD.workers.max(1)), reps, || run_child(&me, &args), &kz)?);
+    rows.push(measure(&format!("kiln initramfs (zstd {}, {} workers)", ZSTD.level, ZSTD.workers), reps, || run_child(&me, &args), &kz)?);
     if !kiln_only {
         for t in ["-T1", "-T2"] {
             let out = sq("cli.zst");
@@ -110,15 +134,17 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!("\nmedians of {reps} runs; squashfs: zstd {level}, 128 KiB blocks; ratio = time / the reference tool's");
-    println!("{:<36} {:>8} {:>11} {:>10} {:>9}", "", "time", "size", "peak RSS", "ratio");
+    println!("{:<36} {:>8} {:>8} {:>11} {:>10} {:>9}", "", "time", "CPU", "size", "peak RSS", "ratio");
     let reference = |prefix: &str| rows.iter().find(|r| r.label.starts_with(prefix)).map(|r| r.time);
     for r in &rows {
-        let base = if r.label.contains("squashfs") { reference("mksquashfs") } else { reference("zstd") }.filter(|_| r.label.starts_with("kiln"));
+        let base =
+            if r.label.contains("squashfs") { reference("mksquashfs") } else { reference("zstd") }.filter(|_| r.label.starts_with("kiln"));
         let ratio = base.map(|b| format!("{:.2}x", r.time / b)).unwrap_or_default();
         println!(
-            "{:<36} {:>6.2} s {:>7.2} MiB {:>6.0} MiB {:>9}",
+            "{:<36} {:>6.2} s {:>6.2} s {:>7.2} MiB {:>6.0} MiB {:>9}",
             r.label,
             r.time,
+            r.cpu,
             r.size as f64 / 1048576.0,
             r.rss_kib as f64 / 1024.0,
             ratio
@@ -151,20 +177,44 @@ fn main() -> anyhow::Result<()> {
 struct Row {
     label: String,
     time: f64,
+    /// User + system time: on a host shared with other work, the wall time of a parallel run
+    /// says little; its CPU time shows the work it did.
+    cpu: f64,
     size: u64,
     rss_kib: u64,
 }
 
 /// Runs `run` `reps` times; the median time and peak RSS, and the size of `out`.
-fn measure(label: &str, reps: usize, mut run: impl FnMut() -> anyhow::Result<(f64, u64)>, out: &str) -> anyhow::Result<Row> {
-    let (mut times, mut rss) = (Vec::new(), Vec::new());
+fn measure(label: &str, reps: usize, mut run: impl FnMut() -> anyhow::Result<(f64, Usage)>, out: &str) -> anyhow::Result<Row> {
+    let (mut times, mut cpu, mut rss) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..reps {
-        let (t, r) = run().with_context(|| label.to_string())?;
+        let (t, u) = run().with_context(|| label.to_string())?;
         times.push(t);
-        rss.push(r as f64);
+        cpu.push(u.cpu);
+        rss.push(u.rss_kib as f64);
     }
     let size = std::fs::metadata(out).with_context(|| format!("{label} wrote no {out}"))?.len();
-    Ok(Row { label: label.into(), time: median(times), size, rss_kib: median(rss) as u64 })
+    Ok(Row { label: label.into(), time: median(times), cpu: median(cpu), size, rss_kib: median(rss) as u64 })
+}
+
+/// Compares two files without holding either (the parent's RSS would count in its children's).
+fn same_bytes(a: &str, b: &str) -> anyhow::Result<bool> {
+    let (mut fa, mut fb) = (std::io::BufReader::new(std::fs::File::open(a)?), std::io::BufReader::new(std::fs::File::open(b)?));
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let na = fa.read(&mut ba)?;
+        if na == 0 {
+            return Ok(fb.read(&mut bb[..1])? == 0);
+        }
+        if fb.read_exact(&mut bb[..na]).is_err() || ba[..na] != bb[..na] {
+            return Ok(false);
+        }
+    }
+}
+
+struct Usage {
+    cpu: f64,
+    rss_kib: u64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -173,7 +223,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs a reference tool; its wall time (process start included) and peak RSS in KiB.
-fn run_tool(tool: &str, args: &[String]) -> anyhow::Result<(f64, u64)> {
+fn run_tool(tool: &str, args: &[String]) -> anyhow::Result<(f64, Usage)> {
     let t0 = Instant::now();
     let child = Command::new(tool).args(args).spawn().with_context(|| format!("running {tool} (install it)"))?;
     let rss = wait_rss(child.id()).with_context(|| format!("{tool} {args:?}"))?;
@@ -182,7 +232,7 @@ fn run_tool(tool: &str, args: &[String]) -> anyhow::Result<(f64, u64)> {
 
 /// Runs this program's `--child` mode; the time it reports (the compression alone, not building
 /// the tree from the directory) and its peak RSS in KiB (the whole process).
-fn run_child(me: &Path, args: &[String]) -> anyhow::Result<(f64, u64)> {
+fn run_child(me: &Path, args: &[String]) -> anyhow::Result<(f64, Usage)> {
     let mut child = Command::new(me).arg("--child").args(args).stdout(Stdio::piped()).spawn()?;
     let mut out = String::new();
     child.stdout.take().context("child stdout")?.read_to_string(&mut out)?;
@@ -192,14 +242,15 @@ fn run_child(me: &Path, args: &[String]) -> anyhow::Result<(f64, u64)> {
 }
 
 /// Waits for `pid` (instead of std's wait, which has no resource usage); its peak RSS in KiB.
-fn wait_rss(pid: u32) -> anyhow::Result<u64> {
+fn wait_rss(pid: u32) -> anyhow::Result<Usage> {
     let mut status = 0;
     // SAFETY: plain FFI call with valid pointers; the rusage struct is fully written by the kernel.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
     ensure!(r == pid as libc::pid_t, "waiting for process {pid}: {}", std::io::Error::last_os_error());
     ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "exited with status {status:#x}");
-    Ok(usage.ru_maxrss as u64)
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok(Usage { cpu: secs(usage.ru_utime) + secs(usage.ru_stime), rss_kib: usage.ru_maxrss as u64 })
 }
 
 /// `--child squashfs DATA OUT LEVEL THREADS` or `--child initramfs CPIO OUT LEVEL WORKERS JOB`:
@@ -209,7 +260,8 @@ fn child(args: &[String]) -> anyhow::Result<()> {
     let t = match arg(0)?.as_str() {
         "squashfs" => {
             let tree = tree_from_dir(Path::new(arg(1)?))?;
-            let opts = SquashfsOptions { mtime: 1_700_000_000, zstd_level: arg(3)?.parse()?, block_size: 128 * 1024, threads: arg(4)?.parse()? };
+            let opts =
+                SquashfsOptions { mtime: 1_700_000_000, zstd_level: arg(3)?.parse()?, block_size: 128 * 1024, threads: arg(4)?.parse()? };
             let t0 = Instant::now();
             let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(arg(2)?)?);
             write_squashfs(&tree, &mut f, &opts)?;
@@ -303,12 +355,23 @@ fn tree_from_dir(root: &Path) -> anyhow::Result<Tree> {
         let rel = e.path().strip_prefix(root)?.to_str().context("non-UTF-8 path")?;
         let md = e.path().symlink_metadata()?;
         let meta = Meta { mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid(), mtime: md.mtime().max(0) as u64 };
-        let kind = if md.is_dir() {
+        let ft = md.file_type();
+        // Device nodes as nodes (an extracted root has /dev/console: reading it would block).
+        let (major, minor) = ((libc::major(md.rdev()) as u32), (libc::minor(md.rdev()) as u32));
+        let kind = if ft.is_dir() {
             Kind::Dir
-        } else if md.file_type().is_symlink() {
+        } else if ft.is_symlink() {
             Kind::Symlink(std::fs::read_link(e.path())?.to_str().context("non-UTF-8 link")?.to_string())
-        } else {
+        } else if ft.is_char_device() {
+            Kind::CharDevice { major, minor }
+        } else if ft.is_block_device() {
+            Kind::BlockDevice { major, minor }
+        } else if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_file() {
             Kind::File(Content::HostFile(e.path().to_path_buf()))
+        } else {
+            continue; // sockets: not in a root image
         };
         tree.insert(&TreePath::parse(rel)?, Entry { meta, kind })?;
     }
