@@ -94,7 +94,11 @@ fn write_counted<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> 
         let files = files_in_backhand_order(tree);
         // Plain threads blocking on a channel rather than a rayon pool: rayon's idle workers
         // spin, which cost 40% more CPU time here on a busy host.
-        let (jobs, job_queue) = sync_channel::<Job>(threads);
+        // Blocks in flight: 16 per thread (8 MiB at most for two threads at 128 KiB, raw and
+        // compressed, whatever the image's size). Fewer left the workers idle on a busy host
+        // while the writer and the reading thread waited to be scheduled.
+        let in_flight = threads * 16;
+        let (jobs, job_queue) = sync_channel::<Job>(in_flight);
         let job_queue = Mutex::new(job_queue);
         std::thread::scope(|scope| {
             for _ in 0..threads {
@@ -105,8 +109,7 @@ fn write_counted<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> 
                     let _ = done.send(Block { raw, packed }); // the writer may be gone
                 });
             }
-            // Blocks in flight: a few per thread, a few MiB at most whatever the image's size.
-            let (tx, rx) = sync_channel(threads * 4);
+            let (tx, rx) = sync_channel(in_flight);
             let ahead = scope.spawn(move || compress_ahead(&files, opts.block_size, jobs, tx));
             let queue = AheadQueue::install(rx);
             let result = fs.write(&mut spool);
@@ -132,7 +135,7 @@ fn write_counted<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> 
 // worker threads compress them (backhand's own zstd call, so the bytes are the same) and queues
 // them in order; the custom compressor hands backhand the queued result when backhand's block
 // is the next queued one (compared byte for byte), and compresses the block itself otherwise
-// (metadata blocks, or a file that changed between the two reads). Only a few blocks are in
+// (metadata blocks, or a file that changed between the two reads). Only 16 blocks per thread are in
 // flight, so memory does not grow with the image and nothing needs to be spilled to disk.
 
 /// The compressor backhand is given; its state is the calling thread's [`AheadQueue`]
