@@ -92,15 +92,52 @@ fn copy_console_policy(root: &Tree, initramfs: &mut Tree) -> Result<()> {
     Ok(())
 }
 
+/// How the initramfs is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZstdSettings {
+    /// zstd level, 1..=19.
+    pub level: i32,
+    /// Worker threads; 0 compresses on the calling thread (zstd's single-threaded mode, whose
+    /// output differs from the multi-threaded mode's).
+    pub workers: u32,
+    /// Bytes per multi-threaded job (ignored without workers). Fixed rather than zstd's default,
+    /// which is derived from the level and larger than an initramfs (one job, one busy core).
+    pub job_size: u32,
+}
+
+/// What kiln uses, chosen by measurement (docs/benchmarks.md, "Initramfs compression"): an
+/// initramfs is mostly modules that are already xz-compressed, so level 9 is within 5% of level
+/// 19's size at a twentieth of the time, and two workers were slower than one on a busy 2-core
+/// host (and double the memory). No workers, so the output is zstd's single-threaded stream,
+/// the same on every host. (Multi-threaded output would also be the same for any number of
+/// workers at a fixed job size: a test checks it, should a later measurement choose workers.)
+pub const ZSTD: ZstdSettings = ZstdSettings { level: 9, workers: 0, job_size: 2 << 20 };
+
+/// A zstd stream encoder with `settings` and kiln's table sizes, writing to `out`.
+pub fn zstd_encoder<W: std::io::Write>(out: W, settings: &ZstdSettings) -> Result<zstd::stream::Encoder<'static, W>> {
+    use zstd::zstd_safe::CParameter;
+    let mut zst = zstd::stream::Encoder::new(out, settings.level).context("starting the initramfs compressor")?;
+    // From level 16 up zstd's own tables (a 64 MiB chain table at 19) were the largest part of a
+    // build's peak memory; smaller chain and hash tables cost 0.6% in size on kiln's initramfs
+    // and saved 57 MB (each worker has its own tables). Lower levels have smaller ones.
+    if settings.level >= 16 {
+        zst.set_parameter(CParameter::ChainLog(22)).context("setting the zstd chain log")?;
+        zst.set_parameter(CParameter::HashLog(21)).context("setting the zstd hash log")?;
+    }
+    if settings.workers > 0 {
+        zst.multithread(settings.workers).context("starting the initramfs compression threads")?;
+        zst.set_parameter(CParameter::JobSize(settings.job_size)).context("setting the zstd job size")?;
+    }
+    Ok(zst)
+}
+
 /// cpio newc + zstd: what the kernel unpacks (Debian kernels have CONFIG_RD_ZSTD).
 pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
-    use zstd::zstd_safe::CParameter;
-    // Level 19: the archive is small and compressed once per build; the kernel reads it at boot.
-    // Its own tables (a 64 MiB chain table) were the largest part of a build's peak memory;
-    // smaller chain and hash tables cost 0.6% in size on kiln's initramfs and save 57 MB.
-    let mut zst = zstd::stream::Encoder::new(Vec::new(), 19).context("starting the initramfs compressor")?;
-    zst.set_parameter(CParameter::ChainLog(22)).context("setting the zstd chain log")?;
-    zst.set_parameter(CParameter::HashLog(21)).context("setting the zstd hash log")?;
+    pack_with(tree, mtime, &ZSTD)
+}
+
+fn pack_with(tree: &Tree, mtime: u32, settings: &ZstdSettings) -> Result<Vec<u8>> {
+    let mut zst = zstd_encoder(Vec::new(), settings)?;
     // The cpio archive streams into the compressor rather than being held whole.
     crate::cpio::write_newc(tree, &mut zst, mtime).context("writing the initramfs cpio archive")?;
     zst.finish().context("compressing the initramfs")
@@ -109,6 +146,47 @@ pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// Compressible but not trivially so: a few MiB of varied text.
+    fn sample() -> Vec<u8> {
+        let mut seed = 7u64;
+        let words: [&[u8]; 6] = [b"module ", b"busybox ", b"kiln ", b"initramfs\n", b"0x1f2e ", b"/lib/modules/"];
+        let mut v = Vec::new();
+        while v.len() < 5 << 20 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            v.extend_from_slice(words[(seed % 6) as usize]);
+            v.extend_from_slice(&seed.to_le_bytes()[..(seed % 3) as usize]);
+        }
+        v
+    }
+
+    fn compress(data: &[u8], settings: &ZstdSettings, chunk: usize) -> Vec<u8> {
+        let mut z = zstd_encoder(Vec::new(), settings).unwrap();
+        for part in data.chunks(chunk) {
+            z.write_all(part).unwrap();
+        }
+        z.finish().unwrap()
+    }
+
+    #[test]
+    fn output_depends_on_the_settings_not_on_how_the_archive_is_written() {
+        let data = sample();
+        let st = compress(&data, &ZSTD, 1 << 20);
+        assert_eq!(compress(&data, &ZSTD, 4093), st, "kiln's settings: the stream's write sizes changed the output");
+        assert_eq!(zstd::decode_all(&st[..]).unwrap(), data);
+        // Multi-threaded: the same bytes for any number of workers (and write sizes), so pinning
+        // the job size is what matters; it differs from the single-threaded stream.
+        let mt = |workers, chunk| compress(&data, &ZstdSettings { level: 3, workers, job_size: 1 << 20 }, chunk);
+        let two = mt(2, 1 << 20);
+        for (workers, chunk) in [(1, 1 << 20), (3, 4093), (2, 65536)] {
+            assert!(mt(workers, chunk) == two, "{workers} workers, writes of {chunk}: different output");
+        }
+        assert!(two != compress(&data, &ZstdSettings { level: 3, workers: 0, job_size: 1 << 20 }, 1 << 20));
+        assert_eq!(zstd::decode_all(&two[..]).unwrap(), data);
+    }
 
     #[test]
     fn the_rescue_shell_marker_follows_the_root() {

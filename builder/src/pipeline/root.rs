@@ -291,7 +291,7 @@ pub(super) fn write_squashfs(job: &Job, root: &Tree, name: &str) -> Result<Squas
     crate::squashfs::write_squashfs(
         root,
         &mut out,
-        &crate::squashfs::SquashfsOptions { mtime: super::clamp32(job.epoch), zstd_level: 15, block_size: 128 * 1024 },
+        &crate::squashfs::SquashfsOptions { mtime: super::clamp32(job.epoch), zstd_level: 15, block_size: 128 * 1024, threads: 0 },
     )?;
     out.flush().with_context(|| format!("writing {}", path.display()))?;
     let (_, sha256, len) = out.finish();
