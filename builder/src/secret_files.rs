@@ -18,13 +18,12 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::cluster::render::NODES_DIR;
 use crate::tree::{Entry, Kind, Meta, Tree, TreePath};
 
 /// Directories a bundle can deliver into: the installer writes them onto the data partition,
 /// which holds the `/etc` upper layer and `/var/lib` (docs/first-boot.md).
 pub const DELIVERABLE: &[&str] = &["etc", "var/lib"];
-/// Per-node configuration directories (`crate::cluster`'s layout).
-const NODES_DIR: &str = "etc/kiln/nodes";
 
 /// The owner-only files a root had before kiln and the profile added anything: package files.
 pub struct Baseline(BTreeMap<TreePath, String>);

@@ -274,12 +274,7 @@ impl Ca {
 
     fn issue(&self, kind: Kind, name: &str, sans: &[SanType], mark: &str) -> Result<String> {
         let key = KeyPair::generate().context("generating a key")?;
-        let mut p = CertificateParams::default();
-        validity(&mut p);
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        dn.push(DnType::OrganizationName, "kiln");
-        p.distinguished_name = dn;
+        let mut p = named_params(name);
         p.subject_alt_names = sans.to_vec();
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = kind.usages();
@@ -298,15 +293,21 @@ fn describe(kind: Kind) -> &'static str {
     }
 }
 
-/// The CA's parameters; rebuilt from its common name when the CA is loaded, so certificates it
-/// issues later name it exactly as its own certificate does.
-fn ca_params(cn: &str) -> CertificateParams {
+/// Parameters every certificate kiln issues starts from: its validity and the name `cn` (O=kiln).
+fn named_params(cn: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     validity(&mut p);
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
     dn.push(DnType::OrganizationName, "kiln");
     p.distinguished_name = dn;
+    p
+}
+
+/// The CA's parameters; rebuilt from its common name when the CA is loaded, so certificates it
+/// issues later name it exactly as its own certificate does.
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = named_params(cn);
     // Signs leaf certificates only.
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
