@@ -340,9 +340,10 @@ fn flash(image: &std::path::Path, device: &std::path::Path, bmap: Option<&std::p
             println!("image: {}, {} ({} mapped)", image.display(), kiln::size::human(b.image_size), kiln::size::human(b.mapped_bytes()))
         }
         None => println!(
-            "image: {}, {} (no bmap: every byte is written)",
+            "image: {}, {} (no bmap: every byte is written{})",
             image.display(),
-            img.size.map_or("size unknown".into(), kiln::size::human)
+            img.size.map_or("size unknown".into(), kiln::size::human),
+            img.expected.as_ref().map_or(String::new(), |e| format!(", checked against {}", e.manifest.display()))
         ),
     }
     let reasons = flash::refusals(&target, img.size);
