@@ -12,13 +12,20 @@ use kiln::error::{ResultExt, UsageError};
 use kiln::pipeline::BuildOptions;
 use kiln::profile::LoadedProfile;
 
+/// `kiln --version`: the crate version and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KILN_COMMIT"), ")");
+
 /// kiln builds offline, self-installing edge Kubernetes disk images.
 #[derive(Parser)]
-#[command(name = "kiln", version, about)]
+#[command(name = "kiln", version = VERSION, about)]
 struct Cli {
     /// Only warnings and errors on stderr; no progress bars.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// More detail on stderr: -v adds debug lines, -vv traces. KILN_LOG (e.g. `kiln=debug`)
+    /// overrides both flags.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -96,9 +103,9 @@ enum Command {
     Serve {
         /// A `kiln build` output directory (holding <arch>/netboot/ from `--format netboot`).
         dir: PathBuf,
-        /// Address and port to listen on.
-        #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR:PORT")]
-        listen: std::net::SocketAddr,
+        /// Address (or host name) and port to listen on.
+        #[arg(long, default_value = "0.0.0.0:8080", value_name = "HOST:PORT")]
+        listen: String,
         /// Forget that this machine is installed, so its next network boot installs again
         /// (repeatable; edits DIR/serve-state.json before serving).
         #[arg(long, value_name = "MAC")]
@@ -148,19 +155,38 @@ enum Command {
         #[arg(long)]
         markdown: bool,
     },
+    /// Print a shell completion script, e.g. `kiln completions bash > ~/.local/share/bash-completion/completions/kiln`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (kiln.1) to stdout, or with --dir write kiln.1 and one page per
+    /// subcommand (kiln-build.1, ...) into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = if cli.quiet { "warn" } else { "info" };
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| level.into()))
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
         .init();
     match run(cli) {
         Ok(code) => code,
+        // Output piped into a program that stopped reading (`kiln man | head`) is not a failure.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             if kiln::error::is_usage(&e) {
@@ -170,6 +196,12 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Colour only for a person at a terminal: not in piped logs or files, and never with `NO_COLOR`
+/// set to anything (https://no-color.org).
+fn colour_on_stderr() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
 fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
@@ -211,6 +243,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             kiln::pipeline::fetch(&profile, &options(&input, cli.quiet))?;
         }
         Command::Run { image, arch, firmware_dir, memory, snapshot, disks, boot } => {
+            if !image.exists() {
+                return Err(UsageError(format!("no such image: {} (build one with `kiln build PROFILE`)", image.display())).into());
+            }
             let arch = match arch {
                 Some(a) => a,
                 None => arch_from_manifest(&image)?,
@@ -232,7 +267,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Flash { image, device, bmap, yes, force, no_verify } => {
             flash(&image, &device, bmap.as_deref(), FlashFlags { yes, force, verify: !no_verify, quiet: cli.quiet })?
         }
-        Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, listen, &reinstall, dnsmasq.as_deref())?,
+        Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, &listen, &reinstall, dnsmasq.as_deref())?,
         Command::Secrets { profile, out } => {
             let profile = LoadedProfile::load(&profile)?;
             let out = out.unwrap_or_else(|| kiln::pipeline::default_out_dir(&profile));
@@ -271,16 +306,50 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&kiln::profile::json_schema())?);
             }
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "kiln", &mut std::io::stdout());
+        }
+        Command::Man { dir } => man_pages(dir.as_deref())?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kiln man`: the page for `kiln` on stdout, or pages for it and every subcommand in DIR.
+fn man_pages(dir: Option<&std::path::Path>) -> Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command().version(VERSION);
+    let Some(dir) = dir else {
+        return Ok(clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let pages = std::iter::once(("kiln".to_string(), cmd.clone()))
+        .chain(cmd.get_subcommands().filter(|c| c.get_name() != "help").map(|c| (format!("kiln-{}", c.get_name()), c.clone())));
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page.name(name.clone())).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// `kiln serve`: apply --reinstall, print the DHCP settings, serve until SIGINT/SIGTERM.
-fn serve(dir: &std::path::Path, listen: std::net::SocketAddr, reinstall: &[String], dnsmasq: Option<&std::path::Path>) -> Result<()> {
+fn serve(dir: &std::path::Path, listen: &str, reinstall: &[String], dnsmasq: Option<&std::path::Path>) -> Result<()> {
+    use std::net::ToSocketAddrs;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     if !dir.is_dir() {
         return Err(UsageError(format!("{}: not a directory; pass a `kiln build` output directory", dir.display())).into());
+    }
+    let listen = listen
+        .to_socket_addrs()
+        .map_err(|e| UsageError(format!("--listen {listen}: {e}; give HOST:PORT, e.g. 0.0.0.0:8080 or pxe-host.lan:8080")))?
+        .next()
+        .ok_or_else(|| UsageError(format!("--listen {listen}: the name has no address")))?;
+    if kiln::serve::Server::netboot_archs(dir).is_empty() {
+        eprintln!(
+            "warning: {} holds no netboot output (<arch>/netboot/boot.ipxe): machines booting from the network get nothing; build with `kiln build PROFILE --format netboot`",
+            dir.display()
+        );
     }
     if !reinstall.is_empty() {
         for mac in kiln::serve::reinstall(dir, reinstall)? {

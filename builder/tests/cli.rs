@@ -160,3 +160,69 @@ fn platforms_lists_each_embedded_platform_on_one_line() {
     assert_eq!(generic["arch"], serde_json::json!(["x86_64", "aarch64", "riscv64"]), "{text}");
     assert!(generic["description"].as_str().unwrap().starts_with("Generic UEFI"), "{text}");
 }
+
+/// `--version` names the commit; completions and man pages are generated from the same CLI.
+#[test]
+fn version_completions_and_man_pages() {
+    let d = tempfile::tempdir().unwrap();
+    let (code, text) = kiln(d.path(), &["--version"]);
+    assert!(code == 0 && text.starts_with("kiln ") && text.contains("(commit "), "{text}");
+    let (code, text) = kiln(d.path(), &["completions", "bash"]);
+    assert!(code == 0 && text.contains("_kiln()") && text.contains("flash"), "{text}");
+    let (code, text) = kiln(d.path(), &["man", "--dir", "man"]);
+    assert_eq!(code, 0, "{text}");
+    for page in ["kiln.1", "kiln-build.1", "kiln-flash.1", "kiln-serve.1"] {
+        let t = std::fs::read_to_string(d.path().join("man").join(page)).unwrap();
+        assert!(t.contains(".TH") && t.contains(".SH NAME"), "{page}: {t}");
+    }
+}
+
+/// Log lines piped to a file carry no colour codes (stderr is not a terminal here).
+#[test]
+fn piped_logs_have_no_colour_codes() {
+    let d = tempfile::tempdir().unwrap();
+    profile(d.path(), "name: t\narch: [x86_64]\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["-v", "build", "p.yaml", "--offline", "--out", "out"])
+        .current_dir(d.path())
+        .env("KILN_CACHE_DIR", d.path().join("cache"))
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INFO") && err.contains("not in the cache") && !err.contains('\x1b'), "{err:?}");
+}
+
+#[test]
+fn run_names_a_missing_image_first() {
+    let d = tempfile::tempdir().unwrap();
+    let (code, text) = kiln(d.path(), &["run", "out/x86_64/disk.img"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no such image: out/x86_64/disk.img") && !text.contains("manifest"), "{text}");
+}
+
+/// `kiln serve` resolves a host name in --listen, and warns when DIR has no netboot output.
+#[test]
+fn serve_takes_host_names_and_warns_without_netboot_output() {
+    use std::io::{BufRead, BufReader};
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("out")).unwrap();
+    let (code, text) = kiln(d.path(), &["serve", "out", "--listen", "no-such-host.invalid:8080"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--listen no-such-host.invalid:8080"), "{text}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "out", "--listen", "localhost:0"])
+        .current_dir(d.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut first).unwrap();
+    let mut listening = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut listening).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(first.contains("warning: out holds no netboot output") && first.contains("--format netboot"), "{first}");
+    assert!(listening.contains("http://127.0.0.1:") || listening.contains("http://[::1]:"), "{listening}");
+}
