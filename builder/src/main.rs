@@ -69,6 +69,17 @@ enum Command {
         #[arg(long = "format", value_enum, value_delimiter = ',', default_value = "disk")]
         formats: Vec<kiln::pipeline::Format>,
     },
+    /// Check profiles without downloading anything: schema and keys, values, files and overlays
+    /// present, templates rendered with the profile's vars, platforms, the cluster inventory.
+    /// Reports every problem with file:line:column; exits 2 if there is any.
+    Check {
+        /// The profiles (YAML).
+        #[arg(required = true)]
+        profiles: Vec<PathBuf>,
+        /// Print one JSON summary instead: per profile, `ok` and its problems.
+        #[arg(long)]
+        json: bool,
+    },
     /// Download and verify everything a build of the profile needs into the cache.
     Fetch {
         #[command(flatten)]
@@ -220,7 +231,7 @@ fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Build { input, out, offline, formats } => {
-            let profile = LoadedProfile::load(&input.profile)?;
+            let profile = checked_profile(&input.profile)?;
             let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
             let report = kiln::pipeline::build(&profile, &opts)?;
             for image in &report.images {
@@ -239,7 +250,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("checksums: {}", report.checksums.display());
         }
         Command::Fetch { input } => {
-            let profile = LoadedProfile::load(&input.profile)?;
+            let profile = checked_profile(&input.profile)?;
             kiln::pipeline::fetch(&profile, &options(&input, cli.quiet))?;
         }
         Command::Run { image, arch, firmware_dir, memory, snapshot, disks, boot } => {
@@ -269,7 +280,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, &listen, &reinstall, dnsmasq.as_deref())?,
         Command::Secrets { profile, out } => {
-            let profile = LoadedProfile::load(&profile)?;
+            let profile = checked_profile(&profile)?;
             let out = out.unwrap_or_else(|| kiln::pipeline::default_out_dir(&profile));
             let Some(c) = &profile.profile.cluster else {
                 return Err(
@@ -306,12 +317,61 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&kiln::profile::json_schema())?);
             }
         }
+        Command::Check { profiles, json } => return check(&profiles, json),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "kiln", &mut std::io::stdout());
         }
         Command::Man { dir } => man_pages(dir.as_deref())?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every static problem of a profile, sorted by position: the profile's own checks, then what
+/// needs the rest of kiln (templates rendered with its vars, its platforms). Nothing is fetched.
+fn profile_problems(path: &std::path::Path) -> Result<(Option<LoadedProfile>, Vec<kiln::profile::check::Problem>)> {
+    let (loaded, mut problems) = LoadedProfile::check(path)?;
+    if let Some(p) = &loaded {
+        let mut more = kiln::pipeline::template_problems(p);
+        for &a in &p.profile.arch {
+            if let Err(e) = kiln::platform::Platform::load_for(p.platform(a), a) {
+                more.push(e.context(format!("key `platform.{a}`")));
+            }
+        }
+        problems.extend(p.locate(&more));
+    }
+    problems.sort_by_key(|p| (p.line, p.column));
+    Ok((loaded, problems))
+}
+
+/// The profile for `build`, `fetch` and `secrets`: the same checks as `kiln check` first, so a
+/// template or key error fails in milliseconds, listing every problem, before any download.
+fn checked_profile(path: &std::path::Path) -> Result<LoadedProfile> {
+    match profile_problems(path)? {
+        (Some(p), problems) if problems.is_empty() => Ok(p),
+        (_, problems) => Err(kiln::profile::ProfileError(kiln::profile::check::render_all(&path.display().to_string(), &problems)).into()),
+    }
+}
+
+/// `kiln check`: every static problem of each profile, as text or one JSON summary.
+fn check(profiles: &[PathBuf], json: bool) -> Result<ExitCode> {
+    let mut summary = Vec::new();
+    for path in profiles {
+        let (_, problems) = profile_problems(path)?;
+        let file = path.display().to_string();
+        if !json {
+            if problems.is_empty() {
+                println!("{file}: ok");
+            } else {
+                eprintln!("{}", kiln::profile::check::render_all(&file, &problems));
+            }
+        }
+        summary.push(serde_json::json!({ "profile": file, "ok": problems.is_empty(), "problems": problems }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    let ok = summary.iter().all(|s| s["ok"] == true);
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
 /// `kiln man`: the page for `kiln` on stdout, or pages for it and every subcommand in DIR.

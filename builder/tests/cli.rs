@@ -226,3 +226,64 @@ fn serve_takes_host_names_and_warns_without_netboot_output() {
     assert!(first.contains("warning: out holds no netboot output") && first.contains("--format netboot"), "{first}");
     assert!(listening.contains("http://127.0.0.1:") || listening.contains("http://[::1]:"), "{listening}");
 }
+
+/// `kiln check` reports every problem of a profile in one run, each located and naming its key,
+/// without downloading anything; `--json` gives the same as data; `kiln build` refuses the
+/// profile with the same list before any download.
+#[test]
+fn check_reports_five_problems_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    profile(
+        d.path(),
+        "name: t\narch: [x86_64]\noverlays: [site]\nplatform: {x86_64: rpi9}\nvars: {\"a b\": 1}\nfiles:\n  - path: /etc/motd\n    content: \"{{vars.site}}\"\n    template: true\n  - path: etc/x\n    content: x\n",
+    );
+    let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
+    assert_eq!(code, 2, "{text}");
+    for want in [
+        "5 problems:",
+        "p.yaml:3:12: key `overlays[0]`: overlay directory ./site does not exist",
+        "p.yaml:4:",
+        "key `platform.x86_64`: unknown platform `rpi9`",
+        "p.yaml:5:8: key `vars.a b`: variable names are",
+        "p.yaml:8:5: key `files[0].content`: template files[0] (/etc/motd): line 1, column 1: `vars.site` is not defined",
+        "p.yaml:10:5: key `files[1].path`: `etc/x` must be an absolute path",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    assert!(!text.contains("error: error") && !text.contains("<input>"), "{text}");
+    let (code, json) = kiln(d.path(), &["check", "--json", "p.yaml"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(code == 2 && v[0]["ok"] == false && v[0]["problems"].as_array().unwrap().len() == 5, "{json}");
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out"]);
+    assert!(code == 2 && text.contains("5 problems:") && !text.contains("reading http"), "{text}");
+    assert_no_image(d.path());
+    // Structural problems are all found too (serde alone stops at the first).
+    profile(
+        d.path(),
+        "name: t\narch: [x86_64, sparc]\nos:\n  packges: [curl]\nssh:\n  port: x\nusers:\n  - name: a\n    shel: /bin/sh\nkernl: {}\n",
+    );
+    let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
+    assert!(code == 2 && text.contains("5 problems:") && text.contains("did you mean `kernel`?"), "{text}");
+    // A profile from a newer kiln says so.
+    profile(d.path(), "kiln: 7\nname: t\narch: [x86_64]\nnew_thing: {}\n");
+    let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
+    assert!(code == 2 && text.contains("profile format 7") && !text.contains("new_thing"), "{text}");
+}
+
+#[test]
+fn check_passes_every_example_profile() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut args = vec!["check".to_string()];
+    for dir in ["profiles", "qemu-tests/profiles"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                args.push(p.display().to_string());
+            }
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, text) = kiln(&root, &args);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(text.matches(": ok").count(), args.len() - 1, "{text}");
+}

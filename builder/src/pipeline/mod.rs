@@ -12,6 +12,7 @@ pub mod disk;
 mod inputs;
 mod options;
 mod root;
+pub use root::template_problems;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -90,6 +91,8 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let platforms: Vec<Platform> =
         archs.iter().map(|a| Platform::load_for(profile.platform(*a), *a).in_profile(&profile.path)).collect::<Result<_>>()?;
 
+    // Templates render with the profile's vars before anything is downloaded or written.
+    profile.fail_on(&template_problems(profile))?;
     let secrets = cluster_secrets(profile, &out_dir)?;
 
     // Fetch everything before writing anything: a bad package name fails fast.

@@ -243,7 +243,7 @@ fn riscv64_in_place_image_grows_on_first_boot_once() -> Result<()> {
 fn variant(name: &str, extra: &str) -> Result<PathBuf> {
     let dir = work_dir(name)?;
     let text = std::fs::read_to_string(repo_root().join("profiles/quickstart.yaml"))?
-        .replace("../overlays/site-example", &repo_root().join("overlays/site-example").display().to_string());
+        .replace("  - site-example", &format!("  - {}", repo_root().join("profiles/site-example").display()));
     std::fs::write(dir.join("p.yaml"), format!("{text}{extra}"))?;
     Ok(dir)
 }
