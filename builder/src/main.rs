@@ -68,6 +68,10 @@ enum Command {
         /// (OUT/<arch>/netboot/, served by `kiln serve`).
         #[arg(long = "format", value_enum, value_delimiter = ',', default_value = "disk")]
         formats: Vec<kiln::pipeline::Format>,
+        /// Print one JSON summary on stdout: every output with its path, size and sha256, or
+        /// the errors.
+        #[arg(long)]
+        json: bool,
     },
     /// Check profiles without downloading anything: schema and keys, values, files and overlays
     /// present, templates rendered with the profile's vars, platforms, the cluster inventory.
@@ -84,6 +88,10 @@ enum Command {
     Fetch {
         #[command(flatten)]
         input: InputArgs,
+        /// Print one JSON summary on stdout (per architecture: packages and container images),
+        /// or the errors.
+        #[arg(long)]
+        json: bool,
     },
     /// Boot an image in QEMU with its serial console on this terminal (Ctrl-a x quits).
     Run {
@@ -230,28 +238,30 @@ fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build { input, out, offline, formats } => {
-            let profile = checked_profile(&input.profile)?;
-            let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
-            let report = kiln::pipeline::build(&profile, &opts)?;
-            for image in &report.images {
-                let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
-                // disk.img, then the files derived from it (compressed copies, block map).
-                let derived = image
-                    .manifest
-                    .outputs
-                    .iter()
-                    .filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str()))
-                    .map(|o| image.dir.join(&o.file));
-                for path in image.disk.iter().cloned().chain(derived).chain(script) {
-                    println!("{}: {}", image.arch, path.display());
+        Command::Build { input, out, offline, formats, json } => {
+            let build = || {
+                let profile = checked_profile(&input.profile)?;
+                let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
+                kiln::pipeline::build(&profile, &opts)
+            };
+            let report = json_or_error(json, build())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&build_summary(&report))?);
+            } else {
+                for image in &report.images {
+                    for path in output_paths(image) {
+                        println!("{}: {}", image.arch, path.display());
+                    }
                 }
+                println!("checksums: {}", report.checksums.display());
             }
-            println!("checksums: {}", report.checksums.display());
         }
-        Command::Fetch { input } => {
-            let profile = checked_profile(&input.profile)?;
-            kiln::pipeline::fetch(&profile, &options(&input, cli.quiet))?;
+        Command::Fetch { input, json } => {
+            let fetch = || kiln::pipeline::fetch(&checked_profile(&input.profile)?, &options(&input, cli.quiet));
+            let fetched = json_or_error(json, fetch())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "ok": true, "archs": fetched }))?);
+            }
         }
         Command::Run { image, arch, firmware_dir, memory, snapshot, disks, boot } => {
             if !image.exists() {
@@ -324,6 +334,53 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Man { dir } => man_pages(dir.as_deref())?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// With `--json`, a failure is also printed on stdout as `{"ok": false, "error": ...}` (the
+/// error still goes to stderr and sets the exit status).
+fn json_or_error<T>(json: bool, r: Result<T>) -> Result<T> {
+    if let (true, Err(e)) = (json, &r) {
+        println!("{}", serde_json::json!({ "ok": false, "error": format!("{e:#}"), "usage_error": kiln::error::is_usage(e) }));
+    }
+    r
+}
+
+/// Per architecture: disk.img, the files derived from it (compressed copies, block map), the
+/// netboot script.
+fn output_paths(image: &kiln::pipeline::ArchOutputs) -> Vec<PathBuf> {
+    let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
+    let derived = image
+        .manifest
+        .outputs
+        .iter()
+        .filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str()))
+        .map(|o| image.dir.join(&o.file));
+    image.disk.iter().cloned().chain(derived).chain(script).collect()
+}
+
+/// `kiln build --json`: the outputs of every architecture with their digests (from the
+/// manifests kiln wrote), and where the manifests and checksums are.
+fn build_summary(report: &kiln::pipeline::BuildReport) -> serde_json::Value {
+    let archs: Vec<serde_json::Value> = report
+        .images
+        .iter()
+        .map(|i| {
+            let outputs: Vec<serde_json::Value> = i
+                .manifest
+                .outputs
+                .iter()
+                .map(|o| serde_json::json!({ "file": o.file, "path": i.dir.join(&o.file), "size": o.size, "sha256": o.sha256 }))
+                .collect();
+            serde_json::json!({
+                "arch": i.arch,
+                "dir": i.dir,
+                "manifest": i.dir.join(kiln::pipeline::disk::MANIFEST),
+                "kernel_version": i.manifest.kernel_version,
+                "outputs": outputs,
+            })
+        })
+        .collect();
+    serde_json::json!({ "ok": true, "out_dir": report.out_dir, "checksums": report.checksums, "archs": archs })
 }
 
 /// Every static problem of a profile, sorted by position: the profile's own checks, then what

@@ -287,3 +287,27 @@ fn check_passes_every_example_profile() {
     assert_eq!(code, 0, "{text}");
     assert_eq!(text.matches(": ok").count(), args.len() - 1, "{text}");
 }
+
+/// `--json` on build and fetch: a failure is a JSON object on stdout too (the message still
+/// goes to stderr and sets the exit status).
+#[test]
+fn build_and_fetch_json_report_failures_as_json() {
+    let d = tempfile::tempdir().unwrap();
+    profile(d.path(), "name: t\narch: [x86_64]\n");
+    for args in [
+        &["build", "p.yaml", "--offline", "--json", "--out", "out"][..],
+        &["fetch", "p.yaml", "--json", "--mirror", "http://127.0.0.1:9/debian"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(d.path())
+            .env("KILN_CACHE_DIR", d.path().join("cache"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {:?}", out.stdout));
+        assert!(v["ok"] == false && v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert_ne!(out.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
+    }
+    assert_no_image(d.path());
+}
