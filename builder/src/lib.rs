@@ -24,6 +24,7 @@ pub mod fetch;
 pub mod flash;
 pub mod gpt;
 pub mod image_ref;
+pub mod init;
 pub mod initramfs;
 pub mod inittab;
 pub mod installer;

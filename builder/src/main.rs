@@ -73,6 +73,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Start a site: write DIR/profile.yaml (a commented starter that builds as it is), an
+    /// overlay directory and the schema for editor completion. Never replaces a file.
+    Init {
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+        /// The board or firmware family (`kiln platforms` lists them); sets the architectures.
+        #[arg(long, default_value = kiln::profile::DEFAULT_PLATFORM)]
+        platform: String,
+        /// The cluster layout, from the matching example profile.
+        #[arg(long, value_enum, default_value = "none")]
+        cluster: kiln::init::Layout,
+        /// The profile's name (default: from the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Check profiles without downloading anything: schema and keys, values, files and overlays
     /// present, templates rendered with the profile's vars, platforms, the cluster inventory.
     /// Reports every problem with file:line:column; exits 2 if there is any.
@@ -328,6 +343,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Command::Check { profiles, json } => return check(&profiles, json),
+        Command::Init { dir, platform, cluster, name } => {
+            let platform = kiln::platform::Platform::load(&platform).usage("--platform")?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let name = name.unwrap_or_else(|| kiln::init::name_for(&dir));
+            let w = kiln::init::write(&dir, &name, &platform, cluster).usage("kiln init")?;
+            println!("wrote {}, {}/ and {}", w.profile.display(), w.overlay.display(), w.schema.display());
+            println!("next: edit it, then `kiln check {0}` and `kiln build {0}`", w.profile.display());
+        }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "kiln", &mut std::io::stdout());
         }

@@ -256,7 +256,7 @@ pub fn template_problems(profile: &LoadedProfile) -> Vec<anyhow::Error> {
             // The same template usually fails the same way for every architecture.
             let text = format!("{e:#}");
             if seen.insert(text.clone()) {
-                problems.push(if profile.profile.arch.len() > 1 { e.context(format!("{arch}")) } else { e });
+                problems.push(e);
             }
         }
     }
