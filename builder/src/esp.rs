@@ -1,6 +1,7 @@
 //! The EFI system partition's contents: systemd-boot at the removable path with a Boot Loader
 //! Specification (type #1) entry, and `extlinux/extlinux.conf` for U-Boot boards; both boot the
-//! same kernel, initrd and command line from `/kiln/`.
+//! same kernel, initrd and command line from `/kiln/`. On Raspberry Pi platforms the partition
+//! is the Pi boot partition instead (`crate::raspberrypi`: firmware, device trees, `config.txt`).
 
 use anyhow::Result;
 
@@ -18,6 +19,9 @@ pub struct BootFiles<'a> {
     /// systemd-boot's EFI binary for the arch.
     pub systemd_boot: Option<Content>,
     pub cmdline: &'a str,
+    /// Raspberry Pi platforms: the firmware files and device trees, by their names on the
+    /// partition (empty otherwise).
+    pub board_files: &'a [(String, Content)],
 }
 
 pub const KERNEL_PATH: &str = "kiln/vmlinuz";
@@ -31,8 +35,19 @@ fn file(tree: &mut Tree, path: &str, content: Content) -> Result<()> {
 /// Builds the ESP tree for a platform.
 pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
     let mut t = Tree::new();
-    file(&mut t, KERNEL_PATH, b.kernel.clone())?;
-    file(&mut t, INITRD_PATH, b.initrd.clone())?;
+    // The Pi firmware is given the kernel and initrd by name in config.txt; they sit at the top
+    // level there, as Debian's own raspi-firmware hook puts them.
+    let (kernel_path, initrd_path) = match &platform.boot.raspberrypi {
+        Some(_) => (crate::raspberrypi::KERNEL, crate::raspberrypi::INITRD),
+        None => (KERNEL_PATH, INITRD_PATH),
+    };
+    file(&mut t, kernel_path, b.kernel.clone())?;
+    file(&mut t, initrd_path, b.initrd.clone())?;
+    if let Some(rpi) = &platform.boot.raspberrypi {
+        for (name, content) in crate::raspberrypi::boot_files(rpi, b.board_files, b.cmdline) {
+            file(&mut t, &name, content)?;
+        }
+    }
     if platform.boot.systemd_boot {
         let Some(efi) = &b.systemd_boot else {
             anyhow::bail!("platform `{}` boots systemd-boot but no systemd-boot binary was provided", platform.name)
@@ -41,7 +56,7 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
         // timeout 0: boot the default entry at once (a key press still shows the menu).
         file(&mut t, "loader/loader.conf", Content::bytes("timeout 0\ndefault kiln.conf\neditor no\n"))?;
         let entry = format!(
-            "title {}\nversion {}\nlinux /{KERNEL_PATH}\ninitrd /{INITRD_PATH}\noptions {}\n",
+            "title {}\nversion {}\nlinux /{kernel_path}\ninitrd /{initrd_path}\noptions {}\n",
             b.title, b.kernel_version, b.cmdline
         );
         file(&mut t, "loader/entries/kiln.conf", Content::bytes(entry))?;
@@ -49,7 +64,7 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
     if platform.boot.extlinux {
         // U-Boot's extlinux reader boots `default` at once when there is no `prompt`.
         let conf = format!(
-            "# U-Boot distro boot (extlinux) configuration written by kiln\ndefault kiln\nmenu title {title}\ntimeout 10\n\nlabel kiln\n    menu label {title}\n    kernel /{KERNEL_PATH}\n    initrd /{INITRD_PATH}\n    append {cmdline}\n",
+            "# U-Boot distro boot (extlinux) configuration written by kiln\ndefault kiln\nmenu title {title}\ntimeout 10\n\nlabel kiln\n    menu label {title}\n    kernel /{kernel_path}\n    initrd /{initrd_path}\n    append {cmdline}\n",
             title = b.title,
             cmdline = b.cmdline
         );
@@ -73,6 +88,7 @@ mod tests {
             initrd: Content::bytes("i"),
             systemd_boot: Some(Content::bytes("efi")),
             cmdline: "root=PARTUUID=x console=ttyS0",
+            board_files: &[],
         };
         let t = tree(&p, &b).unwrap();
         assert!(t.contains("EFI/BOOT/BOOTRISCV64.EFI"));

@@ -39,6 +39,7 @@ pub mod platform;
 pub mod profile;
 pub mod provision;
 pub mod qemu;
+pub mod raspberrypi;
 pub mod registries;
 pub mod secret_files;
 pub mod serve;
