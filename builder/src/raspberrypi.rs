@@ -180,6 +180,7 @@ mod tests {
         assert_eq!(pi4["kernel"], KERNEL);
         assert_eq!(pi4["initramfs"], format!("{INITRD} followkernel"));
         assert_eq!(pi4["enable_uart"], "1");
+        assert_eq!(pi4["upstream_kernel"], "1");
         assert_eq!(pi4["device_tree"], "bcm2711-rpi-4-b.dtb");
         // A Pi 400 matches [pi4] and [pi400]: the later section wins.
         assert_eq!(read_config_txt(&text, &["pi4", "pi400"])["device_tree"], "bcm2711-rpi-400.dtb");

@@ -138,7 +138,7 @@ fn check_card(out: &Path, dir: &Path, firmware: &[&str], boards: &[Board]) -> Re
     }
     let cmdline = boot.text("cmdline.txt")?;
     ensure!(cmdline == format!("{}\n", m.kernel_cmdline), "cmdline.txt `{cmdline}` is not the manifest's `{}`", m.kernel_cmdline);
-    let last_console = cmdline.split_whitespace().filter(|w| w.starts_with("console=")).last();
+    let last_console = cmdline.split_whitespace().rfind(|w| w.starts_with("console="));
     ensure!(last_console == Some("console=ttyS1,115200"), "the kernel console is {last_console:?}, not the mini UART");
     // The packages were only read, not kept: a kernel package unpacked is ~400 MB.
     let _ = std::fs::remove_dir_all(&fw);
@@ -188,7 +188,7 @@ fn rpi3_card_boots_on_raspi3b_from_its_own_boot_partition() -> Result<()> {
         paths.insert(*what, path);
     }
     let cmdline = boot.text("cmdline.txt")?.lines().next().context("empty cmdline.txt")?.to_string();
-    let console = cmdline.split_whitespace().filter(|w| w.starts_with("console=")).last().context("no console= in cmdline.txt")?;
+    let console = cmdline.split_whitespace().rfind(|w| w.starts_with("console=")).context("no console= in cmdline.txt")?;
 
     // The card: a copy padded to a power of two (QEMU's SD rule), at least twice the image.
     let card = dir.join("card.img");
@@ -247,11 +247,7 @@ fn rpi4_agent_card_holds_what_the_firmware_reads() -> Result<()> {
     let m = manifest(&out, Arch::Aarch64)?;
     // The Pi 4's SD slot (emmc2) and its supply regulators are modules the initramfs carries.
     for module in ["sdhci_iproc", "fixed", "gpio_regulator"] {
-        ensure!(
-            m.initramfs_modules.iter().any(|x| x.ends_with(&format!("/{module}.ko.xz")) || x == module),
-            "{module}: {:?}",
-            m.initramfs_modules
-        );
+        ensure!(m.initramfs_modules.iter().any(|x| x == module), "{module} is not in the initramfs: {:?}", m.initramfs_modules);
     }
     let img = std::fs::metadata(out.join("aarch64/disk.img"))?.len();
     let xz = std::fs::metadata(out.join("aarch64/disk.img.xz"))?.len();
