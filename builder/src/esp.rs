@@ -98,4 +98,68 @@ mod tests {
             assert!(text.contains("/kiln/vmlinuz") && text.contains("root=PARTUUID=x console=ttyS0"), "{text}");
         }
     }
+
+    /// The Pi boot partition, written as FAT32 and read back with mtools as the firmware reads
+    /// it: every firmware file and device tree byte for byte, config.txt naming files that are
+    /// there, cmdline.txt the command line; no systemd-boot or extlinux files.
+    #[test]
+    fn raspberrypi_boot_partition_reads_back_as_the_firmware_needs() {
+        let p = Platform::load("rpi3").unwrap();
+        let rpi = p.boot.raspberrypi.clone().unwrap();
+        let mut pkg = Tree::new();
+        for f in ["bootcode.bin", "start.elf", "fixup.dat"] {
+            pkg.add_file(&format!("usr/lib/raspi-firmware/{f}"), 0o644, format!("firmware {f}").into_bytes()).unwrap();
+        }
+        let mut root = Tree::new();
+        for dt in &rpi.device_trees {
+            root.add_file(
+                &format!("usr/lib/linux-image-6.12.0-arm64/broadcom/{}", dt.file),
+                0o644,
+                format!("dtb {}", dt.file).into_bytes(),
+            )
+            .unwrap();
+        }
+        let mut board = rpi.firmware_files(&pkg).unwrap();
+        board.extend(rpi.device_tree_files(&root, "6.12.0-arm64").unwrap());
+        let cmdline = "root=PARTUUID=x kiln.rootname=kiln-root-a console=tty0 console=ttyS1,115200";
+        let b = BootFiles {
+            arch: Arch::Aarch64,
+            title: "kiln pi (aarch64)",
+            kernel_version: "6.12.0-arm64",
+            kernel: Content::bytes("kernel image"),
+            initrd: Content::bytes("initramfs"),
+            systemd_boot: None,
+            cmdline,
+            board_files: &board,
+        };
+        let t = tree(&p, &b).unwrap();
+        assert!(!t.contains("EFI") && !t.contains("loader") && !t.contains("extlinux") && !t.contains("kiln"), "no other boot method");
+
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("boot.fat");
+        let size = crate::fat::fat32_size_for(&t, 1 << 20).unwrap();
+        let mut out = std::fs::File::create(&img).unwrap();
+        out.set_len(size).unwrap();
+        crate::fat::write_fat32(&mut out, size, &t, &crate::fat::FatOptions { volume_id: 1, label: "KILN-ESP".into(), mtime: 0 }).unwrap();
+        drop(out);
+        let read = |name: &str| {
+            let o = std::process::Command::new("mcopy")
+                .args(["-n", "-i", img.to_str().unwrap(), &format!("::/{name}"), "-"])
+                .output()
+                .expect("running mcopy (install the Debian package `mtools`)");
+            assert!(o.status.success(), "/{name}: {}", String::from_utf8_lossy(&o.stderr));
+            o.stdout
+        };
+        for (name, content) in &board {
+            assert_eq!(read(name), content.read().unwrap().into_owned(), "{name}");
+        }
+        let config = String::from_utf8(read(crate::raspberrypi::CONFIG_TXT)).unwrap();
+        for filters in [&["pi3"][..], &["pi3", "pi3+"]] {
+            let keys = crate::raspberrypi::read_config_txt(&config, filters);
+            assert_eq!(read(&keys["kernel"]), b"kernel image");
+            assert_eq!(read(keys["initramfs"].split_whitespace().next().unwrap()), b"initramfs");
+            assert!(read(&keys["device_tree"]).starts_with(b"dtb bcm2837-rpi-3-b"), "{filters:?}: {keys:?}");
+        }
+        assert_eq!(read(crate::raspberrypi::CMDLINE_TXT), format!("{cmdline}\n").into_bytes());
+    }
 }
