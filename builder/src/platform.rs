@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
 
-/// A platform description (see `firmware/generic-uefi.yaml` for the commented format).
+/// A platform description (see `firmware/generic-uefi.yaml` for the commented format, and
+/// `firmware/rpi4.yaml` for `boot.raspberrypi`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Platform {
