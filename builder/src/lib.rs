@@ -40,6 +40,7 @@ pub mod platform;
 pub mod profile;
 pub mod provision;
 pub mod qemu;
+pub mod raspberrypi;
 pub mod registries;
 pub mod secret_files;
 pub mod serve;

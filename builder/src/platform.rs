@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
 
-/// A platform description (see `firmware/generic-uefi.yaml` for the commented format).
+/// A platform description (see `firmware/generic-uefi.yaml` for the commented format, and
+/// `firmware/rpi4.yaml` for `boot.raspberrypi`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Platform {
@@ -46,11 +47,16 @@ pub fn table(platforms: &[Platform]) -> String {
     out
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootMethods {
+    #[serde(default)]
     pub systemd_boot: bool,
+    #[serde(default)]
     pub extlinux: bool,
+    /// The Raspberry Pi firmware's boot partition (`crate::raspberrypi`).
+    #[serde(default)]
+    pub raspberrypi: Option<crate::raspberrypi::RaspberryPi>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,8 +103,12 @@ impl Platform {
 
     /// The boot methods this platform writes, by their common names.
     pub fn boot_methods(&self) -> Vec<&'static str> {
-        let BootMethods { systemd_boot, extlinux } = self.boot;
-        [(systemd_boot, "uefi/systemd-boot"), (extlinux, "u-boot/extlinux")].into_iter().filter(|(on, _)| *on).map(|(_, m)| m).collect()
+        let BootMethods { systemd_boot, extlinux, ref raspberrypi } = self.boot;
+        [(systemd_boot, "uefi/systemd-boot"), (extlinux, "u-boot/extlinux"), (raspberrypi.is_some(), "raspberrypi-firmware")]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, m)| m)
+            .collect()
     }
 
     /// The architectures, comma-separated.
@@ -113,6 +123,15 @@ impl Platform {
             arch: self.arch.iter().map(|a| a.name().to_string()).collect(),
             boot: self.boot_methods().into_iter().map(String::from).collect(),
             description: self.description.clone(),
+        }
+    }
+
+    /// Refuses a profile whose `os.components` lack the component the platform's boot files
+    /// come from (the Raspberry Pi firmware is in `non-free-firmware`).
+    pub fn check_components(&self, components: &[String]) -> Result<()> {
+        match &self.boot.raspberrypi {
+            Some(rpi) => rpi.check_components(&self.name, components),
+            None => Ok(()),
         }
     }
 

@@ -77,6 +77,34 @@ fn offline_with_an_empty_cache_names_the_missing_artifact() {
 }
 
 #[test]
+fn a_raspberry_pi_profile_without_non_free_firmware_exits_2_before_any_download() {
+    let d = tempfile::tempdir().unwrap();
+    // The mirror is unreachable: the check comes before the package index is read.
+    profile(d.path(), "name: t\narch: [aarch64]\nplatform: {aarch64: rpi4}\nos:\n  mirror: http://127.0.0.1:9/debian\n");
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("p.yaml")
+            && text.contains("`os.components`")
+            && text.contains("raspi-firmware")
+            && text.contains("[main, non-free-firmware]"),
+        "{text}"
+    );
+    assert_no_image(d.path());
+
+    // A Pi boots the card kiln writes: no installer medium, no netboot.
+    let components = "  components: [main, non-free-firmware]\n";
+    profile(d.path(), &format!("name: t\narch: [aarch64]\nplatform: {{aarch64: rpi3}}\ninstall: {{mode: installer}}\nos:\n{components}"));
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("`install.mode`") && text.contains("rpi3"), "{text}");
+    profile(d.path(), &format!("name: t\narch: [aarch64]\nplatform: {{aarch64: rpi3}}\nos:\n{components}"));
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out", "--format", "netboot"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--format netboot") && text.contains("rpi3"), "{text}");
+}
+
+#[test]
 fn schema_is_json_with_the_profile_keys() {
     let d = tempfile::tempdir().unwrap();
     let (code, text) = kiln(d.path(), &["schema"]);

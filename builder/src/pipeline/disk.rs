@@ -307,7 +307,13 @@ fn write_wanted(job: &Job, layout: &DiskLayout, disk_guid: Guid, contents: &[Opt
     let compressed: Vec<(Compression, std::path::PathBuf)> =
         job.opts.disk_compressions().into_iter().map(|c| (c, job.dir.join(compressed_name(c)))).collect();
     let image = job.dir.join(DISK_IMAGE);
-    let written = write_disk(&image, layout, disk_guid, contents, mode, &compressed)?;
+    // The Raspberry Pi firmware reads only the MBR (the Pi 3's boot ROM) or prefers it: its
+    // boot partition, partition 1, is shown there as FAT32 (docs/boards.md).
+    let table = match job.platform.boot.raspberrypi {
+        Some(_) => Table::HybridMbr { partition: 0, mbr_type: MBR_FAT32_LBA },
+        None => Table::Gpt,
+    };
+    let written = write_disk(&image, layout, disk_guid, table, contents, mode, &compressed)?;
     let mut outputs = vec![Output { file: DISK_IMAGE.into(), sha256: written.sha256, size: layout.size }];
     outputs.extend(written.compressed);
     if job.opts.wants(Format::DiskBmap) {
@@ -332,6 +338,18 @@ pub fn image_mode(p: &crate::profile::Profile) -> u32 {
     }
 }
 
+/// MBR partition type of FAT32 with LBA addressing, the type the Raspberry Pi boot ROM looks for.
+const MBR_FAT32_LBA: u8 = 0x0C;
+
+/// The partition table of an image.
+#[derive(Clone, Copy)]
+enum Table {
+    /// GPT with a protective MBR.
+    Gpt,
+    /// GPT with a hybrid MBR showing one partition ([`gpt::write_gpt_hybrid`]).
+    HybridMbr { partition: usize, mbr_type: u8 },
+}
+
 /// What [`write_disk`] wrote.
 struct Written {
     /// The image's sha256, taken while writing.
@@ -351,6 +369,7 @@ fn write_disk(
     path: &Path,
     layout: &DiskLayout,
     disk_guid: Guid,
+    table_kind: Table,
     contents: &[Option<Part>],
     mode: u32,
     compressed: &[(Compression, std::path::PathBuf)],
@@ -364,7 +383,11 @@ fn write_disk(
         copies.push((copy, Compressor::new(*c, file, Some(layout.size)).with_context(|| format!("starting {}", copy.display()))?));
     }
     let mut table = Sectors::default();
-    gpt::write_gpt(&mut table, layout, disk_guid).context("writing the partition table")?;
+    match table_kind {
+        Table::Gpt => gpt::write_gpt(&mut table, layout, disk_guid),
+        Table::HybridMbr { partition, mbr_type } => gpt::write_gpt_hybrid(&mut table, layout, disk_guid, partition, mbr_type),
+    }
+    .context("writing the partition table")?;
     let mut pieces: Vec<(u64, Part, Option<&str>)> = table.runs.iter().map(|(at, b)| (*at, Part::Bytes(b), None)).collect();
     for (part, content) in layout.partitions.iter().zip(contents) {
         if let Some(content) = content {
@@ -528,6 +551,7 @@ mod tests {
                 &path,
                 &layout,
                 Guid::derive("test", &[b"d"]),
+                Table::Gpt,
                 &[Some(Part::Bytes(&[1u8; 512]))],
                 mode,
                 &[(Compression::Zstd, copy.clone())],
@@ -558,7 +582,7 @@ mod tests {
         ];
         let path = dir.path().join(DISK_IMAGE);
         let copies = [(Compression::Zstd, dir.path().join(DISK_ZST)), (Compression::Xz, dir.path().join(DISK_XZ))];
-        let written = write_disk(&path, &layout, g("disk"), &contents, 0o644, &copies)?;
+        let written = write_disk(&path, &layout, g("disk"), Table::Gpt, &contents, 0o644, &copies)?;
         assert_eq!(std::fs::metadata(&path)?.len(), layout.size);
         assert_eq!(written.sha256, crate::digest::sha256_file(&path)?);
         // The compressed copies decompress to the image, and their records are their files'.

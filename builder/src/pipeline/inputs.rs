@@ -10,7 +10,7 @@ use tracing::info;
 use super::{BuildOptions, Format};
 use crate::arch::Arch;
 use crate::debian::{self, Suite};
-use crate::error::UsageError;
+use crate::error::{ResultExt, UsageError};
 use crate::fetch::Fetcher;
 use crate::profile::{LoadedProfile, Profile};
 
@@ -40,6 +40,9 @@ pub(super) struct Inputs {
     /// `os.image`: the base OS image, verified in the cache.
     pub(super) os_image: Option<crate::oci::Image>,
     pub(super) systemd_boot_deb: Option<(debian::Package, PathBuf)>,
+    /// Raspberry Pi platforms: the GPU firmware package (`raspi-firmware`), used on the boot
+    /// partition only, not installed.
+    pub(super) firmware_deb: Option<(debian::Package, PathBuf)>,
     /// Netboot builds: Debian's `ipxe` (its EFI binary goes to `netboot/ipxe.efi`).
     pub(super) ipxe_deb: Option<(debian::Package, PathBuf)>,
     /// Cluster images: the verified k3s binary and air-gap archive.
@@ -86,6 +89,26 @@ fn root_packages(p: &Profile) -> Vec<&str> {
 
 /// Resolves and downloads (or finds in the cache) every package one architecture needs.
 pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch: Arch) -> Result<Inputs> {
+    // Before any download: a board whose firmware is in a component the profile does not read.
+    let platform = crate::platform::Platform::load_for(profile.platform(arch), arch).in_profile(&profile.path)?;
+    platform.check_components(&profile.profile.os.components).in_profile(&profile.path)?;
+    if platform.boot.raspberrypi.is_some() {
+        // An installer writes a plain GPT onto its target, which the Pi firmware may not read:
+        // a Pi boots the card kiln writes.
+        if profile.profile.install.mode == crate::profile::InstallMode::Installer {
+            return Err(UsageError(format!(
+                "{}: key `install.mode`: platform `{}` boots the card kiln writes (`in-place`, the default); installer media are not supported for it",
+                profile.path.display(),
+                platform.name
+            ))
+            .into());
+        }
+        if opts.wants(Format::Netboot) {
+            return Err(
+                UsageError(format!("--format netboot: platform `{}` boots from its SD card, not the network", platform.name)).into()
+            );
+        }
+    }
     let suite = suite_for(profile, opts)?;
     info!("{arch}: reading {} {} for {}", suite.mirror, suite.suite, arch.debian());
     let components = &profile.profile.os.components;
@@ -131,6 +154,17 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
     let firstboot_debs = firstboot_pkgs.into_iter().map(fetch).collect::<Result<_>>()?;
     let kernel_deb = kernel_pkg.map(fetch).transpose()?;
     let systemd_boot_deb = systemd_boot.map(fetch).transpose()?;
+    let firmware_deb = match platform.boot.raspberrypi.as_ref().and_then(|r| r.firmware.as_ref()) {
+        Some(fw) => {
+            let pkg = one_package(&index, &fw.package)
+                .with_context(|| format!("{arch}: finding {} (platform `{}`)", fw.package, platform.name))?
+                .with_context(|| {
+                    format!("{arch}: the suite's {} component has no `{}` package (platform `{}`)", fw.component, fw.package, platform.name)
+                })?;
+            Some(fetch(pkg)?)
+        }
+        None => None,
+    };
     let ipxe_deb = if opts.wants(Format::Netboot) { Some(fetch(ipxe_package(&index, arch)?)?) } else { None };
     let k3s = match &p.cluster {
         Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
@@ -159,6 +193,7 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
         kernel_deb,
         os_image,
         systemd_boot_deb,
+        firmware_deb,
         ipxe_deb,
         k3s,
         images,

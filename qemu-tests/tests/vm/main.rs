@@ -15,3 +15,4 @@ mod oci_images;
 mod provision;
 mod pxe;
 mod quickstart;
+mod raspberrypi;
