@@ -80,6 +80,15 @@ pub fn starter(name: &str, platform: &Platform, layout: Layout) -> Result<String
     if seen != (true, true) {
         bail!("the example profile {example}.yaml has no `name:` or `arch:` line (a kiln bug)");
     }
+    // Boards whose boot files come from another Debian component (the Raspberry Pi firmware
+    // is in non-free-firmware) need it read.
+    if let Some(fw) = platform.boot.raspberrypi.as_ref().and_then(|r| r.firmware.as_ref()) {
+        let line = format!("  # {} ({}) is in {}.\n  components: [main, {}]\n", fw.package, platform.name, fw.component, fw.component);
+        out = match out.find("\nos:\n") {
+            Some(i) => format!("{}{line}{}", &out[..i + "\nos:\n".len()], &out[i + "\nos:\n".len()..]),
+            None => format!("{out}\nos:\n{line}"),
+        };
+    }
     if !text.contains("- site-example") {
         out.push_str("\n# Directories laid onto the root after kiln's own overlay (relative to this file).\noverlays:\n  - overlay\n");
     }
@@ -142,6 +151,20 @@ mod tests {
             assert!(w.overlay.join("etc/issue.hbs").is_file() && w.schema.is_file());
             let again = write(d.path(), "my-site", &p, layout).unwrap_err().to_string();
             assert!(again.contains("exists") && again.contains("never replaces"), "{again}");
+        }
+    }
+
+    /// A Raspberry Pi starter is aarch64 only, names the platform and reads non-free-firmware.
+    #[test]
+    fn board_starters_get_their_architectures_platform_and_component() {
+        for layout in [Layout::None, Layout::Agents] {
+            let d = tempfile::tempdir().unwrap();
+            let w = write(d.path(), "pis", &Platform::load("rpi4").unwrap(), layout).unwrap();
+            let loaded = LoadedProfile::load(&w.profile).unwrap_or_else(|e| panic!("{layout:?}: {e:#}"));
+            assert_eq!(loaded.profile.arch, vec![crate::arch::Arch::Aarch64]);
+            assert_eq!(loaded.platform(crate::arch::Arch::Aarch64), "rpi4");
+            assert!(loaded.profile.os.components.contains(&"non-free-firmware".to_string()), "{layout:?}");
+            Platform::load("rpi4").unwrap().check_components(&loaded.profile.os.components).unwrap();
         }
     }
 

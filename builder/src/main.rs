@@ -413,8 +413,13 @@ fn profile_problems(path: &std::path::Path) -> Result<(Option<LoadedProfile>, Ve
     if let Some(p) = &loaded {
         let mut more = kiln::pipeline::template_problems(p);
         for &a in &p.profile.arch {
-            if let Err(e) = kiln::platform::Platform::load_for(p.platform(a), a) {
-                more.push(e.context(format!("key `platform.{a}`")));
+            match kiln::platform::Platform::load_for(p.platform(a), a) {
+                Err(e) => more.push(e.context(format!("key `platform.{a}`"))),
+                Ok(platform) => {
+                    if let Err(e) = platform.check_components(&p.profile.os.components) {
+                        more.push(e.context("key `os.components`"));
+                    }
+                }
             }
         }
         problems.extend(p.locate(&more));
