@@ -1,15 +1,14 @@
 //! Registry credentials: from the profile (`image_registries.HOST.username` + `password_file`),
 //! else from the standard container auth files (`$REGISTRY_AUTH_FILE`, then
-//! `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`), else anonymous. Only inline `auth`
-//! (or `username`/`password`) entries are read: credential helpers (`credsStore`) are not run.
+//! `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`), else anonymous. Entries are read
+//! as Docker reads them (the `docker_credential` crate): `credHelpers`, inline `auths`,
+//! `credsStore`; a credential helper (`docker-credential-<name>`) is run for its entry.
 //! Secrets never reach a log: [`Credentials`] prints the user name only.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context, Result};
-use base64::Engine;
-use serde::Deserialize;
 
 /// A user name and password (or token) for one registry.
 #[derive(Clone, PartialEq, Eq)]
@@ -24,49 +23,42 @@ impl fmt::Debug for Credentials {
     }
 }
 
-#[derive(Deserialize)]
-struct AuthFile {
-    #[serde(default)]
-    auths: std::collections::BTreeMap<String, AuthEntry>,
+/// Docker Hub's names; Docker keys its credentials (and asks its helpers) as
+/// `https://index.docker.io/v1/`.
+fn is_docker_hub(host: &str) -> bool {
+    matches!(host, "docker.io" | "index.docker.io" | "registry-1.docker.io")
 }
 
-#[derive(Deserialize)]
-struct AuthEntry {
-    #[serde(default)]
-    auth: Option<String>,
-    #[serde(default)]
-    username: Option<String>,
-    #[serde(default)]
-    password: Option<String>,
-}
-
-/// The host part of an auths key: keys may be `host`, `host:port`, `https://host/v1/` ...
-fn key_host(key: &str) -> &str {
-    let k = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
-    k.split('/').next().unwrap_or(k)
-}
-
-/// The names Docker Hub goes by in auth files.
-fn same_registry(a: &str, b: &str) -> bool {
-    let hub = |h: &str| matches!(h, "docker.io" | "index.docker.io" | "registry-1.docker.io");
-    a == b || (hub(a) && hub(b))
-}
-
-/// Looks `registry` up in an auth file's text. `origin` names the file in errors.
+/// Looks `registry` up in an auth file's text, as Docker does: `credHelpers` for the host,
+/// then inline `auths` entries (`auth`, or `username` and `password`), then `credsStore`. A
+/// credential helper (`docker-credential-<name> get`) is run through the `docker_credential`
+/// crate. `origin` names the file in errors.
 pub fn lookup(text: &str, registry: &str, origin: &str) -> Result<Option<Credentials>> {
-    let file: AuthFile = serde_json::from_str(text).map_err(|e| anyhow!("{origin} is not a container auth file: {e}"))?;
-    let Some((key, entry)) = file.auths.iter().find(|(k, _)| same_registry(key_host(k), registry)) else {
-        return Ok(None);
-    };
-    if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
-        return Ok(Some(Credentials { username: u.clone(), password: p.clone() }));
+    use docker_credential::{CredentialRetrievalError as E, DockerCredential};
+    let server = if is_docker_hub(registry) { "https://index.docker.io/v1/" } else { registry };
+    match docker_credential::get_credential_from_reader(text.as_bytes(), server) {
+        Ok(DockerCredential::UsernamePassword(username, password)) => Ok(Some(Credentials { username, password })),
+        Ok(DockerCredential::IdentityToken(_)) => Err(anyhow!(
+            "{origin}: the entry for {registry} is an identity token (an OAuth refresh token), which kiln does not use: log in with a user name and a password or access token (`docker login -u USER {registry}`), or set `image_registries.{registry}.username` and `password_file`"
+        )),
+        Err(E::NoCredentialConfigured) => Ok(None),
+        // A helper that has nothing for this host: anonymous, as Docker does.
+        Err(E::HelperFailure { stdout, .. }) if stdout.contains("credentials not found") => Ok(None),
+        Err(E::HelperFailure { helper, stderr, .. }) => {
+            Err(anyhow!("{origin}: credential helper `{helper}` failed for {registry}: {}", stderr.trim()))
+        }
+        Err(E::HelperCommunicationError) => {
+            // Docker fails here; kiln pulls anonymously (public images still work) but says so.
+            tracing::warn!(
+                "registry {registry}: {origin} names a credential helper (credsStore/credHelpers) that could not be run (is docker-credential-<name> installed and on PATH?): pulling anonymously"
+            );
+            Ok(None)
+        }
+        Err(E::MalformedHelperResponse) => Err(anyhow!("{origin}: the credential helper for {registry} answered something that is not Docker's credential JSON")),
+        Err(E::CredentialDecodingError) => Err(anyhow!("{origin}: the `auths` entry's `auth` for {registry} is not base64 of `user:password`")),
+        Err(E::CredentialMismatchError) => Err(anyhow!("{origin}: the `auths` entry for {registry} has an `auth` that does not match its `username` and `password`")),
+        Err(e) => Err(anyhow!("{origin} is not a container auth file ({e})")),
     }
-    let Some(auth) = &entry.auth else { return Ok(None) };
-    let bad = || anyhow!("{origin}: `auths.{key}.auth` is not base64 of `user:password`");
-    let decoded = base64::engine::general_purpose::STANDARD.decode(auth.trim()).map_err(|_| bad())?;
-    let decoded = String::from_utf8(decoded).map_err(|_| bad())?;
-    let (u, p) = decoded.split_once(':').ok_or_else(bad)?;
-    Ok(Some(Credentials { username: u.to_string(), password: p.to_string() }))
 }
 
 /// The auth files consulted, in order: `$REGISTRY_AUTH_FILE`, then Docker's config.
@@ -127,6 +119,7 @@ mod tests {
         assert_eq!((c.username.as_str(), c.password.as_str()), ("alice", "s3cret"));
         let c = lookup(text, "docker.io", "f").unwrap().unwrap();
         assert_eq!(c.username, "bob");
+        // Not in `auths`: `credsStore` names a helper this host does not have: anonymous, with a warning.
         assert!(lookup(text, "registry.example", "f").unwrap().is_none(), "the port is part of the host");
         assert!(!format!("{c:?}").contains("hunter2"), "Debug never shows the password");
     }
@@ -134,7 +127,7 @@ mod tests {
     #[test]
     fn malformed_auth_files_are_named() {
         let err = lookup("{\"auths\": {\"r\": {\"auth\": \"!!\"}}}", "r", "/x/config.json").unwrap_err().to_string();
-        assert!(err.contains("/x/config.json") && err.contains("auths.r.auth"), "{err}");
+        assert!(err.contains("/x/config.json") && err.contains("`auth` for r"), "{err}");
         assert!(lookup("{\"auths\": 5}", "r", "/x/config.json").unwrap_err().to_string().contains("/x/config.json"));
     }
 }

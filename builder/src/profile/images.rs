@@ -27,8 +27,8 @@ pub struct Registry {
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
     /// User name to log in with (needs `password_file`). Absent: the credentials for this host
-    /// in `$REGISTRY_AUTH_FILE` or `~/.docker/config.json` (inline `auth` entries), else
-    /// anonymous pulls.
+    /// in `$REGISTRY_AUTH_FILE` or `~/.docker/config.json` (as Docker reads them: `credHelpers`,
+    /// inline `auths`, `credsStore`, running `docker-credential-<name>`), else anonymous pulls.
     #[serde(default)]
     pub username: Option<String>,
     /// File whose first line is the password or token for `username` (relative to the
