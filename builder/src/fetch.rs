@@ -21,6 +21,8 @@ pub struct Fetcher {
     pub cache: Cache,
     /// Show indicatif progress bars (the CLI sets this only on a TTY).
     pub progress: bool,
+    /// The CA certificates HTTPS downloads trust (the host's bundle and the profile's).
+    pub trust: crate::trust::Trust,
 }
 
 /// Why one download attempt failed, and whether trying again can help.
@@ -54,7 +56,7 @@ impl Fetcher {
             }
             Err(e) => return Err(e).with_context(|| format!("looking up {what} in the cache")),
         }
-        with_retries(url, what, |agent| {
+        with_retries(&self.trust, url, what, |agent| {
             let response = request(agent, url)?;
             let length = response.body().content_length().or(size);
             let reader = response.into_body().into_reader();
@@ -80,7 +82,7 @@ impl Fetcher {
                 )
             });
         }
-        let data = with_retries(url, what, |agent| {
+        let data = with_retries(&self.trust, url, what, |agent| {
             let response = request(agent, url)?;
             let mut data = Vec::new();
             response
@@ -173,15 +175,19 @@ impl<R> Drop for BarReader<R> {
     }
 }
 
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
+/// One HTTP client configuration for every download: timeouts, the trusted CAs, and the proxy
+/// from `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY` (ureq reads them by default).
+fn agent(trust: &crate::trust::Trust) -> anyhow::Result<ureq::Agent> {
+    let tls = ureq::tls::TlsConfig::builder().root_certs(trust.root_certs()?).build();
+    Ok(ureq::Agent::config_builder()
+        .tls_config(tls)
         .timeout_connect(Some(Duration::from_secs(30)))
         // A stalled transfer is a network error (and retried), not a hang.
         .timeout_recv_body(Some(Duration::from_secs(120)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
         .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
         .build()
-        .into()
+        .into())
 }
 
 fn request(agent: &ureq::Agent, url: &str) -> Result<ureq::http::Response<ureq::Body>, Attempt> {
@@ -208,8 +214,13 @@ fn request(agent: &ureq::Agent, url: &str) -> Result<ureq::http::Response<ureq::
 }
 
 /// Runs `attempt` up to [`TRIES`] times with 1 s, 2 s backoff while it fails with a retryable error.
-fn with_retries<T>(url: &str, what: &str, mut attempt: impl FnMut(&ureq::Agent) -> Result<T, Attempt>) -> anyhow::Result<T> {
-    let agent = agent();
+fn with_retries<T>(
+    trust: &crate::trust::Trust,
+    url: &str,
+    what: &str,
+    mut attempt: impl FnMut(&ureq::Agent) -> Result<T, Attempt>,
+) -> anyhow::Result<T> {
+    let agent = agent(trust)?;
     let mut try_no = 1;
     loop {
         match attempt(&agent) {
@@ -250,7 +261,7 @@ mod tests {
     }
 
     fn fetcher(dir: &tempfile::TempDir, offline: bool) -> Fetcher {
-        Fetcher { offline, cache: Cache::new(dir.path().to_path_buf()), progress: false }
+        Fetcher { offline, cache: Cache::new(dir.path().to_path_buf()), progress: false, trust: Default::default() }
     }
 
     const BODY: &[u8] = b"a package";

@@ -296,7 +296,7 @@ mod tests {
     }
 
     fn fetcher(cache: &Path, offline: bool) -> Fetcher {
-        Fetcher { offline, cache: Cache::new(cache.to_path_buf()), progress: false }
+        Fetcher { offline, cache: Cache::new(cache.to_path_buf()), progress: false, trust: Default::default() }
     }
 
     /// A loopback HTTP server serving `files` (request path -> body); counts requests.

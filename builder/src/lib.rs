@@ -51,3 +51,4 @@ pub mod squashfs;
 #[cfg(test)]
 mod testhttp;
 pub mod tree;
+pub mod trust;

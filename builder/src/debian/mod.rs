@@ -261,7 +261,8 @@ mod tests {
             "/dists/trixie/main/binary-amd64/Packages.xz" => ("200 OK", packages.clone()),
             _ => ("404 Not Found", Vec::new()),
         });
-        let fetcher = |offline| Fetcher { offline, cache: Cache::new(dir.path().join("cache")), progress: false };
+        let fetcher =
+            |offline| Fetcher { offline, cache: Cache::new(dir.path().join("cache")), progress: false, trust: Default::default() };
         let suite = Suite { mirror: base.clone(), suite: "trixie".into(), keyring: ring };
         let cached = |f: &Fetcher| f.cache.get_ref(&format!("{base}/trixie/InRelease")).unwrap().unwrap();
         let good = load_index(&fetcher(false), &suite, "amd64").unwrap();
@@ -339,7 +340,12 @@ mod tests {
         let caches = std::cell::Cell::new(0);
         let fresh = || {
             caches.set(caches.get() + 1);
-            Fetcher { offline: false, cache: Cache::new(dir.path().join(format!("cache{}", caches.get()))), progress: false }
+            Fetcher {
+                offline: false,
+                cache: Cache::new(dir.path().join(format!("cache{}", caches.get()))),
+                progress: false,
+                trust: Default::default(),
+            }
         };
 
         // A tampered component list is refused by its digest, like main's.
@@ -411,7 +417,7 @@ mod tests {
         let mirror = host_debian_mirror(std::path::Path::new("/etc/apt")).unwrap();
         let cache_dir =
             std::env::var_os("KILN_TEST_CACHE").map(PathBuf::from).unwrap_or_else(|| std::env::temp_dir().join("kiln-test-cache"));
-        let fetcher = Fetcher { offline: false, cache: Cache::new(cache_dir), progress: false };
+        let fetcher = Fetcher { offline: false, cache: Cache::new(cache_dir), progress: false, trust: Default::default() };
         let suite = Suite { mirror, suite: "trixie".into(), keyring: "/usr/share/keyrings/debian-archive-keyring.gpg".into() };
         let start = Instant::now();
         let index = load_index(&fetcher, &suite, "arm64").unwrap();
@@ -443,7 +449,7 @@ mod tests {
         assert_eq!(file_sha256(&deb).unwrap(), bb.sha256);
 
         // Offline, the same index loads from the cache alone.
-        let offline = Fetcher { offline: true, cache: fetcher.cache.clone(), progress: false };
+        let offline = Fetcher { offline: true, cache: fetcher.cache.clone(), progress: false, trust: Default::default() };
         let start = Instant::now();
         let again = load_index(&offline, &suite, "arm64").unwrap();
         eprintln!("offline reload from the cache in {:?}", start.elapsed());

@@ -95,7 +95,12 @@ mod tests {
         let p = test_profile(&format!("{charts}{SERVER}"));
         crate::profile::deploy::validate(&p, d.path()).unwrap();
 
-        let fetcher = crate::fetch::Fetcher { offline: true, cache: crate::cache::Cache::new(d.path().join("cache")), progress: false };
+        let fetcher = crate::fetch::Fetcher {
+            offline: true,
+            cache: crate::cache::Cache::new(d.path().join("cache")),
+            progress: false,
+            trust: Default::default(),
+        };
         let mut puller = crate::oci::pull::Puller::new(&fetcher, &p.image_registries, d.path());
         let charts = chart::gather(&p.charts, d.path(), &mut puller, 0).unwrap();
         let mut root = Tree::new();

@@ -140,7 +140,7 @@ mod tests {
     }
 
     fn fetcher(dir: &std::path::Path, offline: bool) -> Fetcher {
-        Fetcher { offline, cache: Cache::new(dir.to_path_buf()), progress: false }
+        Fetcher { offline, cache: Cache::new(dir.to_path_buf()), progress: false, trust: Default::default() }
     }
 
     #[test]

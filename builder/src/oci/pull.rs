@@ -561,7 +561,7 @@ mod tests {
     }
 
     fn fetcher(dir: &Path, offline: bool) -> Fetcher {
-        Fetcher { offline, cache: Cache::new(dir.to_path_buf()), progress: false }
+        Fetcher { offline, cache: Cache::new(dir.to_path_buf()), progress: false, trust: Default::default() }
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub struct Fetched {
 /// `kiln fetch`: fills the cache with everything the profile's builds need.
 pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<Vec<Fetched>> {
     let started = std::time::Instant::now();
-    let fetcher = opts.fetcher()?;
+    let fetcher = opts.fetcher(profile)?;
     let mut fetched = Vec::new();
     for arch in opts.archs_for(profile)? {
         let inputs = inputs::gather(profile, opts, &fetcher, arch)?;
@@ -104,7 +104,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let started = std::time::Instant::now();
     let archs = opts.archs_for(profile)?;
     let out_dir = opts.out.clone().unwrap_or_else(|| default_out_dir(profile));
-    let fetcher = opts.fetcher()?;
+    let fetcher = opts.fetcher(profile)?;
     let platforms: Vec<Platform> =
         archs.iter().map(|a| Platform::load_for(profile.platform(*a), *a).in_profile(&profile.path)).collect::<Result<_>>()?;
 

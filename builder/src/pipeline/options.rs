@@ -80,12 +80,21 @@ impl BuildOptions {
             .collect()
     }
 
-    pub(super) fn fetcher(&self) -> Result<Fetcher> {
+    /// The downloader for a build of `profile`: its cache, and the CAs its HTTPS downloads
+    /// trust (the host's bundle and the profile's `image_registries.<host>.ca_file`s).
+    pub(super) fn fetcher(&self, profile: &LoadedProfile) -> Result<Fetcher> {
         let root = match &self.cache_dir {
             Some(d) => d.clone(),
             None => crate::cache::Cache::default_root()?,
         };
-        Ok(Fetcher { offline: self.offline, cache: crate::cache::Cache::new(root), progress: self.progress })
+        let extra = profile
+            .profile
+            .image_registries
+            .iter()
+            .filter_map(|(host, r)| r.ca_file.as_ref().map(|f| (format!("image_registries.{host}.ca_file"), profile.resolve(f))))
+            .collect();
+        let trust = crate::trust::Trust::new(extra);
+        Ok(Fetcher { offline: self.offline, cache: crate::cache::Cache::new(root), progress: self.progress, trust })
     }
 
     /// The architectures to build, checked against the profile.
