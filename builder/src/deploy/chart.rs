@@ -123,7 +123,8 @@ pub struct Chart {
     pub content: Content,
     pub sha256: String,
     pub size: u64,
-    /// What the profile named: `oci://...` (normalised) or the path as written.
+    /// What the profile named: `oci://...` (normalised), the path as written, or for a
+    /// repository chart the archive's URL from the repository's index.
     pub source: String,
     /// For registry charts: the manifest digest the reference resolved to.
     pub resolved: Option<String>,
@@ -135,7 +136,15 @@ pub fn gather(specs: &[ChartSpec], base_dir: &Path, puller: &mut crate::oci::pul
     let mut out: Vec<Chart> = Vec::new();
     for (index, spec) in specs.iter().enumerate() {
         let key = format!("charts[{index}]");
-        let (meta, content, sha256, size, source, resolved) = match Source::of(&spec.chart, base_dir) {
+        let (meta, content, sha256, size, source, resolved) = match Source::of(spec, base_dir) {
+            Source::Repo { url, name, version } => {
+                let (r, path) = super::helm_repo::fetch(puller.fetcher(), &url, &name, &version).with_context(|| format!("key `{key}`"))?;
+                let what = format!("key `{key}`: chart {name} {version} from {}", r.url);
+                let file = std::fs::File::open(&path).with_context(|| format!("{what}: reading {}", path.display()))?;
+                let meta = read_meta(file, &what)?;
+                let size = std::fs::metadata(&path)?.len();
+                (meta, Content::HostFile(path), r.sha256, size, r.url, None)
+            }
             Source::Oci(r) => {
                 let pulled = puller.chart(&r).with_context(|| format!("key `{key}`"))?;
                 let what = format!("key `{key}`: chart `oci://{}`", pulled.reference);

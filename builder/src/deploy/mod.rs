@@ -8,6 +8,7 @@
 //! The `manifests` and `charts` keys' types and checks are in `profile::deploy`.
 
 pub mod chart;
+pub mod helm_repo;
 pub mod manifests;
 
 use std::path::{Path, PathBuf};

@@ -224,7 +224,7 @@ impl<'a> Puller<'a> {
     }
 
     /// The fetcher (cache, offline flag) of this session.
-    pub(super) fn fetcher(&self) -> &'a Fetcher {
+    pub fn fetcher(&self) -> &'a Fetcher {
         self.fetcher
     }
 

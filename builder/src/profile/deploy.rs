@@ -26,8 +26,14 @@ pub struct ChartSpec {
     /// The chart: `oci://host/repository/name:version` (or `...@sha256:<hex>`; pulled with the
     /// options of `image_registries` for that host, verified and cached like images), a packaged
     /// chart `.tgz`, or a chart directory (with `Chart.yaml`) that kiln packs itself. Paths are
-    /// relative to the profile.
+    /// relative to the profile. With `repo`: the chart's name in that repository.
     pub chart: ChartRef,
+    /// A classic Helm chart repository (`https://charts.example.org/stable`): `chart` is the
+    /// chart's name and `version` is required. The repository's `index.yaml` gives the chart's
+    /// URL and sha256; the `.tgz` is verified against it and cached, so builds after `kiln fetch`
+    /// run offline.
+    #[serde(default)]
+    pub repo: Option<String>,
     /// The release name (the `HelmChart`'s name): a lower-case DNS label of at most 53
     /// characters. Default: the chart's name.
     #[serde(default)]
@@ -95,6 +101,8 @@ crate::image_ref::json_schema_as_string!(ChartRef);
 pub enum Source {
     /// A registry reference.
     Oci(ImageRef),
+    /// A chart of a classic Helm repository: the repository URL, the chart's name, its version.
+    Repo { url: String, name: String, version: String },
     /// A packaged chart.
     Archive(PathBuf),
     /// A chart directory.
@@ -102,8 +110,12 @@ pub enum Source {
 }
 
 impl Source {
-    pub fn of(chart: &ChartRef, base_dir: &Path) -> Source {
-        match chart {
+    pub fn of(spec: &ChartSpec, base_dir: &Path) -> Source {
+        if let Some(url) = &spec.repo {
+            let version = spec.version.clone().unwrap_or_default();
+            return Source::Repo { url: url.trim_end_matches('/').to_string(), name: spec.chart.to_string(), version };
+        }
+        match &spec.chart {
             ChartRef::Oci(r) => Source::Oci(r.clone()),
             ChartRef::Path(s) if s.ends_with(".tgz") || s.ends_with(".tar.gz") => Source::Archive(base_dir.join(s)),
             ChartRef::Path(s) => Source::Dir(base_dir.join(s)),
@@ -145,7 +157,18 @@ fn is_label(s: &str, max: usize) -> bool {
 /// Checks of one `charts` entry that need no chart: the source's shape and the names.
 fn validate_chart(i: usize, spec: &ChartSpec, base_dir: &Path) -> Result<()> {
     let key = format!("charts[{i}]");
-    match Source::of(&spec.chart, base_dir) {
+    match Source::of(spec, base_dir) {
+        Source::Repo { url, name, version } => {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                bail!("key `{key}.repo`: `{url}` is not an http(s):// URL of a Helm chart repository");
+            }
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                bail!("key `{key}.chart`: with `repo`, `chart` is the chart's name in the repository (e.g. `nginx`), not `{name}`");
+            }
+            if version.is_empty() {
+                bail!("key `{key}.version`: a chart from `repo` needs its version (the repository's index lists them)");
+            }
+        }
         Source::Oci(r) if !r.as_str().contains('/') => {
             bail!("key `{key}.chart`: `{}` names no registry host (`oci://host/repository/name:version`)", spec.chart)
         }
@@ -206,8 +229,14 @@ mod tests {
     #[test]
     fn entries_are_checked_before_anything_is_pulled() {
         let d = tempfile::tempdir().unwrap();
-        let spec =
-            |chart: &str| ChartSpec { chart: chart.parse().unwrap(), name: None, namespace: None, version: None, values: BTreeMap::new() };
+        let spec = |chart: &str| ChartSpec {
+            chart: chart.parse().unwrap(),
+            repo: None,
+            name: None,
+            namespace: None,
+            version: None,
+            values: BTreeMap::new(),
+        };
         let e = validate_chart(0, &spec("missing.tgz"), d.path()).unwrap_err().to_string();
         assert!(e.contains("charts[0].chart") && e.contains("missing.tgz"), "{e}");
         let e = validate_chart(1, &spec("nodir"), d.path()).unwrap_err().to_string();
@@ -224,5 +253,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("charts[0].namespace"), "{e}");
+        let repo = |url: &str, chart: &str, version: Option<&str>| ChartSpec {
+            repo: Some(url.into()),
+            version: version.map(String::from),
+            ..spec(chart)
+        };
+        validate_chart(0, &repo("https://charts.example.org/stable", "nginx", Some("1.2.3")), d.path()).unwrap();
+        let e = validate_chart(0, &repo("https://charts.example.org", "nginx", None), d.path()).unwrap_err().to_string();
+        assert!(e.contains("charts[0].version") && e.contains("needs its version"), "{e}");
+        let e = validate_chart(0, &repo("ftp://x", "nginx", Some("1")), d.path()).unwrap_err().to_string();
+        assert!(e.contains("charts[0].repo"), "{e}");
+        let e = validate_chart(0, &repo("https://x", "stable/nginx", Some("1")), d.path()).unwrap_err().to_string();
+        assert!(e.contains("charts[0].chart") && e.contains("chart's name"), "{e}");
     }
 }

@@ -33,7 +33,8 @@ const ARCHS: [Arch; 2] = [Arch::X86_64, Arch::Aarch64];
 
 /// Debian's `busybox-static` for `arch`, fetched and verified by kiln into the tier's cache.
 fn busybox_deb(arch: Arch) -> Result<PathBuf> {
-    let fetcher = kiln::fetch::Fetcher { offline: false, cache: kiln::cache::Cache::new(cache_dir()?), progress: false, trust: Default::default() };
+    let fetcher =
+        kiln::fetch::Fetcher { offline: false, cache: kiln::cache::Cache::new(cache_dir()?), progress: false, trust: Default::default() };
     let suite = kiln::debian::Suite {
         mirror: kiln::debian::host_debian_mirror(Path::new("/etc/apt"))?,
         suite: "trixie".into(),

@@ -31,7 +31,8 @@ fn s(p: &Path) -> Result<&str> {
 /// The Debian packages the OS image is made of, fetched (and verified) through kiln's own
 /// Debian code into the tier's cache: `busybox-static` and the kernel `linux-image-amd64` names.
 fn debian_packages() -> Result<(PathBuf, PathBuf)> {
-    let fetcher = kiln::fetch::Fetcher { offline: false, cache: kiln::cache::Cache::new(cache_dir()?), progress: false, trust: Default::default() };
+    let fetcher =
+        kiln::fetch::Fetcher { offline: false, cache: kiln::cache::Cache::new(cache_dir()?), progress: false, trust: Default::default() };
     let suite = kiln::debian::Suite {
         mirror: kiln::debian::host_debian_mirror(Path::new("/etc/apt"))?,
         suite: "trixie".into(),
