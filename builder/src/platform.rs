@@ -22,6 +22,13 @@ pub struct Platform {
     /// NIC drivers the netboot installer's initrd carries (taken when the kernel has them).
     #[serde(default)]
     pub netboot_modules: Vec<String>,
+    /// The board's device tree, relative to the kernel package's dtb directory (e.g.
+    /// `sifive/hifive-unleashed-a00.dtb`): copied to the ESP and named by extlinux's `fdt` line.
+    #[serde(default)]
+    pub device_tree: Option<String>,
+    /// U-Boot SPL boards: the loaders written into their own partitions at fixed sectors.
+    #[serde(default)]
+    pub uboot_spl: Option<crate::board::uboot_spl::UbootSpl>,
 }
 
 /// What `kiln platforms` shows of a platform (`--json`: a list of these).
@@ -69,6 +76,9 @@ impl Platform {
         let text = std::str::from_utf8(data).context("platform file is not UTF-8")?;
         let mut p: Platform = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("firmware/{name}.yaml: {e}"))?;
         p.name = name.to_string();
+        if p.uboot_spl.is_some() && !p.boot.extlinux {
+            bail!("firmware/{name}.yaml: `uboot_spl` boards boot through extlinux: set `boot.extlinux: true`");
+        }
         Ok(p)
     }
 
@@ -98,7 +108,12 @@ impl Platform {
     /// The boot methods this platform writes, by their common names.
     pub fn boot_methods(&self) -> Vec<&'static str> {
         let BootMethods { systemd_boot, extlinux } = self.boot;
-        [(systemd_boot, "uefi/systemd-boot"), (extlinux, "u-boot/extlinux")].into_iter().filter(|(on, _)| *on).map(|(_, m)| m).collect()
+        let spl = self.uboot_spl.is_some();
+        [(spl, "u-boot-spl"), (systemd_boot, "uefi/systemd-boot"), (extlinux, "u-boot/extlinux")]
+            .into_iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, m)| m)
+            .collect()
     }
 
     /// The architectures, comma-separated.

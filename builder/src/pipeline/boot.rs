@@ -80,6 +80,8 @@ pub(super) struct Boot<'a> {
     initrd: Content,
     /// systemd-boot's EFI binary for the arch.
     systemd_boot: Option<Content>,
+    /// The board's device tree from the kernel package (`platform.device_tree`).
+    device_tree: Option<Content>,
     epoch: u64,
 }
 
@@ -94,6 +96,13 @@ impl<'a> Boot<'a> {
             }
             None => None,
         };
+        let device_tree = job
+            .platform
+            .device_tree
+            .as_deref()
+            .map(|dtb| crate::board::uboot_spl::device_tree(&root.tree, &root.kver, dtb))
+            .transpose()
+            .with_context(|| format!("platform `{}`", job.platform.name))?;
         let title = format!("kiln {} ({arch})", job.profile.profile.name);
         Ok(Boot {
             platform: job.platform,
@@ -103,6 +112,7 @@ impl<'a> Boot<'a> {
             kernel: root.kernel.clone(),
             initrd,
             systemd_boot,
+            device_tree,
             epoch: job.epoch,
         })
     }
@@ -119,6 +129,7 @@ impl<'a> Boot<'a> {
                 initrd: self.initrd.clone(),
                 systemd_boot: self.systemd_boot.clone(),
                 cmdline,
+                device_tree: self.device_tree.clone(),
             },
         )?;
         fat_image(&tree, guid, self.epoch)

@@ -39,6 +39,9 @@ pub const ROOT_B: &str = "kiln-root-b";
 /// GPT attribute bit 63, "do not automount" (Discoverable Partitions Specification): set on
 /// the empty B slot.
 const NO_AUTO: u64 = 1 << 63;
+/// GPT attribute bit 2, "legacy BIOS bootable": U-Boot's distro boot scans only the partitions
+/// marked so (else partition 1 alone), so a board's ESP after its loader partitions carries it.
+const LEGACY_BOOTABLE: u64 = 1 << 2;
 
 /// The disk image (or installer medium) in `OUT/<arch>/`.
 pub const DISK_IMAGE: &str = "disk.img";
@@ -105,6 +108,11 @@ impl Ids {
         self.guid("root-a")
     }
 
+    /// A board loader partition's GUID.
+    pub(super) fn loader_guid(&self, name: &str) -> Guid {
+        self.guid(&format!("loader-{name}"))
+    }
+
     /// Names the image in install plans: an identical image already on a target is not reinstalled.
     fn image_id(&self) -> String {
         hex::encode(&self.build_id[..8])
@@ -113,6 +121,8 @@ impl Ids {
 
 /// The installed system: its partitions and what goes into them.
 pub(super) struct System<'a> {
+    /// A U-Boot SPL board's loaders, in their partitions at fixed sectors before the others.
+    loaders: Vec<crate::board::uboot_spl::LoaderImage>,
     specs: Vec<PartitionSpec>,
     pub(super) esp: &'a [u8],
     pub(super) squashfs: Part<'a>,
@@ -145,11 +155,29 @@ impl<'a> System<'a> {
                 attributes: NO_AUTO,
             },
         ];
-        System { specs, esp, squashfs }
+        System { loaders: Vec::new(), specs, esp, squashfs }
     }
 
-    fn contents(&self) -> [Option<Part<'a>>; 3] {
-        [Some(Part::Bytes(self.esp)), Some(self.squashfs), None]
+    /// The system on a U-Boot SPL board's card: the loaders first, at their sectors, and the
+    /// ESP marked bootable for U-Boot's distro boot.
+    pub(super) fn with_loaders(mut self, loaders: Vec<crate::board::uboot_spl::LoaderImage>) -> System<'a> {
+        if !loaders.is_empty() {
+            self.specs[0].attributes |= LEGACY_BOOTABLE;
+        }
+        self.loaders = loaders;
+        self
+    }
+
+    /// The partitions' contents in table order (the loaders', then the system's).
+    fn contents(&self) -> Vec<Option<Part<'_>>> {
+        let loaders = self.loaders.iter().map(|l| Some(Part::Bytes(&l.bytes)));
+        loaders.chain([Some(Part::Bytes(self.esp)), Some(self.squashfs), None]).collect()
+    }
+
+    /// The installed layout on a disk of `fixed_size` (or the smallest one with `headroom`).
+    fn layout(&self, fixed_size: Option<u64>, headroom: u64) -> Result<DiskLayout> {
+        let fixed: Vec<gpt::Partition> = self.loaders.iter().map(|l| l.partition.clone()).collect();
+        gpt::plan_after(&fixed, &self.specs, fixed_size, headroom)
     }
 
     /// The system as it sits on an installer's target (the partitions alone, no free space).
@@ -240,11 +268,18 @@ pub(super) fn write(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
     let p = &job.profile.profile;
     match p.install.mode {
         InstallMode::InPlace => {
-            let layout = gpt::plan(&system.specs, fixed_size(job), p.disk.headroom.0).usage(disk_size_key(job.profile))?;
+            let layout = system.layout(fixed_size(job), p.disk.headroom.0).usage(disk_size_key(job.profile))?;
             let contents = system.contents();
             let outputs = write_wanted(job, &layout, ids.disk_guid(), &contents)?;
             Ok(Disk { partitions: partition_records(&layout, &contents), install: None, cmdline: cmdline.to_string(), outputs })
         }
+        // A board's boot ROM reads the loaders from the card it boots: the card is the system.
+        InstallMode::Installer if !system.loaders.is_empty() => Err(crate::error::UsageError(format!(
+            "{}: key `install.mode`: platform `{}` boots from its SD card through the loaders on it; build it `in-place` and flash the card",
+            job.profile.path.display(),
+            job.platform.name
+        ))
+        .into()),
         InstallMode::Installer => installer_medium(job, ids, system, boot, cmdline),
     }
 }

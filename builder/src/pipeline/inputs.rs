@@ -42,6 +42,8 @@ pub(super) struct Inputs {
     pub(super) systemd_boot_deb: Option<(debian::Package, PathBuf)>,
     /// Netboot builds: Debian's `ipxe` (its EFI binary goes to `netboot/ipxe.efi`).
     pub(super) ipxe_deb: Option<(debian::Package, PathBuf)>,
+    /// U-Boot SPL boards: the platform's U-Boot package (its loaders go to their own partitions).
+    pub(super) uboot_deb: Option<(debian::Package, PathBuf)>,
     /// Cluster images: the verified k3s binary and air-gap archive.
     pub(super) k3s: Option<crate::k3s::Artifacts>,
     /// Container images (profile key `images`), verified in the cache.
@@ -132,6 +134,7 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
     let kernel_deb = kernel_pkg.map(fetch).transpose()?;
     let systemd_boot_deb = systemd_boot.map(fetch).transpose()?;
     let ipxe_deb = if opts.wants(Format::Netboot) { Some(fetch(ipxe_package(&index, arch)?)?) } else { None };
+    let uboot_deb = uboot_package(profile, &index, arch)?.map(fetch).transpose()?;
     let k3s = match &p.cluster {
         Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         _ => None,
@@ -160,6 +163,7 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
         os_image,
         systemd_boot_deb,
         ipxe_deb,
+        uboot_deb,
         k3s,
         images,
         cache,
@@ -177,6 +181,16 @@ fn ipxe_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> {
     one_package(index, IPXE_PACKAGE)
         .with_context(|| format!("{arch}: finding {IPXE_PACKAGE} (iPXE for the netboot output)"))?
         .with_context(|| format!("{arch}: the suite has no `{IPXE_PACKAGE}` package"))
+}
+
+/// The U-Boot package of the profile's platform for `arch`, if it is a U-Boot SPL board.
+fn uboot_package(profile: &LoadedProfile, index: &debian::Index, arch: Arch) -> Result<Option<debian::Package>> {
+    let platform = crate::platform::Platform::load(profile.platform(arch))?;
+    let Some(spl) = &platform.uboot_spl else { return Ok(None) };
+    let pkg = one_package(index, &spl.package)
+        .with_context(|| format!("{arch}: finding {} (platform `{}`)", spl.package, platform.name))?
+        .with_context(|| format!("{arch}: the suite has no `{}` package, which platform `{}` boots from", spl.package, platform.name))?;
+    Ok(Some(pkg))
 }
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the
