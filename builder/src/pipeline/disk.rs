@@ -619,6 +619,58 @@ mod tests {
     }
 
     #[test]
+    fn a_boards_loaders_are_written_at_their_sectors_before_a_bootable_esp() -> Result<()> {
+        let p = crate::platform::Platform::load("hifive-unleashed")?;
+        let spl = p.uboot_spl.as_ref().expect("hifive-unleashed is a U-Boot SPL board");
+        let ids = Ids::new(Arch::Riscv64, [3; 32]);
+        let fixed = spl.partitions(|n| ids.loader_guid(n))?;
+        let loaders: Vec<crate::board::uboot_spl::LoaderImage> = fixed
+            .into_iter()
+            .zip([vec![0x5au8; 83_035], vec![0xa5u8; 849_401]])
+            .map(|(partition, bytes)| crate::board::uboot_spl::LoaderImage { partition, bytes })
+            .collect();
+        let dir = tempfile::tempdir()?;
+        let squashfs = dir.path().join("root");
+        std::fs::write(&squashfs, [1u8; 4096])?;
+        let esp = vec![7u8; 2 << 20];
+        let system = System::new(Arch::Riscv64, &ids, "d", &esp, Part::File { path: &squashfs, len: 4096, sha256: "00" })
+            .with_loaders(loaders.clone());
+        let layout = system.layout(None, 0)?;
+        let path = dir.path().join(DISK_IMAGE);
+        write_disk(&path, &layout, ids.disk_guid(), &system.contents(), 0o644, &[])?;
+
+        // Table order: loader1, loader2, the ESP, the root slots; the loaders where U-Boot's
+        // docs put them (SPL from sector 34, u-boot.itb from sector 2082), with their type GUIDs.
+        let names: Vec<&str> = layout.partitions.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["loader1", "loader2", "esp@d", ROOT_A, ROOT_B]);
+        let at = |i: usize| (layout.partitions[i].first_lba, layout.partitions[i].type_guid.to_string());
+        assert_eq!(at(0), (34, "5b193300-fc78-40cd-8002-e86c45580b47".to_string()));
+        assert_eq!(at(1), (2082, "2e54b353-1271-4842-806f-e436d6af6985".to_string()));
+        assert_eq!(layout.partitions[2].attributes, LEGACY_BOOTABLE, "U-Boot's distro boot scans bootable partitions");
+        assert_eq!(layout.partitions[2].first_lba % 2048, 0, "the ESP starts on a MiB");
+        let image = std::fs::read(&path)?;
+        for l in &loaders {
+            let off = l.partition.offset() as usize;
+            assert_eq!(
+                crate::digest::sha256_hex(&image[off..off + l.bytes.len()]),
+                crate::digest::sha256_hex(&l.bytes),
+                "{}",
+                l.partition.name
+            );
+        }
+        let esp_off = layout.partitions[2].offset() as usize;
+        assert_eq!(&image[esp_off..esp_off + esp.len()], &esp[..]);
+        // The reference tool agrees with the table.
+        let out = std::process::Command::new("sgdisk").arg("-v").arg(&path).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("No problems found"), "{text}");
+        let out = std::process::Command::new("sgdisk").arg("-i=1").arg(&path).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(text.contains("5b193300-fc78-40cd-8002-e86c45580b47") && text.contains("first sector: 34 "), "{text}");
+        Ok(())
+    }
+
+    #[test]
     fn the_installed_layout_names_its_slots_and_sizes_them_alike() {
         let ids = Ids::new(Arch::X86_64, [1; 32]);
         let esp = vec![0u8; 3 << 20];

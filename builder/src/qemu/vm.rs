@@ -81,12 +81,23 @@ impl Vm {
     /// Starts QEMU for `spec`; the console (and QEMU's stderr) are appended to `log`.
     pub fn start(spec: &VmSpec, log: &Path) -> anyhow::Result<Vm> {
         let workdir = tempfile::Builder::new().prefix("kiln-vm-").tempdir().context("creating a temporary directory")?;
-        let mut cmd = command(spec, workdir.path())?;
+        let cmd = command(spec, workdir.path())?;
+        Vm::start_with(cmd, spec.arch, log, workdir)
+    }
+
+    /// Starts a QEMU command line the caller made (a machine [`VmSpec`] does not describe, e.g.
+    /// a board's: `sifive_u` booting from its SD card), captured like [`Vm::start`]'s.
+    pub fn start_command(cmd: std::process::Command, arch: Arch, log: &Path) -> anyhow::Result<Vm> {
+        let workdir = tempfile::Builder::new().prefix("kiln-vm-").tempdir().context("creating a temporary directory")?;
+        Vm::start_with(cmd, arch, log, workdir)
+    }
+
+    fn start_with(mut cmd: std::process::Command, arch: Arch, log: &Path, workdir: tempfile::TempDir) -> anyhow::Result<Vm> {
         let log_file =
             OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("opening console log {}", log.display()))?;
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         tracing::debug!(?cmd, log = %log.display(), "starting QEMU");
-        let mut child = spawn(cmd, spec.arch)?;
+        let mut child = spawn(cmd, arch)?;
 
         let shared = Arc::new(Shared {
             state: Mutex::new(Captured {
@@ -106,7 +117,7 @@ impl Vm {
             readers.push(spawn_reader(err, shared.clone(), Stream::Stderr));
         }
         Ok(Vm {
-            arch: spec.arch,
+            arch,
             stdin: child.stdin.take(),
             child,
             shared,
