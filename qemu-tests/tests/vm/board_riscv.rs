@@ -1,5 +1,6 @@
 //! Slow tier: the HiFive Unleashed card image (`profiles/hifive-unleashed.yaml`, platform
-//! `hifive-unleashed`). Host side: the loader partitions sit at the sectors U-Boot's docs give
+//! `hifive-unleashed`; `profiles/visionfive2.yaml` is built and gets the same host checks, with
+//! its own sectors and dtb, but is not booted: QEMU has no JH7110 machine). Host side: the loader partitions sit at the sectors U-Boot's docs give
 //! with their type GUIDs and hold the Debian package's SPL and `u-boot.itb` byte for byte (the
 //! `.deb` read from the cache by the manifest's digest), and the ESP's `extlinux.conf` names a
 //! kernel, initrd and the board's dtb that are on it. Then QEMU's `sifive_u,msel=11` (the
@@ -41,28 +42,53 @@ fn build() -> Result<&'static Path> {
     build_once(&OUT, "profiles/hifive-unleashed.yaml", "hifive-unleashed-build")
 }
 
-/// `(file in u-boot-sifive, partition name, first sector, type GUID)`: U-Boot's
-/// doc/board/sifive/unleashed.rst and Debian's sifive_unleashed config (`0x822` = 2082).
-const LOADERS: [(&str, &str, u64, &str); 2] = [
+/// `(file in the U-Boot package, partition name, first sector, type GUID)`.
+type Loaders = [(&'static str, &'static str, u64, &'static str); 2];
+
+/// HiFive Unleashed: U-Boot's doc/board/sifive/unleashed.rst and Debian's sifive_unleashed
+/// config (`0x822` = 2082).
+const UNLEASHED: Loaders = [
     ("usr/lib/u-boot/sifive_unleashed/u-boot-spl.bin", "loader1", 34, "5b193300-fc78-40cd-8002-e86c45580b47"),
     ("usr/lib/u-boot/sifive_unleashed/u-boot.itb", "loader2", 2082, "2e54b353-1271-4842-806f-e436d6af6985"),
+];
+/// VisionFive 2: U-Boot's doc/board/starfive/visionfive2.rst.
+const VISIONFIVE2: Loaders = [
+    ("usr/lib/u-boot/starfive_visionfive2/u-boot-spl.bin.normal.out", "spl", 4096, "2e54b353-1271-4842-806f-e436d6af6985"),
+    ("usr/lib/u-boot/starfive_visionfive2/u-boot.itb", "uboot", 8192, "bc13c2ff-59e6-4262-a352-b275fd6f7172"),
 ];
 
 #[test]
 fn unleashed_card_holds_the_packages_loaders_and_extlinux_with_the_dtb() -> Result<()> {
-    let out = build()?;
+    check_card(build()?, "hifive-unleashed-card", "u-boot-sifive", &UNLEASHED, "/sifive/hifive-unleashed-a00.dtb", "console=ttySIF0")
+}
+
+#[test]
+fn visionfive2_profile_builds_a_card_with_the_packages_loaders_and_dtb() -> Result<()> {
+    static OUT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let out = build_once(&OUT, "profiles/visionfive2.yaml", "visionfive2-build")?;
+    check_card(
+        out,
+        "visionfive2-card",
+        "u-boot-starfive",
+        &VISIONFIVE2,
+        "/starfive/jh7110-starfive-visionfive-2-v1.3b.dtb",
+        "console=ttyS0",
+    )
+}
+
+fn check_card(out: &Path, work: &str, package: &str, loaders: &Loaders, dtb: &str, console: &str) -> Result<()> {
     let img = out.join("riscv64/disk.img");
     let m = manifest(out, Arch::Riscv64)?;
-    let dir = work_dir("hifive-unleashed-card")?;
+    let dir = work_dir(work)?;
 
     // The U-Boot package as built from: its .deb from the cache by the digest the manifest records.
-    let deb = m.inputs.iter().find(|i| i.name == "u-boot-sifive").context("the manifest records no u-boot-sifive input")?;
+    let deb = m.inputs.iter().find(|i| i.name == package).with_context(|| format!("the manifest records no {package} input"))?;
     let deb_path = cache_dir()?.join("blobs/sha256").join(&deb.sha256);
-    let unpacked = dir.join("u-boot-sifive");
+    let unpacked = dir.join(package);
     tool(Command::new("dpkg-deb").arg("-x").arg(&deb_path).arg(&unpacked), "dpkg")?;
 
     let table = tool(Command::new("sgdisk").arg("-p").arg(&img), "gdisk")?;
-    for (n, (file, name, first, type_guid)) in LOADERS.iter().enumerate() {
+    for (n, (file, name, first, type_guid)) in loaders.iter().enumerate() {
         let number = n as u32 + 1;
         let (start, _, got_name) =
             kiln_qemu_tests::sgdisk_partition(&table, number).with_context(|| format!("no partition {number}:\n{table}"))?;
@@ -85,8 +111,8 @@ fn unleashed_card_holds_the_packages_loaders_and_extlinux_with_the_dtb() -> Resu
     let conf = tool(Command::new("mtype").arg("-i").arg(&esp_img).arg("::/extlinux/extlinux.conf"), "mtools")?;
     let named = |key: &str| conf.lines().find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_string()));
     let fdt = named("fdt ").with_context(|| format!("no fdt line:\n{conf}"))?;
-    ensure!(fdt.ends_with("/sifive/hifive-unleashed-a00.dtb"), "fdt {fdt}");
-    ensure!(named("append ").is_some_and(|a| a.contains("console=ttySIF0")), "no ttySIF0 console:\n{conf}");
+    ensure!(fdt.ends_with(dtb), "fdt {fdt}, want {dtb}");
+    ensure!(named("append ").is_some_and(|a| a.contains(console)), "no {console}:\n{conf}");
     for key in ["kernel ", "initrd ", "fdt "] {
         let path = named(key).with_context(|| format!("no `{key}` line:\n{conf}"))?;
         let copy = dir.join("check");
