@@ -88,13 +88,14 @@ pub(super) struct Boot<'a> {
 impl<'a> Boot<'a> {
     pub(super) fn new(job: &Job<'a>, root: &Root, initrd: Content, record: &mut ManifestInputs) -> Result<Boot<'a>> {
         let arch = job.inputs.arch;
+        // Only a platform that boots systemd-boot gets it (and records the package it came from).
         let systemd_boot = match &job.inputs.systemd_boot_deb {
-            Some((pkg, path)) => {
+            Some((pkg, path)) if job.platform.boot.systemd_boot => {
                 let binary = systemd_boot_binary(path, arch).with_context(|| format!("reading {} {}", pkg.name, pkg.version))?;
                 record.push(deb_input(pkg));
                 Some(binary)
             }
-            None => None,
+            _ => None,
         };
         let device_tree = job
             .platform

@@ -273,13 +273,6 @@ pub(super) fn write(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
             let outputs = write_wanted(job, &layout, ids.disk_guid(), &contents)?;
             Ok(Disk { partitions: partition_records(&layout, &contents), install: None, cmdline: cmdline.to_string(), outputs })
         }
-        // A board's boot ROM reads the loaders from the card it boots: the card is the system.
-        InstallMode::Installer if !system.loaders.is_empty() => Err(crate::error::UsageError(format!(
-            "{}: key `install.mode`: platform `{}` boots from its SD card through the loaders on it; build it `in-place` and flash the card",
-            job.profile.path.display(),
-            job.platform.name
-        ))
-        .into()),
         InstallMode::Installer => installer_medium(job, ids, system, boot, cmdline),
     }
 }
@@ -319,6 +312,21 @@ fn installer_medium(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
     let outputs = write_wanted(job, &layout, ids.guid("installer-disk"), &contents)?;
     let install = Some(system.install_record(&target, ids));
     Ok(Disk { partitions: partition_records(&layout, &contents), install, cmdline: installer_cmdline, outputs })
+}
+
+/// Refuses a profile whose install mode the platform cannot boot, before anything is fetched: a
+/// U-Boot SPL board's boot ROM reads the loaders from the card it boots, so the card is the
+/// system (`in-place`); an installer medium would leave a target without them.
+pub(super) fn check_platform_mode(profile: &LoadedProfile, platform: &crate::platform::Platform) -> Result<()> {
+    if platform.uboot_spl.is_some() && profile.profile.install.mode == InstallMode::Installer {
+        return Err(crate::error::UsageError(format!(
+            "{}: key `install.mode`: platform `{}` boots from its SD card through the loaders on it; build it `in-place` and flash the card",
+            profile.path.display(),
+            platform.name
+        ))
+        .into());
+    }
+    Ok(())
 }
 
 fn fixed_size(job: &Job) -> Option<u64> {
@@ -668,6 +676,21 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
         assert!(text.contains("5b193300-fc78-40cd-8002-e86c45580b47") && text.contains("first sector: 34 "), "{text}");
         Ok(())
+    }
+
+    #[test]
+    fn a_u_boot_spl_board_refuses_installer_mode_naming_the_key() {
+        let board = crate::platform::Platform::load("hifive-unleashed").unwrap();
+        let generic = crate::platform::Platform::load("generic-uefi").unwrap();
+        let loaded = |yaml: &str| LoadedProfile { path: "p.yaml".into(), profile: parse(yaml).unwrap(), source: yaml.as_bytes().to_vec() };
+        let installer = loaded("name: d\narch: [riscv64]\ninstall: {mode: installer}\n");
+        let in_place = loaded("name: d\narch: [riscv64]\n");
+        let err = check_platform_mode(&installer, &board).unwrap_err();
+        assert!(err.downcast_ref::<crate::error::UsageError>().is_some(), "{err:#}");
+        let err = err.to_string();
+        assert!(err.contains("p.yaml: key `install.mode`") && err.contains("hifive-unleashed") && err.contains("in-place"), "{err}");
+        check_platform_mode(&in_place, &board).unwrap();
+        check_platform_mode(&installer, &generic).unwrap();
     }
 
     #[test]

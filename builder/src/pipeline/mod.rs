@@ -89,6 +89,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let fetcher = opts.fetcher()?;
     let platforms: Vec<Platform> =
         archs.iter().map(|a| Platform::load_for(profile.platform(*a), *a).in_profile(&profile.path)).collect::<Result<_>>()?;
+    platforms.iter().try_for_each(|p| disk::check_platform_mode(profile, p))?;
 
     let secrets = cluster_secrets(profile, &out_dir)?;
 
