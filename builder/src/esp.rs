@@ -1,6 +1,7 @@
 //! The EFI system partition's contents: systemd-boot at the removable path with a Boot Loader
 //! Specification (type #1) entry, and `extlinux/extlinux.conf` for U-Boot boards; both boot the
-//! same kernel, initrd and command line from `/kiln/`.
+//! same kernel, initrd and command line from `/kiln/`. On Raspberry Pi platforms the partition
+//! is the Pi boot partition instead (`crate::raspberrypi`: firmware, device trees, `config.txt`).
 
 use anyhow::Result;
 
@@ -20,6 +21,9 @@ pub struct BootFiles<'a> {
     pub cmdline: &'a str,
     /// The board's device tree (`platform.device_tree`), for extlinux's `fdt` line.
     pub device_tree: Option<Content>,
+    /// Raspberry Pi platforms: the firmware files and device trees, by their names on the
+    /// partition (empty otherwise).
+    pub board_files: &'a [(String, Content)],
 }
 
 pub const KERNEL_PATH: &str = "kiln/vmlinuz";
@@ -35,8 +39,19 @@ fn file(tree: &mut Tree, path: &str, content: Content) -> Result<()> {
 /// Builds the ESP tree for a platform.
 pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
     let mut t = Tree::new();
-    file(&mut t, KERNEL_PATH, b.kernel.clone())?;
-    file(&mut t, INITRD_PATH, b.initrd.clone())?;
+    // The Pi firmware is given the kernel and initrd by name in config.txt; they sit at the top
+    // level there, as Debian's own raspi-firmware hook puts them.
+    let (kernel_path, initrd_path) = match &platform.boot.raspberrypi {
+        Some(_) => (crate::raspberrypi::KERNEL, crate::raspberrypi::INITRD),
+        None => (KERNEL_PATH, INITRD_PATH),
+    };
+    file(&mut t, kernel_path, b.kernel.clone())?;
+    file(&mut t, initrd_path, b.initrd.clone())?;
+    if let Some(rpi) = &platform.boot.raspberrypi {
+        for (name, content) in crate::raspberrypi::boot_files(rpi, b.board_files, b.cmdline) {
+            file(&mut t, &name, content)?;
+        }
+    }
     if platform.boot.systemd_boot {
         let Some(efi) = &b.systemd_boot else {
             anyhow::bail!("platform `{}` boots systemd-boot but no systemd-boot binary was provided", platform.name)
@@ -45,7 +60,7 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
         // timeout 0: boot the default entry at once (a key press still shows the menu).
         file(&mut t, "loader/loader.conf", Content::bytes("timeout 0\ndefault kiln.conf\neditor no\n"))?;
         let entry = format!(
-            "title {}\nversion {}\nlinux /{KERNEL_PATH}\ninitrd /{INITRD_PATH}\noptions {}\n",
+            "title {}\nversion {}\nlinux /{kernel_path}\ninitrd /{initrd_path}\noptions {}\n",
             b.title, b.kernel_version, b.cmdline
         );
         file(&mut t, "loader/entries/kiln.conf", Content::bytes(entry))?;
@@ -63,7 +78,7 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
     if platform.boot.extlinux {
         // U-Boot's extlinux reader boots `default` at once when there is no `prompt`.
         let conf = format!(
-            "# U-Boot distro boot (extlinux) configuration written by kiln\ndefault kiln\nmenu title {title}\ntimeout 10\n\nlabel kiln\n    menu label {title}\n    kernel /{KERNEL_PATH}\n    initrd /{INITRD_PATH}\n{fdt}    append {cmdline}\n",
+            "# U-Boot distro boot (extlinux) configuration written by kiln\ndefault kiln\nmenu title {title}\ntimeout 10\n\nlabel kiln\n    menu label {title}\n    kernel /{kernel_path}\n    initrd /{initrd_path}\n{fdt}    append {cmdline}\n",
             title = b.title,
             cmdline = b.cmdline
         );
@@ -88,6 +103,7 @@ mod tests {
             systemd_boot: Some(Content::bytes("efi")),
             cmdline: "root=PARTUUID=x console=ttyS0",
             device_tree: None,
+            board_files: &[],
         };
         let t = tree(&p, &b).unwrap();
         assert!(t.contains("EFI/BOOT/BOOTRISCV64.EFI"));
@@ -111,6 +127,7 @@ mod tests {
             systemd_boot: None,
             cmdline: "root=PARTUUID=x console=ttySIF0",
             device_tree: Some(Content::bytes("dtb")),
+            board_files: &[],
         };
         let t = tree(&p, &b).unwrap();
         assert!(t.contains("kiln/dtb/sifive/hifive-unleashed-a00.dtb") && !t.contains("EFI/BOOT/BOOTRISCV64.EFI"));
@@ -119,5 +136,70 @@ mod tests {
         assert!(text.contains("    fdt /kiln/dtb/sifive/hifive-unleashed-a00.dtb\n"), "{text}");
         b.device_tree = None;
         assert!(tree(&p, &b).unwrap_err().to_string().contains("hifive-unleashed-a00.dtb"));
+    }
+
+    /// The Pi boot partition, written as FAT32 and read back with mtools as the firmware reads
+    /// it: every firmware file and device tree byte for byte, config.txt naming files that are
+    /// there, cmdline.txt the command line; no systemd-boot or extlinux files.
+    #[test]
+    fn raspberrypi_boot_partition_reads_back_as_the_firmware_needs() {
+        let p = Platform::load("rpi3").unwrap();
+        let rpi = p.boot.raspberrypi.clone().unwrap();
+        let mut pkg = Tree::new();
+        for f in ["bootcode.bin", "start.elf", "fixup.dat"] {
+            pkg.add_file(&format!("usr/lib/raspi-firmware/{f}"), 0o644, format!("firmware {f}").into_bytes()).unwrap();
+        }
+        let mut root = Tree::new();
+        for dt in &rpi.device_trees {
+            root.add_file(
+                &format!("usr/lib/linux-image-6.12.0-arm64/broadcom/{}", dt.file),
+                0o644,
+                format!("dtb {}", dt.file).into_bytes(),
+            )
+            .unwrap();
+        }
+        let mut board = rpi.firmware_files(&pkg).unwrap();
+        board.extend(rpi.device_tree_files(&root, "6.12.0-arm64").unwrap());
+        let cmdline = "root=PARTUUID=x kiln.rootname=kiln-root-a console=tty0 console=ttyS1,115200";
+        let b = BootFiles {
+            arch: Arch::Aarch64,
+            title: "kiln pi (aarch64)",
+            kernel_version: "6.12.0-arm64",
+            kernel: Content::bytes("kernel image"),
+            initrd: Content::bytes("initramfs"),
+            systemd_boot: None,
+            cmdline,
+            board_files: &board,
+            device_tree: None,
+        };
+        let t = tree(&p, &b).unwrap();
+        assert!(!t.contains("EFI") && !t.contains("loader") && !t.contains("extlinux") && !t.contains("kiln"), "no other boot method");
+
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("boot.fat");
+        let size = crate::fat::fat32_size_for(&t, 1 << 20).unwrap();
+        let mut out = std::fs::File::create(&img).unwrap();
+        out.set_len(size).unwrap();
+        crate::fat::write_fat32(&mut out, size, &t, &crate::fat::FatOptions { volume_id: 1, label: "KILN-ESP".into(), mtime: 0 }).unwrap();
+        drop(out);
+        let read = |name: &str| {
+            let o = std::process::Command::new("mcopy")
+                .args(["-n", "-i", img.to_str().unwrap(), &format!("::/{name}"), "-"])
+                .output()
+                .expect("running mcopy (install the Debian package `mtools`)");
+            assert!(o.status.success(), "/{name}: {}", String::from_utf8_lossy(&o.stderr));
+            o.stdout
+        };
+        for (name, content) in &board {
+            assert_eq!(read(name), content.read().unwrap().into_owned(), "{name}");
+        }
+        let config = String::from_utf8(read(crate::raspberrypi::CONFIG_TXT)).unwrap();
+        for filters in [&["pi3"][..], &["pi3", "pi3+"]] {
+            let keys = crate::raspberrypi::read_config_txt(&config, filters);
+            assert_eq!(read(&keys["kernel"]), b"kernel image");
+            assert_eq!(read(keys["initramfs"].split_whitespace().next().unwrap()), b"initramfs");
+            assert!(read(&keys["device_tree"]).starts_with(b"dtb bcm2837-rpi-3-b"), "{filters:?}: {keys:?}");
+        }
+        assert_eq!(read(crate::raspberrypi::CMDLINE_TXT), format!("{cmdline}\n").into_bytes());
     }
 }

@@ -347,13 +347,62 @@ fn write_at<W: Write + Seek>(out: &mut W, lba: u64, bytes: &[u8]) -> std::io::Re
 /// primary header (LBA 1) + 128-entry array (LBA 2..33), backup array + backup header at the end.
 /// Correct CRC32s. The file must already have length `layout.size`.
 pub fn write_gpt<W: Write + Seek>(out: &mut W, layout: &DiskLayout, disk_guid: Guid) -> std::io::Result<()> {
+    write_gpt_with_mbr(out, layout, disk_guid, &protective_mbr(layout.sectors()))
+}
+
+/// [`write_gpt`] with a hybrid MBR instead of the protective one: MBR entry 1 is GPT partition
+/// `mbr_partition` with MBR type `mbr_type` (for firmware that reads only the MBR, such as the
+/// Raspberry Pi 3's boot ROM), entry 2 the 0xEE entry over the GPT's own sectors (LBA 1 up to
+/// that partition), which tells GPT-aware readers (Linux, sgdisk) to use the GPT.
+pub fn write_gpt_hybrid<W: Write + Seek>(
+    out: &mut W,
+    layout: &DiskLayout,
+    disk_guid: Guid,
+    mbr_partition: usize,
+    mbr_type: u8,
+) -> std::io::Result<()> {
+    let mbr = hybrid_mbr(layout, disk_guid, mbr_partition, mbr_type)?;
+    write_gpt_with_mbr(out, layout, disk_guid, &mbr)
+}
+
+fn hybrid_mbr(layout: &DiskLayout, disk_guid: Guid, index: usize, mbr_type: u8) -> std::io::Result<[u8; SECTOR as usize]> {
+    let p = layout.partitions.get(index).ok_or_else(|| invalid(format!("no partition {} for the hybrid MBR", index + 1)))?;
+    let fits = |v: u64| u32::try_from(v).map_err(|_| invalid(format!("partition `{}` lies beyond what an MBR can address", p.name)));
+    let (first, count) = (fits(p.first_lba)?, fits(p.last_lba + 1 - p.first_lba)?);
+    let mut mbr = [0u8; SECTOR as usize];
+    // The disk signature, from the disk GUID (reproducible); nothing reads the MBR's partitions
+    // by it (Linux uses the GPT).
+    mbr[440..444].copy_from_slice(&disk_guid.to_disk_bytes()[..4]);
+    mbr_entry(&mut mbr[446..462], mbr_type, first, count);
+    mbr_entry(&mut mbr[462..478], 0xEE, 1, first - 1);
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    Ok(mbr)
+}
+
+/// One MBR partition entry by LBA (CHS fields set to "beyond addressable", as for LBA-only use).
+fn mbr_entry(entry: &mut [u8], kind: u8, first_lba: u32, sectors: u32) {
+    entry[0] = 0x00; // not marked active: neither the Pi firmware nor Linux needs it
+    entry[1..4].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
+    entry[4] = kind;
+    entry[5..8].copy_from_slice(&[0xFE, 0xFF, 0xFF]);
+    entry[8..12].copy_from_slice(&first_lba.to_le_bytes());
+    entry[12..16].copy_from_slice(&sectors.to_le_bytes());
+}
+
+fn write_gpt_with_mbr<W: Write + Seek>(
+    out: &mut W,
+    layout: &DiskLayout,
+    disk_guid: Guid,
+    mbr: &[u8; SECTOR as usize],
+) -> std::io::Result<()> {
     validate(layout)?;
     let last_lba = layout.sectors() - 1;
     let backup_array_lba = last_lba - ARRAY_SECTORS;
     let array = partition_array(layout);
     let array_crc = crc32fast::hash(&array);
 
-    write_at(out, 0, &protective_mbr(layout.sectors()))?;
+    write_at(out, 0, mbr)?;
     write_at(out, 1, &header(layout, disk_guid, 1, last_lba, 2, array_crc))?;
     write_at(out, 2, &array)?;
     write_at(out, backup_array_lba, &array)?;
@@ -559,5 +608,44 @@ mod tests {
             let out = run("blkid", "util-linux", &["-p", img_s]);
             assert!(out.contains("PTTYPE=\"gpt\"") && out.contains(&format!("PTUUID=\"{disk_guid}\"")), "{out}");
         }
+    }
+
+    /// The Raspberry Pi card layout: the hybrid MBR shows partition 1 as FAT32 (0x0C) to an
+    /// MBR-only boot ROM; sgdisk reads the GPT (and says so), and first boot's sgdisk calls
+    /// (backup header to the end, a new partition) keep the MBR entry the Pi boots from.
+    #[test]
+    fn hybrid_mbr_shows_the_boot_partition_and_survives_sgdisk() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("card.img");
+        let img_s = img.to_str().unwrap();
+        let layout = plan(&specs(), None, 0).unwrap();
+        let disk_guid = Guid::derive("kiln-test", &[b"card"]);
+        {
+            let mut f = std::fs::File::create(&img).unwrap();
+            f.set_len(layout.size).unwrap();
+            write_gpt_hybrid(&mut f, &layout, disk_guid, 0, 0x0C).unwrap();
+        }
+        let bytes = std::fs::read(&img).unwrap();
+        let entry = |i: usize| bytes[446 + 16 * i..462 + 16 * i].to_vec();
+        let lba = |e: &[u8], at: usize| u32::from_le_bytes(e[at..at + 4].try_into().unwrap()) as u64;
+        let p = &layout.partitions[0];
+        assert_eq!((entry(0)[4], lba(&entry(0), 8), lba(&entry(0), 12)), (0x0C, p.first_lba, p.last_lba + 1 - p.first_lba));
+        assert_eq!((entry(1)[4], lba(&entry(1), 8), lba(&entry(1), 12)), (0xEE, 1, p.first_lba - 1));
+        assert_eq!(entry(2), [0u8; 16]);
+        let verify = run("sgdisk", "gdisk", &["-v", img_s]);
+        assert!(verify.contains("No problems found"), "{verify}");
+        let scan = run("gdisk", "gdisk", &["-l", img_s]);
+        assert!(scan.contains("MBR: hybrid") && scan.contains("GPT: present"), "{scan}");
+
+        // First boot on a larger card.
+        std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(layout.size * 4).unwrap();
+        run("sgdisk", "gdisk", &["--move-second-header", img_s]);
+        run("sgdisk", "gdisk", &["--new=4:0:0", "--typecode=4:8300", "--change-name=4:kiln-data", img_s]);
+        let after = std::fs::read(&img).unwrap();
+        // sgdisk rewrites the CHS fields from its own geometry; types and LBAs are what count.
+        let lba_view = |b: &[u8]| (0..2).map(|i| (b[446 + 16 * i + 4], b[446 + 16 * i + 8..462 + 16 * i].to_vec())).collect::<Vec<_>>();
+        assert_eq!(lba_view(&after), lba_view(&bytes), "sgdisk kept the hybrid MBR's two entries");
+        let verify = run("sgdisk", "gdisk", &["-v", img_s]);
+        assert!(verify.contains("No problems found"), "{verify}");
     }
 }

@@ -22,6 +22,8 @@ use crate::tree::{Content, Entry, Kind, Meta, Tree, TreePath};
 pub const RELEASE_BASE: &str = "https://github.com/k3s-io/k3s/releases/download";
 /// The binary in the root.
 pub const BINARY_PATH: &str = "usr/local/bin/k3s";
+/// Links to the k3s binary beside it, which k3s runs as its embedded tools.
+pub const CLIENT_TOOLS: [&str; 3] = ["kubectl", "crictl", "ctr"];
 /// The directory k3s imports air-gap image archives from (on the data partition at run time).
 pub const IMAGES_DIR: &str = "var/lib/rancher/k3s/agent/images";
 /// Where the air-gap archive really lives: in the read-only root, so first boot does not copy
@@ -226,6 +228,11 @@ fn from_dir(fetcher: &Fetcher, dir: &Path, name: &str, sha: &str, list_name: &st
 /// directory, and an init entry that keeps `/usr/lib/kiln/k3s-run` running.
 pub fn place(a: &Artifacts, root: &mut Tree) -> Result<()> {
     root_insert_file(root, BINARY_PATH, 0o755, &a.binary.path)?;
+    // k3s is a multi-call binary: these names give an operator kubectl, crictl and ctr on every
+    // node (kubectl reads /etc/rancher/k3s/k3s.yaml, which k3s writes on servers).
+    for tool in CLIENT_TOOLS {
+        root.add_symlink(&format!("usr/local/bin/{tool}"), "k3s")?;
+    }
     let archive = format!("{ARCHIVE_DIR}/{}", airgap_name(a.arch));
     root_insert_file(root, &archive, 0o644, &a.airgap.path)?;
     root.add_symlink(&format!("{IMAGES_DIR}/{}", airgap_name(a.arch)), &format!("/{archive}"))?;
@@ -465,6 +472,12 @@ mod tests {
         match root.get_str("var/lib/rancher/k3s/agent/images/k3s-airgap-images-amd64.tar.zst").map(|e| &e.kind) {
             Some(Kind::Symlink(t)) => assert_eq!(t, "/usr/lib/kiln/k3s/k3s-airgap-images-amd64.tar.zst"),
             other => panic!("{other:?}"),
+        }
+        for tool in ["kubectl", "crictl", "ctr"] {
+            match root.get_str(&format!("usr/local/bin/{tool}")).map(|e| &e.kind) {
+                Some(Kind::Symlink(t)) => assert_eq!(t, "k3s"),
+                other => panic!("{tool}: {other:?}"),
+            }
         }
         let inittab = String::from_utf8(file("etc/inittab").1).unwrap();
         assert!(inittab.starts_with("::sysinit:/usr/lib/kiln/boot\n"), "{inittab}");

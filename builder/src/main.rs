@@ -12,13 +12,20 @@ use kiln::error::{ResultExt, UsageError};
 use kiln::pipeline::BuildOptions;
 use kiln::profile::LoadedProfile;
 
+/// `kiln --version`: the crate version and the commit it was built from.
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KILN_COMMIT"), ")");
+
 /// kiln builds offline, self-installing edge Kubernetes disk images.
 #[derive(Parser)]
-#[command(name = "kiln", version, about)]
+#[command(name = "kiln", version = VERSION, about)]
 struct Cli {
     /// Only warnings and errors on stderr; no progress bars.
-    #[arg(long, short, global = true)]
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
     quiet: bool,
+    /// More detail on stderr: -v adds debug lines, -vv traces. KILN_LOG (e.g. `kiln=debug`)
+    /// overrides both flags.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
     #[command(subcommand)]
     command: Command,
 }
@@ -61,11 +68,45 @@ enum Command {
         /// (OUT/<arch>/netboot/, served by `kiln serve`).
         #[arg(long = "format", value_enum, value_delimiter = ',', default_value = "disk")]
         formats: Vec<kiln::pipeline::Format>,
+        /// Print one JSON summary on stdout: every output with its path, size and sha256, or
+        /// the errors.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a site: write DIR/profile.yaml (a commented starter that builds as it is), an
+    /// overlay directory and the schema for editor completion. Never replaces a file.
+    Init {
+        /// The directory to write into (created if missing).
+        dir: PathBuf,
+        /// The board or firmware family (`kiln platforms` lists them); sets the architectures.
+        #[arg(long, default_value = kiln::profile::DEFAULT_PLATFORM)]
+        platform: String,
+        /// The cluster layout, from the matching example profile.
+        #[arg(long, value_enum, default_value = "none")]
+        cluster: kiln::init::Layout,
+        /// The profile's name (default: from the directory's name).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Check profiles without downloading anything: schema and keys, values, files and overlays
+    /// present, templates rendered with the profile's vars, platforms, the cluster inventory.
+    /// Reports every problem with file:line:column; exits 2 if there is any.
+    Check {
+        /// The profiles (YAML).
+        #[arg(required = true)]
+        profiles: Vec<PathBuf>,
+        /// Print one JSON summary instead: per profile, `ok` and its problems.
+        #[arg(long)]
+        json: bool,
     },
     /// Download and verify everything a build of the profile needs into the cache.
     Fetch {
         #[command(flatten)]
         input: InputArgs,
+        /// Print one JSON summary on stdout (per architecture: packages and container images),
+        /// or the errors.
+        #[arg(long)]
+        json: bool,
     },
     /// Boot an image in QEMU with its serial console on this terminal (Ctrl-a x quits).
     Run {
@@ -96,9 +137,9 @@ enum Command {
     Serve {
         /// A `kiln build` output directory (holding <arch>/netboot/ from `--format netboot`).
         dir: PathBuf,
-        /// Address and port to listen on.
-        #[arg(long, default_value = "0.0.0.0:8080", value_name = "ADDR:PORT")]
-        listen: std::net::SocketAddr,
+        /// Address (or host name) and port to listen on.
+        #[arg(long, default_value = "0.0.0.0:8080", value_name = "HOST:PORT")]
+        listen: String,
         /// Forget that this machine is installed, so its next network boot installs again
         /// (repeatable; edits DIR/serve-state.json before serving).
         #[arg(long, value_name = "MAC")]
@@ -148,19 +189,38 @@ enum Command {
         #[arg(long)]
         markdown: bool,
     },
+    /// Print a shell completion script, e.g. `kiln completions bash > ~/.local/share/bash-completion/completions/kiln`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (kiln.1) to stdout, or with --dir write kiln.1 and one page per
+    /// subcommand (kiln-build.1, ...) into DIR.
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let level = if cli.quiet { "warn" } else { "info" };
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| level.into()))
+        .with_ansi(colour_on_stderr())
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
         .init();
     match run(cli) {
         Ok(code) => code,
+        // Output piped into a program that stopped reading (`kiln man | head`) is not a failure.
+        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             if kiln::error::is_usage(&e) {
@@ -170,6 +230,12 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Colour only for a person at a terminal: not in piped logs or files, and never with `NO_COLOR`
+/// set to anything (https://no-color.org).
+fn colour_on_stderr() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()) && std::io::stderr().is_terminal()
 }
 
 fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
@@ -187,30 +253,35 @@ fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build { input, out, offline, formats } => {
-            let profile = LoadedProfile::load(&input.profile)?;
-            let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
-            let report = kiln::pipeline::build(&profile, &opts)?;
-            for image in &report.images {
-                let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
-                // disk.img, then the files derived from it (compressed copies, block map).
-                let derived = image
-                    .manifest
-                    .outputs
-                    .iter()
-                    .filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str()))
-                    .map(|o| image.dir.join(&o.file));
-                for path in image.disk.iter().cloned().chain(derived).chain(script) {
-                    println!("{}: {}", image.arch, path.display());
+        Command::Build { input, out, offline, formats, json } => {
+            let build = || {
+                let profile = checked_profile(&input.profile)?;
+                let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
+                kiln::pipeline::build(&profile, &opts)
+            };
+            let report = json_or_error(json, build())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&build_summary(&report))?);
+            } else {
+                for image in &report.images {
+                    for path in output_paths(image) {
+                        println!("{}: {}", image.arch, path.display());
+                    }
                 }
+                println!("checksums: {}", report.checksums.display());
             }
-            println!("checksums: {}", report.checksums.display());
         }
-        Command::Fetch { input } => {
-            let profile = LoadedProfile::load(&input.profile)?;
-            kiln::pipeline::fetch(&profile, &options(&input, cli.quiet))?;
+        Command::Fetch { input, json } => {
+            let fetch = || kiln::pipeline::fetch(&checked_profile(&input.profile)?, &options(&input, cli.quiet));
+            let fetched = json_or_error(json, fetch())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "ok": true, "archs": fetched }))?);
+            }
         }
         Command::Run { image, arch, firmware_dir, memory, snapshot, disks, boot } => {
+            if !image.exists() {
+                return Err(UsageError(format!("no such image: {} (build one with `kiln build PROFILE`)", image.display())).into());
+            }
             let arch = match arch {
                 Some(a) => a,
                 None => arch_from_manifest(&image)?,
@@ -232,9 +303,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Flash { image, device, bmap, yes, force, no_verify } => {
             flash(&image, &device, bmap.as_deref(), FlashFlags { yes, force, verify: !no_verify, quiet: cli.quiet })?
         }
-        Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, listen, &reinstall, dnsmasq.as_deref())?,
+        Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, &listen, &reinstall, dnsmasq.as_deref())?,
         Command::Secrets { profile, out } => {
-            let profile = LoadedProfile::load(&profile)?;
+            let profile = checked_profile(&profile)?;
             let out = out.unwrap_or_else(|| kiln::pipeline::default_out_dir(&profile));
             let Some(c) = &profile.profile.cluster else {
                 return Err(
@@ -271,16 +342,162 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&kiln::profile::json_schema())?);
             }
         }
+        Command::Check { profiles, json } => return check(&profiles, json),
+        Command::Init { dir, platform, cluster, name } => {
+            let platform = kiln::platform::Platform::load(&platform).usage("--platform")?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let name = name.unwrap_or_else(|| kiln::init::name_for(&dir));
+            let w = kiln::init::write(&dir, &name, &platform, cluster).usage("kiln init")?;
+            println!("wrote {}, {}/ and {}", w.profile.display(), w.overlay.display(), w.schema.display());
+            println!("next: edit it, then `kiln check {0}` and `kiln build {0}`", w.profile.display());
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "kiln", &mut std::io::stdout());
+        }
+        Command::Man { dir } => man_pages(dir.as_deref())?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// With `--json`, a failure is also printed on stdout as `{"ok": false, "error": ...}` (the
+/// error still goes to stderr and sets the exit status).
+fn json_or_error<T>(json: bool, r: Result<T>) -> Result<T> {
+    if let (true, Err(e)) = (json, &r) {
+        println!("{}", serde_json::json!({ "ok": false, "error": format!("{e:#}"), "usage_error": kiln::error::is_usage(e) }));
+    }
+    r
+}
+
+/// Per architecture: disk.img, the files derived from it (compressed copies, block map), the
+/// netboot script.
+fn output_paths(image: &kiln::pipeline::ArchOutputs) -> Vec<PathBuf> {
+    let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
+    let derived = image
+        .manifest
+        .outputs
+        .iter()
+        .filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str()))
+        .map(|o| image.dir.join(&o.file));
+    image.disk.iter().cloned().chain(derived).chain(script).collect()
+}
+
+/// `kiln build --json`: the outputs of every architecture with their digests (from the
+/// manifests kiln wrote), and where the manifests and checksums are.
+fn build_summary(report: &kiln::pipeline::BuildReport) -> serde_json::Value {
+    let archs: Vec<serde_json::Value> = report
+        .images
+        .iter()
+        .map(|i| {
+            let outputs: Vec<serde_json::Value> = i
+                .manifest
+                .outputs
+                .iter()
+                .map(|o| serde_json::json!({ "file": o.file, "path": i.dir.join(&o.file), "size": o.size, "sha256": o.sha256 }))
+                .collect();
+            serde_json::json!({
+                "arch": i.arch,
+                "dir": i.dir,
+                "manifest": i.dir.join(kiln::pipeline::disk::MANIFEST),
+                "kernel_version": i.manifest.kernel_version,
+                "outputs": outputs,
+            })
+        })
+        .collect();
+    serde_json::json!({ "ok": true, "out_dir": report.out_dir, "checksums": report.checksums, "archs": archs })
+}
+
+/// Every static problem of a profile, sorted by position: the profile's own checks, then what
+/// needs the rest of kiln (templates rendered with its vars, its platforms). Nothing is fetched.
+fn profile_problems(path: &std::path::Path) -> Result<(Option<LoadedProfile>, Vec<kiln::profile::check::Problem>)> {
+    let (loaded, mut problems) = LoadedProfile::check(path)?;
+    if let Some(p) = &loaded {
+        let mut more = kiln::pipeline::template_problems(p);
+        for &a in &p.profile.arch {
+            match kiln::platform::Platform::load_for(p.platform(a), a) {
+                Err(e) => more.push(e.context(format!("key `platform.{a}`"))),
+                Ok(platform) => {
+                    if let Err(e) = platform.check_components(&p.profile.os.components) {
+                        more.push(e.context("key `os.components`"));
+                    }
+                    if let Err(e) = platform.check_install_mode(p.profile.install.mode) {
+                        more.push(e.context("key `install.mode`"));
+                    }
+                }
+            }
+        }
+        problems.extend(p.locate(&more));
+    }
+    problems.sort_by_key(|p| (p.line, p.column));
+    Ok((loaded, problems))
+}
+
+/// The profile for `build`, `fetch` and `secrets`: the same checks as `kiln check` first, so a
+/// template or key error fails in milliseconds, listing every problem, before any download.
+fn checked_profile(path: &std::path::Path) -> Result<LoadedProfile> {
+    match profile_problems(path)? {
+        (Some(p), problems) if problems.is_empty() => Ok(p),
+        (_, problems) => Err(kiln::profile::ProfileError(kiln::profile::check::render_all(&path.display().to_string(), &problems)).into()),
+    }
+}
+
+/// `kiln check`: every static problem of each profile, as text or one JSON summary.
+fn check(profiles: &[PathBuf], json: bool) -> Result<ExitCode> {
+    let mut summary = Vec::new();
+    for path in profiles {
+        let (_, problems) = profile_problems(path)?;
+        let file = path.display().to_string();
+        if !json {
+            if problems.is_empty() {
+                println!("{file}: ok");
+            } else {
+                eprintln!("{}", kiln::profile::check::render_all(&file, &problems));
+            }
+        }
+        summary.push(serde_json::json!({ "profile": file, "ok": problems.is_empty(), "problems": problems }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    let ok = summary.iter().all(|s| s["ok"] == true);
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+/// `kiln man`: the page for `kiln` on stdout, or pages for it and every subcommand in DIR.
+fn man_pages(dir: Option<&std::path::Path>) -> Result<()> {
+    let cmd = <Cli as clap::CommandFactory>::command().version(VERSION);
+    let Some(dir) = dir else {
+        return Ok(clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?);
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let pages = std::iter::once(("kiln".to_string(), cmd.clone()))
+        .chain(cmd.get_subcommands().filter(|c| c.get_name() != "help").map(|c| (format!("kiln-{}", c.get_name()), c.clone())));
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page.name(name.clone())).render(&mut out)?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// `kiln serve`: apply --reinstall, print the DHCP settings, serve until SIGINT/SIGTERM.
-fn serve(dir: &std::path::Path, listen: std::net::SocketAddr, reinstall: &[String], dnsmasq: Option<&std::path::Path>) -> Result<()> {
+fn serve(dir: &std::path::Path, listen: &str, reinstall: &[String], dnsmasq: Option<&std::path::Path>) -> Result<()> {
+    use std::net::ToSocketAddrs;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
     if !dir.is_dir() {
         return Err(UsageError(format!("{}: not a directory; pass a `kiln build` output directory", dir.display())).into());
+    }
+    let listen = listen
+        .to_socket_addrs()
+        .map_err(|e| UsageError(format!("--listen {listen}: {e}; give HOST:PORT, e.g. 0.0.0.0:8080 or pxe-host.lan:8080")))?
+        .next()
+        .ok_or_else(|| UsageError(format!("--listen {listen}: the name has no address")))?;
+    if kiln::serve::Server::netboot_archs(dir).is_empty() {
+        eprintln!(
+            "warning: {} holds no netboot output (<arch>/netboot/boot.ipxe): machines booting from the network get nothing; build with `kiln build PROFILE --format netboot`",
+            dir.display()
+        );
     }
     if !reinstall.is_empty() {
         for mac in kiln::serve::reinstall(dir, reinstall)? {
@@ -340,9 +557,10 @@ fn flash(image: &std::path::Path, device: &std::path::Path, bmap: Option<&std::p
             println!("image: {}, {} ({} mapped)", image.display(), kiln::size::human(b.image_size), kiln::size::human(b.mapped_bytes()))
         }
         None => println!(
-            "image: {}, {} (no bmap: every byte is written)",
+            "image: {}, {} (no bmap: every byte is written{})",
             image.display(),
-            img.size.map_or("size unknown".into(), kiln::size::human)
+            img.size.map_or("size unknown".into(), kiln::size::human),
+            img.expected.as_ref().map_or(String::new(), |e| format!(", checked against {}", e.manifest.display()))
         ),
     }
     let reasons = flash::refusals(&target, img.size);

@@ -61,7 +61,23 @@ pub fn renderer() -> Handlebars<'static> {
 
 /// Renders one template text; `what` names it in errors.
 pub fn render(hb: &Handlebars<'_>, text: &str, context: &serde_json::Value, what: &str) -> Result<String> {
-    hb.render_template(text, context).map_err(|e| anyhow::anyhow!("template {what}: {e}"))
+    hb.render_template(text, context).map_err(|e| anyhow::anyhow!("template {what}: {}", template_error(&e)))
+}
+
+/// A handlebars error in the template's terms: where in the template and what, e.g.
+/// "line 3, column 7: `vars.site` is not defined (strict mode: every variable must exist)".
+fn template_error(e: &handlebars::RenderError) -> String {
+    use handlebars::RenderErrorReason as R;
+    let at = match (e.line_no, e.column_no) {
+        (Some(l), Some(c)) => format!("line {l}, column {c}: "),
+        _ => String::new(),
+    };
+    let what = match e.reason() {
+        R::MissingVariable(Some(v)) => format!("`{v}` is not defined (define it under `vars:` in the profile, or fix the name)"),
+        R::TemplateError(t) => format!("syntax: {}", t.reason()),
+        other => other.to_string(),
+    };
+    format!("{at}{what}")
 }
 
 /// Renders every `*.hbs` file of `tree` in place (the rendered file loses the suffix).

@@ -5,7 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::Arch;
 
-/// A platform description (see `firmware/generic-uefi.yaml` for the commented format).
+/// A platform description (see `firmware/generic-uefi.yaml` for the commented format, and
+/// `firmware/rpi4.yaml` for `boot.raspberrypi`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Platform {
@@ -53,11 +54,16 @@ pub fn table(platforms: &[Platform]) -> String {
     out
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootMethods {
+    #[serde(default)]
     pub systemd_boot: bool,
+    #[serde(default)]
     pub extlinux: bool,
+    /// The Raspberry Pi firmware's boot partition (`crate::raspberrypi`).
+    #[serde(default)]
+    pub raspberrypi: Option<crate::raspberrypi::RaspberryPi>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,15 +111,39 @@ impl Platform {
         Ok(())
     }
 
+    /// Whether the platform boots only the card kiln writes: a Raspberry Pi (an installer writes a
+    /// plain GPT its firmware may not read) and a U-Boot SPL board (its boot ROM reads the
+    /// loaders from the card it boots).
+    pub fn boots_its_card(&self) -> bool {
+        self.boot.raspberrypi.is_some() || self.uboot_spl.is_some()
+    }
+
+    /// Refuses an install mode the platform cannot boot: an installer medium for a platform that
+    /// boots only its own card ([`Platform::boots_its_card`]).
+    pub fn check_install_mode(&self, mode: crate::profile::InstallMode) -> Result<()> {
+        if self.boots_its_card() && mode == crate::profile::InstallMode::Installer {
+            bail!(
+                "platform `{}` boots the card kiln writes (`in-place`, the default); installer media are not supported for it",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
     /// The boot methods this platform writes, by their common names.
     pub fn boot_methods(&self) -> Vec<&'static str> {
-        let BootMethods { systemd_boot, extlinux } = self.boot;
+        let BootMethods { systemd_boot, extlinux, ref raspberrypi } = self.boot;
         let spl = self.uboot_spl.is_some();
-        [(spl, "u-boot-spl"), (systemd_boot, "uefi/systemd-boot"), (extlinux, "u-boot/extlinux")]
-            .into_iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, m)| m)
-            .collect()
+        [
+            (spl, "u-boot-spl"),
+            (systemd_boot, "uefi/systemd-boot"),
+            (extlinux, "u-boot/extlinux"),
+            (raspberrypi.is_some(), "raspberrypi-firmware"),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, m)| m)
+        .collect()
     }
 
     /// The architectures, comma-separated.
@@ -128,6 +158,15 @@ impl Platform {
             arch: self.arch.iter().map(|a| a.name().to_string()).collect(),
             boot: self.boot_methods().into_iter().map(String::from).collect(),
             description: self.description.clone(),
+        }
+    }
+
+    /// Refuses a profile whose `os.components` lack the component the platform's boot files
+    /// come from (the Raspberry Pi firmware is in `non-free-firmware`).
+    pub fn check_components(&self, components: &[String]) -> Result<()> {
+        match &self.boot.raspberrypi {
+            Some(rpi) => rpi.check_components(&self.name, components),
+            None => Ok(()),
         }
     }
 
@@ -164,6 +203,18 @@ mod tests {
         p.check_arch(Arch::Aarch64).unwrap();
         let err = p.check_arch(Arch::X86_64).unwrap_err().to_string();
         assert!(err.contains("`board` is for aarch64, not x86_64") && err.contains("platform.x86_64"), "{err}");
+    }
+
+    #[test]
+    fn boards_that_boot_their_card_refuse_installer_mode() {
+        use crate::profile::InstallMode;
+        for board in ["hifive-unleashed", "visionfive2", "rpi4"] {
+            let p = Platform::load(board).unwrap();
+            let err = p.check_install_mode(InstallMode::Installer).unwrap_err().to_string();
+            assert!(err.contains(board) && err.contains("in-place"), "{err}");
+            p.check_install_mode(InstallMode::InPlace).unwrap();
+        }
+        Platform::load("generic-uefi").unwrap().check_install_mode(InstallMode::Installer).unwrap();
     }
 
     #[test]

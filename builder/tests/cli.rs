@@ -77,6 +77,48 @@ fn offline_with_an_empty_cache_names_the_missing_artifact() {
 }
 
 #[test]
+fn a_raspberry_pi_profile_without_non_free_firmware_exits_2_before_any_download() {
+    let d = tempfile::tempdir().unwrap();
+    // The mirror is unreachable: the check comes before the package index is read.
+    profile(d.path(), "name: t\narch: [aarch64]\nplatform: {aarch64: rpi4}\nos:\n  mirror: http://127.0.0.1:9/debian\n");
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("p.yaml")
+            && text.contains("`os.components`")
+            && text.contains("raspi-firmware")
+            && text.contains("[main, non-free-firmware]"),
+        "{text}"
+    );
+    assert_no_image(d.path());
+
+    // A Pi boots the card kiln writes: no installer medium, no netboot.
+    let components = "  components: [main, non-free-firmware]\n";
+    profile(d.path(), &format!("name: t\narch: [aarch64]\nplatform: {{aarch64: rpi3}}\ninstall: {{mode: installer}}\nos:\n{components}"));
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("`install.mode`") && text.contains("rpi3"), "{text}");
+    profile(d.path(), &format!("name: t\narch: [aarch64]\nplatform: {{aarch64: rpi3}}\nos:\n{components}"));
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out", "--format", "netboot"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--format netboot") && text.contains("rpi3"), "{text}");
+}
+
+#[test]
+fn a_u_boot_spl_board_in_installer_mode_exits_2_before_any_download() {
+    let d = tempfile::tempdir().unwrap();
+    // The mirror is unreachable: the refusal comes before the package index is read.
+    let yaml = "name: t\narch: [riscv64]\nplatform: {riscv64: hifive-unleashed}\ninstall: {mode: installer}\nos:\n  mirror: http://127.0.0.1:9/debian\n";
+    profile(d.path(), yaml);
+    for args in [&["check", "p.yaml"][..], &["build", "p.yaml", "--out", "out"]] {
+        let (code, text) = kiln(d.path(), args);
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(text.contains("p.yaml:4:") && text.contains("`install.mode`") && text.contains("hifive-unleashed"), "{args:?}: {text}");
+    }
+    assert_no_image(d.path());
+}
+
+#[test]
 fn schema_is_json_with_the_profile_keys() {
     let d = tempfile::tempdir().unwrap();
     let (code, text) = kiln(d.path(), &["schema"]);
@@ -159,4 +201,155 @@ fn platforms_lists_each_embedded_platform_on_one_line() {
     let generic = v.as_array().unwrap().iter().find(|p| p["name"] == "generic-uefi").unwrap_or_else(|| panic!("{text}"));
     assert_eq!(generic["arch"], serde_json::json!(["x86_64", "aarch64", "riscv64"]), "{text}");
     assert!(generic["description"].as_str().unwrap().starts_with("Generic UEFI"), "{text}");
+}
+
+/// `--version` names the commit; completions and man pages are generated from the same CLI.
+#[test]
+fn version_completions_and_man_pages() {
+    let d = tempfile::tempdir().unwrap();
+    let (code, text) = kiln(d.path(), &["--version"]);
+    assert!(code == 0 && text.starts_with("kiln ") && text.contains("(commit "), "{text}");
+    let (code, text) = kiln(d.path(), &["completions", "bash"]);
+    assert!(code == 0 && text.contains("_kiln()") && text.contains("flash"), "{text}");
+    let (code, text) = kiln(d.path(), &["man", "--dir", "man"]);
+    assert_eq!(code, 0, "{text}");
+    for page in ["kiln.1", "kiln-build.1", "kiln-flash.1", "kiln-serve.1"] {
+        let t = std::fs::read_to_string(d.path().join("man").join(page)).unwrap();
+        assert!(t.contains(".TH") && t.contains(".SH NAME"), "{page}: {t}");
+    }
+}
+
+/// Log lines piped to a file carry no colour codes (stderr is not a terminal here).
+#[test]
+fn piped_logs_have_no_colour_codes() {
+    let d = tempfile::tempdir().unwrap();
+    profile(d.path(), "name: t\narch: [x86_64]\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["-v", "build", "p.yaml", "--offline", "--out", "out"])
+        .current_dir(d.path())
+        .env("KILN_CACHE_DIR", d.path().join("cache"))
+        .env_remove("NO_COLOR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("INFO") && err.contains("not in the cache") && !err.contains('\x1b'), "{err:?}");
+}
+
+#[test]
+fn run_names_a_missing_image_first() {
+    let d = tempfile::tempdir().unwrap();
+    let (code, text) = kiln(d.path(), &["run", "out/x86_64/disk.img"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no such image: out/x86_64/disk.img") && !text.contains("manifest"), "{text}");
+}
+
+/// `kiln serve` resolves a host name in --listen, and warns when DIR has no netboot output.
+#[test]
+fn serve_takes_host_names_and_warns_without_netboot_output() {
+    use std::io::{BufRead, BufReader};
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("out")).unwrap();
+    let (code, text) = kiln(d.path(), &["serve", "out", "--listen", "no-such-host.invalid:8080"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--listen no-such-host.invalid:8080"), "{text}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["serve", "out", "--listen", "localhost:0"])
+        .current_dir(d.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut first).unwrap();
+    let mut listening = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut listening).unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(first.contains("warning: out holds no netboot output") && first.contains("--format netboot"), "{first}");
+    assert!(listening.contains("http://127.0.0.1:") || listening.contains("http://[::1]:"), "{listening}");
+}
+
+/// `kiln check` reports every problem of a profile in one run, each located and naming its key,
+/// without downloading anything; `--json` gives the same as data; `kiln build` refuses the
+/// profile with the same list before any download.
+#[test]
+fn check_reports_five_problems_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    profile(
+        d.path(),
+        "name: t\narch: [x86_64]\noverlays: [site]\nplatform: {x86_64: rpi9}\nvars: {\"a b\": 1}\nfiles:\n  - path: /etc/motd\n    content: \"{{vars.site}}\"\n    template: true\n  - path: etc/x\n    content: x\n",
+    );
+    let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
+    assert_eq!(code, 2, "{text}");
+    for want in [
+        "5 problems:",
+        "p.yaml:3:12: key `overlays[0]`: overlay directory ./site does not exist",
+        "p.yaml:4:",
+        "key `platform.x86_64`: unknown platform `rpi9`",
+        "p.yaml:5:8: key `vars.a b`: variable names are",
+        "p.yaml:8:5: key `files[0].content`: template files[0] (/etc/motd): line 1, column 1: `vars.site` is not defined",
+        "p.yaml:10:5: key `files[1].path`: `etc/x` must be an absolute path",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    assert!(!text.contains("error: error") && !text.contains("<input>"), "{text}");
+    let (code, json) = kiln(d.path(), &["check", "--json", "p.yaml"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(code == 2 && v[0]["ok"] == false && v[0]["problems"].as_array().unwrap().len() == 5, "{json}");
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out"]);
+    assert!(code == 2 && text.contains("5 problems:") && !text.contains("reading http"), "{text}");
+    assert_no_image(d.path());
+    // Structural problems are all found too (serde alone stops at the first).
+    profile(
+        d.path(),
+        "name: t\narch: [x86_64, sparc]\nos:\n  packges: [curl]\nssh:\n  port: x\nusers:\n  - name: a\n    shel: /bin/sh\nkernl: {}\n",
+    );
+    let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
+    assert!(code == 2 && text.contains("5 problems:") && text.contains("did you mean `kernel`?"), "{text}");
+    // A profile from a newer kiln says so.
+    profile(d.path(), "kiln: 7\nname: t\narch: [x86_64]\nnew_thing: {}\n");
+    let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
+    assert!(code == 2 && text.contains("profile format 7") && !text.contains("new_thing"), "{text}");
+}
+
+#[test]
+fn check_passes_every_example_profile() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut args = vec!["check".to_string()];
+    for dir in ["profiles", "qemu-tests/profiles"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                args.push(p.display().to_string());
+            }
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, text) = kiln(&root, &args);
+    assert_eq!(code, 0, "{text}");
+    assert_eq!(text.matches(": ok").count(), args.len() - 1, "{text}");
+}
+
+/// `--json` on build and fetch: a failure is a JSON object on stdout too (the message still
+/// goes to stderr and sets the exit status).
+#[test]
+fn build_and_fetch_json_report_failures_as_json() {
+    let d = tempfile::tempdir().unwrap();
+    profile(d.path(), "name: t\narch: [x86_64]\n");
+    for args in [
+        &["build", "p.yaml", "--offline", "--json", "--out", "out"][..],
+        &["fetch", "p.yaml", "--json", "--mirror", "http://127.0.0.1:9/debian"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(args)
+            .current_dir(d.path())
+            .env("KILN_CACHE_DIR", d.path().join("cache"))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {:?}", out.stdout));
+        assert!(v["ok"] == false && v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        assert_ne!(out.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
+    }
+    assert_no_image(d.path());
 }

@@ -238,7 +238,13 @@ mod identity {
         let m = setup();
         let (ok, out) = run(&m);
         assert!(ok, "{out}");
-        assert_eq!(out, "[kiln] etcd: starting member e1, joining the initial cluster (log /var/log/etcd.log)\n");
+        assert!(out.starts_with("[kiln] etcd: starting member e1, joining the initial cluster (log /var/log/etcd.log)\n"), "{out}");
+        // The stand-in etcd exits at once: the supervisor says so, with the log's last lines.
+        assert!(out.contains("[kiln] etcd: exited with status 0 after 0s; last lines of /var/log/etcd.log:\n"), "{out}");
+        assert!(
+            out.ends_with("[kiln] etcd: | etcd started: -S -c etcd:etcd -x /usr/bin/etcd\n[kiln] etcd: starting again in 1s\n"),
+            "{out}"
+        );
         assert!(m.read("var/log/etcd.log").contains("etcd started: -S -c etcd:etcd -x /usr/bin/etcd\n"));
         let root = m.path().display().to_string();
         let chowned = m.read("chowned");
@@ -307,6 +313,7 @@ mod k3s_run {
             0o755,
         );
         m.write_mode("bin/sleep", "#!/bin/sh\necho \"$*\" > \"$KILN_ROOT/slept\"\n", 0o755);
+        m.write("proc/uptime", "100.52 180.11\n");
         if let Some(r) = roles {
             m.write_mode("run/kiln/node.conf", &format!("KILN_NODE_NAME=\"n1\"\nKILN_NODE_ROLES=\"{r}\"\n"), 0o644);
         }
@@ -324,14 +331,66 @@ mod k3s_run {
             } else {
                 ""
             };
-            assert_eq!(out, format!("{waited}[kiln] k3s: starting {role} (log /var/log/k3s.log)\n"), "{roles}");
+            let exited = format!(
+                "k3s-run: starting k3s {role}\n[kiln] k3s: | stand-in binary called with: {role}\n[kiln] k3s: starting again in 1s\n"
+            );
+            assert!(out.contains("[kiln] k3s: exited with status 0 after 0s; last lines of /var/log/k3s.log:\n"), "{out}");
+            assert!(out.starts_with(&format!("{waited}[kiln] k3s: starting {role} (log /var/log/k3s.log)\n")), "{roles}: {out}");
+            assert!(out.ends_with(&exited), "{roles}: {out}");
             let asked = std::fs::read_to_string(m.path().join("wget-args")).unwrap_or_default();
             assert_eq!(asked.contains("http://127.0.0.1:2381/health"), roles.contains("etcd"), "{asked}");
             let log = m.read("var/log/k3s.log");
             assert!(log.contains(&format!("k3s-run: starting k3s {role}\n")), "{log}");
             assert!(log.ends_with(&format!("stand-in binary called with: {role}\n")), "{log}");
-            assert!(!m.exists("slept"));
+            assert_eq!(m.read("slept"), "1\n", "a backoff before init restarts it");
         }
+    }
+
+    /// A role that needs room warns when the data partition is smaller (an image booted without
+    /// growing its disk), and stays quiet when it is large enough.
+    #[test]
+    fn a_small_data_partition_is_named_on_the_console() {
+        let m = FakeRoot::new();
+        let lib = overlay("appliance").join("usr/lib/kiln/lib.sh");
+        let df = |kib: u64| {
+            format!(
+                "#!/bin/sh\necho 'Filesystem 1024-blocks Used Available Capacity Mounted on'\necho \"/dev/vda4 {kib} 10 10 1% /var/lib\"\n"
+            )
+        };
+        m.write_mode("bin/df", &df(65536), 0o755);
+        let script = format!(". {}; kiln_need_space etcd 512", lib.display());
+        let (ok, out) = m.sh(["-c", script.as_str()]);
+        assert!(ok, "{out}");
+        assert!(out.starts_with("[kiln] etcd: warning: the data partition (/var/lib) holds 64 MiB; etcd needs at least 512 MiB"), "{out}");
+        m.write_mode("bin/df", &df(8 << 20), 0o755);
+        let (ok, out) = m.sh(["-c", script.as_str()]);
+        assert!(ok && out.is_empty(), "{out}");
+    }
+
+    /// A k3s that keeps failing at once: each exit puts its status and the log's last lines on
+    /// the console, and the wait before the next start doubles (1, 2, 4 s ...), capped at 60 s.
+    #[test]
+    fn a_failing_service_says_why_and_backs_off() {
+        let cluster = overlay("cluster");
+        let m = FakeRoot::new();
+        m.write_mode("usr/lib/kiln/lib.sh", &std::fs::read_to_string(overlay("appliance").join("usr/lib/kiln/lib.sh")).unwrap(), 0o644);
+        for script in ["health.sh", "logpipe"] {
+            let text = std::fs::read_to_string(cluster.join("usr/lib/kiln").join(script)).unwrap();
+            m.write_mode(&format!("usr/lib/kiln/{script}"), &text, 0o755);
+        }
+        let k3s = "#!/bin/sh\nfor i in 1 2 3 4 5 6 7; do echo \"line $i\"; done\necho 'fatal: no space left on device'\nexit 3\n";
+        m.write_mode("usr/local/bin/k3s", k3s, 0o755);
+        m.write_mode("bin/sleep", "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/slept\"\n", 0o755);
+        m.write("proc/uptime", "42.00 80.00\n");
+        m.write_mode("run/kiln/node.conf", "KILN_NODE_NAME=\"n1\"\nKILN_NODE_ROLES=\"agent\"\n", 0o644);
+        for _ in 0..8 {
+            let (ok, out) = m.sh([cluster.join("usr/lib/kiln/k3s-run")]);
+            assert!(ok, "{out}");
+            assert!(out.contains("[kiln] k3s: exited with status 3 after 0s; last lines of /var/log/k3s.log:\n"), "{out}");
+            assert!(out.contains("[kiln] k3s: | line 7\n[kiln] k3s: | fatal: no space left on device\n"), "{out}");
+            assert!(!out.contains("| line 3\n"), "only the last 5 lines: {out}");
+        }
+        assert_eq!(m.read("slept"), "1\n2\n4\n8\n16\n32\n60\n60\n");
     }
 
     #[test]

@@ -17,15 +17,24 @@ pub const VERSION: &str = "v0.0.0+k3s0";
 /// Writes the stand-in asset directory `dir/stand-in-assets`; `seed` goes into the contents, so
 /// different seeds give different digests.
 pub fn assets(dir: &Path, seed: &str) -> Result<PathBuf> {
+    assets_for(dir, seed, "amd64", "k3s")
+}
+
+/// [`assets`] for the arm64 release names (`k3s-arm64`, `...-arm64.tar.zst`, `sha256sum-arm64.txt`).
+pub fn assets_arm64(dir: &Path, seed: &str) -> Result<PathBuf> {
+    assets_for(dir, seed, "arm64", "k3s-arm64")
+}
+
+fn assets_for(dir: &Path, seed: &str, arch: &str, binary: &str) -> Result<PathBuf> {
     let assets = dir.join("stand-in-assets");
     std::fs::create_dir_all(&assets)?;
     let mut list = String::new();
-    for name in ["k3s", "k3s-airgap-images-amd64.tar.zst"] {
+    for name in [binary.to_string(), format!("k3s-airgap-images-{arch}.tar.zst")] {
         let data = format!("stand-in for {name}, not k3s ({seed})\n").repeat(64).into_bytes();
-        std::fs::write(assets.join(name), &data)?;
+        std::fs::write(assets.join(&name), &data)?;
         list.push_str(&format!("{}  {name}\n", sha(&data)));
     }
-    std::fs::write(assets.join("sha256sum-amd64.txt"), &list)?;
+    std::fs::write(assets.join(format!("sha256sum-{arch}.txt")), &list)?;
     Ok(assets)
 }
 

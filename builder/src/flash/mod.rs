@@ -30,8 +30,19 @@ pub struct Image {
     pub path: PathBuf,
     pub compression: Compression,
     pub bmap: Option<Bmap>,
-    /// Known for a raw image, from the bmap, or from a zstd frame header; unknown for xz without bmap.
+    /// Known for a raw image, from the bmap, from the build's manifest, or from a zstd frame header.
     pub size: Option<u64>,
+    /// Without a bmap: the digest the build recorded for the uncompressed image in the
+    /// `manifest.json` beside it, checked over the bytes written (a damaged download is caught).
+    pub expected: Option<ManifestDigest>,
+}
+
+/// The build's record of the uncompressed image (`outputs` entry of `manifest.json`).
+#[derive(Debug, Clone)]
+pub struct ManifestDigest {
+    pub manifest: PathBuf,
+    pub sha256: [u8; 32],
+    pub size: u64,
 }
 
 impl Image {
@@ -48,12 +59,25 @@ impl Image {
             Some(p) => Some(Bmap::read(&p)?),
             None => None,
         };
-        let size = match (&bmap, compression) {
-            (Some(b), _) => Some(b.image_size),
-            (None, Compression::None) => Some(meta.len()),
-            (None, Compression::Zstd) => zstd_content_size(path),
-            (None, Compression::Xz) => None,
+        let expected = if bmap.is_none() { manifest_digest(path)? } else { None };
+        let size = match (&bmap, compression, &expected) {
+            (Some(b), _, _) => Some(b.image_size),
+            (None, Compression::None, _) => Some(meta.len()),
+            (None, _, Some(e)) => Some(e.size),
+            (None, Compression::Zstd, None) => zstd_content_size(path),
+            (None, Compression::Xz, None) => None,
         };
+        if let (Some(e), Compression::None) = (&expected, compression) {
+            if e.size != meta.len() {
+                anyhow::bail!(
+                    "{} is {} bytes but {} records {} for it: the manifest belongs to another build (move it away, or pass the image's bmap with --bmap)",
+                    path.display(),
+                    meta.len(),
+                    e.manifest.display(),
+                    e.size
+                );
+            }
+        }
         if let (Some(b), Compression::None) = (&bmap, compression) {
             if b.image_size != meta.len() {
                 anyhow::bail!(
@@ -64,7 +88,7 @@ impl Image {
                 );
             }
         }
-        Ok(Image { path: path.into(), compression, bmap, size })
+        Ok(Image { path: path.into(), compression, bmap, size, expected })
     }
 }
 
@@ -78,6 +102,27 @@ pub fn default_bmap(image: &Path) -> Option<PathBuf> {
         }
     }
     candidates.into_iter().find(|p| p.is_file())
+}
+
+/// The digest `manifest.json` beside IMAGE records for the uncompressed image (`disk.img` for
+/// `disk.img.xz`), if there is such a manifest; one that cannot be read is an error, not ignored.
+fn manifest_digest(image: &Path) -> Result<Option<ManifestDigest>> {
+    let manifest = image.with_file_name("manifest.json");
+    if !manifest.is_file() {
+        return Ok(None);
+    }
+    let name = match Compression::from_path(image) {
+        Compression::None => image.file_name(),
+        _ => image.file_stem(),
+    };
+    let Some(name) = name.map(|n| n.to_string_lossy().into_owned()) else { return Ok(None) };
+    let text = std::fs::read(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    let m: crate::manifest::Manifest =
+        serde_json::from_slice(&text).with_context(|| format!("{} is not a kiln build manifest", manifest.display()))?;
+    let Some(out) = m.outputs.iter().find(|o| o.file == name) else { return Ok(None) };
+    let mut sha256 = [0u8; 32];
+    hex::decode_to_slice(&out.sha256, &mut sha256).with_context(|| format!("{}: bad sha256 for {name}", manifest.display()))?;
+    Ok(Some(ManifestDigest { manifest, sha256, size: out.size }))
 }
 
 fn zstd_content_size(path: &Path) -> Option<u64> {

@@ -127,6 +127,7 @@ pub fn flash(image: &Image, target: &mut dyn Medium, opts: FlashOptions, progres
             digests.push((range.clone(), got));
         }
     } else {
+        let mut whole = Sha256::new();
         loop {
             // Whole image, chunk by chunk, until the stream ends.
             let start = pos;
@@ -140,6 +141,7 @@ pub fn flash(image: &Image, target: &mut dyn Medium, opts: FlashOptions, progres
                     break;
                 }
                 h.update(&buf[..r]);
+                whole.update(&buf[..r]);
                 target.write_all(&buf[..r]).with_context(|| format!("writing bytes at {pos}"))?;
                 pos += r as u64;
                 n += r as u64;
@@ -150,6 +152,18 @@ pub fn flash(image: &Image, target: &mut dyn Medium, opts: FlashOptions, progres
                 break;
             }
             digests.push((start..pos, h.finalize().into()));
+        }
+        if let Some(e) = &image.expected {
+            let got: [u8; 32] = whole.finalize().into();
+            if got != e.sha256 || pos != e.size {
+                bail!(
+                    "{src_name} does not match {} (sha256 {} of {pos} bytes instead of {} of {}): the image is damaged or the manifest is another build's; the target is written with it, flash a good copy",
+                    e.manifest.display(),
+                    hex::encode(got),
+                    hex::encode(e.sha256),
+                    e.size
+                );
+            }
         }
     }
     let image_size = match &image.bmap {
@@ -266,6 +280,61 @@ mod tests {
         let report = flash(&image, &mut t, FlashOptions { verify: true }, &mut |_| {}).unwrap();
         assert_eq!((report.written, report.verified, report.image_size), (64 * MIB, 64 * MIB, 64 * MIB));
         assert!(std::fs::read(&out).unwrap() == std::fs::read(&img).unwrap());
+    }
+
+    /// A build's manifest.json beside the image: `disk.img` recorded with this digest and size.
+    fn write_manifest(dir: &Path, sha256: &str, size: u64) {
+        let m = crate::manifest::Manifest {
+            kiln_version: "0".into(),
+            profile: "p".into(),
+            arch: crate::arch::Arch::Aarch64,
+            suite: "trixie".into(),
+            kernel_version: "6".into(),
+            source_date_epoch: 1,
+            kernel_cmdline: String::new(),
+            disk_guid: String::new(),
+            inputs: Vec::new(),
+            partitions: Vec::new(),
+            install: None,
+            netboot_install: None,
+            initramfs_modules: Vec::new(),
+            outputs: vec![crate::manifest::Output { file: "disk.img".into(), sha256: sha256.into(), size }],
+        };
+        std::fs::write(dir.join("manifest.json"), m.to_json()).unwrap();
+    }
+
+    /// Without a bmap, the manifest's digest of disk.img is checked over the bytes written, for
+    /// the raw image and for a compressed copy (whose size the manifest supplies); a damaged
+    /// image is reported naming the manifest.
+    #[test]
+    fn without_bmap_the_manifest_digest_is_checked() {
+        let d = tempfile::tempdir().unwrap();
+        let img = image(d.path());
+        let bmap = Image::open(&img, None).unwrap().bmap.unwrap();
+        let mapped: Vec<Range<u64>> = bmap.ranges.iter().map(|r| bmap.byte_range(r)).collect();
+        compress_sparse_image(&img, &mapped, &d.path().join("disk.img.xz"), Compression::Xz).unwrap();
+        std::fs::remove_file(d.path().join("disk.img.bmap")).unwrap();
+        write_manifest(d.path(), &crate::digest::sha256_file(&img).unwrap(), 64 * MIB);
+        for name in ["disk.img", "disk.img.xz"] {
+            let image = Image::open(&d.path().join(name), None).unwrap();
+            assert!(image.bmap.is_none() && image.expected.is_some() && image.size == Some(64 * MIB), "{name}: {image:?}");
+            let out = d.path().join("card");
+            let _ = std::fs::remove_file(&out);
+            let mut t = open_target(&out, image.size).unwrap();
+            flash(&image, &mut t, FlashOptions { verify: true }, &mut |_| {}).unwrap();
+        }
+        // One byte of the raw image changed: the write goes through, the check says so.
+        let mut f = OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(MIB + 5)).unwrap();
+        f.write_all(b"X").unwrap();
+        let image = Image::open(&img, None).unwrap();
+        let mut t = open_target(&d.path().join("card2"), image.size).unwrap();
+        let err = format!("{:#}", flash(&image, &mut t, FlashOptions { verify: true }, &mut |_| {}).unwrap_err());
+        assert!(err.contains("does not match") && err.contains("manifest.json") && err.contains("damaged"), "{err}");
+        // A manifest recording another size belongs to another build: refused before writing.
+        write_manifest(d.path(), &"00".repeat(32), 32 * MIB);
+        let err = format!("{:#}", Image::open(&img, None).unwrap_err());
+        assert!(err.contains("another build"), "{err}");
     }
 
     /// A medium that flips one byte as it is written (a failing card), read back faithfully.

@@ -82,6 +82,8 @@ pub(super) struct Boot<'a> {
     systemd_boot: Option<Content>,
     /// The board's device tree from the kernel package (`platform.device_tree`).
     device_tree: Option<Content>,
+    /// Raspberry Pi platforms: the GPU firmware and the device trees.
+    board_files: Vec<(String, Content)>,
     epoch: u64,
 }
 
@@ -105,6 +107,10 @@ impl<'a> Boot<'a> {
             .transpose()
             .with_context(|| format!("platform `{}`", job.platform.name))?;
         let title = format!("kiln {} ({arch})", job.profile.profile.name);
+        let board_files = match &job.platform.boot.raspberrypi {
+            Some(rpi) => raspberrypi_files(job, rpi, root, record)?,
+            None => Vec::new(),
+        };
         Ok(Boot {
             platform: job.platform,
             arch,
@@ -114,6 +120,7 @@ impl<'a> Boot<'a> {
             initrd,
             systemd_boot,
             device_tree,
+            board_files,
             epoch: job.epoch,
         })
     }
@@ -131,6 +138,7 @@ impl<'a> Boot<'a> {
                 systemd_boot: self.systemd_boot.clone(),
                 cmdline,
                 device_tree: self.device_tree.clone(),
+                board_files: &self.board_files,
             },
         )?;
         fat_image(&tree, guid, self.epoch)
@@ -146,6 +154,25 @@ pub(super) fn kernel_cmdline(platform: &Platform, arch: Arch, root: &Guid, extra
         c.push_str(extra.trim());
     }
     c
+}
+
+/// The Raspberry Pi firmware files (from the verified firmware package, recorded in the
+/// manifest) and the board device trees (from the kernel package in the root).
+fn raspberrypi_files(
+    job: &Job,
+    rpi: &crate::raspberrypi::RaspberryPi,
+    root: &Root,
+    record: &mut ManifestInputs,
+) -> Result<Vec<(String, Content)>> {
+    let mut files = Vec::new();
+    if let Some((pkg, path)) = &job.inputs.firmware_deb {
+        let mut t = Tree::merged_usr(job.inputs.arch);
+        crate::deb::unpack_deb(path, &mut t).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
+        files = rpi.firmware_files(&t).with_context(|| format!("{} {}", pkg.name, pkg.version))?;
+        record.add_once(deb_input(pkg));
+    }
+    files.extend(rpi.device_tree_files(&root.tree, &root.kver).with_context(|| format!("platform `{}`", job.platform.name))?);
+    Ok(files)
 }
 
 /// systemd-boot's EFI binary for the arch, from the systemd-boot-efi package.

@@ -314,21 +314,6 @@ fn installer_medium(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
     Ok(Disk { partitions: partition_records(&layout, &contents), install, cmdline: installer_cmdline, outputs })
 }
 
-/// Refuses a profile whose install mode the platform cannot boot, before anything is fetched: a
-/// U-Boot SPL board's boot ROM reads the loaders from the card it boots, so the card is the
-/// system (`in-place`); an installer medium would leave a target without them.
-pub(super) fn check_platform_mode(profile: &LoadedProfile, platform: &crate::platform::Platform) -> Result<()> {
-    if platform.uboot_spl.is_some() && profile.profile.install.mode == InstallMode::Installer {
-        return Err(crate::error::UsageError(format!(
-            "{}: key `install.mode`: platform `{}` boots from its SD card through the loaders on it; build it `in-place` and flash the card",
-            profile.path.display(),
-            platform.name
-        ))
-        .into());
-    }
-    Ok(())
-}
-
 fn fixed_size(job: &Job) -> Option<u64> {
     match job.profile.profile.disk.size {
         DiskSize::Auto => None,
@@ -350,7 +335,13 @@ fn write_wanted(job: &Job, layout: &DiskLayout, disk_guid: Guid, contents: &[Opt
     let compressed: Vec<(Compression, std::path::PathBuf)> =
         job.opts.disk_compressions().into_iter().map(|c| (c, job.dir.join(compressed_name(c)))).collect();
     let image = job.dir.join(DISK_IMAGE);
-    let written = write_disk(&image, layout, disk_guid, contents, mode, &compressed)?;
+    // The Raspberry Pi firmware reads only the MBR (the Pi 3's boot ROM) or prefers it: its
+    // boot partition, partition 1, is shown there as FAT32 (docs/boards.md).
+    let table = match job.platform.boot.raspberrypi {
+        Some(_) => Table::HybridMbr { partition: 0, mbr_type: MBR_FAT32_LBA },
+        None => Table::Gpt,
+    };
+    let written = write_disk(&image, layout, disk_guid, table, contents, mode, &compressed)?;
     let mut outputs = vec![Output { file: DISK_IMAGE.into(), sha256: written.sha256, size: layout.size }];
     outputs.extend(written.compressed);
     if job.opts.wants(Format::DiskBmap) {
@@ -375,6 +366,18 @@ pub fn image_mode(p: &crate::profile::Profile) -> u32 {
     }
 }
 
+/// MBR partition type of FAT32 with LBA addressing, the type the Raspberry Pi boot ROM looks for.
+const MBR_FAT32_LBA: u8 = 0x0C;
+
+/// The partition table of an image.
+#[derive(Clone, Copy)]
+enum Table {
+    /// GPT with a protective MBR.
+    Gpt,
+    /// GPT with a hybrid MBR showing one partition ([`gpt::write_gpt_hybrid`]).
+    HybridMbr { partition: usize, mbr_type: u8 },
+}
+
 /// What [`write_disk`] wrote.
 struct Written {
     /// The image's sha256, taken while writing.
@@ -394,6 +397,7 @@ fn write_disk(
     path: &Path,
     layout: &DiskLayout,
     disk_guid: Guid,
+    table_kind: Table,
     contents: &[Option<Part>],
     mode: u32,
     compressed: &[(Compression, std::path::PathBuf)],
@@ -407,7 +411,11 @@ fn write_disk(
         copies.push((copy, Compressor::new(*c, file, Some(layout.size)).with_context(|| format!("starting {}", copy.display()))?));
     }
     let mut table = Sectors::default();
-    gpt::write_gpt(&mut table, layout, disk_guid).context("writing the partition table")?;
+    match table_kind {
+        Table::Gpt => gpt::write_gpt(&mut table, layout, disk_guid),
+        Table::HybridMbr { partition, mbr_type } => gpt::write_gpt_hybrid(&mut table, layout, disk_guid, partition, mbr_type),
+    }
+    .context("writing the partition table")?;
     let mut pieces: Vec<(u64, Part, Option<&str>)> = table.runs.iter().map(|(at, b)| (*at, Part::Bytes(b), None)).collect();
     for (part, content) in layout.partitions.iter().zip(contents) {
         if let Some(content) = content {
@@ -571,6 +579,7 @@ mod tests {
                 &path,
                 &layout,
                 Guid::derive("test", &[b"d"]),
+                Table::Gpt,
                 &[Some(Part::Bytes(&[1u8; 512]))],
                 mode,
                 &[(Compression::Zstd, copy.clone())],
@@ -601,7 +610,7 @@ mod tests {
         ];
         let path = dir.path().join(DISK_IMAGE);
         let copies = [(Compression::Zstd, dir.path().join(DISK_ZST)), (Compression::Xz, dir.path().join(DISK_XZ))];
-        let written = write_disk(&path, &layout, g("disk"), &contents, 0o644, &copies)?;
+        let written = write_disk(&path, &layout, g("disk"), Table::Gpt, &contents, 0o644, &copies)?;
         assert_eq!(std::fs::metadata(&path)?.len(), layout.size);
         assert_eq!(written.sha256, crate::digest::sha256_file(&path)?);
         // The compressed copies decompress to the image, and their records are their files'.
@@ -645,7 +654,7 @@ mod tests {
             .with_loaders(loaders.clone());
         let layout = system.layout(None, 0)?;
         let path = dir.path().join(DISK_IMAGE);
-        write_disk(&path, &layout, ids.disk_guid(), &system.contents(), 0o644, &[])?;
+        write_disk(&path, &layout, ids.disk_guid(), Table::Gpt, &system.contents(), 0o644, &[])?;
 
         // Table order: loader1, loader2, the ESP, the root slots; the loaders where U-Boot's
         // docs put them (SPL from sector 34, u-boot.itb from sector 2082), with their type GUIDs.
@@ -676,21 +685,6 @@ mod tests {
         let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
         assert!(text.contains("5b193300-fc78-40cd-8002-e86c45580b47") && text.contains("first sector: 34 "), "{text}");
         Ok(())
-    }
-
-    #[test]
-    fn a_u_boot_spl_board_refuses_installer_mode_naming_the_key() {
-        let board = crate::platform::Platform::load("hifive-unleashed").unwrap();
-        let generic = crate::platform::Platform::load("generic-uefi").unwrap();
-        let loaded = |yaml: &str| LoadedProfile { path: "p.yaml".into(), profile: parse(yaml).unwrap(), source: yaml.as_bytes().to_vec() };
-        let installer = loaded("name: d\narch: [riscv64]\ninstall: {mode: installer}\n");
-        let in_place = loaded("name: d\narch: [riscv64]\n");
-        let err = check_platform_mode(&installer, &board).unwrap_err();
-        assert!(err.downcast_ref::<crate::error::UsageError>().is_some(), "{err:#}");
-        let err = err.to_string();
-        assert!(err.contains("p.yaml: key `install.mode`") && err.contains("hifive-unleashed") && err.contains("in-place"), "{err}");
-        check_platform_mode(&in_place, &board).unwrap();
-        check_platform_mode(&installer, &generic).unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@ use tracing::info;
 use super::{BuildOptions, Format};
 use crate::arch::Arch;
 use crate::debian::{self, Suite};
-use crate::error::UsageError;
+use crate::error::{ResultExt, UsageError};
 use crate::fetch::Fetcher;
 use crate::profile::{LoadedProfile, Profile};
 
@@ -40,6 +40,9 @@ pub(super) struct Inputs {
     /// `os.image`: the base OS image, verified in the cache.
     pub(super) os_image: Option<crate::oci::Image>,
     pub(super) systemd_boot_deb: Option<(debian::Package, PathBuf)>,
+    /// Raspberry Pi platforms: the GPU firmware package (`raspi-firmware`), used on the boot
+    /// partition only, not installed.
+    pub(super) firmware_deb: Option<(debian::Package, PathBuf)>,
     /// Netboot builds: Debian's `ipxe` (its EFI binary goes to `netboot/ipxe.efi`).
     pub(super) ipxe_deb: Option<(debian::Package, PathBuf)>,
     /// U-Boot SPL boards: the platform's U-Boot package (its loaders go to their own partitions).
@@ -88,6 +91,16 @@ fn root_packages(p: &Profile) -> Vec<&str> {
 
 /// Resolves and downloads (or finds in the cache) every package one architecture needs.
 pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fetcher, arch: Arch) -> Result<Inputs> {
+    // Before any download: a board whose firmware is in a component the profile does not read.
+    let platform = crate::platform::Platform::load_for(profile.platform(arch), arch).in_profile(&profile.path)?;
+    platform.check_components(&profile.profile.os.components).in_profile(&profile.path)?;
+    // An installer medium or netboot cannot give a board what its boot ROM reads from its card.
+    platform
+        .check_install_mode(profile.profile.install.mode)
+        .map_err(|e| UsageError(format!("{}: key `install.mode`: {e}", profile.path.display())))?;
+    if platform.boots_its_card() && opts.wants(Format::Netboot) {
+        return Err(UsageError(format!("--format netboot: platform `{}` boots from its SD card, not the network", platform.name)).into());
+    }
     let suite = suite_for(profile, opts)?;
     info!("{arch}: reading {} {} for {}", suite.mirror, suite.suite, arch.debian());
     let components = &profile.profile.os.components;
@@ -133,6 +146,17 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
     let firstboot_debs = firstboot_pkgs.into_iter().map(fetch).collect::<Result<_>>()?;
     let kernel_deb = kernel_pkg.map(fetch).transpose()?;
     let systemd_boot_deb = systemd_boot.map(fetch).transpose()?;
+    let firmware_deb = match platform.boot.raspberrypi.as_ref().and_then(|r| r.firmware.as_ref()) {
+        Some(fw) => {
+            let pkg = one_package(&index, &fw.package)
+                .with_context(|| format!("{arch}: finding {} (platform `{}`)", fw.package, platform.name))?
+                .with_context(|| {
+                    format!("{arch}: the suite's {} component has no `{}` package (platform `{}`)", fw.component, fw.package, platform.name)
+                })?;
+            Some(fetch(pkg)?)
+        }
+        None => None,
+    };
     let ipxe_deb = if opts.wants(Format::Netboot) { Some(fetch(ipxe_package(&index, arch)?)?) } else { None };
     let uboot_deb = uboot_package(profile, &index, arch)?.map(fetch).transpose()?;
     let k3s = match &p.cluster {
@@ -162,6 +186,7 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
         kernel_deb,
         os_image,
         systemd_boot_deb,
+        firmware_deb,
         ipxe_deb,
         uboot_deb,
         k3s,

@@ -12,6 +12,7 @@ pub mod disk;
 mod inputs;
 mod options;
 mod root;
+pub use root::template_problems;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -33,20 +34,37 @@ pub use options::{ArchOutputs, BuildOptions, BuildReport, Format};
 use inputs::Inputs;
 use root::ManifestInputs;
 
+/// What `kiln fetch` put in (or found in) the cache for one architecture.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Fetched {
+    pub arch: Arch,
+    /// Debian packages: the root's, plus the kernel and busybox for the initramfs.
+    pub packages: usize,
+    pub container_images: usize,
+    pub container_image_bytes: u64,
+}
+
 /// `kiln fetch`: fills the cache with everything the profile's builds need.
-pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<()> {
+pub fn fetch(profile: &LoadedProfile, opts: &BuildOptions) -> Result<Vec<Fetched>> {
     let started = std::time::Instant::now();
     let fetcher = opts.fetcher()?;
+    let mut fetched = Vec::new();
     for arch in opts.archs_for(profile)? {
         let inputs = inputs::gather(profile, opts, &fetcher, arch)?;
-        info!("{arch}: {} packages cached", inputs.root_debs.len() + 2);
-        if !inputs.images.is_empty() {
-            let blobs: u64 = inputs.images.iter().flat_map(|i| i.all_blobs()).map(|b| b.size).sum();
-            info!("{arch}: {} container images cached ({} MiB)", inputs.images.len(), blobs >> 20);
+        let f = Fetched {
+            arch,
+            packages: inputs.root_debs.len() + 2,
+            container_images: inputs.images.len(),
+            container_image_bytes: inputs.images.iter().flat_map(|i| i.all_blobs()).map(|b| b.size).sum(),
+        };
+        info!("{arch}: {} packages cached", f.packages);
+        if f.container_images > 0 {
+            info!("{arch}: {} container images cached ({} MiB)", f.container_images, f.container_image_bytes >> 20);
         }
+        fetched.push(f);
     }
     log_finished("fetch", started);
-    Ok(())
+    Ok(fetched)
 }
 
 /// Removes the staging directory unless the build completed.
@@ -89,8 +107,9 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let fetcher = opts.fetcher()?;
     let platforms: Vec<Platform> =
         archs.iter().map(|a| Platform::load_for(profile.platform(*a), *a).in_profile(&profile.path)).collect::<Result<_>>()?;
-    platforms.iter().try_for_each(|p| disk::check_platform_mode(profile, p))?;
 
+    // Templates render with the profile's vars before anything is downloaded or written.
+    profile.fail_on(&template_problems(profile))?;
     let secrets = cluster_secrets(profile, &out_dir)?;
 
     // Fetch everything before writing anything: a bad package name fails fast.

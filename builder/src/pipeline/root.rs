@@ -226,6 +226,43 @@ fn add_profile_files(profile: &LoadedProfile, root: &mut Tree, context: &serde_j
     crate::inittab::check_programs(root).in_profile(&profile.path)
 }
 
+/// Renders every template of the profile (its overlays' `*.hbs`, `files` with `template: true`,
+/// its `manifests`) with the profile's vars for each of its architectures, writing nothing:
+/// `kiln check`, and `kiln build` before any download, so a template error fails in
+/// milliseconds. The kernel version is not known before the download: a placeholder stands in.
+pub fn template_problems(profile: &LoadedProfile) -> Vec<anyhow::Error> {
+    let mut problems: Vec<anyhow::Error> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let hb = crate::overlay::renderer();
+    for &arch in &profile.profile.arch {
+        let context = template_context(profile, arch, "KERNEL-VERSION");
+        let mut found: Vec<anyhow::Error> = Vec::new();
+        // A missing overlay directory is the profile check's problem, reported there.
+        for dir in profile.profile.overlays.iter().map(|o| profile.resolve(&o.value)).filter(|d| d.is_dir()) {
+            let origin = format!("overlay {}", dir.display());
+            if let Err(e) = crate::overlay::read_dir(&dir).and_then(|mut t| crate::overlay::render_templates(&mut t, &context, &origin)) {
+                found.push(e);
+            }
+        }
+        for (i, f) in profile.profile.files.iter().enumerate().filter(|(_, f)| f.template) {
+            if let Err(e) = crate::overlay::render(&hb, &f.content, &context, &format!("files[{i}] ({})", f.path)) {
+                found.push(e.context(format!("key `files[{i}].content`")));
+            }
+        }
+        if let Err(e) = crate::deploy::manifests::render(&profile.profile.manifests, &profile.base_dir(), &context) {
+            found.push(e.context("key `manifests`"));
+        }
+        for e in found {
+            // The same template usually fails the same way for every architecture.
+            let text = format!("{e:#}");
+            if seen.insert(text.clone()) {
+                problems.push(e);
+            }
+        }
+    }
+    problems
+}
+
 fn template_context(profile: &LoadedProfile, arch: Arch, kver: &str) -> serde_json::Value {
     serde_json::json!({
         "name": profile.profile.name,

@@ -23,6 +23,7 @@ use crate::arch::Arch;
 use crate::image_ref::ImageRef;
 pub use crate::size::Size;
 
+pub mod check;
 pub mod cluster;
 pub mod containers;
 pub mod deploy;
@@ -38,6 +39,10 @@ pub use install::{AfterInstall, Disk, DiskSize, Install, InstallMode, InstallTar
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Profile {
+    /// The profile format this file is written for: `1` (the only one so far). Optional; a
+    /// profile written for a newer format is refused with a message saying so, not misread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kiln: Option<u32>,
     /// Name of the appliance; names the default output directory `out/<name>`.
     /// Lower-case letters, digits, `-`, `_` and `.`.
     pub name: String,
@@ -270,6 +275,9 @@ fn ser_spanned_paths<S: serde::Serializer>(v: &[Spanned<PathBuf>], s: S) -> Resu
 
 pub use crate::error::ProfileError;
 
+/// The profile format this kiln reads (the `kiln:` key).
+pub const FORMAT: u32 = 1;
+
 /// The default platform under `firmware/`.
 pub const DEFAULT_PLATFORM: &str = "generic-uefi";
 
@@ -283,15 +291,66 @@ pub struct LoadedProfile {
 }
 
 impl LoadedProfile {
-    /// Reads, parses and validates a profile file.
+    /// Reads, parses and validates a profile file; every problem found is in the error.
     pub fn load(path: &Path) -> Result<LoadedProfile> {
-        // Each failure is marked as a profile error (exit status 2) over its cause, not flattened.
+        match Self::check(path)? {
+            (Some(loaded), problems) if problems.is_empty() => Ok(loaded),
+            (_, problems) => Err(ProfileError(check::render_all(&path.display().to_string(), &problems)).into()),
+        }
+    }
+
+    /// Reads a profile and finds every static problem: structure against the schema (all of
+    /// them, located), then values, then the semantic checks of every section. The profile
+    /// comes back when it parses; `Err` only when the file cannot be read as text.
+    pub fn check(path: &Path) -> Result<(Option<LoadedProfile>, Vec<check::Problem>)> {
+        // Each failure is marked as a profile error (exit status 2).
         let source = std::fs::read(path).context(ProfileError(format!("reading profile {}", path.display())))?;
         let text = std::str::from_utf8(&source).map_err(|_| ProfileError(format!("profile {} is not UTF-8", path.display())))?;
-        let profile = parse(text).context(ProfileError(path.display().to_string()))?;
+        // Every structural problem at once, located, before serde would stop at the first.
+        let tree = match check::read_tree(text) {
+            Ok(t) => t,
+            Err(p) => return Ok((None, vec![p])),
+        };
+        if let Some(p) = check::newer_format(&tree, FORMAT) {
+            return Ok((None, vec![p]));
+        }
+        let found = check::structure(&tree, &json_schema());
+        if !found.is_empty() {
+            return Ok((None, found));
+        }
+        // What the schema cannot say (a mode that is not octal, a bad size) fails here, located.
+        let profile = match parse(text) {
+            Ok(p) => p,
+            Err(e) => return Ok((None, vec![check::serde_problem(&e.0, "bad value")])),
+        };
         let loaded = LoadedProfile { profile, path: path.to_path_buf(), source };
-        loaded.validate()?;
-        Ok(loaded)
+        let found = loaded.locate(&loaded.semantic_problems());
+        Ok((Some(loaded), found))
+    }
+
+    /// The failures of checks that name the key they are about (`key `users[0].name`: ...`),
+    /// located in the profile's text: one problem each.
+    pub fn locate(&self, errors: &[anyhow::Error]) -> Vec<check::Problem> {
+        let tree = std::str::from_utf8(&self.source).ok().and_then(|t| check::read_tree(t).ok());
+        errors
+            .iter()
+            .map(|e| {
+                let message = format!("{e:#}");
+                let (line, column) = match (&tree, check::key_in_message(&message)) {
+                    (Some(tree), Some(k)) => check::locate(tree, k),
+                    _ => (0, 0),
+                };
+                check::Problem { line, column, key: String::new(), message }
+            })
+            .collect()
+    }
+
+    /// A [`ProfileError`] listing every one of `errors`, located; `Ok` when there are none.
+    pub fn fail_on(&self, errors: &[anyhow::Error]) -> Result<()> {
+        if errors.is_empty() {
+            return Ok(());
+        }
+        Err(ProfileError(check::render_all(&self.path.display().to_string(), &self.locate(errors))).into())
     }
 
     /// The directory relative paths in the profile are relative to.
@@ -316,11 +375,20 @@ impl LoadedProfile {
         self.profile.platform.get(&arch).map(String::as_str).unwrap_or(DEFAULT_PLATFORM)
     }
 
-    /// Checks what the types cannot: names, duplicates, paths that must exist. Failures are
-    /// [`ProfileError`]s naming the file, over the section check's cause chain.
+    /// Checks what the types cannot: names, duplicates, paths that must exist. Fails with one
+    /// [`ProfileError`] listing every problem (`FILE: key `...`: ...`, one per line).
     pub fn validate(&self) -> Result<()> {
-        // The top-level checks' messages are whole (file, key, problem): no cause to keep.
-        self.check_top_level().map_err(|e| ProfileError(format!("{e:#}")))?;
+        let found = self.semantic_problems();
+        if found.is_empty() {
+            return Ok(());
+        }
+        let lines: Vec<String> = found.iter().map(|e| format!("{}: {e:#}", self.path.display())).collect();
+        Err(ProfileError(lines.join("\n")).into())
+    }
+
+    /// The semantic checks' failures: every failing top-level key, then each section's first
+    /// failure (so one run reports a problem in every section that has one).
+    pub fn semantic_problems(&self) -> Vec<anyhow::Error> {
         let p = &self.profile;
         let base = self.base_dir();
         let sections = [
@@ -333,74 +401,72 @@ impl LoadedProfile {
             deploy::validate(p, &base),
             registries::validate(p, &base),
         ];
-        // The first failing section's error, in this order.
-        sections.into_iter().collect::<Result<Vec<()>>>().context(ProfileError(self.path.display().to_string()))?;
-        Ok(())
+        self.check_top_level().into_iter().chain(sections.into_iter().filter_map(Result::err)).collect()
     }
 
     /// The checks of the top-level keys (name, arch, platform, packages, overlays, files, vars).
-    fn check_top_level(&self) -> Result<()> {
-        let file = self.path.display();
+    fn check_top_level(&self) -> Vec<anyhow::Error> {
         let p = &self.profile;
+        let mut found = Vec::new();
+        // Every failing key is reported, not only the first.
+        macro_rules! fail {
+            ($($t:tt)*) => { found.push(anyhow::anyhow!($($t)*)) };
+        }
         if p.name.is_empty()
             || !p.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
             || p.name.starts_with('.')
         {
-            bail!("{file}: key `name`: `{}` must be lower-case letters, digits, `-`, `_` or `.`", p.name);
+            fail!("key `name`: `{}` must be lower-case letters, digits, `-`, `_` or `.`", p.name);
         }
         if p.arch.is_empty() {
-            bail!("{file}: key `arch`: list at least one of x86_64, aarch64, riscv64");
+            fail!("key `arch`: list at least one of x86_64, aarch64, riscv64");
         }
         let mut seen = Vec::new();
         for a in &p.arch {
             if seen.contains(a) {
-                bail!("{file}: key `arch`: `{a}` is listed twice (amd64/arm64 are aliases of x86_64/aarch64)");
+                fail!("key `arch`: `{a}` is listed twice (amd64/arm64 are aliases of x86_64/aarch64)");
             }
             seen.push(*a);
         }
         for (a, _) in p.platform.iter() {
             if !p.arch.contains(a) {
-                bail!("{file}: key `platform.{a}`: {a} is not in `arch`");
+                fail!("key `platform.{a}`: {a} is not in `arch`");
             }
         }
         if p.os.components.is_empty() {
-            bail!("{file}: key `os.components`: list at least one Debian component (the default is [main])");
+            fail!("key `os.components`: list at least one Debian component (the default is [main])");
         }
         for (i, c) in p.os.components.iter().enumerate() {
             // The name becomes a path on the mirror (`dists/<suite>/<component>/...`).
             if c.is_empty() || !c.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c)) || c.starts_with('.') {
-                bail!("{file}: key `os.components`: `{c}` is not a Debian component name (e.g. main, contrib, non-free-firmware)");
+                fail!("key `os.components`: `{c}` is not a Debian component name (e.g. main, contrib, non-free-firmware)");
             }
             if p.os.components[..i].contains(c) {
-                bail!("{file}: key `os.components`: `{c}` is listed twice");
+                fail!("key `os.components`: `{c}` is listed twice");
             }
         }
         for pkg in &p.os.packages {
             if pkg.is_empty() || pkg.contains(char::is_whitespace) {
-                bail!("{file}: key `os.packages`: `{pkg}` is not a Debian package name");
+                fail!("key `os.packages`: `{pkg}` is not a Debian package name");
             }
         }
-        for o in &p.overlays {
+        for (i, o) in p.overlays.iter().enumerate() {
             let dir = self.resolve(&o.value);
             if !dir.is_dir() {
-                bail!(
-                    "{file}:{}: key `overlays`: overlay directory {} does not exist (paths are relative to the profile)",
-                    o.referenced.line(),
-                    dir.display()
-                );
+                fail!("key `overlays[{i}]`: overlay directory {} does not exist (paths are relative to the profile)", dir.display());
             }
         }
         for (i, f) in p.files.iter().enumerate() {
             if !f.path.starts_with('/') || crate::tree::TreePath::parse(&f.path).is_err() || f.path.len() < 2 {
-                bail!("{file}: key `files[{i}].path`: `{}` must be an absolute path inside the appliance", f.path);
+                fail!("key `files[{i}].path`: `{}` must be an absolute path inside the appliance", f.path);
             }
         }
         for k in p.vars.keys() {
             if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-                bail!("{file}: key `vars.{k}`: variable names are letters, digits, `_` and `-`");
+                fail!("key `vars.{k}`: variable names are letters, digits, `_` and `-`");
             }
         }
-        Ok(())
+        found
     }
 }
 

@@ -91,6 +91,16 @@ mod tests {
         }
     }
 
+    /// profiles/kiln.schema.json (what the examples' `# yaml-language-server: $schema=` lines
+    /// point editors at) is `kiln schema`'s output: regenerate it with
+    /// `cargo run -p kiln -- schema > profiles/kiln.schema.json`.
+    #[test]
+    fn the_examples_schema_file_is_current() {
+        let file = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../profiles/kiln.schema.json")).unwrap();
+        let now = format!("{}\n", serde_json::to_string_pretty(&crate::profile::json_schema()).unwrap());
+        assert!(file == now, "profiles/kiln.schema.json is stale: run `cargo run -p kiln -- schema > profiles/kiln.schema.json`");
+    }
+
     /// The profile reference in docs/profile-reference.md is generated, never hand-edited:
     /// regenerate it with `cargo run -p kiln -- schema --markdown` and paste between the markers.
     #[test]

@@ -181,10 +181,24 @@ impl Default for Time {
 }
 
 /// A sysctl value: written as given (numbers, booleans and strings are accepted).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(into = "String")]
-#[schemars(with = "String")]
 pub struct SysctlValue(pub String);
+
+impl JsonSchema for SysctlValue {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "SysctlValue".into()
+    }
+
+    /// What the deserializer accepts: `vm.swappiness: 10` as well as `"10"` (editors and
+    /// `kiln check` follow the schema, so it must not say "string" only).
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A sysctl value: a number, a boolean or a string, written as given.",
+            "type": ["string", "integer", "number", "boolean"]
+        })
+    }
+}
 
 impl From<SysctlValue> for String {
     fn from(v: SysctlValue) -> String {

@@ -85,8 +85,9 @@ impl Vm {
         Vm::start_with(cmd, spec.arch, log, workdir)
     }
 
-    /// Starts a QEMU command line the caller made (a machine [`VmSpec`] does not describe, e.g.
-    /// a board's: `sifive_u` booting from its SD card), captured like [`Vm::start`]'s.
+    /// Starts a QEMU command line built by the caller (a board machine such as `raspi3b`, which
+    /// takes `-kernel`/`-dtb`/`-initrd` and an SD card instead of firmware and virtio disks);
+    /// its serial console must be on stdio (`-serial stdio`), no monitor there.
     pub fn start_command(cmd: std::process::Command, arch: Arch, log: &Path) -> anyhow::Result<Vm> {
         let workdir = tempfile::Builder::new().prefix("kiln-vm-").tempdir().context("creating a temporary directory")?;
         Vm::start_with(cmd, arch, log, workdir)

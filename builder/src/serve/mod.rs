@@ -61,6 +61,12 @@ impl Server {
         self
     }
 
+    /// The architectures DIR has netboot output for (`<arch>/netboot/boot.ipxe`); `kiln serve`
+    /// warns when there are none, since booting machines would get nothing.
+    pub fn netboot_archs(dir: &Path) -> Vec<crate::arch::Arch> {
+        crate::arch::Arch::ALL.into_iter().filter(|a| dir.join(a.name()).join(netboot::DIR).join(netboot::SCRIPT).is_file()).collect()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("a bound listener has an address")
     }

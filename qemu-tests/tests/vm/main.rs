@@ -16,3 +16,4 @@ mod oci_images;
 mod provision;
 mod pxe;
 mod quickstart;
+mod raspberrypi;

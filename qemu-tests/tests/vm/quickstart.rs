@@ -68,8 +68,21 @@ fn offline_rebuild_in_another_directory_is_byte_identical() -> Result<()> {
     let second = work_dir("quickstart-rebuild")?.join("elsewhere");
     // The rebuild also writes the flashing formats: they must not change disk.img.
     let formats = "disk,disk.img.zst,disk.img.bmap";
-    let (ok, log) = kiln(&["build", "profiles/quickstart.yaml", "--offline", "--out", second.to_str().unwrap(), "--format", formats])?;
+    let (ok, log) =
+        kiln(&["build", "profiles/quickstart.yaml", "--offline", "--out", second.to_str().unwrap(), "--format", formats, "--json"])?;
     ensure!(ok, "offline rebuild failed:\n{log}");
+    // `--json`: one summary first on stdout, naming every output with its digest.
+    let summary: serde_json::Value = serde_json::Deserializer::from_str(&log)
+        .into_iter()
+        .next()
+        .context("no JSON summary from kiln build --json")?
+        .with_context(|| format!("kiln build --json printed no JSON first:\n{log}"))?;
+    ensure!(summary["ok"] == true && summary["archs"].as_array().map(Vec::len) == Some(3), "{summary}");
+    for a in summary["archs"].as_array().into_iter().flatten() {
+        let disk = a["outputs"].as_array().into_iter().flatten().find(|o| o["file"] == "disk.img").context("no disk.img output")?;
+        let path = PathBuf::from(disk["path"].as_str().unwrap_or_default());
+        ensure!(disk["sha256"].as_str() == Some(kiln::digest::sha256_file(&path)?.as_str()), "{disk}: digest differs from the file's");
+    }
     for arch in Arch::ALL {
         let a = std::fs::read(first.join(arch.name()).join("disk.img"))?;
         let b = std::fs::read(second.join(arch.name()).join("disk.img"))?;
@@ -243,7 +256,7 @@ fn riscv64_in_place_image_grows_on_first_boot_once() -> Result<()> {
 fn variant(name: &str, extra: &str) -> Result<PathBuf> {
     let dir = work_dir(name)?;
     let text = std::fs::read_to_string(repo_root().join("profiles/quickstart.yaml"))?
-        .replace("../overlays/site-example", &repo_root().join("overlays/site-example").display().to_string());
+        .replace("  - site-example", &format!("  - {}", repo_root().join("profiles/site-example").display()));
     std::fs::write(dir.join("p.yaml"), format!("{text}{extra}"))?;
     Ok(dir)
 }

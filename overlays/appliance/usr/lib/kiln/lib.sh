@@ -45,6 +45,47 @@ kiln_idle() {
     exec sleep 2147483647
 }
 
+# kiln_supervise NAME LOG COMMAND...: runs a service that init respawns (the calling script is
+# its inittab entry), its output appended to LOG through logpipe. When it exits, the console
+# gets its exit status and the last lines of LOG, so a service that keeps failing says why
+# instead of only "starting" again; then the script waits before returning to init: 1 s after
+# a run of a minute or more, else twice the previous wait, up to 60 s (the wait is kept in
+# /run/kiln/NAME.backoff).
+kiln_supervise() {
+    name=$1 log=$2
+    shift 2
+    run=${KILN_ROOT:-}/run/kiln
+    mkdir -p "$run"
+    rm -f "$run/$name.status"
+    started=$(kiln_uptime)
+    # `|| rc=$?`: callers run under `set -e`, which would end the group before the status is kept.
+    { rc=0; "$@" 2>&1 < /dev/null || rc=$?; echo "$rc" > "$run/$name.status"; } | "${KILN_ROOT:-}/usr/lib/kiln/logpipe" "$log"
+    status=$(cat "$run/$name.status" 2>/dev/null || echo unknown)
+    ran=$(($(kiln_uptime) - started))
+    wait_s=$(cat "$run/$name.backoff" 2>/dev/null || echo 0)
+    if [ "$ran" -ge 60 ] || [ "$wait_s" -lt 1 ]; then wait_s=1; else wait_s=$((wait_s * 2)); fi
+    [ "$wait_s" -le 60 ] || wait_s=60
+    echo "$wait_s" > "$run/$name.backoff"
+    kiln_log "$name" "exited with status $status after ${ran}s; last lines of ${log#"${KILN_ROOT:-}"}:"
+    tail -n 5 "$log" 2>/dev/null | sed "s/^/[kiln] $name: | /"
+    kiln_log "$name" "starting again in ${wait_s}s"
+    sleep "$wait_s"
+}
+
+# Whole seconds since boot.
+kiln_uptime() {
+    cut -d. -f1 "${KILN_ROOT:-}/proc/uptime" 2>/dev/null || echo 0
+}
+
+# kiln_need_space NAME MIB: a warning on the console when the data partition (/var/lib) has
+# less than MIB MiB in all: a role that needs room (etcd, a k3s server) fails there later.
+kiln_need_space() {
+    total_kib=$(df -Pk "${KILN_ROOT:-}/var/lib" 2>/dev/null | awk 'NR == 2 { print $2 }')
+    if [ -n "$total_kib" ] && [ "$total_kib" -lt $(($2 * 1024)) ]; then
+        kiln_log "$1" "warning: the data partition (/var/lib) holds $((total_kib / 1024)) MiB; $1 needs at least $2 MiB: give the image a larger disk (the data partition grows to fill it on first boot)"
+    fi
+}
+
 # The `[kiln] ready` line that tests and operators wait for, once the node is fully up.
 kiln_ready() {
     uptime_s=$(cut -d' ' -f1 /proc/uptime)
