@@ -19,6 +19,8 @@ pub struct BootFiles<'a> {
     /// systemd-boot's EFI binary for the arch.
     pub systemd_boot: Option<Content>,
     pub cmdline: &'a str,
+    /// The board's device tree (`platform.device_tree`), for extlinux's `fdt` line.
+    pub device_tree: Option<Content>,
     /// Raspberry Pi platforms: the firmware files and device trees, by their names on the
     /// partition (empty otherwise).
     pub board_files: &'a [(String, Content)],
@@ -26,6 +28,8 @@ pub struct BootFiles<'a> {
 
 pub const KERNEL_PATH: &str = "kiln/vmlinuz";
 pub const INITRD_PATH: &str = "kiln/initrd";
+/// Where the board's device tree goes on the ESP: `kiln/dtb/<platform.device_tree>`.
+pub const DTB_DIR: &str = "kiln/dtb";
 
 fn file(tree: &mut Tree, path: &str, content: Content) -> Result<()> {
     tree.insert(&TreePath::parse(path)?, Entry { meta: Meta::root(0o644), kind: Kind::File(content) })?;
@@ -61,10 +65,20 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
         );
         file(&mut t, "loader/entries/kiln.conf", Content::bytes(entry))?;
     }
+    // A board's device tree: U-Boot passes it to the kernel instead of its own copy.
+    let fdt = match (&platform.device_tree, &b.device_tree) {
+        (Some(name), Some(dtb)) => {
+            let path = format!("{DTB_DIR}/{name}");
+            file(&mut t, &path, dtb.clone())?;
+            format!("    fdt /{path}\n")
+        }
+        (Some(name), None) => anyhow::bail!("platform `{}` names the device tree {name} but none was provided", platform.name),
+        (None, _) => String::new(),
+    };
     if platform.boot.extlinux {
         // U-Boot's extlinux reader boots `default` at once when there is no `prompt`.
         let conf = format!(
-            "# U-Boot distro boot (extlinux) configuration written by kiln\ndefault kiln\nmenu title {title}\ntimeout 10\n\nlabel kiln\n    menu label {title}\n    kernel /{kernel_path}\n    initrd /{initrd_path}\n    append {cmdline}\n",
+            "# U-Boot distro boot (extlinux) configuration written by kiln\ndefault kiln\nmenu title {title}\ntimeout 10\n\nlabel kiln\n    menu label {title}\n    kernel /{kernel_path}\n    initrd /{initrd_path}\n{fdt}    append {cmdline}\n",
             title = b.title,
             cmdline = b.cmdline
         );
@@ -88,6 +102,7 @@ mod tests {
             initrd: Content::bytes("i"),
             systemd_boot: Some(Content::bytes("efi")),
             cmdline: "root=PARTUUID=x console=ttyS0",
+            device_tree: None,
             board_files: &[],
         };
         let t = tree(&p, &b).unwrap();
@@ -96,7 +111,31 @@ mod tests {
             let Kind::File(c) = &t.get_str(f).unwrap().kind else { panic!() };
             let text = String::from_utf8(c.read().unwrap().into_owned()).unwrap();
             assert!(text.contains("/kiln/vmlinuz") && text.contains("root=PARTUUID=x console=ttyS0"), "{text}");
+            assert!(!text.contains("fdt"), "{text}");
         }
+    }
+
+    #[test]
+    fn a_board_gets_its_device_tree_and_the_fdt_line() {
+        let p = Platform::load("hifive-unleashed").unwrap();
+        let mut b = BootFiles {
+            arch: Arch::Riscv64,
+            title: "kiln demo (riscv64)",
+            kernel_version: "6.12.0",
+            kernel: Content::bytes("k"),
+            initrd: Content::bytes("i"),
+            systemd_boot: None,
+            cmdline: "root=PARTUUID=x console=ttySIF0",
+            device_tree: Some(Content::bytes("dtb")),
+            board_files: &[],
+        };
+        let t = tree(&p, &b).unwrap();
+        assert!(t.contains("kiln/dtb/sifive/hifive-unleashed-a00.dtb") && !t.contains("EFI/BOOT/BOOTRISCV64.EFI"));
+        let Kind::File(c) = &t.get_str("extlinux/extlinux.conf").unwrap().kind else { panic!() };
+        let text = String::from_utf8(c.read().unwrap().into_owned()).unwrap();
+        assert!(text.contains("    fdt /kiln/dtb/sifive/hifive-unleashed-a00.dtb\n"), "{text}");
+        b.device_tree = None;
+        assert!(tree(&p, &b).unwrap_err().to_string().contains("hifive-unleashed-a00.dtb"));
     }
 
     /// The Pi boot partition, written as FAT32 and read back with mtools as the firmware reads
@@ -131,6 +170,7 @@ mod tests {
             systemd_boot: None,
             cmdline,
             board_files: &board,
+            device_tree: None,
         };
         let t = tree(&p, &b).unwrap();
         assert!(!t.contains("EFI") && !t.contains("loader") && !t.contains("extlinux") && !t.contains("kiln"), "no other boot method");

@@ -184,10 +184,33 @@ fn mib(bytes: u64) -> String {
 /// `fixed_size` if given (error naming both sizes if the partitions do not fit, leaving room for the backup GPT)
 /// or else the smallest whole-MiB size with the partitions, `extra` free bytes after them, and the backup GPT.
 pub fn plan(parts: &[PartitionSpec], fixed_size: Option<u64>, extra: u64) -> anyhow::Result<DiskLayout> {
-    ensure!(parts.len() <= ENTRY_COUNT as usize, "{} partitions requested, but a GPT holds at most {ENTRY_COUNT}", parts.len());
-    let mut partitions = Vec::with_capacity(parts.len());
+    plan_after(&[], parts, fixed_size, extra)
+}
+
+/// As [`plan`], after partitions placed at fixed sectors by the caller (a board's boot loaders
+/// where its boot ROM or SPL looks for them, e.g. from sector 34, right after the primary GPT):
+/// they come first in the table, and the others start on the first 1 MiB boundary after them.
+/// The fixed ones must lie in the usable sectors, in order and without overlapping.
+pub fn plan_after(fixed: &[Partition], parts: &[PartitionSpec], fixed_size: Option<u64>, extra: u64) -> anyhow::Result<DiskLayout> {
+    let count = fixed.len() + parts.len();
+    ensure!(count <= ENTRY_COUNT as usize, "{count} partitions requested, but a GPT holds at most {ENTRY_COUNT}");
+    let mut partitions = Vec::with_capacity(count);
     // The first MiB holds the MBR, the primary GPT and alignment padding.
     let mut next = ALIGN;
+    let mut free_lba = FIRST_USABLE_LBA;
+    for p in fixed {
+        check_name(&p.name).map_err(anyhow::Error::msg)?;
+        ensure!(
+            p.first_lba >= free_lba && p.last_lba >= p.first_lba,
+            "partition `{}` at sectors {}..={} overlaps the partition table or the partition before it (first free sector {free_lba})",
+            p.name,
+            p.first_lba,
+            p.last_lba
+        );
+        free_lba = p.last_lba + 1;
+        next = round_up(free_lba * SECTOR, ALIGN).ok_or_else(|| anyhow::anyhow!("partition `{}` is too large", p.name))?;
+        partitions.push(p.clone());
+    }
     for spec in parts {
         check_name(&spec.name).map_err(anyhow::Error::msg)?;
         ensure!(spec.size > 0, "partition `{}` has size 0", spec.name);

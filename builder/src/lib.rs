@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod assets;
 pub mod bmap;
+pub mod board;
 pub mod busybox;
 pub mod cache;
 pub mod cluster;

@@ -419,6 +419,9 @@ fn profile_problems(path: &std::path::Path) -> Result<(Option<LoadedProfile>, Ve
                     if let Err(e) = platform.check_components(&p.profile.os.components) {
                         more.push(e.context("key `os.components`"));
                     }
+                    if let Err(e) = platform.check_install_mode(p.profile.install.mode) {
+                        more.push(e.context("key `install.mode`"));
+                    }
                 }
             }
         }

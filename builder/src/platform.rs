@@ -23,6 +23,13 @@ pub struct Platform {
     /// NIC drivers the netboot installer's initrd carries (taken when the kernel has them).
     #[serde(default)]
     pub netboot_modules: Vec<String>,
+    /// The board's device tree, relative to the kernel package's dtb directory (e.g.
+    /// `sifive/hifive-unleashed-a00.dtb`): copied to the ESP and named by extlinux's `fdt` line.
+    #[serde(default)]
+    pub device_tree: Option<String>,
+    /// U-Boot SPL boards: the loaders written into their own partitions at fixed sectors.
+    #[serde(default)]
+    pub uboot_spl: Option<crate::board::uboot_spl::UbootSpl>,
 }
 
 /// What `kiln platforms` shows of a platform (`--json`: a list of these).
@@ -75,6 +82,9 @@ impl Platform {
         let text = std::str::from_utf8(data).context("platform file is not UTF-8")?;
         let mut p: Platform = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("firmware/{name}.yaml: {e}"))?;
         p.name = name.to_string();
+        if p.uboot_spl.is_some() && !p.boot.extlinux {
+            bail!("firmware/{name}.yaml: `uboot_spl` boards boot through extlinux: set `boot.extlinux: true`");
+        }
         Ok(p)
     }
 
@@ -101,14 +111,39 @@ impl Platform {
         Ok(())
     }
 
+    /// Whether the platform boots only the card kiln writes: a Raspberry Pi (an installer writes a
+    /// plain GPT its firmware may not read) and a U-Boot SPL board (its boot ROM reads the
+    /// loaders from the card it boots).
+    pub fn boots_its_card(&self) -> bool {
+        self.boot.raspberrypi.is_some() || self.uboot_spl.is_some()
+    }
+
+    /// Refuses an install mode the platform cannot boot: an installer medium for a platform that
+    /// boots only its own card ([`Platform::boots_its_card`]).
+    pub fn check_install_mode(&self, mode: crate::profile::InstallMode) -> Result<()> {
+        if self.boots_its_card() && mode == crate::profile::InstallMode::Installer {
+            bail!(
+                "platform `{}` boots the card kiln writes (`in-place`, the default); installer media are not supported for it",
+                self.name
+            );
+        }
+        Ok(())
+    }
+
     /// The boot methods this platform writes, by their common names.
     pub fn boot_methods(&self) -> Vec<&'static str> {
         let BootMethods { systemd_boot, extlinux, ref raspberrypi } = self.boot;
-        [(systemd_boot, "uefi/systemd-boot"), (extlinux, "u-boot/extlinux"), (raspberrypi.is_some(), "raspberrypi-firmware")]
-            .into_iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, m)| m)
-            .collect()
+        let spl = self.uboot_spl.is_some();
+        [
+            (spl, "u-boot-spl"),
+            (systemd_boot, "uefi/systemd-boot"),
+            (extlinux, "u-boot/extlinux"),
+            (raspberrypi.is_some(), "raspberrypi-firmware"),
+        ]
+        .into_iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, m)| m)
+        .collect()
     }
 
     /// The architectures, comma-separated.
@@ -168,6 +203,18 @@ mod tests {
         p.check_arch(Arch::Aarch64).unwrap();
         let err = p.check_arch(Arch::X86_64).unwrap_err().to_string();
         assert!(err.contains("`board` is for aarch64, not x86_64") && err.contains("platform.x86_64"), "{err}");
+    }
+
+    #[test]
+    fn boards_that_boot_their_card_refuse_installer_mode() {
+        use crate::profile::InstallMode;
+        for board in ["hifive-unleashed", "visionfive2", "rpi4"] {
+            let p = Platform::load(board).unwrap();
+            let err = p.check_install_mode(InstallMode::Installer).unwrap_err().to_string();
+            assert!(err.contains(board) && err.contains("in-place"), "{err}");
+            p.check_install_mode(InstallMode::InPlace).unwrap();
+        }
+        Platform::load("generic-uefi").unwrap().check_install_mode(InstallMode::Installer).unwrap();
     }
 
     #[test]

@@ -105,6 +105,20 @@ fn a_raspberry_pi_profile_without_non_free_firmware_exits_2_before_any_download(
 }
 
 #[test]
+fn a_u_boot_spl_board_in_installer_mode_exits_2_before_any_download() {
+    let d = tempfile::tempdir().unwrap();
+    // The mirror is unreachable: the refusal comes before the package index is read.
+    let yaml = "name: t\narch: [riscv64]\nplatform: {riscv64: hifive-unleashed}\ninstall: {mode: installer}\nos:\n  mirror: http://127.0.0.1:9/debian\n";
+    profile(d.path(), yaml);
+    for args in [&["check", "p.yaml"][..], &["build", "p.yaml", "--out", "out"]] {
+        let (code, text) = kiln(d.path(), args);
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(text.contains("p.yaml:4:") && text.contains("`install.mode`") && text.contains("hifive-unleashed"), "{args:?}: {text}");
+    }
+    assert_no_image(d.path());
+}
+
+#[test]
 fn schema_is_json_with_the_profile_keys() {
     let d = tempfile::tempdir().unwrap();
     let (code, text) = kiln(d.path(), &["schema"]);

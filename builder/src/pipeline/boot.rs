@@ -80,6 +80,8 @@ pub(super) struct Boot<'a> {
     initrd: Content,
     /// systemd-boot's EFI binary for the arch.
     systemd_boot: Option<Content>,
+    /// The board's device tree from the kernel package (`platform.device_tree`).
+    device_tree: Option<Content>,
     /// Raspberry Pi platforms: the GPU firmware and the device trees.
     board_files: Vec<(String, Content)>,
     epoch: u64,
@@ -88,14 +90,22 @@ pub(super) struct Boot<'a> {
 impl<'a> Boot<'a> {
     pub(super) fn new(job: &Job<'a>, root: &Root, initrd: Content, record: &mut ManifestInputs) -> Result<Boot<'a>> {
         let arch = job.inputs.arch;
+        // Only a platform that boots systemd-boot gets it (and records the package it came from).
         let systemd_boot = match &job.inputs.systemd_boot_deb {
-            Some((pkg, path)) => {
+            Some((pkg, path)) if job.platform.boot.systemd_boot => {
                 let binary = systemd_boot_binary(path, arch).with_context(|| format!("reading {} {}", pkg.name, pkg.version))?;
                 record.push(deb_input(pkg));
                 Some(binary)
             }
-            None => None,
+            _ => None,
         };
+        let device_tree = job
+            .platform
+            .device_tree
+            .as_deref()
+            .map(|dtb| crate::board::uboot_spl::device_tree(&root.tree, &root.kver, dtb))
+            .transpose()
+            .with_context(|| format!("platform `{}`", job.platform.name))?;
         let title = format!("kiln {} ({arch})", job.profile.profile.name);
         let board_files = match &job.platform.boot.raspberrypi {
             Some(rpi) => raspberrypi_files(job, rpi, root, record)?,
@@ -109,6 +119,7 @@ impl<'a> Boot<'a> {
             kernel: root.kernel.clone(),
             initrd,
             systemd_boot,
+            device_tree,
             board_files,
             epoch: job.epoch,
         })
@@ -126,6 +137,7 @@ impl<'a> Boot<'a> {
                 initrd: self.initrd.clone(),
                 systemd_boot: self.systemd_boot.clone(),
                 cmdline,
+                device_tree: self.device_tree.clone(),
                 board_files: &self.board_files,
             },
         )?;

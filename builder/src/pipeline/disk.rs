@@ -39,6 +39,9 @@ pub const ROOT_B: &str = "kiln-root-b";
 /// GPT attribute bit 63, "do not automount" (Discoverable Partitions Specification): set on
 /// the empty B slot.
 const NO_AUTO: u64 = 1 << 63;
+/// GPT attribute bit 2, "legacy BIOS bootable": U-Boot's distro boot scans only the partitions
+/// marked so (else partition 1 alone), so a board's ESP after its loader partitions carries it.
+const LEGACY_BOOTABLE: u64 = 1 << 2;
 
 /// The disk image (or installer medium) in `OUT/<arch>/`.
 pub const DISK_IMAGE: &str = "disk.img";
@@ -105,6 +108,11 @@ impl Ids {
         self.guid("root-a")
     }
 
+    /// A board loader partition's GUID.
+    pub(super) fn loader_guid(&self, name: &str) -> Guid {
+        self.guid(&format!("loader-{name}"))
+    }
+
     /// Names the image in install plans: an identical image already on a target is not reinstalled.
     fn image_id(&self) -> String {
         hex::encode(&self.build_id[..8])
@@ -113,6 +121,8 @@ impl Ids {
 
 /// The installed system: its partitions and what goes into them.
 pub(super) struct System<'a> {
+    /// A U-Boot SPL board's loaders, in their partitions at fixed sectors before the others.
+    loaders: Vec<crate::board::uboot_spl::LoaderImage>,
     specs: Vec<PartitionSpec>,
     pub(super) esp: &'a [u8],
     pub(super) squashfs: Part<'a>,
@@ -145,11 +155,29 @@ impl<'a> System<'a> {
                 attributes: NO_AUTO,
             },
         ];
-        System { specs, esp, squashfs }
+        System { loaders: Vec::new(), specs, esp, squashfs }
     }
 
-    fn contents(&self) -> [Option<Part<'a>>; 3] {
-        [Some(Part::Bytes(self.esp)), Some(self.squashfs), None]
+    /// The system on a U-Boot SPL board's card: the loaders first, at their sectors, and the
+    /// ESP marked bootable for U-Boot's distro boot.
+    pub(super) fn with_loaders(mut self, loaders: Vec<crate::board::uboot_spl::LoaderImage>) -> System<'a> {
+        if !loaders.is_empty() {
+            self.specs[0].attributes |= LEGACY_BOOTABLE;
+        }
+        self.loaders = loaders;
+        self
+    }
+
+    /// The partitions' contents in table order (the loaders', then the system's).
+    fn contents(&self) -> Vec<Option<Part<'_>>> {
+        let loaders = self.loaders.iter().map(|l| Some(Part::Bytes(&l.bytes)));
+        loaders.chain([Some(Part::Bytes(self.esp)), Some(self.squashfs), None]).collect()
+    }
+
+    /// The installed layout on a disk of `fixed_size` (or the smallest one with `headroom`).
+    fn layout(&self, fixed_size: Option<u64>, headroom: u64) -> Result<DiskLayout> {
+        let fixed: Vec<gpt::Partition> = self.loaders.iter().map(|l| l.partition.clone()).collect();
+        gpt::plan_after(&fixed, &self.specs, fixed_size, headroom)
     }
 
     /// The system as it sits on an installer's target (the partitions alone, no free space).
@@ -240,7 +268,7 @@ pub(super) fn write(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
     let p = &job.profile.profile;
     match p.install.mode {
         InstallMode::InPlace => {
-            let layout = gpt::plan(&system.specs, fixed_size(job), p.disk.headroom.0).usage(disk_size_key(job.profile))?;
+            let layout = system.layout(fixed_size(job), p.disk.headroom.0).usage(disk_size_key(job.profile))?;
             let contents = system.contents();
             let outputs = write_wanted(job, &layout, ids.disk_guid(), &contents)?;
             Ok(Disk { partitions: partition_records(&layout, &contents), install: None, cmdline: cmdline.to_string(), outputs })
@@ -604,6 +632,58 @@ mod tests {
         assert_eq!(image[..34 * 512], direct.get_ref()[..34 * 512]);
         assert_eq!(image[image.len() - 33 * 512..], direct.get_ref()[direct.get_ref().len() - 33 * 512..]);
         assert_eq!(&image[layout.partitions[1].offset() as usize..][..staged_bytes.len()], &staged_bytes[..]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_boards_loaders_are_written_at_their_sectors_before_a_bootable_esp() -> Result<()> {
+        let p = crate::platform::Platform::load("hifive-unleashed")?;
+        let spl = p.uboot_spl.as_ref().expect("hifive-unleashed is a U-Boot SPL board");
+        let ids = Ids::new(Arch::Riscv64, [3; 32]);
+        let fixed = spl.partitions(|n| ids.loader_guid(n))?;
+        let loaders: Vec<crate::board::uboot_spl::LoaderImage> = fixed
+            .into_iter()
+            .zip([vec![0x5au8; 83_035], vec![0xa5u8; 849_401]])
+            .map(|(partition, bytes)| crate::board::uboot_spl::LoaderImage { partition, bytes })
+            .collect();
+        let dir = tempfile::tempdir()?;
+        let squashfs = dir.path().join("root");
+        std::fs::write(&squashfs, [1u8; 4096])?;
+        let esp = vec![7u8; 2 << 20];
+        let system = System::new(Arch::Riscv64, &ids, "d", &esp, Part::File { path: &squashfs, len: 4096, sha256: "00" })
+            .with_loaders(loaders.clone());
+        let layout = system.layout(None, 0)?;
+        let path = dir.path().join(DISK_IMAGE);
+        write_disk(&path, &layout, ids.disk_guid(), Table::Gpt, &system.contents(), 0o644, &[])?;
+
+        // Table order: loader1, loader2, the ESP, the root slots; the loaders where U-Boot's
+        // docs put them (SPL from sector 34, u-boot.itb from sector 2082), with their type GUIDs.
+        let names: Vec<&str> = layout.partitions.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["loader1", "loader2", "esp@d", ROOT_A, ROOT_B]);
+        let at = |i: usize| (layout.partitions[i].first_lba, layout.partitions[i].type_guid.to_string());
+        assert_eq!(at(0), (34, "5b193300-fc78-40cd-8002-e86c45580b47".to_string()));
+        assert_eq!(at(1), (2082, "2e54b353-1271-4842-806f-e436d6af6985".to_string()));
+        assert_eq!(layout.partitions[2].attributes, LEGACY_BOOTABLE, "U-Boot's distro boot scans bootable partitions");
+        assert_eq!(layout.partitions[2].first_lba % 2048, 0, "the ESP starts on a MiB");
+        let image = std::fs::read(&path)?;
+        for l in &loaders {
+            let off = l.partition.offset() as usize;
+            assert_eq!(
+                crate::digest::sha256_hex(&image[off..off + l.bytes.len()]),
+                crate::digest::sha256_hex(&l.bytes),
+                "{}",
+                l.partition.name
+            );
+        }
+        let esp_off = layout.partitions[2].offset() as usize;
+        assert_eq!(&image[esp_off..esp_off + esp.len()], &esp[..]);
+        // The reference tool agrees with the table.
+        let out = std::process::Command::new("sgdisk").arg("-v").arg(&path).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("No problems found"), "{text}");
+        let out = std::process::Command::new("sgdisk").arg("-i=1").arg(&path).output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        assert!(text.contains("5b193300-fc78-40cd-8002-e86c45580b47") && text.contains("first sector: 34 "), "{text}");
         Ok(())
     }
 

@@ -45,6 +45,8 @@ pub(super) struct Inputs {
     pub(super) firmware_deb: Option<(debian::Package, PathBuf)>,
     /// Netboot builds: Debian's `ipxe` (its EFI binary goes to `netboot/ipxe.efi`).
     pub(super) ipxe_deb: Option<(debian::Package, PathBuf)>,
+    /// U-Boot SPL boards: the platform's U-Boot package (its loaders go to their own partitions).
+    pub(super) uboot_deb: Option<(debian::Package, PathBuf)>,
     /// Cluster images: the verified k3s binary and air-gap archive.
     pub(super) k3s: Option<crate::k3s::Artifacts>,
     /// Container images (profile key `images`), verified in the cache.
@@ -92,22 +94,12 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
     // Before any download: a board whose firmware is in a component the profile does not read.
     let platform = crate::platform::Platform::load_for(profile.platform(arch), arch).in_profile(&profile.path)?;
     platform.check_components(&profile.profile.os.components).in_profile(&profile.path)?;
-    if platform.boot.raspberrypi.is_some() {
-        // An installer writes a plain GPT onto its target, which the Pi firmware may not read:
-        // a Pi boots the card kiln writes.
-        if profile.profile.install.mode == crate::profile::InstallMode::Installer {
-            return Err(UsageError(format!(
-                "{}: key `install.mode`: platform `{}` boots the card kiln writes (`in-place`, the default); installer media are not supported for it",
-                profile.path.display(),
-                platform.name
-            ))
-            .into());
-        }
-        if opts.wants(Format::Netboot) {
-            return Err(
-                UsageError(format!("--format netboot: platform `{}` boots from its SD card, not the network", platform.name)).into()
-            );
-        }
+    // An installer medium or netboot cannot give a board what its boot ROM reads from its card.
+    platform
+        .check_install_mode(profile.profile.install.mode)
+        .map_err(|e| UsageError(format!("{}: key `install.mode`: {e}", profile.path.display())))?;
+    if platform.boots_its_card() && opts.wants(Format::Netboot) {
+        return Err(UsageError(format!("--format netboot: platform `{}` boots from its SD card, not the network", platform.name)).into());
     }
     let suite = suite_for(profile, opts)?;
     info!("{arch}: reading {} {} for {}", suite.mirror, suite.suite, arch.debian());
@@ -166,6 +158,7 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
         None => None,
     };
     let ipxe_deb = if opts.wants(Format::Netboot) { Some(fetch(ipxe_package(&index, arch)?)?) } else { None };
+    let uboot_deb = uboot_package(profile, &index, arch)?.map(fetch).transpose()?;
     let k3s = match &p.cluster {
         Some(c) if c.needs_k3s() => Some(gather_k3s(profile, opts, fetcher, c, arch)?),
         _ => None,
@@ -195,6 +188,7 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
         systemd_boot_deb,
         firmware_deb,
         ipxe_deb,
+        uboot_deb,
         k3s,
         images,
         cache,
@@ -212,6 +206,16 @@ fn ipxe_package(index: &debian::Index, arch: Arch) -> Result<debian::Package> {
     one_package(index, IPXE_PACKAGE)
         .with_context(|| format!("{arch}: finding {IPXE_PACKAGE} (iPXE for the netboot output)"))?
         .with_context(|| format!("{arch}: the suite has no `{IPXE_PACKAGE}` package"))
+}
+
+/// The U-Boot package of the profile's platform for `arch`, if it is a U-Boot SPL board.
+fn uboot_package(profile: &LoadedProfile, index: &debian::Index, arch: Arch) -> Result<Option<debian::Package>> {
+    let platform = crate::platform::Platform::load(profile.platform(arch))?;
+    let Some(spl) = &platform.uboot_spl else { return Ok(None) };
+    let pkg = one_package(index, &spl.package)
+        .with_context(|| format!("{arch}: finding {} (platform `{}`)", spl.package, platform.name))?
+        .with_context(|| format!("{arch}: the suite has no `{}` package, which platform `{}` boots from", spl.package, platform.name))?;
+    Ok(Some(pkg))
 }
 
 /// The k3s assets of a cluster image: from `--k3s-assets`, else `cluster.k3s.source`, else the

@@ -218,13 +218,27 @@ fn build_arch(
     let cmdline = boot::kernel_cmdline(platform, inputs.arch, &ids.root_a_guid(), &profile.profile.kernel.cmdline);
     // The installed system's ESP, as a FAT image in memory.
     let esp = boot.esp(&cmdline, ids.esp_guid())?;
-    let system = disk::System::new(inputs.arch, &ids, &profile.profile.deployment(), &esp, squashfs.part());
+    let system = disk::System::new(inputs.arch, &ids, &profile.profile.deployment(), &esp, squashfs.part()).with_loaders(board_loaders(
+        &job,
+        &ids,
+        &mut record,
+    )?);
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
     let netboot =
         initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, &mut record)).transpose()?;
     let manifest = manifest(&job, root.kver, initrds.modules, &ids, disk, netboot, record);
     std::fs::write(dir.join(disk::MANIFEST), manifest.to_json())?;
     Ok(manifest)
+}
+
+/// A U-Boot SPL board's loaders, read from the platform's U-Boot package (none for other platforms).
+fn board_loaders(job: &Job, ids: &disk::Ids, record: &mut ManifestInputs) -> Result<Vec<crate::board::uboot_spl::LoaderImage>> {
+    let (Some(spl), Some((pkg, deb))) = (&job.platform.uboot_spl, &job.inputs.uboot_deb) else { return Ok(Vec::new()) };
+    let loaders = spl
+        .read(deb, job.inputs.arch, |name| ids.loader_guid(name))
+        .with_context(|| format!("platform `{}`: the loaders from {} {}", job.platform.name, pkg.name, pkg.version))?;
+    record.push(root::deb_input(pkg));
+    Ok(loaders)
 }
 
 /// The build's record: its inputs, the image's partitions, what an installer installs, and the

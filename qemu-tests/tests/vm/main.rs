@@ -4,6 +4,7 @@
 //! longer leaves the cores idle while the next file waits, and there is one link instead of ten.
 //! Run one area with a filter: `cargo test -p kiln-qemu-tests -- pxe::`.
 
+mod board_riscv;
 mod containerd;
 mod etcd;
 mod firmware;
