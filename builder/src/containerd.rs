@@ -40,7 +40,7 @@ const IMAGES_IMPORT: &str = "/usr/lib/kiln/images-import";
 const CONTAINER_RUN: &str = "/usr/lib/kiln/container-run";
 /// The readiness script (the boot script leaves `[kiln] ready` to it when it exists).
 pub const AWAIT_CONTAINERS: &str = "/usr/lib/kiln/await-containers";
-/// The log rotation helper, shared with the cluster services (it lives in their overlay).
+/// The log rotation helper of every supervised service (in kiln's appliance overlay).
 const LOGPIPE: &str = "usr/lib/kiln/logpipe";
 
 /// Containerd's settings. The CRI plugin serves Kubernetes only; left on it would look for CNI
@@ -104,9 +104,9 @@ pub fn install(containers: &[Container], root: &mut Tree, modules: &ModuleSet, w
         }
     }
     root.merge(&crate::assets::overlay("containerd")?)?;
-    let (logpipe, mode) = crate::assets::file(&format!("overlays/cluster/{LOGPIPE}"))
-        .ok_or_else(|| anyhow::anyhow!("kiln was built without overlays/cluster/{LOGPIPE}"))?;
-    root.add_file(LOGPIPE, mode, logpipe)?;
+    if !root.contains(LOGPIPE) {
+        bail!("/{LOGPIPE} is missing from the root (kiln's appliance overlay)");
+    }
     root.add_file(CONFIG_TOML, 0o644, CONFIG)?;
     crate::kmod::load_needed_at_boot(root, modules, MODULES, "engine")?;
     for c in containers {
@@ -211,6 +211,15 @@ mod tests {
         for prog in PROGRAMS {
             t.add_file(prog, 0o755, "elf").unwrap();
         }
+        let e = format!("{:#}", install(&p.containers, &mut t, &kernel(), true).unwrap_err());
+        assert!(e.contains("logpipe") && e.contains("appliance overlay"), "{e}");
+        t.add_file(
+            LOGPIPE,
+            0o755,
+            "#!/bin/sh
+",
+        )
+        .unwrap();
         install(&p.containers, &mut t, &kernel(), true).unwrap();
         let inittab = file_text(&t, "etc/inittab");
         let order: Vec<usize> = [
@@ -239,6 +248,13 @@ mod tests {
         for prog in PROGRAMS {
             t.add_file(prog, 0o755, "elf").unwrap();
         }
+        t.add_file(
+            LOGPIPE,
+            0o755,
+            "#!/bin/sh
+",
+        )
+        .unwrap();
         install(&p.containers, &mut t, &kernel(), false).unwrap();
         assert!(!file_text(&t, "etc/inittab").contains("images-import") && !t.contains("usr/lib/kiln/images-import"));
         crate::inittab::check_programs(&t).unwrap();

@@ -46,6 +46,7 @@ pub mod registries;
 pub mod secret_files;
 pub mod serve;
 pub mod setup;
+pub mod site_steps;
 pub mod size;
 pub mod spill;
 pub mod squashfs;

@@ -293,9 +293,10 @@ mod k3s_run {
         let m = FakeRoot::new();
         m.write_mode("usr/lib/kiln/lib.sh", &std::fs::read_to_string(overlay("appliance").join("usr/lib/kiln/lib.sh")).unwrap(), 0o644);
         for script in ["health.sh", "logpipe"] {
+            let dir = if script == "logpipe" { overlay("appliance") } else { cluster.clone() };
             m.write_mode(
                 &format!("usr/lib/kiln/{script}"),
-                &std::fs::read_to_string(cluster.join("usr/lib/kiln").join(script)).unwrap(),
+                &std::fs::read_to_string(dir.join("usr/lib/kiln").join(script)).unwrap(),
                 0o755,
             );
         }
@@ -367,6 +368,40 @@ mod k3s_run {
         assert!(ok && out.is_empty(), "{out}");
     }
 
+    /// A site service with `restart: no` (or `on-failure` after a clean exit) is reported once
+    /// and then left alone: the script idles instead of returning to init.
+    #[test]
+    fn site_services_follow_their_restart_policy() {
+        for (policy, exit, restarts) in [("no", 3, false), ("on-failure", 0, false), ("on-failure", 3, true), ("always", 0, true)] {
+            let m = FakeRoot::new();
+            let lib = overlay("appliance").join("usr/lib/kiln/lib.sh");
+            m.write_mode(
+                "usr/lib/kiln/logpipe",
+                &std::fs::read_to_string(overlay("appliance").join("usr/lib/kiln/logpipe")).unwrap(),
+                0o755,
+            );
+            m.write_mode("bin/sleep", "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/slept\"\n", 0o755);
+            m.write("proc/uptime", "5.00 9.00\n");
+            let script = format!(
+                ". {}; KILN_RESTART={policy} kiln_supervise agent \"$KILN_ROOT/agent.log\" sh -c 'echo working; exit {exit}'",
+                lib.display()
+            );
+            let (ok, out) = m.sh(["-c", script.as_str()]);
+            assert!(ok, "{out}");
+            assert!(
+                out.contains(&format!("[kiln] agent: exited with status {exit} after 0s")) && out.contains("[kiln] agent: | working\n"),
+                "{out}"
+            );
+            if restarts {
+                assert!(out.contains("[kiln] agent: starting again in 1s"), "{policy}: {out}");
+                assert_eq!(m.read("slept"), "1\n");
+            } else {
+                assert!(out.contains(&format!("[kiln] agent: not started again (restart: {policy})")), "{policy}: {out}");
+                assert_eq!(m.read("slept"), "2147483647\n", "{policy}: idles for good");
+            }
+        }
+    }
+
     /// A k3s that keeps failing at once: each exit puts its status and the log's last lines on
     /// the console, and the wait before the next start doubles (1, 2, 4 s ...), capped at 60 s.
     #[test]
@@ -375,7 +410,8 @@ mod k3s_run {
         let m = FakeRoot::new();
         m.write_mode("usr/lib/kiln/lib.sh", &std::fs::read_to_string(overlay("appliance").join("usr/lib/kiln/lib.sh")).unwrap(), 0o644);
         for script in ["health.sh", "logpipe"] {
-            let text = std::fs::read_to_string(cluster.join("usr/lib/kiln").join(script)).unwrap();
+            let dir = if script == "logpipe" { overlay("appliance") } else { cluster.clone() };
+            let text = std::fs::read_to_string(dir.join("usr/lib/kiln").join(script)).unwrap();
             m.write_mode(&format!("usr/lib/kiln/{script}"), &text, 0o755);
         }
         let k3s = "#!/bin/sh\nfor i in 1 2 3 4 5 6 7; do echo \"line $i\"; done\necho 'fatal: no space left on device'\nexit 3\n";
@@ -685,6 +721,26 @@ mod console_policy {
         let want = "[kiln] first: ok\n[kiln] identity: about to fail\n[kiln] error: boot step identity failed\n[kiln] no shell on the console (debug.rescue_shell is off): the error above stays here and in /run/kiln/status\n[kiln] ssh: started\n[kiln] boot: not ready: failed step(s): identity (errors above); the node reports ready only after a boot without errors\n";
         assert_eq!(out, want);
         assert!(!m.exists("run/kiln/booted"));
+    }
+
+    /// A profile's boot script (`boot_scripts`, written as `9NN-site-<name>.sh`) runs after
+    /// kiln's steps and, when it fails, is named `site-<name>` on the console.
+    #[test]
+    fn a_failing_site_boot_script_is_named_and_the_node_is_not_ready() {
+        let m = FakeRoot::new();
+        m.write(
+            "usr/lib/kiln/boot.d/900-site-net-check.sh",
+            "kiln_log site-net-check probing
+false
+",
+        );
+        let (ok, out) = boot_with_a_failing_step(&m);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("[kiln] ssh: started\n[kiln] site-net-check: probing\n[kiln] error: boot step site-net-check failed\n"),
+            "{out}"
+        );
+        assert!(out.contains("failed step(s): identity site-net-check"), "{out}");
     }
 
     #[test]

@@ -136,6 +136,7 @@ pub(super) fn assemble(job: &Job, secrets: Option<&crate::cluster::Secrets>, rec
     // First-boot configuration (accounts, ssh, network, ...) before the profile's overlays, which
     // may still replace any of its files.
     crate::provision::render(&profile.profile, &mut root, &modules).in_profile(&profile.path)?;
+    crate::site_steps::render(&profile.profile, &mut root).in_profile(&profile.path)?;
     // Every inventory node's configuration; the device picks its own at boot (35-identity.sh).
     if let (Some(cluster), Some(secrets)) = (&profile.profile.cluster, secrets) {
         crate::cluster::render(cluster, secrets, &mut root).context("rendering the cluster configuration")?;

@@ -31,6 +31,7 @@ pub mod images;
 pub mod install;
 pub mod reference;
 pub mod registries;
+pub mod site;
 pub mod system;
 
 pub use install::{AfterInstall, Disk, DiskSize, Install, InstallMode, InstallTarget};
@@ -143,6 +144,14 @@ pub struct Profile {
     /// `/etc/rancher/k3s/certs/<host>/`.
     #[serde(default)]
     pub registries: Option<registries::Registries>,
+    /// Site-specific boot steps: shell run at every boot after kiln's own steps, in order
+    /// (see docs/first-boot.md, "Site steps and services").
+    #[serde(default)]
+    pub boot_scripts: Vec<site::BootScript>,
+    /// Site services: programs init starts once the boot steps are done and supervises like
+    /// kiln's own (exit status and last log lines on the console, restart with backoff).
+    #[serde(default)]
+    pub services: Vec<site::Service>,
     /// Settings for debugging a device on the bench. Not for machines on untrusted sites.
     #[serde(default)]
     pub debug: system::DebugOptions,
@@ -400,6 +409,7 @@ impl LoadedProfile {
             containers::validate(p),
             deploy::validate(p, &base),
             registries::validate(p, &base),
+            site::validate(p),
         ];
         self.check_top_level().into_iter().chain(sections.into_iter().filter_map(Result::err)).collect()
     }

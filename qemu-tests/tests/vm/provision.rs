@@ -92,6 +92,8 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
         "[kiln] time: zone Europe/Berlin".into(),
         "ntp servers 10.0.2.2 (chronyd)".into(),
         "[kiln] ssh: dropbear on port 22 (root login no, password auth no); generated host keys ed25519 ecdsa in ".into(),
+        // The profile's `boot_scripts`: after kiln's steps, with kiln_log.
+        format!("[kiln] site-check: hostname {HOSTNAME}"),
     ] {
         ensure!(console.contains(&want), "{arch}: first boot console lacks `{want}`:\n{}", kiln_lines(&console));
     }
@@ -137,6 +139,12 @@ fn provisioned_appliance_accepts_ssh(arch: Arch) -> Result<()> {
     // (getty prints its prompt right after `[kiln] ready`, long before chronyd has stepped the clock.)
     let console = vm.console();
     ensure!(console.contains(&format!("{HOSTNAME} login:")), "{arch}: no login prompt on the serial console");
+    // The profile's `services` entry is started by init and keeps running.
+    ensure!(
+        console.contains("[kiln] site-agent: starting (log /var/log/site-agent.log)") && !console.contains("[kiln] site-agent: exited"),
+        "{arch}: the site service did not start, or exited:\n{}",
+        kiln_lines(&console)
+    );
     ensure!(
         !console.contains("can't run"),
         "{arch}: init could not start a program:\n{}",

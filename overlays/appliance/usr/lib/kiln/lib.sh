@@ -50,7 +50,8 @@ kiln_idle() {
 # gets its exit status and the last lines of LOG, so a service that keeps failing says why
 # instead of only "starting" again; then the script waits before returning to init: 1 s after
 # a run of a minute or more, else twice the previous wait, up to 60 s (the wait is kept in
-# /run/kiln/NAME.backoff).
+# /run/kiln/NAME.backoff). KILN_RESTART=no|on-failure (site services) stops after the first
+# exit, or after a clean one.
 kiln_supervise() {
     name=$1 log=$2
     shift 2
@@ -68,6 +69,10 @@ kiln_supervise() {
     echo "$wait_s" > "$run/$name.backoff"
     kiln_log "$name" "exited with status $status after ${ran}s; last lines of ${log#"${KILN_ROOT:-}"}:"
     tail -n 5 "$log" 2>/dev/null | sed "s/^/[kiln] $name: | /"
+    # KILN_RESTART (site services): `no`, or `on-failure` after a clean exit, ends it here.
+    case "${KILN_RESTART:-always}:$status" in
+        no:* | on-failure:0) kiln_idle "$name" "not started again (restart: $KILN_RESTART)" ;;
+    esac
     kiln_log "$name" "starting again in ${wait_s}s"
     sleep "$wait_s"
 }
