@@ -210,13 +210,11 @@ fn main() -> ExitCode {
         (false, 1) => "debug",
         (false, _) => "trace",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| level.into()))
-        .with_ansi(colour_on_stderr())
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KILN_LOG").unwrap_or_else(|_| level.into());
+    let stderr =
+        tracing_subscriber::fmt::layer().with_ansi(colour_on_stderr()).with_writer(std::io::stderr).with_target(false).without_time();
+    tracing_subscriber::registry().with(stderr.with_filter(filter)).with(WarningLog).init();
     match run(cli) {
         Ok(code) => code,
         // Output piped into a program that stopped reading (`kiln man | head`) is not a failure.
@@ -275,7 +273,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let fetch = || kiln::pipeline::fetch(&checked_profile(&input.profile)?, &options(&input, cli.quiet));
             let fetched = json_or_error(json, fetch())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "ok": true, "archs": fetched }))?);
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "ok": true, "archs": fetched, "warnings": warnings() }))?);
             }
         }
         Command::Run { image, arch, firmware_dir, memory, snapshot, disks, boot } => {
@@ -359,11 +357,43 @@ fn run(cli: Cli) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every warning of this run (whatever `-q` or `KILN_LOG` show), for the `--json` summaries.
+static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// A tracing layer that keeps the text of each warning (and error) event in [`WARNINGS`].
+struct WarningLog;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarningLog {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        // tracing orders levels by verbosity: WARN and ERROR are the ones at or below WARN.
+        if *event.metadata().level() <= tracing::Level::WARN {
+            let mut m = Message(String::new());
+            event.record(&mut m);
+            WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).push(m.0);
+        }
+    }
+}
+
+fn warnings() -> Vec<String> {
+    WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
 /// With `--json`, a failure is also printed on stdout as `{"ok": false, "error": ...}` (the
 /// error still goes to stderr and sets the exit status).
 fn json_or_error<T>(json: bool, r: Result<T>) -> Result<T> {
     if let (true, Err(e)) = (json, &r) {
-        println!("{}", serde_json::json!({ "ok": false, "error": format!("{e:#}"), "usage_error": kiln::error::is_usage(e) }));
+        println!(
+            "{}",
+            serde_json::json!({ "ok": false, "error": format!("{e:#}"), "usage_error": kiln::error::is_usage(e), "warnings": warnings() })
+        );
     }
     r
 }
@@ -403,7 +433,7 @@ fn build_summary(report: &kiln::pipeline::BuildReport) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "ok": true, "out_dir": report.out_dir, "checksums": report.checksums, "archs": archs })
+    serde_json::json!({ "ok": true, "out_dir": report.out_dir, "checksums": report.checksums, "archs": archs, "warnings": warnings() })
 }
 
 /// Every static problem of a profile, sorted by position: the profile's own checks, then what

@@ -5,7 +5,6 @@
 
 use anyhow::{bail, Result};
 
-use crate::profile::site::Restart;
 use crate::profile::Profile;
 use crate::tree::Tree;
 
@@ -31,11 +30,7 @@ pub fn render(p: &Profile, root: &mut Tree) -> Result<()> {
         root.add_file(&format!("usr/lib/kiln/boot.d/9{i:02}-site-{}.sh", s.name), 0o644, text)?;
     }
     for (i, s) in p.services.iter().enumerate() {
-        let restart = match s.restart {
-            Restart::Always => "always",
-            Restart::OnFailure => "on-failure",
-            Restart::No => "no",
-        };
+        let restart = s.restart.as_str();
         let command: Vec<String> = s.command.iter().map(|w| quote(w)).collect();
         let name = &s.name;
         let text = format!(

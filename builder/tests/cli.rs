@@ -348,6 +348,9 @@ fn build_and_fetch_json_report_failures_as_json() {
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {:?}", out.stdout));
         assert!(v["ok"] == false && v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+        // The unreachable mirror is retried with a warning each time: the summary lists them.
+        let warned = v["warnings"].as_array().is_some_and(|w| w.iter().any(|m| m.as_str().is_some_and(|m| m.contains("retrying"))));
+        assert_eq!(warned, args[0] == "fetch", "{v}");
         assert_ne!(out.status.code(), Some(0));
         assert!(String::from_utf8_lossy(&out.stderr).contains("error:"));
     }

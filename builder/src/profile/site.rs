@@ -21,18 +21,9 @@ pub struct BootScript {
     pub script: String,
 }
 
-/// When a service is started again after it exits.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Restart {
-    /// Always (the default), with a backoff from 1 s to 60 s while it keeps exiting early.
-    #[default]
-    Always,
-    /// Only after a non-zero exit status.
-    OnFailure,
-    /// Never: it runs once per boot.
-    No,
-}
+/// When a service is started again after it exits: the same policy (and YAML forms) as a
+/// container's `restart`.
+pub use super::containers::Restart;
 
 /// One `services` entry.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
@@ -45,7 +36,8 @@ pub struct Service {
     /// root once the boot steps are done, output appended to `/var/log/<name>.log`. When it
     /// exits, its status and the log's last lines go to the console.
     pub command: Vec<String>,
-    /// `always` (default), `on-failure` or `no`.
+    /// `always` (default; with a backoff from 1 s to 60 s while it keeps exiting early),
+    /// `on-failure` (only after a non-zero exit status) or `no` (once per boot).
     #[serde(default)]
     pub restart: Restart,
 }
