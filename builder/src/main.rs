@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 use kiln::arch::Arch;
 use kiln::error::{ResultExt, UsageError};
 use kiln::pipeline::BuildOptions;
-use kiln::profile::LoadedProfile;
+mod cli;
+use cli::check::checked_profile;
+use cli::report::{build_summary, json_or_error, output_paths, warnings, WarningLog};
 
 /// `kiln --version`: the crate version and the commit it was built from.
 const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("KILN_COMMIT"), ")");
@@ -298,10 +300,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let status = kiln::qemu::run_interactive(&spec)?;
             return Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::from(1) });
         }
-        Command::Flash { image, device, bmap, yes, force, no_verify } => {
-            flash(&image, &device, bmap.as_deref(), FlashFlags { yes, force, verify: !no_verify, quiet: cli.quiet })?
-        }
-        Command::Serve { dir, listen, reinstall, dnsmasq } => serve(&dir, &listen, &reinstall, dnsmasq.as_deref())?,
+        Command::Flash { image, device, bmap, yes, force, no_verify } => cli::flash::flash(
+            &image,
+            &device,
+            bmap.as_deref(),
+            cli::flash::FlashFlags { yes, force, verify: !no_verify, quiet: cli.quiet },
+        )?,
+        Command::Serve { dir, listen, reinstall, dnsmasq } => cli::serve::serve(&dir, &listen, &reinstall, dnsmasq.as_deref())?,
         Command::Secrets { profile, out } => {
             let profile = checked_profile(&profile)?;
             let out = out.unwrap_or_else(|| kiln::pipeline::default_out_dir(&profile));
@@ -340,7 +345,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&kiln::profile::json_schema())?);
             }
         }
-        Command::Check { profiles, json } => return check(&profiles, json),
+        Command::Check { profiles, json } => return cli::check::check(&profiles, json),
         Command::Init { dir, platform, cluster, name } => {
             let platform = kiln::platform::Platform::load(&platform).usage("--platform")?;
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -355,141 +360,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Man { dir } => man_pages(dir.as_deref())?,
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Every warning of this run (whatever `-q` or `KILN_LOG` show), for the `--json` summaries.
-static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-/// A tracing layer that keeps the text of each warning (and error) event in [`WARNINGS`].
-struct WarningLog;
-
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarningLog {
-    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
-        struct Message(String);
-        impl tracing::field::Visit for Message {
-            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-                if field.name() == "message" {
-                    self.0 = format!("{value:?}");
-                }
-            }
-        }
-        // tracing orders levels by verbosity: WARN and ERROR are the ones at or below WARN.
-        if *event.metadata().level() <= tracing::Level::WARN {
-            let mut m = Message(String::new());
-            event.record(&mut m);
-            WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).push(m.0);
-        }
-    }
-}
-
-fn warnings() -> Vec<String> {
-    WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).clone()
-}
-
-/// With `--json`, a failure is also printed on stdout as `{"ok": false, "error": ...}` (the
-/// error still goes to stderr and sets the exit status).
-fn json_or_error<T>(json: bool, r: Result<T>) -> Result<T> {
-    if let (true, Err(e)) = (json, &r) {
-        println!(
-            "{}",
-            serde_json::json!({ "ok": false, "error": format!("{e:#}"), "usage_error": kiln::error::is_usage(e), "warnings": warnings() })
-        );
-    }
-    r
-}
-
-/// Per architecture: disk.img, the files derived from it (compressed copies, block map), the
-/// netboot script.
-fn output_paths(image: &kiln::pipeline::ArchOutputs) -> Vec<PathBuf> {
-    let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
-    let derived = image
-        .manifest
-        .outputs
-        .iter()
-        .filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str()))
-        .map(|o| image.dir.join(&o.file));
-    image.disk.iter().cloned().chain(derived).chain(script).collect()
-}
-
-/// `kiln build --json`: the outputs of every architecture with their digests (from the
-/// manifests kiln wrote), and where the manifests and checksums are.
-fn build_summary(report: &kiln::pipeline::BuildReport) -> serde_json::Value {
-    let archs: Vec<serde_json::Value> = report
-        .images
-        .iter()
-        .map(|i| {
-            let outputs: Vec<serde_json::Value> = i
-                .manifest
-                .outputs
-                .iter()
-                .map(|o| serde_json::json!({ "file": o.file, "path": i.dir.join(&o.file), "size": o.size, "sha256": o.sha256 }))
-                .collect();
-            serde_json::json!({
-                "arch": i.arch,
-                "dir": i.dir,
-                "manifest": i.dir.join(kiln::pipeline::disk::MANIFEST),
-                "kernel_version": i.manifest.kernel_version,
-                "outputs": outputs,
-            })
-        })
-        .collect();
-    serde_json::json!({ "ok": true, "out_dir": report.out_dir, "checksums": report.checksums, "archs": archs, "warnings": warnings() })
-}
-
-/// Every static problem of a profile, sorted by position: the profile's own checks, then what
-/// needs the rest of kiln (templates rendered with its vars, its platforms). Nothing is fetched.
-fn profile_problems(path: &std::path::Path) -> Result<(Option<LoadedProfile>, Vec<kiln::profile::check::Problem>)> {
-    let (loaded, mut problems) = LoadedProfile::check(path)?;
-    if let Some(p) = &loaded {
-        let mut more = kiln::pipeline::template_problems(p);
-        for &a in &p.profile.arch {
-            match kiln::platform::Platform::load_for(p.platform(a), a) {
-                Err(e) => more.push(e.context(format!("key `platform.{a}`"))),
-                Ok(platform) => {
-                    if let Err(e) = platform.check_components(&p.profile.os.components) {
-                        more.push(e.context("key `os.components`"));
-                    }
-                    if let Err(e) = platform.check_install_mode(p.profile.install.mode) {
-                        more.push(e.context("key `install.mode`"));
-                    }
-                }
-            }
-        }
-        problems.extend(p.locate(&more));
-    }
-    problems.sort_by_key(|p| (p.line, p.column));
-    Ok((loaded, problems))
-}
-
-/// The profile for `build`, `fetch` and `secrets`: the same checks as `kiln check` first, so a
-/// template or key error fails in milliseconds, listing every problem, before any download.
-fn checked_profile(path: &std::path::Path) -> Result<LoadedProfile> {
-    match profile_problems(path)? {
-        (Some(p), problems) if problems.is_empty() => Ok(p),
-        (_, problems) => Err(kiln::profile::ProfileError(kiln::profile::check::render_all(&path.display().to_string(), &problems)).into()),
-    }
-}
-
-/// `kiln check`: every static problem of each profile, as text or one JSON summary.
-fn check(profiles: &[PathBuf], json: bool) -> Result<ExitCode> {
-    let mut summary = Vec::new();
-    for path in profiles {
-        let (_, problems) = profile_problems(path)?;
-        let file = path.display().to_string();
-        if !json {
-            if problems.is_empty() {
-                println!("{file}: ok");
-            } else {
-                eprintln!("{}", kiln::profile::check::render_all(&file, &problems));
-            }
-        }
-        summary.push(serde_json::json!({ "profile": file, "ok": problems.is_empty(), "problems": problems }));
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
-    }
-    let ok = summary.iter().all(|s| s["ok"] == true);
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
 /// `kiln man`: the page for `kiln` on stdout, or pages for it and every subcommand in DIR.
@@ -510,47 +380,6 @@ fn man_pages(dir: Option<&std::path::Path>) -> Result<()> {
     Ok(())
 }
 
-/// `kiln serve`: apply --reinstall, print the DHCP settings, serve until SIGINT/SIGTERM.
-fn serve(dir: &std::path::Path, listen: &str, reinstall: &[String], dnsmasq: Option<&std::path::Path>) -> Result<()> {
-    use std::net::ToSocketAddrs;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Arc;
-    if !dir.is_dir() {
-        return Err(UsageError(format!("{}: not a directory; pass a `kiln build` output directory", dir.display())).into());
-    }
-    let listen = listen
-        .to_socket_addrs()
-        .map_err(|e| UsageError(format!("--listen {listen}: {e}; give HOST:PORT, e.g. 0.0.0.0:8080 or pxe-host.lan:8080")))?
-        .next()
-        .ok_or_else(|| UsageError(format!("--listen {listen}: the name has no address")))?;
-    if kiln::serve::Server::netboot_archs(dir).is_empty() {
-        eprintln!(
-            "warning: {} holds no netboot output (<arch>/netboot/boot.ipxe): machines booting from the network get nothing; build with `kiln build PROFILE --format netboot`",
-            dir.display()
-        );
-    }
-    if !reinstall.is_empty() {
-        for mac in kiln::serve::reinstall(dir, reinstall)? {
-            eprintln!("note: {mac} was not recorded as installed");
-        }
-    }
-    let server = kiln::serve::Server::bind(dir, listen)?;
-    let addr = server.local_addr();
-    // The address machines use: the listen address, or a placeholder when listening on all.
-    let url_host = if addr.ip().is_unspecified() { format!("<this host's address>:{}", addr.port()) } else { addr.to_string() };
-    println!("kiln serve: {} on http://{addr}/ (Ctrl-C stops)", dir.display());
-    print!("{}", kiln::serve::dhcp_settings(&url_host));
-    if let Some(f) = dnsmasq {
-        std::fs::write(f, kiln::serve::dnsmasq_snippet(&url_host)).with_context(|| format!("writing {}", f.display()))?;
-        println!("dnsmasq snippet: {}", f.display());
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
-    }
-    server.run(&stop)
-}
-
 /// Reads the architecture from the manifest.json written beside an image.
 fn arch_from_manifest(image: &std::path::Path) -> Result<Arch> {
     let manifest = image.with_file_name(kiln::pipeline::disk::MANIFEST);
@@ -566,83 +395,4 @@ fn arch_from_manifest(image: &std::path::Path) -> Result<Arch> {
         }
     })?;
     Ok(m.arch)
-}
-
-struct FlashFlags {
-    yes: bool,
-    force: bool,
-    verify: bool,
-    quiet: bool,
-}
-
-/// `kiln flash`: describe the target, apply the refusal rules, confirm, write with a progress
-/// bar on a TTY, verify. Refusals and an unconfirmed write are usage errors (exit 2).
-fn flash(image: &std::path::Path, device: &std::path::Path, bmap: Option<&std::path::Path>, f: FlashFlags) -> Result<()> {
-    use kiln::flash;
-    let img = flash::Image::open(image, bmap).usage("cannot use the image")?;
-    let target = flash::inspect(device, &flash::HostRoots::default())?;
-    println!("{}", flash::describe(&target).trim_end());
-    match &img.bmap {
-        Some(b) => {
-            println!("image: {}, {} ({} mapped)", image.display(), kiln::size::human(b.image_size), kiln::size::human(b.mapped_bytes()))
-        }
-        None => println!(
-            "image: {}, {} (no bmap: every byte is written{})",
-            image.display(),
-            img.size.map_or("size unknown".into(), kiln::size::human),
-            img.expected.as_ref().map_or(String::new(), |e| format!(", checked against {}", e.manifest.display()))
-        ),
-    }
-    let reasons = flash::refusals(&target, img.size);
-    if !reasons.is_empty() {
-        if !f.force {
-            return Err(UsageError(flash::Refused { target: device.display().to_string(), reasons }.to_string()).into());
-        }
-        for r in &reasons {
-            eprintln!("warning: --force: {r}");
-        }
-    }
-    if !f.yes {
-        if !std::io::stdin().is_terminal() {
-            return Err(
-                UsageError(format!("not writing to {}: stdin is not a terminal to confirm on; pass --yes", device.display())).into()
-            );
-        }
-        eprint!("write {} to {}? [y/N] ", image.display(), device.display());
-        let mut answer = String::new();
-        std::io::stdin().read_line(&mut answer).context("reading the answer")?;
-        if !matches!(answer.trim(), "y" | "Y" | "yes") {
-            return Err(UsageError(format!("not writing to {}: not confirmed", device.display())).into());
-        }
-    }
-    let mut medium = flash::write::open_target(device, img.size)?;
-    let total = img.bmap.as_ref().map(|b| b.mapped_bytes()).or(img.size);
-    let bar = (!f.quiet && std::io::stderr().is_terminal()).then(|| {
-        let bar = total.map_or_else(indicatif::ProgressBar::no_length, indicatif::ProgressBar::new);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec} {eta}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_message("writing");
-        bar
-    });
-    let start = std::time::Instant::now();
-    let report = flash::flash(&img, &mut medium, flash::FlashOptions { verify: f.verify }, &mut |n| {
-        if let Some(b) = &bar {
-            b.set_position(n)
-        }
-    })
-    .with_context(|| format!("writing {} to {}", image.display(), device.display()))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    println!(
-        "wrote {} of {} to {} in {:.1} s{}",
-        kiln::size::human(report.written),
-        kiln::size::human(report.image_size),
-        device.display(),
-        start.elapsed().as_secs_f64(),
-        if f.verify { format!(", verified {}", kiln::size::human(report.verified)) } else { ", not verified (--no-verify)".into() }
-    );
-    Ok(())
 }
