@@ -219,8 +219,15 @@ fn main() -> ExitCode {
     tracing_subscriber::registry().with(stderr.with_filter(filter)).with(WarningLog).init();
     match run(cli) {
         Ok(code) => code,
-        // Output piped into a program that stopped reading (`kiln man | head`) is not a failure.
-        Err(e) if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) => ExitCode::SUCCESS,
+        // Our own stdout piped into a program that stopped reading (`kiln man | head`) is not a
+        // failure. Only a bare write error counts: a broken pipe under context (a download, a
+        // device write) is a real failure and is reported below.
+        Err(e)
+            if e.chain().count() == 1
+                && e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
+        {
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             if kiln::error::is_usage(&e) {

@@ -8,6 +8,9 @@ use anyhow::Result;
 /// Every warning of this run (whatever `-q` or `KILN_LOG` show), for the `--json` summaries.
 pub static WARNINGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
+/// The most warnings a summary lists (the log on stderr has them all).
+const MAX_WARNINGS: usize = 1000;
+
 /// A tracing layer that keeps the text of each warning (and error) event in [`WARNINGS`].
 pub struct WarningLog;
 
@@ -25,7 +28,11 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarningLog {
         if *event.metadata().level() <= tracing::Level::WARN {
             let mut m = Message(String::new());
             event.record(&mut m);
-            WARNINGS.lock().unwrap_or_else(|e| e.into_inner()).push(m.0);
+            // Bounded: `kiln serve` runs for days and may warn on every bad request.
+            let mut w = WARNINGS.lock().unwrap_or_else(|e| e.into_inner());
+            if w.len() < MAX_WARNINGS {
+                w.push(m.0);
+            }
         }
     }
 }
