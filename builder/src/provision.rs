@@ -19,6 +19,9 @@ use crate::tree::{Content, Kind, Tree};
 
 /// Debian's package with the dropbear SSH server (`/usr/sbin/dropbear`, `dropbearkey`).
 pub const DROPBEAR_PACKAGE: &str = "dropbear-bin";
+/// The appliance's wrapper that runs a long-lived program under `kiln_supervise` (exit status and
+/// last log lines on the console, backoff): `overlays/appliance/usr/lib/kiln/supervise`.
+const SUPERVISE: &str = "/usr/lib/kiln/supervise";
 /// Debian's package with the time zone database (`/usr/share/zoneinfo`).
 pub const TZDATA_PACKAGE: &str = "tzdata";
 /// Debian's NTP client and server (`/usr/sbin/chronyd`, `/usr/bin/chronyc`), for `time.servers`.
@@ -177,11 +180,12 @@ fn ssh(s: &Ssh, root: &mut Tree) -> Result<()> {
         HOST_KEYS.join(" ")
     );
     root.add_file("etc/kiln/ssh.conf", 0o644, conf)?;
-    // Respawn entries start after every sysinit step (the host keys exist by then).
+    // Respawn entries start after every sysinit step (the host keys exist by then). Its log
+    // (logins, refused attempts) goes to /var/log/dropbear.log, not the console.
     crate::inittab::append(
         root,
-        "SSH server (profile key `ssh`), restarted by init if it exits.",
-        &format!("::respawn:{}", dropbear_command(s)),
+        "SSH server (profile key `ssh`), supervised: an exit is reported on the console, restarts back off.",
+        &format!("::respawn:{SUPERVISE} dropbear {}", dropbear_command(s)),
     )?;
     Ok(())
 }
@@ -248,11 +252,12 @@ fn chrony(servers: &[String], root: &mut Tree) -> Result<()> {
     }
     root.add_file("etc/chrony/chrony.conf", 0o644, chrony_conf(servers)?)?;
     crate::setup::add_system_account(root, &CHRONY_ACCOUNT)?;
-    // -d: stay in the foreground for init and log to the console (source selection, clock steps).
+    // -d: stay in the foreground and log to stdout, which `supervise --console` copies to the
+    // console (source selection, clock steps) and to /var/log/chronyd.log.
     crate::inittab::append(
         root,
-        "NTP client (profile key `time.servers`), restarted by init if it exits.",
-        &format!("::respawn:/usr/sbin/chronyd -d -u {}", CHRONY_ACCOUNT.name),
+        "NTP client (profile key `time.servers`), supervised: an exit is reported on the console, restarts back off.",
+        &format!("::respawn:{SUPERVISE} --console chronyd /usr/sbin/chronyd -d -u {}", CHRONY_ACCOUNT.name),
     )
 }
 
@@ -384,7 +389,7 @@ mod tests {
         let line = inittab.lines().find(|l| l.starts_with("::respawn:")).expect("respawn line");
         assert_eq!(
             line,
-            "::respawn:/usr/sbin/dropbear -F -E -p 22 -w -s -r /etc/dropbear/dropbear_ed25519_host_key -r /etc/dropbear/dropbear_ecdsa_host_key"
+            "::respawn:/usr/lib/kiln/supervise dropbear /usr/sbin/dropbear -F -E -p 22 -w -s -r /etc/dropbear/dropbear_ed25519_host_key -r /etc/dropbear/dropbear_ecdsa_host_key"
         );
         assert!(text(&t, "etc/kiln/ssh.conf").contains("KILN_SSH_SERVER=dropbear\n"));
         assert_eq!(text(&t, "etc/hostname"), "d\n", "hostname defaults to the profile name");

@@ -402,6 +402,38 @@ mod k3s_run {
         }
     }
 
+    /// kiln's own long-running programs (dropbear, chronyd) run under `supervise`: an exit puts
+    /// the program's status (not tee's, with `--console`) and its log's last lines on the console,
+    /// the output lands in `/var/log/NAME.log`, and with `--console` it is copied to the console.
+    #[test]
+    fn dropbear_and_chronyd_exits_are_reported_with_their_logs() {
+        for console in [false, true] {
+            let m = FakeRoot::new();
+            for script in ["lib.sh", "logpipe"] {
+                let text = std::fs::read_to_string(overlay("appliance").join("usr/lib/kiln").join(script)).unwrap();
+                m.write_mode(&format!("usr/lib/kiln/{script}"), &text, 0o755);
+            }
+            m.write_mode("bin/sleep", "#!/bin/sh\necho \"$*\" >> \"$KILN_ROOT/slept\"\n", 0o755);
+            m.write("proc/uptime", "5.00 9.00\n");
+            let supervise = overlay("appliance").join("usr/lib/kiln/supervise");
+            let console_file = m.path().join("console");
+            let mut args = vec![supervise.display().to_string()];
+            if console {
+                args.push("--console".into());
+            }
+            args.extend(["chronyd", "sh", "-c", "echo Selected source 10.0.2.2; exit 7"].map(String::from));
+            let script = format!("KILN_CONSOLE={} sh \"$@\"", console_file.display());
+            let (ok, out) = m.sh([&["-c".to_string(), script, "supervise-test".into()][..], &args[..]].concat());
+            assert!(ok, "{out}");
+            assert!(out.contains("[kiln] chronyd: exited with status 7 after 0s"), "console={console}: {out}");
+            assert!(out.contains("[kiln] chronyd: | Selected source 10.0.2.2\n"), "console={console}: {out}");
+            assert!(out.contains("[kiln] chronyd: starting again in 1s"), "{out}");
+            assert_eq!(m.read("var/log/chronyd.log"), "Selected source 10.0.2.2\n");
+            let copied = std::fs::read_to_string(&console_file).unwrap_or_default();
+            assert_eq!(copied == "Selected source 10.0.2.2\n", console, "console copy: {copied:?}");
+        }
+    }
+
     /// A k3s that keeps failing at once: each exit puts its status and the log's last lines on
     /// the console, and the wait before the next start doubles (1, 2, 4 s ...), capped at 60 s.
     #[test]
