@@ -312,6 +312,25 @@ fn check_reports_five_problems_at_once() {
     assert!(code == 2 && text.contains("profile format 7") && !text.contains("new_thing"), "{text}");
 }
 
+/// A `cluster.token_file` that is not there yet (the operator copies it from an existing cluster)
+/// is a warning from `kiln check`, not a failure, and says where the token comes from.
+#[test]
+fn check_warns_about_a_missing_token_file() {
+    let d = tempfile::tempdir().unwrap();
+    profile(
+        d.path(),
+        "name: t\narch: [x86_64]\ncluster:\n  name: edge\n  api_address: 10.0.0.10\n  default_role: agent\n  token_file: edge.token\n  k3s: {version: v1.33.5+k3s1}\n",
+    );
+    let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
+    assert!(code == 0 && text.contains("p.yaml: ok") && text.contains("warning: key `cluster.token_file`") && text.contains("edge.token does not exist yet"), "{text}");
+    let (code, json) = kiln(d.path(), &["check", "--json", "p.yaml"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(code == 0 && v[0]["warnings"].as_array().unwrap().len() == 1, "{json}");
+    std::fs::write(d.path().join("edge.token"), "K10x\n").unwrap();
+    let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
+    assert!(code == 0 && !text.contains("warning"), "{text}");
+}
+
 #[test]
 fn check_passes_every_example_profile() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

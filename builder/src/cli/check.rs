@@ -41,11 +41,29 @@ pub fn checked_profile(path: &Path) -> Result<LoadedProfile> {
     }
 }
 
+/// What `kiln check` points out without failing: inputs the operator provides before `kiln
+/// build` that an example or a profile in the making may not have yet (the join token of an
+/// existing cluster is a secret, so no example ships one).
+fn profile_warnings(p: &LoadedProfile) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let Some(f) = p.profile.cluster.as_ref().and_then(|c| c.token_file.as_deref()) {
+        let path = p.resolve(f);
+        if !path.is_file() {
+            warnings.push(format!(
+                "key `cluster.token_file`: {} does not exist yet; `kiln build` needs it (to join an existing cluster: the token in /var/lib/rancher/k3s/server/token on one of its servers, in a file only you can read)",
+                path.display()
+            ));
+        }
+    }
+    warnings
+}
+
 /// `kiln check`: every static problem of each profile, as text or one JSON summary.
 pub fn check(profiles: &[PathBuf], json: bool) -> Result<ExitCode> {
     let mut summary = Vec::new();
     for path in profiles {
-        let (_, problems) = profile_problems(path)?;
+        let (loaded, problems) = profile_problems(path)?;
+        let warnings = loaded.as_ref().map(profile_warnings).unwrap_or_default();
         let file = path.display().to_string();
         if !json {
             if problems.is_empty() {
@@ -53,8 +71,11 @@ pub fn check(profiles: &[PathBuf], json: bool) -> Result<ExitCode> {
             } else {
                 eprintln!("{}", kiln::profile::check::render_all(&file, &problems));
             }
+            for w in &warnings {
+                eprintln!("{file}: warning: {w}");
+            }
         }
-        summary.push(serde_json::json!({ "profile": file, "ok": problems.is_empty(), "problems": problems }));
+        summary.push(serde_json::json!({ "profile": file, "ok": problems.is_empty(), "problems": problems, "warnings": warnings }));
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
