@@ -787,3 +787,78 @@ false
         assert!(out.contains("[kiln] ssh: started") && !out.contains("ready arch"), "{out}");
     }
 }
+
+/// `profiles/rancher-import/overlay/usr/local/sbin/rancher-import`, the rancher-import profile's
+/// service: applies Rancher's import manifest once on a k3s server, never printing its URL.
+mod rancher_import {
+    use std::path::PathBuf;
+
+    use super::FakeRoot;
+
+    const URL: &str = "https://rancher.lan/v3/import/s3cr3ttoken_c-m-x1.yaml";
+
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../profiles/rancher-import/overlay/usr/local/sbin/rancher-import")
+    }
+
+    /// A root with the node's roles, the URL and CA files, and a stand-in `k3s` that records its
+    /// arguments and SSL_CERT_FILE, answers `/readyz` when `api_up`, and fails `apply` quoting the
+    /// URL when `apply_fails`.
+    fn root(roles: &str, api_up: bool, apply_fails: bool) -> FakeRoot {
+        let m = FakeRoot::new();
+        m.write("run/kiln/node.conf", &format!("KILN_NODE_NAME=\"n1\"\nKILN_NODE_ROLES=\"{roles}\"\n"));
+        m.write("etc/kiln/rancher-import.url", &format!("{URL}\n"));
+        m.write("etc/kiln/rancher-ca.pem", "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n");
+        let k3s = format!(
+            "#!/bin/sh\necho \"$* ca=${{SSL_CERT_FILE:-none}}\" >> \"$KILN_ROOT/k3s-calls\"\ncase \"$*\" in\n  *readyz*) exit {} ;;\n  *apply*) {} ;;\nesac\n",
+            if api_up { 0 } else { 1 },
+            if apply_fails { "echo \"error: unable to read URL \\\"$4\\\", server reported 503\" >&2; exit 1" } else { "echo namespace/cattle-system created" }
+        );
+        m.write_mode("usr/local/bin/k3s", &k3s, 0o755);
+        m
+    }
+
+    fn run(m: &FakeRoot) -> (bool, String) {
+        m.sh([script()])
+    }
+
+    #[test]
+    fn imports_once_on_a_server_and_never_prints_the_url() {
+        let m = root("server", true, false);
+        let (ok, out) = run(&m);
+        assert!(ok && out.contains("imported into Rancher") && !out.contains("s3cr3ttoken"), "{out}");
+        let calls = m.read("k3s-calls");
+        let ca = m.path().join("etc/kiln/rancher-ca.pem");
+        assert!(calls.contains(&format!("kubectl apply -f {URL} ca={}", ca.display())), "{calls}");
+        assert!(m.exists("var/lib/kiln/rancher-imported"));
+        // A second start (a reboot) does nothing.
+        std::fs::remove_file(m.path().join("k3s-calls")).unwrap();
+        let (ok, out) = run(&m);
+        assert!(ok && out.contains("already imported") && !m.exists("k3s-calls"), "{out}");
+    }
+
+    #[test]
+    fn failures_exit_non_zero_with_the_reason_and_without_the_token() {
+        // Rancher unreachable: kubectl's message quotes the URL; the script prints it masked.
+        let m = root("etcd server", true, true);
+        let (ok, out) = run(&m);
+        assert!(!ok && out.contains("unable to read URL \"<import URL>\"") && out.contains("is Rancher reachable"), "{out}");
+        assert!(!out.contains("s3cr3ttoken") && !m.exists("var/lib/kiln/rancher-imported"), "{out}");
+        // k3s's API not up yet: nothing applied.
+        let m = root("server", false, false);
+        let (ok, out) = run(&m);
+        assert!(!ok && out.contains("waiting for the k3s API") && !m.read("k3s-calls").contains("apply"), "{out}");
+        // The profile's placeholder left in: named, not sent anywhere.
+        let m = root("server", true, false);
+        m.write("etc/kiln/rancher-import.url", "REPLACE ME\n");
+        let (ok, out) = run(&m);
+        assert!(!ok && out.contains("vars.rancher_import_url") && !m.exists("k3s-calls"), "{out}");
+    }
+
+    #[test]
+    fn agents_have_nothing_to_do() {
+        let m = root("agent", true, false);
+        let (ok, out) = run(&m);
+        assert!(ok && out.contains("is not a k3s server") && !m.exists("k3s-calls"), "{out}");
+    }
+}

@@ -1,5 +1,5 @@
-//! The on-device shell is code too: every script kiln lays onto the appliance or the initramfs
-//! must pass shellcheck (POSIX sh).
+//! The on-device shell is code too: every script kiln lays onto the appliance or the initramfs,
+//! and every script an example profile's overlay carries, must pass shellcheck (POSIX sh).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -21,9 +21,11 @@ fn shell_scripts(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn overlay_shell_scripts_pass_shellcheck() {
-    let overlays = Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlays");
     let mut scripts = Vec::new();
-    shell_scripts(&overlays, &mut scripts);
+    for dir in ["../overlays", "../profiles"] {
+        shell_scripts(&Path::new(env!("CARGO_MANIFEST_DIR")).join(dir), &mut scripts);
+    }
+    assert!(scripts.iter().any(|s| s.ends_with("rancher-import")), "the profiles' scripts were not found: {scripts:?}");
     assert!(scripts.len() >= 6, "found only {scripts:?}");
     let out = Command::new("shellcheck")
         .args(["-x", "-P", "SCRIPTDIR", "-s", "sh"])

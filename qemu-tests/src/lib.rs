@@ -17,6 +17,7 @@ pub mod layout;
 pub mod ntp;
 pub mod registry;
 pub mod stand_in;
+pub mod static_http;
 pub mod tls;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).

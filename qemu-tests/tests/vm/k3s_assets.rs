@@ -170,3 +170,122 @@ fn k3s_apps_example_places_manifests_chart_and_registries() -> Result<()> {
     ensure!(reg.contains("https://registry.lan:5000"), "{reg}");
     Ok(())
 }
+
+/// A copy of `profiles/<name>.yaml` (stand-in k3s release) in `dir`, with its `images` list
+/// dropped (Docker Hub and registry.k8s.io cannot be reached here; `oci_images.rs` tests bundling
+/// against a local registry) and its directory beside it.
+fn course_profile(dir: &Path, name: &str) -> Result<PathBuf> {
+    let profile = stand_in_profile(dir, name)?;
+    let text = std::fs::read_to_string(&profile)?;
+    let start = text.find("\nimages:\n").with_context(|| format!("profiles/{name}.yaml has no images list"))? + 1;
+    let end = text[start..].find("\n\n").map(|e| start + e + 1).context("images list does not end")?;
+    let images = &text[start..end];
+    ensure!(images.lines().skip(1).all(|l| l.starts_with("  - ")), "{name}: unexpected images block:\n{images}");
+    std::fs::write(&profile, format!("{}images: []\n{}", &text[..start], &text[end..]))?;
+    tool(Command::new("cp").arg("-r").arg(kiln_qemu_tests::repo_root().join("profiles").join(name)).arg(dir), "coreutils")?;
+    Ok(profile)
+}
+
+/// The course's layouts as ready profiles (issue 19): `ci-cd`, `edge-stack` and `rancher-import`
+/// build with stand-in k3s assets, and their roots hold what each promises, rendered:
+/// - ci-cd: the registry manifest with the profile's vars, the NFS provisioner chart from a
+///   classic Helm repository (here a stand-in chart of the same name and version in a local
+///   repository: the real one cannot be reached), verified against the index digest, its
+///   `HelmChart` with the NFS values, the nodes' registry mirror, and `mount.nfs`;
+/// - edge-stack: KubeEdge's vendored cloudcore chart packed with its CRDs and templates, and its
+///   `HelmChart` with the advertise address;
+/// - rancher-import: the import URL as a 0600 secret, the CA, the script and its supervised service.
+#[test]
+fn course_profiles_build_with_their_charts_and_services() -> Result<()> {
+    let dir = work_dir("k3s-assets-course")?;
+    let assets = stand_in_assets(&dir)?;
+
+    // A classic Helm repository with a stand-in nfs-subdir-external-provisioner 4.0.18.
+    let repo = dir.join("helm-repo");
+    let chart_src = dir.join("chart-src/nfs-subdir-external-provisioner");
+    std::fs::create_dir_all(chart_src.join("templates"))?;
+    std::fs::write(chart_src.join("Chart.yaml"), "apiVersion: v2\nname: nfs-subdir-external-provisioner\nversion: 4.0.18\n")?;
+    std::fs::write(chart_src.join("templates/cm.yaml"), "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: stand-in}\n")?;
+    std::fs::create_dir_all(&repo)?;
+    let tgz = repo.join("nfs-subdir-external-provisioner-4.0.18.tgz");
+    tool(Command::new("tar").arg("-czf").arg(&tgz).arg("-C").arg(dir.join("chart-src")).arg("nfs-subdir-external-provisioner"), "tar")?;
+    let digest = sha(&std::fs::read(&tgz)?);
+    std::fs::write(
+        repo.join("index.yaml"),
+        format!("apiVersion: v1\nentries:\n  nfs-subdir-external-provisioner:\n    - version: 4.0.18\n      digest: {digest}\n      urls: [nfs-subdir-external-provisioner-4.0.18.tgz]\n"),
+    )?;
+    let repo_url = kiln_qemu_tests::static_http::serve_dir(&repo)?;
+
+    let mut roots = Vec::new();
+    for name in ["ci-cd", "edge-stack", "rancher-import"] {
+        let profile = course_profile(&dir, name)?;
+        if name == "ci-cd" {
+            let text = std::fs::read_to_string(&profile)?;
+            let real = "https://kubernetes-sigs.github.io/nfs-subdir-external-provisioner";
+            ensure!(text.contains(real), "profiles/ci-cd.yaml names another repository");
+            std::fs::write(&profile, text.replace(real, &repo_url))?;
+        }
+        let out = dir.join(format!("out-{name}"));
+        build_with(&profile, &assets, &out, name)?;
+        let m = manifest(&out, Arch::X86_64)?;
+        let sqfs = root_squashfs(&m, &out, &dir.join(name))?;
+        roots.push((name, m, sqfs));
+    }
+    for (name, m, sqfs) in &roots {
+        let listing = tool(Command::new("unsquashfs").arg("-lls").arg(sqfs), "squashfs-tools")?;
+        let cat = |path: &str| -> Result<String> {
+            let got = Command::new("unsquashfs").arg("-cat").arg(sqfs).arg(path).output()?;
+            ensure!(got.status.success(), "{name}: unsquashfs -cat {path}: {got:?}");
+            Ok(String::from_utf8_lossy(&got.stdout).into_owned())
+        };
+        let line = |suffix: &str| listing.lines().find(|l| l.ends_with(suffix)).map(str::to_string);
+        let manifests = "var/lib/rancher/k3s/server/manifests";
+        match *name {
+            "ci-cd" => {
+                let reg = cat(&format!("{manifests}/registry.yaml"))?;
+                ensure!(reg.contains("nodePort: 30500") && reg.contains("storage: 20Gi") && !reg.contains("{{"), "registry.yaml:\n{reg}");
+                let chart = m.inputs.iter().find(|i| i.kind == InputKind::Chart).context("ci-cd: no chart input")?;
+                ensure!(chart.sha256 == digest, "ci-cd: the chart input is not the repository's archive: {chart:?}");
+                let placed = line(".tgz").context("ci-cd: no chart archive in static/charts")?;
+                ensure!(placed.contains("static/charts/nfs-"), "{placed}");
+                let hc = cat(&format!("{manifests}/chart-nfs-provisioner.yaml"))?;
+                for want in ["kind: HelmChart", "targetNamespace: ci", "10.0.0.5", "/srv/nfs/k3s", "defaultClass: true"] {
+                    ensure!(hc.contains(want), "ci-cd HelmChart lacks {want}:\n{hc}");
+                }
+                let mirrors = cat("etc/rancher/k3s/registries.yaml")?;
+                ensure!(mirrors.contains("http://10.0.0.51:30500"), "{mirrors}");
+                ensure!(line("sbin/mount.nfs").is_some(), "ci-cd: no mount.nfs in the root (nfs-common)");
+            }
+            "edge-stack" => {
+                let placed = line("static/charts/cloudcore-1.23.0.tgz").context("edge-stack: no cloudcore-1.23.0.tgz")?;
+                ensure!(!placed.is_empty());
+                let tgz_path = dir.join("cloudcore.tgz");
+                std::fs::write(
+                    &tgz_path,
+                    Command::new("unsquashfs").arg("-cat").arg(sqfs).arg("var/lib/rancher/k3s/server/static/charts/cloudcore-1.23.0.tgz").output()?.stdout,
+                )?;
+                let members = tool(Command::new("tar").arg("-tzf").arg(&tgz_path), "tar")?;
+                for want in ["cloudcore/Chart.yaml", "cloudcore/crds/devices_v1beta1_device.yaml", "cloudcore/templates/deployment_cloudcore.yaml"] {
+                    ensure!(members.lines().any(|l| l == want), "edge-stack chart lacks {want}:\n{members}");
+                }
+                let hc = cat(&format!("{manifests}/chart-cloudcore.yaml"))?;
+                for want in ["kind: HelmChart", "targetNamespace: kubeedge", "10.0.0.41"] {
+                    ensure!(hc.contains(want), "edge-stack HelmChart lacks {want}:\n{hc}");
+                }
+            }
+            _ => {
+                let url = line("etc/kiln/rancher-import.url").context("no rancher-import.url")?;
+                ensure!(url.starts_with("-rw------- root/root"), "the import URL (a secret) is not 0600: {url}");
+                ensure!(cat("etc/kiln/rancher-import.url")?.starts_with("https://rancher.example.com/v3/import/"), "import URL not rendered");
+                ensure!(cat("etc/kiln/rancher-ca.pem")?.contains("BEGIN CERTIFICATE"), "CA not rendered");
+                let script = line("usr/local/sbin/rancher-import").context("no rancher-import script")?;
+                ensure!(script.starts_with("-rwxr-xr-x"), "{script}");
+                let inittab = cat("etc/inittab")?;
+                ensure!(inittab.contains("::respawn:/usr/lib/kiln/services/rancher-import"), "{inittab}");
+                ensure!(cat("usr/lib/kiln/services/rancher-import")?.contains("KILN_RESTART=on-failure"), "service policy");
+            }
+        }
+        let _ = std::fs::remove_file(sqfs);
+    }
+    Ok(())
+}
