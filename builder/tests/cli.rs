@@ -322,7 +322,13 @@ fn check_warns_about_a_missing_token_file() {
         "name: t\narch: [x86_64]\ncluster:\n  name: edge\n  api_address: 10.0.0.10\n  default_role: agent\n  token_file: edge.token\n  k3s: {version: v1.33.5+k3s1}\n",
     );
     let (code, text) = kiln(d.path(), &["check", "p.yaml"]);
-    assert!(code == 0 && text.contains("p.yaml: ok") && text.contains("warning: key `cluster.token_file`") && text.contains("edge.token does not exist yet"), "{text}");
+    assert!(
+        code == 0
+            && text.contains("p.yaml: ok")
+            && text.contains("warning: key `cluster.token_file`")
+            && text.contains("edge.token does not exist yet"),
+        "{text}"
+    );
     let (code, json) = kiln(d.path(), &["check", "--json", "p.yaml"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert!(code == 0 && v[0]["warnings"].as_array().unwrap().len() == 1, "{json}");

@@ -262,10 +262,17 @@ fn course_profiles_build_with_their_charts_and_services() -> Result<()> {
                 let tgz_path = dir.join("cloudcore.tgz");
                 std::fs::write(
                     &tgz_path,
-                    Command::new("unsquashfs").arg("-cat").arg(sqfs).arg("var/lib/rancher/k3s/server/static/charts/cloudcore-1.23.0.tgz").output()?.stdout,
+                    Command::new("unsquashfs")
+                        .arg("-cat")
+                        .arg(sqfs)
+                        .arg("var/lib/rancher/k3s/server/static/charts/cloudcore-1.23.0.tgz")
+                        .output()?
+                        .stdout,
                 )?;
                 let members = tool(Command::new("tar").arg("-tzf").arg(&tgz_path), "tar")?;
-                for want in ["cloudcore/Chart.yaml", "cloudcore/crds/devices_v1beta1_device.yaml", "cloudcore/templates/deployment_cloudcore.yaml"] {
+                for want in
+                    ["cloudcore/Chart.yaml", "cloudcore/crds/devices_v1beta1_device.yaml", "cloudcore/templates/deployment_cloudcore.yaml"]
+                {
                     ensure!(members.lines().any(|l| l == want), "edge-stack chart lacks {want}:\n{members}");
                 }
                 let hc = cat(&format!("{manifests}/chart-cloudcore.yaml"))?;
@@ -276,7 +283,10 @@ fn course_profiles_build_with_their_charts_and_services() -> Result<()> {
             _ => {
                 let url = line("etc/kiln/rancher-import.url").context("no rancher-import.url")?;
                 ensure!(url.starts_with("-rw------- root/root"), "the import URL (a secret) is not 0600: {url}");
-                ensure!(cat("etc/kiln/rancher-import.url")?.starts_with("https://rancher.example.com/v3/import/"), "import URL not rendered");
+                ensure!(
+                    cat("etc/kiln/rancher-import.url")?.starts_with("https://rancher.example.com/v3/import/"),
+                    "import URL not rendered"
+                );
                 ensure!(cat("etc/kiln/rancher-ca.pem")?.contains("BEGIN CERTIFICATE"), "CA not rendered");
                 let script = line("usr/local/sbin/rancher-import").context("no rancher-import script")?;
                 ensure!(script.starts_with("-rwxr-xr-x"), "{script}");
