@@ -366,6 +366,18 @@ mod k3s_run {
         m.write_mode("bin/df", &df(8 << 20), 0o755);
         let (ok, out) = m.sh(["-c", script.as_str()]);
         assert!(ok && out.is_empty(), "{out}");
+        // The bundled images: three times the archive plus 256 MiB (a 10 MiB archive: 289 MiB).
+        let images = format!(". {}; kiln_need_images_space images", lib.display());
+        m.write_mode("bin/df", &df(65536), 0o755);
+        let (ok, out) = m.sh(["-c", images.as_str()]);
+        assert!(ok && out.is_empty(), "no archive, no warning: {out}");
+        m.write("usr/lib/kiln/images/kiln-images-amd64.tar.zst", &"x".repeat(10 << 20));
+        m.write("usr/lib/kiln/images/kiln-images-amd64.tar.zst.sha256", "abc\n");
+        let (ok, out) = m.sh(["-c", images.as_str()]);
+        assert!(ok && out == "[kiln] images: warning: the data partition (/var/lib) holds 64 MiB; images needs at least 289 MiB: give the image a larger disk (the data partition grows to fill it on first boot)\n", "{out}");
+        m.write_mode("bin/df", &df(8 << 20), 0o755);
+        let (ok, out) = m.sh(["-c", images.as_str()]);
+        assert!(ok && out.is_empty(), "{out}");
     }
 
     /// A site service with `restart: no` (or `on-failure` after a clean exit) is reported once

@@ -91,6 +91,19 @@ kiln_need_space() {
     fi
 }
 
+# kiln_need_images_space STEP: kiln_need_space for the bundled image archive
+# (/usr/lib/kiln/images/kiln-images-<arch>.tar[.zst]) that containerd or k3s imports onto the data
+# partition: an estimate of three times the archive (the content store keeps its blobs, the
+# snapshots hold the layers unpacked, which are larger than the compressed blobs) plus 256 MiB.
+kiln_need_images_space() {
+    for archive in "${KILN_ROOT:-}"/usr/lib/kiln/images/kiln-images-*; do
+        case $archive in *.sha256) continue ;; esac
+        [ -f "$archive" ] || continue
+        mib=$(($(wc -c < "$archive") / 1048576 + 1))
+        kiln_need_space "$1" $((mib * 3 + 256))
+    done
+}
+
 # The `[kiln] ready` line that tests and operators wait for, once the node is fully up.
 kiln_ready() {
     uptime_s=$(cut -d' ' -f1 /proc/uptime)
