@@ -142,6 +142,59 @@ fn read_module(path: &TreePath, rel: String, content: &Content) -> anyhow::Resul
     Ok(Module { name, path: path.clone(), rel, depends, aliases, machine })
 }
 
+/// The kind of reused result: modules' metadata, by [`index_key`]. The version names the
+/// format of [`to_reused`] and what [`read_module`] extracts: change it when either changes.
+const REUSE_KIND: &str = "kmod-v1";
+
+/// sha256 of the kernel version and every module file's path and bytes, in path order.
+fn index_key(kver: &str, files: &[(TreePath, String, Content)]) -> anyhow::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(kver.as_bytes());
+    for (p, rel, c) in files {
+        let data = c.read().with_context(|| format!("reading module {p}"))?;
+        h.update([0u8]);
+        h.update(rel.as_bytes());
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(&data);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ReusedModule {
+    rel: String,
+    name: String,
+    depends: Vec<String>,
+    aliases: Vec<String>,
+    machine: u16,
+}
+
+fn to_reused(modules: &[Module]) -> Vec<u8> {
+    let list: Vec<ReusedModule> = modules
+        .iter()
+        .map(|m| ReusedModule {
+            rel: m.rel.clone(),
+            name: m.name.clone(),
+            depends: m.depends.clone(),
+            aliases: m.aliases.clone(),
+            machine: m.machine,
+        })
+        .collect();
+    serde_json::to_vec(&list).unwrap_or_default()
+}
+
+/// The modules of a reused value, placed under `dir`; `None` (read them again) if it does not parse.
+fn from_reused(value: &[u8], dir: &TreePath) -> Option<Vec<Module>> {
+    let list: Vec<ReusedModule> = serde_json::from_slice(value).ok()?;
+    list.into_iter()
+        .map(|m| {
+            let path = TreePath::parse(&format!("{}/{}", dir.as_str(), m.rel)).ok()?;
+            Some(Module { name: m.name, path, rel: m.rel, depends: m.depends, aliases: m.aliases, machine: m.machine })
+        })
+        .collect()
+}
+
 /// depmod's default search order puts `updates/` before everything else.
 fn search_rank(rel: &str) -> u8 {
     u8::from(!rel.starts_with("updates/"))
@@ -151,6 +204,13 @@ impl ModuleSet {
     /// Reads every module's modinfo (in parallel) and `modules.builtin` (if shipped) for
     /// kernel `kver`.
     pub fn from_tree(tree: &Tree, kver: &str) -> anyhow::Result<ModuleSet> {
+        Self::from_tree_reusing(tree, kver, &crate::reuse::Reuse::disabled())
+    }
+
+    /// [`ModuleSet::from_tree`], taking the modules' metadata from `reuse` when the same module
+    /// files were read before (keyed by the sha256 of every module's path and bytes): reading
+    /// means decompressing every module (~4,000 per kernel), the same work on every build.
+    pub fn from_tree_reusing(tree: &Tree, kver: &str, reuse: &crate::reuse::Reuse) -> anyhow::Result<ModuleSet> {
         let dir = Self::find_dir(tree, kver)?;
         let prefix_len = dir.as_str().len() + 1;
         let files: Vec<(TreePath, String, Content)> = tree
@@ -162,10 +222,21 @@ impl ModuleSet {
                 _ => None,
             })
             .collect();
-        let read: Vec<Module> = files
-            .par_iter()
-            .map(|(p, rel, c)| read_module(p, rel.clone(), c).with_context(|| format!("reading module {p}")))
-            .collect::<anyhow::Result<_>>()?;
+        let key = if reuse.enabled() { Some(index_key(kver, &files)?) } else { None };
+        let reused = key.as_deref().and_then(|k| reuse.get(REUSE_KIND, k)).and_then(|v| from_reused(&v, &dir));
+        let read: Vec<Module> = match reused {
+            Some(modules) => modules,
+            None => {
+                let read: Vec<Module> = files
+                    .par_iter()
+                    .map(|(p, rel, c)| read_module(p, rel.clone(), c).with_context(|| format!("reading module {p}")))
+                    .collect::<anyhow::Result<_>>()?;
+                if let Some(k) = &key {
+                    reuse.put(REUSE_KIND, k, &to_reused(&read));
+                }
+                read
+            }
+        };
 
         let mut modules: BTreeMap<String, Module> = BTreeMap::new();
         for m in read {
@@ -487,6 +558,35 @@ mod tests {
         s.modules.get_mut("c").unwrap().depends = vec!["a".into()];
         let err = format!("{:#}", s.closure(&["a"], false).unwrap_err());
         assert!(err.contains("cycle"), "{err}");
+    }
+
+    /// Module metadata is kept in `reuse` under the module files' key and taken from there by
+    /// the next read of the same files (shown by editing the kept value); a value that does not
+    /// parse is ignored and the modules are read again.
+    #[test]
+    fn module_metadata_is_reused_for_the_same_module_files() {
+        let d = tempfile::tempdir().unwrap();
+        let reuse = crate::reuse::Reuse::at(d.path(), true);
+        let fresh = set();
+        let first = ModuleSet::from_tree_reusing(fixture(), KVER, &reuse).unwrap();
+        assert_eq!((first.modules_dep(), first.modules_alias()), (fresh.modules_dep(), fresh.modules_alias()));
+        let kind = d.path().join("reuse").join(REUSE_KIND);
+        let values: Vec<_> = std::fs::read_dir(&kind)
+            .unwrap()
+            .flat_map(|s| std::fs::read_dir(s.unwrap().path()).unwrap())
+            .map(|f| f.unwrap().path())
+            .collect();
+        assert_eq!(values.len(), 1, "{values:?}");
+        // The second read takes the kept value: an alias added to it shows in the index.
+        let mut list: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&values[0]).unwrap()).unwrap();
+        list[0]["aliases"].as_array_mut().unwrap().push("reused:marker".into());
+        std::fs::write(&values[0], serde_json::to_vec(&list).unwrap()).unwrap();
+        let second = ModuleSet::from_tree_reusing(fixture(), KVER, &reuse).unwrap();
+        assert!(second.modules_alias().contains("reused:marker"), "the kept value was not used");
+        // A value that does not parse is read again from the modules.
+        std::fs::write(&values[0], b"{not json").unwrap();
+        let third = ModuleSet::from_tree_reusing(fixture(), KVER, &reuse).unwrap();
+        assert_eq!(third.modules_alias(), fresh.modules_alias());
     }
 
     #[test]

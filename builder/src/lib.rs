@@ -43,6 +43,7 @@ pub mod provision;
 pub mod qemu;
 pub mod raspberrypi;
 pub mod registries;
+pub mod reuse;
 pub mod secret_files;
 pub mod serve;
 pub mod setup;

@@ -74,6 +74,11 @@ enum Command {
         /// the errors.
         #[arg(long)]
         json: bool,
+        /// Make every intermediate result afresh instead of reusing earlier builds' (the
+        /// module index, compressed squashfs blocks); downloads still come from the cache. The
+        /// images are the same bytes either way.
+        #[arg(long)]
+        no_reuse: bool,
     },
     /// Start a site: write DIR/profile.yaml (a commented starter that builds as it is), an
     /// overlay directory and the schema for editor completion. Never replaces a file.
@@ -180,6 +185,16 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Bound the cache of intermediate build results (downloads are kept): removes the least
+    /// recently used results until at most --max-size remain.
+    CacheGc {
+        /// The most the intermediate results may take, e.g. 2GiB, 512MiB.
+        #[arg(long, default_value = "2GiB")]
+        max_size: kiln::size::Size,
+        /// Download cache (default: $KILN_CACHE_DIR, else ~/.cache/kiln).
+        #[arg(long, env = "KILN_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
+    },
     /// List the platforms (boards and firmware) kiln knows: name, architectures, boot methods.
     Platforms {
         /// Print a JSON list instead of the table.
@@ -255,15 +270,16 @@ fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
         cache_dir: input.cache_dir.clone(),
         k3s_assets: input.k3s_assets.clone(),
         formats: Vec::new(),
+        no_reuse: false,
     }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build { input, out, offline, formats, json } => {
+        Command::Build { input, out, offline, formats, json, no_reuse } => {
             let build = || {
                 let profile = checked_profile(&input.profile)?;
-                let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
+                let opts = BuildOptions { out, offline, formats, no_reuse, ..options(&input, cli.quiet) };
                 kiln::pipeline::build(&profile, &opts)
             };
             let report = json_or_error(json, build())?;
@@ -335,6 +351,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     pki.dir.join("etcdctl.key").display()
                 );
             }
+        }
+        Command::CacheGc { max_size, cache_dir } => {
+            let root = match cache_dir {
+                Some(d) => d,
+                None => kiln::cache::Cache::default_root()?,
+            };
+            let r = kiln::reuse::gc(&root, max_size.0)?;
+            println!(
+                "{}: kept {} intermediate results ({}), removed {} ({}); downloads untouched",
+                root.join("reuse").display(),
+                r.kept_files,
+                kiln::size::human(r.kept_bytes),
+                r.removed_files,
+                kiln::size::human(r.removed_bytes)
+            );
         }
         Command::Platforms { json } => {
             let platforms = kiln::platform::Platform::all()?;

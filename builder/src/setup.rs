@@ -168,8 +168,8 @@ pub fn add_console_nodes(tree: &mut Tree) -> Result<()> {
 
 /// Writes `modules.dep`, `modules.alias` and a copy of `modules.builtin` handling for the kernel's
 /// modules so `modprobe` works on the device. Returns the module set for initramfs use.
-pub fn module_indexes(tree: &mut Tree, kver: &str) -> Result<crate::kmod::ModuleSet> {
-    let set = crate::kmod::ModuleSet::from_tree(tree, kver).with_context(|| format!("reading kernel {kver} modules"))?;
+pub fn module_indexes(tree: &mut Tree, kver: &str, reuse: &crate::reuse::Reuse) -> Result<crate::kmod::ModuleSet> {
+    let set = crate::kmod::ModuleSet::from_tree_reusing(tree, kver, reuse).with_context(|| format!("reading kernel {kver} modules"))?;
     let dir = set.dir.clone();
     tree.add_file(&format!("{}/modules.dep", dir.as_str()), 0o644, set.modules_dep())?;
     tree.add_file(&format!("{}/modules.alias", dir.as_str()), 0o644, set.modules_alias())?;

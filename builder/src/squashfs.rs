@@ -44,7 +44,33 @@ impl Default for SquashfsOptions {
 /// kept, as with `SOURCE_DATE_EPOCH`), so output is reproducible.
 /// The image is staged in a temporary file (`$TMPDIR`) of the image's size before it reaches `out`.
 pub fn write_squashfs<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> anyhow::Result<u64> {
-    write_counted(tree, out, opts).map(|(written, _)| written)
+    write_counted(tree, out, opts, &crate::reuse::Reuse::disabled()).map(|(written, _)| written)
+}
+
+/// [`write_squashfs`], taking each data block's compressed form from `reuse` when the same bytes
+/// were compressed before with the same settings (and keeping the new ones there): a rebuild
+/// compresses only the blocks of files that changed. A kept block is used only if it
+/// decompresses to exactly the block's bytes; the image is the same bytes as without reuse.
+/// Reuse needs the parallel writer (`threads` other than 1).
+pub fn write_squashfs_reusing<W: Write>(
+    tree: &Tree,
+    out: &mut W,
+    opts: &SquashfsOptions,
+    reuse: &crate::reuse::Reuse,
+) -> anyhow::Result<u64> {
+    write_counted(tree, out, opts, reuse).map(|(written, _)| written)
+}
+
+/// The reuse kind of compressed blocks: everything besides the block's bytes that decides them.
+fn block_kind(opts: &SquashfsOptions) -> String {
+    format!("squashfs-zstd{}-l{}-b{}", zstd::zstd_safe::version_number(), opts.zstd_level, opts.block_size)
+}
+
+/// A block's compressed form from `reuse`, checked by decompressing it.
+fn reused_block(reuse: &crate::reuse::Reuse, kind: &str, key: &str, raw: &[u8]) -> Option<Vec<u8>> {
+    let packed = reuse.get(kind, key)?;
+    let unpacked = zstd::bulk::decompress(&packed, raw.len()).ok()?;
+    (unpacked == raw).then_some(packed)
 }
 
 /// How many data blocks were compressed ahead, and how many of those backhand took.
@@ -54,7 +80,12 @@ struct AheadCounts {
     taken: u64,
 }
 
-fn write_counted<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> anyhow::Result<(u64, AheadCounts)> {
+fn write_counted<W: Write>(
+    tree: &Tree,
+    out: &mut W,
+    opts: &SquashfsOptions,
+    reuse: &crate::reuse::Reuse,
+) -> anyhow::Result<(u64, AheadCounts)> {
     check_options(opts)?;
     let root = tree.get(&TreePath::root()).context("the tree has no root directory entry")?;
     ensure!(matches!(root.kind, Kind::Dir), "the tree's root entry is not a directory");
@@ -100,12 +131,23 @@ fn write_counted<W: Write>(tree: &Tree, out: &mut W, opts: &SquashfsOptions) -> 
         let in_flight = threads * 16;
         let (jobs, job_queue) = sync_channel::<Job>(in_flight);
         let job_queue = Mutex::new(job_queue);
+        let kind = block_kind(opts);
         std::thread::scope(|scope| {
             for _ in 0..threads {
-                let job_queue = &job_queue;
+                let (job_queue, kind) = (&job_queue, &kind);
                 scope.spawn(move || loop {
                     let Ok((raw, done)) = job_queue.lock().map_err(|_| ()).and_then(|q| q.recv().map_err(|_| ())) else { break };
-                    let packed = DefaultCompressor.compress(&raw, compressor, opts.block_size).ok();
+                    let key = reuse.enabled().then(|| crate::digest::sha256_hex(&raw));
+                    let packed = match key.as_deref().and_then(|k| reused_block(reuse, kind, k, &raw)) {
+                        Some(packed) => Some(packed),
+                        None => {
+                            let packed = DefaultCompressor.compress(&raw, compressor, opts.block_size).ok();
+                            if let (Some(k), Some(p)) = (&key, &packed) {
+                                reuse.put(kind, k, p);
+                            }
+                            packed
+                        }
+                    };
                     let _ = done.send(Block { raw, packed }); // the writer may be gone
                 });
             }
@@ -636,7 +678,9 @@ mod tests {
         let tree = cutting_tree();
         let write = |threads: usize| {
             let mut cursor = Cursor::new(Vec::new());
-            let (n, counts) = write_counted(&tree, &mut cursor, &SquashfsOptions { threads, ..opts(1_700_000_000) }).unwrap();
+            let (n, counts) =
+                write_counted(&tree, &mut cursor, &SquashfsOptions { threads, ..opts(1_700_000_000) }, &crate::reuse::Reuse::disabled())
+                    .unwrap();
             assert_eq!(n as usize, cursor.get_ref().len());
             (cursor.into_inner(), counts)
         };
@@ -660,6 +704,43 @@ mod tests {
                 assert!(std::fs::read(out.join(path.as_str())).unwrap() == *c.read().unwrap(), "{path} differs after extraction");
             }
         }
+    }
+
+    /// Blocks kept from an earlier image are reused (every block, when nothing changed), the image
+    /// is the same bytes as one written without reuse, and a kept block that does not decompress
+    /// to the block's bytes (damaged, or planted) is compressed again instead of used.
+    #[test]
+    fn reused_blocks_give_the_same_image_and_bad_ones_are_not_used() {
+        let tree = cutting_tree();
+        let o = SquashfsOptions { threads: 2, ..opts(1_700_000_000) };
+        let cache = tempfile::tempdir().unwrap();
+        let reuse = crate::reuse::Reuse::at(cache.path(), true);
+        let write = |reuse: &crate::reuse::Reuse| {
+            let mut cursor = Cursor::new(Vec::new());
+            write_counted(&tree, &mut cursor, &o, reuse).unwrap();
+            cursor.into_inner()
+        };
+        let fresh = write(&crate::reuse::Reuse::disabled());
+        assert!(write(&reuse) == fresh, "the first image with reuse differs");
+        let kind_dir = cache.path().join("reuse").join(block_kind(&o));
+        let mut kept = Vec::new();
+        for shard in std::fs::read_dir(&kind_dir).unwrap() {
+            for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+                kept.push(f.unwrap().path());
+            }
+        }
+        assert!(kept.len() >= 10, "only {} blocks kept", kept.len());
+        let stamp = |p: &Path| std::fs::metadata(p).unwrap().modified().unwrap();
+        let before: Vec<_> = kept.iter().map(|p| stamp(p)).collect();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(write(&reuse) == fresh, "the image from reused blocks differs");
+        assert!(kept.iter().zip(&before).all(|(p, t)| stamp(p) > *t), "not every kept block was reused");
+        // A planted block: valid zstd of other bytes. It must not end up in the image.
+        let planted = zstd::bulk::compress(&noise(o.block_size as usize, 99), 15).unwrap();
+        for p in &kept {
+            std::fs::write(p, &planted).unwrap();
+        }
+        assert!(write(&reuse) == fresh, "a planted block was used");
     }
 
     #[test]

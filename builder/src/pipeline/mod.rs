@@ -196,6 +196,8 @@ struct Job<'a> {
     dir: &'a Path,
     /// The build's timestamp.
     epoch: u64,
+    /// Intermediate results of earlier builds (`--no-reuse`: none).
+    reuse: crate::reuse::Reuse,
 }
 
 /// One architecture: inputs -> root -> boot -> disk -> netboot -> manifest.
@@ -207,7 +209,8 @@ fn build_arch(
     dir: &Path,
     secrets: Option<&crate::cluster::Secrets>,
 ) -> Result<Manifest> {
-    let job = Job { profile, opts, inputs, platform, dir, epoch: inputs::source_date_epoch(&inputs.index)? };
+    let reuse = opts.reuse()?;
+    let job = Job { profile, opts, inputs, platform, dir, epoch: inputs::source_date_epoch(&inputs.index)?, reuse };
     let mut record = ManifestInputs::new(profile, inputs);
     let root = root::assemble(&job, secrets, &mut record)?;
     let initrds = boot::initrds(&job, &root, &mut record)?;

@@ -28,6 +28,9 @@ pub struct BuildOptions {
     pub k3s_assets: Option<String>,
     /// What to write per architecture (empty: [`Format::Disk`]).
     pub formats: Vec<Format>,
+    /// Ignore intermediate results of earlier builds (`--no-reuse`); downloads still come from
+    /// the cache.
+    pub no_reuse: bool,
 }
 
 /// An output format of `kiln build --format`.
@@ -80,13 +83,23 @@ impl BuildOptions {
             .collect()
     }
 
+    /// The cache directory: `--cache-dir`, else the default.
+    fn cache_root(&self) -> Result<PathBuf> {
+        match &self.cache_dir {
+            Some(d) => Ok(d.clone()),
+            None => crate::cache::Cache::default_root(),
+        }
+    }
+
+    /// Where the build keeps and finds intermediate results (`crate::reuse`).
+    pub(super) fn reuse(&self) -> Result<crate::reuse::Reuse> {
+        Ok(crate::reuse::Reuse::at(&self.cache_root()?, !self.no_reuse))
+    }
+
     /// The downloader for a build of `profile`: its cache, and the CAs its HTTPS downloads
     /// trust (the host's bundle and the profile's `image_registries.<host>.ca_file`s).
     pub(super) fn fetcher(&self, profile: &LoadedProfile) -> Result<Fetcher> {
-        let root = match &self.cache_dir {
-            Some(d) => d.clone(),
-            None => crate::cache::Cache::default_root()?,
-        };
+        let root = self.cache_root()?;
         let extra = profile
             .profile
             .image_registries

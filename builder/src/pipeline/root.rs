@@ -127,7 +127,7 @@ pub(super) fn assemble(job: &Job, secrets: Option<&crate::cluster::Secrets>, rec
 
     crate::setup::base_system(&mut root)?;
     crate::busybox::install_links(&mut root, "usr/bin", "busybox")?;
-    let modules = crate::setup::module_indexes(&mut root, &kver)?;
+    let modules = crate::setup::module_indexes(&mut root, &kver, &job.reuse)?;
 
     let context = template_context(profile, arch, &kver);
     let mut appliance = crate::assets::overlay("appliance")?;
@@ -326,10 +326,11 @@ pub(super) fn write_squashfs(job: &Job, root: &Tree, name: &str) -> Result<Squas
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;
     let mut out = crate::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
-    crate::squashfs::write_squashfs(
+    crate::squashfs::write_squashfs_reusing(
         root,
         &mut out,
         &crate::squashfs::SquashfsOptions { mtime: super::clamp32(job.epoch), zstd_level: 15, block_size: 128 * 1024, threads: 0 },
+        &job.reuse,
     )?;
     out.flush().with_context(|| format!("writing {}", path.display()))?;
     let (_, sha256, len) = out.finish();
