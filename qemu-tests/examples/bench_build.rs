@@ -1,8 +1,10 @@
 //! Benchmark (figures, not a test): whole `kiln build` runs of the quickstart profile, as an
 //! operator meets them, with downloads already in the cache (issue 18's table, rows a-e):
-//! (a) three architectures, (b) one architecture (x86_64), (c) the same build again with nothing
-//! changed, (d) after one overlay file changed, (e) after one package was added. Each row gives
-//! the wall time, kiln's peak memory (the `VmHWM` it logs) and the ratio to row (b).
+//! (a) three architectures without intermediate results (`--no-reuse`), (a2) the same with the
+//! results earlier builds kept (`crate::reuse`: a user's second build), (b) one architecture
+//! (x86_64) with `--no-reuse`, (c) the same build again with nothing changed, (d) after one
+//! overlay file changed, (e) after one package was added (c-e reuse). Each row gives the wall
+//! time, kiln's peak memory (the `VmHWM` it logs) and the ratio to row (b).
 //!
 //! ```sh
 //! cargo run -p kiln-qemu-tests --example bench_build
@@ -34,8 +36,11 @@ fn main() -> Result<()> {
     // Warm-up, untimed: fills the page cache and makes sure every download is cached.
     build(&dir, &profile, &[], "warm-up")?;
 
-    let a = build(&dir, &profile, &[], "a")?;
-    let b = build(&dir, &profile, &["--arch", "x86_64"], "b")?;
+    // (a), (b): downloads cached, no intermediate results (`--no-reuse`); the rest reuse what
+    // the warm-up and earlier rows kept, as a user's later builds do.
+    let a = build(&dir, &profile, &["--no-reuse"], "a")?;
+    let a2 = build(&dir, &profile, &[], "a2")?;
+    let b = build(&dir, &profile, &["--arch", "x86_64", "--no-reuse"], "b")?;
     let c = build(&dir, &profile, &["--arch", "x86_64"], "c")?;
     let issue = dir.join("site-example/etc/issue.hbs");
     let text = std::fs::read_to_string(&issue)?;
@@ -51,16 +56,17 @@ fn main() -> Result<()> {
     fetch(&dir, &with_package)?;
     let e = build(&dir, &with_package, &["--arch", "x86_64"], "e")?;
 
-    println!("\n{:<58} {:>8} {:>10} {:>8}", "kiln build of the quickstart (downloads cached)", "wall", "peak RSS", "vs (b)");
+    println!("\n{:<66} {:>8} {:>10} {:>8}", "kiln build of the quickstart (downloads cached)", "wall", "peak RSS", "vs (b)");
     for (label, r) in [
-        ("(a) x86_64 + aarch64 + riscv64", &a),
-        ("(b) x86_64", &b),
+        ("(a) x86_64 + aarch64 + riscv64, --no-reuse", &a),
+        ("(a2) x86_64 + aarch64 + riscv64, intermediate results kept", &a2),
+        ("(b) x86_64, --no-reuse", &b),
         ("(c) x86_64 again, nothing changed", &c),
         ("(d) x86_64 after one overlay file changed", &d),
         ("(e) x86_64 after one package (curl) was added", &e),
     ] {
         let peak = r.peak_mib.map_or("?".to_string(), |m| format!("{m} MiB"));
-        println!("{label:<58} {:>7.1}s {peak:>10} {:>7.2}x", r.secs, r.secs / b.secs);
+        println!("{label:<66} {:>7.1}s {peak:>10} {:>7.2}x", r.secs, r.secs / b.secs);
     }
     match which("mkosi") {
         Some(p) => println!("\nmkosi is installed ({}): compare with a comparable Debian image by hand (docs/benchmarks.md)", p.display()),
