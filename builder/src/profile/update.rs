@@ -1,6 +1,6 @@
 //! The profile's `update:` section: the appliance's version, the minisign public keys its
 //! `kiln-update` accepts, the oldest version a bundle of this build applies to, and how long a
-//! trial boot may take to reach ready. Rendered into the root by `crate::update`; the bundle
+//! trial boot may take to reach ready. Rendered into the root by the `update` feature; the bundle
 //! (`kiln build --format update`) is written from it too (docs/updates.md).
 
 use std::path::Path;
