@@ -55,3 +55,4 @@ pub mod squashfs;
 mod testhttp;
 pub mod tree;
 pub mod trust;
+pub mod update;

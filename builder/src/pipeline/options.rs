@@ -31,6 +31,11 @@ pub struct BuildOptions {
     /// Ignore intermediate results of earlier builds (`--no-reuse`); downloads still come from
     /// the cache.
     pub no_reuse: bool,
+    /// The minisign secret key that signs update bundles (`--signing-key`, else
+    /// `$KILN_SIGNING_KEY`); needed by [`Format::Update`] only.
+    pub signing_key: Option<PathBuf>,
+    /// The bundle may install an older version than the device runs (`downgrade yes`).
+    pub allow_downgrade: bool,
 }
 
 /// An output format of `kiln build --format`.
@@ -53,6 +58,10 @@ pub enum Format {
     /// range), so `kiln flash` and `bmaptool copy` write only the blocks that hold data.
     #[value(name = "disk.img.bmap")]
     DiskBmap,
+    /// `OUT/<arch>/update/`: a signed update bundle (`update.txt`, `update.txt.minisig`, the
+    /// root squashfs, kernel and initrd) for `kiln-update` on installed devices; needs the
+    /// profile's `update:` and a signing key (docs/updates.md).
+    Update,
 }
 
 impl Format {
@@ -149,5 +158,7 @@ pub struct ArchOutputs {
     pub disk: Option<PathBuf>,
     /// `OUT/<arch>/netboot/`, when the netboot format was built.
     pub netboot: Option<PathBuf>,
+    /// `OUT/<arch>/update/`, when the update bundle was built.
+    pub update: Option<PathBuf>,
     pub manifest: Manifest,
 }
