@@ -432,3 +432,20 @@ fn format_update_is_refused_before_any_download_without_update_or_a_signing_key(
     assert!(!text.contains(secret_line), "the secret key appears in the output: {text}");
     assert_no_image(d.path());
 }
+
+/// `kiln cache-gc` removes intermediate results beyond its bound and never a download.
+#[test]
+fn cache_gc_bounds_reused_results_and_keeps_downloads() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    std::fs::create_dir_all(cache.join("reuse/kmod-v1/ab")).unwrap();
+    std::fs::write(cache.join("reuse/kmod-v1/ab/abcd"), vec![0u8; 4096]).unwrap();
+    std::fs::create_dir_all(cache.join("blobs/sha256")).unwrap();
+    std::fs::write(cache.join("blobs/sha256/00ff"), b"download").unwrap();
+    let c = cache.to_str().unwrap();
+    let (code, text) = kiln(d.path(), &["cache-gc", "--max-size", "1KiB", "--cache-dir", c]);
+    assert!(code == 0 && text.contains("removed 1"), "{text}");
+    assert!(!cache.join("reuse/kmod-v1/ab/abcd").exists() && cache.join("blobs/sha256/00ff").exists());
+    let (code, text) = kiln(d.path(), &["cache-gc", "--max-size", "lots", "--cache-dir", c]);
+    assert!(code == 2 && text.contains("lots"), "{code}: {text}");
+}
