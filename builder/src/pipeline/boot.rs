@@ -133,6 +133,9 @@ impl<'a> Boot<'a> {
                 arch: self.arch,
                 title: &self.title,
                 kernel_version: &self.kver,
+                // Filled from the profile's `update.version` once the build side's `update:`
+                // section lands; until then the kernel version names the slot.
+                update_version: None,
                 kernel: self.kernel.clone(),
                 initrd: self.initrd.clone(),
                 systemd_boot: self.systemd_boot.clone(),
