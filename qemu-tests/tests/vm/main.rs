@@ -17,3 +17,4 @@ mod provision;
 mod pxe;
 mod quickstart;
 mod raspberrypi;
+mod update;

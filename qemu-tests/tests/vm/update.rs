@@ -1,0 +1,167 @@
+//! Slow tier, A/B updates (docs/updates.md), x86_64 (OVMF + systemd-boot): one VM boot chain.
+//! `qemu-tests/profiles/update-v1.yaml` is built three times with a key made by `kiln keygen`:
+//! v1 (disk image), v2 (update bundle: a changed file) and v3 (update bundle: a boot script that
+//! fails). A grown copy of v1 boots; its `updater` service applies the bundle that `kiln serve`
+//! offers over HTTP (`/updates/x86_64/`) and reboots; v2 must boot from slot B on trial, reach
+//! `[kiln] ready`, be kept, show the changed file and the `/var/lib` file v1 wrote. Then the
+//! server offers v3: it is applied to slot A, its trial fails a boot step, the node reboots by
+//! itself into v2 and says `rolled back from 3.0.0 to 2.0.0`, and is ready again. The console
+//! lines' times give the time to apply and to roll back.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use kiln::arch::Arch;
+use kiln::qemu::{Disk, Net, Vm, VmSpec};
+use kiln_qemu_tests::{cache_dir, flash_grown, free_port, kiln_bin, kiln_with_cache, repo_root, wait_ready, work_dir, BOOT_TIMEOUT};
+
+const PROFILE: &str = "qemu-tests/profiles/update-v1.yaml";
+/// The profile's placeholder trusted key.
+const PLACEHOLDER_KEY: &str = "RWRpO/OP8xTqM96NbbUrc16SWUXPnFWMnPeeVf1D9qkxxDtvUZaKSRTn";
+/// Fetching, staging, writing and reading back a root of ~100 MiB under TCG.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `kiln serve DIR` on the host's loopback (the guest reaches it as 10.0.2.2); killed on drop.
+struct Serve(Child);
+
+impl Serve {
+    fn start(dir: &Path, port: u16) -> Result<Serve> {
+        let mut child = Command::new(kiln_bin()?)
+            .args(["serve", dir.to_str().context("non-UTF-8 dir")?, "--listen", &format!("127.0.0.1:{port}")])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kiln serve")?;
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("serve: {line}");
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(Instant::now() < deadline, "kiln serve did not listen on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Serve(child))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Builds variant `version` of the profile (`formats`) into `dir/<name>`, signed with `key`.
+fn build(dir: &Path, name: &str, text: &str, formats: &str, key: &Path) -> Result<PathBuf> {
+    let profile = dir.join(format!("{name}.yaml"));
+    std::fs::write(&profile, text)?;
+    let out = dir.join(name);
+    let started = Instant::now();
+    let (code, log) = kiln_with_cache(
+        &cache_dir()?,
+        &[
+            "build",
+            profile.to_str().context("non-UTF-8 dir")?,
+            "--format",
+            formats,
+            "--signing-key",
+            key.to_str().context("non-UTF-8 dir")?,
+            "--out",
+            out.to_str().context("non-UTF-8 dir")?,
+        ],
+    )?;
+    ensure!(code == 0, "kiln build {name} ({formats}) failed (exit {code}):\n{log}");
+    eprintln!("{name} build ({formats}): {:.1} s", started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+/// The VM's elapsed time now, just after `wait_for` returned a line (logged with `what`): the
+/// difference of two marks is the time between their console lines.
+fn mark(vm: &Vm, what: &str) -> f64 {
+    let t = vm.elapsed().as_secs_f64();
+    eprintln!("update: {what} at {t:.1} s");
+    t
+}
+
+#[test]
+fn x86_64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
+    let dir = work_dir("update-x86_64")?;
+    let port = free_port()?;
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["keygen", "--out", dir.to_str().context("non-UTF-8 dir")?, "--name", "test"])?;
+    ensure!(code == 0, "kiln keygen failed (exit {code}):\n{log}");
+    let key = dir.join("test.key");
+    let public = log.lines().rev().find(|l| l.starts_with("RW")).context("kiln keygen printed no public key line")?.trim().to_string();
+    let text = std::fs::read_to_string(repo_root().join(PROFILE))?;
+    ensure!(text.contains(PLACEHOLDER_KEY), "{PROFILE} lacks the placeholder key");
+    let v1 = text.replace(PLACEHOLDER_KEY, &public).replace("@PORT@", &port.to_string());
+    let v2 = v1.replace("version: 1.0.0", "version: 2.0.0").replace("content: \"v1\"", "content: \"v2\"");
+    let v3 = v2.replace("version: 2.0.0", "version: 3.0.0").replace("content: \"v2\"", "content: \"v3\"").replace(
+        "boot_scripts:\n",
+        "boot_scripts:\n  - name: broken\n    script: |\n      kiln_log broken \"this version fails on purpose\"\n      false\n",
+    );
+    ensure!(v1 != v2 && v2 != v3 && v3.contains("name: broken"), "the profile's placeholders changed");
+    let out1 = build(&dir, "v1", &v1, "disk", &key)?;
+    let out2 = build(&dir, "v2", &v2, "update", &key)?;
+    let out3 = build(&dir, "v3", &v3, "update", &key)?;
+    for (out, v) in [(&out2, "2.0.0"), (&out3, "3.0.0")] {
+        let manifest = std::fs::read_to_string(out.join("x86_64/update/update.txt"))?;
+        ensure!(manifest.contains(&format!("\nversion {v}\n")), "{manifest}");
+    }
+    let disk = dir.join("disk.img");
+    flash_grown(&out1.join("x86_64/disk.img"), &disk, 2 << 30)?;
+
+    let serve = Serve::start(&out2, port)?;
+    let mut spec = VmSpec::new(Arch::X86_64);
+    spec.disks = vec![Disk { path: disk.clone(), snapshot: false }];
+    spec.net = Net::User { hostfwd: vec![] };
+    let mut vm = Vm::start(&spec, &dir.join("console.log"))?;
+    vm.wait_for("[kiln] update: slot a, version 1.0.0", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update-test: etc=v1 varlib=v1", BOOT_TIMEOUT)?;
+    wait_ready(&mut vm, "v1 (slot a)", BOOT_TIMEOUT)?;
+
+    // v2: applied by the updater service from kiln serve, then the trial boot of slot B.
+    vm.wait_for("[kiln] update: fetching update.txt from http://10.0.2.2", APPLY_TIMEOUT)?;
+    let apply_start = mark(&vm, "v2 apply started");
+    vm.wait_for("[kiln] update: slot b written and read back (sha256 ok)", APPLY_TIMEOUT)?;
+    vm.wait_for("[kiln] update: slot b holds version 2.0.0", APPLY_TIMEOUT)?;
+    let applied = mark(&vm, "v2 applied");
+    eprintln!("update: time to apply v2: {:.1} s", applied - apply_start);
+    vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: trial boot of slot b (version 2.0.0)", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update-test: etc=v2 varlib=v1", BOOT_TIMEOUT)?;
+    wait_ready(&mut vm, "v2 (slot b, trial)", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: slot b good (version 2.0.0)", BOOT_TIMEOUT)?;
+    let good = mark(&vm, "v2 kept");
+    eprintln!("update: from applied to v2 good (reboot + trial boot): {:.1} s", good - applied);
+    let console = vm.console();
+    ensure!(!console.contains("did not count this trial boot"), "systemd-boot (OVMF) should have counted the try itself");
+
+    // v3: a boot step fails on its trial; the node goes back to v2 by itself.
+    drop(serve);
+    let _serve = Serve::start(&out3, port)?;
+    vm.wait_for("[kiln] update: slot a holds version 3.0.0", APPLY_TIMEOUT)?;
+    let applied3 = mark(&vm, "v3 applied");
+    vm.wait_for("[kiln] update: trial boot of slot a (version 3.0.0)", BOOT_TIMEOUT)?;
+    // The failing step's error is the expected one (wait_for stops at any other error line).
+    vm.wait_for("[kiln] error: boot step site-broken failed", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: trial of slot a (version 3.0.0) failed: boot step(s) failed: site-broken", BOOT_TIMEOUT)?;
+    let failed = mark(&vm, "v3 trial failed");
+    vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: rolled back from 3.0.0 to 2.0.0: boot step(s) failed: site-broken", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update-test: etc=v2 varlib=v1", BOOT_TIMEOUT)?;
+    wait_ready(&mut vm, "v2 after the rollback", BOOT_TIMEOUT)?;
+    let back = mark(&vm, "v2 ready again");
+    eprintln!(
+        "update: v3 applied to trial failure {:.1} s; trial failure to v2 ready (rollback) {:.1} s",
+        failed - applied3,
+        back - failed
+    );
+    Ok(())
+}
