@@ -104,7 +104,11 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
         (Some(name), None) => anyhow::bail!("platform `{}` names the device tree {name} but none was provided", platform.name),
         (None, _) => String::new(),
     };
-    if platform.boot.extlinux {
+    // U-Boot tries extlinux.conf before the EFI removable path, and extlinux has no boot
+    // counting: an image that takes A/B updates (a profile with `update:`) on a platform that
+    // also boots systemd-boot leaves extlinux out, so U-Boot goes on to systemd-boot (riscv64).
+    let extlinux = platform.boot.extlinux && !(b.update_version.is_some() && platform.boot.systemd_boot);
+    if extlinux {
         // U-Boot's extlinux reader boots `default` at once when there is no `prompt`.
         let conf = format!(
             "# U-Boot distro boot (extlinux) configuration written by kiln\ndefault kiln\nmenu title {title}\ntimeout 10\n\nlabel kiln\n    menu label {title}\n    kernel /{kernel_path}\n    initrd /{initrd_path}\n{fdt}    append {cmdline}\n",
@@ -174,6 +178,9 @@ mod tests {
             assert!(entry.contains(&format!("\nversion 1-{version}\n# kiln-version {version}\n")), "{entry}");
             let loader = text(&t, "loader/loader.conf");
             assert!(loader.lines().any(|l| l == "default kiln-*"), "{loader}");
+            // Updatable images reach systemd-boot (boot counting) also where U-Boot would
+            // prefer extlinux.
+            assert_eq!(t.contains("extlinux/extlinux.conf"), update.is_none());
         }
     }
 
