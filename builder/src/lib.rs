@@ -54,3 +54,4 @@ pub mod squashfs;
 mod testhttp;
 pub mod tree;
 pub mod trust;
+pub mod update;

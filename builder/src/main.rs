@@ -67,9 +67,18 @@ enum Command {
         /// What to write per architecture, comma-separated: `disk` (OUT/<arch>/disk.img),
         /// `disk.img.zst` / `disk.img.xz` (compressed copies, written in the same pass),
         /// `disk.img.bmap` (its block map for `kiln flash` and `bmaptool`), `netboot`
-        /// (OUT/<arch>/netboot/, served by `kiln serve`).
+        /// (OUT/<arch>/netboot/, served by `kiln serve`), `update` (OUT/<arch>/update/, a signed
+        /// update bundle: needs the profile's `update:` and --signing-key).
         #[arg(long = "format", value_enum, value_delimiter = ',', default_value = "disk")]
         formats: Vec<kiln::pipeline::Format>,
+        /// The minisign secret key (`kiln keygen`'s NAME.key) that signs `--format update`
+        /// bundles.
+        #[arg(long, env = "KILN_SIGNING_KEY", hide_env_values = true, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
+        /// Mark the update bundle as a downgrade: devices install it over a newer version when
+        /// the key that signed it is trusted with `allow_downgrade: true`.
+        #[arg(long)]
+        allow_downgrade: bool,
         /// Print one JSON summary on stdout: every output with its path, size and sha256, or
         /// the errors.
         #[arg(long)]
@@ -180,6 +189,17 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Create a key pair for signing update bundles: DIR/NAME.key (the secret, mode 0600, not
+    /// encrypted: keep it off the appliances and out of backups anyone can read) and DIR/NAME.pub.
+    /// Prints the public key line for the profile's `update.trusted_keys`. Never replaces a file.
+    Keygen {
+        /// The directory to write into (created if missing).
+        #[arg(long, default_value = ".", value_name = "DIR")]
+        out: PathBuf,
+        /// The files' name: NAME.key and NAME.pub.
+        #[arg(long, default_value = "kiln-update")]
+        name: String,
+    },
     /// List the platforms (boards and firmware) kiln knows: name, architectures, boot methods.
     Platforms {
         /// Print a JSON list instead of the table.
@@ -255,15 +275,17 @@ fn options(input: &InputArgs, quiet: bool) -> BuildOptions {
         cache_dir: input.cache_dir.clone(),
         k3s_assets: input.k3s_assets.clone(),
         formats: Vec::new(),
+        signing_key: None,
+        allow_downgrade: false,
     }
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Build { input, out, offline, formats, json } => {
+        Command::Build { input, out, offline, formats, signing_key, allow_downgrade, json } => {
             let build = || {
                 let profile = checked_profile(&input.profile)?;
-                let opts = BuildOptions { out, offline, formats, ..options(&input, cli.quiet) };
+                let opts = BuildOptions { out, offline, formats, signing_key, allow_downgrade, ..options(&input, cli.quiet) };
                 kiln::pipeline::build(&profile, &opts)
             };
             let report = json_or_error(json, build())?;
@@ -335,6 +357,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     pki.dir.join("etcdctl.key").display()
                 );
             }
+        }
+        Command::Keygen { out, name } => {
+            let k = kiln::update::keygen(&out, &name)?;
+            eprintln!("secret key: {} (mode 0600; sign with `kiln build --format update --signing-key {0}`)", k.secret.display());
+            eprintln!("public key: {}", k.public.display());
+            eprintln!("add this line to the profile's update.trusted_keys:");
+            println!("{}", k.public_line);
         }
         Command::Platforms { json } => {
             let platforms = kiln::platform::Platform::all()?;

@@ -356,3 +356,54 @@ fn build_and_fetch_json_report_failures_as_json() {
     }
     assert_no_image(d.path());
 }
+
+#[test]
+fn format_update_is_refused_before_any_download_without_update_or_a_signing_key() {
+    let d = tempfile::tempdir().unwrap();
+    // The mirror is never contacted: an unreachable address proves the refusal comes first.
+    let base = "name: t\narch: [x86_64]\nos:\n  mirror: http://127.0.0.1:9/debian\n";
+    profile(d.path(), base);
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out", "--format", "update", "--signing-key", "none.key"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--format update") && text.contains("no `update:` section"), "{text}");
+
+    let (code, text) = kiln(d.path(), &["keygen", "--out", "keys", "--name", "site"]);
+    assert_eq!(code, 0, "{text}");
+    let public = std::fs::read_to_string(d.path().join("keys/site.pub")).unwrap();
+    let line = public.lines().nth(1).unwrap();
+    assert!(text.contains(line) && text.contains("update.trusted_keys"), "keygen prints the public key line: {text}");
+    let secret = std::fs::read_to_string(d.path().join("keys/site.key")).unwrap();
+    let secret_line = secret.lines().nth(1).unwrap();
+    assert!(!text.contains(secret_line), "keygen printed the secret key: {text}");
+    let (code, text) = kiln(d.path(), &["keygen", "--out", "keys", "--name", "site"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("site.key exists"), "{text}");
+
+    profile(d.path(), &format!("{base}update:\n  version: 1.0.0\n  trusted_keys: [keys/site.pub]\n"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["build", "p.yaml", "--out", "out", "--format", "disk,update"])
+        .current_dir(d.path())
+        .env("KILN_CACHE_DIR", d.path().join("cache"))
+        .env_remove("KILN_SIGNING_KEY")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("needs a signing key") && text.contains("--signing-key") && text.contains("KILN_SIGNING_KEY"), "{text}");
+
+    std::fs::write(d.path().join("bad.key"), "untrusted comment: x\nnot base64\n").unwrap();
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out", "--format", "update", "--signing-key", "bad.key"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("signing key bad.key"), "{text}");
+    let (code, text) = kiln(d.path(), &["build", "p.yaml", "--out", "out", "--allow-downgrade"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--allow-downgrade") && text.contains("--format update"), "{text}");
+
+    // With a good key the build gets as far as the (unreachable) mirror: the key was accepted.
+    let (code, text) =
+        kiln(d.path(), &["build", "p.yaml", "--out", "out", "--format", "update", "--signing-key", "keys/site.key", "--offline"]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("InRelease"), "{text}");
+    assert!(!text.contains(secret_line), "the secret key appears in the output: {text}");
+    assert_no_image(d.path());
+}

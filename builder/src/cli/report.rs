@@ -54,16 +54,17 @@ pub fn json_or_error<T>(json: bool, r: Result<T>) -> Result<T> {
 }
 
 /// Per architecture: disk.img, the files derived from it (compressed copies, block map), the
-/// netboot script.
+/// netboot script, the update bundle's manifest.
 pub fn output_paths(image: &kiln::pipeline::ArchOutputs) -> Vec<PathBuf> {
     let script = image.netboot.as_ref().map(|d| d.join(kiln::netboot::SCRIPT));
+    let update = image.update.as_ref().map(|d| d.join(kiln::update::MANIFEST));
     let derived = image
         .manifest
         .outputs
         .iter()
         .filter(|o| kiln::pipeline::disk::DISK_FILES[1..].contains(&o.file.as_str()))
         .map(|o| image.dir.join(&o.file));
-    image.disk.iter().cloned().chain(derived).chain(script).collect()
+    image.disk.iter().cloned().chain(derived).chain(script).chain(update).collect()
 }
 
 /// `kiln build --json`: the outputs of every architecture with their digests (from the

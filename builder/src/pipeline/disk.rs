@@ -113,8 +113,9 @@ impl Ids {
         self.guid(&format!("loader-{name}"))
     }
 
-    /// Names the image in install plans: an identical image already on a target is not reinstalled.
-    fn image_id(&self) -> String {
+    /// Names the image in install plans (an identical image already on a target is not
+    /// reinstalled) and the build in an update bundle's `update.txt`.
+    pub(super) fn image_id(&self) -> String {
         hex::encode(&self.build_id[..8])
     }
 }

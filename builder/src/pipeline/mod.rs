@@ -4,7 +4,7 @@
 //!
 //! One module per stage: [`inputs`] (fetch and verify), [`root`] (the root filesystem and its
 //! squashfs), [`boot`] (initramfs, command line, ESP), [`disk`] (the partition layouts and the
-//! disk image); the netboot directory is `crate::netboot`'s. [`options`] holds what shapes a
+//! disk image), [`update`] (the signed update bundle); the netboot directory is `crate::netboot`'s. [`options`] holds what shapes a
 //! build and what it reports.
 
 mod boot;
@@ -12,6 +12,7 @@ pub mod disk;
 mod inputs;
 mod options;
 mod root;
+mod update;
 pub use root::template_problems;
 
 use std::collections::BTreeMap;
@@ -103,6 +104,8 @@ pub fn cluster_secrets(profile: &LoadedProfile, out_dir: &Path) -> Result<Option
 pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport> {
     let started = std::time::Instant::now();
     let archs = opts.archs_for(profile)?;
+    // `--format update` without `update:` or a signing key fails before any download.
+    let signing = update::preflight(profile, opts)?;
     let out_dir = opts.out.clone().unwrap_or_else(|| default_out_dir(profile));
     let fetcher = opts.fetcher(profile)?;
     let platforms: Vec<Platform> =
@@ -129,7 +132,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     for (inputs, platform) in all_inputs.iter().zip(&platforms) {
         let dir = staging_dir.join(inputs.arch.name());
         std::fs::create_dir_all(&dir)?;
-        let manifest = build_arch(profile, opts, inputs, platform, &dir, secrets.as_ref())
+        let manifest = build_arch(profile, opts, inputs, platform, &dir, secrets.as_ref(), signing.as_ref())
             .with_context(|| format!("building the {} image", inputs.arch))?;
         built.push((inputs.arch, manifest));
     }
@@ -151,7 +154,7 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
 fn move_into_place(opts: &BuildOptions, staging_dir: &Path, out_dir: &Path, arch: Arch, manifest: Manifest) -> Result<ArchOutputs> {
     let dest = out_dir.join(arch.name());
     std::fs::create_dir_all(&dest)?;
-    for f in disk::DISK_FILES.into_iter().chain([crate::netboot::DIR, disk::MANIFEST]) {
+    for f in disk::DISK_FILES.into_iter().chain([crate::netboot::DIR, crate::update::DIR, disk::MANIFEST]) {
         let (from, to) = (staging_dir.join(arch.name()).join(f), dest.join(f));
         if to.is_dir() {
             std::fs::remove_dir_all(&to).with_context(|| format!("removing the old {}", to.display()))?;
@@ -165,7 +168,8 @@ fn move_into_place(opts: &BuildOptions, staging_dir: &Path, out_dir: &Path, arch
     move_node_secrets(staging_dir, out_dir, arch)?;
     let disk = opts.wants(Format::Disk).then(|| dest.join(disk::DISK_IMAGE));
     let netboot = opts.wants(Format::Netboot).then(|| dest.join(crate::netboot::DIR));
-    Ok(ArchOutputs { arch, dir: dest, disk, netboot, manifest })
+    let update = opts.wants(Format::Update).then(|| dest.join(crate::update::DIR));
+    Ok(ArchOutputs { arch, dir: dest, disk, netboot, update, manifest })
 }
 
 /// The closing log line of `kiln build` and `kiln fetch`: time taken and peak memory.
@@ -198,7 +202,7 @@ struct Job<'a> {
     epoch: u64,
 }
 
-/// One architecture: inputs -> root -> boot -> disk -> netboot -> manifest.
+/// One architecture: inputs -> root -> boot -> disk -> netboot -> update bundle -> manifest.
 fn build_arch(
     profile: &LoadedProfile,
     opts: &BuildOptions,
@@ -206,6 +210,7 @@ fn build_arch(
     platform: &Platform,
     dir: &Path,
     secrets: Option<&crate::cluster::Secrets>,
+    signing: Option<&crate::update::SigningKey>,
 ) -> Result<Manifest> {
     let job = Job { profile, opts, inputs, platform, dir, epoch: inputs::source_date_epoch(&inputs.index)? };
     let mut record = ManifestInputs::new(profile, inputs);
@@ -226,7 +231,11 @@ fn build_arch(
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
     let netboot =
         initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, &mut record)).transpose()?;
-    let manifest = manifest(&job, root.kver, initrds.modules, &ids, disk, netboot, record);
+    // The bundle carries the very files slot A and the ESP hold.
+    let bundle = signing
+        .map(|key| update::write(&job, key, squashfs.part(), &root.kernel, &initrds.initrd, &ids.image_id(), &cmdline))
+        .transpose()?;
+    let manifest = manifest(&job, root.kver, initrds.modules, &ids, disk, netboot, bundle, record);
     std::fs::write(dir.join(disk::MANIFEST), manifest.to_json())?;
     Ok(manifest)
 }
@@ -242,7 +251,8 @@ fn board_loaders(job: &Job, ids: &disk::Ids, record: &mut ManifestInputs) -> Res
 }
 
 /// The build's record: its inputs, the image's partitions, what an installer installs, and the
-/// outputs (`disk.img` first, then the netboot files).
+/// outputs (`disk.img` first, then the netboot files, then the update bundle's).
+#[allow(clippy::too_many_arguments)]
 fn manifest(
     job: &Job,
     kver: String,
@@ -250,6 +260,7 @@ fn manifest(
     ids: &disk::Ids,
     disk: disk::Disk,
     netboot: Option<(Vec<Output>, InstallRecord)>,
+    bundle: Option<Vec<Output>>,
     record: ManifestInputs,
 ) -> Manifest {
     let (netboot_outputs, netboot_install) = netboot.unzip();
@@ -267,7 +278,7 @@ fn manifest(
         install: disk.install,
         netboot_install,
         initramfs_modules,
-        outputs: disk.outputs.into_iter().chain(netboot_outputs.into_iter().flatten()).collect(),
+        outputs: disk.outputs.into_iter().chain(netboot_outputs.into_iter().flatten()).chain(bundle.into_iter().flatten()).collect(),
     }
 }
 
@@ -375,7 +386,8 @@ fn write_sha256sums(out_dir: &Path, built: &[ArchOutputs]) -> Result<PathBuf> {
             continue;
         }
         let netboot = crate::netboot::FILES.iter().map(|f| format!("{}/{f}", crate::netboot::DIR));
-        for f in disk::DISK_FILES.into_iter().chain([disk::MANIFEST]).map(String::from).chain(netboot) {
+        let bundle = crate::update::FILES.iter().map(|f| format!("{}/{f}", crate::update::DIR));
+        for f in disk::DISK_FILES.into_iter().chain([disk::MANIFEST]).map(String::from).chain(netboot).chain(bundle) {
             let p = out_dir.join(arch.name()).join(&f);
             if p.exists() {
                 lines.insert(format!("{}/{f}", arch.name()), crate::digest::sha256_file(&p)?);

@@ -28,6 +28,11 @@ pub struct BuildOptions {
     pub k3s_assets: Option<String>,
     /// What to write per architecture (empty: [`Format::Disk`]).
     pub formats: Vec<Format>,
+    /// The minisign secret key that signs update bundles (`--signing-key`, else
+    /// `$KILN_SIGNING_KEY`); needed by [`Format::Update`] only.
+    pub signing_key: Option<PathBuf>,
+    /// The bundle may install an older version than the device runs (`downgrade yes`).
+    pub allow_downgrade: bool,
 }
 
 /// An output format of `kiln build --format`.
@@ -50,6 +55,10 @@ pub enum Format {
     /// range), so `kiln flash` and `bmaptool copy` write only the blocks that hold data.
     #[value(name = "disk.img.bmap")]
     DiskBmap,
+    /// `OUT/<arch>/update/`: a signed update bundle (`update.txt`, `update.txt.minisig`, the
+    /// root squashfs, kernel and initrd) for `kiln-update` on installed devices; needs the
+    /// profile's `update:` and a signing key (docs/updates.md).
+    Update,
 }
 
 impl Format {
@@ -136,5 +145,7 @@ pub struct ArchOutputs {
     pub disk: Option<PathBuf>,
     /// `OUT/<arch>/netboot/`, when the netboot format was built.
     pub netboot: Option<PathBuf>,
+    /// `OUT/<arch>/update/`, when the update bundle was built.
+    pub update: Option<PathBuf>,
     pub manifest: Manifest,
 }

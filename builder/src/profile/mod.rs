@@ -3,8 +3,8 @@
 //!
 //! This module owns every profile key's type and its validation: the top level, `os`, `kernel`,
 //! `disk`, `install`, `overlays`, `files` and `vars` here, and one submodule per section
-//! ([`system`], [`cluster`], [`containers`], [`images`], [`deploy`], [`registries`]), plus the
-//! generated [`reference`]. Feature modules import their section from here; nothing here imports
+//! ([`system`], [`cluster`], [`containers`], [`images`], [`deploy`], [`registries`], [`site`],
+//! [`update`]), plus the generated [`reference`]. Feature modules import their section from here; nothing here imports
 //! a feature module. A new key: its type and check go into the section's file, and the feature
 //! that acts on it reads it from there.
 //!
@@ -33,6 +33,7 @@ pub mod reference;
 pub mod registries;
 pub mod site;
 pub mod system;
+pub mod update;
 
 pub use install::{AfterInstall, Disk, DiskSize, Install, InstallMode, InstallTarget};
 
@@ -152,6 +153,11 @@ pub struct Profile {
     /// kiln's own (exit status and last log lines on the console, restart with backoff).
     #[serde(default)]
     pub services: Vec<site::Service>,
+    /// Signed A/B updates (docs/updates.md): this build's `version`, the `trusted_keys` whose
+    /// bundles the appliance accepts, `min_version`, `health_timeout`. Absent: the image refuses
+    /// every update; `kiln build --format update` needs it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<update::Update>,
     /// Settings for debugging a device on the bench. Not for machines on untrusted sites.
     #[serde(default)]
     pub debug: system::DebugOptions,
@@ -410,6 +416,7 @@ impl LoadedProfile {
             deploy::validate(p, &base),
             registries::validate(p, &base),
             site::validate(p),
+            update::validate(p, &base),
         ];
         self.check_top_level().into_iter().chain(sections.into_iter().filter_map(Result::err)).collect()
     }
