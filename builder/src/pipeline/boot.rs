@@ -85,6 +85,9 @@ pub(super) struct Boot<'a> {
     /// Raspberry Pi platforms: the GPU firmware and the device trees.
     board_files: Vec<(String, Content)>,
     epoch: u64,
+    /// The profile's `update.version`: names slot A's boot entry (and leaves extlinux out where
+    /// systemd-boot is there too, for boot counting).
+    update_version: Option<String>,
 }
 
 impl<'a> Boot<'a> {
@@ -122,6 +125,7 @@ impl<'a> Boot<'a> {
             device_tree,
             board_files,
             epoch: job.epoch,
+            update_version: job.profile.profile.update.as_ref().map(|u| u.version.clone()),
         })
     }
 
@@ -133,9 +137,7 @@ impl<'a> Boot<'a> {
                 arch: self.arch,
                 title: &self.title,
                 kernel_version: &self.kver,
-                // Filled from the profile's `update.version` once the build side's `update:`
-                // section lands; until then the kernel version names the slot.
-                update_version: None,
+                update_version: self.update_version.as_deref(),
                 kernel: self.kernel.clone(),
                 initrd: self.initrd.clone(),
                 systemd_boot: self.systemd_boot.clone(),
