@@ -88,6 +88,8 @@ pub(super) struct Boot<'a> {
     /// The profile's `update.version`: names slot A's boot entry (and leaves extlinux out where
     /// systemd-boot is there too, for boot counting).
     update_version: Option<String>,
+    /// The profile has `update:`: the ESP holds a second set of boot files (slot B's).
+    update_slots: bool,
 }
 
 impl<'a> Boot<'a> {
@@ -126,6 +128,7 @@ impl<'a> Boot<'a> {
             board_files,
             epoch: job.epoch,
             update_version: job.profile.profile.update.as_ref().map(|u| u.version.clone()),
+            update_slots: job.profile.profile.update.is_some(),
         })
     }
 
@@ -146,7 +149,8 @@ impl<'a> Boot<'a> {
                 board_files: &self.board_files,
             },
         )?;
-        fat_image(&tree, guid, self.epoch)
+        let boot_set = self.kernel.len()? + self.initrd.len()? + self.device_tree.as_ref().map_or(Ok(0), Content::len)?;
+        fat_image(&tree, guid, self.epoch, esp_headroom(boot_set, self.update_slots))
     }
 }
 
@@ -205,9 +209,21 @@ fn file_from_deb(deb: &Path, arch: Arch, path: &str, hint: &str) -> Result<Conte
     }
 }
 
-/// The FAT32 image of an ESP tree, sized for its contents plus 8 MiB.
-fn fat_image(esp: &Tree, guid: Guid, epoch: u64) -> Result<Vec<u8>> {
-    let size = crate::fat::fat32_size_for(esp, 8 << 20)?;
+/// The free space an ESP gets beyond its contents: 8 MiB; with `update:` also room for the
+/// second slot's boot files (kernel, initrd, device tree) at up to 1.5 times this build's size,
+/// so a later build whose kernel or initrd grew still fits beside the running one.
+pub(super) fn esp_headroom(boot_set: u64, update_slots: bool) -> u64 {
+    let base = 8 << 20;
+    if update_slots {
+        base + boot_set + boot_set / 2
+    } else {
+        base
+    }
+}
+
+/// The FAT32 image of an ESP tree, sized for its contents plus `headroom` bytes.
+fn fat_image(esp: &Tree, guid: Guid, epoch: u64, headroom: u64) -> Result<Vec<u8>> {
+    let size = crate::fat::fat32_size_for(esp, headroom)?;
     let mut out = std::io::Cursor::new(Vec::with_capacity(size as usize));
     crate::fat::write_fat32(
         &mut out,
@@ -224,4 +240,14 @@ fn fat_image(esp: &Tree, guid: Guid, epoch: u64) -> Result<Vec<u8>> {
     let mut bytes = out.into_inner();
     bytes.resize(size as usize, 0);
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn with_update_the_esp_has_room_for_a_second_boot_set() {
+        assert_eq!(super::esp_headroom(40 << 20, false), 8 << 20);
+        // Slot B's set at 1.5 times this build's beside slot A's, plus the usual 8 MiB.
+        assert_eq!(super::esp_headroom(40 << 20, true), (8 << 20) + (60 << 20));
+    }
 }

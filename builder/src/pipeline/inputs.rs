@@ -86,6 +86,7 @@ fn root_packages(p: &Profile) -> Vec<&str> {
         roots.extend(crate::cluster::services::packages(c));
     }
     roots.extend(crate::containerd::packages(p));
+    roots.extend(crate::update::packages(p));
     roots
 }
 
@@ -273,4 +274,14 @@ pub(super) fn source_date_epoch(index: &debian::Index) -> Result<u64> {
         return v.trim().parse().with_context(|| format!("SOURCE_DATE_EPOCH=`{v}` is not a number of seconds"));
     }
     index.release.date_unix.context("the suite's Release file has no parseable Date; set SOURCE_DATE_EPOCH")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn update_adds_the_verifier_to_the_root() {
+        let with = crate::profile::test_profile("update: {version: \"1\"}\n");
+        assert!(super::root_packages(&with).contains(&"minisign"));
+        assert!(!super::root_packages(&crate::profile::test_profile("")).contains(&"minisign"));
+    }
 }
