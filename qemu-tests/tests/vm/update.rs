@@ -1,22 +1,23 @@
 //! Slow tier, A/B updates (docs/updates.md), x86_64 (OVMF + systemd-boot): one VM boot chain.
 //! `qemu-tests/profiles/update-v1.yaml` is built three times with a key made by `kiln keygen`:
 //! v1 (disk image), v2 (update bundle: a changed file) and v3 (update bundle: a boot script that
-//! fails). A grown copy of v1 boots; its `updater` service applies the bundle that `kiln serve`
-//! offers over HTTP (`/updates/x86_64/`) and reboots; v2 must boot from slot B on trial, reach
+//! fails). A grown copy of v1 boots; its `updater` service applies the bundle that the test's
+//! HTTP server offers at `/updates/x86_64/` (kiln serve's layout) and reboots; v2 must boot from slot B on trial, reach
 //! `[kiln] ready`, be kept, show the changed file and the `/var/lib` file v1 wrote. Then the
 //! server offers v3: it is applied to slot A, its trial fails a boot step, the node reboots by
 //! itself into v2 and says `rolled back from 3.0.0 to 2.0.0`, and is ready again. The console
 //! lines' times give the time to apply and to roll back.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
-use kiln_qemu_tests::{cache_dir, flash_grown, free_port, kiln_bin, kiln_with_cache, repo_root, wait_ready, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::{cache_dir, flash_grown, free_port, kiln_with_cache, repo_root, wait_ready, work_dir, BOOT_TIMEOUT};
 
 const PROFILE: &str = "qemu-tests/profiles/update-v1.yaml";
 /// The profile's placeholder trusted key.
@@ -24,38 +25,57 @@ const PLACEHOLDER_KEY: &str = "RWRpO/OP8xTqM96NbbUrc16SWUXPnFWMnPeeVf1D9qkxxDtvU
 /// Fetching, staging, writing and reading back a root of ~100 MiB under TCG.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// `kiln serve DIR` on the host's loopback (the guest reaches it as 10.0.2.2); killed on drop.
-struct Serve(Child);
+/// The bundle server: `GET /updates/x86_64/<file>` answers from the bundle directory it
+/// currently offers (the layout `kiln serve` gives bundles), on the host's loopback (the guest
+/// reaches it as 10.0.2.2). One connection at a time: the guest has one client.
+struct Bundles {
+    offered: Arc<Mutex<PathBuf>>,
+}
 
-impl Serve {
-    fn start(dir: &Path, port: u16) -> Result<Serve> {
-        let mut child = Command::new(kiln_bin()?)
-            .args(["serve", dir.to_str().context("non-UTF-8 dir")?, "--listen", &format!("127.0.0.1:{port}")])
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting kiln serve")?;
-        let err = child.stderr.take().unwrap();
+impl Bundles {
+    fn start(port: u16, dir: &Path) -> Result<Bundles> {
+        let listener = TcpListener::bind(("127.0.0.1", port)).with_context(|| format!("listening on port {port}"))?;
+        let offered = Arc::new(Mutex::new(dir.to_path_buf()));
+        let current = offered.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                eprintln!("serve: {line}");
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let dir = current.lock().unwrap().clone();
+                if let Err(e) = answer(stream, &dir) {
+                    eprintln!("bundle server: {e:#}");
+                }
             }
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            ensure!(Instant::now() < deadline, "kiln serve did not listen on port {port}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(Serve(child))
+        Ok(Bundles { offered })
+    }
+
+    fn offer(&self, dir: &Path) {
+        *self.offered.lock().unwrap() = dir.to_path_buf();
     }
 }
 
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+fn answer(stream: TcpStream, dir: &Path) -> Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? <= 2 {
+            break;
+        }
     }
+    let path = line.split_whitespace().nth(1).unwrap_or("");
+    let name = path.strip_prefix("/updates/x86_64/").filter(|n| !n.is_empty() && !n.contains('/'));
+    let mut out = stream;
+    match name.map(|n| dir.join(n)).filter(|f| f.is_file()) {
+        Some(file) => {
+            let mut f = std::fs::File::open(&file)?;
+            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", f.metadata()?.len())?;
+            std::io::copy(&mut f, &mut out)?;
+        }
+        None => write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?,
+    }
+    Ok(())
 }
 
 /// Builds variant `version` of the profile (`formats`) into `dir/<name>`, signed with `key`.
@@ -117,7 +137,7 @@ fn x86_64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
     let disk = dir.join("disk.img");
     flash_grown(&out1.join("x86_64/disk.img"), &disk, 2 << 30)?;
 
-    let serve = Serve::start(&out2, port)?;
+    let bundles = Bundles::start(port, &out2.join("x86_64/update"))?;
     let mut spec = VmSpec::new(Arch::X86_64);
     spec.disks = vec![Disk { path: disk.clone(), snapshot: false }];
     spec.net = Net::User { hostfwd: vec![] };
@@ -144,8 +164,7 @@ fn x86_64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
     ensure!(!console.contains("did not count this trial boot"), "systemd-boot (OVMF) should have counted the try itself");
 
     // v3: a boot step fails on its trial; the node goes back to v2 by itself.
-    drop(serve);
-    let _serve = Serve::start(&out3, port)?;
+    bundles.offer(&out3.join("x86_64/update"));
     vm.wait_for("[kiln] update: slot a holds version 3.0.0", APPLY_TIMEOUT)?;
     let applied3 = mark(&vm, "v3 applied");
     vm.wait_for("[kiln] update: trial boot of slot a (version 3.0.0)", BOOT_TIMEOUT)?;
