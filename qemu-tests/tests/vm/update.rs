@@ -114,24 +114,49 @@ fn mark(vm: &Vm, arch: Arch, what: &str) -> f64 {
     t
 }
 
+/// v2 from a second disk labelled KILN-UPDATE (no network), v3 over HTTP.
 #[test]
-fn x86_64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
-    chain(Arch::X86_64)
+fn x86_64_update_from_usb_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
+    chain(Arch::X86_64, V2From::Usb)
 }
 
 #[test]
 fn aarch64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
-    chain(Arch::Aarch64)
+    chain(Arch::Aarch64, V2From::Http)
 }
 
 /// Through U-Boot's EFI (the image has no extlinux.conf when it takes updates).
 #[test]
 fn riscv64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
-    chain(Arch::Riscv64)
+    chain(Arch::Riscv64, V2From::Http)
+}
+
+#[derive(PartialEq)]
+enum V2From {
+    /// The updater service, from the test's HTTP server.
+    Http,
+    /// The boot step, from a FAT disk labelled KILN-UPDATE holding `kiln-update/<arch>/`.
+    Usb,
+}
+
+/// A FAT32 disk image labelled KILN-UPDATE with the bundle `bundle` under `kiln-update/<arch>/`
+/// (written by kiln's own FAT writer).
+fn usb_stick(bundle: &Path, arch: Arch, to: &Path) -> Result<()> {
+    let mut tree = kiln::tree::Tree::new();
+    for entry in std::fs::read_dir(bundle)? {
+        let entry = entry?;
+        let name = entry.file_name().into_string().map_err(|n| anyhow::anyhow!("non-UTF-8 file name {n:?}"))?;
+        tree.add_file(&format!("kiln-update/{}/{name}", arch.name()), 0o644, std::fs::read(entry.path())?)?;
+    }
+    let size = kiln::fat::fat32_size_for(&tree, 1 << 20)?;
+    let mut out = std::fs::File::create(to)?;
+    out.set_len(size)?;
+    let opts = kiln::fat::FatOptions { volume_id: 0x4b55_5044, label: "KILN-UPDATE".into(), mtime: 0 };
+    kiln::fat::write_fat32(&mut out, size, &tree, &opts)
 }
 
 /// The whole chain on one architecture: v1 → v2 (kept) → v3 (rolled back to v2).
-fn chain(arch: Arch) -> Result<()> {
+fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
     let dir = work_dir(&format!("update-{arch}"))?;
     let port = free_port()?;
     let (code, log) = kiln_with_cache(&cache_dir()?, &["keygen", "--out", dir.to_str().context("non-UTF-8 dir")?, "--name", "test"])?;
@@ -141,6 +166,7 @@ fn chain(arch: Arch) -> Result<()> {
     let text = std::fs::read_to_string(repo_root().join(PROFILE))?;
     ensure!(text.contains(PLACEHOLDER_KEY), "{PROFILE} lacks the placeholder key");
     let v1 = text.replace(PLACEHOLDER_KEY, &public).replace("@PORT@", &port.to_string());
+    // Both files' contents change: the image's /etc and the (hidden) /var/lib seed.
     let v2 = v1.replace("version: 1.0.0", "version: 2.0.0").replace("content: \"v1\"", "content: \"v2\"");
     let v3 = v2.replace("version: 2.0.0", "version: 3.0.0").replace("content: \"v2\"", "content: \"v3\"").replace(
         "boot_scripts:\n",
@@ -157,25 +183,45 @@ fn chain(arch: Arch) -> Result<()> {
     let disk = dir.join("disk.img");
     flash_grown(&out1.join(arch.name()).join("disk.img"), &disk, 2 << 30)?;
 
-    let bundles = Bundles::start(port, arch, &out2.join(arch.name()).join("update"))?;
     let mut spec = VmSpec::new(arch);
     spec.disks = vec![Disk { path: disk.clone(), snapshot: false }];
+    // The server offers v2 only on the HTTP path (a missing directory answers 404).
+    let bundles = if v2_from == V2From::Usb {
+        let stick = dir.join("usb.img");
+        usb_stick(&out2.join(arch.name()).join("update"), arch, &stick)?;
+        spec.disks.push(Disk { path: stick, snapshot: true });
+        Bundles::start(port, arch, &dir.join("nothing-yet"))?
+    } else {
+        Bundles::start(port, arch, &out2.join(arch.name()).join("update"))?
+    };
     spec.net = Net::User { hostfwd: vec![] };
     let mut vm = Vm::start(&spec, &dir.join("console.log"))?;
     vm.wait_for("[kiln] update: slot a, version 1.0.0", BOOT_TIMEOUT)?;
-    vm.wait_for("[kiln] update-test: etc=v1 varlib=v1", BOOT_TIMEOUT)?;
-    wait_ready(&mut vm, &format!("{arch} v1 (slot a)"), BOOT_TIMEOUT)?;
-
-    // v2: applied by the updater service from kiln serve, then the trial boot of slot B.
-    vm.wait_for("[kiln] update: fetching update.txt from http://10.0.2.2", APPLY_TIMEOUT)?;
-    let apply_start = mark(&vm, arch, "v2 apply started");
+    let apply_start = if v2_from == V2From::Usb {
+        // Applied by the boot step, before v1 is ready, with no network involved.
+        vm.wait_for("[kiln] update: applying the bundle on /dev/vdb (KILN-UPDATE)", BOOT_TIMEOUT)?;
+        mark(&vm, arch, "v2 apply from the KILN-UPDATE disk started")
+    } else {
+        vm.wait_for("[kiln] update-test: etc=v1 varlib=v1 first=v1", BOOT_TIMEOUT)?;
+        wait_ready(&mut vm, &format!("{arch} v1 (slot a)"), BOOT_TIMEOUT)?;
+        // v2: applied by the updater service from the HTTP server, then the trial of slot B.
+        vm.wait_for("[kiln] update: fetching update.txt from http://10.0.2.2", APPLY_TIMEOUT)?;
+        mark(&vm, arch, "v2 apply started")
+    };
     vm.wait_for("[kiln] update: slot b written and read back (sha256 ok)", APPLY_TIMEOUT)?;
     vm.wait_for("[kiln] update: slot b holds version 2.0.0", APPLY_TIMEOUT)?;
     let applied = mark(&vm, arch, "v2 applied");
     eprintln!("update ({arch}): time to apply v2: {:.1} s", applied - apply_start);
     vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
     vm.wait_for("[kiln] update: trial boot of slot b (version 2.0.0)", BOOT_TIMEOUT)?;
-    vm.wait_for("[kiln] update-test: etc=v2 varlib=v1", BOOT_TIMEOUT)?;
+    if v2_from == V2From::Usb {
+        // The stick is still there: the running version is not applied again.
+        vm.wait_for("[kiln] update: /dev/vdb (KILN-UPDATE) holds version 2.0.0, which is running; remove the medium", BOOT_TIMEOUT)?;
+    }
+    // The data partition's files from v1: the seed, and first-booted (on the USB path the update
+    // step applied v2 before v1's boot script ran, so v2 is the first to write that one).
+    let first = if v2_from == V2From::Usb { "v2" } else { "v1" };
+    vm.wait_for(&format!("[kiln] update-test: etc=v2 varlib=v1 first={first}"), BOOT_TIMEOUT)?;
     wait_ready(&mut vm, &format!("{arch} v2 (slot b, trial)"), BOOT_TIMEOUT)?;
     vm.wait_for("[kiln] update: slot b good (version 2.0.0)", BOOT_TIMEOUT)?;
     let good = mark(&vm, arch, "v2 kept");
@@ -197,7 +243,7 @@ fn chain(arch: Arch) -> Result<()> {
     let failed = mark(&vm, arch, "v3 trial failed");
     vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
     vm.wait_for("[kiln] update: rolled back from 3.0.0 to 2.0.0: boot step(s) failed: site-broken", BOOT_TIMEOUT)?;
-    vm.wait_for("[kiln] update-test: etc=v2 varlib=v1", BOOT_TIMEOUT)?;
+    vm.wait_for(&format!("[kiln] update-test: etc=v2 varlib=v1 first={first}"), BOOT_TIMEOUT)?;
     wait_ready(&mut vm, &format!("{arch} v2 after the rollback"), BOOT_TIMEOUT)?;
     let back = mark(&vm, arch, "v2 ready again");
     eprintln!(
