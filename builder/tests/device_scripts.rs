@@ -743,6 +743,21 @@ false
         assert!(out.contains("failed step(s): identity site-net-check"), "{out}");
     }
 
+    /// An update applied by a boot step (a KILN-UPDATE medium) reboots; init acts on it only
+    /// after the boot sequence, which skips the remaining steps and reports no readiness.
+    #[test]
+    fn a_reboot_for_an_update_skips_the_remaining_steps() {
+        let m = FakeRoot::new();
+        m.write("usr/lib/kiln/boot.d/23-update.sh", "kiln_log update rebooting\n: > \"$KILN_ROOT/run/kiln/rebooting\"\n");
+        let (ok, out) = boot_with_a_failing_step(&m);
+        assert!(ok, "{out}");
+        assert!(
+            out.ends_with("[kiln] update: rebooting\n[kiln] boot: rebooting for an update; the remaining steps are skipped\n"),
+            "{out}"
+        );
+        assert!(!out.contains("identity") && !out.contains("ssh") && !m.exists("run/kiln/booted"), "{out}");
+    }
+
     #[test]
     fn the_appliance_rescue_shell_is_opt_in() {
         let m = FakeRoot::new();

@@ -211,6 +211,13 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
     vm.wait_for("[kiln] update: slot b written and read back (sha256 ok)", APPLY_TIMEOUT)?;
     vm.wait_for("[kiln] update: slot b holds version 2.0.0", APPLY_TIMEOUT)?;
     let applied = mark(&vm, arch, "v2 applied");
+    if v2_from == V2From::Usb {
+        // v1's remaining boot steps are skipped: no ready before the reboot.
+        let line = vm.wait_for("[kiln] ", BOOT_TIMEOUT)?;
+        ensure!(line.contains("[kiln] update: rebooting into the trial of slot b"), "{line}");
+        let line = vm.wait_for("[kiln] ", BOOT_TIMEOUT)?;
+        ensure!(line.contains("[kiln] boot: rebooting for an update; the remaining steps are skipped"), "{line}");
+    }
     eprintln!("update ({arch}): time to apply v2: {:.1} s", applied - apply_start);
     vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
     vm.wait_for("[kiln] update: trial boot of slot b (version 2.0.0)", BOOT_TIMEOUT)?;
