@@ -221,10 +221,6 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
     eprintln!("update ({arch}): time to apply v2: {:.1} s", applied - apply_start);
     vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
     vm.wait_for("[kiln] update: trial boot of slot b (version 2.0.0)", BOOT_TIMEOUT)?;
-    if v2_from == V2From::Usb {
-        // The stick is still there: the running version is not applied again.
-        vm.wait_for("[kiln] update: /dev/vdb (KILN-UPDATE) holds version 2.0.0, which is running; remove the medium", BOOT_TIMEOUT)?;
-    }
     // The data partition's files from v1: the seed, and first-booted (on the USB path the update
     // step applied v2 before v1's boot script ran, so v2 is the first to write that one).
     let first = if v2_from == V2From::Usb { "v2" } else { "v1" };
@@ -250,6 +246,11 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
     let failed = mark(&vm, arch, "v3 trial failed");
     vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
     vm.wait_for("[kiln] update: rolled back from 3.0.0 to 2.0.0: boot step(s) failed: site-broken", BOOT_TIMEOUT)?;
+    if v2_from == V2From::Usb {
+        // The stick is still there (a trial boot does not look at it): the running version is
+        // not applied again.
+        vm.wait_for("[kiln] update: /dev/vdb (KILN-UPDATE) holds version 2.0.0, which is running; remove the medium", BOOT_TIMEOUT)?;
+    }
     vm.wait_for(&format!("[kiln] update-test: etc=v2 varlib=v1 first={first}"), BOOT_TIMEOUT)?;
     wait_ready(&mut vm, &format!("{arch} v2 after the rollback"), BOOT_TIMEOUT)?;
     let back = mark(&vm, arch, "v2 ready again");
