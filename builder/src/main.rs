@@ -144,9 +144,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         boot: usize,
     },
-    /// Serve build outputs to machines booting from the network (iPXE) until Ctrl-C.
+    /// Serve build outputs to machines booting from the network (iPXE), and update bundles as
+    /// /updates/<arch>/ to `kiln-update`, until Ctrl-C.
     Serve {
-        /// A `kiln build` output directory (holding <arch>/netboot/ from `--format netboot`).
+        /// A `kiln build` output directory (holding <arch>/netboot/ from `--format netboot`,
+        /// <arch>/update/ from `--format update`).
         dir: PathBuf,
         /// Address (or host name) and port to listen on.
         #[arg(long, default_value = "0.0.0.0:8080", value_name = "HOST:PORT")]

@@ -145,11 +145,6 @@ impl SigningKey {
     }
 }
 
-/// The signing key for `--format update`: `--signing-key`, else `$KILN_SIGNING_KEY`.
-pub fn signing_key_path(flag: Option<&Path>) -> Option<PathBuf> {
-    flag.map(Path::to_path_buf).or_else(|| std::env::var_os(SIGNING_KEY_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
-}
-
 /// Bakes the profile's `update:` into the root: `version`, `health_timeout` (seconds) and
 /// `keys/N.pub` (+ `keys/N.downgrade` for a key that may sign downgrades). Without `update:`
 /// nothing is written, and `kiln-update` refuses every bundle.

@@ -36,6 +36,11 @@ pub fn serve(dir: &Path, listen: &str, reinstall: &[String], dnsmasq: Option<&Pa
     let url_host = if addr.ip().is_unspecified() { format!("<this host's address>:{}", addr.port()) } else { addr.to_string() };
     println!("kiln serve: {} on http://{addr}/ (Ctrl-C stops)", dir.display());
     print!("{}", kiln::serve::dhcp_settings(&url_host));
+    for arch in kiln::arch::Arch::ALL {
+        if dir.join(arch.name()).join(kiln::update::DIR).join(kiln::update::MANIFEST).is_file() {
+            println!("update bundle ({arch}): http://{url_host}{}{arch}/ (kiln-update apply URL)", kiln::serve::UPDATES);
+        }
+    }
     if let Some(f) = dnsmasq {
         std::fs::write(f, kiln::serve::dnsmasq_snippet(&url_host)).with_context(|| format!("writing {}", f.display()))?;
         println!("dnsmasq snippet: {}", f.display());

@@ -1,8 +1,9 @@
 //! `kiln serve`: an HTTP/1.1 server for build outputs, for machines that boot from the network.
 //!
 //! It serves the files under one build output directory (GET, HEAD, single byte ranges; nothing
-//! outside the directory, nothing under `secrets/`, no dot files), answers `/boot.ipxe` per
-//! machine (module `ipxe`) and records finished installs (`POST /installed`, module `state`).
+//! outside the directory, nothing under `secrets/`, no dot files), the update bundles as
+//! `/updates/<arch>/<file>` (from `<arch>/update/`), answers `/boot.ipxe` per machine (module
+//! `ipxe`) and records finished installs (`POST /installed`, module `state`).
 //! One thread per connection, one request per connection; one log line per request. Clients
 //! get a bounded number of connections and a deadline for their request head (module `limits`).
 
@@ -243,6 +244,7 @@ fn route(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> R
         ("GET" | "HEAD", "/boot.ipxe") => boot_script(ctx, req, stream, head),
         ("POST", "/installed") => installed(ctx, req, stream, peer),
         ("GET", "/secrets") => node_secrets(ctx, req, stream, peer),
+        ("GET" | "HEAD", p) if p.starts_with(UPDATES) => update_file(ctx, req, stream, head),
         ("GET" | "HEAD", _) => match resolve(&ctx.root, &req.path) {
             Some(path) => send_file(&path, req, stream, head),
             None => respond_simple(stream, 404, "Not Found", "not found\n", head),
@@ -265,11 +267,69 @@ fn servable(rel: &Path) -> bool {
     }
 }
 
+/// The update bundle files, reached only as `/updates/<arch>/<file>` ([`update_file`]).
+fn servable_update(rel: &Path) -> bool {
+    let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
+    match parts.as_slice() {
+        [a, dir, file] => {
+            crate::arch::Arch::ALL.iter().any(|x| x.name() == *a) && *dir == crate::update::DIR && crate::update::FILES.contains(file)
+        }
+        _ => false,
+    }
+}
+
+/// Where update bundles are served: `/updates/<arch>/<file>` is `<arch>/update/<file>`.
+pub const UPDATES: &str = "/updates/";
+
+/// The output-directory path of an `/updates/<arch>/<file>` request (`None`: not that shape).
+/// The result is resolved like any other path (no `..`, no dot files, no symlink out), with
+/// only the bundle's files servable.
+pub fn update_path(request_path: &str) -> Option<String> {
+    let rest = request_path.strip_prefix(UPDATES)?;
+    let (arch, file) = rest.split_once('/')?;
+    if arch.is_empty() || file.is_empty() || file.contains('/') {
+        return None;
+    }
+    Some(format!("/{arch}/{}/{file}", crate::update::DIR))
+}
+
+/// `GET /updates/<arch>/<file>`: a bundle file. A bundle whose files are owner-only (the build
+/// carries secrets: a cluster token, password hashes; see `pipeline::image_mode`) is refused:
+/// its root would hand those secrets to anyone on the network.
+fn update_file(ctx: &Shared, req: &Request, stream: &TcpStream, head: bool) -> Result<Served> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = update_path(&req.path).and_then(|p| resolve_with(&ctx.root, &p, servable_update)) else {
+        return respond_simple(
+            stream,
+            404,
+            "Not Found",
+            "not found (bundles are built with `kiln build --format update`)
+",
+            head,
+        );
+    };
+    if std::fs::metadata(&path)?.permissions().mode() & 0o004 == 0 {
+        return respond_simple(
+            stream,
+            403,
+            "Forbidden",
+            "this update bundle carries the build's secrets (its files are owner-only): it is not served over the network; deliver it on a KILN-UPDATE stick\n",
+            head,
+        );
+    }
+    send_file(&path, req, stream, head)
+}
+
 /// The file a request path names inside `root`, or `None` (answered 404) when it does not exist,
 /// is not a regular file, has a `..` or dot-file component, or is not one of the files machines
 /// may fetch ([`servable`]) once symlinks are resolved: the check runs on the real path, so a
 /// symlink into `secrets/` or out of the directory is refused like the path itself.
 pub fn resolve(root: &Path, request_path: &str) -> Option<PathBuf> {
+    resolve_with(root, request_path, servable)
+}
+
+/// [`resolve`] with the rule of what may be served.
+fn resolve_with(root: &Path, request_path: &str, servable: fn(&Path) -> bool) -> Option<PathBuf> {
     let rel = request_path.strip_prefix('/')?;
     let mut path = root.to_path_buf();
     for part in rel.split('/') {

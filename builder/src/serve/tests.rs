@@ -479,3 +479,60 @@ fn oversized_heads_are_refused() {
     let r = request(srv.addr, "GET", &format!("/{}", "a".repeat(10_000)), "");
     assert_eq!(r.status, 431, "{}", r.text());
 }
+
+/// `/updates/<arch>/<file>` is `<arch>/update/<file>`: the bundle's files only, by no other
+/// path, nothing escaping it, and never a bundle whose files are owner-only (secrets).
+#[test]
+fn update_bundles_are_served_under_updates_and_nothing_else_is() {
+    use std::os::unix::fs::PermissionsExt;
+    let (out, outside) = fixture();
+    let bundle = out.path().join("x86_64/update");
+    std::fs::create_dir_all(&bundle).unwrap();
+    for f in crate::update::FILES {
+        std::fs::write(bundle.join(f), format!("{f} bytes")).unwrap();
+        std::fs::set_permissions(bundle.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    // Files that lie in the bundle directory but are no bundle file, and links out of it.
+    std::fs::write(bundle.join("site.key"), "a signing key left there by mistake").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("passwd"), bundle.join("escape")).unwrap();
+    std::os::unix::fs::symlink("../../secrets/cluster-token", out.path().join("aarch64-update-link")).unwrap();
+    let srv = start(out.path());
+    for f in crate::update::FILES {
+        let r = request(srv.addr, "GET", &format!("/updates/x86_64/{f}"), "");
+        assert_eq!((r.status, r.text()), (200, format!("{f} bytes")), "{f}");
+    }
+    let r = request(srv.addr, "GET", "/updates/x86_64/root.squashfs", "Range: bytes=0-3\r\n");
+    assert_eq!((r.status, r.text().as_str()), (206, "root"));
+    for target in [
+        "/x86_64/update/update.txt",
+        "/updates/x86_64/site.key",
+        "/updates/x86_64/escape",
+        "/updates/x86_64/../../secrets/cluster-token",
+        "/updates/x86_64/%2e%2e/%2e%2e/secrets/cluster-token",
+        "/updates/../secrets/cluster-token",
+        "/updates/x86_64/",
+        "/updates/x86_64/update.txt/x",
+        "/updates/sparc/update.txt",
+        "/updates/aarch64/update.txt",
+        "/updates/secrets/update.txt",
+        "/updates/x86_64/.hidden",
+    ] {
+        let r = request(srv.addr, "GET", target, "");
+        assert_eq!(r.status, 404, "{target}: {}", r.text());
+        assert!(!r.text().contains("signing key") && !r.text().contains("K10secret"), "{target}");
+    }
+    // A build with secrets writes its bundle owner-only: refused, saying why.
+    std::fs::set_permissions(bundle.join("root.squashfs"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = request(srv.addr, "GET", "/updates/x86_64/root.squashfs", "");
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("secrets") && !r.text().contains("root.squashfs bytes"), "{}", r.text());
+}
+
+#[test]
+fn update_paths_map_onto_the_bundle_directory() {
+    assert_eq!(update_path("/updates/x86_64/update.txt").as_deref(), Some("/x86_64/update/update.txt"));
+    assert_eq!(update_path("/updates/x86_64/"), None);
+    assert_eq!(update_path("/updates/x86_64/a/b"), None);
+    assert_eq!(update_path("/updates//update.txt"), None);
+    assert_eq!(update_path("/x86_64/update.txt"), None);
+}
