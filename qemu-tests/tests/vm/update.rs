@@ -1,24 +1,24 @@
 //! Slow tier, A/B updates (docs/updates.md): one VM boot chain per architecture (x86_64 OVMF,
 //! aarch64 AAVMF, riscv64 U-Boot's EFI; each with systemd-boot).
-//! `qemu-tests/profiles/update-v1.yaml` is built three times with a key made by `kiln keygen`:
-//! v1 (disk image), v2 (update bundle: a changed file) and v3 (update bundle: a boot script that
-//! fails). A grown copy of v1 boots; its `updater` service applies the bundle that the test's
-//! HTTP server offers at `/updates/<arch>/` (kiln serve's layout) and reboots; v2 must boot from slot B on trial, reach
-//! `[kiln] ready`, be kept, show the changed file and the `/var/lib` file v1 wrote. Then the
-//! server offers v3: it is applied to slot A, its trial fails a boot step, the node reboots by
-//! itself into v2 and says `rolled back from 3.0.0 to 2.0.0`, and is ready again. The console
-//! lines' times give the time to apply and to roll back.
+//! `qemu-tests/profiles/update-v1.yaml` is built three times with a key made by `kiln keygen`: v1
+//! (disk image), v2 (update bundle: a changed file) and v3 (update bundle: a boot script that
+//! fails). A grown copy of v1 boots; its `updater` service applies the bundle that `kiln serve`
+//! offers at `/updates/<arch>/` and reboots (x86_64: v2 comes from a second disk labelled
+//! KILN-UPDATE instead, applied by the boot step with no server running); v2 must boot from slot B
+//! on trial, reach `[kiln] ready`, be kept, show the changed file and the `/var/lib` file v1 wrote.
+//! Then the server offers v3: it is applied to slot A, its trial fails a boot step, the node
+//! reboots by itself into v2 and says `rolled back from 3.0.0 to 2.0.0`, and is ready again. The
+//! console lines' times give the time to apply and to roll back.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Net, Vm, VmSpec};
-use kiln_qemu_tests::{cache_dir, flash_grown, free_port, kiln_with_cache, repo_root, wait_ready, work_dir, BOOT_TIMEOUT};
+use kiln_qemu_tests::{cache_dir, flash_grown, free_port, kiln_bin, kiln_with_cache, repo_root, wait_ready, work_dir, BOOT_TIMEOUT};
 
 const PROFILE: &str = "qemu-tests/profiles/update-v1.yaml";
 /// The profile's placeholder trusted key.
@@ -26,58 +26,39 @@ const PLACEHOLDER_KEY: &str = "RWRpO/OP8xTqM96NbbUrc16SWUXPnFWMnPeeVf1D9qkxxDtvU
 /// Fetching, staging, writing and reading back a root of ~100 MiB under TCG.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// The bundle server: `GET /updates/<arch>/<file>` answers from the bundle directory it
-/// currently offers (the layout `kiln serve` gives bundles), on the host's loopback (the guest
-/// reaches it as 10.0.2.2). One connection at a time: the guest has one client.
-struct Bundles {
-    offered: Arc<Mutex<PathBuf>>,
-}
+/// `kiln serve OUT` on the host's loopback (the guest reaches it as 10.0.2.2), which serves the
+/// build's bundle at `/updates/<arch>/`; killed on drop.
+struct Serve(Child);
 
-impl Bundles {
-    fn start(port: u16, arch: Arch, dir: &Path) -> Result<Bundles> {
-        let listener = TcpListener::bind(("127.0.0.1", port)).with_context(|| format!("listening on port {port}"))?;
-        let offered = Arc::new(Mutex::new(dir.to_path_buf()));
-        let current = offered.clone();
+impl Serve {
+    fn start(out: &Path, port: u16) -> Result<Serve> {
+        let mut child = Command::new(kiln_bin()?)
+            .args(["serve", out.to_str().context("non-UTF-8 dir")?, "--listen", &format!("127.0.0.1:{port}")])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kiln serve")?;
+        let err = child.stderr.take().context("kiln serve's stderr")?;
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let dir = current.lock().unwrap().clone();
-                if let Err(e) = answer(stream, arch, &dir) {
-                    eprintln!("bundle server: {e:#}");
-                }
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("serve: {line}");
             }
         });
-        Ok(Bundles { offered })
-    }
-
-    fn offer(&self, dir: &Path) {
-        *self.offered.lock().unwrap() = dir.to_path_buf();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(Instant::now() < deadline, "kiln serve did not listen on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Serve(child))
     }
 }
 
-fn answer(stream: TcpStream, arch: Arch, dir: &Path) -> Result<()> {
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h)? <= 2 {
-            break;
-        }
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    let path = line.split_whitespace().nth(1).unwrap_or("");
-    let prefix = format!("/updates/{}/", arch.name());
-    let name = path.strip_prefix(prefix.as_str()).filter(|n| !n.is_empty() && !n.contains('/'));
-    let mut out = stream;
-    match name.map(|n| dir.join(n)).filter(|f| f.is_file()) {
-        Some(file) => {
-            let mut f = std::fs::File::open(&file)?;
-            write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", f.metadata()?.len())?;
-            std::io::copy(&mut f, &mut out)?;
-        }
-        None => write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?,
-    }
-    Ok(())
 }
 
 /// Builds variant `version` of the profile (`formats`) into `dir/<name>`, signed with `key`.
@@ -185,16 +166,15 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
 
     let mut spec = VmSpec::new(arch);
     spec.disks = vec![Disk { path: disk.clone(), snapshot: false }];
-    // The server offers v2 only on the HTTP path (a missing directory answers 404).
-    let bundles = if v2_from == V2From::Usb {
+    // kiln serve offers v2 only on the HTTP path (until v3, nothing answers on the USB path).
+    let serve = if v2_from == V2From::Usb {
         let stick = dir.join("usb.img");
         usb_stick(&out2.join(arch.name()).join("update"), arch, &stick)?;
         spec.disks.push(Disk { path: stick, snapshot: true });
-        Bundles::start(port, arch, &dir.join("nothing-yet"))?
+        None
     } else {
-        Bundles::start(port, arch, &out2.join(arch.name()).join("update"))?
+        Some(Serve::start(&out2, port)?)
     };
-    spec.net = Net::User { hostfwd: vec![] };
     let mut vm = Vm::start(&spec, &dir.join("console.log"))?;
     vm.wait_for("[kiln] update: slot a, version 1.0.0", BOOT_TIMEOUT)?;
     let apply_start = if v2_from == V2From::Usb {
@@ -236,7 +216,8 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
     ensure!(arch == Arch::Riscv64 || !counted_here, "systemd-boot on EDK2 should have counted the try itself");
 
     // v3: a boot step fails on its trial; the node goes back to v2 by itself.
-    bundles.offer(&out3.join(arch.name()).join("update"));
+    drop(serve);
+    let _serve = Serve::start(&out3, port)?;
     vm.wait_for("[kiln] update: slot a holds version 3.0.0", APPLY_TIMEOUT)?;
     let applied3 = mark(&vm, arch, "v3 applied");
     vm.wait_for("[kiln] update: trial boot of slot a (version 3.0.0)", BOOT_TIMEOUT)?;
