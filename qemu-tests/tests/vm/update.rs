@@ -166,6 +166,7 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
 
     let mut spec = VmSpec::new(arch);
     spec.disks = vec![Disk { path: disk.clone(), snapshot: false }];
+    spec.net = Net::User { hostfwd: vec![] };
     // kiln serve offers v2 only on the HTTP path (until v3, nothing answers on the USB path).
     let serve = if v2_from == V2From::Usb {
         let stick = dir.join("usb.img");
