@@ -2,6 +2,11 @@
 //! Specification (type #1) entry, and `extlinux/extlinux.conf` for U-Boot boards; both boot the
 //! same kernel, initrd and command line from `/kiln/`. On Raspberry Pi platforms the partition
 //! is the Pi boot partition instead (`crate::raspberrypi`: firmware, device trees, `config.txt`).
+//!
+//! The systemd-boot entry is slot A's, `loader/entries/kiln-a.conf`: an A/B update on the device
+//! (`overlays/appliance/usr/sbin/kiln-update`, docs/updates.md) adds `kiln-b+1.conf` beside it
+//! with a higher generation in `version`, and `default kiln-*` lets systemd-boot's ordering pick
+//! the newest entry that still has tries left.
 
 use anyhow::Result;
 
@@ -14,6 +19,9 @@ pub struct BootFiles<'a> {
     pub arch: Arch,
     pub title: &'a str,
     pub kernel_version: &'a str,
+    /// The profile's `update.version`, when it has an `update:` section; the entry's `version`
+    /// (after the generation) is this, else the kernel version.
+    pub update_version: Option<&'a str>,
     pub kernel: Content,
     pub initrd: Content,
     /// systemd-boot's EFI binary for the arch.
@@ -30,6 +38,23 @@ pub const KERNEL_PATH: &str = "kiln/vmlinuz";
 pub const INITRD_PATH: &str = "kiln/initrd";
 /// Where the board's device tree goes on the ESP: `kiln/dtb/<platform.device_tree>`.
 pub const DTB_DIR: &str = "kiln/dtb";
+/// Slot A's systemd-boot entry. systemd-boot strips boot counters (`+1`, `+0-1`) from the
+/// name, so the entry's id stays `kiln-a.conf` during a trial too.
+pub const ENTRY_A: &str = "loader/entries/kiln-a.conf";
+/// `loader.conf`: `default` is a glob that matches both slots' entries, so systemd-boot takes
+/// the first of them in its sort order: entries with 0 tries left last, then by `sort-key`
+/// (`kiln` for both), then by `version`, newest first. Each entry's `version` starts with a
+/// generation (1 for what a build writes; kiln-update writes the running one's plus 1), so the
+/// newest update boots first even when it is a signed downgrade, and a failed trial (0 tries
+/// left) never wins over a good slot. `timeout 0` boots it at once (a key press still shows
+/// the menu); `editor no`: no editing the command line at the console.
+pub const LOADER_CONF: &str = "timeout 0\ndefault kiln-*\neditor no\n";
+
+/// The entry's `version`: generation 1 (see [`LOADER_CONF`]), then the update version or the
+/// kernel version.
+fn entry_version(b: &BootFiles<'_>) -> String {
+    format!("1-{}", b.update_version.unwrap_or(b.kernel_version))
+}
 
 fn file(tree: &mut Tree, path: &str, content: Content) -> Result<()> {
     tree.insert(&TreePath::parse(path)?, Entry { meta: Meta::root(0o644), kind: Kind::File(content) })?;
@@ -57,13 +82,17 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
             anyhow::bail!("platform `{}` boots systemd-boot but no systemd-boot binary was provided", platform.name)
         };
         file(&mut t, &format!("EFI/BOOT/{}", b.arch.efi_boot_file()), efi.clone())?;
-        // timeout 0: boot the default entry at once (a key press still shows the menu).
-        file(&mut t, "loader/loader.conf", Content::bytes("timeout 0\ndefault kiln.conf\neditor no\n"))?;
+        file(&mut t, "loader/loader.conf", Content::bytes(LOADER_CONF))?;
+        // `# kiln-version`: the version kiln-update reports for this slot (systemd-boot
+        // ignores comment lines).
         let entry = format!(
-            "title {}\nversion {}\nlinux /{kernel_path}\ninitrd /{initrd_path}\noptions {}\n",
-            b.title, b.kernel_version, b.cmdline
+            "title {}\nsort-key kiln\nversion {}\n# kiln-version {}\nlinux /{kernel_path}\ninitrd /{initrd_path}\noptions {}\n",
+            b.title,
+            entry_version(b),
+            b.update_version.unwrap_or(b.kernel_version),
+            b.cmdline
         );
-        file(&mut t, "loader/entries/kiln.conf", Content::bytes(entry))?;
+        file(&mut t, ENTRY_A, Content::bytes(entry))?;
     }
     // A board's device tree: U-Boot passes it to the kernel instead of its own copy.
     let fdt = match (&platform.device_tree, &b.device_tree) {
@@ -75,7 +104,11 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
         (Some(name), None) => anyhow::bail!("platform `{}` names the device tree {name} but none was provided", platform.name),
         (None, _) => String::new(),
     };
-    if platform.boot.extlinux {
+    // U-Boot tries extlinux.conf before the EFI removable path, and extlinux has no boot
+    // counting: an image that takes A/B updates (a profile with `update:`) on a platform that
+    // also boots systemd-boot leaves extlinux out, so U-Boot goes on to systemd-boot (riscv64).
+    let extlinux = platform.boot.extlinux && !(b.update_version.is_some() && platform.boot.systemd_boot);
+    if extlinux {
         // U-Boot's extlinux reader boots `default` at once when there is no `prompt`.
         let conf = format!(
             "# U-Boot distro boot (extlinux) configuration written by kiln\ndefault kiln\nmenu title {title}\ntimeout 10\n\nlabel kiln\n    menu label {title}\n    kernel /{kernel_path}\n    initrd /{initrd_path}\n{fdt}    append {cmdline}\n",
@@ -98,6 +131,7 @@ mod tests {
             arch: Arch::Riscv64,
             title: "kiln demo (riscv64)",
             kernel_version: "6.12.0",
+            update_version: None,
             kernel: Content::bytes("k"),
             initrd: Content::bytes("i"),
             systemd_boot: Some(Content::bytes("efi")),
@@ -107,11 +141,46 @@ mod tests {
         };
         let t = tree(&p, &b).unwrap();
         assert!(t.contains("EFI/BOOT/BOOTRISCV64.EFI"));
-        for f in ["loader/entries/kiln.conf", "extlinux/extlinux.conf"] {
+        for f in [ENTRY_A, "extlinux/extlinux.conf"] {
             let Kind::File(c) = &t.get_str(f).unwrap().kind else { panic!() };
             let text = String::from_utf8(c.read().unwrap().into_owned()).unwrap();
             assert!(text.contains("/kiln/vmlinuz") && text.contains("root=PARTUUID=x console=ttyS0"), "{text}");
             assert!(!text.contains("fdt"), "{text}");
+        }
+    }
+
+    /// Slot A's entry as kiln-update and systemd-boot's ordering expect it: `kiln-a.conf`, sort
+    /// key `kiln`, generation 1 before the version, and a `default` glob matching both slots.
+    #[test]
+    fn slot_a_entry_sorts_by_generation_and_loader_defaults_to_any_slot() {
+        let p = Platform::load("generic-uefi").unwrap();
+        let text = |t: &Tree, f: &str| {
+            let Kind::File(c) = &t.get_str(f).unwrap().kind else { panic!() };
+            String::from_utf8(c.read().unwrap().into_owned()).unwrap()
+        };
+        for (update, version) in [(None, "6.12.0"), (Some("1.2.0"), "1.2.0")] {
+            let b = BootFiles {
+                arch: Arch::X86_64,
+                title: "kiln demo (x86_64)",
+                kernel_version: "6.12.0",
+                update_version: update,
+                kernel: Content::bytes("k"),
+                initrd: Content::bytes("i"),
+                systemd_boot: Some(Content::bytes("efi")),
+                cmdline: "root=PARTUUID=x",
+                device_tree: None,
+                board_files: &[],
+            };
+            let t = tree(&p, &b).unwrap();
+            assert!(!t.contains("loader/entries/kiln.conf"));
+            let entry = text(&t, ENTRY_A);
+            assert!(entry.contains("\nsort-key kiln\n"), "{entry}");
+            assert!(entry.contains(&format!("\nversion 1-{version}\n# kiln-version {version}\n")), "{entry}");
+            let loader = text(&t, "loader/loader.conf");
+            assert!(loader.lines().any(|l| l == "default kiln-*"), "{loader}");
+            // Updatable images reach systemd-boot (boot counting) also where U-Boot would
+            // prefer extlinux.
+            assert_eq!(t.contains("extlinux/extlinux.conf"), update.is_none());
         }
     }
 
@@ -122,6 +191,7 @@ mod tests {
             arch: Arch::Riscv64,
             title: "kiln demo (riscv64)",
             kernel_version: "6.12.0",
+            update_version: None,
             kernel: Content::bytes("k"),
             initrd: Content::bytes("i"),
             systemd_boot: None,
@@ -165,6 +235,7 @@ mod tests {
             arch: Arch::Aarch64,
             title: "kiln pi (aarch64)",
             kernel_version: "6.12.0-arm64",
+            update_version: None,
             kernel: Content::bytes("kernel image"),
             initrd: Content::bytes("initramfs"),
             systemd_boot: None,

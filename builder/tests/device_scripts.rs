@@ -787,6 +787,21 @@ false
         assert!(out.contains("failed step(s): identity site-net-check"), "{out}");
     }
 
+    /// An update applied by a boot step (a KILN-UPDATE medium) reboots; init acts on it only
+    /// after the boot sequence, which skips the remaining steps and reports no readiness.
+    #[test]
+    fn a_reboot_for_an_update_skips_the_remaining_steps() {
+        let m = FakeRoot::new();
+        m.write("usr/lib/kiln/boot.d/23-update.sh", "kiln_log update rebooting\n: > \"$KILN_ROOT/run/kiln/rebooting\"\n");
+        let (ok, out) = boot_with_a_failing_step(&m);
+        assert!(ok, "{out}");
+        assert!(
+            out.ends_with("[kiln] update: rebooting\n[kiln] boot: rebooting for an update; the remaining steps are skipped\n"),
+            "{out}"
+        );
+        assert!(!out.contains("identity") && !out.contains("ssh") && !m.exists("run/kiln/booted"), "{out}");
+    }
+
     #[test]
     fn the_appliance_rescue_shell_is_opt_in() {
         let m = FakeRoot::new();
@@ -872,5 +887,384 @@ mod rancher_import {
         let m = root("agent", true, false);
         let (ok, out) = run(&m);
         assert!(ok && out.contains("is not a k3s server") && !m.exists("k3s-calls"), "{out}");
+    }
+}
+
+/// `usr/sbin/kiln-update`: A/B updates on the device. A fake disk `vda` (ESP, slot A, slot B with
+/// a GPT that names slot B's GUID), the running slot on the command line, the ESP's files in
+/// `run/kiln/esp`, and bundles signed with the host's `minisign` (Debian package `minisign`).
+/// Every refusal must leave slot B's bytes and the ESP as they were.
+mod update {
+    use std::path::Path;
+    use std::process::Command;
+
+    use super::{overlay, FakeRoot};
+
+    const MIB: usize = 1 << 20;
+    const SLOT_B: usize = 4 * MIB;
+    const GUID_B: &str = "0a1b2c3d-4e5f-4061-8273-8495a6b7c8d9";
+
+    /// A minisign key pair in `dir`: (public key file, secret key file).
+    fn keypair(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let (p, s) = (dir.join(format!("{name}.pub")), dir.join(format!("{name}.key")));
+        let out = Command::new("minisign")
+            .args(["-G", "-W", "-f", "-p"])
+            .arg(&p)
+            .arg("-s")
+            .arg(&s)
+            .output()
+            .expect("running minisign (install the Debian package `minisign`)");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (p, s)
+    }
+
+    /// The GPT bytes kiln-update reads: header at LBA 1 (entries at LBA 2, 128 bytes each) and
+    /// partition 3's unique GUID in its mixed-endian on-disk form.
+    fn gpt_disk(guid: &str) -> Vec<u8> {
+        let mut d = vec![0u8; 64 * 1024];
+        d[512..520].copy_from_slice(b"EFI PART");
+        d[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        d[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        let h = guid.replace('-', "");
+        let b: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&h[2 * i..2 * i + 2], 16).unwrap()).collect();
+        let mut on_disk = Vec::new();
+        on_disk.extend(b[0..4].iter().rev());
+        on_disk.extend(b[4..6].iter().rev());
+        on_disk.extend(b[6..8].iter().rev());
+        on_disk.extend(&b[8..16]);
+        let at = 2 * 512 + 2 * 128 + 16;
+        d[at..at + 16].copy_from_slice(&on_disk);
+        d
+    }
+
+    struct Device {
+        m: FakeRoot,
+        keys: tempfile::TempDir,
+        /// The trusted key pair (0.pub on the device).
+        trusted: (std::path::PathBuf, std::path::PathBuf),
+    }
+
+    const STUBS: &[&str] = &["mount", "umount", "modprobe", "reboot", "setsid"];
+
+    /// A device running `version` from slot `slot`, trusting one key (allowed to downgrade
+    /// when `downgrade`).
+    fn device(version: &str, slot: char, downgrade: bool) -> Device {
+        let m = FakeRoot::new();
+        let appliance = overlay("appliance");
+        m.write("usr/lib/kiln/lib.sh", &std::fs::read_to_string(appliance.join("usr/lib/kiln/lib.sh")).unwrap());
+        m.write_mode("usr/sbin/kiln-update", &std::fs::read_to_string(appliance.join("usr/sbin/kiln-update")).unwrap(), 0o755);
+        m.write("usr/lib/kiln/update/version", &format!("{version}\n"));
+        m.write("usr/lib/kiln/update/health_timeout", "120\n");
+        let keys = tempfile::tempdir().unwrap();
+        let trusted = keypair(keys.path(), "trusted");
+        m.write("usr/lib/kiln/update/keys/0.pub", &std::fs::read_to_string(&trusted.0).unwrap());
+        if downgrade {
+            m.write("usr/lib/kiln/update/keys/0.downgrade", "");
+        }
+        m.write("proc/cmdline", &format!("root=PARTUUID=x kiln.rootname=kiln-root-{slot} console=ttyS0\n"));
+        std::fs::create_dir_all(m.path().join("proc/sys/vm")).unwrap();
+        m.write("proc/sys/vm/drop_caches", "");
+        std::fs::create_dir_all(m.path().join("sys/class/block")).unwrap();
+        for (n, name, size) in [(1, "esp@lab", MIB), (2, "kiln-root-a", SLOT_B), (3, "kiln-root-b", SLOT_B)] {
+            m.write(
+                &format!("sys/block/vda/vda{n}/uevent"),
+                &format!("MAJOR=254\nMINOR={n}\nDEVNAME=vda{n}\nDEVTYPE=partition\nPARTN={n}\nPARTNAME={name}\n"),
+            );
+            m.write(&format!("sys/block/vda/vda{n}/size"), &format!("{}\n", size / 512));
+            std::os::unix::fs::symlink(format!("../../block/vda/vda{n}"), m.path().join(format!("sys/class/block/vda{n}"))).unwrap();
+            std::fs::write(m.path().join(format!("dev/vda{n}")).tap_dir(), vec![0xaau8; size]).unwrap();
+        }
+        std::fs::write(m.path().join("dev/vda"), gpt_disk(GUID_B)).unwrap();
+        m.write("run/kiln/esp/loader/loader.conf", "timeout 0\ndefault kiln-*\neditor no\n");
+        m.write(
+            "run/kiln/esp/loader/entries/kiln-a.conf",
+            &format!("title kiln\nsort-key kiln\nversion 1-{version}\n# kiln-version {version}\nlinux /kiln/vmlinuz\n"),
+        );
+        m.write("run/kiln/esp/kiln/vmlinuz", "old kernel");
+        std::fs::create_dir_all(m.path().join("run/kiln/data")).unwrap();
+        for stub in STUBS {
+            m.write_mode(&format!("bin/{stub}"), &format!("#!/bin/sh\necho \"{stub} $*\" >> \"$KILN_ROOT/calls\"\n"), 0o755);
+        }
+        m.write_mode("bin/uname", "#!/bin/sh\necho x86_64\n", 0o755);
+        m.write_mode("bin/findfs", "#!/bin/sh\nexit 1\n", 0o755);
+        // http:// sources: the stand-in wget serves the root's srv/ directory.
+        m.write_mode(
+            "bin/wget",
+            "#!/bin/sh\nwhile [ $# -gt 1 ]; do [ \"$1\" = -O ] && out=$2; shift; done\ncp \"$KILN_ROOT/srv/${1#http://server/updates/x86_64/}\" \"$out\"\n",
+            0o755,
+        );
+        Device { m, keys, trusted }
+    }
+
+    trait TapDir {
+        fn tap_dir(self) -> Self;
+    }
+    impl TapDir for std::path::PathBuf {
+        /// Creates the parent directory of this path.
+        fn tap_dir(self) -> Self {
+            std::fs::create_dir_all(self.parent().unwrap()).unwrap();
+            self
+        }
+    }
+
+    struct Bundle {
+        root: Vec<u8>,
+        lines: Vec<String>,
+    }
+
+    fn bundle(version: &str) -> Bundle {
+        let root: Vec<u8> = (0..(2 * MIB + 4097)).map(|i| (i * 7 % 251) as u8).collect();
+        let lines = vec![
+            "kiln-update 1".to_string(),
+            "profile lab".to_string(),
+            "arch x86_64".to_string(),
+            format!("version {version}"),
+            "build 0123456789abcdef".to_string(),
+            "downgrade no".to_string(),
+            "options console=ttyS0,115200 quiet".to_string(),
+        ];
+        Bundle { root, lines }
+    }
+
+    impl Bundle {
+        fn set(mut self, key: &str, line: Option<&str>) -> Self {
+            self.lines.retain(|l| l.split(' ').next() != Some(key));
+            if let Some(l) = line {
+                // The format line stays first.
+                self.lines.insert(usize::from(key != "kiln-update"), l.to_string());
+            }
+            self
+        }
+
+        /// Writes the bundle into `dir`, signed by `key`; `tamper` changes the root after the
+        /// manifest is written (a flipped byte).
+        fn write(&self, dir: &Path, key: &Path, tamper: bool) {
+            use sha2::Digest;
+            std::fs::create_dir_all(dir).unwrap();
+            let mut text = self.lines.join("\n") + "\n";
+            for (role, name, bytes) in
+                [("root", "root.squashfs", &self.root[..]), ("kernel", "vmlinuz", b"new kernel"), ("initrd", "initrd", b"new initrd")]
+            {
+                std::fs::write(dir.join(name), bytes).unwrap();
+                text.push_str(&format!("file {role} {name} {} {}\n", bytes.len(), hex::encode(sha2::Sha256::digest(bytes))));
+            }
+            if tamper {
+                let mut r = self.root.clone();
+                r[MIB + 3] ^= 1;
+                std::fs::write(dir.join("root.squashfs"), r).unwrap();
+            }
+            std::fs::write(dir.join("update.txt"), text).unwrap();
+            let out = Command::new("minisign")
+                .args(["-S", "-s"])
+                .arg(key)
+                .arg("-m")
+                .arg(dir.join("update.txt"))
+                .args(["-t", "kiln-update test"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    impl Device {
+        fn run(&self, args: &[&str]) -> (bool, String) {
+            let script = self.m.path().join("usr/sbin/kiln-update");
+            let mut a = vec![script.to_str().unwrap().to_string()];
+            a.extend(args.iter().map(|s| s.to_string()));
+            self.m.sh(a)
+        }
+
+        fn slot_b(&self) -> Vec<u8> {
+            std::fs::read(self.m.path().join("dev/vda3")).unwrap()
+        }
+
+        fn entries(&self) -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(self.m.path().join("run/kiln/esp/loader/entries"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        }
+
+        fn calls(&self) -> String {
+            std::fs::read_to_string(self.m.path().join("calls")).unwrap_or_default()
+        }
+
+        fn set_slot(&self, slot: char) {
+            self.m.write("proc/cmdline", &format!("root=PARTUUID=x kiln.rootname=kiln-root-{slot} console=ttyS0\n"));
+        }
+    }
+
+    /// Applies `b` (signed by the trusted key unless `key` says otherwise) from a directory.
+    fn apply(d: &Device, b: &Bundle, key: Option<&Path>, tamper: bool) -> (bool, String) {
+        let dir = d.m.path().join("media/kiln-update/x86_64");
+        b.write(&dir, key.unwrap_or(&d.trusted.1), tamper);
+        d.run(&["apply", dir.to_str().unwrap()])
+    }
+
+    /// A refused bundle: non-zero exit, the expected error, and nothing written: slot B's bytes,
+    /// the ESP's entries and slot B's boot files as they were.
+    fn assert_refused(d: &Device, (ok, out): (bool, String), want: &str) {
+        assert!(!ok, "accepted: {out}");
+        assert!(out.contains("[kiln] error: update: ") && out.contains(want), "wanted `{want}`: {out}");
+        assert!(d.slot_b().iter().all(|&b| b == 0xaa), "slot B was written: {out}");
+        assert_eq!(d.entries(), ["kiln-a.conf"], "{out}");
+        assert!(!d.m.exists("run/kiln/esp/kiln-b"), "{out}");
+    }
+
+    #[test]
+    fn a_good_bundle_writes_slot_b_then_its_entry_last() {
+        for http in [false, true] {
+            let d = device("1.0.0", 'a', false);
+            let b = bundle("2.0.0");
+            let (ok, out) = if http {
+                b.write(&d.m.path().join("srv"), &d.trusted.1, false);
+                d.run(&["apply", "http://server/updates/x86_64/", "--reboot"])
+            } else {
+                apply(&d, &b, None, false)
+            };
+            assert!(ok, "http={http}: {out}");
+            assert_eq!(&d.slot_b()[..b.root.len()], &b.root[..]);
+            assert!(d.slot_b()[b.root.len()..].iter().all(|&x| x == 0xaa));
+            assert_eq!(d.m.read("run/kiln/esp/kiln-b/vmlinuz"), "new kernel");
+            assert_eq!(d.m.read("run/kiln/esp/kiln-b/initrd"), "new initrd");
+            assert_eq!(d.entries(), ["kiln-a.conf", "kiln-b+1.conf"]);
+            let entry = d.m.read("run/kiln/esp/loader/entries/kiln-b+1.conf");
+            assert!(
+                entry.contains("\nsort-key kiln\nversion 2-2.0.0\n# kiln-version 2.0.0\nlinux /kiln-b/vmlinuz\ninitrd /kiln-b/initrd\n"),
+                "{entry}"
+            );
+            assert!(
+                entry.contains(&format!("options root=PARTUUID={GUID_B} kiln.rootname=kiln-root-b console=ttyS0,115200 quiet panic=10\n")),
+                "{entry}"
+            );
+            let written = out.find("slot b written and read back").unwrap_or_else(|| panic!("{out}"));
+            assert!(out[written..].contains("[kiln] update: slot b holds version 2.0.0"), "{out}");
+            assert!(!d.m.exists("run/kiln/data/update"), "staged files are removed: {out}");
+            assert_eq!(d.calls().contains("reboot"), http, "--reboot reboots: {}", d.calls());
+        }
+    }
+
+    /// The trial: slot B booted once (counted here when the loader did not), kept at ready; a
+    /// second update goes to slot A with the next generation.
+    #[test]
+    fn a_trial_that_reaches_ready_keeps_the_slot() {
+        let d = device("1.0.0", 'a', false);
+        assert!(apply(&d, &bundle("2.0.0"), None, false).0);
+        d.set_slot('b');
+        d.m.write("usr/lib/kiln/update/version", "2.0.0\n");
+        let (ok, out) = d.run(&["boot"]);
+        assert!(ok, "{out}");
+        assert!(out.contains("[kiln] update: trial boot of slot b (version 2.0.0)"), "{out}");
+        assert_eq!(d.entries(), ["kiln-a.conf", "kiln-b+0-1.conf"], "the try is counted: {out}");
+        assert!(d.calls().contains("setsid ") && d.calls().contains(" watch 120"), "health timer: {}", d.calls());
+        assert!(d.m.exists("run/kiln/update-trial"));
+        let (ok, out) = d.run(&["apply", "/nowhere"]);
+        assert!(!ok && out.contains("this boot is the trial of slot b"), "{out}");
+        let (ok, out) = d.run(&["good"]);
+        assert!(ok && out.contains("[kiln] update: slot b good (version 2.0.0)"), "{out}");
+        assert_eq!(d.entries(), ["kiln-a.conf", "kiln-b.conf"]);
+        assert!(!d.m.exists("run/kiln/update-trial"));
+        // The health timer then finds nothing to do.
+        let (ok, _) = d.run(&["watch", "0"]);
+        assert!(ok && !d.calls().contains("reboot"), "{}", d.calls());
+        let (_, out) = d.run(&["status"]);
+        assert!(out.contains("running: slot b, version 2.0.0") && out.contains("slot b: version 2.0.0 good"), "{out}");
+
+        let (ok, out) = apply(&d, &bundle("3.0.0"), None, false);
+        assert!(ok, "{out}");
+        assert_eq!(d.entries(), ["kiln-a+1.conf", "kiln-b.conf"], "slot A's old entry is replaced: {out}");
+        let entry = d.m.read("run/kiln/esp/loader/entries/kiln-a+1.conf");
+        assert!(
+            entry.contains("\nversion 3-3.0.0\n") && entry.contains("kiln.rootname=kiln-root-a") && entry.contains("linux /kiln/vmlinuz"),
+            "{entry}"
+        );
+    }
+
+    /// A failed step (or the health timer) marks the entry bad and reboots; the old slot's boot
+    /// reports the rollback with the reason and removes the bad entry.
+    #[test]
+    fn a_failed_trial_rolls_back_and_says_why() {
+        for (how, reason) in [("fail", "boot step(s) failed: site-broken"), ("watch", "no [kiln] ready within 0 s")] {
+            let d = device("1.0.0", 'a', false);
+            assert!(apply(&d, &bundle("2.0.0"), None, false).0);
+            d.set_slot('b');
+            d.m.write("usr/lib/kiln/update/version", "2.0.0\n");
+            assert!(d.run(&["boot"]).0);
+            let args: Vec<&str> = if how == "fail" { vec!["fail", "boot step(s) failed: site-broken"] } else { vec!["watch", "0"] };
+            let (ok, out) = d.run(&args);
+            assert!(ok && out.contains("[kiln] update: trial of slot b (version 2.0.0) failed: ") && out.contains(reason), "{how}: {out}");
+            assert!(d.calls().contains("reboot"), "{how}: {}", d.calls());
+            assert_eq!(d.entries(), ["kiln-a.conf", "kiln-b+0-1.conf"], "{how}");
+            // The old slot boots (systemd-boot sorts the entry with 0 tries left last).
+            d.set_slot('a');
+            d.m.write("usr/lib/kiln/update/version", "1.0.0\n");
+            let (ok, out) = d.run(&["boot"]);
+            assert!(ok, "{how}: {out}");
+            assert!(out.contains(&format!("[kiln] update: rolled back from 2.0.0 to 1.0.0: {reason}")), "{how}: {out}");
+            assert!(out.contains("data partition was last used by slot=b version=2.0.0"), "{how}: {out}");
+            assert_eq!(d.entries(), ["kiln-a.conf"], "{how}");
+            let (_, out) = d.run(&["status"]);
+            assert!(out.contains("last result: rolled back from 2.0.0 (slot b) to 1.0.0"), "{out}");
+        }
+    }
+
+    #[test]
+    fn bad_bundles_are_refused_before_anything_is_written() {
+        let other = {
+            let d = device("1.0.0", 'a', false);
+            let k = keypair(d.keys.path(), "other");
+            (d, k)
+        };
+        let d = device("1.0.0", 'a', false);
+        let other_key = other.1 .1.clone();
+        // Signed by a key the device does not trust.
+        assert_refused(&d, apply(&d, &bundle("2.0.0"), Some(&other_key), false), "not signed by any of the 1 key(s)");
+        // update.txt changed after signing.
+        let dir = d.m.path().join("media/kiln-update/x86_64");
+        bundle("2.0.0").write(&dir, &d.trusted.1, false);
+        let text = std::fs::read_to_string(dir.join("update.txt")).unwrap().replace("2.0.0", "2.0.1");
+        std::fs::write(dir.join("update.txt"), text).unwrap();
+        assert_refused(&d, d.run(&["apply", dir.to_str().unwrap()]), "not signed by any");
+        assert_refused(
+            &d,
+            apply(&d, &bundle("2.0.0").set("arch", Some("arch aarch64")), None, false),
+            "the bundle is for aarch64; this device is x86_64",
+        );
+        assert_refused(&d, apply(&d, &bundle("0.9.0"), None, false), "version 0.9.0 is older than the running 1.0.0");
+        assert_refused(&d, apply(&d, &bundle("0.9.0").set("downgrade", Some("downgrade yes")), None, false), "may not sign downgrades");
+        assert_refused(
+            &d,
+            apply(&d, &bundle("2.0.0").set("min_version", Some("min_version 1.5")), None, false),
+            "applies only to devices at 1.5 or later",
+        );
+        assert_refused(&d, apply(&d, &bundle("2.0.0").set("kiln-update", Some("kiln-update 2")), None, false), "the bundle is format 2");
+        let (ok, out) = apply(&d, &bundle("2.0.0"), None, true);
+        assert_refused(&d, (ok, out.clone()), "root.squashfs from");
+        assert!(out.contains("does not match update.txt") && !d.m.exists("run/kiln/data/update"), "{out}");
+        // The version order is numeric: 1.10 is newer than 1.9.
+        let d9 = device("1.9", 'a', false);
+        assert!(apply(&d9, &bundle("1.10"), None, false).0);
+    }
+
+    #[test]
+    fn downgrades_need_the_bundle_and_the_key_to_allow_them_and_images_without_keys_refuse_all() {
+        let d = device("1.0.0", 'a', true);
+        assert_refused(&d, apply(&d, &bundle("0.9.0"), None, false), "a downgrade needs a bundle built with --allow-downgrade");
+        let (ok, out) = apply(&d, &bundle("0.9.0").set("downgrade", Some("downgrade yes")), None, false);
+        assert!(ok && out.contains("downgrade from 1.0.0 to 0.9.0 allowed"), "{out}");
+        // The downgrade's entry still sorts first: its generation is higher.
+        assert!(d.m.read("run/kiln/esp/loader/entries/kiln-b+1.conf").contains("\nversion 2-0.9.0\n"));
+
+        let d = device("1.0.0", 'a', false);
+        std::fs::remove_file(d.m.path().join("usr/lib/kiln/update/keys/0.pub")).unwrap();
+        assert_refused(
+            &d,
+            apply(&d, &bundle("2.0.0"), None, false),
+            "this image trusts no update keys (its profile has no update: section)",
+        );
+        let (ok, out) = d.run(&["boot"]);
+        assert!(ok && out.contains("updates off"), "{out}");
     }
 }

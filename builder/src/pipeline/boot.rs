@@ -85,6 +85,9 @@ pub(super) struct Boot<'a> {
     /// Raspberry Pi platforms: the GPU firmware and the device trees.
     board_files: Vec<(String, Content)>,
     epoch: u64,
+    /// The profile's `update.version`: names slot A's boot entry (and leaves extlinux out where
+    /// systemd-boot is there too, for boot counting).
+    update_version: Option<String>,
     /// The profile has `update:`: the ESP holds a second set of boot files (slot B's).
     update_slots: bool,
 }
@@ -124,6 +127,7 @@ impl<'a> Boot<'a> {
             device_tree,
             board_files,
             epoch: job.epoch,
+            update_version: job.profile.profile.update.as_ref().map(|u| u.version.clone()),
             update_slots: job.profile.profile.update.is_some(),
         })
     }
@@ -136,6 +140,7 @@ impl<'a> Boot<'a> {
                 arch: self.arch,
                 title: &self.title,
                 kernel_version: &self.kver,
+                update_version: self.update_version.as_deref(),
                 kernel: self.kernel.clone(),
                 initrd: self.initrd.clone(),
                 systemd_boot: self.systemd_boot.clone(),

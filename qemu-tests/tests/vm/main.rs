@@ -18,3 +18,4 @@ mod pxe;
 mod quickstart;
 mod raspberrypi;
 mod reuse;
+mod update;

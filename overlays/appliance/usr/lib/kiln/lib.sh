@@ -109,6 +109,10 @@ kiln_ready() {
     uptime_s=$(cut -d' ' -f1 /proc/uptime)
     echo "[kiln] ready arch=$(uname -m) host=$(hostname) uptime=${uptime_s}s"
     echo "ready arch=$(uname -m) host=$(hostname) uptime=${uptime_s}s" >> "$KILN_STATUS"
+    # A trial boot of an update is kept only now (kiln-update good renames its boot entry).
+    if [ -e "${KILN_ROOT:-}/run/kiln/update-trial" ]; then
+        "${KILN_ROOT:-}/usr/sbin/kiln-update" good || true
+    fi
 }
 
 # kiln_await STEP WHAT CHECK: runs CHECK until it succeeds, printing `[kiln] STEP: waiting for

@@ -1,0 +1,245 @@
+//! Slow tier, A/B updates (docs/updates.md): one VM boot chain per architecture (x86_64 OVMF,
+//! aarch64 AAVMF, riscv64 U-Boot's EFI; each with systemd-boot).
+//! `qemu-tests/profiles/update-v1.yaml` is built three times with a key made by `kiln keygen`: v1
+//! (disk image), v2 (update bundle: a changed file) and v3 (update bundle: a boot script that
+//! fails). A grown copy of v1 boots; its `updater` service applies the bundle that `kiln serve`
+//! offers at `/updates/<arch>/` and reboots (x86_64: v2 comes from a second disk labelled
+//! KILN-UPDATE instead, applied by the boot step with no server running); v2 must boot from slot B
+//! on trial, reach `[kiln] ready`, be kept, show the changed file and the `/var/lib` file v1 wrote.
+//! Then the server offers v3: it is applied to slot A, its trial fails a boot step, the node
+//! reboots by itself into v2 and says `rolled back from 3.0.0 to 2.0.0`, and is ready again. The
+//! console lines' times give the time to apply and to roll back.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use kiln::arch::Arch;
+use kiln::qemu::{Disk, Net, Vm, VmSpec};
+use kiln_qemu_tests::{cache_dir, flash_grown, free_port, kiln_bin, kiln_with_cache, repo_root, wait_ready, work_dir, BOOT_TIMEOUT};
+
+const PROFILE: &str = "qemu-tests/profiles/update-v1.yaml";
+/// The profile's placeholder trusted key.
+const PLACEHOLDER_KEY: &str = "RWRpO/OP8xTqM96NbbUrc16SWUXPnFWMnPeeVf1D9qkxxDtvUZaKSRTn";
+/// Fetching, staging, writing and reading back a root of ~100 MiB under TCG.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `kiln serve OUT` on the host's loopback (the guest reaches it as 10.0.2.2), which serves the
+/// build's bundle at `/updates/<arch>/`; killed on drop.
+struct Serve(Child);
+
+impl Serve {
+    fn start(out: &Path, port: u16) -> Result<Serve> {
+        let mut child = Command::new(kiln_bin()?)
+            .args(["serve", out.to_str().context("non-UTF-8 dir")?, "--listen", &format!("127.0.0.1:{port}")])
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting kiln serve")?;
+        let err = child.stderr.take().context("kiln serve's stderr")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("serve: {line}");
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(Instant::now() < deadline, "kiln serve did not listen on port {port}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Serve(child))
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Builds variant `version` of the profile (`formats`) into `dir/<name>`, signed with `key`.
+fn build(dir: &Path, name: &str, text: &str, arch: Arch, formats: &str, key: &Path) -> Result<PathBuf> {
+    let profile = dir.join(format!("{name}.yaml"));
+    std::fs::write(&profile, text)?;
+    let out = dir.join(name);
+    let started = Instant::now();
+    let (code, log) = kiln_with_cache(
+        &cache_dir()?,
+        &[
+            "build",
+            profile.to_str().context("non-UTF-8 dir")?,
+            "--arch",
+            arch.name(),
+            "--format",
+            formats,
+            "--signing-key",
+            key.to_str().context("non-UTF-8 dir")?,
+            "--out",
+            out.to_str().context("non-UTF-8 dir")?,
+        ],
+    )?;
+    ensure!(code == 0, "kiln build {name} ({formats}) failed (exit {code}):\n{log}");
+    eprintln!("{arch} {name} build ({formats}): {:.1} s", started.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+/// The VM's elapsed time now, just after `wait_for` returned a line (logged with `what`): the
+/// difference of two marks is the time between their console lines.
+fn mark(vm: &Vm, arch: Arch, what: &str) -> f64 {
+    let t = vm.elapsed().as_secs_f64();
+    eprintln!("update ({arch}): {what} at {t:.1} s");
+    t
+}
+
+/// v2 from a second disk labelled KILN-UPDATE (no network), v3 over HTTP.
+#[test]
+fn x86_64_update_from_usb_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
+    chain(Arch::X86_64, V2From::Usb)
+}
+
+#[test]
+fn aarch64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
+    chain(Arch::Aarch64, V2From::Http)
+}
+
+/// Through U-Boot's EFI (the image has no extlinux.conf when it takes updates).
+#[test]
+fn riscv64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
+    chain(Arch::Riscv64, V2From::Http)
+}
+
+#[derive(PartialEq)]
+enum V2From {
+    /// The updater service, from the test's HTTP server.
+    Http,
+    /// The boot step, from a FAT disk labelled KILN-UPDATE holding `kiln-update/<arch>/`.
+    Usb,
+}
+
+/// A FAT32 disk image labelled KILN-UPDATE with the bundle `bundle` under `kiln-update/<arch>/`
+/// (written by kiln's own FAT writer).
+fn usb_stick(bundle: &Path, arch: Arch, to: &Path) -> Result<()> {
+    let mut tree = kiln::tree::Tree::new();
+    for entry in std::fs::read_dir(bundle)? {
+        let entry = entry?;
+        let name = entry.file_name().into_string().map_err(|n| anyhow::anyhow!("non-UTF-8 file name {n:?}"))?;
+        tree.add_file(&format!("kiln-update/{}/{name}", arch.name()), 0o644, std::fs::read(entry.path())?)?;
+    }
+    let size = kiln::fat::fat32_size_for(&tree, 1 << 20)?;
+    let mut out = std::fs::File::create(to)?;
+    out.set_len(size)?;
+    let opts = kiln::fat::FatOptions { volume_id: 0x4b55_5044, label: "KILN-UPDATE".into(), mtime: 0 };
+    kiln::fat::write_fat32(&mut out, size, &tree, &opts)
+}
+
+/// The whole chain on one architecture: v1 → v2 (kept) → v3 (rolled back to v2).
+fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
+    let dir = work_dir(&format!("update-{arch}"))?;
+    let port = free_port()?;
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["keygen", "--out", dir.to_str().context("non-UTF-8 dir")?, "--name", "test"])?;
+    ensure!(code == 0, "kiln keygen failed (exit {code}):\n{log}");
+    let key = dir.join("test.key");
+    let public = log.lines().rev().find(|l| l.starts_with("RW")).context("kiln keygen printed no public key line")?.trim().to_string();
+    let text = std::fs::read_to_string(repo_root().join(PROFILE))?;
+    ensure!(text.contains(PLACEHOLDER_KEY), "{PROFILE} lacks the placeholder key");
+    let v1 = text.replace(PLACEHOLDER_KEY, &public).replace("@PORT@", &port.to_string());
+    // Both files' contents change: the image's /etc and the (hidden) /var/lib seed.
+    let v2 = v1.replace("version: 1.0.0", "version: 2.0.0").replace("content: \"v1\"", "content: \"v2\"");
+    let v3 = v2.replace("version: 2.0.0", "version: 3.0.0").replace("content: \"v2\"", "content: \"v3\"").replace(
+        "boot_scripts:\n",
+        "boot_scripts:\n  - name: broken\n    script: |\n      kiln_log broken \"this version fails on purpose\"\n      false\n",
+    );
+    ensure!(v1 != v2 && v2 != v3 && v3.contains("name: broken"), "the profile's placeholders changed");
+    let out1 = build(&dir, "v1", &v1, arch, "disk", &key)?;
+    let out2 = build(&dir, "v2", &v2, arch, "update", &key)?;
+    let out3 = build(&dir, "v3", &v3, arch, "update", &key)?;
+    for (out, v) in [(&out2, "2.0.0"), (&out3, "3.0.0")] {
+        let manifest = std::fs::read_to_string(out.join(arch.name()).join("update/update.txt"))?;
+        ensure!(manifest.contains(&format!("\nversion {v}\n")), "{manifest}");
+    }
+    let disk = dir.join("disk.img");
+    flash_grown(&out1.join(arch.name()).join("disk.img"), &disk, 2 << 30)?;
+
+    let mut spec = VmSpec::new(arch);
+    spec.disks = vec![Disk { path: disk.clone(), snapshot: false }];
+    spec.net = Net::User { hostfwd: vec![] };
+    // kiln serve offers v2 only on the HTTP path (until v3, nothing answers on the USB path).
+    let serve = if v2_from == V2From::Usb {
+        let stick = dir.join("usb.img");
+        usb_stick(&out2.join(arch.name()).join("update"), arch, &stick)?;
+        spec.disks.push(Disk { path: stick, snapshot: true });
+        None
+    } else {
+        Some(Serve::start(&out2, port)?)
+    };
+    let mut vm = Vm::start(&spec, &dir.join("console.log"))?;
+    vm.wait_for("[kiln] update: slot a, version 1.0.0", BOOT_TIMEOUT)?;
+    let apply_start = if v2_from == V2From::Usb {
+        // Applied by the boot step, before v1 is ready, with no network involved.
+        vm.wait_for("[kiln] update: applying the bundle on /dev/vdb (KILN-UPDATE)", BOOT_TIMEOUT)?;
+        mark(&vm, arch, "v2 apply from the KILN-UPDATE disk started")
+    } else {
+        vm.wait_for("[kiln] update-test: etc=v1 varlib=v1 first=v1", BOOT_TIMEOUT)?;
+        wait_ready(&mut vm, &format!("{arch} v1 (slot a)"), BOOT_TIMEOUT)?;
+        // v2: applied by the updater service from the HTTP server, then the trial of slot B.
+        vm.wait_for("[kiln] update: fetching update.txt from http://10.0.2.2", APPLY_TIMEOUT)?;
+        mark(&vm, arch, "v2 apply started")
+    };
+    vm.wait_for("[kiln] update: slot b written and read back (sha256 ok)", APPLY_TIMEOUT)?;
+    vm.wait_for("[kiln] update: slot b holds version 2.0.0", APPLY_TIMEOUT)?;
+    let applied = mark(&vm, arch, "v2 applied");
+    if v2_from == V2From::Usb {
+        // v1's remaining boot steps are skipped: no ready before the reboot.
+        let line = vm.wait_for("[kiln] ", BOOT_TIMEOUT)?;
+        ensure!(line.contains("[kiln] update: rebooting into the trial of slot b"), "{line}");
+        let line = vm.wait_for("[kiln] ", BOOT_TIMEOUT)?;
+        ensure!(line.contains("[kiln] boot: rebooting for an update; the remaining steps are skipped"), "{line}");
+    }
+    eprintln!("update ({arch}): time to apply v2: {:.1} s", applied - apply_start);
+    vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: trial boot of slot b (version 2.0.0)", BOOT_TIMEOUT)?;
+    // The data partition's files from v1: the seed, and first-booted (on the USB path the update
+    // step applied v2 before v1's boot script ran, so v2 is the first to write that one).
+    let first = if v2_from == V2From::Usb { "v2" } else { "v1" };
+    vm.wait_for(&format!("[kiln] update-test: etc=v2 varlib=v1 first={first}"), BOOT_TIMEOUT)?;
+    wait_ready(&mut vm, &format!("{arch} v2 (slot b, trial)"), BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: slot b good (version 2.0.0)", BOOT_TIMEOUT)?;
+    let good = mark(&vm, arch, "v2 kept");
+    eprintln!("update ({arch}): from applied to v2 good (reboot + trial boot): {:.1} s", good - applied);
+    // systemd-boot counts the try itself on EDK2 firmware; U-Boot's EFI cannot rename files, so
+    // there the update step counts it (docs/updates.md).
+    let counted_here = vm.console().contains("the boot loader did not count this trial boot");
+    eprintln!("update ({arch}): trial counted by {}", if counted_here { "kiln-update" } else { "systemd-boot" });
+    ensure!(arch == Arch::Riscv64 || !counted_here, "systemd-boot on EDK2 should have counted the try itself");
+
+    // v3: a boot step fails on its trial; the node goes back to v2 by itself.
+    drop(serve);
+    let _serve = Serve::start(&out3, port)?;
+    vm.wait_for("[kiln] update: slot a holds version 3.0.0", APPLY_TIMEOUT)?;
+    let applied3 = mark(&vm, arch, "v3 applied");
+    vm.wait_for("[kiln] update: trial boot of slot a (version 3.0.0)", BOOT_TIMEOUT)?;
+    // The failing step's error is the expected one (wait_for stops at any other error line).
+    vm.wait_for("[kiln] error: boot step site-broken failed", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: trial of slot a (version 3.0.0) failed: boot step(s) failed: site-broken", BOOT_TIMEOUT)?;
+    let failed = mark(&vm, arch, "v3 trial failed");
+    vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: rolled back from 3.0.0 to 2.0.0: boot step(s) failed: site-broken", BOOT_TIMEOUT)?;
+    if v2_from == V2From::Usb {
+        // The stick is still there (a trial boot does not look at it): the running version is
+        // not applied again.
+        vm.wait_for("[kiln] update: /dev/vdb (KILN-UPDATE) holds version 2.0.0, which is running; remove the medium", BOOT_TIMEOUT)?;
+    }
+    vm.wait_for(&format!("[kiln] update-test: etc=v2 varlib=v1 first={first}"), BOOT_TIMEOUT)?;
+    wait_ready(&mut vm, &format!("{arch} v2 after the rollback"), BOOT_TIMEOUT)?;
+    let back = mark(&vm, arch, "v2 ready again");
+    eprintln!(
+        "update ({arch}): v3 applied to trial failure {:.1} s; trial failure to v2 ready (rollback) {:.1} s",
+        failed - applied3,
+        back - failed
+    );
+    Ok(())
+}
