@@ -367,7 +367,9 @@ mod k3s_run {
         let (ok, out) = m.sh(["-c", script.as_str()]);
         assert!(ok && out.is_empty(), "{out}");
         // The bundled images: three times the archive plus 256 MiB (a 10 MiB archive: 289 MiB).
-        let images = format!(". {}; kiln_need_images_space images", lib.display());
+        // `archive=keep` and the echo: the helper must not overwrite its caller's variables
+        // (images-import keeps the archive's path in `archive`).
+        let images = format!(". {}; archive=keep; kiln_need_images_space images; [ \"$archive\" = keep ] || echo clobbered", lib.display());
         m.write_mode("bin/df", &df(65536), 0o755);
         let (ok, out) = m.sh(["-c", images.as_str()]);
         assert!(ok && out.is_empty(), "no archive, no warning: {out}");

@@ -95,12 +95,14 @@ kiln_need_space() {
 # (/usr/lib/kiln/images/kiln-images-<arch>.tar[.zst]) that containerd or k3s imports onto the data
 # partition: an estimate of three times the archive (the content store keeps its blobs, the
 # snapshots hold the layers unpacked, which are larger than the compressed blobs) plus 256 MiB.
+# sh has no local variables: the names are prefixed so a caller's (images-import's `archive`)
+# are not overwritten.
 kiln_need_images_space() {
-    for archive in "${KILN_ROOT:-}"/usr/lib/kiln/images/kiln-images-*; do
-        case $archive in *.sha256) continue ;; esac
-        [ -f "$archive" ] || continue
-        mib=$(($(wc -c < "$archive") / 1048576 + 1))
-        kiln_need_space "$1" $((mib * 3 + 256))
+    for kiln_nis_archive in "${KILN_ROOT:-}"/usr/lib/kiln/images/kiln-images-*; do
+        case $kiln_nis_archive in *.sha256) continue ;; esac
+        [ -f "$kiln_nis_archive" ] || continue
+        kiln_nis_mib=$(($(wc -c < "$kiln_nis_archive") / 1048576 + 1))
+        kiln_need_space "$1" $((kiln_nis_mib * 3 + 256))
     done
 }
 
