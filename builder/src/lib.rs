@@ -44,6 +44,7 @@ pub mod qemu;
 pub mod raspberrypi;
 pub mod registries;
 pub mod reuse;
+pub mod rollout;
 pub mod secret_files;
 pub mod serve;
 pub mod setup;
