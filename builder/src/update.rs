@@ -152,6 +152,9 @@ pub fn render(update: Option<&Update>, base_dir: &Path, root: &mut Tree) -> Resu
     let Some(u) = update else { return Ok(()) };
     root.add_file(&format!("{ROOT_DIR}/version"), 0o644, format!("{}\n", u.version))?;
     root.add_file(&format!("{ROOT_DIR}/health_timeout"), 0o644, format!("{}\n", u.health_timeout_secs()))?;
+    if let Some(server) = u.server_base() {
+        root.add_file(&format!("{ROOT_DIR}/server"), 0o644, format!("{server}\n"))?;
+    }
     root.add_dir(&format!("{ROOT_DIR}/keys"), 0o755)?;
     for (i, k) in u.trusted_keys.iter().enumerate() {
         let pk = k.load(base_dir).with_context(|| format!("key `update.trusted_keys[{i}]`"))?;
@@ -271,7 +274,13 @@ mod tests {
     use std::process::Command;
 
     fn update(min: Option<&str>) -> Update {
-        Update { version: "1.2.0".into(), trusted_keys: Vec::new(), min_version: min.map(String::from), health_timeout: "5m".into() }
+        Update {
+            version: "1.2.0".into(),
+            trusted_keys: Vec::new(),
+            min_version: min.map(String::from),
+            health_timeout: "5m".into(),
+            server: None,
+        }
     }
 
     /// Debian's `minisign` verifies: the device runs the same command.

@@ -31,6 +31,12 @@ pub struct Update {
     /// rolled back: seconds (`300`, `300s`), minutes (`5m`) or hours (`1h`).
     #[serde(default = "default_health_timeout")]
     pub health_timeout: String,
+    /// The `kiln serve --rollout` address the nodes ask for updates (`http://10.0.0.1:8080`): each
+    /// inventory node reports to it and applies the update when the rollout reaches it
+    /// (docs/updates.md, "Rollout"). Needs `cluster.nodes`. Absent: updates are applied by hand
+    /// (`kiln-update apply`) or from a KILN-UPDATE stick only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
 }
 
 fn default_health_timeout() -> String {
@@ -128,6 +134,11 @@ impl Update {
     pub fn health_timeout_secs(&self) -> u64 {
         parse_duration(&self.health_timeout).unwrap_or(300)
     }
+
+    /// `server` without a trailing `/`, as the device reads it.
+    pub fn server_base(&self) -> Option<&str> {
+        self.server.as_deref().map(|s| s.trim_end_matches('/'))
+    }
 }
 
 /// Semantic checks of `update`: versions, the timeout, every trusted key parses.
@@ -145,6 +156,9 @@ pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
     if parse_duration(&u.health_timeout).is_none() {
         bail!("key `update.health_timeout`: `{}`: expected seconds (`300`, `300s`), minutes (`5m`) or hours (`1h`)", u.health_timeout);
     }
+    if let Some(url) = &u.server {
+        validate_server(url, p)?;
+    }
     let mut seen = Vec::new();
     for (i, k) in u.trusted_keys.iter().enumerate() {
         let key = match k {
@@ -157,6 +171,22 @@ pub fn validate(p: &Profile, base_dir: &Path) -> Result<()> {
             bail!("key `{key}`: the same public key is listed twice");
         }
         seen.push(b64);
+    }
+    Ok(())
+}
+
+/// `update.server`: a plain `http://host[:port]` base (busybox wget on the device; a path would
+/// be ambiguous with the server's own `/rollout/` and `/updates/` paths), and an inventory to roll out to.
+fn validate_server(url: &str, p: &Profile) -> Result<()> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        anyhow::anyhow!("key `update.server`: `{url}`: expected `http://HOST[:PORT]`, the address of `kiln serve --rollout` (reports are signed, bundles are verified: no TLS is needed)")
+    })?;
+    let host_port = rest.trim_end_matches('/');
+    if host_port.is_empty() || host_port.contains(['/', '?', '#', '@', ' ']) {
+        bail!("key `update.server`: `{url}`: expected `http://HOST[:PORT]` with no path");
+    }
+    if p.cluster.as_ref().is_none_or(|c| c.nodes.is_empty()) {
+        bail!("key `update.server`: a rollout hands the update to the inventory's nodes: add `cluster.nodes`, or drop `update.server` and apply updates with `kiln-update apply`");
     }
     Ok(())
 }
@@ -224,6 +254,9 @@ mod tests {
             ),
             ("update: {version: \"1\", trusted_keys: [keys/missing.pub]}\n", "key `update.trusted_keys[0]`: key file"),
             ("update: {version: \"1\", trusted_keys: [{key: keys/missing.pub}]}\n", "key `update.trusted_keys[0].key`"),
+            ("update: {version: \"1\", server: \"https://x:1\"}\n", "key `update.server`: `https://x:1`: expected `http://HOST[:PORT]`"),
+            ("update: {version: \"1\", server: \"http://x:1/path\"}\n", "with no path"),
+            ("update: {version: \"1\", server: \"http://10.0.0.1:8080\"}\n", "add `cluster.nodes`"),
         ] {
             let err = check(yaml, d.path()).unwrap_err();
             assert!(err.contains(want), "{yaml}: {err}");
