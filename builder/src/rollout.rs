@@ -15,8 +15,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::cluster::secrets;
-
 /// The master key's file name in `OUT/secrets/`.
 pub const MASTER_KEY_FILE: &str = "rollout.key";
 /// Where a node's key is, under its inventory directory `etc/kiln/nodes/<node>/`.
@@ -51,9 +49,9 @@ pub fn report_signature(node_key: &[u8; 32], message: &str) -> String {
     hex::encode(hmac_sha256(node_key, message.as_bytes()))
 }
 
-/// `OUT/secrets/rollout.key`.
+/// `OUT/secrets/rollout.key` (created by `cluster::secrets::load_or_create_rollout_key`).
 pub fn master_key_path(out_dir: &Path) -> PathBuf {
-    secrets::dir(out_dir).join(MASTER_KEY_FILE)
+    out_dir.join("secrets").join(MASTER_KEY_FILE)
 }
 
 /// Reads the master key (64 hex digits and a newline).
@@ -71,20 +69,6 @@ pub fn read_master_key(path: &Path) -> Result<[u8; 32]> {
     }
 }
 
-/// The output's master key, created on first use (from /dev/urandom, mode 0600, race-safe).
-pub fn load_or_create_master_key(out_dir: &Path) -> Result<[u8; 32]> {
-    let path = master_key_path(out_dir);
-    if !path.exists() {
-        let mut fresh = [0u8; 32];
-        use std::io::Read;
-        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut fresh)).context("reading /dev/urandom")?;
-        secrets::ensure_dir(&secrets::dir(out_dir))?;
-        // Another build may have created it meanwhile: then its key is the one read below.
-        secrets::create_new(&path, format!("{}\n", hex::encode(fresh)).as_bytes())?;
-    }
-    read_master_key(&path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,20 +84,5 @@ mod tests {
             hex::encode(hmac_sha256(&[0xaa; 131], b"Test Using Larger Than Block-Size Key - Hash Key First")),
             "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
         );
-    }
-
-    #[test]
-    fn master_key_is_created_once_private_and_node_keys_differ() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let a = load_or_create_master_key(dir.path()).unwrap();
-        let b = load_or_create_master_key(dir.path()).unwrap();
-        assert_eq!(a, b, "a second build must reuse the key");
-        let mode = std::fs::metadata(master_key_path(dir.path())).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        assert_ne!(node_key(&a, "etcd-1"), node_key(&a, "etcd-2"));
-        std::fs::write(master_key_path(dir.path()), "nope\n").unwrap();
-        let err = read_master_key(&master_key_path(dir.path())).unwrap_err().to_string();
-        assert!(err.contains("not 64 hex digits"), "{err}");
     }
 }

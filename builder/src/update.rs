@@ -200,6 +200,12 @@ pub struct BundleInfo<'a> {
     pub downgrade: bool,
     /// The kernel command line without `root=` and `kiln.rootname=` (the device adds them).
     pub options: &'a str,
+    /// The secrets the bundle's root leaves out (it is served to any machine): each node keeps
+    /// its own copy of these paths (`keep` lines; `kiln-update apply`).
+    pub keep: &'a [String],
+    /// The inventory as `(name, roles)` (roles comma-separated, `none` for none): which nodes
+    /// `kiln serve --rollout` hands the update to (`node` lines).
+    pub nodes: &'a [(String, String)],
 }
 
 /// The installed command line without the parameters that name this build's slot A: the device
@@ -223,6 +229,12 @@ pub fn manifest_text(info: &BundleInfo, files: &[(&str, &str, u64, String)]) -> 
         t.push_str(&format!("file {role} {file} {size} {sha}\n"));
     }
     t.push_str(&format!("options {}\n", info.options));
+    for path in info.keep {
+        t.push_str(&format!("keep {path}\n"));
+    }
+    for (name, roles) in info.nodes {
+        t.push_str(&format!("node {name} {roles}\n"));
+    }
     t
 }
 
@@ -369,6 +381,8 @@ mod tests {
             build: "733b8170e171e2a4",
             downgrade: false,
             options: "console=ttyS0,115200 panic=10",
+            keep: &["etc/kiln/nodes/e1/update/report.key".into()],
+            nodes: &[("e1".into(), "etcd".into()), ("a1".into(), "agent".into())],
         };
         let payloads = [
             Payload { role: "root", file: ROOT_FILE, source: Source::File { path: &staged, len: 14, sha256: &staged_sha } },
@@ -384,7 +398,8 @@ mod tests {
         let sha = |b: &[u8]| crate::digest::sha256_hex(b);
         let want = format!(
             "kiln-update 1\nprofile quickstart\narch x86_64\nversion 1.2.0\nbuild 733b8170e171e2a4\nmin_version 1.0.0\ndowngrade no\n\
-             file root root.squashfs 14 {}\nfile kernel vmlinuz 12 {}\nfile initrd initrd 9 {}\noptions console=ttyS0,115200 panic=10\n",
+             file root root.squashfs 14 {}\nfile kernel vmlinuz 12 {}\nfile initrd initrd 9 {}\noptions console=ttyS0,115200 panic=10\n\
+             keep etc/kiln/nodes/e1/update/report.key\nnode e1 etcd\nnode a1 agent\n",
             sha(b"squashfs bytes"),
             sha(b"kernel image"),
             sha(b"initramfs")
@@ -412,7 +427,8 @@ mod tests {
     #[test]
     fn without_min_version_the_line_is_absent_and_downgrade_says_yes_when_asked() {
         let u = update(None);
-        let info = BundleInfo { profile: "p", arch: "riscv64", update: &u, build: "00", downgrade: true, options: "quiet" };
+        let info =
+            BundleInfo { profile: "p", arch: "riscv64", update: &u, build: "00", downgrade: true, options: "quiet", keep: &[], nodes: &[] };
         let t = manifest_text(&info, &[]);
         assert!(!t.contains("min_version") && t.contains("\ndowngrade yes\n"), "{t}");
     }

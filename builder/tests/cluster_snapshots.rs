@@ -32,7 +32,7 @@ fn snapshot_path(root_path: &str) -> String {
 fn expected_for(profile: &LoadedProfile) -> Option<BTreeMap<String, String>> {
     let cluster = profile.profile.cluster.as_ref()?;
     let d = tempfile::tempdir().unwrap();
-    let secrets = Secrets { token: Token::new(TEST_TOKEN).unwrap(), pki: pki::load_or_create(cluster, d.path()).unwrap() };
+    let secrets = Secrets { token: Token::new(TEST_TOKEN).unwrap(), pki: pki::load_or_create(cluster, d.path()).unwrap(), rollout: None };
     let rendered = files(cluster, &secrets).unwrap();
     let mut out = BTreeMap::new();
     let mut modes = String::new();

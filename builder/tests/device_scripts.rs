@@ -111,7 +111,7 @@ mod identity {
         let m = FakeRoot::new();
         let keep = tempfile::tempdir().unwrap();
         let c = p.cluster.as_ref().unwrap();
-        let secrets = Secrets { token: Token::new("t0ken").unwrap(), pki: pki::load_or_create(c, keep.path()).unwrap() };
+        let secrets = Secrets { token: Token::new("t0ken").unwrap(), pki: pki::load_or_create(c, keep.path()).unwrap(), rollout: None };
         for f in files(c, &secrets).unwrap() {
             m.write_mode(&f.path, &f.content, f.mode);
         }

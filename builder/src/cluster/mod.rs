@@ -15,9 +15,11 @@ pub mod yaml;
 pub use render::{files, render, RenderedFile};
 pub use token::Token;
 
-/// A cluster's secrets for one build: the token, and the PKI when the cluster has etcd members.
+/// A cluster's secrets for one build: the token, the PKI when the cluster has etcd members, and
+/// the rollout master key when the profile has `update.server` (`crate::rollout`).
 #[derive(Debug, Clone)]
 pub struct Secrets {
     pub token: Token,
     pub pki: Option<pki::Pki>,
+    pub rollout: Option<[u8; 32]>,
 }

@@ -58,6 +58,11 @@ pub fn files(c: &Cluster, secrets: &Secrets) -> Result<Vec<RenderedFile>> {
             out.push(file(format!("{dir}/etcd.env"), 0o644, etcd_env(c, n)));
         }
         out.extend(tls_files(c, n, secrets.pki.as_ref())?);
+        // The node's own rollout report key (`crate::rollout`): only the default node has none.
+        if let Some(master) = &secrets.rollout {
+            let key = hex::encode(crate::rollout::node_key(master, &n.name));
+            out.push(file(format!("{dir}/{}", crate::rollout::NODE_KEY_PATH), 0o600, format!("{key}\n")));
+        }
     }
     let dir = format!("{NODES_DIR}/{DEFAULT_NODE}");
     let roles: Vec<Role> = c.default_role.role().into_iter().collect();
@@ -299,7 +304,7 @@ mod tests {
     /// (returned too: it lives as long as the test keeps it).
     fn secrets(c: &Cluster) -> (Secrets, tempfile::TempDir) {
         let d = tempfile::tempdir().unwrap();
-        (Secrets { token: token(), pki: pki::load_or_create(c, d.path()).unwrap() }, d)
+        (Secrets { token: token(), pki: pki::load_or_create(c, d.path()).unwrap(), rollout: None }, d)
     }
 
     #[test]
@@ -412,7 +417,7 @@ mod tests {
         let ca_key = ca[ca.find("-----BEGIN PRIVATE KEY-----").unwrap()..].lines().nth(1).unwrap();
         assert!(!files.iter().any(|f| f.content.contains(ca_key)), "the CA key is never rendered");
         // A rebuild with the same secrets/ renders the same bytes.
-        let again = Secrets { token: token(), pki: pki::load_or_create(&c, keep.path()).unwrap() };
+        let again = Secrets { token: token(), pki: pki::load_or_create(&c, keep.path()).unwrap(), rollout: None };
         assert_eq!(super::files(&c, &again).unwrap(), files, "a rebuild renders the same files");
         assert!(get(&files, "etc/kiln/nodes/e1/node.conf").content.contains("KILN_NODE_ROLES=\"etcd server\"\n"));
         assert!(!files.iter().any(|f| f.path == "etc/kiln/nodes/_default/k3s-config.yaml"));
@@ -433,5 +438,27 @@ mod tests {
         let e = t.get_str("etc/kiln/nodes/s1/k3s-config.yaml").unwrap();
         assert_eq!(e.meta.mode, 0o600);
         assert!(t.contains("etc/kiln/inventory") && t.contains("etc/kiln/cluster.conf"));
+    }
+
+    #[test]
+    fn each_node_gets_only_its_own_rollout_key() {
+        let c = cluster("  nodes:\n    - {name: s1, mac: \"52:54:00:00:00:01\", roles: [server], address: 10.0.0.11/24}\n    - {name: a1, mac: \"52:54:00:00:00:02\", roles: [agent]}\n");
+        let master = [7u8; 32];
+        let secrets = Secrets { token: token(), pki: None, rollout: Some(master) };
+        let files = files(&c, &secrets).unwrap();
+        for node in ["s1", "a1"] {
+            let f = get(&files, &format!("etc/kiln/nodes/{node}/update/report.key"));
+            assert_eq!(f.mode, 0o600, "a secret");
+            assert_eq!(f.content, format!("{}\n", hex::encode(crate::rollout::node_key(&master, node))));
+        }
+        let keys = files.iter().filter(|f| f.path.ends_with("report.key")).count();
+        assert_eq!(keys, 2, "no key for the default node, none without update.server");
+        assert!(!files.iter().any(|f| f.content.contains(&hex::encode(master))), "the master key is never rendered");
+        let without = files_of(&c);
+        assert!(!without.iter().any(|f| f.path.ends_with("report.key")));
+    }
+
+    fn files_of(c: &Cluster) -> Vec<RenderedFile> {
+        files(c, &Secrets { token: token(), pki: None, rollout: None }).unwrap()
     }
 }

@@ -14,6 +14,22 @@ pub fn dir(out_dir: &Path) -> PathBuf {
     out_dir.join("secrets")
 }
 
+/// The output's rollout master key (`crate::rollout`), created on first use from /dev/urandom
+/// (mode 0600, race-safe) and reused by every later build into `out_dir`.
+pub fn load_or_create_rollout_key(out_dir: &Path) -> Result<[u8; 32]> {
+    let path = crate::rollout::master_key_path(out_dir);
+    debug_assert_eq!(path.parent(), Some(dir(out_dir).as_path()));
+    if !path.exists() {
+        let mut fresh = [0u8; 32];
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut fresh)).context("reading /dev/urandom")?;
+        ensure_dir(&dir(out_dir))?;
+        // Another build may have created it meanwhile: then its key is the one read below.
+        create_new(&path, format!("{}\n", hex::encode(fresh)).as_bytes())?;
+    }
+    crate::rollout::read_master_key(&path)
+}
+
 /// Creates `dir` (and missing parents) and sets it to 0700, so no other account lists or reads
 /// what is inside.
 pub fn ensure_dir(dir: &Path) -> Result<()> {
@@ -87,6 +103,21 @@ fn write_private(tmp: &Path, content: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rollout_key_is_created_once_private_and_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let a = load_or_create_rollout_key(d.path()).unwrap();
+        let b = load_or_create_rollout_key(d.path()).unwrap();
+        assert_eq!(a, b, "a second build must reuse the key");
+        let path = crate::rollout::master_key_path(d.path());
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_ne!(crate::rollout::node_key(&a, "etcd-1"), crate::rollout::node_key(&a, "etcd-2"));
+        std::fs::write(&path, "nope\n").unwrap();
+        let err = load_or_create_rollout_key(d.path()).unwrap_err().to_string();
+        assert!(err.contains("not 64 hex digits"), "{err}");
+    }
 
     #[test]
     fn created_once_0600_and_the_first_writer_wins() {

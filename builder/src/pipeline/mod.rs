@@ -24,6 +24,7 @@ use tracing::info;
 use crate::arch::Arch;
 use crate::error::ResultExt;
 use crate::manifest::{InstallRecord, Manifest, Output};
+use crate::output::Part;
 use crate::platform::Platform;
 use crate::profile::LoadedProfile;
 use crate::tree::Kind;
@@ -90,14 +91,18 @@ pub fn default_out_dir(profile: &LoadedProfile) -> PathBuf {
 /// The cluster's secrets for a build into `out_dir` (`None` without a `cluster` key): the token
 /// from the profile's `token_file` or generated once into `<out>/secrets/`, and, with etcd
 /// members, the cluster PKI in `<out>/secrets/<cluster>-pki/`, created once and reused by later
-/// builds (`kiln build`, `kiln secrets`). Never logged.
+/// builds (`kiln build`, `kiln secrets`), and the rollout master key (`crate::rollout`). Never logged.
 pub fn cluster_secrets(profile: &LoadedProfile, out_dir: &Path) -> Result<Option<crate::cluster::Secrets>> {
     let Some(c) = &profile.profile.cluster else { return Ok(None) };
     let t = crate::cluster::token::load_or_create(profile, out_dir);
     let token = if c.token_file.is_some() { t.in_profile(&profile.path)? } else { t? };
     let pki = crate::cluster::pki::load_or_create(c, out_dir)
         .with_context(|| format!("the cluster PKI in {}", crate::cluster::pki::dir(out_dir, &c.name).display()))?;
-    Ok(Some(crate::cluster::Secrets { token, pki }))
+    let rollout = match profile.profile.update.as_ref().and_then(|u| u.server.as_ref()) {
+        Some(_) => Some(crate::cluster::secrets::load_or_create_rollout_key(out_dir)?),
+        None => None,
+    };
+    Ok(Some(crate::cluster::Secrets { token, pki, rollout }))
 }
 
 /// `kiln build`.
@@ -232,12 +237,24 @@ fn build_arch(
         &mut record,
     )?);
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
-    let netboot =
-        initrds.netboot.as_deref().map(|initrd| write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, &mut record)).transpose()?;
-    // The bundle carries the very files slot A and the ESP hold.
-    let bundle = signing
-        .map(|key| update::write(&job, key, squashfs.part(), &root.kernel, &initrds.initrd, &ids.image_id(), &cmdline))
-        .transpose()?;
+    // What goes to the network (the netboot system, an update bundle) is the root without its
+    // secrets, written once for both.
+    let public = (initrds.netboot.is_some() || signing.is_some()).then(|| PublicRoot::write(&job, &root)).transpose()?;
+    let public_part = public.as_ref().map(|p| p.part(&squashfs));
+    let netboot = match (initrds.netboot.as_deref(), &public, public_part) {
+        (Some(initrd), Some(public), Some(part)) => {
+            Some(write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, public, part, &mut record)?)
+        }
+        _ => None,
+    };
+    // The bundle carries the files the ESP holds and the public root (the same bytes as slot A's
+    // when the build has no secrets).
+    let bundle = match (signing, &public, public_part) {
+        (Some(key), Some(public), Some(part)) => {
+            Some(update::write(&job, key, part, &public.keep(), &root.kernel, &initrds.initrd, &ids.image_id(), &cmdline)?)
+        }
+        _ => None,
+    };
     let manifest = manifest(&job, root.kver, initrds.modules, &ids, disk, netboot, bundle, record);
     std::fs::write(dir.join(disk::MANIFEST), manifest.to_json())?;
     Ok(manifest)
@@ -285,6 +302,35 @@ fn manifest(
     }
 }
 
+/// The root without its secrets (`crate::secret_files`): its own squashfs when there are any,
+/// else the full root's.
+struct PublicRoot {
+    secrets: crate::secret_files::Secrets,
+    squashfs: Option<root::Squashfs>,
+}
+
+impl PublicRoot {
+    fn write(job: &Job, root: &root::Root) -> Result<PublicRoot> {
+        let secrets = crate::secret_files::Secrets::find(&root.tree, &root.baseline).in_profile(&job.profile.path)?;
+        info!("{}: {} secret files kept out of the root served to the network", job.inputs.arch, secrets.paths().len());
+        let squashfs = if secrets.paths().is_empty() {
+            None
+        } else {
+            Some(root::write_squashfs(job, &secrets.public_root(&root.tree), "root-public.squashfs")?)
+        };
+        Ok(PublicRoot { secrets, squashfs })
+    }
+
+    fn part<'a>(&'a self, full: &'a root::Squashfs) -> Part<'a> {
+        self.squashfs.as_ref().unwrap_or(full).part()
+    }
+
+    /// The secret paths, as an update bundle's `keep` lines name them.
+    fn keep(&self) -> Vec<String> {
+        self.secrets.paths().iter().map(|p| p.to_string().trim_start_matches('/').to_string()).collect()
+    }
+}
+
 /// The netboot output: the installer's kernel and initrd, a plan that copies the system from
 /// the directory's files, the system's images, the inventory, iPXE and its script; and beside
 /// it, never served as a file, each inventory node's secrets (`crate::secret_files`). The
@@ -297,13 +343,13 @@ fn write_netboot(
     esp: &[u8],
     cmdline: &str,
     initrd: &[u8],
+    public: &PublicRoot,
+    public_part: Part,
     record: &mut ManifestInputs,
 ) -> Result<(Vec<Output>, InstallRecord)> {
     let (profile, arch) = (job.profile, job.inputs.arch);
-    let secrets = crate::secret_files::Secrets::find(&root.tree, &root.baseline).in_profile(&profile.path)?;
-    info!("{arch}: {} secret files kept out of the netboot root", secrets.paths().len());
-    let public = root::write_squashfs(job, &secrets.public_root(&root.tree), "root-public.squashfs")?;
-    let system = disk::System::new(arch, ids, &profile.profile.deployment(), esp, public.part());
+    let secrets = &public.secrets;
+    let system = disk::System::new(arch, ids, &profile.profile.deployment(), esp, public_part);
     let target = system.target()?;
     // A network install always reboots: `kiln serve` then sends the machine to its disk.
     let install = crate::profile::Install { after: crate::profile::AfterInstall::Reboot, ..profile.profile.install.clone() };
@@ -312,7 +358,7 @@ fn write_netboot(
         Some(Kind::File(c)) => c.read()?.to_vec(),
         _ => Vec::new(),
     };
-    write_node_secrets(job, root, &secrets)?;
+    write_node_secrets(job, root, secrets)?;
     let script = crate::netboot::script_template(&profile.profile.name, arch.name(), cmdline, &crate::digest::sha256_hex(plan.as_bytes()));
     let kernel = root.kernel.read()?;
     let (ipxe_pkg, ipxe_path) = job.inputs.ipxe_deb.as_ref().context("netboot build without the ipxe package")?;

@@ -64,6 +64,7 @@ pub(super) fn write(
     job: &Job,
     key: &SigningKey,
     squashfs: Part,
+    keep: &[String],
     kernel: &Content,
     initrd: &Content,
     build: &str,
@@ -73,8 +74,17 @@ pub(super) fn write(
     let update = profile.update.as_ref().ok_or_else(|| UsageError("--format update needs the profile's `update:`".into()))?;
     let Part::File { path, len, sha256 } = squashfs else { anyhow::bail!("the root squashfs is not a staged file") };
     let options = crate::update::options_without_root(cmdline);
-    let info =
-        BundleInfo { profile: &profile.name, arch: arch.name(), update, build, downgrade: job.opts.allow_downgrade, options: &options };
+    let nodes = inventory(profile);
+    let info = BundleInfo {
+        profile: &profile.name,
+        arch: arch.name(),
+        update,
+        build,
+        downgrade: job.opts.allow_downgrade,
+        options: &options,
+        keep,
+        nodes: &nodes,
+    };
     let payloads = [
         Payload { role: "root", file: crate::update::ROOT_FILE, source: Source::File { path, len, sha256 } },
         Payload { role: "kernel", file: crate::update::KERNEL_FILE, source: Source::Content(kernel) },
@@ -82,5 +92,19 @@ pub(super) fn write(
     ];
     let dir = job.dir.join(crate::update::DIR);
     info!("{arch}: writing the update bundle {} (version {})", dir.display(), update.version);
-    crate::update::write_bundle(&dir, &info, &payloads, key, super::image_mode(profile))
+    // Readable by all: the root carries no secrets (they are `keep` lines), so `kiln serve` may
+    // hand the bundle to any machine.
+    crate::update::write_bundle(&dir, &info, &payloads, key, 0o644)
+}
+
+/// The inventory's nodes and their roles, for `kiln serve --rollout` (`node` lines).
+fn inventory(profile: &crate::profile::Profile) -> Vec<(String, String)> {
+    let Some(c) = &profile.cluster else { return Vec::new() };
+    c.nodes
+        .iter()
+        .map(|n| {
+            let roles: Vec<&str> = n.sorted_roles().iter().map(|r| r.name()).collect();
+            (n.name.clone(), if roles.is_empty() { "none".into() } else { roles.join(",") })
+        })
+        .collect()
 }

@@ -18,4 +18,5 @@ mod pxe;
 mod quickstart;
 mod raspberrypi;
 mod reuse;
+mod rollout;
 mod update;
