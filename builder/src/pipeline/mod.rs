@@ -239,20 +239,15 @@ fn build_arch(
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
     // What goes to the network (the netboot system, an update bundle) is the root without its
     // secrets, written once for both.
-    let public = (initrds.netboot.is_some() || signing.is_some()).then(|| PublicRoot::write(&job, &root)).transpose()?;
-    let public_part = public.as_ref().map(|p| p.part(&squashfs));
-    let netboot = match (initrds.netboot.as_deref(), &public, public_part) {
-        (Some(initrd), Some(public), Some(part)) => {
-            Some(write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, public, part, &mut record)?)
-        }
+    let public = (initrds.netboot.is_some() || signing.is_some()).then(|| PublicRoot::write(&job, &root, &squashfs)).transpose()?;
+    let netboot = match (initrds.netboot.as_deref(), &public) {
+        (Some(initrd), Some(public)) => Some(write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, public, &mut record)?),
         _ => None,
     };
     // The bundle carries the files the ESP holds and the public root (the same bytes as slot A's
     // when the build has no secrets).
-    let bundle = match (signing, &public, public_part) {
-        (Some(key), Some(public), Some(part)) => {
-            Some(update::write(&job, key, part, &public.keep(), &root.kernel, &initrds.initrd, &ids.image_id(), &cmdline)?)
-        }
+    let bundle = match (signing, &public) {
+        (Some(key), Some(public)) => Some(update::write(&job, key, public, &root.kernel, &initrds.initrd, &ids.image_id(), &cmdline)?),
         _ => None,
     };
     let manifest = manifest(&job, root.kver, initrds.modules, &ids, disk, netboot, bundle, record);
@@ -304,29 +299,29 @@ fn manifest(
 
 /// The root without its secrets (`crate::secret_files`): its own squashfs when there are any,
 /// else the full root's.
-struct PublicRoot {
+pub(super) struct PublicRoot {
     secrets: crate::secret_files::Secrets,
-    squashfs: Option<root::Squashfs>,
+    squashfs: root::Squashfs,
 }
 
 impl PublicRoot {
-    fn write(job: &Job, root: &root::Root) -> Result<PublicRoot> {
+    fn write(job: &Job, root: &root::Root, full: &root::Squashfs) -> Result<PublicRoot> {
         let secrets = crate::secret_files::Secrets::find(&root.tree, &root.baseline).in_profile(&job.profile.path)?;
         info!("{}: {} secret files kept out of the root served to the network", job.inputs.arch, secrets.paths().len());
         let squashfs = if secrets.paths().is_empty() {
-            None
+            full.clone()
         } else {
-            Some(root::write_squashfs(job, &secrets.public_root(&root.tree), "root-public.squashfs")?)
+            root::write_squashfs(job, &secrets.public_root(&root.tree), "root-public.squashfs")?
         };
         Ok(PublicRoot { secrets, squashfs })
     }
 
-    fn part<'a>(&'a self, full: &'a root::Squashfs) -> Part<'a> {
-        self.squashfs.as_ref().unwrap_or(full).part()
+    pub(super) fn part(&self) -> Part<'_> {
+        self.squashfs.part()
     }
 
     /// The secret paths, as an update bundle's `keep` lines name them.
-    fn keep(&self) -> Vec<String> {
+    pub(super) fn keep(&self) -> Vec<String> {
         self.secrets.paths().iter().map(|p| p.to_string().trim_start_matches('/').to_string()).collect()
     }
 }
@@ -336,6 +331,7 @@ impl PublicRoot {
 /// it, never served as a file, each inventory node's secrets (`crate::secret_files`). The
 /// served root is the root without its secrets, so the netboot system has a squashfs of its
 /// own. Returns the files' records and what the plan installs.
+#[allow(clippy::too_many_arguments)] // the boot files of this build, each made by another stage
 fn write_netboot(
     job: &Job,
     root: &root::Root,
@@ -344,12 +340,11 @@ fn write_netboot(
     cmdline: &str,
     initrd: &[u8],
     public: &PublicRoot,
-    public_part: Part,
     record: &mut ManifestInputs,
 ) -> Result<(Vec<Output>, InstallRecord)> {
     let (profile, arch) = (job.profile, job.inputs.arch);
     let secrets = &public.secrets;
-    let system = disk::System::new(arch, ids, &profile.profile.deployment(), esp, public_part);
+    let system = disk::System::new(arch, ids, &profile.profile.deployment(), esp, public.part());
     let target = system.target()?;
     // A network install always reboots: `kiln serve` then sends the machine to its disk.
     let install = crate::profile::Install { after: crate::profile::AfterInstall::Reboot, ..profile.profile.install.clone() };

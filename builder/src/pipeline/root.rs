@@ -302,6 +302,7 @@ fn take_kernel(root: &mut Tree, arch: Arch, kver: &str) -> Result<Content> {
 }
 
 /// The root's squashfs, staged beside the outputs; its digest is taken while it is written.
+#[derive(Clone)]
 pub(super) struct Squashfs {
     path: PathBuf,
     len: u64,

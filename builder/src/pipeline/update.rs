@@ -58,13 +58,13 @@ pub(super) fn preflight(profile: &LoadedProfile, opts: &BuildOptions) -> Result<
     Ok(Some(key))
 }
 
-/// The bundle of this build: the staged root squashfs, the kernel and the initrd, and
+/// The bundle of this build: the public root squashfs (and the `keep` lines for the secrets it
+/// leaves out), the kernel and the initrd, and
 /// `update.txt` signed by `key`. Returns the files' records.
 pub(super) fn write(
     job: &Job,
     key: &SigningKey,
-    squashfs: Part,
-    keep: &[String],
+    public: &super::PublicRoot,
     kernel: &Content,
     initrd: &Content,
     build: &str,
@@ -72,7 +72,7 @@ pub(super) fn write(
 ) -> Result<Vec<Output>> {
     let (profile, arch) = (&job.profile.profile, job.inputs.arch);
     let update = profile.update.as_ref().ok_or_else(|| UsageError("--format update needs the profile's `update:`".into()))?;
-    let Part::File { path, len, sha256 } = squashfs else { anyhow::bail!("the root squashfs is not a staged file") };
+    let Part::File { path, len, sha256 } = public.part() else { anyhow::bail!("the root squashfs is not a staged file") };
     let options = crate::update::options_without_root(cmdline);
     let nodes = inventory(profile);
     let info = BundleInfo {
@@ -82,7 +82,7 @@ pub(super) fn write(
         build,
         downgrade: job.opts.allow_downgrade,
         options: &options,
-        keep,
+        keep: &public.keep(),
         nodes: &nodes,
     };
     let payloads = [
