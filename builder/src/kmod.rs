@@ -386,6 +386,29 @@ impl ModuleSet {
         out
     }
 
+    /// This set without the modules under the `omit` subtrees (paths below `kernel/`), except
+    /// those in the closure of `keep` (names; absent ones are ignored) and every dependency of a
+    /// module that stays. Returns the smaller set and the modules left out, by path.
+    /// A dependency that is missing stays missing (as in `modules_dep`); `closure` reports those.
+    pub fn without(&self, omit: &[String], keep: &[&str]) -> (ModuleSet, Vec<Module>) {
+        let prefixes: Vec<String> = omit.iter().map(|o| format!("kernel/{}/", o.trim_matches('/'))).collect();
+        let omitted = |m: &Module| prefixes.iter().any(|p| m.rel.starts_with(p.as_str()));
+        let mut todo: Vec<String> = keep.iter().map(|k| normalise(k)).collect();
+        todo.extend(self.modules.values().filter(|m| !omitted(m)).map(|m| m.name.clone()));
+        let mut stay = BTreeSet::new();
+        while let Some(name) = todo.pop() {
+            if let Some(m) = self.modules.get(&name) {
+                if stay.insert(name) {
+                    todo.extend(m.depends.iter().cloned());
+                }
+            }
+        }
+        let (kept, dropped): (BTreeMap<String, Module>, BTreeMap<String, Module>) =
+            self.modules.clone().into_iter().partition(|(name, _)| stay.contains(name));
+        let set = ModuleSet { kver: self.kver.clone(), dir: self.dir.clone(), modules: kept, builtin: self.builtin.clone() };
+        (set, dropped.into_values().collect())
+    }
+
     /// Whether the kernel has the module `name` (loadable or built in).
     pub fn has(&self, name: &str) -> bool {
         self.modules.contains_key(name) || self.builtin.contains(name)
@@ -537,6 +560,28 @@ mod tests {
         // Built-in dependencies and built-in wanted names are skipped.
         let (order, _) = s.closure(&["bi", "f"], false).unwrap();
         assert_eq!(names(&order), ["f"]);
+    }
+
+    #[test]
+    fn an_omitted_subtree_goes_unless_kept_or_needed() {
+        let s = set();
+        // drivers/ is omitted: b stays because a (kept by name) needs it; a's other dependency
+        // c is outside the subtree anyway. Nothing under fs/ or lib/ goes.
+        let (kept, dropped) = s.without(&["drivers".into()], &["a"]);
+        assert_eq!(kept.modules.keys().cloned().collect::<Vec<_>>(), ["a", "b", "c", "d_e", "f", "g"]);
+        assert!(dropped.is_empty());
+        let (kept, dropped) = s.without(&["drivers/".into()], &["nope"]);
+        assert_eq!(kept.modules.keys().cloned().collect::<Vec<_>>(), ["c", "d_e", "f", "g"]);
+        assert_eq!(dropped.iter().map(|m| m.rel.as_str()).collect::<Vec<_>>(), ["kernel/drivers/a.ko.xz", "kernel/drivers/b.ko.xz"]);
+        // The indexes written for the smaller set name only what stays.
+        assert!(!kept.modules_dep().contains("drivers/") && !kept.modules_alias().contains("pci:v1234*"), "{}", kept.modules_dep());
+        // Keeping b keeps b only (not a, which uses it); a dependency of a kept module is kept
+        // even inside the omitted subtree.
+        let (kept, _) = s.without(&["drivers".into(), "lib".into()], &["b"]);
+        assert_eq!(kept.modules.keys().cloned().collect::<Vec<_>>(), ["b", "c", "d_e", "f", "g"]);
+        // A prefix matches whole directory names only.
+        let (kept, _) = s.without(&["driv".into(), "f".into()], &[]);
+        assert_eq!(kept.modules.len(), 6);
     }
 
     #[test]

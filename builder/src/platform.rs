@@ -30,6 +30,10 @@ pub struct Platform {
     /// U-Boot SPL boards: the loaders written into their own partitions at fixed sectors.
     #[serde(default)]
     pub uboot_spl: Option<crate::board::uboot_spl::UbootSpl>,
+    /// Module subtrees (relative to the modules directory's `kernel/`, e.g. `drivers/gpu`) the
+    /// root leaves out unless the profile says `kernel.root_modules: all` (`crate::kmod::prune`).
+    #[serde(default)]
+    pub root_modules_omit: Vec<String>,
 }
 
 /// What `kiln platforms` shows of a platform (`--json`: a list of these).

@@ -170,10 +170,42 @@ pub fn add_console_nodes(tree: &mut Tree) -> Result<()> {
 /// modules so `modprobe` works on the device. Returns the module set for initramfs use.
 pub fn module_indexes(tree: &mut Tree, kver: &str, reuse: &crate::reuse::Reuse) -> Result<crate::kmod::ModuleSet> {
     let set = crate::kmod::ModuleSet::from_tree_reusing(tree, kver, reuse).with_context(|| format!("reading kernel {kver} modules"))?;
+    write_module_indexes(tree, &set)?;
+    Ok(set)
+}
+
+fn write_module_indexes(tree: &mut Tree, set: &crate::kmod::ModuleSet) -> Result<()> {
     let dir = set.dir.clone();
     tree.add_file(&format!("{}/modules.dep", dir.as_str()), 0o644, set.modules_dep())?;
     tree.add_file(&format!("{}/modules.alias", dir.as_str()), 0o644, set.modules_alias())?;
-    Ok(set)
+    Ok(())
+}
+
+/// The platform's module set (`kernel.root_modules: platform`): the root without the modules
+/// under `omit` (`Platform::root_modules_omit`), keeping `keep` and every module the appliance
+/// loads at boot (`kmod::BOOT_MODULES`, written by then) with their dependencies; the indexes
+/// are written again for what stays. Returns the smaller set.
+pub fn omit_root_modules(tree: &mut Tree, set: crate::kmod::ModuleSet, omit: &[String], keep: &[&str]) -> Result<crate::kmod::ModuleSet> {
+    if omit.is_empty() {
+        return Ok(set);
+    }
+    let boot = file_text(tree, crate::kmod::BOOT_MODULES).unwrap_or_default();
+    let mut keep = keep.to_vec();
+    keep.extend(boot.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')));
+    let (kept, dropped) = set.without(omit, &keep);
+    for m in &dropped {
+        tree.remove(&m.path);
+    }
+    write_module_indexes(tree, &kept)?;
+    tracing::info!(
+        "kernel {}: the root carries {} of {} modules: the platform leaves out {} subtrees ({}, ...); `kernel.root_modules: all` keeps every one",
+        kept.kver,
+        kept.modules.len(),
+        kept.modules.len() + dropped.len(),
+        omit.len(),
+        omit.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+    );
+    Ok(kept)
 }
 
 #[cfg(test)]

@@ -146,6 +146,7 @@ pub(super) fn assemble(job: &Job, secrets: Option<&crate::cluster::Secrets>, rec
     }
     add_workloads(job, &mut root, &modules, &context, record)?;
     add_profile_files(profile, &mut root, &context)?;
+    let modules = platform_modules(job, &mut root, modules)?;
     Ok(Root { tree: root, kver, kernel, modules, spill, baseline })
 }
 
@@ -299,6 +300,27 @@ fn take_kernel(root: &mut Tree, arch: Arch, kver: &str) -> Result<Content> {
     };
     root.remove(&TreePath::parse("boot")?);
     Ok(content)
+}
+
+/// `kernel.root_modules: platform`: the root without the module subtrees the platform omits,
+/// keeping every module named for the initramfs (the platform's and the profile's), the netboot
+/// installer's and the profile's `kernel.load` (the features' are in the boot list by now).
+fn platform_modules(job: &Job, root: &mut Tree, modules: crate::kmod::ModuleSet) -> Result<crate::kmod::ModuleSet> {
+    let (kernel, platform) = (&job.profile.profile.kernel, job.platform);
+    if kernel.root_modules == crate::profile::RootModules::All {
+        return Ok(modules);
+    }
+    let initramfs = &platform.initramfs_modules;
+    let keep: Vec<&str> = initramfs
+        .required
+        .iter()
+        .chain(&initramfs.optional)
+        .chain(&platform.netboot_modules)
+        .chain(&kernel.modules)
+        .chain(&kernel.load)
+        .map(String::as_str)
+        .collect();
+    crate::setup::omit_root_modules(root, modules, &platform.root_modules_omit, &keep)
 }
 
 /// The root's squashfs, staged beside the outputs; its digest is taken while it is written.

@@ -234,6 +234,24 @@ pub struct Kernel {
     /// in the kernel package.
     #[serde(default)]
     pub load: Vec<String>,
+    /// Which of the kernel package's modules the root carries: `platform` (the default) leaves
+    /// out the subtrees the platform file names in `root_modules_omit` (displays, sound,
+    /// cameras, Wi-Fi, Bluetooth: hardware the appliance has no use for), keeping every module
+    /// named in `modules`/`load`, the initramfs's and the features' and whatever those depend on;
+    /// `all` keeps every module (a site script that loads a driver by hand needs it).
+    #[serde(default)]
+    pub root_modules: RootModules,
+}
+
+/// `kernel.root_modules`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RootModules {
+    /// The platform's module set (`root_modules_omit` in `firmware/<platform>.yaml`).
+    #[default]
+    Platform,
+    /// Every module of the kernel package.
+    All,
 }
 /// A file written into the root.
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
