@@ -1536,7 +1536,8 @@ mod update {
             assert_eq!(out.matches(&format!("rollout: {} answers again", srv.base)).count(), 1, "{out}");
             assert_eq!(out.matches("rollout: waiting for this node's turn (running 1.0.0, rollout target 2.0.0)").count(), 1, "{out}");
             assert_eq!(srv.reports().len(), 2);
-            srv.answer("action halt\nversion 2.0.0\n");
+            // Lines ending in CRLF read the same.
+            srv.answer("action halt\r\nversion 2.0.0\r\n");
             let (_, out) = follow(&d, 3);
             assert_eq!(out.matches("rollout: the rollout to 2.0.0 is halted (running 1.0.0)").count(), 1, "{out}");
         }
