@@ -145,6 +145,10 @@ impl SigningKey {
     }
 }
 
+/// The inittab entry of `kiln-update follow` (docs/updates.md, "Rollout"), under the appliance's
+/// supervise wrapper (exit status and log lines on the console, restarts back off).
+pub const AGENT_ENTRY: &str = "::respawn:/usr/lib/kiln/supervise --console rollout /usr/sbin/kiln-update follow";
+
 /// Bakes the profile's `update:` into the root: `version`, `health_timeout` (seconds) and
 /// `keys/N.pub` (+ `keys/N.downgrade` for a key that may sign downgrades). Without `update:`
 /// nothing is written, and `kiln-update` refuses every bundle.
@@ -154,6 +158,14 @@ pub fn render(update: Option<&Update>, base_dir: &Path, root: &mut Tree) -> Resu
     root.add_file(&format!("{ROOT_DIR}/health_timeout"), 0o644, format!("{}\n", u.health_timeout_secs()))?;
     if let Some(server) = u.server_base() {
         root.add_file(&format!("{ROOT_DIR}/server"), 0o644, format!("{server}\n"))?;
+        // The rollout agent runs only in images that name a server (the node keys exist only
+        // then); `kiln.update_server=` on the command line just points it elsewhere. Its lines
+        // go to the console too: the rollout's progress is what an operator watches there.
+        crate::inittab::append(
+            root,
+            "rollout agent (profile key `update.server`): reports to kiln serve --rollout, applies its update; supervised",
+            AGENT_ENTRY,
+        )?;
     }
     root.add_dir(&format!("{ROOT_DIR}/keys"), 0o755)?;
     for (i, k) in u.trusted_keys.iter().enumerate() {
@@ -458,5 +470,27 @@ mod tests {
         let mut none = Tree::new();
         render(None, d.path(), &mut none).unwrap();
         assert!(none.get_str("usr/lib/kiln/update").is_none(), "no update: section, no update settings");
+    }
+
+    /// `update.server`: the server file and the agent's inittab entry; without it, neither.
+    #[test]
+    fn a_rollout_server_starts_the_agent_from_inittab() {
+        let d = tempfile::tempdir().unwrap();
+        let inittab = |server: &str| {
+            let p = crate::profile::test_profile(&format!("update:\n  version: 1.0.0\n{server}"));
+            let mut root = Tree::new();
+            root.add_file("etc/inittab", 0o644, "::sysinit:/usr/lib/kiln/boot\n").unwrap();
+            render(p.update.as_ref(), d.path(), &mut root).unwrap();
+            let text = |path: &str| match root.get_str(path).map(|e| &e.kind) {
+                Some(crate::tree::Kind::File(c)) => Some(String::from_utf8(c.read().unwrap().to_vec()).unwrap()),
+                _ => None,
+            };
+            (text("etc/inittab").unwrap(), text("usr/lib/kiln/update/server"))
+        };
+        let (with, server) = inittab("  server: http://10.0.0.1:8080/\n");
+        assert_eq!(server.as_deref(), Some("http://10.0.0.1:8080\n"));
+        assert!(with.ends_with(&format!("\n{AGENT_ENTRY}\n")) && with.starts_with("::sysinit:"), "{with}");
+        let (without, server) = inittab("");
+        assert_eq!((without.as_str(), server), ("::sysinit:/usr/lib/kiln/boot\n", None));
     }
 }

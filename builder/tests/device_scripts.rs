@@ -18,10 +18,14 @@ fn overlay(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../overlays").join(name)
 }
 
+/// The host's busybox, if it has one.
+fn busybox() -> Option<&'static str> {
+    ["/usr/bin/busybox", "/bin/busybox"].into_iter().find(|p| Path::new(p).exists())
+}
+
 /// busybox sh as on the device when the host has it, else the host's POSIX sh.
 fn shell() -> Command {
-    let busybox = ["/usr/bin/busybox", "/bin/busybox"].into_iter().find(|p| Path::new(p).exists());
-    match busybox {
+    match busybox() {
         Some(b) => {
             let mut c = Command::new(b);
             c.arg("sh");
@@ -78,8 +82,17 @@ impl FakeRoot {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.sh_env(&[], args)
+    }
+
+    /// [`FakeRoot::sh`] with more environment variables.
+    fn sh_env<I, S>(&self, env: &[(&str, &str)], args: I) -> (bool, String)
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let path = format!("{}:{}", self.path().join("bin").display(), std::env::var("PATH").unwrap_or_default());
-        let out = shell().args(args).env("KILN_ROOT", self.path()).env("PATH", path).output().unwrap();
+        let out = shell().args(args).env("KILN_ROOT", self.path()).env("PATH", path).envs(env.iter().copied()).output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
         (out.status.success(), text)
     }
@@ -1205,6 +1218,7 @@ mod update {
             let (ok, out) = d.run(&["boot"]);
             assert!(ok, "{how}: {out}");
             assert!(out.contains(&format!("[kiln] update: rolled back from 2.0.0 to 1.0.0: {reason}")), "{how}: {out}");
+            assert_eq!(d.m.read("run/kiln/update-rolled-back"), "2.0.0\n", "for the rollout agent: {how}");
             assert!(out.contains("data partition was last used by slot=b version=2.0.0"), "{how}: {out}");
             assert_eq!(d.entries(), ["kiln-a.conf"], "{how}");
             let (_, out) = d.run(&["status"]);
@@ -1268,5 +1282,377 @@ mod update {
         );
         let (ok, out) = d.run(&["boot"]);
         assert!(ok && out.contains("updates off"), "{out}");
+    }
+
+    /// `keep` lines: the node's secrets the bundle's public root lacks are copied from the running
+    /// root to the persistent layer (mode kept, missing parent directories with the root's modes)
+    /// before the slot is written; a copy already there is left alone.
+    #[test]
+    fn keep_lines_copy_the_nodes_secrets_to_the_persistent_layer() {
+        let d = device("1.0.0", 'a', false);
+        let lower = |p: &str| format!("run/kiln/lower/{p}");
+        d.m.write_mode(&lower("etc/kiln/nodes/n1/update/report.key"), "image key\n", 0o600);
+        let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700);
+        std::fs::set_permissions(d.m.path().join(lower("etc/kiln/nodes/n1/update")), private).unwrap();
+        d.m.write_mode(&lower("etc/kiln/nodes/n1/etcd/peer.key"), "image copy\n", 0o600);
+        d.m.write_mode("run/kiln/data/etc/upper/kiln/nodes/n1/etcd/peer.key", "device copy\n", 0o600);
+        d.m.write_mode(&lower("var/lib/site/token"), "token\n", 0o640);
+        std::fs::create_dir_all(d.m.path().join("run/kiln/data/var/lib")).unwrap();
+        let mut b = bundle("2.0.0");
+        for k in
+            ["etc/kiln/nodes/n1/update/report.key", "etc/kiln/nodes/n1/etcd/peer.key", "var/lib/site/token", "etc/kiln/nodes/n1/gone.key"]
+        {
+            b.lines.push(format!("keep {k}"));
+        }
+        let (ok, out) = apply(&d, &b, None, false);
+        assert!(ok, "{out}");
+        let upper = "run/kiln/data/etc/upper/kiln/nodes/n1";
+        assert_eq!(d.m.read(&format!("{upper}/update/report.key")), "image key\n");
+        assert_eq!(d.m.mode(&format!("{upper}/update/report.key")), 0o600);
+        assert_eq!(d.m.mode(&format!("{upper}/update")), 0o700, "a new parent directory gets the root's mode");
+        assert_eq!(d.m.read(&format!("{upper}/etcd/peer.key")), "device copy\n", "the persistent copy wins");
+        assert_eq!(d.m.read("run/kiln/data/var/lib/site/token"), "token\n");
+        assert_eq!(d.m.mode("run/kiln/data/var/lib/site/token"), 0o640);
+        assert!(!d.m.exists(&format!("{upper}/gone.key")));
+        let line = "[kiln] update: kept this node's secrets the new root lacks: 2 copied to the persistent layer, 1 already there, 1 not in this image (4 keep line(s))";
+        let kept = out.find(line).unwrap_or_else(|| panic!("{out}"));
+        assert!(kept < out.find("writing the root to slot b").unwrap(), "kept before the slot is written: {out}");
+    }
+
+    /// A keep path that could reach outside the persistent layers (or is not a plain path) makes
+    /// the bundle bad: refused while update.txt is read, before anything is written.
+    #[test]
+    fn keep_paths_outside_etc_and_var_lib_are_refused_before_any_write() {
+        let d = device("1.0.0", 'a', false);
+        d.m.write_mode("run/kiln/lower/usr/x", "x\n", 0o600);
+        d.m.write_mode("run/kiln/lower/etc/x", "x\n", 0o600);
+        for bad in ["../x", "usr/x", "/etc/x", "etc/../usr/x", "var/log/x", "var/lib", "etc/*", "etc/a b"] {
+            let mut b = bundle("2.0.0");
+            b.lines.push("keep etc/x".into());
+            b.lines.push(format!("keep {bad}"));
+            let (ok, out) = apply(&d, &b, None, false);
+            assert_refused(&d, (ok, out.clone()), &format!("keep path '{bad}'"));
+            assert!(!d.m.exists("run/kiln/data/etc") && !d.m.exists("run/kiln/data/update"), "{bad}: written: {out}");
+        }
+    }
+
+    /// `kiln-update follow`, the rollout agent, against a stand-in for `kiln serve --rollout` that
+    /// issues single-use nonces and accepts a report only with the signature kiln's own
+    /// `rollout.rs` computes, then answers from the test's script. The node is `etcd-1`, its key
+    /// derived from a master key as the build does. `KILN_ROLLOUT_ROUNDS=N` runs N polls back to
+    /// back. Busybox's wget talks to the stand-in, as on the device.
+    mod follow {
+        use std::collections::HashMap;
+        use std::ffi::OsStr;
+        use std::io::{BufRead, BufReader, Write};
+        use std::net::TcpListener;
+        use std::path::{Path, PathBuf};
+        use std::sync::{Arc, Mutex};
+
+        use kiln::rollout::{node_key, report_message, report_signature};
+
+        use super::{bundle, device, Device};
+
+        const MASTER: [u8; 32] = [7; 32];
+        const NODE: &str = "etcd-1";
+        const UPDATE: &str = "action update\nversion 2.0.0\npoll 10\nurl /updates/x86_64/\n";
+
+        #[derive(Default)]
+        struct Served {
+            nonce: Option<String>,
+            issued: u64,
+            /// Challenges answered 503 before the server "comes back".
+            unavailable: usize,
+            answer: String,
+            /// Accepted reports: (state, version).
+            reports: Vec<(String, String)>,
+            refused: usize,
+            bundle: PathBuf,
+        }
+
+        struct Server {
+            base: String,
+            s: Arc<Mutex<Served>>,
+        }
+
+        impl Server {
+            fn reports(&self) -> Vec<(String, String)> {
+                self.s.lock().unwrap().reports.clone()
+            }
+            fn answer(&self, a: &str) {
+                self.s.lock().unwrap().answer = a.to_string();
+            }
+        }
+
+        fn server(answer: &str, bundle: &Path) -> Server {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let base = format!("http://{}", l.local_addr().unwrap());
+            let s = Arc::new(Mutex::new(Served { answer: answer.into(), bundle: bundle.into(), ..Default::default() }));
+            let shared = s.clone();
+            std::thread::spawn(move || {
+                for c in l.incoming() {
+                    let Ok(mut c) = c else { continue };
+                    let mut r = BufReader::new(c.try_clone().unwrap());
+                    let mut line = String::new();
+                    if r.read_line(&mut line).is_err() {
+                        continue;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    let target = line.split(' ').nth(1).unwrap_or_default().to_string();
+                    let (status, body) = respond(&mut shared.lock().unwrap(), &target);
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = c.write_all(&body);
+                }
+            });
+            Server { base, s }
+        }
+
+        fn respond(s: &mut Served, target: &str) -> (&'static str, Vec<u8>) {
+            let (path, query) = target.split_once('?').unwrap_or((target, ""));
+            let q: HashMap<&str, &str> = query.split('&').filter_map(|kv| kv.split_once('=')).collect();
+            let f = |k: &str| q.get(k).copied().unwrap_or_default();
+            match path {
+                "/rollout/challenge" => {
+                    if s.unavailable > 0 {
+                        s.unavailable -= 1;
+                        return ("503 Service Unavailable", b"down\n".to_vec());
+                    }
+                    if f("node") != NODE {
+                        return ("404 Not Found", b"unknown node\n".to_vec());
+                    }
+                    s.issued += 1;
+                    let nonce = format!("{:064x}", 0xfeed_0000 + s.issued);
+                    s.nonce = Some(nonce.clone());
+                    ("200 OK", format!("{nonce}\n").into_bytes())
+                }
+                "/rollout/report" => {
+                    let msg = report_message(f("node"), f("arch"), f("version"), f("state"), f("nonce"));
+                    let want = report_signature(&node_key(&MASTER, f("node")), &msg);
+                    // Single use: the nonce is gone whatever the outcome.
+                    if s.nonce.take().as_deref() != Some(f("nonce")) || f("sig") != want {
+                        s.refused += 1;
+                        return ("403 Forbidden", b"bad signature\n".to_vec());
+                    }
+                    s.reports.push((f("state").into(), f("version").into()));
+                    ("200 OK", s.answer.clone().into_bytes())
+                }
+                p => match p.strip_prefix("/updates/x86_64/").map(|name| std::fs::read(s.bundle.join(name))) {
+                    Some(Ok(bytes)) => ("200 OK", bytes),
+                    _ => ("404 Not Found", b"no such file\n".to_vec()),
+                },
+            }
+        }
+
+        /// Node etcd-1 running 1.0.0 whose boot reached ready, with its report key; the server
+        /// named in the image (with a trailing slash the agent drops) answers `answer`.
+        fn node(answer: &str) -> (Device, Server) {
+            let d = device("1.0.0", 'a', false);
+            let srv = server(answer, &d.m.path().join("srv"));
+            let wget = match super::super::busybox() {
+                Some(b) => format!("#!/bin/sh\nexec {b} wget \"$@\"\n"),
+                None => "#!/bin/sh\nexec /usr/bin/wget \"$@\"\n".into(),
+            };
+            d.m.write_mode("bin/wget", &wget, 0o755);
+            d.m.write("usr/lib/kiln/update/server", &format!("{}/\n", srv.base));
+            d.m.write("run/kiln/node.conf", "KILN_NODE_NAME=\"etcd-1\"\nKILN_NODE_ROLES=\"etcd\"\n");
+            d.m.write_mode("etc/kiln/nodes/etcd-1/update/report.key", &format!("{}\n", hex::encode(node_key(&MASTER, NODE))), 0o600);
+            d.m.write("run/kiln/status", "identity: node=etcd-1 roles=etcd by=cmdline\nready arch=x86_64 host=etcd-1 uptime=9.12s\n");
+            (d, srv)
+        }
+
+        fn follow(d: &Device, rounds: u32) -> (bool, String) {
+            let script = d.m.path().join("usr/sbin/kiln-update");
+            let (ok, out) = d.m.sh_env(&[("KILN_ROLLOUT_ROUNDS", &rounds.to_string())], [script.as_os_str(), OsStr::new("follow")]);
+            assert!(!out.contains(&hex::encode(node_key(&MASTER, NODE))), "the key is never printed: {out}");
+            (ok, out)
+        }
+
+        fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+            v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        }
+
+        #[test]
+        fn a_signed_ready_report_then_the_update_it_is_told() {
+            let (d, srv) = node(UPDATE);
+            let b = bundle("2.0.0");
+            b.write(&d.m.path().join("srv"), &d.trusted.1, false);
+            let (ok, out) = follow(&d, 2);
+            assert!(ok, "{out}");
+            assert_eq!(srv.reports(), pairs(&[("ready", "1.0.0")]), "{out}");
+            assert!(
+                out.contains(&format!("[kiln] update: rollout: reporting to {} as node etcd-1 (running 1.0.0 on x86_64, ready)", srv.base)),
+                "{out}"
+            );
+            assert!(out.contains(&format!("[kiln] update: rollout: updating 1.0.0 -> 2.0.0 from {}\n", srv.base)), "{out}");
+            assert!(out.contains("[kiln] update: slot b holds version 2.0.0"), "{out}");
+            assert_eq!(&d.slot_b()[..b.root.len()], &b.root[..]);
+            assert!(d.calls().contains("reboot"), "{}", d.calls());
+        }
+
+        #[test]
+        fn a_refused_update_is_reported_failed_and_not_tried_again_for_that_target() {
+            let (d, srv) = node(UPDATE);
+            bundle("2.0.0").set("arch", Some("arch aarch64")).write(&d.m.path().join("srv"), &d.trusted.1, false);
+            let (ok, out) = follow(&d, 3);
+            assert!(ok, "{out}");
+            assert_eq!(out.matches("rollout: updating 1.0.0 -> 2.0.0").count(), 1, "{out}");
+            assert!(
+                out.contains("[kiln] update: rollout: update to 2.0.0 failed: the bundle is for aarch64; this device is x86_64"),
+                "{out}"
+            );
+            // At once after the refusal, then at every poll.
+            assert_eq!(srv.reports(), pairs(&[("ready", "1.0.0"), ("failed", "1.0.0"), ("failed", "1.0.0"), ("failed", "1.0.0")]));
+            assert!(d.slot_b().iter().all(|&x| x == 0xaa), "slot B untouched");
+            // A restarted agent keeps it (this boot's /run).
+            let (ok, out) = follow(&d, 1);
+            assert!(ok && !out.contains("rollout: updating"), "{out}");
+            assert_eq!(srv.reports().last().unwrap().0, "failed");
+            // The rollout's target moves on: ready again.
+            srv.answer("action wait\nversion 3.0.0\n");
+            assert!(follow(&d, 2).0);
+            assert_eq!(srv.reports()[5..], pairs(&[("failed", "1.0.0"), ("ready", "1.0.0")]));
+        }
+
+        /// The command line's server wins; an outage is one line, so is each change of answer.
+        #[test]
+        fn outages_and_repeated_answers_are_one_line_each() {
+            let (d, srv) = node("action wait\nversion 2.0.0\npoll 5\n");
+            d.m.write("usr/lib/kiln/update/server", "http://127.0.0.1:1\n");
+            d.m.write("proc/cmdline", &format!("root=PARTUUID=x kiln.rootname=kiln-root-a kiln.update_server={}\n", srv.base));
+            srv.s.lock().unwrap().unavailable = 2;
+            let (ok, out) = follow(&d, 4);
+            assert!(ok, "{out}");
+            assert_eq!(out.matches("rollout: cannot get a challenge from").count(), 1, "{out}");
+            assert!(out.contains("503") && out.contains("trying again every 30s"), "{out}");
+            assert_eq!(out.matches(&format!("rollout: {} answers again", srv.base)).count(), 1, "{out}");
+            assert_eq!(out.matches("rollout: waiting for this node's turn (running 1.0.0, rollout target 2.0.0)").count(), 1, "{out}");
+            assert_eq!(srv.reports().len(), 2);
+            // Lines ending in CRLF read the same.
+            srv.answer("action halt\r\nversion 2.0.0\r\n");
+            let (_, out) = follow(&d, 3);
+            assert_eq!(out.matches("rollout: the rollout to 2.0.0 is halted (running 1.0.0)").count(), 1, "{out}");
+        }
+
+        /// What the node reports follows its boot: rolled-back after a rollback (and the version
+        /// it rolled back from is not applied again), failed after a failed step, nothing before
+        /// the boot ends.
+        #[test]
+        fn the_state_follows_the_boot() {
+            let (d, srv) = node(UPDATE);
+            d.m.write("run/kiln/update-rolled-back", "2.0.0\n");
+            let (ok, out) = follow(&d, 1);
+            assert!(ok && out.contains("rollout: not applying 2.0.0 again: this boot rolled back from it"), "{out}");
+            assert_eq!(srv.reports(), pairs(&[("rolled-back", "1.0.0")]));
+            assert!(d.slot_b().iter().all(|&x| x == 0xaa));
+
+            let (d, srv) = node("action halt\nversion 2.0.0\n");
+            d.m.write("run/kiln/status", "boot: not ready: failed step(s): site-x (errors above)\n");
+            assert!(follow(&d, 1).0);
+            assert_eq!(srv.reports(), pairs(&[("failed", "1.0.0")]));
+
+            let (d, srv) = node(UPDATE);
+            d.m.write("run/kiln/status", "identity: node=etcd-1 roles=etcd by=cmdline\n");
+            let (ok, out) = follow(&d, 1);
+            assert!(ok && out.contains("rollout: waiting for [kiln] ready before reporting"), "{out}");
+            assert_eq!(srv.s.lock().unwrap().issued, 0, "nothing asked before ready");
+        }
+
+        /// Without a key or a server the agent says why once and asks nothing; a key from another
+        /// build is refused by the server, which the console says once.
+        #[test]
+        fn without_a_key_or_server_it_says_why_and_a_wrong_key_is_refused() {
+            let (d, srv) = node(UPDATE);
+            d.m.write_mode("etc/kiln/nodes/etcd-1/update/report.key", &format!("{}\n", hex::encode(node_key(&[8; 32], NODE))), 0o600);
+            let (ok, out) = follow(&d, 2);
+            assert!(ok && out.matches("did not take the ready report of etcd-1").count() == 1 && out.contains("403"), "{out}");
+            let refused = srv.s.lock().unwrap().refused;
+            assert_eq!((refused, srv.reports().len()), (2, 0));
+
+            d.m.write("etc/kiln/nodes/etcd-1/update/report.key", "not hex\n");
+            let (ok, out) = follow(&d, 1);
+            assert!(ok && out.contains("/etc/kiln/nodes/etcd-1/update/report.key is not 64 lower-case hex digits"), "{out}");
+            std::fs::remove_file(d.m.path().join("etc/kiln/nodes/etcd-1/update/report.key")).unwrap();
+            let (ok, out) = follow(&d, 1);
+            assert!(ok && out.contains("node etcd-1 has no report key (/etc/kiln/nodes/etcd-1/update/report.key;"), "{out}");
+            std::fs::remove_file(d.m.path().join("usr/lib/kiln/update/server")).unwrap();
+            let (ok, out) = follow(&d, 1);
+            assert!(ok && out.contains("rollout: no rollout server"), "{out}");
+            assert_eq!(srv.s.lock().unwrap().issued, 2, "only the wrong key's two challenges");
+        }
+    }
+}
+
+/// `kiln_hmac_sha256` in lib.sh: the rollout agent's report signature, in busybox sh. It must
+/// agree with RFC 4231 and with what `kiln serve --rollout` checks (`kiln::rollout`).
+mod hmac {
+    use std::ffi::OsStr;
+
+    use kiln::rollout::{node_key, report_message, report_signature};
+
+    use super::{overlay, shell};
+
+    /// (success, stdout, stderr) of `kiln_hmac_sha256 KEY MSG`, with the caller's variables
+    /// `key msg i n out rest byte` set before and printed after.
+    fn run(key: &str, msg: &str) -> (bool, String, String) {
+        let lib = overlay("appliance").join("usr/lib/kiln/lib.sh");
+        let script = "key=K msg=M i=I n=N out=O rest=R byte=B; . \"$1\"; kiln_hmac_sha256 \"$2\" \"$3\" && echo \"$key $msg $i $n $out $rest $byte\"";
+        let out = shell()
+            .args([OsStr::new("-c"), OsStr::new(script), OsStr::new("hmac"), lib.as_os_str(), OsStr::new(key), OsStr::new(msg)])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn hmac(key: &str, msg: &str) -> String {
+        let (ok, out, err) = run(key, msg);
+        assert!(ok, "{out}{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2, "{out}");
+        assert_eq!(lines[1], "K M I N O R B", "the caller's variables are left alone");
+        lines[0].to_string()
+    }
+
+    #[test]
+    fn the_shell_hmac_matches_rfc_4231_and_kiln_rollout() {
+        // RFC 4231 test case 2 ("Jefe") and 6 (a 131-byte key: longer than the block, hashed first).
+        assert_eq!(
+            hmac(&hex::encode("Jefe"), "what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(
+            hmac(&"aa".repeat(131), "Test Using Larger Than Block-Size Key - Hash Key First"),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        // A report as the agent signs it: newlines, a node key with bytes above 0x7f and zeros.
+        let mut master = [0u8; 32];
+        master.iter_mut().enumerate().for_each(|(i, b)| *b = (i * 37 + 200) as u8);
+        for (node, state) in [("etcd-1", "ready"), ("a-10", "rolled-back"), ("srv-1", "failed")] {
+            let key = node_key(&master, node);
+            let msg = report_message(node, "riscv64", "2.10.0", state, &"0f".repeat(32));
+            assert_eq!(hmac(&hex::encode(key), &msg), report_signature(&key, &msg), "{node}");
+        }
+        // A key with a NUL byte and one of 0xff; upper-case hex digits are read too.
+        let key = [0u8, 0xff, 0x80, 0x01];
+        assert_eq!(
+            hmac("00FF8001", "x\n\ny\n"),
+            kiln::rollout::hmac_sha256(&key, b"x\n\ny\n").iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+    }
+
+    #[test]
+    fn a_key_that_is_not_hex_is_an_error() {
+        for bad in ["xyz0", "abc", "ab cd"] {
+            let (ok, out, _) = run(bad, "m");
+            assert!(!ok && out.contains("[kiln] error: kiln_hmac_sha256: the key"), "{bad}: {out}");
+        }
     }
 }

@@ -132,3 +132,59 @@ kiln_await() {
     done
     kiln_log "$step" "$what: $state"
 }
+
+# kiln_hmac_sha256 KEYHEX MESSAGE: prints HMAC-SHA256 (RFC 2104) of MESSAGE (any text, newlines
+# included; no NUL) under the key whose bytes KEYHEX spells, as 64 lower-case hex digits. The
+# rollout agent (kiln-update follow) signs its reports with it; kiln serve checks them with
+# builder/src/rollout.rs. busybox only: bytes are written with printf's octal escapes and hashed by
+# sha256sum, the XOR is shell arithmetic. The key never becomes a command's argument (printf is a
+# builtin), so it is not in /proc/*/cmdline. sh has no locals: every name is prefixed.
+kiln_hmac_sha256() {
+    kiln_hmac_key=$1
+    case "$kiln_hmac_key" in
+        *[!0-9a-fA-F]*)
+            kiln_error "kiln_hmac_sha256: the key is not hex digits"
+            return 1
+            ;;
+    esac
+    if [ $((${#kiln_hmac_key} % 2)) -ne 0 ]; then
+        kiln_error "kiln_hmac_sha256: the key has an odd number of hex digits"
+        return 1
+    fi
+    # A key longer than the 64-byte block is replaced by its hash.
+    if [ ${#kiln_hmac_key} -gt 128 ]; then
+        kiln_hex_escapes "$kiln_hmac_key" 0 0
+        # shellcheck disable=SC2059 # the format is the octal escapes
+        kiln_hmac_key=$(printf "$kiln_hex_esc" | sha256sum)
+        kiln_hmac_key=${kiln_hmac_key%% *}
+    fi
+    kiln_hex_escapes "$kiln_hmac_key" 54 64
+    # shellcheck disable=SC2059
+    kiln_hmac_inner=$({ printf "$kiln_hex_esc" && printf '%s' "$2"; } | sha256sum)
+    kiln_hmac_inner=${kiln_hmac_inner%% *}
+    kiln_hex_escapes "$kiln_hmac_key" 92 64
+    kiln_hmac_outer_esc=$kiln_hex_esc
+    kiln_hex_escapes "$kiln_hmac_inner" 0 0
+    # shellcheck disable=SC2059
+    kiln_hmac_out=$({ printf "$kiln_hmac_outer_esc" && printf "$kiln_hex_esc"; } | sha256sum)
+    kiln_hex_esc="" kiln_hmac_outer_esc="" kiln_hmac_key=""
+    echo "${kiln_hmac_out%% *}"
+}
+
+# kiln_hex_escapes HEX XOR LEN: sets kiln_hex_esc to printf octal escapes (\ooo) of the bytes HEX
+# spells, each XORed with XOR (decimal), then bytes of value XOR up to LEN bytes (0: no padding).
+# No subshells: a key's 64 bytes take no fork.
+kiln_hex_escapes() {
+    kiln_hex_rest=$1 kiln_hex_esc="" kiln_hex_n=0
+    while [ -n "$kiln_hex_rest" ]; do
+        kiln_hex_byte=$((0x${kiln_hex_rest%"${kiln_hex_rest#??}"} ^ $2))
+        kiln_hex_rest=${kiln_hex_rest#??}
+        kiln_hex_esc="$kiln_hex_esc\\$((kiln_hex_byte / 64))$((kiln_hex_byte / 8 % 8))$((kiln_hex_byte % 8))"
+        kiln_hex_n=$((kiln_hex_n + 1))
+    done
+    while [ "$kiln_hex_n" -lt "$3" ]; do
+        kiln_hex_esc="$kiln_hex_esc\\$(($2 / 64))$(($2 / 8 % 8))$(($2 % 8))"
+        kiln_hex_n=$((kiln_hex_n + 1))
+    done
+    kiln_hex_byte="" kiln_hex_rest=""
+}
