@@ -141,3 +141,33 @@ fn check_bundles_public(dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(rollout: bool, max: Option<usize>, poll: Option<&str>, timeout: Option<&str>) -> RolloutFlags {
+        RolloutFlags { rollout, max_unavailable: max, poll: poll.map(str::to_string), node_timeout: timeout.map(str::to_string) }
+    }
+
+    #[test]
+    fn rollout_flags_are_checked_before_anything_binds() {
+        assert!(rollout_settings(&flags(false, None, None, None)).unwrap().is_none());
+        let s = rollout_settings(&flags(true, None, None, None)).unwrap().unwrap();
+        assert_eq!((s.max_unavailable, s.poll.as_secs(), s.node_timeout.as_secs()), (1, 30, 900));
+        let s = rollout_settings(&flags(true, Some(3), Some("10"), Some("90s"))).unwrap().unwrap();
+        assert_eq!((s.max_unavailable, s.poll.as_secs(), s.node_timeout.as_secs()), (3, 10, 90));
+        assert_eq!(rollout_settings(&flags(true, None, None, Some("1h"))).unwrap().unwrap().node_timeout.as_secs(), 3600);
+        for (f, want) in [
+            (flags(false, Some(2), None, None), "--max-unavailable is a setting of the rollout: add --rollout"),
+            (flags(false, None, Some("5"), None), "--poll is a setting"),
+            (flags(true, Some(0), None, None), "--max-unavailable 0"),
+            (flags(true, None, Some("0"), None), "--poll 0"),
+            (flags(true, None, None, Some("soon")), "--node-timeout soon: expected"),
+            (flags(true, None, Some("60"), Some("90")), "shorter than two polls"),
+        ] {
+            let err = rollout_settings(&f).unwrap_err().to_string();
+            assert!(err.contains(want), "{f:?}: {err}");
+        }
+    }
+}

@@ -24,7 +24,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::grants::Grants;
 use self::http::{BadRequest, RangeAnswer, Request};
@@ -256,7 +256,13 @@ fn handle(ctx: &Shared, stream: TcpStream, peer: SocketAddr) {
     if let Some(h) = req.host.as_deref().filter(|h| !ipxe::host_is_safe(h)) {
         what.push_str(&format!(" host={}", h.escape_debug()));
     }
-    info!("{peer} {} {} {} {}", req.method, what.escape_debug(), served.status, served.bytes);
+    // The nodes' rollout polls (two requests per node per poll) would drown the log: their
+    // transitions and refusals have lines of their own.
+    if served.status == 200 && req.path.starts_with(ROLLOUT) {
+        debug!("{peer} {} {} {} {}", req.method, what.escape_debug(), served.status, served.bytes);
+    } else {
+        info!("{peer} {} {} {} {}", req.method, what.escape_debug(), served.status, served.bytes);
+    }
 }
 
 /// Reads a connection until a fixed point in time: each read may wait only for what is left,

@@ -314,7 +314,7 @@ impl Rollout {
         let count = |c: Class| self.nodes.iter().filter(|n| n.class == c).count();
         let s = self.settings;
         format!(
-            "rollout: {}; {} nodes: {} etcd (one at a time, only while the other members report ready), then {} server (one at a time), then {} other (up to {} at once); poll {} s, node timeout {}",
+            "rollout: {}; {} nodes in waves: {} etcd (one at a time, each only while the other members report ready), {} server (one at a time), {} other (up to {} at once); poll {} s, node timeout {}",
             targets.join(", "),
             self.nodes.len(),
             count(Class::Etcd),
@@ -390,9 +390,7 @@ impl Rollout {
             }
             Phase::Updating => match r.state {
                 ReportState::Ready if r.version == target => self.done(i, now),
-                ReportState::Ready => {
-                    self.fail(i, format!("{name} reported ready on {} after being told to update to {target}", r.version))
-                }
+                // Rolled back, refused, or back on another version: the update did not take.
                 s => self.fail(i, format!("{name} reported {} on {} after being told to update to {target}", s.name(), r.version)),
             },
             Phase::Done | Phase::Failed => {}
@@ -480,23 +478,13 @@ impl Rollout {
     }
 
     /// `GET /rollout/status`: no secrets (no keys, no nonces).
-    pub fn status(&self, now: Instant) -> serde_json::Value {
-        #[derive(Serialize)]
-        struct NodeStatus<'a> {
-            name: &'a str,
-            roles: &'a [String],
-            arch: &'a str,
-            version: Option<&'a str>,
-            phase: Phase,
-            report: Option<ReportState>,
-            seconds_since_report: Option<u64>,
-        }
+    pub fn status(&self, now: Instant) -> Status<'_> {
         let (state, reason) = match &self.state {
             State::Running => ("running", None),
             State::Done => ("done", None),
             State::Halted(r) => ("halted", Some(r.as_str())),
         };
-        let nodes: Vec<NodeStatus> = self
+        let nodes = self
             .nodes
             .iter()
             .map(|n| NodeStatus {
@@ -509,8 +497,28 @@ impl Rollout {
                 seconds_since_report: n.report.as_ref().map(|r| now.saturating_duration_since(r.2).as_secs()),
             })
             .collect();
-        serde_json::json!({ "state": state, "reason": reason, "targets": self.targets, "nodes": nodes })
+        Status { state, reason, targets: &self.targets, nodes }
     }
+}
+
+/// The `/rollout/status` document (fields in this order).
+#[derive(Debug, Serialize)]
+pub struct Status<'a> {
+    state: &'static str,
+    reason: Option<&'a str>,
+    targets: &'a BTreeMap<String, String>,
+    nodes: Vec<NodeStatus<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeStatus<'a> {
+    name: &'a str,
+    roles: &'a [String],
+    arch: &'a str,
+    version: Option<&'a str>,
+    phase: Phase,
+    report: Option<ReportState>,
+    seconds_since_report: Option<u64>,
 }
 
 /// Whether a report field is acceptable at all (short, one line, printable).
@@ -601,6 +609,25 @@ mod tests {
         assert!(matches!(&r.state, State::Halted(why) if why.contains("etcd-1 sent no report within 15m")), "{:?}", r.state);
         assert_eq!(phase(&r, "etcd-1"), Phase::Failed);
         assert_eq!(phase(&r, "etcd-2"), Phase::Pending, "a node never told to update is not timed out");
+    }
+
+    #[test]
+    fn ready_on_the_old_version_after_being_told_fails_but_a_leftover_rollback_does_not() {
+        let mut r = inventory();
+        let t = Instant::now();
+        // etcd-2's boot follows a rollback of some earlier update: it is judged by its version.
+        assert_eq!(send(&mut r, "etcd-2", "1.0.0", ReportState::RolledBack, t).action, Action::Wait);
+        send(&mut r, "etcd-3", "1.0.0", ReportState::Ready, t);
+        assert_eq!(send(&mut r, "etcd-1", "1.0.0", ReportState::Ready, t).action, Action::Wait, "etcd-2 is not ready");
+        assert_eq!(send(&mut r, "etcd-2", "1.0.0", ReportState::Ready, t).action, Action::Update);
+        assert_eq!(r.state, State::Running);
+        // Told to update, it answers ready on its old version: the update did not happen.
+        assert_eq!(send(&mut r, "etcd-2", "1.0.0", ReportState::Ready, t).action, Action::Halt);
+        assert!(
+            matches!(&r.state, State::Halted(why) if why.contains("etcd-2 reported ready on 1.0.0 after being told to update to 2.0.0"))
+        );
+        assert_eq!(phase(&r, "etcd-2"), Phase::Failed);
+        assert_eq!(send(&mut r, "etcd-1", "1.0.0", ReportState::Ready, t).action, Action::Halt);
     }
 
     #[test]
