@@ -184,6 +184,8 @@ struct Node {
     /// When it was told to update (the node timeout runs from there).
     told: Option<Instant>,
     nonce: Option<(String, Instant)>,
+    /// The etcd member whose missing `ready` last held this node back (logged once).
+    held_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -297,6 +299,7 @@ impl Rollout {
                     arch: None,
                     told: None,
                     nonce: None,
+                    held_by: None,
                 });
             }
         }
@@ -380,14 +383,23 @@ impl Rollout {
             Phase::Pending if r.state == ReportState::Ready && r.version == target => self.done(i, now),
             // A pending node that reports `rolled-back` or `failed` is judged by its version
             // only: that state may be left from an earlier rollout (the boot after a rollback).
-            Phase::Pending => {
-                if self.state == State::Running && self.may_update(i, now) {
+            Phase::Pending if self.state == State::Running => match self.may_update(i, now) {
+                Ok(()) => {
                     self.nodes[i].phase = Phase::Updating;
                     self.nodes[i].told = Some(now);
                     tracing::info!("rollout: {name}: told to update {} -> {target}", r.version);
                     return true;
                 }
-            }
+                // Said once per member that holds it, not at every poll: why the wave stalls.
+                Err(Some(member)) if self.nodes[i].held_by.as_ref() != Some(&member) => {
+                    tracing::info!(
+                        "rollout: {name}: waits (quorum guard): etcd member {member} has not reported ready within the last {FRESH_POLLS} polls"
+                    );
+                    self.nodes[i].held_by = Some(member);
+                }
+                Err(_) => {}
+            },
+            Phase::Pending => {}
             Phase::Updating => match r.state {
                 ReportState::Ready if r.version == target => self.done(i, now),
                 // Rolled back, refused, or back on another version: the update did not take.
@@ -399,29 +411,30 @@ impl Rollout {
     }
 
     /// Whether pending node `i` may be told to update now: its wave has started, its wave has
-    /// room, and (etcd) the other members are up.
-    fn may_update(&self, i: usize, now: Instant) -> bool {
+    /// room, and (etcd) the other members are up. `Err(Some(member))`: held by the quorum guard
+    /// because of `member`; `Err(None)`: not its turn.
+    fn may_update(&self, i: usize, now: Instant) -> Result<(), Option<String>> {
         let class = self.nodes[i].class;
         if self.nodes.iter().any(|n| n.class < class && n.phase != Phase::Done) {
-            return false;
+            return Err(None);
         }
         let limit = if class == Class::Other { self.settings.max_unavailable } else { 1 };
         if self.nodes.iter().filter(|n| n.phase == Phase::Updating).count() >= limit {
-            return false;
+            return Err(None);
         }
         if class == Class::Etcd {
             let fresh = self.settings.poll * FRESH_POLLS;
-            let quorum = self
+            let down = self
                 .nodes
                 .iter()
                 .enumerate()
                 .filter(|(j, n)| *j != i && n.class == Class::Etcd)
-                .all(|(_, n)| matches!(&n.report, Some((ReportState::Ready, _, at)) if now.saturating_duration_since(*at) < fresh));
-            if !quorum {
-                return false;
+                .find(|(_, n)| !matches!(&n.report, Some((ReportState::Ready, _, at)) if now.saturating_duration_since(*at) < fresh));
+            if let Some((_, n)) = down {
+                return Err(Some(n.name.clone()));
             }
         }
-        true
+        Ok(())
     }
 
     fn done(&mut self, i: usize, now: Instant) {
@@ -628,6 +641,22 @@ mod tests {
         );
         assert_eq!(phase(&r, "etcd-2"), Phase::Failed);
         assert_eq!(send(&mut r, "etcd-1", "1.0.0", ReportState::Ready, t).action, Action::Halt);
+    }
+
+    #[test]
+    fn agents_go_at_most_max_unavailable_at_once() {
+        let mut r = inventory();
+        r.settings.max_unavailable = 1;
+        let t = Instant::now();
+        for n in ["etcd-1", "etcd-2", "etcd-3", "srv-1"] {
+            send(&mut r, n, "2.0.0", ReportState::Ready, t);
+        }
+        assert_eq!(send(&mut r, "a-1", "1.0.0", ReportState::Ready, t).action, Action::Update);
+        assert_eq!(send(&mut r, "a-2", "1.0.0", ReportState::Ready, t).action, Action::Wait);
+        send(&mut r, "a-1", "2.0.0", ReportState::Ready, t);
+        assert_eq!(send(&mut r, "a-2", "1.0.0", ReportState::Ready, t).action, Action::Update);
+        send(&mut r, "a-2", "2.0.0", ReportState::Ready, t);
+        assert_eq!(r.state, State::Done);
     }
 
     #[test]
