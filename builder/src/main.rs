@@ -165,6 +165,21 @@ enum Command {
         /// Write a dnsmasq proxy-DHCP/TFTP snippet for PXE ROMs that must load iPXE first.
         #[arg(long, value_name = "FILE")]
         dnsmasq: Option<PathBuf>,
+        /// Roll DIR's update bundles out to the inventory's nodes (profile `update.server`):
+        /// etcd members one at a time, then servers, then agents; halt on the first failure.
+        /// Progress: GET /rollout/status.
+        #[arg(long)]
+        rollout: bool,
+        /// With --rollout: agents updated at once (etcd and server nodes: always one).
+        #[arg(long, value_name = "N")]
+        max_unavailable: Option<usize>,
+        /// With --rollout: how often nodes report, in seconds (default 30).
+        #[arg(long, value_name = "SECS")]
+        poll: Option<String>,
+        /// With --rollout: a node told to update that does not report within this fails the
+        /// rollout (`90`, `90s`, `15m`, `1h`; default 15m).
+        #[arg(long, value_name = "DURATION")]
+        node_timeout: Option<String>,
     },
     /// Write an image (raw, .zst or .xz) to an SD card, USB stick or file, only its mapped blocks
     /// when it has a bmap, then read it back to verify.
@@ -353,7 +368,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bmap.as_deref(),
             cli::flash::FlashFlags { yes, force, verify: !no_verify, quiet: cli.quiet },
         )?,
-        Command::Serve { dir, listen, reinstall, dnsmasq } => cli::serve::serve(&dir, &listen, &reinstall, dnsmasq.as_deref())?,
+        Command::Serve { dir, listen, reinstall, dnsmasq, rollout, max_unavailable, poll, node_timeout } => {
+            let rollout = cli::serve::RolloutFlags { rollout, max_unavailable, poll, node_timeout };
+            cli::serve::serve(&dir, &listen, &reinstall, dnsmasq.as_deref(), &rollout)?
+        }
         Command::Secrets { profile, out } => {
             let profile = checked_profile(&profile)?;
             let out = out.unwrap_or_else(|| kiln::pipeline::default_out_dir(&profile));

@@ -137,6 +137,26 @@ fn unknown_format_exits_2_naming_the_choices() {
     assert_no_image(d.path());
 }
 
+/// `kiln serve --rollout` refuses what cannot roll out, before it listens (exit 2, naming what
+/// to do).
+#[test]
+fn serve_rollout_refuses_without_a_bundle_or_with_bad_flags() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir(d.path().join("out")).unwrap();
+    for (args, want) in [
+        (&["--rollout"][..], "holds no update bundle"),
+        (&["--rollout", "--max-unavailable", "0"][..], "--max-unavailable 0"),
+        (&["--poll", "10"][..], "add --rollout"),
+        (&["--rollout", "--node-timeout", "soon"][..], "--node-timeout soon"),
+    ] {
+        let mut all = vec!["serve", "out", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        let (code, text) = kiln(d.path(), &all);
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(text.contains(want) && !text.contains("kiln serve: "), "{args:?}: {text}");
+    }
+}
+
 #[test]
 fn serve_refuses_a_missing_directory_and_a_bad_reinstall_mac() {
     let d = tempfile::tempdir().unwrap();

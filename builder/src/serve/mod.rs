@@ -3,7 +3,8 @@
 //! It serves the files under one build output directory (GET, HEAD, single byte ranges; nothing
 //! outside the directory, nothing under `secrets/`, no dot files), the update bundles as
 //! `/updates/<arch>/<file>` (from `<arch>/update/`), answers `/boot.ipxe` per machine (module
-//! `ipxe`) and records finished installs (`POST /installed`, module `state`).
+//! `ipxe`) and records finished installs (`POST /installed`, module `state`). With `--rollout` it
+//! also hands the bundles to the inventory's nodes in waves (`/rollout/*`, module `rollout`).
 //! One thread per connection, one request per connection; one log line per request. Clients
 //! get a bounded number of connections and a deadline for their request head (module `limits`).
 
@@ -11,6 +12,7 @@ pub mod grants;
 pub mod http;
 pub mod ipxe;
 pub mod limits;
+pub mod rollout;
 pub mod state;
 
 use std::fs::File;
@@ -18,15 +20,16 @@ use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use self::grants::Grants;
 use self::http::{BadRequest, RangeAnswer, Request};
 use self::limits::{Limits, Slot, Slots};
+use self::rollout::Rollout;
 use self::state::{Installed, Store};
 use crate::netboot;
 
@@ -37,12 +40,17 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// Refused connections and accept errors are logged at most this often (a flood is one line).
 const LOG_EVERY: Duration = Duration::from_secs(1);
 
+/// The time as the server sees it; tests replace it to drive the rollout's timeouts.
+pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
+
 /// A bound server, not yet running.
 pub struct Server {
     listener: TcpListener,
     root: PathBuf,
     store: Arc<Store>,
     limits: Limits,
+    rollout: Option<Rollout>,
+    clock: Clock,
 }
 
 impl Server {
@@ -53,7 +61,19 @@ impl Server {
         let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
         listener.set_nonblocking(true)?;
         let store = Arc::new(Store::new(&root));
-        Ok(Server { listener, root, store, limits: Limits::default() })
+        Ok(Server { listener, root, store, limits: Limits::default(), rollout: None, clock: Arc::new(Instant::now) })
+    }
+
+    /// Runs `rollout` too (`kiln serve --rollout`): the `/rollout/*` paths answer only then.
+    pub fn with_rollout(mut self, rollout: Rollout) -> Server {
+        self.rollout = Some(rollout);
+        self
+    }
+
+    /// Replaces the clock (tests).
+    pub fn with_clock(mut self, clock: Clock) -> Server {
+        self.clock = clock;
+        self
     }
 
     /// Replaces the default connection limits (tests use a shorter head deadline).
@@ -81,10 +101,21 @@ impl Server {
     /// one no thread can be started for, gets a 503 written without blocking (or is dropped).
     pub fn run(self, stop: &AtomicBool) -> Result<()> {
         let slots = Slots::new(self.limits);
-        let ctx = Arc::new(Shared { root: self.root.clone(), store: self.store.clone(), limits: self.limits, grants: Grants::default() });
+        let ctx = Arc::new(Shared {
+            root: self.root.clone(),
+            store: self.store.clone(),
+            limits: self.limits,
+            grants: Grants::default(),
+            rollout: self.rollout.map(Mutex::new),
+            clock: self.clock.clone(),
+        });
         let mut refusals = Throttled::default();
         let mut accept_errors = Throttled::default();
         while !stop.load(Ordering::SeqCst) {
+            // A node told to update that went silent halts the rollout even if no one asks.
+            if let Some(r) = &ctx.rollout {
+                lock(r).tick((ctx.clock)());
+            }
             match self.listener.accept() {
                 Ok((stream, peer)) => match slots.acquire(peer.ip()) {
                     Ok(slot) => spawn_connection(&ctx, stream, peer, slot),
@@ -174,6 +205,14 @@ struct Shared {
     store: Arc<Store>,
     limits: Limits,
     grants: Grants,
+    rollout: Option<Mutex<Rollout>>,
+    clock: Clock,
+}
+
+/// The rollout's lock; a thread that panicked holding it left consistent state (every change
+/// is made whole before anything can panic), so a poisoned lock is taken over.
+fn lock(r: &Mutex<Rollout>) -> std::sync::MutexGuard<'_, Rollout> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The outcome of one request, for the log line.
@@ -206,9 +245,10 @@ fn handle(ctx: &Shared, stream: TcpStream, peer: SocketAddr) {
         warn!("{peer} {} {}: {e:#}", req.method, req.path);
         Served { status: 500, bytes: 0 }
     });
-    // Only the MAC and arch of the query are logged: they identify the machine and are no secret.
+    // Only the MAC, arch, node and state of the query are logged: they identify the machine and
+    // are no secret (a report's `sig` and `nonce` are never logged).
     let mut what = req.path.clone();
-    for key in ["mac", "arch"] {
+    for key in ["mac", "arch", "node", "state"] {
         if let Some(v) = req.param(key) {
             what.push_str(&format!(" {key}={}", v.escape_debug()));
         }
@@ -216,7 +256,13 @@ fn handle(ctx: &Shared, stream: TcpStream, peer: SocketAddr) {
     if let Some(h) = req.host.as_deref().filter(|h| !ipxe::host_is_safe(h)) {
         what.push_str(&format!(" host={}", h.escape_debug()));
     }
-    info!("{peer} {} {} {} {}", req.method, what.escape_debug(), served.status, served.bytes);
+    // The nodes' rollout polls (two requests per node per poll) would drown the log: their
+    // transitions and refusals have lines of their own.
+    if served.status == 200 && req.path.starts_with(ROLLOUT) {
+        debug!("{peer} {} {} {} {}", req.method, what.escape_debug(), served.status, served.bytes);
+    } else {
+        info!("{peer} {} {} {} {}", req.method, what.escape_debug(), served.status, served.bytes);
+    }
 }
 
 /// Reads a connection until a fixed point in time: each read may wait only for what is left,
@@ -245,6 +291,7 @@ fn route(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> R
         ("POST", "/installed") => installed(ctx, req, stream, peer),
         ("GET", "/secrets") => node_secrets(ctx, req, stream, peer),
         ("GET" | "HEAD", p) if p.starts_with(UPDATES) => update_file(ctx, req, stream, head),
+        ("GET", p) if p.starts_with(ROLLOUT) => rollout_request(ctx, req, stream, peer),
         ("GET" | "HEAD", _) => match resolve(&ctx.root, &req.path) {
             Some(path) => send_file(&path, req, stream, head),
             None => respond_simple(stream, 404, "Not Found", "not found\n", head),
@@ -508,13 +555,82 @@ fn installed(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) 
     respond_simple(stream, 200, "OK", "recorded\n", false)
 }
 
+/// Where the rollout answers: `/rollout/challenge`, `/rollout/report`, `/rollout/status`.
+pub const ROLLOUT: &str = "/rollout/";
+
+/// The `/rollout/*` requests; 404 when the server runs without `--rollout`.
+fn rollout_request(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> Result<Served> {
+    let Some(rollout) = &ctx.rollout else {
+        return respond_simple(stream, 404, "Not Found", "not found (this server runs no rollout: `kiln serve DIR --rollout`)\n", false);
+    };
+    let now = (ctx.clock)();
+    match req.path.as_str() {
+        "/rollout/challenge" => {
+            let Some(node) = req.param("node").filter(|n| rollout::plain_field(n)) else {
+                return respond_simple(stream, 400, "Bad Request", "GET /rollout/challenge needs node=NAME\n", false);
+            };
+            let nonce = grants::random_hex(32)?;
+            match lock(rollout).challenge(node, nonce, now) {
+                Some(nonce) => respond_text(stream, &format!("{nonce}\n"), false),
+                None => {
+                    respond_simple(stream, 404, "Not Found", &format!("node {node} is not in the inventory of any update bundle\n"), false)
+                }
+            }
+        }
+        "/rollout/report" => {
+            let field = |k: &str| req.param(k).filter(|v| rollout::plain_field(v));
+            let (Some(node), Some(arch), Some(version), Some(state), Some(nonce)) =
+                (field("node"), field("arch"), field("version"), field("state"), field("nonce"))
+            else {
+                return respond_simple(
+                    stream,
+                    400,
+                    "Bad Request",
+                    "GET /rollout/report needs node=, arch=, version=, state=, nonce= and sig= (each one printable word)\n",
+                    false,
+                );
+            };
+            let Some(state) = rollout::ReportState::parse(state) else {
+                return respond_simple(stream, 400, "Bad Request", "state= is one of ready, rolled-back, failed\n", false);
+            };
+            let report = rollout::Report { node, arch, version, state, nonce, sig: req.param("sig").unwrap_or_default() };
+            let mut r = lock(rollout);
+            match r.report(&report, now) {
+                Ok(answer) => {
+                    let poll = r.settings().poll;
+                    drop(r);
+                    respond_text(stream, &answer.body(poll), false)
+                }
+                Err(why) => {
+                    drop(r);
+                    warn!("refused rollout report from {peer} for {}: {why}", node.escape_debug());
+                    respond_simple(stream, 403, "Forbidden", &format!("{why}\n"), false)
+                }
+            }
+        }
+        "/rollout/status" => {
+            let mut r = lock(rollout);
+            r.tick(now);
+            let mut body = serde_json::to_string_pretty(&r.status(now)).expect("status serialises");
+            drop(r);
+            body.push('\n');
+            respond_with(stream, 200, "OK", "application/json", &body, false)
+        }
+        _ => respond_simple(stream, 404, "Not Found", "not found (/rollout/challenge, /rollout/report, /rollout/status)\n", false),
+    }
+}
+
 fn respond_text(stream: &TcpStream, body: &str, head: bool) -> Result<Served> {
     respond_simple(stream, 200, "OK", body, head)
 }
 
-fn respond_simple(mut stream: &TcpStream, status: u16, reason: &str, body: &str, head: bool) -> Result<Served> {
+fn respond_simple(stream: &TcpStream, status: u16, reason: &str, body: &str, head: bool) -> Result<Served> {
+    respond_with(stream, status, reason, "text/plain; charset=utf-8", body, head)
+}
+
+fn respond_with(mut stream: &TcpStream, status: u16, reason: &str, content_type: &str, body: &str, head: bool) -> Result<Served> {
     let h = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(h.as_bytes())?;

@@ -5,6 +5,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -535,4 +536,277 @@ fn update_paths_map_onto_the_bundle_directory() {
     assert_eq!(update_path("/updates/x86_64/a/b"), None);
     assert_eq!(update_path("/updates//update.txt"), None);
     assert_eq!(update_path("/x86_64/update.txt"), None);
+}
+
+// --- `kiln serve --rollout` over HTTP: 3 etcd members, a server and 2 agents. ---
+
+/// A test clock: the real start plus seconds the test adds.
+struct TestClock {
+    base: Instant,
+    offset: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl TestClock {
+    fn new() -> TestClock {
+        TestClock { base: Instant::now(), offset: Arc::new(std::sync::atomic::AtomicU64::new(0)) }
+    }
+    fn clock(&self) -> Clock {
+        let (base, offset) = (self.base, self.offset.clone());
+        Arc::new(move || base + Duration::from_secs(offset.load(Ordering::SeqCst)))
+    }
+    fn advance(&self, secs: u64) {
+        self.offset.fetch_add(secs, Ordering::SeqCst);
+    }
+}
+
+const INVENTORY: [(&str, &str); 6] =
+    [("etcd-1", "etcd"), ("etcd-2", "etcd"), ("etcd-3", "etcd"), ("srv-1", "server"), ("a-1", "agent"), ("a-2", "agent")];
+
+/// A build output with an x86_64 update bundle for [`INVENTORY`] at 2.0.0 and its rollout key.
+fn rollout_fixture() -> (tempfile::TempDir, [u8; 32]) {
+    let out = tempfile::tempdir().unwrap();
+    let bundle = out.path().join("x86_64/update");
+    std::fs::create_dir_all(&bundle).unwrap();
+    let mut txt = "kiln-update 1\nprofile rack\narch x86_64\nversion 2.0.0\nbuild 0011223344556677\ndowngrade no\n".to_string();
+    for (n, r) in INVENTORY {
+        txt.push_str(&format!("node {n} {r}\n"));
+    }
+    std::fs::write(bundle.join("update.txt"), txt).unwrap();
+    let master = crate::rollout::load_or_create_master_key(out.path()).unwrap();
+    (out, master)
+}
+
+fn start_rollout(dir: &Path, clock: &TestClock) -> Running {
+    let settings = rollout::Settings { max_unavailable: 2, ..rollout::Settings::default() };
+    let r = Rollout::load(dir, settings, (clock.clock())()).unwrap();
+    let server = Server::bind(dir, "127.0.0.1:0".parse().unwrap()).unwrap().with_rollout(r).with_clock(clock.clock());
+    let addr = server.local_addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::spawn(move || server.run(&flag).unwrap());
+    Running { addr, stop, thread: Some(thread) }
+}
+
+/// The query of a report signed with `key` over `nonce`.
+fn report_query(key: &[u8; 32], node: &str, version: &str, state: &str, nonce: &str) -> String {
+    let sig = crate::rollout::report_signature(key, &crate::rollout::report_message(node, "x86_64", version, state, nonce));
+    format!("/rollout/report?node={node}&arch=x86_64&version={version}&state={state}&nonce={nonce}&sig={sig}")
+}
+
+fn challenge(addr: SocketAddr, node: &str) -> String {
+    let r = request(addr, "GET", &format!("/rollout/challenge?node={node}"), "");
+    assert_eq!(r.status, 200, "{node}: {}", r.text());
+    assert_eq!(r.header("content-type").as_deref(), Some("text/plain; charset=utf-8"));
+    let nonce = r.text().strip_suffix('\n').expect("one line").to_string();
+    assert!(nonce.len() == 64 && nonce.bytes().all(|b| b.is_ascii_hexdigit()), "{nonce}");
+    nonce
+}
+
+/// A node's genuine report (challenge, then signed report); returns the answer's `action`.
+fn report(addr: SocketAddr, master: &[u8; 32], node: &str, version: &str, state: &str) -> String {
+    let nonce = challenge(addr, node);
+    let r = request(addr, "GET", &report_query(&crate::rollout::node_key(master, node), node, version, state, &nonce), "");
+    assert_eq!(r.status, 200, "{node}: {}", r.text());
+    let action = r.text().lines().find_map(|l| l.strip_prefix("action ").map(str::to_string)).expect("an action line");
+    assert!(r.text().contains("\nversion 2.0.0\npoll 30\n"), "{}", r.text());
+    action
+}
+
+fn status(addr: SocketAddr) -> serde_json::Value {
+    let r = request(addr, "GET", "/rollout/status", "");
+    assert_eq!((r.status, r.header("content-type").as_deref()), (200, Some("application/json")));
+    serde_json::from_slice(&r.body).unwrap()
+}
+
+fn phases(addr: SocketAddr) -> Vec<String> {
+    status(addr)["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| format!("{}={}", n["name"].as_str().unwrap(), n["phase"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn rollout_goes_etcd_one_at_a_time_with_quorum_then_servers_then_agents_by_max_unavailable() {
+    let (out, master) = rollout_fixture();
+    let clock = TestClock::new();
+    let srv = start_rollout(out.path(), &clock);
+    let a = srv.addr;
+    // Everyone on 1.0.0. etcd-2 and etcd-3 wait: the other members have not reported (no quorum
+    // known); the server and agents wait for the etcd wave.
+    for n in ["etcd-2", "etcd-3", "srv-1", "a-1", "a-2"] {
+        assert_eq!(report(a, &master, n, "1.0.0", "ready"), "wait", "{n}");
+    }
+    let nonce = challenge(a, "etcd-1");
+    let r = request(a, "GET", &report_query(&crate::rollout::node_key(&master, "etcd-1"), "etcd-1", "1.0.0", "ready", &nonce), "");
+    assert_eq!(r.text(), "action update\nversion 2.0.0\npoll 30\nurl /updates/x86_64/\n");
+    // One etcd member at a time.
+    assert_eq!(report(a, &master, "etcd-2", "1.0.0", "ready"), "wait");
+
+    // 100 s later (over 3 polls): etcd-1 is back on 2.0.0. etcd-2 may not go: etcd-3's last
+    // report is stale, so the group might not have quorum without etcd-2.
+    clock.advance(100);
+    assert_eq!(report(a, &master, "etcd-1", "2.0.0", "ready"), "wait");
+    assert_eq!(report(a, &master, "etcd-2", "1.0.0", "ready"), "wait", "quorum guard: etcd-3 is stale");
+    assert_eq!(report(a, &master, "etcd-3", "1.0.0", "ready"), "update", "etcd-1 and etcd-2 reported just now");
+    assert_eq!(report(a, &master, "etcd-2", "1.0.0", "ready"), "wait");
+    assert_eq!(report(a, &master, "srv-1", "1.0.0", "ready"), "wait");
+    assert_eq!(report(a, &master, "etcd-3", "2.0.0", "ready"), "wait");
+    assert_eq!(report(a, &master, "etcd-2", "1.0.0", "ready"), "update");
+    assert_eq!(report(a, &master, "srv-1", "1.0.0", "ready"), "wait", "servers start when every etcd member is done");
+    assert_eq!(report(a, &master, "etcd-2", "2.0.0", "ready"), "wait");
+    assert_eq!(report(a, &master, "a-1", "1.0.0", "ready"), "wait", "agents wait for the servers");
+    assert_eq!(report(a, &master, "srv-1", "1.0.0", "ready"), "update");
+    assert_eq!(report(a, &master, "a-1", "1.0.0", "ready"), "wait");
+    assert_eq!(report(a, &master, "srv-1", "2.0.0", "ready"), "wait");
+    // Agents: two at once (--max-unavailable 2).
+    assert_eq!(report(a, &master, "a-1", "1.0.0", "ready"), "update");
+    assert_eq!(report(a, &master, "a-2", "1.0.0", "ready"), "update");
+    assert_eq!(status(a)["state"], "running");
+    clock.advance(7);
+    assert_eq!(report(a, &master, "a-2", "2.0.0", "ready"), "wait");
+    assert_eq!(report(a, &master, "a-1", "2.0.0", "ready"), "wait");
+
+    clock.advance(5);
+    let s = status(a);
+    assert_eq!(s["state"], "done");
+    assert_eq!(s["reason"], serde_json::Value::Null);
+    assert_eq!(s["targets"], serde_json::json!({"x86_64": "2.0.0"}));
+    assert_eq!(
+        s["nodes"][0],
+        serde_json::json!({"name": "etcd-1", "roles": ["etcd"], "arch": "x86_64", "version": "2.0.0", "phase": "done", "report": "ready", "seconds_since_report": 12})
+    );
+    assert_eq!(s["nodes"][5]["seconds_since_report"], 5);
+    assert_eq!(phases(a), INVENTORY.iter().map(|(n, _)| format!("{n}=done")).collect::<Vec<_>>());
+    // No secrets: neither the master key nor any node key.
+    let text = s.to_string();
+    assert!(!text.contains(&hex::encode(master)));
+    for (n, _) in INVENTORY {
+        assert!(!text.contains(&hex::encode(crate::rollout::node_key(&master, n))), "{n}");
+    }
+}
+
+#[test]
+fn forged_replayed_and_unknown_reports_are_refused_and_change_nothing() {
+    let (out, master) = rollout_fixture();
+    let clock = TestClock::new();
+    let srv = start_rollout(out.path(), &clock);
+    let a = srv.addr;
+    for n in ["etcd-2", "etcd-3"] {
+        report(a, &master, n, "1.0.0", "ready");
+    }
+    let before = status(a);
+    let key1 = crate::rollout::node_key(&master, "etcd-1");
+    let nonce = challenge(a, "etcd-1");
+    let refused = |target: &str, why: &str| {
+        let r = request(a, "GET", target, "");
+        assert_eq!(r.status, 403, "{target}: {}", r.text());
+        assert!(r.text().contains(why), "{target}: {}", r.text());
+    };
+    // Another node's key (etcd-2 speaking for etcd-1), the master key itself, a changed field,
+    // no signature.
+    refused(&report_query(&crate::rollout::node_key(&master, "etcd-2"), "etcd-1", "1.0.0", "ready", &nonce), "bad signature");
+    refused(&report_query(&master, "etcd-1", "1.0.0", "ready", &nonce), "bad signature");
+    let tampered = report_query(&key1, "etcd-1", "1.0.0", "failed", &nonce).replace("state=failed", "state=ready");
+    refused(&tampered, "bad signature");
+    refused(&format!("/rollout/report?node=etcd-1&arch=x86_64&version=1.0.0&state=ready&nonce={nonce}"), "missing signature");
+    // An unknown node and a nonce never issued.
+    assert_eq!(request(a, "GET", "/rollout/challenge?node=intruder", "").status, 404);
+    refused(&report_query(&key1, "intruder", "1.0.0", "ready", &nonce), "not in the inventory");
+    refused(&report_query(&key1, "etcd-1", "1.0.0", "ready", &"ab".repeat(32)), "not the node's latest challenge");
+    assert_eq!(status(a), before, "refused reports change nothing");
+    // The forgeries did not use up the node's nonce: its genuine report still goes through, once.
+    let genuine = report_query(&key1, "etcd-1", "1.0.0", "ready", &nonce);
+    let r = request(a, "GET", &genuine, "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().starts_with("action update\n"), "{}", r.text());
+    let after = status(a);
+    refused(&genuine, "no challenge is open");
+    // A newer challenge replaces the older nonce; an expired one is refused.
+    let old = challenge(a, "etcd-2");
+    let new = challenge(a, "etcd-2");
+    let key2 = crate::rollout::node_key(&master, "etcd-2");
+    refused(&report_query(&key2, "etcd-2", "1.0.0", "ready", &old), "not the node's latest challenge");
+    clock.advance(600);
+    refused(&report_query(&key2, "etcd-2", "1.0.0", "ready", &new), "expired");
+    let mut later = status(a);
+    // Only the clock moved.
+    for n in later["nodes"].as_array_mut().unwrap() {
+        if let Some(s) = n["seconds_since_report"].as_u64() {
+            n["seconds_since_report"] = (s - 600).into();
+        }
+    }
+    assert_eq!(later, after);
+    // Malformed reports are 400, not 403.
+    assert_eq!(request(a, "GET", "/rollout/report?node=etcd-1", "").status, 400);
+    assert_eq!(request(a, "GET", &report_query(&key1, "etcd-1", "1.0.0", "happy", &nonce), "").status, 400);
+}
+
+#[test]
+fn a_rolled_back_node_halts_the_rollout_for_everyone() {
+    let (out, master) = rollout_fixture();
+    let clock = TestClock::new();
+    let srv = start_rollout(out.path(), &clock);
+    let a = srv.addr;
+    for n in ["etcd-2", "etcd-3", "etcd-1"] {
+        report(a, &master, n, "1.0.0", "ready");
+    }
+    assert_eq!(phases(a)[0], "etcd-1=updating");
+    clock.advance(240);
+    assert_eq!(report(a, &master, "etcd-1", "1.0.0", "rolled-back"), "halt");
+    for (n, _) in &INVENTORY[1..] {
+        assert_eq!(report(a, &master, n, "1.0.0", "ready"), "halt", "{n}");
+    }
+    let s = status(a);
+    assert_eq!(s["state"], "halted");
+    let reason = s["reason"].as_str().unwrap();
+    assert!(reason.contains("etcd-1 reported rolled-back on 1.0.0 after being told to update to 2.0.0"), "{reason}");
+    assert_eq!(s["nodes"][0]["phase"], "failed");
+    assert_eq!(s["nodes"][0]["report"], "rolled-back");
+    assert_eq!(s["nodes"][1]["phase"], "pending");
+}
+
+#[test]
+fn a_node_that_goes_silent_after_being_told_halts_the_rollout() {
+    let (out, master) = rollout_fixture();
+    let clock = TestClock::new();
+    let srv = start_rollout(out.path(), &clock);
+    let a = srv.addr;
+    for n in ["etcd-2", "etcd-3", "etcd-1"] {
+        report(a, &master, n, "1.0.0", "ready");
+    }
+    clock.advance(15 * 60 - 1);
+    assert_eq!(status(a)["state"], "running");
+    clock.advance(1);
+    let s = status(a);
+    assert_eq!(s["state"], "halted");
+    assert!(s["reason"].as_str().unwrap().contains("etcd-1 sent no report within 15m"), "{}", s["reason"]);
+    assert_eq!(report(a, &master, "etcd-2", "1.0.0", "ready"), "halt");
+}
+
+#[test]
+fn rollout_paths_are_not_found_without_rollout() {
+    let (out, _o) = fixture();
+    let srv = start(out.path());
+    for p in ["/rollout/status", "/rollout/challenge?node=node-a", "/rollout/report?node=node-a"] {
+        let r = request(srv.addr, "GET", p, "");
+        assert_eq!(r.status, 404, "{p}");
+    }
+}
+
+#[test]
+fn rollout_refuses_to_start_without_a_bundle_key_or_nodes() {
+    let settings = rollout::Settings::default();
+    let empty = tempfile::tempdir().unwrap();
+    let err = format!("{:#}", Rollout::load(empty.path(), settings, Instant::now()).unwrap_err());
+    assert!(err.contains("holds no update bundle") && err.contains("--format update"), "{err}");
+    let (out, _) = rollout_fixture();
+    std::fs::remove_file(crate::rollout::master_key_path(out.path())).unwrap();
+    let err = format!("{:#}", Rollout::load(out.path(), settings, Instant::now()).unwrap_err());
+    assert!(err.contains("secrets/rollout.key is missing") && err.contains("update.server"), "{err}");
+    let txt = out.path().join("x86_64/update/update.txt");
+    std::fs::write(&txt, "kiln-update 1\nversion 2.0.0\n").unwrap();
+    let err = format!("{:#}", Rollout::load(out.path(), settings, Instant::now()).unwrap_err());
+    assert!(err.contains("lists no nodes") && err.contains("cluster.nodes"), "{err}");
 }
