@@ -572,7 +572,7 @@ fn rollout_fixture() -> (tempfile::TempDir, [u8; 32]) {
         txt.push_str(&format!("node {n} {r}\n"));
     }
     std::fs::write(bundle.join("update.txt"), txt).unwrap();
-    let master = crate::rollout::load_or_create_master_key(out.path()).unwrap();
+    let master = crate::cluster::secrets::load_or_create_rollout_key(out.path()).unwrap();
     (out, master)
 }
 
