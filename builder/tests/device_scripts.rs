@@ -1562,7 +1562,7 @@ mod update {
             let (d, srv) = node(UPDATE);
             d.m.write("run/kiln/status", "identity: node=etcd-1 roles=etcd by=cmdline\n");
             let (ok, out) = follow(&d, 1);
-            assert!(ok && out.contains("rollout: waiting for [kiln] ready before reporting"), "{out}");
+            assert!(ok && out.contains("rollout: waiting for this boot to reach ready before reporting"), "{out}");
             assert_eq!(srv.s.lock().unwrap().issued, 0, "nothing asked before ready");
         }
 

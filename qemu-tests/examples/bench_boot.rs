@@ -12,11 +12,11 @@
 //! Boots one VM at a time (the machine should be otherwise idle); issue 18's targets are printed
 //! beside the totals.
 
-use std::path::Path;
 use anyhow::{Context, Result};
 use kiln::arch::Arch;
 use kiln::qemu::{Disk, Vm, VmSpec};
 use kiln_qemu_tests::{cache_dir, flash_grown, kiln_with_cache, work_dir, BOOT_TIMEOUT};
+use std::path::Path;
 
 /// The first line the kernel prints (buffered until its console is up).
 const KERNEL_LINE: &str = "Linux version";
@@ -54,14 +54,10 @@ fn boot(arch: Arch, disk: &Path, log: &Path) -> Result<Split> {
 fn main() -> Result<()> {
     let dir = work_dir("bench-boot")?;
     let out = dir.join("out");
-    let (code, log) =
-        kiln_with_cache(&cache_dir()?, &["build", "profiles/quickstart.yaml", "--out", out.to_str().context("UTF-8 path")?])?;
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["build", "profiles/quickstart.yaml", "--out", out.to_str().context("UTF-8 path")?])?;
     anyhow::ensure!(code == 0, "kiln build failed:\n{log}");
     println!("quickstart, QEMU TCG, one VM at a time; seconds from QEMU's start");
-    println!(
-        "{:8} {:6} {:>10} {:>15} {:>11} {:>7} {:>7}",
-        "arch", "boot", "firmware", "kernel+initrd", "boot steps", "total", "target"
-    );
+    println!("{:8} {:6} {:>10} {:>15} {:>11} {:>7} {:>7}", "arch", "boot", "firmware", "kernel+initrd", "boot steps", "total", "target");
     for arch in Arch::ALL {
         let disk = dir.join(format!("{arch}.img"));
         flash_grown(&out.join(arch.name()).join("disk.img"), &disk, 2 << 30)?;

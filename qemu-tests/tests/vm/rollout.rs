@@ -333,7 +333,8 @@ fn x86_64_rollout_keeps_etcd_quorum_and_halts_on_a_bad_update() -> Result<()> {
     ensure!(halted.contains("etcd-1"), "the halt names another node: {halted}");
     // The others hear the halt on their next poll, and never touch their slots.
     for (vm, (name, _, _)) in rest.iter_mut().zip(&MEMBERS[1..]) {
-        vm.wait_for("[kiln] update: rollout: the rollout to 3.0.0 is halted", TURN_TIMEOUT).with_context(|| format!("{name} hearing the halt"))?;
+        vm.wait_for("[kiln] update: rollout: the rollout to 3.0.0 is halted", TURN_TIMEOUT)
+            .with_context(|| format!("{name} hearing the halt"))?;
         ensure!(!vm.console().contains("version 3.0.0"), "{name} was given v3:\n{}", vm.console());
     }
     let st = status(&lan)?;
