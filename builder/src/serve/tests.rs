@@ -743,15 +743,21 @@ fn forged_replayed_and_unknown_reports_are_refused_and_change_nothing() {
     assert_eq!(request(a, "GET", &report_query(&key1, "etcd-1", "1.0.0", "happy", &nonce), "").status, 400);
 }
 
-#[test]
-fn a_rolled_back_node_halts_the_rollout_for_everyone() {
+/// A rollout whose three etcd members reported ready on 1.0.0, etcd-1 last: it was told to update.
+fn etcd_1_told_to_update() -> (tempfile::TempDir, [u8; 32], TestClock, Running) {
     let (out, master) = rollout_fixture();
     let clock = TestClock::new();
     let srv = start_rollout(out.path(), &clock);
-    let a = srv.addr;
     for n in ["etcd-2", "etcd-3", "etcd-1"] {
-        report(a, &master, n, "1.0.0", "ready");
+        report(srv.addr, &master, n, "1.0.0", "ready");
     }
+    (out, master, clock, srv)
+}
+
+#[test]
+fn a_rolled_back_node_halts_the_rollout_for_everyone() {
+    let (_out, master, clock, srv) = etcd_1_told_to_update();
+    let a = srv.addr;
     assert_eq!(phases(a)[0], "etcd-1=updating");
     clock.advance(240);
     assert_eq!(report(a, &master, "etcd-1", "1.0.0", "rolled-back"), "halt");
@@ -769,13 +775,8 @@ fn a_rolled_back_node_halts_the_rollout_for_everyone() {
 
 #[test]
 fn a_node_that_goes_silent_after_being_told_halts_the_rollout() {
-    let (out, master) = rollout_fixture();
-    let clock = TestClock::new();
-    let srv = start_rollout(out.path(), &clock);
+    let (_out, master, clock, srv) = etcd_1_told_to_update();
     let a = srv.addr;
-    for n in ["etcd-2", "etcd-3", "etcd-1"] {
-        report(a, &master, n, "1.0.0", "ready");
-    }
     clock.advance(15 * 60 - 1);
     assert_eq!(status(a)["state"], "running");
     clock.advance(1);
