@@ -93,7 +93,7 @@ impl Drop for RolloutServer {
 }
 
 /// Writes `kiln/tick = N` every second through etcdctl on the LAN's host side. A write goes to one
-/// member at a time (2 s each, starting with a different member each second) until one accepts
+/// member at a time (5 s each, starting with a different member each second) until one accepts
 /// it, as a client of a group does: a member that is shutting down for its reboot may take a
 /// request and never answer it. A write fails when no member accepts it: what losing quorum
 /// looks like to a client. Writes that needed a second member are counted too.
@@ -126,7 +126,7 @@ impl WriteLoop {
                         .env("ETCDCTL_API", "3")
                         .arg(format!("--endpoints={endpoint}"))
                         .args(&tls)
-                        .args(["--dial-timeout=2s", "--command-timeout=2s", "put", "kiln/tick", &n.to_string()])
+                        .args(["--dial-timeout=5s", "--command-timeout=5s", "put", "kiln/tick", &n.to_string()])
                         .output();
                     match out {
                         Ok(o) if o.status.success() => break,
