@@ -7,7 +7,7 @@
 //! split point is a little late; the totals are exact.
 //!
 //! ```sh
-//! cargo run -p kiln-qemu-tests --example bench_boot
+//! cargo run -p kiln-qemu-tests --example bench_boot [-- x86_64 ...]
 //! ```
 //! Boots one VM at a time (the machine should be otherwise idle); issue 18's targets are printed
 //! beside the totals.
@@ -58,7 +58,9 @@ fn main() -> Result<()> {
     anyhow::ensure!(code == 0, "kiln build failed:\n{log}");
     println!("quickstart, QEMU TCG, one VM at a time; seconds from QEMU's start");
     println!("{:8} {:6} {:>10} {:>15} {:>11} {:>7} {:>7}", "arch", "boot", "firmware", "kernel+initrd", "boot steps", "total", "target");
-    for arch in Arch::ALL {
+    // Optional arguments: the architectures to boot (default: all three).
+    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    for arch in Arch::ALL.into_iter().filter(|a| wanted.is_empty() || wanted.iter().any(|w| w == a.name())) {
         let disk = dir.join(format!("{arch}.img"));
         flash_grown(&out.join(arch.name()).join("disk.img"), &disk, 2 << 30)?;
         for (n, label) in [(1, "first"), (2, "second")] {
