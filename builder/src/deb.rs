@@ -7,7 +7,7 @@
 //! which refuse `..`, absolute paths and paths through symlinks (other than merged-/usr aliases).
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -43,7 +43,20 @@ pub fn unpack_deb(path: &Path, tree: &mut Tree) -> anyhow::Result<DebInfo> {
 }
 
 /// [`unpack_deb`] over any reader; `what` names the package in errors.
-pub fn unpack_deb_from<R: Read>(mut r: R, tree: &mut Tree, what: &str) -> anyhow::Result<DebInfo> {
+pub fn unpack_deb_from<R: Read>(r: R, tree: &mut Tree, what: &str) -> anyhow::Result<DebInfo> {
+    unpack_ar(r, tree, what, None)
+}
+
+/// [`unpack_deb`], also writing `data.tar`, decompressed, to `copy`: to keep a package's
+/// contents for later builds (`crate::reuse`), which [`unpack_tar`] then places without
+/// decompressing the package again.
+pub fn unpack_deb_copying(path: &Path, tree: &mut Tree, copy: &mut dyn Write) -> anyhow::Result<DebInfo> {
+    let what = path.display().to_string();
+    let file = File::open(path).with_context(|| format!("opening {what}"))?;
+    unpack_ar(BufReader::new(file), tree, &what, Some(copy))
+}
+
+fn unpack_ar<R: Read>(mut r: R, tree: &mut Tree, what: &str, mut copy: Option<&mut dyn Write>) -> anyhow::Result<DebInfo> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).with_context(|| format!("{what}: reading the ar magic"))?;
     if &magic != AR_MAGIC {
@@ -77,7 +90,11 @@ pub fn unpack_deb_from<R: Read>(mut r: R, tree: &mut Tree, what: &str) -> anyhow
                 if !seen_version {
                     bail!("{what}: `{n}` comes before `debian-binary`");
                 }
-                files = Some(unpack_tar(&mut member, tree, &format!("{what}: {n}"))?);
+                let what = format!("{what}: {n}");
+                files = Some(match copy.take() {
+                    None => unpack_tar(&mut member, tree, &what)?,
+                    Some(copy) => unpack_tar_copying(&mut member, tree, &what, copy)?,
+                });
             }
             // ar symbol tables, GNU long-name tables and dpkg's `_`-prefixed extra members
             // carry nothing kiln needs.
@@ -226,6 +243,31 @@ pub fn unpack_tar<R: Read>(tar: R, tree: &mut Tree, what: &str) -> anyhow::Resul
     let plain = decompress(tar).with_context(|| format!("{what}: detecting compression"))?;
     let spill = tree.spill().cloned();
     for_each_entry(plain, what, Contents::keep(spill.as_ref()), |item| insert_item(tree, item).map(Some))
+}
+
+/// [`unpack_tar`], writing the decompressed tar to `copy` as it is read (all of it, the end
+/// padding too, so the copy unpacks to the same tree).
+fn unpack_tar_copying<R: Read>(tar: R, tree: &mut Tree, what: &str, copy: &mut dyn Write) -> anyhow::Result<Vec<TreePath>> {
+    let plain = decompress(tar).with_context(|| format!("{what}: detecting compression"))?;
+    let mut tee = Tee { inner: plain, copy };
+    let spill = tree.spill().cloned();
+    let placed = for_each_entry(&mut tee, what, Contents::keep(spill.as_ref()), |item| insert_item(tree, item).map(Some))?;
+    io::copy(&mut tee, &mut io::sink()).with_context(|| format!("reading the end of {what}"))?;
+    Ok(placed)
+}
+
+/// A reader that writes what it reads to `copy`.
+struct Tee<'c, R> {
+    inner: R,
+    copy: &'c mut dyn Write,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        Ok(n)
+    }
 }
 
 /// One tar entry read into the tree model: paths already checked by

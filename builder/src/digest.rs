@@ -22,6 +22,41 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
     Ok(w.finish().1)
 }
 
+/// HMAC-SHA256 (RFC 2104), fed in pieces: the rollout's report signatures and the
+/// authentication of intermediate results kept between builds.
+pub struct HmacSha256 {
+    inner: Sha256,
+    outer_pad: [u8; 64],
+}
+
+impl HmacSha256 {
+    pub fn new(key: &[u8]) -> HmacSha256 {
+        let mut k = [0u8; 64];
+        if key.len() > k.len() {
+            k[..32].copy_from_slice(&Sha256::digest(key));
+        } else {
+            k[..key.len()].copy_from_slice(key);
+        }
+        let pad = |byte: u8| k.map(|b| b ^ byte);
+        HmacSha256 { inner: Sha256::new().chain_update(pad(0x36)), outer_pad: pad(0x5c) }
+    }
+
+    pub fn update(&mut self, data: &[u8]) {
+        self.inner.update(data);
+    }
+
+    pub fn finalize(self) -> [u8; 32] {
+        Sha256::new().chain_update(self.outer_pad).chain_update(self.inner.finalize()).finalize().into()
+    }
+}
+
+/// HMAC-SHA256 of one message.
+pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut mac = HmacSha256::new(key);
+    mac.update(msg);
+    mac.finalize()
+}
+
 /// A writer that hashes what passes through it, and counts it.
 pub struct HashingWriter<W> {
     inner: W,

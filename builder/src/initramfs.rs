@@ -136,6 +136,38 @@ pub fn pack(tree: &Tree, mtime: u32) -> Result<Vec<u8>> {
     pack_with(tree, mtime, &ZSTD)
 }
 
+/// [`pack`], taking the compressed archive an earlier build kept for the same cpio bytes
+/// (`crate::reuse`, keyed by the cpio's sha256): compressing is most of the initramfs's time,
+/// writing the cpio to hash it a small part. A kept archive is used only if it decompresses to
+/// exactly those bytes.
+pub fn pack_reusing(tree: &Tree, mtime: u32, reuse: &crate::reuse::Reuse) -> Result<Vec<u8>> {
+    if !reuse.enabled() {
+        return pack(tree, mtime);
+    }
+    let mut hashed = crate::digest::HashingWriter::new(std::io::sink());
+    crate::cpio::write_newc(tree, &mut hashed, mtime).context("writing the initramfs cpio archive")?;
+    let (_, key, _) = hashed.finish();
+    let kind = reuse_kind(&ZSTD);
+    if let Some(kept) = reuse.get(&kind, &key).filter(|kept| decompresses_to(kept, &key)) {
+        return Ok(kept);
+    }
+    let packed = pack(tree, mtime)?;
+    reuse.put(&kind, &key, &packed);
+    Ok(packed)
+}
+
+/// The kind of kept initramfs: everything about the compressor that shapes its bytes.
+fn reuse_kind(settings: &ZstdSettings) -> String {
+    format!("initramfs-zstd{}-l{}-w{}-j{}", zstd::zstd_safe::version_number(), settings.level, settings.workers, settings.job_size)
+}
+
+/// Whether zstd data decompresses to bytes with this sha256.
+fn decompresses_to(packed: &[u8], sha256: &str) -> bool {
+    let mut hashed = crate::digest::HashingWriter::new(std::io::sink());
+    let copied = zstd::stream::read::Decoder::new(packed).and_then(|mut d| std::io::copy(&mut d, &mut hashed));
+    copied.is_ok() && hashed.finish().1 == sha256
+}
+
 fn pack_with(tree: &Tree, mtime: u32, settings: &ZstdSettings) -> Result<Vec<u8>> {
     let mut zst = zstd_encoder(Vec::new(), settings)?;
     // The cpio archive streams into the compressor rather than being held whole.
@@ -145,6 +177,31 @@ fn pack_with(tree: &Tree, mtime: u32, settings: &ZstdSettings) -> Result<Vec<u8>
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_kept_initramfs_is_used_only_if_it_holds_the_same_archive() {
+        let mut tree = Tree::new();
+        tree.add_file("init", 0o755, sample()).unwrap();
+        let fresh = pack(&tree, 1).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let reuse = crate::reuse::Reuse::with_key(d.path(), [9; 32]);
+        assert!(pack_reusing(&tree, 1, &reuse).unwrap() == fresh, "the first pack differs");
+        assert!(pack_reusing(&tree, 1, &crate::reuse::Reuse::disabled()).unwrap() == fresh);
+        // Its key: the file below the kind's directory.
+        let kind = d.path().join("reuse").join(reuse_kind(&ZSTD));
+        let shard = std::fs::read_dir(&kind).unwrap().next().unwrap().unwrap().path();
+        let file = std::fs::read_dir(shard).unwrap().next().unwrap().unwrap().path();
+        let key = file.file_name().unwrap().to_str().unwrap();
+        // Another compression of the same archive is used (which shows the kept value is read)...
+        let mut cpio = Vec::new();
+        crate::cpio::write_newc(&tree, &mut cpio, 1).unwrap();
+        let other = zstd::bulk::compress(&cpio, 1).unwrap();
+        reuse.put(&reuse_kind(&ZSTD), key, &other);
+        assert!(pack_reusing(&tree, 1, &reuse).unwrap() == other, "the kept archive was not used");
+        // ...one of other bytes is not.
+        reuse.put(&reuse_kind(&ZSTD), key, &zstd::bulk::compress(b"planted", 1).unwrap());
+        assert!(pack_reusing(&tree, 1, &reuse).unwrap() == fresh, "a planted archive was used");
+    }
     use super::*;
     use std::io::Write;
 

@@ -611,7 +611,7 @@ mod tests {
     #[test]
     fn module_metadata_is_reused_for_the_same_module_files() {
         let d = tempfile::tempdir().unwrap();
-        let reuse = crate::reuse::Reuse::at(d.path(), true);
+        let reuse = crate::reuse::Reuse::with_key(d.path(), [4; 32]);
         let fresh = set();
         let first = ModuleSet::from_tree_reusing(fixture(), KVER, &reuse).unwrap();
         assert_eq!((first.modules_dep(), first.modules_alias()), (fresh.modules_dep(), fresh.modules_alias()));
@@ -623,13 +623,14 @@ mod tests {
             .collect();
         assert_eq!(values.len(), 1, "{values:?}");
         // The second read takes the kept value: an alias added to it shows in the index.
-        let mut list: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&values[0]).unwrap()).unwrap();
+        let key = values[0].file_name().unwrap().to_str().unwrap();
+        let mut list: Vec<serde_json::Value> = serde_json::from_slice(&reuse.get(REUSE_KIND, key).unwrap()).unwrap();
         list[0]["aliases"].as_array_mut().unwrap().push("reused:marker".into());
-        std::fs::write(&values[0], serde_json::to_vec(&list).unwrap()).unwrap();
+        reuse.put(REUSE_KIND, key, &serde_json::to_vec(&list).unwrap());
         let second = ModuleSet::from_tree_reusing(fixture(), KVER, &reuse).unwrap();
         assert!(second.modules_alias().contains("reused:marker"), "the kept value was not used");
         // A value that does not parse is read again from the modules.
-        std::fs::write(&values[0], b"{not json").unwrap();
+        reuse.put(REUSE_KIND, key, b"{not json");
         let third = ModuleSet::from_tree_reusing(fixture(), KVER, &reuse).unwrap();
         assert_eq!(third.modules_alias(), fresh.modules_alias());
     }

@@ -13,7 +13,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 
 /// The master key's file name in `OUT/secrets/`.
 pub const MASTER_KEY_FILE: &str = "rollout.key";
@@ -21,18 +20,7 @@ pub const MASTER_KEY_FILE: &str = "rollout.key";
 pub const NODE_KEY_PATH: &str = "update/report.key";
 
 /// HMAC-SHA256 (RFC 2104) over sha2: the one MAC the device can also compute with busybox alone.
-pub fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| k.map(|b| b ^ byte);
-    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(msg).finalize();
-    Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize().into()
-}
+pub use crate::digest::hmac_sha256;
 
 /// A node's report key (32 bytes; hex in its `report.key`).
 pub fn node_key(master: &[u8; 32], node: &str) -> [u8; 32] {

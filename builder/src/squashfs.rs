@@ -714,7 +714,7 @@ mod tests {
         let tree = cutting_tree();
         let o = SquashfsOptions { threads: 2, ..opts(1_700_000_000) };
         let cache = tempfile::tempdir().unwrap();
-        let reuse = crate::reuse::Reuse::at(cache.path(), true);
+        let reuse = crate::reuse::Reuse::with_key(cache.path(), [3; 32]);
         let write = |reuse: &crate::reuse::Reuse| {
             let mut cursor = Cursor::new(Vec::new());
             write_counted(&tree, &mut cursor, &o, reuse).unwrap();
@@ -735,10 +735,11 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert!(write(&reuse) == fresh, "the image from reused blocks differs");
         assert!(kept.iter().zip(&before).all(|(p, t)| stamp(p) > *t), "not every kept block was reused");
-        // A planted block: valid zstd of other bytes. It must not end up in the image.
+        // A planted block: valid zstd of other bytes, stored under each block's key with a
+        // valid MAC (as a bug in kiln could). It must not end up in the image.
         let planted = zstd::bulk::compress(&noise(o.block_size as usize, 99), 15).unwrap();
         for p in &kept {
-            std::fs::write(p, &planted).unwrap();
+            reuse.put(&block_kind(&o), p.file_name().unwrap().to_str().unwrap(), &planted);
         }
         assert!(write(&reuse) == fresh, "a planted block was used");
     }

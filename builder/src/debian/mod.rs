@@ -65,7 +65,7 @@ pub struct MissingComponent {
 
 /// [`load_index_from`] for the `main` component alone.
 pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow::Result<Index> {
-    load_index_from(fetcher, suite, debian_arch, &[DEFAULT_COMPONENT.to_string()])
+    load_index_from(fetcher, suite, debian_arch, &[DEFAULT_COMPONENT.to_string()], &crate::reuse::Reuse::disabled())
 }
 
 /// Fetches `{mirror}/dists/{suite}/InRelease`, verifies it, then fetches and parses each
@@ -83,7 +83,13 @@ pub fn load_index(fetcher: &Fetcher, suite: &Suite, debian_arch: &str) -> anyhow
 /// held; when it is refused, the cache keeps that copy. Offline, the cached copy was checked
 /// when it was fetched, and an expired `Valid-Until` does not stop a build from it (as apt
 /// installs from lists already on disk).
-pub fn load_index_from(fetcher: &Fetcher, suite: &Suite, debian_arch: &str, components: &[String]) -> anyhow::Result<Index> {
+pub fn load_index_from(
+    fetcher: &Fetcher,
+    suite: &Suite,
+    debian_arch: &str,
+    components: &[String],
+    reuse: &crate::reuse::Reuse,
+) -> anyhow::Result<Index> {
     let name = &suite.suite;
     let mirror = suite.mirror.trim_end_matches('/');
     let dists = format!("{mirror}/dists/{name}");
@@ -126,7 +132,7 @@ pub fn load_index_from(fetcher: &Fetcher, suite: &Suite, debian_arch: &str, comp
     let mut earlier_names = HashSet::new();
     let mut kept = 0;
     for component in components {
-        let (packages, sha256) = read_component(fetcher, &release, &dists, name, component, debian_arch)?;
+        let (packages, sha256) = read_component(fetcher, reuse, &release, &dists, name, component, debian_arch)?;
         // First-listed component wins a name (see above). The names are only needed while a
         // later component is still to come (not at all for the default `[main]`).
         let last = read.len() + 1 == components.len();
@@ -151,6 +157,7 @@ pub fn load_index_from(fetcher: &Fetcher, suite: &Suite, debian_arch: &str, comp
 /// parses it.
 fn read_component(
     fetcher: &Fetcher,
+    reuse: &crate::reuse::Reuse,
     release: &Release,
     dists: &str,
     name: &str,
@@ -167,10 +174,24 @@ fn read_component(
         format!("{dists}/{path}")
     };
     let what = format!("{path} of {name}");
+    // An earlier build kept the fields kiln reads of this very file (named by its verified digest).
+    if let Some(kept) = reuse.open(KEPT_PACKAGES, &sha256) {
+        let packages = packages::read_packages(kept).with_context(|| format!("reading {what} as an earlier build kept it"))?;
+        return Ok((packages, sha256));
+    }
     let blob = fetcher.blob(&url, &sha256, Some(size), &what)?;
-    let packages = read_packages_xz(&blob).with_context(|| format!("reading {what} ({})", blob.display()))?;
+    let mut kept = reuse.writer(KEPT_PACKAGES, &sha256);
+    let packages = read_packages_xz(&blob, kept.as_mut().map(|w| w as &mut dyn std::io::Write))
+        .with_context(|| format!("reading {what} ({})", blob.display()))?;
+    if let Some(kept) = kept {
+        kept.keep();
+    }
     Ok((packages, sha256))
 }
+
+/// The kind of kept result (`crate::reuse`) holding a `Packages` file's read fields, keyed by
+/// the file's sha256: decompressing and reading the whole file was most of a rebuild's index time.
+const KEPT_PACKAGES: &str = "packages-fields-v1";
 
 /// Verifies an InRelease and applies apt's acceptance rules (see [`load_index`]); `previous` is
 /// the copy the cache held before this fetch.
@@ -199,10 +220,10 @@ fn accept_inrelease(data: &[u8], suite: &Suite, url: &str, fetched: bool, previo
     Ok(release)
 }
 
-fn read_packages_xz(path: &std::path::Path) -> anyhow::Result<Vec<Package>> {
+fn read_packages_xz(path: &std::path::Path, keep: Option<&mut dyn std::io::Write>) -> anyhow::Result<Vec<Package>> {
     let file = std::fs::File::open(path)?;
     let text = liblzma::read::XzDecoder::new(std::io::BufReader::new(file));
-    packages::read_packages(std::io::BufReader::with_capacity(1 << 16, text))
+    packages::read_packages_keeping(std::io::BufReader::with_capacity(1 << 16, text), keep)
 }
 
 /// The `.deb` URL of a package on a mirror.
@@ -225,6 +246,7 @@ pub fn file_sha256(path: &std::path::Path) -> anyhow::Result<String> {
 mod tests {
     use super::*;
     use crate::cache::Cache;
+    use crate::reuse::Reuse;
     use std::time::Instant;
 
     /// A mirror on loopback whose InRelease the test replaces: the suite, expiry and rollback
@@ -353,12 +375,15 @@ mod tests {
         let mut tampered = nff.clone();
         tampered[40] ^= 1;
         *served_nff.lock().unwrap() = tampered;
-        let err = format!("{:#}", load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free-firmware"])).unwrap_err());
+        let err = format!(
+            "{:#}",
+            load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free-firmware"]), &Reuse::disabled()).unwrap_err()
+        );
         assert!(err.contains("non-free-firmware/binary-arm64/Packages.xz"), "{err}");
         assert!(err.contains(&digest(&nff)), "names the digest the Release lists: {err}");
         *served_nff.lock().unwrap() = nff.clone();
 
-        let index = load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free-firmware"])).unwrap();
+        let index = load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free-firmware"]), &Reuse::disabled()).unwrap();
         assert_eq!(
             index.components,
             vec![
@@ -371,17 +396,39 @@ mod tests {
         names.sort();
         assert_eq!(names, ["linux-image=1.0", "raspi-firmware=1:1.2", "shared=1.0"], "main listed first keeps `shared`");
         let shared = |order: &[&str]| {
-            let index = load_index_from(&fresh(), &suite, "arm64", &components(order)).unwrap();
+            let index = load_index_from(&fresh(), &suite, "arm64", &components(order), &Reuse::disabled()).unwrap();
             index.packages.versions("shared").iter().map(|p| p.version.clone()).collect::<Vec<_>>()
         };
         assert_eq!(shared(&["non-free-firmware", "main"]), ["9.0"], "the first-listed component wins a name");
+
+        // Kept between builds (`crate::reuse`): a later load reads the kept fields of each list
+        // by its digest, not the list itself (gone from the cache here), to the same packages.
+        let both = components(&["main", "non-free-firmware"]);
+        let reuse = Reuse::with_key(&dir.path().join("reuse"), [1; 32]);
+        let online = fresh();
+        let first = load_index_from(&online, &suite, "arm64", &both, &reuse).unwrap();
+        for c in &first.components {
+            std::fs::remove_file(online.cache.blob_path(&c.packages_sha256).unwrap()).unwrap();
+        }
+        let offline = Fetcher { offline: true, ..online };
+        assert!(load_index_from(&offline, &suite, "arm64", &both, &Reuse::disabled()).is_err(), "the lists are gone");
+        let again = load_index_from(&offline, &suite, "arm64", &both, &reuse).unwrap();
+        assert_eq!(again.components, first.components);
+        let all = |i: &Index| {
+            let mut v: Vec<Package> =
+                ["shared", "raspi-firmware", "linux-image"].iter().flat_map(|n| i.packages.versions(n).to_vec()).collect();
+            v.sort_by(|a, b| (&a.name, &a.version).cmp(&(&b.name, &b.version)));
+            v
+        };
+        assert_eq!(all(&again), all(&first));
+        assert_eq!(again.packages.len(), first.packages.len());
 
         // Main alone (the default) reads one list and does not see the other's packages.
         let main_only = load_index(&fresh(), &suite, "arm64").unwrap();
         assert_eq!(main_only.components.len(), 1);
         assert!(main_only.packages.versions("raspi-firmware").is_empty());
 
-        let err = load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free"])).unwrap_err();
+        let err = load_index_from(&fresh(), &suite, "arm64", &components(&["main", "non-free"]), &Reuse::disabled()).unwrap_err();
         let missing = err.downcast_ref::<MissingComponent>().unwrap_or_else(|| panic!("typed: {err:#}"));
         assert_eq!(missing.component, "non-free");
         let err = format!("{err:#}");

@@ -124,7 +124,14 @@ pub fn parse_packages(text: &str) -> anyhow::Result<Vec<Package>> {
 
 /// Reads a `Packages` file one stanza at a time, so the ~60 MB text is never held whole.
 /// Errors name the stanza (package) and field.
-pub fn read_packages(mut reader: impl std::io::BufRead) -> anyhow::Result<Vec<Package>> {
+pub fn read_packages(reader: impl std::io::BufRead) -> anyhow::Result<Vec<Package>> {
+    read_packages_keeping(reader, None)
+}
+
+/// [`read_packages`], also writing to `keep` each stanza with only the fields kiln reads: a
+/// third of the text, which reads back to the same packages (kept between builds by
+/// `crate::reuse`).
+pub fn read_packages_keeping(mut reader: impl std::io::BufRead, mut keep: Option<&mut dyn std::io::Write>) -> anyhow::Result<Vec<Package>> {
     let mut out = Vec::new();
     let mut stanza = String::new();
     let mut stanza_no = 0;
@@ -138,6 +145,9 @@ pub fn read_packages(mut reader: impl std::io::BufRead) -> anyhow::Result<Vec<Pa
         if !stanza.is_empty() {
             stanza_no += 1;
             out.push(parse_stanza_text(&stanza, stanza_no)?);
+            if let Some(w) = keep.as_mut() {
+                write_read_fields(&stanza, w).context("keeping the Packages text")?;
+            }
             stanza.clear();
         }
         if n == 0 {
@@ -178,6 +188,24 @@ fn parse_stanza_text(text: &str, stanza_no: usize) -> anyhow::Result<Package> {
         let name = fields.get("Package").unwrap_or("no Package field");
         format!("Packages stanza {stanza_no} ({name})")
     })
+}
+
+/// Writes the lines of `stanza` that belong to the fields kiln reads (continuation lines
+/// included), then the blank line that ends a stanza.
+fn write_read_fields(stanza: &str, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut kept = false;
+    for line in stanza.split_inclusive('\n') {
+        if !line.starts_with([' ', '\t']) {
+            kept = line.split_once(':').is_some_and(|(key, _)| Fields::slot(key).is_some());
+        }
+        if kept {
+            w.write_all(line.as_bytes())?;
+            if !line.ends_with('\n') {
+                w.write_all(b"\n")?;
+            }
+        }
+    }
+    w.write_all(b"\n")
 }
 
 /// The fields of one Packages stanza kiln reads, as byte ranges into the file.
@@ -439,6 +467,22 @@ impl PackageIndex {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kept_fields_read_back_to_the_same_packages() {
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let text = format!("Package: a\nVersion: 1.0\nArchitecture: amd64\nMaintainer: x <x@example.org>\nDepends: b (>= 2),\n c | d\nDescription: long\n text that is dropped\n .\n more\nFilename: pool/a.deb\nSize: 10\nSHA256: {a}\nProvides: v (= 1)\n\nPackage: b\nVersion: 2\nArchitecture: all\nTag: role::program\nFilename: pool/b.deb\nSize: 3\nSHA256: {b}\nEssential: yes\nMulti-Arch: foreign");
+        let mut kept = Vec::new();
+        let read = read_packages_keeping(text.as_bytes(), Some(&mut kept)).unwrap();
+        let kept = String::from_utf8(kept).unwrap();
+        assert!(
+            !kept.contains("Description") && !kept.contains("dropped") && !kept.contains("Maintainer") && !kept.contains("Tag"),
+            "{kept}"
+        );
+        assert!(kept.contains("Depends: b (>= 2),\n c | d\n"), "{kept}");
+        assert_eq!(read_packages(kept.as_bytes()).unwrap(), read);
+        assert_eq!(read.len(), 2);
+    }
+
     use super::*;
 
     const FIXTURE: &str = "\

@@ -38,17 +38,17 @@ pub(super) fn initrds(job: &Job, root: &Root, record: &mut ManifestInputs) -> Re
     let modules: Vec<String> =
         FIRSTBOOT_MODULES.iter().map(|m| m.to_string()).chain(job.profile.profile.kernel.modules.iter().cloned()).collect();
     let mut initramfs = crate::initramfs::assemble(&root.tree, &root.modules, platform, &modules, &[])?;
-    add_firstboot_tools(&mut initramfs.tree, job.inputs, &root.spill, record)?;
+    add_firstboot_tools(&mut initramfs.tree, job.inputs, &job.reuse, &root.spill, record)?;
     info!("{arch}: initramfs with {} modules", initramfs.modules.len());
-    let initrd = Content::bytes(crate::initramfs::pack(&initramfs.tree, clamp32(job.epoch))?);
+    let initrd = Content::bytes(crate::initramfs::pack_reusing(&initramfs.tree, clamp32(job.epoch), &job.reuse)?);
     // The netboot installer's initrd: the same, plus the platform's NIC drivers (kept out of the
     // disk image's initramfs, which never needs the network).
     let netboot = if job.opts.wants(Format::Netboot) {
         let mut nb = crate::initramfs::assemble(&root.tree, &root.modules, platform, &modules, &platform.netboot_modules)?;
-        add_firstboot_tools(&mut nb.tree, job.inputs, &root.spill, record)?;
+        add_firstboot_tools(&mut nb.tree, job.inputs, &job.reuse, &root.spill, record)?;
         let nics: Vec<&String> = nb.modules.iter().filter(|m| !initramfs.modules.contains(m)).collect();
         info!("{arch}: netboot initrd with {} more modules for NICs", nics.len());
-        Some(crate::initramfs::pack(&nb.tree, clamp32(job.epoch))?)
+        Some(crate::initramfs::pack_reusing(&nb.tree, clamp32(job.epoch), &job.reuse)?)
     } else {
         None
     };
@@ -57,10 +57,16 @@ pub(super) fn initrds(job: &Job, root: &Root, record: &mut ManifestInputs) -> Re
 
 /// Unpacks the first-boot packages into a scratch tree and copies their programs, with the
 /// libraries and loader they need, into the initramfs.
-fn add_firstboot_tools(initramfs: &mut Tree, inputs: &Inputs, spill: &Arc<crate::spill::Spill>, record: &mut ManifestInputs) -> Result<()> {
+fn add_firstboot_tools(
+    initramfs: &mut Tree,
+    inputs: &Inputs,
+    reuse: &crate::reuse::Reuse,
+    spill: &Arc<crate::spill::Spill>,
+    record: &mut ManifestInputs,
+) -> Result<()> {
     let mut scratch = Tree::merged_usr(inputs.arch).spill_to(spill.clone());
     for (pkg, path) in &inputs.firstboot_debs {
-        crate::deb::unpack_deb(path, &mut scratch).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
+        super::unpack::unpack_package(reuse, pkg, path, &mut scratch)?;
         record.add_once(deb_input(pkg));
     }
     let libs = crate::elfclosure::copy_programs(&scratch, initramfs, inputs.arch, FIRSTBOOT_PROGRAMS)
@@ -176,7 +182,7 @@ fn raspberrypi_files(
     let mut files = Vec::new();
     if let Some((pkg, path)) = &job.inputs.firmware_deb {
         let mut t = Tree::merged_usr(job.inputs.arch);
-        crate::deb::unpack_deb(path, &mut t).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
+        super::unpack::unpack_package(&job.reuse, pkg, path, &mut t)?;
         files = rpi.firmware_files(&t).with_context(|| format!("{} {}", pkg.name, pkg.version))?;
         record.add_once(deb_input(pkg));
     }

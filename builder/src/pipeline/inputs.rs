@@ -105,7 +105,7 @@ pub(super) fn gather(profile: &LoadedProfile, opts: &BuildOptions, fetcher: &Fet
     let suite = suite_for(profile, opts)?;
     info!("{arch}: reading {} {} for {}", suite.mirror, suite.suite, arch.debian());
     let components = &profile.profile.os.components;
-    let index = debian::load_index_from(fetcher, &suite, arch.debian(), components).map_err(|e| {
+    let index = debian::load_index_from(fetcher, &suite, arch.debian(), components, &opts.reuse()?).map_err(|e| {
         // A component the suite lacks is the profile's doing: name the key that asked for it.
         let e = match e.downcast_ref::<debian::MissingComponent>() {
             Some(_) => e.context(format!("{}: key `os.components`", profile.path.display())),

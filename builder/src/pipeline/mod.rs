@@ -12,6 +12,7 @@ pub mod disk;
 mod inputs;
 mod options;
 mod root;
+mod unpack;
 mod update;
 pub use root::template_problems;
 
@@ -133,14 +134,15 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     }
     let mut staging = Staging { dir: staging_dir.clone(), done: false };
 
-    let mut built = Vec::new();
-    for (inputs, platform) in all_inputs.iter().zip(&platforms) {
+    one_heap();
+    let jobs: Vec<_> = all_inputs.iter().zip(&platforms).collect();
+    let built = concurrently(&jobs, ARCH_WORKERS, |(inputs, platform)| {
         let dir = staging_dir.join(inputs.arch.name());
         std::fs::create_dir_all(&dir)?;
         let manifest = build_arch(profile, opts, inputs, platform, &dir, secrets.as_ref(), signing.as_ref())
             .with_context(|| format!("building the {} image", inputs.arch))?;
-        built.push((inputs.arch, manifest));
-    }
+        Ok((inputs.arch, manifest))
+    })?;
 
     // Everything succeeded: move the outputs into place.
     let mut images = Vec::new();
@@ -152,6 +154,41 @@ pub fn build(profile: &LoadedProfile, opts: &BuildOptions) -> Result<BuildReport
     let _ = std::fs::remove_dir_all(&staging_dir);
     log_finished("build", started);
     Ok(BuildReport { out_dir, checksums, images })
+}
+
+/// Architectures built at once. Two keep both cores of a small build machine busy through the
+/// stages that run on one (unpacking, the module index, the initramfs, the disk image) while
+/// staying within the memory budget: each architecture's build holds its root's metadata and its
+/// in-memory boot files (docs/design.md, Memory; docs/benchmarks.md has the figures).
+const ARCH_WORKERS: usize = 2;
+
+/// Runs `work` on every item, at most `workers` at a time, and returns the results in the
+/// items' order; the first error (in the items' order) if any failed. A failed item does not
+/// stop the others already running, but no new one starts.
+fn concurrently<T: Sync, R: Send>(items: &[T], workers: usize, work: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let results: Vec<std::sync::Mutex<Option<Result<R>>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|scope| {
+        for _ in 0..workers.clamp(1, items.len().max(1)) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= items.len() || failed.load(Ordering::SeqCst) {
+                    break;
+                }
+                let result = work(&items[i]);
+                failed.fetch_or(result.is_err(), Ordering::SeqCst);
+                *results[i].lock().expect("no worker panics holding it") = Some(result);
+            });
+        }
+    });
+    // Items never started (after a failure) have no result.
+    let mut done: Vec<Option<Result<R>>> = results.into_iter().map(|m| m.into_inner().expect("no worker panics holding it")).collect();
+    if let Some(i) = done.iter().position(|r| matches!(r, Some(Err(_)))) {
+        return Err(done[i].take().expect("just found").err().expect("an error"));
+    }
+    Ok(done.into_iter().map(|r| r.expect("every item ran").expect("no errors")).collect())
 }
 
 /// Moves one architecture's outputs from the staging directory to `OUT/<arch>/`. Outputs of
@@ -181,6 +218,20 @@ fn move_into_place(opts: &BuildOptions, staging_dir: &Path, out_dir: &Path, arch
 fn log_finished(what: &str, started: std::time::Instant) {
     let peak = peak_memory_kib().map_or_else(|| "unknown".to_string(), |k| format!("{} MiB", k / 1024));
     info!("{what} finished in {:.0} s, peak memory {peak}", started.elapsed().as_secs_f64());
+}
+
+/// Makes every thread allocate from one heap. glibc gives each new thread a heap (arena) of its
+/// own, and memory freed in one (the package index, dropped once resolved) is not reused by the
+/// others: with architectures built at once, three arenas took the peak from 246 to 342 MiB for
+/// the same build (docs/benchmarks.md). kiln's threads spend their time compressing, not in
+/// malloc, so they lose nothing by sharing it.
+fn one_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tunable of glibc's allocator; M_ARENA_MAX takes effect for
+    // threads created later and does not touch existing allocations.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
 }
 
 /// The process's peak resident memory (the kernel's `VmHWM`): memory must not grow with the
@@ -444,4 +495,40 @@ fn write_sha256sums(out_dir: &Path, built: &[ArchOutputs]) -> Result<PathBuf> {
     let path = out_dir.join("SHA256SUMS");
     std::fs::rename(&tmp, &path)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::concurrently;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn concurrently_keeps_the_order_bounds_the_workers_and_reports_the_error() {
+        let (running, most) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let items: Vec<u64> = (0..6).collect();
+        let out = concurrently(&items, 2, |&i| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            // Later items finish first: the results still come back in the items' order.
+            std::thread::sleep(std::time::Duration::from_millis(30 - 5 * i));
+            running.fetch_sub(1, Ordering::SeqCst);
+            Ok(i * 10)
+        })
+        .unwrap();
+        assert_eq!(out, [0, 10, 20, 30, 40, 50]);
+        assert_eq!(most.load(Ordering::SeqCst), 2, "two at a time, both used");
+
+        let started = AtomicUsize::new(0);
+        let err = concurrently(&items, 1, |&i| {
+            started.fetch_add(1, Ordering::SeqCst);
+            if i == 1 {
+                anyhow::bail!("item {i} failed")
+            }
+            Ok(i)
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "item 1 failed");
+        assert_eq!(started.load(Ordering::SeqCst), 2, "nothing starts after a failure");
+        assert!(concurrently(&[] as &[u64], 2, |&i| Ok(i)).unwrap().is_empty());
+    }
 }

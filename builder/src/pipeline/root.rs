@@ -122,7 +122,7 @@ pub(super) fn assemble(job: &Job, secrets: Option<&crate::cluster::Secrets>, rec
     // Large contents are parked in a spill file beside the image, not held in memory.
     let spill = Spill::create_in(job.dir)?;
     let mut root = Tree::merged_usr(arch).spill_to(spill.clone());
-    let (kver, kernel) = unpack(&mut root, inputs, record)?;
+    let (kver, kernel) = unpack(&mut root, inputs, &job.reuse, record)?;
     let baseline = crate::secret_files::Baseline::of(&root)?;
 
     crate::setup::base_system(&mut root)?;
@@ -151,7 +151,7 @@ pub(super) fn assemble(job: &Job, secrets: Option<&crate::cluster::Secrets>, rec
 }
 
 /// The base OS image (if any) and the packages, unpacked; returns the kernel's version and image.
-fn unpack(root: &mut Tree, inputs: &Inputs, record: &mut ManifestInputs) -> Result<(String, Content)> {
+fn unpack(root: &mut Tree, inputs: &Inputs, reuse: &crate::reuse::Reuse, record: &mut ManifestInputs) -> Result<(String, Content)> {
     let arch = inputs.arch;
     if let Some(image) = &inputs.os_image {
         // `os.image`: the image is the bottom of the root; Debian's packages go on top.
@@ -159,7 +159,7 @@ fn unpack(root: &mut Tree, inputs: &Inputs, record: &mut ManifestInputs) -> Resu
         record.extend(crate::oci::manifest_inputs(std::slice::from_ref(image)));
     }
     for (pkg, path) in inputs.root_debs.iter().chain(inputs.kernel_deb.iter()) {
-        crate::deb::unpack_deb(path, root).with_context(|| format!("unpacking {} {}", pkg.name, pkg.version))?;
+        super::unpack::unpack_package(reuse, pkg, path, root)?;
         record.push(deb_input(pkg));
     }
     match &inputs.os_image {
