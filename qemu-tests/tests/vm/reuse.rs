@@ -1,10 +1,13 @@
-//! Slow tier, build only (no VM): reuse between builds (issue 18) never changes an image. The
-//! quickstart for x86_64 built with `--no-reuse`, then twice with reuse (the second certainly
-//! from kept results: the module metadata and every squashfs block), gives the same bytes in
-//! every output file, and the reuse directory holds both kinds of results.
+//! Slow tier, build only (no VM): reuse between builds (issue 18) never changes an image, and
+//! neither does building architectures at once. The quickstart for x86_64 built with
+//! `--no-reuse`, then twice with reuse (the second certainly from kept results: the packages'
+//! contents and lists, the module metadata, the initramfs and every squashfs block), gives the
+//! same bytes in every output file, and the reuse directory holds every kind of result. The
+//! tier's shared quickstart build (three architectures, built two at a time) has the same
+//! x86_64 image and manifest as the one-architecture `--no-reuse` build.
 
 use anyhow::{ensure, Context, Result};
-use kiln_qemu_tests::{cache_dir, kiln_with_cache, work_dir};
+use kiln_qemu_tests::{cache_dir, kiln_with_cache, quickstart, work_dir};
 
 #[test]
 fn builds_with_and_without_reuse_are_byte_identical() -> Result<()> {
@@ -32,6 +35,17 @@ fn builds_with_and_without_reuse_are_byte_identical() -> Result<()> {
     let reuse = cache.join("reuse");
     let kinds: Vec<String> =
         std::fs::read_dir(&reuse)?.map(|e| Ok(e?.file_name().to_string_lossy().into_owned())).collect::<Result<_>>()?;
-    ensure!(kinds.iter().any(|k| k.starts_with("kmod-")) && kinds.iter().any(|k| k.starts_with("squashfs-")), "reuse kinds: {kinds:?}");
+    for kind in ["deb-data-", "packages-fields-", "kmod-", "initramfs-", "squashfs-"] {
+        ensure!(kinds.iter().any(|k| k.starts_with(kind)), "no kept {kind}* results; reuse kinds: {kinds:?}");
+    }
+
+    // Three architectures, two at a time (with reuse): the same x86_64 files.
+    let all = quickstart("quickstart-build")?;
+    for file in ["x86_64/disk.img", "x86_64/manifest.json"] {
+        ensure!(
+            std::fs::read(all.join(file))? == std::fs::read(first.join(file))?,
+            "{file} of the three-architecture build differs from the one-architecture --no-reuse build"
+        );
+    }
     Ok(())
 }

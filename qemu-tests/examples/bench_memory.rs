@@ -1,0 +1,111 @@
+//! Benchmark (figures, not a test): peak memory and time of `kiln build` for every example
+//! profile (`profiles/*.yaml`) and every VM-tier profile (`qemu-tests/profiles/*.yaml`), all of
+//! each profile's architectures in one build (two at a time, as `kiln build` does), downloads
+//! cached, no intermediate results (`--no-reuse`: the most work a build does). Issue 18's bound
+//! is 256 MiB for each.
+//!
+//! ```sh
+//! cargo run --release -p kiln-qemu-tests --example bench_memory
+//! ```
+//! Cluster profiles get stand-in k3s assets (`kiln_qemu_tests::stand_in`: no k3s release can be
+//! downloaded here); their x86_64 and aarch64 images are built (k3s has no riscv64 release to
+//! stand in for). A profile that cannot be built on this machine (container images from a
+//! registry it cannot reach, a package not in the cache) is listed with the reason, not
+//! measured. Peak memory is the `VmHWM` kiln logs as its last line.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use kiln_qemu_tests::{cache_dir, kiln_bin, repo_root, stand_in, work_dir};
+
+/// The k3s release the example profiles name, replaced by the stand-in's.
+const K3S_RELEASE: &str = "version: v1.33.5+k3s1";
+
+fn main() -> Result<()> {
+    let dir = work_dir("bench-memory")?;
+    let assets = stand_in_assets(&dir)?;
+    let mut profiles = Vec::new();
+    for folder in ["profiles", "qemu-tests/profiles"] {
+        // A copy of the folder (the profiles' relative paths resolve inside it), whose cluster
+        // profiles name the stand-in release.
+        copy_dir(&repo_root().join(folder), &dir.join(folder))?;
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir.join(folder))?
+            .map(|e| Ok(e?.path()))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        found.sort();
+        profiles.extend(found.into_iter().map(|p| (folder, p)));
+    }
+    println!("kiln {}; downloads cached in {}", kiln_bin()?.display(), cache_dir()?.display());
+    println!("\n{:<40} {:>8} {:>10}  note", "profile (kiln build --no-reuse)", "wall", "peak RSS");
+    let mut worst = 0;
+    for (folder, path) in &profiles {
+        let name = format!("{folder}/{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
+        let text = std::fs::read_to_string(path)?;
+        let cluster = text.contains(K3S_RELEASE);
+        std::fs::write(path, text.replace(K3S_RELEASE, &format!("version: {}", stand_in::VERSION)))?;
+        let out = dir.join("out").join(name.replace('/', "_"));
+        let mut args: Vec<String> = vec!["build".into(), path.display().to_string(), "--offline".into(), "--no-reuse".into()];
+        args.extend(["--out".into(), out.display().to_string()]);
+        if cluster {
+            args.extend(["--k3s-assets".into(), assets.display().to_string(), "--arch".into(), "x86_64".into()]);
+            if text.contains("aarch64") {
+                args.extend(["--arch".into(), "aarch64".into()]);
+            }
+        }
+        let started = Instant::now();
+        let output = Command::new(kiln_bin()?).args(&args).env("KILN_CACHE_DIR", cache_dir()?).current_dir(&dir).output();
+        let _ = std::fs::remove_dir_all(&out);
+        let output = output.context("running kiln")?;
+        let secs = started.elapsed().as_secs_f64();
+        let log = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success() {
+            let reason = log.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("no output").trim();
+            println!("{name:<40} {:>8} {:>10}  not built here: {}", "-", "-", truncate(reason, 110));
+            continue;
+        }
+        let peak = peak(&log);
+        worst = worst.max(peak.unwrap_or(0));
+        let note = if cluster { "stand-in k3s assets" } else { "" };
+        println!("{name:<40} {secs:>7.1}s {:>10}  {note}", peak.map_or("?".into(), |m| format!("{m} MiB")));
+    }
+    println!("\nhighest peak: {worst} MiB (bound: 256 MiB)");
+    Ok(())
+}
+
+/// Stand-in assets for both release architectures, in one directory.
+fn stand_in_assets(dir: &Path) -> Result<PathBuf> {
+    let assets = stand_in::assets(dir, "bench-memory")?;
+    stand_in::assets_arm64(dir, "bench-memory")?;
+    Ok(assets)
+}
+
+/// The `peak memory N MiB` of kiln's closing log line.
+fn peak(log: &str) -> Option<u64> {
+    let line = log.lines().rev().find(|l| l.contains("peak memory"))?;
+    line.split("peak memory ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).with_context(|| format!("copying {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
