@@ -132,6 +132,13 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
     firmware_args(&mut cmd, &firmware, workdir)?;
     disk_args(&mut cmd, spec)?;
     net_args(&mut cmd, spec)?;
+    // A hardware random number generator, as real machines have (RDRAND, the firmware's RNG).
+    // Without one the guest's random pool starts empty under TCG, and every read of
+    // /dev/urandom before it fills (sgdisk's and mke2fs's UUIDs on first boot, dropbear's host
+    // keys) waits for the kernel's jitter entropy: 7-9 s of a first boot (docs/benchmarks.md,
+    // Boot time). OVMF and AAVMF hand it to the kernel as the EFI RNG protocol, so the pool is
+    // seeded before the kernel starts. Last, so the disks and NICs keep their PCI slots.
+    cmd.args(["-device", "virtio-rng-pci"]);
     console_args(&mut cmd, console);
     if spec.no_reboot {
         // A guest reboot ends QEMU, so a boot loop shows up as an exit instead of a timeout.
@@ -369,6 +376,7 @@ mod tests {
         assert!(has(&args, "-accel", "tcg"), "{args:?}");
         assert!(has(&args, "-machine", "q35"), "{args:?}");
         assert!(!args.contains(&"-cpu".to_string()), "{args:?}");
+        assert!(has(&args, "-device", "virtio-rng-pci"), "{args:?}");
         assert!(has(&args, "-m", "1024") && has(&args, "-smp", "1"), "{args:?}");
         let code = fw.path().join("OVMF_CODE_4M.fd");
         let vars = work.path().join("OVMF_VARS_4M.fd");
