@@ -184,6 +184,33 @@ impl Platform {
 mod tests {
     use super::*;
 
+    /// A KILN-UPDATE stick (docs/updates.md): `kiln-update` loads the USB host controller's and
+    /// the mass storage drivers, and mounts vfat or ext4. No platform may leave them out of the root.
+    #[test]
+    fn no_platform_omits_the_drivers_of_a_usb_update_stick() {
+        let stick = [
+            "drivers/usb/core/usbcore.ko",
+            "drivers/usb/host/xhci-pci.ko",
+            "drivers/usb/host/ehci-pci.ko",
+            "drivers/usb/dwc2/dwc2.ko",
+            "drivers/usb/storage/usb-storage.ko",
+            "drivers/usb/storage/uas.ko",
+            "drivers/scsi/sd_mod.ko",
+            "fs/fat/vfat.ko",
+            "fs/nls/nls_cp437.ko",
+            "fs/ext4/ext4.ko",
+        ];
+        for name in crate::assets::platforms() {
+            let p = Platform::load(name).unwrap();
+            for o in &p.root_modules_omit {
+                let o = o.trim_matches('/');
+                for m in stick {
+                    assert!(!m.starts_with(&format!("{o}/")), "firmware/{name}.yaml root_modules_omit `{o}` drops {m}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_embedded_platform_parses() {
         for name in crate::assets::platforms() {

@@ -149,13 +149,24 @@ impl SigningKey {
 /// supervise wrapper (exit status and log lines on the console, restarts back off).
 pub const AGENT_ENTRY: &str = "::respawn:/usr/lib/kiln/supervise --console rollout /usr/sbin/kiln-update follow";
 
+/// The inittab entry of `kiln-update media` (docs/updates.md, "From a USB stick"): the watcher
+/// that applies a KILN-UPDATE medium plugged in while the node runs. Its lines go to the console,
+/// like the boot step's for a medium present at boot.
+pub const MEDIA_ENTRY: &str = "::respawn:/usr/lib/kiln/supervise --console update-media /usr/sbin/kiln-update media";
+
 /// Bakes the profile's `update:` into the root: `version`, `health_timeout` (seconds) and
-/// `keys/N.pub` (+ `keys/N.downgrade` for a key that may sign downgrades). Without `update:`
-/// nothing is written, and `kiln-update` refuses every bundle.
+/// `keys/N.pub` (+ `keys/N.downgrade` for a key that may sign downgrades), and the KILN-UPDATE
+/// watcher's inittab entry. Without `update:` nothing is written, no watcher runs, and
+/// `kiln-update` refuses every bundle.
 pub fn render(update: Option<&Update>, base_dir: &Path, root: &mut Tree) -> Result<()> {
     let Some(u) = update else { return Ok(()) };
     root.add_file(&format!("{ROOT_DIR}/version"), 0o644, format!("{}\n", u.version))?;
     root.add_file(&format!("{ROOT_DIR}/health_timeout"), 0o644, format!("{}\n", u.health_timeout_secs()))?;
+    crate::inittab::append(
+        root,
+        "KILN-UPDATE watcher (profile section `update:`): applies an update medium plugged in while the node runs; supervised",
+        MEDIA_ENTRY,
+    )?;
     if let Some(server) = u.server_base() {
         root.add_file(&format!("{ROOT_DIR}/server"), 0o644, format!("{server}\n"))?;
         // The rollout agent runs only in images that name a server (the node keys exist only
@@ -455,6 +466,7 @@ mod tests {
             a.public_line
         ));
         let mut root = Tree::new();
+        root.add_file("etc/inittab", 0o644, "::sysinit:/usr/lib/kiln/boot\n").unwrap();
         render(p.update.as_ref(), d.path(), &mut root).unwrap();
         let read = |path: &str| match root.get_str(path).map(|e| &e.kind) {
             Some(crate::tree::Kind::File(c)) => String::from_utf8(c.read().unwrap().to_vec()).unwrap(),
@@ -467,9 +479,16 @@ mod tests {
         assert!(root.get_str("usr/lib/kiln/update/keys/0.downgrade").is_none());
         assert!(root.get_str("usr/lib/kiln/update/keys/1.downgrade").is_some());
 
+        assert!(read("etc/inittab").ends_with(&format!("\n{MEDIA_ENTRY}\n")), "{}", read("etc/inittab"));
+
         let mut none = Tree::new();
+        none.add_file("etc/inittab", 0o644, "::sysinit:/usr/lib/kiln/boot\n").unwrap();
         render(None, d.path(), &mut none).unwrap();
         assert!(none.get_str("usr/lib/kiln/update").is_none(), "no update: section, no update settings");
+        // Images that refuse all updates watch for no media.
+        assert!(
+            matches!(none.get_str("etc/inittab").map(|e| &e.kind), Some(crate::tree::Kind::File(c)) if c.read().unwrap().as_ref() == b"::sysinit:/usr/lib/kiln/boot\n")
+        );
     }
 
     /// `update.server`: the server file and the agent's inittab entry; without it, neither.
@@ -491,6 +510,8 @@ mod tests {
         assert_eq!(server.as_deref(), Some("http://10.0.0.1:8080\n"));
         assert!(with.ends_with(&format!("\n{AGENT_ENTRY}\n")) && with.starts_with("::sysinit:"), "{with}");
         let (without, server) = inittab("");
-        assert_eq!((without.as_str(), server), ("::sysinit:/usr/lib/kiln/boot\n", None));
+        assert!(!without.contains(AGENT_ENTRY) && server.is_none(), "{without}");
+        // The KILN-UPDATE watcher runs in every image with update:, server or not.
+        assert!(with.contains(MEDIA_ENTRY) && without.ends_with(&format!("\n{MEDIA_ENTRY}\n")), "{without}");
     }
 }

@@ -1336,6 +1336,163 @@ mod update {
         }
     }
 
+    /// `kiln-update media`, the KILN-UPDATE watcher, and the boot step's look at the media.
+    /// Block devices appear in the fake `/sys/class/block` between two runs of
+    /// `KILN_MEDIA_ROUNDS=1` (one look each); the stand-in `mount` mounts nothing, so a medium's
+    /// files are where the script mounts it, `run/kiln/usb/`.
+    mod media {
+        use super::{bundle, device, Device};
+
+        /// The first 64 KiB of a filesystem labelled `label`: `vfat` (FAT32 boot sector) or
+        /// `ext4` (superblock magic and label), as `fs_label` reads them.
+        fn fs_image(fs: &str, label: &str) -> Vec<u8> {
+            let mut d = vec![0u8; 64 * 1024];
+            match fs {
+                "vfat" => {
+                    d[82..90].copy_from_slice(b"FAT32   ");
+                    d[71..82].copy_from_slice(format!("{label:<11}").as_bytes());
+                }
+                "ext4" => {
+                    d[1080..1082].copy_from_slice(&[0x53, 0xef]);
+                    d[1144..1144 + label.len()].copy_from_slice(label.as_bytes());
+                }
+                _ => unreachable!(),
+            }
+            d
+        }
+
+        /// Plugs in block device `name` (a whole disk, or a partition of `parent`) holding `image`.
+        fn plug(d: &Device, name: &str, parent: Option<&str>, image: &[u8]) {
+            let sys = match parent {
+                Some(p) => format!("sys/block/{p}/{name}"),
+                None => format!("sys/block/{name}"),
+            };
+            d.m.write(&format!("{sys}/size"), &format!("{}\n", image.len() / 512));
+            let link = d.m.path().join(format!("sys/class/block/{name}"));
+            std::os::unix::fs::symlink(format!("../../{}", sys.trim_start_matches("sys/")), link).unwrap();
+            std::fs::write(d.m.path().join(format!("dev/{name}")), image).unwrap();
+        }
+
+        fn unplug(d: &Device, name: &str) {
+            std::fs::remove_file(d.m.path().join(format!("sys/class/block/{name}"))).unwrap();
+        }
+
+        /// The medium's bundle directory (where the script mounts the medium), holding `version`.
+        fn medium_holds(d: &Device, version: &str) {
+            bundle(version).write(&d.m.path().join("run/kiln/usb/kiln-update/x86_64"), &d.trusted.1, false);
+        }
+
+        /// One look of the watcher: its output.
+        fn look(d: &Device) -> String {
+            let script = d.m.path().join("usr/sbin/kiln-update");
+            let (ok, out) = d.m.sh_env(&[("KILN_MEDIA_ROUNDS", "1")], [script.to_str().unwrap(), "media"]);
+            assert!(ok, "{out}");
+            out
+        }
+
+        #[test]
+        fn a_stick_plugged_in_is_applied_once_and_reboots_into_the_trial() {
+            for fs in ["vfat", "ext4"] {
+                let d = device("1.0.0", 'a', false);
+                medium_holds(&d, "2.0.0");
+                assert_eq!(look(&d), "", "{fs}: nothing plugged in yet");
+                plug(&d, "sda", None, &fs_image(fs, "KILN-UPDATE"));
+                let out = look(&d);
+                assert!(out.contains("[kiln] update: applying the bundle on /dev/sda (KILN-UPDATE)"), "{fs}: {out}");
+                assert!(out.contains("[kiln] update: rebooting into the trial of slot b"), "{fs}: {out}");
+                assert_eq!(d.entries(), ["kiln-a.conf", "kiln-b+1.conf"], "{fs}: {out}");
+                assert!(
+                    d.calls().contains("mount -o ro ") && d.calls().contains("/dev/sda ") && d.calls().contains("\nreboot"),
+                    "{}",
+                    d.calls()
+                );
+                // Until the reboot, and after it is cancelled: not again.
+                assert_eq!(look(&d), "", "{fs}: rebooting");
+                std::fs::remove_file(d.m.path().join("run/kiln/rebooting")).unwrap();
+                let calls = d.calls();
+                assert_eq!(look(&d), "", "{fs}: the same stick is looked at once");
+                assert_eq!(d.calls(), calls, "{fs}: no command ran for a stick already seen");
+            }
+        }
+
+        /// Sticks that must not be applied: one console line each, once; unlabelled devices and
+        /// the node's own disk get none.
+        #[test]
+        fn running_failed_and_trial_versions_and_own_disks_are_not_applied() {
+            let cases: [(&str, &str, Option<&str>); 5] = [
+                ("running", "2.0.0", Some("[kiln] update: /dev/sda (KILN-UPDATE) holds version 2.0.0, which is running; remove the medium")),
+                ("failed", "3.0.0", Some("[kiln] update: /dev/sda (KILN-UPDATE) holds version 3.0.0, which failed its trial here; not applied again")),
+                ("trial", "3.0.0", Some("[kiln] update: /dev/sda (KILN-UPDATE) not used during a trial boot; plug it in again after this boot is kept or rolled back")),
+                ("own disk", "3.0.0", None),
+                ("no label", "3.0.0", None),
+            ];
+            for (case, version, line) in cases {
+                let d = device("2.0.0", 'a', false);
+                medium_holds(&d, version);
+                assert_eq!(look(&d), "", "{case}");
+                match case {
+                    "failed" => d.m.write(
+                        "run/kiln/data/kiln-update/last-result",
+                        "rolled back from 3.0.0 (slot b) to 2.0.0 (slot a): boot step(s) failed: x\n",
+                    ),
+                    "trial" => d.m.write("run/kiln/update-trial", "slot=a\nversion=2.0.0\nentry=kiln-a+0-1.conf\n"),
+                    _ => {}
+                }
+                match case {
+                    "own disk" => plug(&d, "vda4", Some("vda"), &fs_image("vfat", "KILN-UPDATE")),
+                    "no label" => plug(&d, "sda", None, &fs_image("vfat", "DATA")),
+                    _ => plug(&d, "sda", None, &fs_image("vfat", "KILN-UPDATE")),
+                }
+                let out = look(&d);
+                match line {
+                    Some(l) => assert_eq!(out, format!("{l}\n"), "{case}"),
+                    None => assert_eq!(out, "", "{case}"),
+                }
+                assert!(d.slot_b().iter().all(|&b| b == 0xaa), "{case}: slot B was written: {out}");
+                assert_eq!(d.entries(), ["kiln-a.conf"], "{case}");
+                assert_eq!(look(&d), "", "{case}: one line per stick");
+                // Plugged in again: looked at again.
+                if line.is_some() {
+                    unplug(&d, "sda");
+                    assert_eq!(look(&d), "", "{case}");
+                    std::os::unix::fs::symlink("../../block/sda", d.m.path().join("sys/class/block/sda")).unwrap();
+                    assert!(look(&d).contains("/dev/sda (KILN-UPDATE)"), "{case}: plugged in again");
+                }
+            }
+        }
+
+        /// The boot step loads the USB drivers, looks at the media present, and leaves the list
+        /// for the watcher: a stick it refused is not looked at again, a new one is.
+        #[test]
+        fn the_boot_step_loads_usb_drivers_and_its_sticks_are_not_looked_at_again() {
+            let d = device("2.0.0", 'a', false);
+            d.m.write("sys/bus/pci/devices/0000:00:04.0/class", "0x0c0330\n");
+            d.m.write("sys/bus/pci/devices/0000:00:04.0/modalias", "pci:v00001B36d0000000Dsv00001AF4sd00001100bc0Csc03i30\n");
+            d.m.write("sys/bus/pci/devices/0000:00:03.0/class", "0x020000\n");
+            d.m.write("sys/bus/pci/devices/0000:00:03.0/modalias", "pci:v00001AF4d00001000\n");
+            std::fs::create_dir_all(d.m.path().join("sys/bus/usb/devices/usb1")).unwrap();
+            medium_holds(&d, "2.0.0");
+            plug(&d, "vdb", None, &fs_image("vfat", "KILN-UPDATE"));
+            let (ok, out) = d.run(&["boot"]);
+            assert!(ok, "{out}");
+            assert!(
+                out.contains("[kiln] update: /dev/vdb (KILN-UPDATE) holds version 2.0.0, which is running; remove the medium"),
+                "{out}"
+            );
+            let calls = d.calls();
+            assert!(calls.contains("modprobe -b -q pci:v00001B36d0000000D"), "the xHCI driver: {calls}");
+            assert!(!calls.contains("pci:v00001AF4d00001000"), "only USB controllers: {calls}");
+            for m in ["usb_storage", "uas", "sd_mod"] {
+                assert!(calls.contains(&format!("modprobe -b -q {m}\n")), "{m}: {calls}");
+            }
+            assert_eq!(look(&d), "", "the boot step already said it");
+            medium_holds(&d, "3.0.0");
+            plug(&d, "sdb", None, &fs_image("ext4", "KILN-UPDATE"));
+            assert!(look(&d).contains("[kiln] update: applying the bundle on /dev/sdb (KILN-UPDATE)"));
+            assert_eq!(d.entries(), ["kiln-a.conf", "kiln-b+1.conf"]);
+        }
+    }
+
     /// `kiln-update follow`, the rollout agent, against a stand-in for `kiln serve --rollout` that
     /// issues single-use nonces and accepts a report only with the signature kiln's own
     /// `rollout.rs` computes, then answers from the test's script. The node is `etcd-1`, its key

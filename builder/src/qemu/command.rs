@@ -1,6 +1,6 @@
 //! The VM description ([`VmSpec`]) and the QEMU command line it turns into: machine, firmware,
-//! disks, NIC and console, one helper each, every flag commented where it is added. Also `kiln run`:
-//! QEMU with the console on the user's terminal.
+//! disks, USB controller, NIC, console and monitor, one helper each, every flag commented where it
+//! is added. Also `kiln run`: QEMU with the console on the user's terminal.
 
 use std::fs;
 use std::io;
@@ -83,6 +83,13 @@ pub struct VmSpec {
     pub firmware_dir: Option<PathBuf>,
     /// Exit QEMU instead of rebooting the guest (a guest reboot then shows as "QEMU exited").
     pub no_reboot: bool,
+    /// An xHCI USB controller (`qemu-xhci`, id `xhci`, bus `xhci.0`) for USB devices added
+    /// while the VM runs (through `monitor`).
+    pub usb: bool,
+    /// A QEMU monitor (HMP) on this Unix socket, opted into by a test that changes the running
+    /// VM (hot-plug, [`Vm::monitor`](super::Vm::monitor)). Never on stdio: an automated run's
+    /// console input cannot reach it.
+    pub monitor: Option<PathBuf>,
     /// Appended verbatim after kiln's flags.
     pub extra_args: Vec<String>,
 }
@@ -104,6 +111,8 @@ impl VmSpec {
             mac: None,
             firmware_dir: None,
             no_reboot: false,
+            usb: false,
+            monitor: None,
             extra_args: Vec::new(),
         }
     }
@@ -112,7 +121,8 @@ impl VmSpec {
 /// Where the serial console goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ConsoleMode {
-    /// Serial on stdio, no monitor: a program reads it and nothing can type QEMU monitor commands.
+    /// Serial on stdio, no monitor there: a program reads it and nothing it writes can reach a QEMU
+    /// monitor (a test may still open one on a socket, `VmSpec::monitor`).
     Captured,
     /// `-nographic`: serial and monitor multiplexed on the user's terminal (Ctrl-A x quits).
     Interactive,
@@ -120,7 +130,8 @@ enum ConsoleMode {
 
 /// Builds the qemu command line (always `-accel tcg`; each flag commented where it is added). The writable UEFI
 /// variable store is copied into `workdir` (pflash unit 1). Serial console on stdio, no graphics, no monitor
-/// on stdio (so an automated run cannot type into the monitor).
+/// on stdio (so an automated run cannot type into the monitor); a monitor on a Unix socket only when the
+/// spec asks for one.
 pub fn command(spec: &VmSpec, workdir: &Path) -> anyhow::Result<Command> {
     build_command(spec, workdir, ConsoleMode::Captured)
 }
@@ -131,6 +142,10 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
     machine_args(&mut cmd, spec);
     firmware_args(&mut cmd, &firmware, workdir)?;
     disk_args(&mut cmd, spec)?;
+    if spec.usb {
+        // xHCI serves USB 1 to 3 devices; its id names the bus (`xhci.0`) devices are added to.
+        cmd.args(["-device", "qemu-xhci,id=xhci"]);
+    }
     net_args(&mut cmd, spec)?;
     // A hardware random number generator, as real machines have (RDRAND, the firmware's RNG).
     // Without one the guest's random pool starts empty under TCG, and every read of
@@ -139,7 +154,7 @@ fn build_command(spec: &VmSpec, workdir: &Path, console: ConsoleMode) -> anyhow:
     // Boot time). OVMF and AAVMF hand it to the kernel as the EFI RNG protocol, so the pool is
     // seeded before the kernel starts. Last, so the disks and NICs keep their PCI slots.
     cmd.args(["-device", "virtio-rng-pci"]);
-    console_args(&mut cmd, console);
+    console_args(&mut cmd, console, spec.monitor.as_deref())?;
     if spec.no_reboot {
         // A guest reboot ends QEMU, so a boot loop shows up as an exit instead of a timeout.
         cmd.arg("-no-reboot");
@@ -270,22 +285,31 @@ fn net_args(cmd: &mut Command, spec: &VmSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where the serial console goes: captured on stdio with no monitor, or the user's terminal.
-fn console_args(cmd: &mut Command, console: ConsoleMode) {
+/// Where the serial console goes: captured on stdio with no monitor there, or the user's terminal.
+/// `monitor`: a monitor on that Unix socket as well.
+fn console_args(cmd: &mut Command, console: ConsoleMode, monitor: Option<&Path>) -> anyhow::Result<()> {
     match console {
         ConsoleMode::Captured => {
             // No window: the serial console is the only output.
             cmd.args(["-display", "none"]);
             // The guest's first serial port on QEMU's stdin/stdout (pipes, read by `Vm`).
             cmd.args(["-serial", "stdio"]);
-            // No monitor at all, so nothing written to stdin can reach it.
-            cmd.args(["-monitor", "none"]);
+            if monitor.is_none() {
+                // No monitor at all, so nothing written to stdin can reach it.
+                cmd.args(["-monitor", "none"]);
+            }
         }
         ConsoleMode::Interactive => {
             // Serial (and monitor, behind Ctrl-A c) on the user's terminal; Ctrl-A x quits.
             cmd.arg("-nographic");
         }
     }
+    if let Some(path) = monitor {
+        // The monitor on a socket only the caller connects to (`Vm::monitor`), not on stdio;
+        // QEMU listens (server=on) and does not wait for a client before starting the guest.
+        cmd.args(["-monitor", &format!("unix:{},server=on,wait=off", qemu_path(path)?)]);
+    }
+    Ok(())
 }
 
 /// The virtio NIC on netdev `n0`, with the spec's MAC if it has one.
@@ -313,7 +337,7 @@ fn copy_vars(template: &Path, workdir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// A path inside a QEMU `-drive` option string: UTF-8, with commas doubled (QEMU's escape).
-fn qemu_path(path: &Path) -> anyhow::Result<String> {
+pub(super) fn qemu_path(path: &Path) -> anyhow::Result<String> {
     let s = path.to_str().with_context(|| format!("path {} is not UTF-8; QEMU options need text", path.display()))?;
     Ok(s.replace(',', ",,"))
 }
@@ -387,6 +411,20 @@ mod tests {
         assert!(has(&args, "-nic", "none") && has(&args, "-serial", "stdio"), "{args:?}");
         assert!(has(&args, "-monitor", "none") && has(&args, "-display", "none"), "{args:?}");
         assert!(!args.contains(&"-nographic".to_string()), "the monitor must not be on stdio: {args:?}");
+        assert!(!args.iter().any(|a| a.contains("xhci")), "no USB controller unless asked: {args:?}");
+    }
+
+    /// A test that hot-plugs gets a monitor on a socket (never on stdio) and a USB controller.
+    #[test]
+    fn an_opted_in_monitor_is_on_a_unix_socket_and_usb_adds_an_xhci_controller() {
+        let fw = fake_firmware_dir();
+        let work = tempfile::tempdir().unwrap();
+        let spec = VmSpec { usb: true, monitor: Some("/run/t/mon,1.sock".into()), ..spec_with(Arch::X86_64, fw.path()) };
+        let args = args_of(&command(&spec, work.path()).unwrap());
+        assert!(has(&args, "-monitor", "unix:/run/t/mon,,1.sock,server=on,wait=off"), "{args:?}");
+        assert_eq!(args.iter().filter(|a| *a == "-monitor").count(), 1, "{args:?}");
+        assert!(has(&args, "-serial", "stdio") && !args.contains(&"-nographic".to_string()), "{args:?}");
+        assert!(has(&args, "-device", "qemu-xhci,id=xhci"), "{args:?}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A running VM whose serial console is captured, as the VM tests (`qemu-tests`) drive it:
 //! [`Vm::wait_for`] a console line, fail early on `FAILURE_MARKERS` or QEMU's exit, match a
-//! prompt in an unfinished line once the console is quiet, and kill QEMU on drop.
+//! prompt in an unfinished line once the console is quiet, and kill QEMU on drop; send one command
+//! to the monitor socket a test opted into ([`Vm::monitor`]: hot-plug).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -17,6 +18,9 @@ use crate::arch::Arch;
 
 /// Console lines that mean the guest failed: waiting stops at once instead of running into the timeout.
 const FAILURE_MARKERS: [&str; 2] = ["[kiln] error:", "Kernel panic"];
+
+/// How long a monitor command may take to answer (adding a device is quick; QEMU answers at once).
+const MONITOR_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How many console lines an error carries.
 const TAIL_LINES: usize = 60;
@@ -73,6 +77,8 @@ pub struct Vm {
     readers: Vec<JoinHandle<()>>,
     started: Instant,
     killed: bool,
+    /// The monitor's Unix socket (`VmSpec::monitor`), if the spec asked for one.
+    monitor: Option<std::path::PathBuf>,
     /// Holds the UEFI variable store copy for the VM's lifetime.
     _workdir: tempfile::TempDir,
 }
@@ -82,7 +88,9 @@ impl Vm {
     pub fn start(spec: &VmSpec, log: &Path) -> anyhow::Result<Vm> {
         let workdir = tempfile::Builder::new().prefix("kiln-vm-").tempdir().context("creating a temporary directory")?;
         let cmd = command(spec, workdir.path())?;
-        Vm::start_with(cmd, spec.arch, log, workdir)
+        let mut vm = Vm::start_with(cmd, spec.arch, log, workdir)?;
+        vm.monitor = spec.monitor.clone();
+        Ok(vm)
     }
 
     /// Starts a QEMU command line built by the caller (a board machine such as `raspi3b`, which
@@ -126,6 +134,7 @@ impl Vm {
             readers,
             started: Instant::now(),
             killed: false,
+            monitor: None,
             _workdir: workdir,
         })
     }
@@ -204,6 +213,29 @@ impl Vm {
     pub fn send(&mut self, text: &str) -> anyhow::Result<()> {
         let stdin = self.stdin.as_mut().context("the VM's console input is closed")?;
         stdin.write_all(text.as_bytes()).and_then(|()| stdin.flush()).context("writing to the VM's serial console")
+    }
+
+    /// Sends one command to the QEMU monitor (HMP) on the spec's socket, e.g. `drive_add 0
+    /// if=none,id=stick,file=...` then `device_add usb-storage,bus=xhci.0,drive=stick`, and
+    /// returns its reply (QEMU's output up to the next prompt, the echoed command left out). A reply
+    /// starting with `Error` (QEMU's wording for a refused command) is an error. Each call has a
+    /// connection of its own; the monitor serves one client at a time.
+    pub fn monitor(&mut self, command: &str) -> anyhow::Result<String> {
+        let path = self.monitor.clone().context("this VM has no monitor: set VmSpec::monitor to a socket path")?;
+        let mut sock = std::os::unix::net::UnixStream::connect(&path)
+            .with_context(|| format!("connecting to the QEMU monitor at {}", path.display()))?;
+        sock.set_read_timeout(Some(MONITOR_TIMEOUT))?;
+        // The greeting ends with the first prompt.
+        read_to_prompt(&mut sock).with_context(|| format!("reading the QEMU monitor's greeting at {}", path.display()))?;
+        sock.write_all(format!("{command}\n").as_bytes()).context("writing to the QEMU monitor")?;
+        let raw = read_to_prompt(&mut sock).with_context(|| format!("waiting for the reply to monitor command `{command}`"))?;
+        // The monitor echoes what it was sent (with line-editing escapes) on the first line.
+        let reply = raw.split_once('\n').map_or("", |(_, rest)| rest).trim().to_string();
+        tracing::debug!(command, reply, "QEMU monitor");
+        if reply.starts_with("Error") || reply.contains("\nError") {
+            bail!("QEMU monitor command `{command}` failed: {reply}");
+        }
+        Ok(reply)
     }
 
     /// Stops QEMU (if still running) and waits for it; also done on drop, so no QEMU outlives its `Vm`.
@@ -324,6 +356,23 @@ fn wait_until<'a>(
     state
 }
 
+/// Reads the monitor's output up to its prompt `(qemu) `; returns it without the prompt and
+/// without escape sequences.
+fn read_to_prompt(sock: &mut std::os::unix::net::UnixStream) -> anyhow::Result<String> {
+    const PROMPT: &[u8] = b"(qemu) ";
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(PROMPT) {
+        let n = sock.read(&mut buf).context("reading from the QEMU monitor")?;
+        if n == 0 {
+            bail!("the QEMU monitor closed the connection; it said: {}", String::from_utf8_lossy(&got));
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    got.truncate(got.len() - PROMPT.len());
+    Ok(got.split(|&b| b == b'\n').map(clean_line).collect::<Vec<_>>().join("\n"))
+}
+
 /// One console line as text: lossy UTF-8, terminal escape sequences and carriage returns removed.
 fn clean_line(bytes: &[u8]) -> String {
     strip_escapes(&String::from_utf8_lossy(bytes)).replace('\r', "")
@@ -399,8 +448,50 @@ mod tests {
             readers,
             started: Instant::now(),
             killed: false,
+            monitor: None,
             _workdir: tempfile::tempdir().unwrap(),
         }
+    }
+
+    /// A stand-in for QEMU's monitor socket: greets with a prompt, echoes each command with line
+    /// editing escapes, as HMP does, then answers `reply` and prompts again.
+    fn fake_monitor(path: &Path, replies: Vec<&'static str>) -> std::thread::JoinHandle<Vec<String>> {
+        let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for reply in replies {
+                let (mut conn, _) = listener.accept().unwrap();
+                conn.write_all(b"QEMU 10.0.2 monitor - type 'help' for more information\r\n(qemu) ").unwrap();
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while conn.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                let line = String::from_utf8(line).unwrap();
+                conn.write_all(format!("{line}\x1b[K\r\n{reply}(qemu) ").as_bytes()).unwrap();
+                got.push(line);
+            }
+            got
+        })
+    }
+
+    #[test]
+    fn monitor_sends_one_command_and_returns_its_reply_or_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("monitor.sock");
+        let server = fake_monitor(&sock, vec!["OK\r\n", "", "Error: Bus 'xhci.0' not found\r\n"]);
+        let mut vm = fake_vm("exec sleep 5", &dir.path().join("console.log"));
+        let err = format!("{:#}", vm.monitor("info status").unwrap_err());
+        assert!(err.contains("VmSpec::monitor"), "{err}");
+        vm.monitor = Some(sock);
+        assert_eq!(vm.monitor("drive_add 0 if=none,id=s,file=/x").unwrap(), "OK");
+        assert_eq!(vm.monitor("device_add usb-storage,drive=s").unwrap(), "");
+        let err = format!("{:#}", vm.monitor("device_add usb-storage,bus=xhci.0,drive=s").unwrap_err());
+        assert!(err.contains("`device_add usb-storage,bus=xhci.0,drive=s` failed: Error: Bus 'xhci.0' not found"), "{err}");
+        assert_eq!(
+            server.join().unwrap(),
+            ["drive_add 0 if=none,id=s,file=/x", "device_add usb-storage,drive=s", "device_add usb-storage,bus=xhci.0,drive=s"]
+        );
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! offers at `/updates/<arch>/` and reboots (x86_64: v2 comes from a second disk labelled
 //! KILN-UPDATE instead, applied by the boot step with no server running); v2 must boot from slot B
 //! on trial, reach `[kiln] ready`, be kept, show the changed file and the `/var/lib` file v1 wrote.
-//! Then the server offers v3: it is applied to slot A, its trial fails a boot step, the node
-//! reboots by itself into v2 and says `rolled back from 3.0.0 to 2.0.0`, and is ready again. The
-//! console lines' times give the time to apply and to roll back.
+//! Then the server offers v3 (x86_64: a USB stick holding v3 is plugged into the running node
+//! through the QEMU monitor, and its KILN-UPDATE watcher applies it): it is applied to slot A, its
+//! trial fails a boot step, the node reboots by itself into v2 and says `rolled back from 3.0.0
+//! to 2.0.0`, and is ready again. The console lines' times give the time to apply and to roll back.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -95,7 +96,8 @@ fn mark(vm: &Vm, arch: Arch, what: &str) -> f64 {
     t
 }
 
-/// v2 from a second disk labelled KILN-UPDATE (no network), v3 over HTTP.
+/// v2 from a second disk labelled KILN-UPDATE present at boot, v3 from a USB stick plugged in while
+/// v2 runs (no network for either).
 #[test]
 fn x86_64_update_from_usb_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
     chain(Arch::X86_64, V2From::Usb)
@@ -116,8 +118,20 @@ fn riscv64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
 enum V2From {
     /// The updater service, from the test's HTTP server.
     Http,
-    /// The boot step, from a FAT disk labelled KILN-UPDATE holding `kiln-update/<arch>/`.
+    /// The boot step, from a FAT disk labelled KILN-UPDATE holding `kiln-update/<arch>/`; then v3
+    /// from a USB stick hot-plugged into the running v2.
     Usb,
+}
+
+/// Plugs a USB stick holding the image `stick` into the running VM (its xHCI controller), through
+/// the monitor: the drive (writes to a temporary overlay, like the boot-time disk), then the
+/// usb-storage device on it. The guest sees a new SCSI disk, `/dev/sda`.
+fn plug_usb_stick(vm: &mut Vm, stick: &Path) -> Result<()> {
+    let file = stick.to_str().context("non-UTF-8 dir")?;
+    ensure!(!file.contains(','), "{file}: a comma would end QEMU's file= option");
+    vm.monitor(&format!("drive_add 0 if=none,id=stick,format=raw,snapshot=on,file={file}"))?;
+    vm.monitor("device_add usb-storage,bus=xhci.0,drive=stick,id=stick-dev")?;
+    Ok(())
 }
 
 /// A FAT32 disk image labelled KILN-UPDATE with the bundle `bundle` under `kiln-update/<arch>/`
@@ -202,6 +216,9 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
         let stick = dir.join("usb.img");
         usb_stick(&out2.join(arch.name()).join("update"), arch, &stick)?;
         spec.disks.push(Disk { path: stick, snapshot: true });
+        // v3 comes on a USB stick plugged in later: a USB controller, and the monitor to add it.
+        spec.usb = true;
+        spec.monitor = Some(dir.join("monitor.sock"));
         None
     } else {
         Some(Serve::start(&out2, port)?)
@@ -251,7 +268,19 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
 
     // v3: a boot step fails on its trial; the node goes back to v2 by itself.
     drop(serve);
-    let _serve = Serve::start(&out3, port)?;
+    let _serve = if v2_from == V2From::Usb {
+        // Plugged into the running node: its watcher (kiln-update media) applies it.
+        let stick3 = dir.join("usb-v3.img");
+        usb_stick(&out3.join(arch.name()).join("update"), arch, &stick3)?;
+        plug_usb_stick(&mut vm, &stick3)?;
+        let plugged = mark(&vm, arch, "v3 stick plugged in");
+        vm.wait_for("[kiln] update: applying the bundle on /dev/sda (KILN-UPDATE)", BOOT_TIMEOUT)?;
+        let seen = mark(&vm, arch, "v3 stick seen by the watcher");
+        eprintln!("update ({arch}): from plugging the stick in to its apply starting: {:.1} s", seen - plugged);
+        None
+    } else {
+        Some(Serve::start(&out3, port)?)
+    };
     vm.wait_for("[kiln] update: slot a holds version 3.0.0", APPLY_TIMEOUT)?;
     let applied3 = mark(&vm, arch, "v3 applied");
     vm.wait_for("[kiln] update: trial boot of slot a (version 3.0.0)", BOOT_TIMEOUT)?;
@@ -261,14 +290,26 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
     let failed = mark(&vm, arch, "v3 trial failed");
     vm.wait_for("[kiln] root: /dev/vda3", BOOT_TIMEOUT)?;
     vm.wait_for("[kiln] update: rolled back from 3.0.0 to 2.0.0: boot step(s) failed: site-broken", BOOT_TIMEOUT)?;
+    // Where the rollback boot's report is: the lines after it are that boot's.
+    let after_rollback = vm.console().rfind("rolled back from 3.0.0 to 2.0.0").context("the rollback line is gone")?;
     if v2_from == V2From::Usb {
-        // The stick is still there (a trial boot does not look at it): the running version is
-        // not applied again.
+        // The disk is still there (a trial boot does not use it): the running version is not
+        // applied again.
         vm.wait_for("[kiln] update: /dev/vdb (KILN-UPDATE) holds version 2.0.0, which is running; remove the medium", BOOT_TIMEOUT)?;
     }
     vm.wait_for(&format!("[kiln] update-test: etc=v2 varlib=v1 first={first}"), BOOT_TIMEOUT)?;
     wait_ready(&mut vm, &format!("{arch} v2 after the rollback"), BOOT_TIMEOUT)?;
     let back = mark(&vm, arch, "v2 ready again");
+    if v2_from == V2From::Usb {
+        // So is the stick with v3, which failed here: refused once, by the boot step or (if USB
+        // found it after the boot step looked) by the watcher, maybe after ready.
+        let refused = "[kiln] update: /dev/sda (KILN-UPDATE) holds version 3.0.0, which failed its trial here; not applied again";
+        if !vm.console()[after_rollback..].contains(refused) {
+            vm.wait_for(refused, BOOT_TIMEOUT)?;
+        }
+        let lines = vm.console()[after_rollback..].matches(refused).count();
+        ensure!(lines == 1, "the v3 stick was refused {lines} times after the rollback; once is the rule");
+    }
     eprintln!(
         "update ({arch}): v3 applied to trial failure {:.1} s; trial failure to v2 ready (rollback) {:.1} s",
         failed - applied3,
