@@ -6,12 +6,13 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// What goes into a partition or an output file: bytes built in memory (ESP, install plan) or a
-/// file in the staging directory (the root squashfs, streamed; its digest taken once).
+/// What goes into a partition or an output file: bytes built in memory (the partition table, a
+/// board's loaders) or a file in the staging directory ([`Staged`]: the root squashfs, the ESP,
+/// the install plan; streamed, their digests taken once).
 #[derive(Debug, Clone, Copy)]
 pub enum Part<'a> {
     Bytes(&'a [u8]),
@@ -35,6 +36,28 @@ impl Part<'_> {
             Part::Bytes(b) => crate::digest::sha256_hex(b),
             Part::File { sha256, .. } => sha256.to_string(),
         }
+    }
+}
+
+/// A file written into the staging directory, with its size and digest: a partition's contents
+/// kept out of memory (two architectures are built at once, each with an ESP of tens of MiB).
+#[derive(Debug, Clone)]
+pub struct Staged {
+    pub path: PathBuf,
+    pub len: u64,
+    pub sha256: String,
+}
+
+impl Staged {
+    /// A staged file just written: its size and digest, read back (from the page cache).
+    pub fn read_back(path: PathBuf) -> Result<Staged> {
+        let len = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?.len();
+        let sha256 = crate::digest::sha256_file(&path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Staged { path, len, sha256 })
+    }
+
+    pub fn part(&self) -> Part<'_> {
+        Part::File { path: &self.path, len: self.len, sha256: &self.sha256 }
     }
 }
 

@@ -7,11 +7,13 @@
 //! ```sh
 //! cargo run --release -p kiln-qemu-tests --example bench_memory
 //! ```
-//! Cluster profiles get stand-in k3s assets (`kiln_qemu_tests::stand_in`: no k3s release can be
-//! downloaded here); their x86_64 and aarch64 images are built (k3s has no riscv64 release to
-//! stand in for). A profile that cannot be built on this machine (container images from a
-//! registry it cannot reach, a package not in the cache) is listed with the reason, not
-//! measured. Peak memory is the `VmHWM` kiln logs as its last line.
+//! Each profile is fetched first (`kiln fetch`, untimed; Debian's mirror is reachable, so a
+//! board's U-Boot package comes into the cache). Cluster profiles get stand-in k3s assets
+//! (`kiln_qemu_tests::stand_in`: no k3s release can be downloaded here), and only the
+//! architectures a stand-in exists for (x86_64, aarch64); a `token_file` the profile names gets a
+//! made-up token. A profile that still cannot be built on this machine (container images from a
+//! registry it cannot reach) is listed with the reason, not measured. Peak memory is the
+//! `VmHWM` kiln logs as its last line.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,14 +51,22 @@ fn main() -> Result<()> {
         let cluster = text.contains(K3S_RELEASE);
         std::fs::write(path, text.replace(K3S_RELEASE, &format!("version: {}", stand_in::VERSION)))?;
         let out = dir.join("out").join(name.replace('/', "_"));
-        let mut args: Vec<String> = vec!["build".into(), path.display().to_string(), "--offline".into(), "--no-reuse".into()];
-        args.extend(["--out".into(), out.display().to_string()]);
+        let mut common: Vec<String> = vec![path.display().to_string()];
         if cluster {
-            args.extend(["--k3s-assets".into(), assets.display().to_string(), "--arch".into(), "x86_64".into()]);
-            if text.contains("aarch64") {
-                args.extend(["--arch".into(), "aarch64".into()]);
+            common.extend(["--k3s-assets".into(), assets.display().to_string()]);
+            let loaded = kiln::profile::LoadedProfile::load(path)?;
+            if let Some(token) = loaded.profile.cluster.as_ref().and_then(|c| c.token_file.as_ref()) {
+                std::fs::write(loaded.resolve(token), "K10stand-in-token-for-the-benchmark\n")?;
+            }
+            for arch in loaded.profile.arch.iter().filter(|a| **a != kiln::arch::Arch::Riscv64) {
+                common.extend(["--arch".into(), arch.name().into()]);
             }
         }
+        // Untimed: fills the cache with what a board needs; a failure shows in the build below.
+        let _ = Command::new(kiln_bin()?).arg("fetch").args(&common).env("KILN_CACHE_DIR", cache_dir()?).current_dir(&dir).output();
+        let mut args: Vec<String> = vec!["build".into()];
+        args.extend(common);
+        args.extend(["--offline".into(), "--no-reuse".into(), "--out".into(), out.display().to_string()]);
         let started = Instant::now();
         let output = Command::new(kiln_bin()?).args(&args).env("KILN_CACHE_DIR", cache_dir()?).current_dir(&dir).output();
         let _ = std::fs::remove_dir_all(&out);
@@ -64,7 +74,7 @@ fn main() -> Result<()> {
         let secs = started.elapsed().as_secs_f64();
         let log = String::from_utf8_lossy(&output.stderr);
         if !output.status.success() {
-            let reason = log.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("no output").trim();
+            let reason = log.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("no output").trim();
             println!("{name:<40} {:>8} {:>10}  not built here: {}", "-", "-", truncate(reason, 110));
             continue;
         }

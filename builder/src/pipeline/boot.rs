@@ -2,7 +2,7 @@
 //! platform's NIC drivers), the kernel command line, and the ESP (systemd-boot and/or extlinux
 //! with the kernel and initrd) as a FAT image; the EFI binaries come from Debian packages.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -139,7 +139,8 @@ impl<'a> Boot<'a> {
     }
 
     /// The FAT image of an ESP that boots the kernel with `cmdline`.
-    pub(super) fn esp(&self, cmdline: &str, guid: Guid) -> Result<Vec<u8>> {
+    /// The ESP as a FAT image, written to `path` in the staging directory.
+    pub(super) fn esp(&self, cmdline: &str, guid: Guid, path: PathBuf) -> Result<crate::output::Staged> {
         let tree = crate::esp::tree(
             self.platform,
             &crate::esp::BootFiles {
@@ -156,7 +157,7 @@ impl<'a> Boot<'a> {
             },
         )?;
         let boot_set = self.kernel.len()? + self.initrd.len()? + self.device_tree.as_ref().map_or(Ok(0), Content::len)?;
-        fat_image(&tree, guid, self.epoch, esp_headroom(boot_set, self.update_slots))
+        fat_image(&tree, guid, self.epoch, esp_headroom(boot_set, self.update_slots), path)
     }
 }
 
@@ -228,9 +229,19 @@ pub(super) fn esp_headroom(boot_set: u64, update_slots: bool) -> u64 {
 }
 
 /// The FAT32 image of an ESP tree, sized for its contents plus `headroom` bytes.
-fn fat_image(esp: &Tree, guid: Guid, epoch: u64, headroom: u64) -> Result<Vec<u8>> {
+fn fat_image(esp: &Tree, guid: Guid, epoch: u64, headroom: u64, path: PathBuf) -> Result<crate::output::Staged> {
+    use std::io::Write;
     let size = crate::fat::fat32_size_for(esp, headroom)?;
-    let mut out = std::io::Cursor::new(Vec::with_capacity(size as usize));
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    // Zeros where the writer seeks past (the FAT writer's contract); a hole, not written.
+    file.set_len(size).with_context(|| format!("sizing {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     crate::fat::write_fat32(
         &mut out,
         size,
@@ -243,9 +254,8 @@ fn fat_image(esp: &Tree, guid: Guid, epoch: u64, headroom: u64) -> Result<Vec<u8
         },
     )
     .context("writing the EFI system partition")?;
-    let mut bytes = out.into_inner();
-    bytes.resize(size as usize, 0);
-    Ok(bytes)
+    out.flush().with_context(|| format!("writing {}", path.display()))?;
+    crate::output::Staged::read_back(path)
 }
 
 #[cfg(test)]

@@ -125,21 +125,15 @@ pub(super) struct System<'a> {
     /// A U-Boot SPL board's loaders, in their partitions at fixed sectors before the others.
     loaders: Vec<crate::board::uboot_spl::LoaderImage>,
     specs: Vec<PartitionSpec>,
-    pub(super) esp: &'a [u8],
+    pub(super) esp: Part<'a>,
     pub(super) squashfs: Part<'a>,
 }
 
 impl<'a> System<'a> {
-    pub(super) fn new(arch: Arch, ids: &Ids, deployment: &str, esp: &'a [u8], squashfs: Part<'a>) -> System<'a> {
+    pub(super) fn new(arch: Arch, ids: &Ids, deployment: &str, esp: Part<'a>, squashfs: Part<'a>) -> System<'a> {
         let slot = root_slot_size(squashfs.len());
         let specs = vec![
-            PartitionSpec {
-                name: esp_name(deployment),
-                type_guid: Guid::esp_type(),
-                guid: ids.esp_guid(),
-                size: esp.len() as u64,
-                attributes: 0,
-            },
+            PartitionSpec { name: esp_name(deployment), type_guid: Guid::esp_type(), guid: ids.esp_guid(), size: esp.len(), attributes: 0 },
             PartitionSpec {
                 name: ROOT_A.into(),
                 type_guid: arch.root_partition_type(),
@@ -172,7 +166,7 @@ impl<'a> System<'a> {
     /// The partitions' contents in table order (the loaders', then the system's).
     fn contents(&self) -> Vec<Option<Part<'_>>> {
         let loaders = self.loaders.iter().map(|l| Some(Part::Bytes(&l.bytes)));
-        loaders.chain([Some(Part::Bytes(self.esp)), Some(self.squashfs), None]).collect()
+        loaders.chain([Some(self.esp), Some(self.squashfs), None]).collect()
     }
 
     /// The installed layout on a disk of `fixed_size` (or the smallest one with `headroom`).
@@ -199,8 +193,8 @@ impl<'a> System<'a> {
                 source_partition: from.esp.0,
                 source_offset: from.esp.1,
                 target_offset: target.partitions[0].offset(),
-                length: self.esp.len() as u64,
-                sha256: crate::digest::sha256_hex(self.esp),
+                length: self.esp.len(),
+                sha256: self.esp.sha256(),
             },
             installer::Copy {
                 name: ROOT_A.into(),
@@ -283,16 +277,13 @@ pub(super) fn write(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
 fn installer_medium(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline: &str) -> Result<Disk> {
     let target = system.target()?;
     let plan = install_plan(job.profile, &job.profile.profile.install, ids, system, &target, &MEDIUM)?;
-    let mut install_part = Vec::with_capacity(installer::ESP_IMAGE_OFFSET as usize + system.esp.len());
-    install_part.extend_from_slice(plan.as_bytes());
-    install_part.resize(installer::ESP_IMAGE_OFFSET as usize, 0);
-    install_part.extend_from_slice(system.esp);
+    let install_part = install_partition(&job.dir.join(".install-plan.img"), &plan, system.esp)?;
 
     let installer_cmdline = format!("{cmdline} {}", installer::CMDLINE_FLAG);
     let (esp_guid, image_guid, install_guid) = (ids.guid("installer-esp"), ids.guid("installer-image"), ids.guid("installer-plan"));
-    let medium_esp = boot.esp(&installer_cmdline, esp_guid)?;
+    let medium_esp = boot.esp(&installer_cmdline, esp_guid, job.dir.join(".installer-esp.img"))?;
     let specs = vec![
-        PartitionSpec { name: ESP.into(), type_guid: Guid::esp_type(), guid: esp_guid, size: medium_esp.len() as u64, attributes: 0 },
+        PartitionSpec { name: ESP.into(), type_guid: Guid::esp_type(), guid: esp_guid, size: medium_esp.len, attributes: 0 },
         PartitionSpec {
             name: installer::IMAGE_PARTITION.into(),
             type_guid: Guid::linux_data_type(),
@@ -304,15 +295,34 @@ fn installer_medium(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
             name: installer::INSTALL_PARTITION.into(),
             type_guid: Guid::linux_data_type(),
             guid: install_guid,
-            size: install_part.len() as u64,
+            size: install_part.len,
             attributes: 0,
         },
     ];
-    let contents = [Some(Part::Bytes(&medium_esp)), Some(system.squashfs), Some(Part::Bytes(&install_part))];
+    let contents = [Some(medium_esp.part()), Some(system.squashfs), Some(install_part.part())];
     let layout = gpt::plan(&specs, fixed_size(job), 0).usage(disk_size_key(job.profile))?;
     let outputs = write_wanted(job, &layout, ids.guid("installer-disk"), &contents)?;
     let install = Some(system.install_record(&target, ids));
     Ok(Disk { partitions: partition_records(&layout, &contents), install, cmdline: installer_cmdline, outputs })
+}
+
+/// The installer medium's plan partition, staged at `path`: the plan text, then from
+/// [`installer::ESP_IMAGE_OFFSET`] the target's ESP.
+fn install_partition(path: &Path, plan: &str, esp: Part) -> Result<crate::output::Staged> {
+    use std::io::{Seek, SeekFrom, Write};
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    out.write_all(plan.as_bytes())?;
+    // The gap up to the ESP stays a hole (zeros).
+    out.seek(SeekFrom::Start(installer::ESP_IMAGE_OFFSET))?;
+    match esp {
+        Part::Bytes(bytes) => out.write_all(bytes)?,
+        Part::File { path: from, .. } => {
+            std::io::copy(&mut File::open(from).with_context(|| format!("reading {}", from.display()))?, &mut out)?;
+        }
+    }
+    out.flush().with_context(|| format!("writing {}", path.display()))?;
+    crate::output::Staged::read_back(path.to_path_buf())
 }
 
 fn fixed_size(job: &Job) -> Option<u64> {
@@ -651,7 +661,7 @@ mod tests {
         let squashfs = dir.path().join("root");
         std::fs::write(&squashfs, [1u8; 4096])?;
         let esp = vec![7u8; 2 << 20];
-        let system = System::new(Arch::Riscv64, &ids, "d", &esp, Part::File { path: &squashfs, len: 4096, sha256: "00" })
+        let system = System::new(Arch::Riscv64, &ids, "d", Part::Bytes(&esp), Part::File { path: &squashfs, len: 4096, sha256: "00" })
             .with_loaders(loaders.clone());
         let layout = system.layout(None, 0)?;
         let path = dir.path().join(DISK_IMAGE);
@@ -693,7 +703,8 @@ mod tests {
         let ids = Ids::new(Arch::X86_64, [1; 32]);
         let esp = vec![0u8; 3 << 20];
         let dummy = Path::new("unused");
-        let system = System::new(Arch::X86_64, &ids, "lab-7", &esp, Part::File { path: dummy, len: (100 << 20) + 1, sha256: "00" });
+        let system =
+            System::new(Arch::X86_64, &ids, "lab-7", Part::Bytes(&esp), Part::File { path: dummy, len: (100 << 20) + 1, sha256: "00" });
         let names: Vec<&str> = system.specs.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["esp@lab-7", ROOT_A, ROOT_B]);
         assert_eq!(system.specs[1].size, 142 << 20, "100 MiB + a quarter + 16 MiB, rounded up to whole MiB");

@@ -281,18 +281,15 @@ fn build_arch(
     let boot = boot::Boot::new(&job, &root, initrds.initrd.clone(), &mut record)?;
     let cmdline = boot::kernel_cmdline(platform, inputs.arch, &ids.root_a_guid(), &profile.profile.kernel.cmdline);
     // The installed system's ESP, as a FAT image in memory.
-    let esp = boot.esp(&cmdline, ids.esp_guid())?;
-    let system = disk::System::new(inputs.arch, &ids, &profile.profile.deployment(), &esp, squashfs.part()).with_loaders(board_loaders(
-        &job,
-        &ids,
-        &mut record,
-    )?);
+    let esp = boot.esp(&cmdline, ids.esp_guid(), dir.join(".esp.img"))?;
+    let system = disk::System::new(inputs.arch, &ids, &profile.profile.deployment(), esp.part(), squashfs.part())
+        .with_loaders(board_loaders(&job, &ids, &mut record)?);
     let disk = disk::write(&job, &ids, &system, &boot, &cmdline)?;
     // What goes to the network (the netboot system, an update bundle) is the root without its
     // secrets, written once for both.
     let public = (initrds.netboot.is_some() || signing.is_some()).then(|| PublicRoot::write(&job, &root, &squashfs)).transpose()?;
     let netboot = match (initrds.netboot.as_deref(), &public) {
-        (Some(initrd), Some(public)) => Some(write_netboot(&job, &root, &ids, &esp, &cmdline, initrd, public, &mut record)?),
+        (Some(initrd), Some(public)) => Some(write_netboot(&job, &root, &ids, esp.part(), &cmdline, initrd, public, &mut record)?),
         _ => None,
     };
     // The bundle carries the files the ESP holds and the public root (the same bytes as slot A's
@@ -387,7 +384,7 @@ fn write_netboot(
     job: &Job,
     root: &root::Root,
     ids: &disk::Ids,
-    esp: &[u8],
+    esp: Part,
     cmdline: &str,
     initrd: &[u8],
     public: &PublicRoot,

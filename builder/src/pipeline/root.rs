@@ -6,7 +6,6 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -20,7 +19,6 @@ use crate::debian;
 use crate::error::ResultExt;
 use crate::kmod::ModuleSet;
 use crate::manifest::{Input, InputKind};
-use crate::output::Part;
 use crate::profile::LoadedProfile;
 use crate::spill::Spill;
 use crate::tree::{Content, Kind, Tree, TreePath};
@@ -324,18 +322,7 @@ fn platform_modules(job: &Job, root: &mut Tree, modules: crate::kmod::ModuleSet)
 }
 
 /// The root's squashfs, staged beside the outputs; its digest is taken while it is written.
-#[derive(Clone)]
-pub(super) struct Squashfs {
-    path: PathBuf,
-    len: u64,
-    sha256: String,
-}
-
-impl Squashfs {
-    pub(super) fn part(&self) -> Part<'_> {
-        Part::File { path: &self.path, len: self.len, sha256: &self.sha256 }
-    }
-}
+pub(super) type Squashfs = crate::output::Staged;
 
 /// Writes `root` as squashfs to `name` in the staging directory.
 pub(super) fn write_squashfs(job: &Job, root: &Tree, name: &str) -> Result<Squashfs> {
