@@ -1,8 +1,13 @@
 //! Benchmark: kiln's FAT32 and GPT writers against the reference tools on the same input.
 //!
-//! `cargo run --release -p kiln --example bench_formats [MiB]` prints wall times and ratios for
+//! `cargo run --release -p kiln --example bench_formats [MiB [MANIFEST]]` prints wall times and
+//! ratios for
 //! - an ESP of MiB (default 64) of file data: kiln `fat::write_fat32` vs `mkfs.vfat` + `mcopy`;
-//! - a 3-partition GPT on a 4 GiB sparse disk: kiln `gpt::write_gpt` vs `sgdisk` (-n/-t/-c/-u).
+//! - a 3-partition GPT on a 4 GiB sparse disk: kiln `gpt::write_gpt` vs `sgdisk` (-n/-t/-c/-u);
+//! - with a build's MANIFEST (`out/<name>/<arch>/manifest.json`): unpacking every package it
+//!   records, read from the cache (`KILN_CACHE_DIR`, else the default), kiln `deb::unpack_deb`
+//!   into a tree with a spill file (as a build does, without reuse) vs `dpkg-deb -x` into a
+//!   directory.
 //!
 //! Each figure is the median of 5 runs. The squashfs comparison is `examples/bench_squashfs.rs`.
 
@@ -35,6 +40,9 @@ fn run(cmd: &mut Command) {
 
 fn main() {
     let mib: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(64);
+    if let Some(manifest) = std::env::args().nth(2) {
+        unpack_vs_dpkg_deb(std::path::Path::new(&manifest));
+    }
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src");
 
@@ -126,5 +134,45 @@ fn main() {
         kiln_gpt.as_secs_f64(),
         ref_gpt.as_secs_f64(),
         kiln_gpt.as_secs_f64() / ref_gpt.as_secs_f64()
+    );
+}
+
+/// Every package a build's manifest records: kiln's unpack vs `dpkg-deb -x`.
+fn unpack_vs_dpkg_deb(manifest: &std::path::Path) {
+    let text = std::fs::read_to_string(manifest).unwrap_or_else(|e| panic!("{}: {e}", manifest.display()));
+    let m: kiln::manifest::Manifest = serde_json::from_str(&text).unwrap();
+    let cache = kiln::cache::Cache::new(kiln::cache::Cache::default_root().unwrap());
+    let debs: Vec<std::path::PathBuf> = m
+        .inputs
+        .iter()
+        .filter(|i| i.kind == kiln::manifest::InputKind::Deb)
+        .map(|i| cache.blob_path(&i.sha256).unwrap())
+        .filter(|p| p.exists())
+        .collect();
+    let bytes: u64 = debs.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    let dir = tempfile::tempdir().unwrap();
+    let kiln_unpack = time(|| {
+        let spill = kiln::spill::Spill::create_in(dir.path()).unwrap();
+        let mut tree = Tree::merged_usr(m.arch).spill_to(spill);
+        for deb in &debs {
+            kiln::deb::unpack_deb(deb, &mut tree).unwrap();
+        }
+    });
+    let target = dir.path().join("dpkg");
+    let ref_unpack = time(|| {
+        let _ = std::fs::remove_dir_all(&target);
+        std::fs::create_dir_all(&target).unwrap();
+        for deb in &debs {
+            run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&target));
+        }
+    });
+    println!(
+        "{} packages ({} MiB) of {}: kiln unpack {:.2} s, dpkg-deb -x {:.2} s, ratio kiln/reference {:.2}",
+        debs.len(),
+        bytes >> 20,
+        manifest.display(),
+        kiln_unpack.as_secs_f64(),
+        ref_unpack.as_secs_f64(),
+        kiln_unpack.as_secs_f64() / ref_unpack.as_secs_f64()
     );
 }

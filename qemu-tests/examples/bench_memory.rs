@@ -5,15 +5,18 @@
 //! is 256 MiB for each.
 //!
 //! ```sh
-//! cargo run --release -p kiln-qemu-tests --example bench_memory
+//! cargo run --release -p kiln-qemu-tests --example bench_memory [-- NAME...]
 //! ```
+//! (NAME: only the profiles whose file name contains one of them.)
 //! Each profile is fetched first (`kiln fetch`, untimed; Debian's mirror is reachable, so a
 //! board's U-Boot package comes into the cache). Cluster profiles get stand-in k3s assets
 //! (`kiln_qemu_tests::stand_in`: no k3s release can be downloaded here), and only the
 //! architectures a stand-in exists for (x86_64, aarch64); a `token_file` the profile names gets a
-//! made-up token. A profile that still cannot be built on this machine (container images from a
-//! registry it cannot reach) is listed with the reason, not measured. Peak memory is the
-//! `VmHWM` kiln logs as its last line.
+//! made-up token. A profile whose container images or charts come from a registry this machine
+//! cannot reach is measured again without its `images`, `charts` and `containers` (which name
+//! images) and marked so (what
+//! bundling images costs in memory is `bench_bundle_memory`'s, with a local registry). Peak
+//! memory is the `VmHWM` kiln logs as its last line.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,7 +48,12 @@ fn main() -> Result<()> {
     println!("kiln {}; downloads cached in {}", kiln_bin()?.display(), cache_dir()?.display());
     println!("\n{:<40} {:>8} {:>10}  note", "profile (kiln build --no-reuse)", "wall", "peak RSS");
     let mut worst = 0;
+    let only: Vec<String> = std::env::args().skip(1).collect();
     for (folder, path) in &profiles {
+        let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("?");
+        if !only.is_empty() && !only.iter().any(|o| file.contains(o.as_str())) {
+            continue;
+        }
         let name = format!("{folder}/{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("?"));
         let text = std::fs::read_to_string(path)?;
         let cluster = text.contains(K3S_RELEASE);
@@ -63,15 +71,30 @@ fn main() -> Result<()> {
             }
         }
         // Untimed: fills the cache with what a board needs; a failure shows in the build below.
-        let _ = Command::new(kiln_bin()?).arg("fetch").args(&common).env("KILN_CACHE_DIR", cache_dir()?).current_dir(&dir).output();
+        let fetch = || -> Result<std::process::Output> {
+            Ok(Command::new(kiln_bin()?).arg("fetch").args(&common).env("KILN_CACHE_DIR", cache_dir()?).current_dir(&dir).output()?)
+        };
+        let _ = fetch();
         let mut args: Vec<String> = vec!["build".into()];
-        args.extend(common);
+        args.extend(common.iter().cloned());
         args.extend(["--offline".into(), "--no-reuse".into(), "--out".into(), out.display().to_string()]);
-        let started = Instant::now();
-        let output = Command::new(kiln_bin()?).args(&args).env("KILN_CACHE_DIR", cache_dir()?).current_dir(&dir).output();
-        let _ = std::fs::remove_dir_all(&out);
-        let output = output.context("running kiln")?;
-        let secs = started.elapsed().as_secs_f64();
+        let mut note = if cluster { "stand-in k3s assets" } else { "" }.to_string();
+        let run = || -> Result<(f64, std::process::Output)> {
+            let started = Instant::now();
+            let output = Command::new(kiln_bin()?).args(&args).env("KILN_CACHE_DIR", cache_dir()?).current_dir(&dir).output();
+            let _ = std::fs::remove_dir_all(&out);
+            Ok((started.elapsed().as_secs_f64(), output.context("running kiln")?))
+        };
+        let (mut secs, mut output) = run()?;
+        if !output.status.success() && String::from_utf8_lossy(&output.stderr).contains("pulling the profile's") {
+            let text = std::fs::read_to_string(path)?;
+            let stripped = ["images", "charts", "containers"].iter().fold(text, |t, key| without_top_level(&t, key));
+            std::fs::write(path, stripped)?;
+            let _ = fetch();
+            (secs, output) = run()?;
+            note =
+                format!("{note}{}without its images, charts, containers (unreachable registry)", if note.is_empty() { "" } else { "; " });
+        }
         let log = String::from_utf8_lossy(&output.stderr);
         if !output.status.success() {
             let reason = log.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("no output").trim();
@@ -80,7 +103,6 @@ fn main() -> Result<()> {
         }
         let peak = peak(&log);
         worst = worst.max(peak.unwrap_or(0));
-        let note = if cluster { "stand-in k3s assets" } else { "" };
         println!("{name:<40} {secs:>7.1}s {:>10}  {note}", peak.map_or("?".into(), |m| format!("{m} MiB")));
     }
     println!("\nhighest peak: {worst} MiB (bound: 256 MiB)");
@@ -98,6 +120,23 @@ fn stand_in_assets(dir: &Path) -> Result<PathBuf> {
 fn peak(log: &str) -> Option<u64> {
     let line = log.lines().rev().find(|l| l.contains("peak memory"))?;
     line.split("peak memory ").nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// `text` without the top-level YAML key `key` and its block (indented or list lines after it).
+fn without_top_level(text: &str, key: &str) -> String {
+    let mut out = String::new();
+    let mut skipping = false;
+    for line in text.lines() {
+        let top = !line.starts_with([' ', '\t', '-', '#']) && !line.trim().is_empty();
+        if top {
+            skipping = line.starts_with(&format!("{key}:"));
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
