@@ -44,7 +44,7 @@ pub fn unpack_deb(path: &Path, tree: &mut Tree) -> anyhow::Result<DebInfo> {
 
 /// [`unpack_deb`] over any reader; `what` names the package in errors.
 pub fn unpack_deb_from<R: Read>(r: R, tree: &mut Tree, what: &str) -> anyhow::Result<DebInfo> {
-    unpack_ar(r, tree, what, None)
+    unpack_ar(r, tree, what, &mut io::sink())
 }
 
 /// [`unpack_deb`], also writing `data.tar`, decompressed, to `copy`: to keep a package's
@@ -53,10 +53,11 @@ pub fn unpack_deb_from<R: Read>(r: R, tree: &mut Tree, what: &str) -> anyhow::Re
 pub fn unpack_deb_copying(path: &Path, tree: &mut Tree, copy: &mut dyn Write) -> anyhow::Result<DebInfo> {
     let what = path.display().to_string();
     let file = File::open(path).with_context(|| format!("opening {what}"))?;
-    unpack_ar(BufReader::new(file), tree, &what, Some(copy))
+    unpack_ar(BufReader::new(file), tree, &what, copy)
 }
 
-fn unpack_ar<R: Read>(mut r: R, tree: &mut Tree, what: &str, mut copy: Option<&mut dyn Write>) -> anyhow::Result<DebInfo> {
+/// The ar archive of a package; `data.tar`, decompressed, is also written to `copy`.
+fn unpack_ar<R: Read>(mut r: R, tree: &mut Tree, what: &str, copy: &mut dyn Write) -> anyhow::Result<DebInfo> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic).with_context(|| format!("{what}: reading the ar magic"))?;
     if &magic != AR_MAGIC {
@@ -90,11 +91,12 @@ fn unpack_ar<R: Read>(mut r: R, tree: &mut Tree, what: &str, mut copy: Option<&m
                 if !seen_version {
                     bail!("{what}: `{n}` comes before `debian-binary`");
                 }
-                let what = format!("{what}: {n}");
-                files = Some(match copy.take() {
-                    None => unpack_tar(&mut member, tree, &what)?,
-                    Some(copy) => unpack_tar_copying(&mut member, tree, &what, copy)?,
-                });
+                // dpkg allows one; a second would be laid over the first, and a kept copy of
+                // both would not unpack to the same tree.
+                if files.is_some() {
+                    bail!("{what}: a second data member `{n}`");
+                }
+                files = Some(unpack_tar_copying(&mut member, tree, &format!("{what}: {n}"), copy)?);
             }
             // ar symbol tables, GNU long-name tables and dpkg's `_`-prefixed extra members
             // carry nothing kiln needs.
@@ -725,6 +727,31 @@ pub(crate) mod tests {
         assert!(format!("{:#}", unpack(&no_data).unwrap_err()).contains("control.tar"));
         assert!(unpack(b"not an archive").is_err());
         assert!(unpack(&AR_MAGIC[..]).is_err());
+
+        let mut two_data = deb(CONTROL, &normal_entries(), Comp::None);
+        ar_member(&mut two_data, "data.tar", &tarball(&[E::File("./extra", 0o644, b"x")]));
+        assert!(format!("{:#}", unpack(&two_data).unwrap_err()).contains("a second data member `data.tar`"));
+    }
+
+    /// What `unpack_deb_copying` keeps is `data.tar`, decompressed, and unpacks to the same tree.
+    #[test]
+    fn the_kept_data_tar_unpacks_to_the_same_tree() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("p.deb");
+        std::fs::write(&path, deb(CONTROL, &normal_entries(), Comp::Xz)).unwrap();
+        let (mut direct, mut again) = (Tree::merged_usr(Arch::X86_64), Tree::merged_usr(Arch::X86_64));
+        let mut kept = Vec::new();
+        unpack_deb_copying(&path, &mut direct, &mut kept).unwrap();
+        assert_eq!(kept, tarball(&normal_entries()), "the copy is not the decompressed data.tar");
+        unpack_tar(&kept[..], &mut again, "kept").unwrap();
+        let listing = |t: &Tree| {
+            let body = |k: &Kind| match k {
+                Kind::File(c) => format!("{:?}", c.read().unwrap()),
+                other => format!("{other:?}"),
+            };
+            t.iter().map(|(p, e)| format!("{p:?} {:?} {}", e.meta, body(&e.kind))).collect::<Vec<_>>()
+        };
+        assert_eq!(listing(&direct), listing(&again));
     }
 
     #[test]

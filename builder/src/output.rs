@@ -59,6 +59,17 @@ impl Staged {
     pub fn part(&self) -> Part<'_> {
         Part::File { path: &self.path, len: self.len, sha256: &self.sha256 }
     }
+
+    /// Creates (or empties) a file to stage, readable too (a writer may read back what it wrote).
+    pub fn create(path: &Path) -> Result<File> {
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .with_context(|| format!("creating {}", path.display()))
+    }
 }
 
 /// Creates (or truncates) an output file with exactly `mode`.

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use kiln_qemu_tests::{cache_dir, kiln_bin, repo_root, work_dir};
+use kiln_qemu_tests::{cache_dir, copy_dir, kiln_bin, peak_memory_mib, repo_root, work_dir};
 
 /// One timed `kiln build`: wall seconds and the peak memory kiln reported.
 struct Run {
@@ -88,7 +88,7 @@ fn build(dir: &Path, profile: &Path, extra: &[&str], label: &str) -> Result<Run>
     if !output.status.success() {
         bail!("kiln {} failed:\n{log}", args.join(" "));
     }
-    Ok(Run { secs, peak_mib: peak(&log) })
+    Ok(Run { secs, peak_mib: peak_memory_mib(&log) })
 }
 
 fn fetch(dir: &Path, profile: &Path) -> Result<()> {
@@ -100,25 +100,6 @@ fn fetch(dir: &Path, profile: &Path) -> Result<()> {
         .context("running kiln fetch")?;
     if !output.status.success() {
         bail!("kiln fetch failed:\n{}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(())
-}
-
-/// The `peak memory N MiB` of kiln's closing log line.
-fn peak(log: &str) -> Option<u64> {
-    let line = log.lines().rev().find(|l| l.contains("peak memory"))?;
-    line.split("peak memory ").nth(1)?.split_whitespace().next()?.parse().ok()
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()))?;
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name()))?;
-        }
     }
     Ok(())
 }

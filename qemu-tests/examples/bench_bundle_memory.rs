@@ -27,7 +27,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use kiln_qemu_tests::layout::{StoredLayer, TestLayout, LAYER_TAR};
 use kiln_qemu_tests::registry::{push, Registry};
-use kiln_qemu_tests::{cache_dir, kiln_bin, stand_in, tool, work_dir};
+use kiln_qemu_tests::{cache_dir, kiln_bin, peak_memory_mib, stand_in, tool, work_dir};
 
 fn main() -> Result<()> {
     let size_mib: u64 = match std::env::args().nth(1) {
@@ -159,12 +159,7 @@ fn run_kiln(dir: &Path, command: &[&str], profile: &Path, assets: &Path, images_
     if !output.status.success() {
         bail!("kiln {} {} failed ({}):\n{log}", command.join(" "), profile.display(), output.status);
     }
-    let peak = log
-        .lines()
-        .rev()
-        .filter_map(|l| l.split("peak memory ").nth(1))
-        .find_map(|rest| rest.trim().strip_suffix(" MiB")?.parse::<u64>().ok())
-        .with_context(|| format!("kiln printed no `peak memory` line:\n{log}"))?;
+    let peak = peak_memory_mib(&log).with_context(|| format!("kiln printed no `peak memory` line:\n{log}"))?;
     let _ = std::fs::remove_dir_all(&out);
     let _ = std::fs::remove_dir_all(images_cache);
     Ok((secs, peak))

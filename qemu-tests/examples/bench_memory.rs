@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use kiln_qemu_tests::{cache_dir, kiln_bin, repo_root, stand_in, work_dir};
+use kiln_qemu_tests::{cache_dir, copy_dir, kiln_bin, peak_memory_mib, repo_root, stand_in, work_dir};
 
 /// The k3s release the example profiles name, replaced by the stand-in's.
 const K3S_RELEASE: &str = "version: v1.33.5+k3s1";
@@ -101,7 +101,7 @@ fn main() -> Result<()> {
             println!("{name:<40} {:>8} {:>10}  not built here: {}", "-", "-", truncate(reason, 110));
             continue;
         }
-        let peak = peak(&log);
+        let peak = peak_memory_mib(&log);
         worst = worst.max(peak.unwrap_or(0));
         println!("{name:<40} {secs:>7.1}s {:>10}  {note}", peak.map_or("?".into(), |m| format!("{m} MiB")));
     }
@@ -114,12 +114,6 @@ fn stand_in_assets(dir: &Path) -> Result<PathBuf> {
     let assets = stand_in::assets(dir, "bench-memory")?;
     stand_in::assets_arm64(dir, "bench-memory")?;
     Ok(assets)
-}
-
-/// The `peak memory N MiB` of kiln's closing log line.
-fn peak(log: &str) -> Option<u64> {
-    let line = log.lines().rev().find(|l| l.contains("peak memory"))?;
-    line.split("peak memory ").nth(1)?.split_whitespace().next()?.parse().ok()
 }
 
 /// `text` without the top-level YAML key `key` and its block (indented or list lines after it).
@@ -137,19 +131,6 @@ fn without_top_level(text: &str, key: &str) -> String {
         }
     }
     out
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            copy_dir(&e.path(), &to.join(e.file_name()))?;
-        } else {
-            std::fs::copy(e.path(), to.join(e.file_name())).with_context(|| format!("copying {}", e.path().display()))?;
-        }
-    }
-    Ok(())
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -122,6 +122,26 @@ pub fn cache_dir() -> anyhow::Result<PathBuf> {
     }
 }
 
+/// The peak memory (MiB) of kiln's closing log line (`... finished in N s, peak memory M MiB`),
+/// for the benchmarks.
+pub fn peak_memory_mib(log: &str) -> Option<u64> {
+    log.lines().rev().filter_map(|l| l.split("peak memory ").nth(1)).find_map(|rest| rest.trim().strip_suffix(" MiB")?.parse().ok())
+}
+
+/// Copies a directory tree (files and directories; a symlink's target is copied).
+pub fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+    for e in fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()))?;
+        } else {
+            fs::copy(e.path(), to.join(e.file_name())).with_context(|| format!("copying {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs kiln from the repository root with a given cache; returns (exit code, stdout + stderr).
 pub fn kiln_with_cache(cache: &Path, args: &[&str]) -> anyhow::Result<(i32, String)> {
     let out =

@@ -232,13 +232,7 @@ pub(super) fn esp_headroom(boot_set: u64, update_slots: bool) -> u64 {
 fn fat_image(esp: &Tree, guid: Guid, epoch: u64, headroom: u64, path: PathBuf) -> Result<crate::output::Staged> {
     use std::io::Write;
     let size = crate::fat::fat32_size_for(esp, headroom)?;
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let file = crate::output::Staged::create(&path)?;
     // Zeros where the writer seeks past (the FAT writer's contract); a hole, not written.
     file.set_len(size).with_context(|| format!("sizing {}", path.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);

@@ -310,8 +310,7 @@ fn installer_medium(job: &Job, ids: &Ids, system: &System, boot: &Boot, cmdline:
 /// [`installer::ESP_IMAGE_OFFSET`] the target's ESP.
 fn install_partition(path: &Path, plan: &str, esp: Part) -> Result<crate::output::Staged> {
     use std::io::{Seek, SeekFrom, Write};
-    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, crate::output::Staged::create(path)?);
     out.write_all(plan.as_bytes())?;
     // The gap up to the ESP stays a hole (zeros).
     out.seek(SeekFrom::Start(installer::ESP_IMAGE_OFFSET))?;

@@ -4,7 +4,6 @@
 //! overlays and files on top; finally its squashfs. Also [`ManifestInputs`], the record of
 //! every input met on the way.
 
-use std::fs::File;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -330,13 +329,7 @@ pub(super) fn write_squashfs(job: &Job, root: &Tree, name: &str) -> Result<Squas
     // Written to a file in the staging directory, not into memory: with bundled container
     // images the root can be GiBs.
     let path = job.dir.join(name);
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let file = crate::output::Staged::create(&path)?;
     let mut out = crate::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
     crate::squashfs::write_squashfs_reusing(
         root,
