@@ -7,6 +7,12 @@
 //! (`overlays/appliance/usr/sbin/kiln-update`, docs/updates.md) adds `kiln-b+1.conf` beside it
 //! with a higher generation in `version`, and `default kiln-*` lets systemd-boot's ordering pick
 //! the newest entry that still has tries left.
+//!
+//! Boards whose loader does not read those entries (U-Boot's extlinux, the Raspberry Pi
+//! firmware's `config.txt`) get slot A's entry too when the profile has `update:`: the entries
+//! are kiln-update's record of the slots on every platform, and `loader/kiln-loader` names the
+//! loader whose configuration kiln-update writes from them after every change (docs/updates.md,
+//! "Boards without systemd-boot").
 
 use anyhow::Result;
 
@@ -49,6 +55,9 @@ pub const ENTRY_A: &str = "loader/entries/kiln-a.conf";
 /// left) never wins over a good slot. `timeout 0` boots it at once (a key press still shows
 /// the menu); `editor no`: no editing the command line at the console.
 pub const LOADER_CONF: &str = "timeout 0\ndefault kiln-*\neditor no\n";
+/// On a board that takes updates but does not boot systemd-boot: the loader kiln-update writes
+/// the configuration of (`extlinux` or `raspberrypi`).
+pub const LOADER_KIND: &str = "loader/kiln-loader";
 
 /// The entry's `version`: generation 1 (see [`LOADER_CONF`]), then the update version or the
 /// kernel version.
@@ -59,6 +68,18 @@ fn entry_version(b: &BootFiles<'_>) -> String {
 fn file(tree: &mut Tree, path: &str, content: Content) -> Result<()> {
     tree.insert(&TreePath::parse(path)?, Entry { meta: Meta::root(0o644), kind: Kind::File(content) })?;
     Ok(())
+}
+
+/// The loader of a platform without systemd-boot whose configuration kiln-update writes from
+/// the entries, if it has one.
+fn rendered_loader(platform: &Platform) -> Option<&'static str> {
+    if platform.boot.raspberrypi.is_some() {
+        Some("raspberrypi")
+    } else if platform.boot.extlinux {
+        Some("extlinux")
+    } else {
+        None
+    }
 }
 
 /// Builds the ESP tree for a platform.
@@ -77,33 +98,38 @@ pub fn tree(platform: &Platform, b: &BootFiles<'_>) -> Result<Tree> {
             file(&mut t, &name, content)?;
         }
     }
+    // A board's device tree: U-Boot passes it to the kernel instead of its own copy.
+    let dtb_path = match (&platform.device_tree, &b.device_tree) {
+        (Some(name), Some(dtb)) => {
+            let path = format!("{DTB_DIR}/{name}");
+            file(&mut t, &path, dtb.clone())?;
+            Some(path)
+        }
+        (Some(name), None) => anyhow::bail!("platform `{}` names the device tree {name} but none was provided", platform.name),
+        (None, _) => None,
+    };
+    let fdt = dtb_path.as_ref().map(|p| format!("    fdt /{p}\n")).unwrap_or_default();
+    // `# kiln-version`: the version kiln-update reports for this slot (systemd-boot ignores
+    // comment lines). `devicetree`: the board's, which extlinux's `fdt` line names.
+    let entry = format!(
+        "title {}\nsort-key kiln\nversion {}\n# kiln-version {}\nlinux /{kernel_path}\ninitrd /{initrd_path}\n{}options {}\n",
+        b.title,
+        entry_version(b),
+        b.update_version.unwrap_or(b.kernel_version),
+        dtb_path.as_ref().map(|p| format!("devicetree /{p}\n")).unwrap_or_default(),
+        b.cmdline
+    );
     if platform.boot.systemd_boot {
         let Some(efi) = &b.systemd_boot else {
             anyhow::bail!("platform `{}` boots systemd-boot but no systemd-boot binary was provided", platform.name)
         };
         file(&mut t, &format!("EFI/BOOT/{}", b.arch.efi_boot_file()), efi.clone())?;
         file(&mut t, "loader/loader.conf", Content::bytes(LOADER_CONF))?;
-        // `# kiln-version`: the version kiln-update reports for this slot (systemd-boot
-        // ignores comment lines).
-        let entry = format!(
-            "title {}\nsort-key kiln\nversion {}\n# kiln-version {}\nlinux /{kernel_path}\ninitrd /{initrd_path}\noptions {}\n",
-            b.title,
-            entry_version(b),
-            b.update_version.unwrap_or(b.kernel_version),
-            b.cmdline
-        );
         file(&mut t, ENTRY_A, Content::bytes(entry))?;
+    } else if let (Some(_), Some(kind)) = (b.update_version, rendered_loader(platform)) {
+        file(&mut t, ENTRY_A, Content::bytes(entry))?;
+        file(&mut t, LOADER_KIND, Content::bytes(format!("{kind}\n")))?;
     }
-    // A board's device tree: U-Boot passes it to the kernel instead of its own copy.
-    let fdt = match (&platform.device_tree, &b.device_tree) {
-        (Some(name), Some(dtb)) => {
-            let path = format!("{DTB_DIR}/{name}");
-            file(&mut t, &path, dtb.clone())?;
-            format!("    fdt /{path}\n")
-        }
-        (Some(name), None) => anyhow::bail!("platform `{}` names the device tree {name} but none was provided", platform.name),
-        (None, _) => String::new(),
-    };
     // U-Boot tries extlinux.conf before the EFI removable path, and extlinux has no boot
     // counting: an image that takes A/B updates (a profile with `update:`) on a platform that
     // also boots systemd-boot leaves extlinux out, so U-Boot goes on to systemd-boot (riscv64).
@@ -204,6 +230,23 @@ mod tests {
         let Kind::File(c) = &t.get_str("extlinux/extlinux.conf").unwrap().kind else { panic!() };
         let text = String::from_utf8(c.read().unwrap().into_owned()).unwrap();
         assert!(text.contains("    fdt /kiln/dtb/sifive/hifive-unleashed-a00.dtb\n"), "{text}");
+        assert!(!t.contains(ENTRY_A) && !t.contains(LOADER_KIND), "no slot record without update:");
+        // With update: slot A's entry (naming the device tree) and the loader kiln-update
+        // writes extlinux.conf for; extlinux stays (U-Boot has no other way here).
+        b.update_version = Some("1.2.0");
+        let t = tree(&p, &b).unwrap();
+        let read = |f: &str| {
+            let Kind::File(c) = &t.get_str(f).unwrap().kind else { panic!() };
+            String::from_utf8(c.read().unwrap().into_owned()).unwrap()
+        };
+        assert_eq!(read(LOADER_KIND), "extlinux\n");
+        let entry = read(ENTRY_A);
+        assert!(
+            entry.contains("\nversion 1-1.2.0\n") && entry.contains("\ndevicetree /kiln/dtb/sifive/hifive-unleashed-a00.dtb\n"),
+            "{entry}"
+        );
+        assert!(t.contains("extlinux/extlinux.conf") && !t.contains("loader/loader.conf"));
+        b.update_version = None;
         b.device_tree = None;
         assert!(tree(&p, &b).unwrap_err().to_string().contains("hifive-unleashed-a00.dtb"));
     }
@@ -272,5 +315,13 @@ mod tests {
             assert!(read(&keys["device_tree"]).starts_with(b"dtb bcm2837-rpi-3-b"), "{filters:?}: {keys:?}");
         }
         assert_eq!(read(crate::raspberrypi::CMDLINE_TXT), format!("{cmdline}\n").into_bytes());
+
+        // With update: slot A's entry names the files config.txt names, for kiln-update.
+        let t = tree(&p, &BootFiles { update_version: Some("1.0.0"), ..b }).unwrap();
+        let Kind::File(c) = &t.get_str(LOADER_KIND).unwrap().kind else { panic!() };
+        assert_eq!(&c.read().unwrap()[..], b"raspberrypi\n");
+        let Kind::File(c) = &t.get_str(ENTRY_A).unwrap().kind else { panic!() };
+        let entry = String::from_utf8(c.read().unwrap().into_owned()).unwrap();
+        assert!(entry.contains(&format!("\nlinux /vmlinuz\ninitrd /initrd.img\noptions {cmdline}\n")), "{entry}");
     }
 }

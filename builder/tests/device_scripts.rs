@@ -1336,6 +1336,157 @@ mod update {
         }
     }
 
+    /// Boards whose loader does not read the entries: kiln-update writes U-Boot's
+    /// `extlinux.conf` or the Pi firmware's `config.txt` from them after every change, so the
+    /// board boots what systemd-boot would: the trial once, then the other slot once the trial
+    /// counted its try, the kept slot after `good`.
+    mod boards {
+        use super::{apply, bundle, device, Device, GUID_B};
+
+        const DTB: &str = "/kiln/dtb/sifive/hifive-unleashed-a00.dtb";
+        const BUILT_CMDLINE: &str = "root=PARTUUID=x kiln.rootname=kiln-root-a console=ttySIF0,115200";
+
+        /// A device as a board image with `update:` leaves the build: slot A's entry (with the
+        /// device tree on extlinux boards) and `loader/kiln-loader`, no loader.conf.
+        fn board(loader: &str) -> Device {
+            let d = device("1.0.0", 'a', false);
+            let esp = d.m.path().join("run/kiln/esp");
+            std::fs::remove_file(esp.join("loader/loader.conf")).unwrap();
+            d.m.write("run/kiln/esp/loader/kiln-loader", &format!("{loader}\n"));
+            let (kernel, initrd, dt) = match loader {
+                "extlinux" => ("/kiln/vmlinuz", "/kiln/initrd", format!("devicetree {DTB}\n")),
+                _ => ("/vmlinuz", "/initrd.img", String::new()),
+            };
+            d.m.write(
+                "run/kiln/esp/loader/entries/kiln-a.conf",
+                &format!("title kiln lab\nsort-key kiln\nversion 1-1.0.0\n# kiln-version 1.0.0\nlinux {kernel}\ninitrd {initrd}\n{dt}options {BUILT_CMDLINE}\n"),
+            );
+            match loader {
+                "extlinux" => d.m.write("run/kiln/esp/extlinux/extlinux.conf", "default kiln\nlabel kiln\n    kernel /kiln/vmlinuz\n"),
+                _ => {
+                    std::fs::remove_dir_all(esp.join("kiln")).unwrap();
+                    d.m.write("run/kiln/esp/vmlinuz", "built kernel");
+                    d.m.write("run/kiln/esp/initrd.img", "built initrd");
+                    d.m.write("run/kiln/esp/cmdline.txt", &format!("{BUILT_CMDLINE}\n"));
+                    d.m.write(
+                        "run/kiln/esp/config.txt",
+                        "# written by kiln\n[all]\narm_64bit=1\nkernel=vmlinuz\ninitramfs initrd.img followkernel\n[pi3]\ndevice_tree=bcm2837-rpi-3-b.dtb\n[all]\nenable_uart=1\n",
+                    );
+                }
+            }
+            d
+        }
+
+        /// What the loader boots now: (kernel, initrd, command line, device tree), read from
+        /// its configuration as U-Boot or the firmware would.
+        fn booted(d: &Device, loader: &str) -> (String, String, String, String) {
+            let esp = |f: &str| d.m.read(&format!("run/kiln/esp/{f}"));
+            if loader == "extlinux" {
+                let conf = esp("extlinux/extlinux.conf");
+                let default = conf.lines().find_map(|l| l.strip_prefix("default ")).unwrap_or_else(|| panic!("{conf}"));
+                let label = conf.split("\nlabel ").find(|l| l.starts_with(&format!("{default}\n"))).unwrap_or_else(|| panic!("{conf}"));
+                let key = |k: &str| label.lines().find_map(|l| l.trim().strip_prefix(&format!("{k} "))).unwrap_or("").to_string();
+                (key("kernel"), key("initrd"), key("append"), key("fdt"))
+            } else {
+                let keys = kiln::raspberrypi::read_config_txt(&esp("config.txt"), &["pi3"]);
+                let cmdline = esp(&keys["cmdline"]).trim_end().to_string();
+                let initrd = keys["initramfs"].strip_suffix(" followkernel").unwrap().to_string();
+                (format!("/{}", keys["kernel"]), format!("/{initrd}"), cmdline, keys["device_tree"].clone())
+            }
+        }
+
+        fn assert_boots(d: &Device, loader: &str, slot: char, when: &str) {
+            let (kernel, initrd, cmdline, dt) = booted(d, loader);
+            let (want_kernel, want_initrd) = match (slot, loader) {
+                ('b', _) => ("/kiln-b/vmlinuz".to_string(), "/kiln-b/initrd".to_string()),
+                (_, "extlinux") => ("/kiln/vmlinuz".to_string(), "/kiln/initrd".to_string()),
+                _ => ("/vmlinuz".to_string(), "/initrd.img".to_string()),
+            };
+            assert_eq!((kernel.as_str(), initrd.as_str()), (want_kernel.as_str(), want_initrd.as_str()), "{loader}, {when}");
+            assert!(cmdline.contains(&format!("kiln.rootname=kiln-root-{slot}")), "{loader}, {when}: {cmdline}");
+            if slot == 'b' {
+                assert!(
+                    cmdline.starts_with(&format!("root=PARTUUID={GUID_B} ")) && cmdline.ends_with(" panic=10"),
+                    "{loader}, {when}: {cmdline}"
+                );
+            }
+            let want_dt = if loader == "extlinux" { DTB } else { "bcm2837-rpi-3-b.dtb" };
+            assert_eq!(dt, want_dt, "{loader}, {when}: the board's device tree stays");
+        }
+
+        #[test]
+        fn the_loaders_configuration_follows_the_trial_and_good() {
+            for loader in ["extlinux", "raspberrypi"] {
+                let d = board(loader);
+                let (ok, out) = apply(&d, &bundle("2.0.0"), None, false);
+                assert!(ok, "{loader}: {out}");
+                assert_boots(&d, loader, 'b', "after apply: the trial");
+                d.set_slot('b');
+                d.m.write("usr/lib/kiln/update/version", "2.0.0\n");
+                let (ok, out) = d.run(&["boot"]);
+                assert!(ok && out.contains("counted here"), "{loader}: {out}");
+                assert_boots(&d, loader, 'a', "during the trial: a reboot falls back");
+                let (ok, out) = d.run(&["good"]);
+                assert!(ok, "{loader}: {out}");
+                assert_boots(&d, loader, 'b', "after good");
+                if loader == "extlinux" {
+                    let conf = d.m.read("run/kiln/esp/extlinux/extlinux.conf");
+                    assert!(conf.contains("\nlabel kiln-b\n") && conf.contains("\nlabel kiln-a\n"), "both slots at U-Boot's menu: {conf}");
+                }
+                // The next update goes to slot A; on the Pi its built files at the top of the
+                // partition make room for it.
+                let (ok, out) = apply(&d, &bundle("3.0.0"), None, false);
+                assert!(ok, "{loader}: {out}");
+                let (kernel, _, cmdline, _) = booted(&d, loader);
+                assert_eq!(kernel, "/kiln/vmlinuz", "{loader}");
+                assert!(cmdline.contains("kiln.rootname=kiln-root-a") && cmdline.contains("panic=10"), "{loader}: {cmdline}");
+                assert_eq!(d.m.read("run/kiln/esp/kiln/vmlinuz"), "new kernel", "{loader}");
+                assert!(!d.m.exists("run/kiln/esp/vmlinuz") && !d.m.exists("run/kiln/esp/initrd.img"), "{loader}");
+            }
+        }
+
+        #[test]
+        fn a_failed_trial_falls_back_on_the_board_too() {
+            for loader in ["extlinux", "raspberrypi"] {
+                let d = board(loader);
+                assert!(apply(&d, &bundle("2.0.0"), None, false).0);
+                d.set_slot('b');
+                d.m.write("usr/lib/kiln/update/version", "2.0.0\n");
+                assert!(d.run(&["boot"]).0);
+                let (ok, out) = d.run(&["fail", "boot step(s) failed: site-broken"]);
+                assert!(ok && d.calls().contains("reboot"), "{loader}: {out}");
+                assert_boots(&d, loader, 'a', "after the failed trial");
+                d.set_slot('a');
+                d.m.write("usr/lib/kiln/update/version", "1.0.0\n");
+                let (ok, out) = d.run(&["boot"]);
+                assert!(ok && out.contains("rolled back from 2.0.0 to 1.0.0: boot step(s) failed: site-broken"), "{loader}: {out}");
+                assert_eq!(d.entries(), ["kiln-a.conf"], "{loader}");
+                assert_boots(&d, loader, 'a', "after the rollback");
+                if loader == "extlinux" {
+                    let conf = d.m.read("run/kiln/esp/extlinux/extlinux.conf");
+                    assert!(!conf.contains("kiln-b"), "the failed slot is off U-Boot's menu: {conf}");
+                }
+            }
+        }
+
+        /// A trial that never reaches the boot step (the new kernel panics) boots again: the
+        /// loader cannot count. The boot step's render also repairs a configuration that power
+        /// loss left behind the entries.
+        #[test]
+        fn the_boot_step_renders_what_the_entries_say() {
+            let d = board("raspberrypi");
+            assert!(apply(&d, &bundle("2.0.0"), None, false).0);
+            d.m.write(
+                "run/kiln/esp/config.txt",
+                &d.m.read("run/kiln/esp/config.txt").replace("kernel=kiln-b/vmlinuz", "kernel=vmlinuz-gone"),
+            );
+            d.set_slot('b');
+            d.m.write("usr/lib/kiln/update/version", "2.0.0\n");
+            assert!(d.run(&["boot"]).0);
+            assert_boots(&d, "raspberrypi", 'a', "the trial counted");
+        }
+    }
+
     /// `kiln-update media`, the KILN-UPDATE watcher, and the boot step's look at the media.
     /// Block devices appear in the fake `/sys/class/block` between two runs of
     /// `KILN_MEDIA_ROUNDS=1` (one look each); the stand-in `mount` mounts nothing, so a medium's

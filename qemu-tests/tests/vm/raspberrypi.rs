@@ -168,55 +168,169 @@ fn serial_args(console: &str) -> Result<&'static [&'static str]> {
     })
 }
 
+/// A card in QEMU's SD slot: a copy of a built image padded to a power of two (QEMU's SD rule),
+/// at least twice the image, and where its boot partition is.
+struct Card {
+    path: PathBuf,
+    boot: (u64, u64),
+}
+
+impl Card {
+    fn flash(out: &Path, dir: &Path) -> Result<Card> {
+        let m = manifest(out, Arch::Aarch64)?;
+        let img = out.join("aarch64/disk.img");
+        let p = m.partitions.first().context("the manifest lists no partitions")?;
+        let path = dir.join("card.img");
+        let size = (std::fs::metadata(&img)?.len() * 2).next_power_of_two();
+        kiln_qemu_tests::flash_grown(&img, &path, size)?;
+        Ok(Card { path, boot: (p.offset, p.size) })
+    }
+
+    /// The card's boot partition as it is now (after the boots so far).
+    fn boot_partition(&self, dir: &Path) -> Result<BootPartition> {
+        let fat = dir.join("boot-now.fat");
+        extract_range(&self.path, self.boot.0, self.boot.1, &fat)?;
+        Ok(BootPartition { fat })
+    }
+
+    /// Powers a Pi 3 Model B on with this card, doing the firmware's part: `config.txt` (the
+    /// `[pi3]` board) as it is on the card now, then the kernel, device tree and initramfs it
+    /// names and the command line in the file its `cmdline=` names (`cmdline.txt` by default).
+    /// With `stick`, a USB stick (raspi3b's dwc2 host). `-no-reboot`: a reboot ends QEMU, and the
+    /// next power-on reads the card again, as the firmware would. Returns the VM and the kernel
+    /// `config.txt` named.
+    fn power_on(&self, dir: &Path, log: &str, stick: Option<&Path>) -> Result<(Vm, String)> {
+        let boot = self.boot_partition(dir)?;
+        let cfg = boot.config(&["pi3"])?;
+        let named = |k: &str| cfg.get(k).with_context(|| format!("config.txt sets no `{k}`: {cfg:?}"));
+        let initramfs = named("initramfs")?.split_whitespace().next().context("empty initramfs line")?.to_string();
+        let files = [("kernel", named("kernel")?.clone()), ("dtb", named("device_tree")?.clone()), ("initrd", initramfs)];
+        let mut paths = BTreeMap::new();
+        for (what, name) in &files {
+            let path = dir.join(format!("firmware-loaded-{what}"));
+            std::fs::write(&path, boot.read(name)?)?;
+            paths.insert(*what, path);
+        }
+        let cmdline_file = cfg.get("cmdline").map(String::as_str).unwrap_or("cmdline.txt");
+        let cmdline = boot.text(cmdline_file)?.lines().next().with_context(|| format!("empty {cmdline_file}"))?.to_string();
+        let console = cmdline.split_whitespace().rfind(|w| w.starts_with("console=")).context("no console= in cmdline.txt")?;
+
+        let mut cmd = Command::new("qemu-system-aarch64");
+        cmd.args(["-accel", "tcg"]);
+        // The Pi 3 Model B: BCM2837, 1 GiB, its SD card on the SDHOST controller.
+        cmd.args(["-machine", "raspi3b"]);
+        cmd.arg("-kernel").arg(&paths["kernel"]).arg("-dtb").arg(&paths["dtb"]).arg("-initrd").arg(&paths["initrd"]);
+        cmd.args(["-append", &cmdline]);
+        cmd.args(["-drive", &format!("if=sd,format=raw,file={}", self.path.to_str().context("non-UTF-8 work dir")?)]);
+        if let Some(stick) = stick {
+            let file = stick.to_str().context("non-UTF-8 work dir")?;
+            cmd.args(["-drive", &format!("if=none,id=stick,format=raw,snapshot=on,file={file}")]);
+            cmd.args(["-device", "usb-storage,drive=stick"]);
+        }
+        cmd.args(["-display", "none", "-monitor", "none", "-no-reboot"]);
+        cmd.args(serial_args(console)?);
+        let vm = Vm::start_command(cmd, Arch::Aarch64, &dir.join(log))?;
+        Ok((vm, named("kernel")?.clone()))
+    }
+}
+
 #[test]
 fn rpi3_card_boots_on_raspi3b_from_its_own_boot_partition() -> Result<()> {
     let out = rpi3_build()?;
     let dir = work_dir("rpi3-boot")?;
     let m = manifest(out, Arch::Aarch64)?;
-    let img = out.join("aarch64/disk.img");
-    let boot = boot_partition(&img, &m, &dir)?;
-
-    // The firmware's part: config.txt for a Pi 3 Model B, then the files it names.
-    let cfg = boot.config(&["pi3"])?;
-    let named = |k: &str| cfg.get(k).with_context(|| format!("config.txt sets no `{k}`: {cfg:?}"));
-    let initramfs = named("initramfs")?.split_whitespace().next().context("empty initramfs line")?.to_string();
-    let files = [("kernel", named("kernel")?.clone()), ("dtb", named("device_tree")?.clone()), ("initrd", initramfs)];
-    let mut paths = BTreeMap::new();
-    for (what, name) in &files {
-        let path = dir.join(name);
-        std::fs::write(&path, boot.read(name)?)?;
-        paths.insert(*what, path);
-    }
-    let cmdline = boot.text("cmdline.txt")?.lines().next().context("empty cmdline.txt")?.to_string();
-    let console = cmdline.split_whitespace().rfind(|w| w.starts_with("console=")).context("no console= in cmdline.txt")?;
-
-    // The card: a copy padded to a power of two (QEMU's SD rule), at least twice the image.
-    let card = dir.join("card.img");
-    let size = (std::fs::metadata(&img)?.len() * 2).next_power_of_two();
-    kiln_qemu_tests::flash_grown(&img, &card, size)?;
-
-    let mut cmd = Command::new("qemu-system-aarch64");
-    cmd.args(["-accel", "tcg"]);
-    // The Pi 3 Model B: BCM2837, 1 GiB, its SD card on the SDHOST controller.
-    cmd.args(["-machine", "raspi3b"]);
-    cmd.arg("-kernel").arg(&paths["kernel"]).arg("-dtb").arg(&paths["dtb"]).arg("-initrd").arg(&paths["initrd"]);
-    cmd.args(["-append", &cmdline]);
-    cmd.args(["-drive", &format!("if=sd,format=raw,file={}", card.to_str().context("non-UTF-8 work dir")?)]);
-    cmd.args(["-display", "none", "-monitor", "none", "-no-reboot"]);
-    cmd.args(serial_args(console)?);
-    let mut vm = Vm::start_command(cmd, Arch::Aarch64, &dir.join("console.log"))?;
+    boot_partition(&out.join("aarch64/disk.img"), &m, &dir)?;
+    let card = Card::flash(out, &dir)?;
+    let size = std::fs::metadata(&card.path)?.len();
+    let (mut vm, _) = card.power_on(&dir, "console.log", None)?;
     let grown = vm.wait_for("firstboot: created partition 4 kiln-data (/dev/mmcblk0p4", PI_BOOT_TIMEOUT)?;
     wait_ready(&mut vm, "raspi3b (rpi3 card)", PI_BOOT_TIMEOUT)?;
     vm.kill();
     eprintln!("{}", grown.trim());
 
     // On the card: kiln-data over the free space, up to the end; the firmware's MBR entry kept.
-    let table = tool(Command::new("sgdisk").arg("-p").arg(&card), "gdisk")?;
+    let table = tool(Command::new("sgdisk").arg("-p").arg(&card.path), "gdisk")?;
     let (_, end, name) = sgdisk_partition(&table, 4).with_context(|| format!("no partition 4 on the card:\n{table}"))?;
     ensure!(name == "kiln-data", "partition 4 is `{name}`");
     ensure!(size / 512 - end < 4096, "kiln-data ends at sector {end} of {}:\n{table}", size / 512);
-    let after = std::fs::read(&card)?.into_iter().take(512).collect::<Vec<u8>>();
+    let after = std::fs::read(&card.path)?.into_iter().take(512).collect::<Vec<u8>>();
     ensure!(after[446 + 4] == 0x0C, "first boot lost the MBR entry the Pi firmware boots from");
+    Ok(())
+}
+
+/// A/B updates on the Pi card, whose firmware reads `config.txt` and not the boot entries:
+/// `qemu-tests/profiles/rpi3-update.yaml` built as v1 (the card), v2 (a changed file) and v3 (a
+/// boot step that fails), the bundles on USB sticks. v1 applies v2 from the stick at boot and
+/// reboots; `config.txt` then names slot B's kernel (the trial), which reaches ready and is kept.
+/// v3 goes to slot A the same way; its trial fails a boot step, and the reboot after it finds
+/// `config.txt` naming slot B again: the node rolls back by itself and says so.
+#[test]
+fn rpi3_card_updates_from_usb_sticks_and_a_failed_trial_falls_back() -> Result<()> {
+    use crate::update::{build, keygen_and_profile, usb_stick, with_broken_step, APPLY_TIMEOUT};
+    let dir = work_dir("rpi3-update")?;
+    let (key, v1) = keygen_and_profile(&dir, "qemu-tests/profiles/rpi3-update.yaml")?;
+    let v2 = v1.replace("version: 1.0.0", "version: 2.0.0").replace("content: \"v1\"", "content: \"v2\"");
+    let v3 = with_broken_step(&v2.replace("version: 2.0.0", "version: 3.0.0"));
+    ensure!(v1 != v2 && v3.contains("name: broken"), "the profile's placeholders changed");
+    let out1 = build(&dir, "v1", &v1, Arch::Aarch64, "disk", &key)?;
+    let out2 = build(&dir, "v2", &v2, Arch::Aarch64, "update", &key)?;
+    let out3 = build(&dir, "v3", &v3, Arch::Aarch64, "update", &key)?;
+    let (stick2, stick3) = (dir.join("usb-v2.img"), dir.join("usb-v3.img"));
+    usb_stick(&out2.join("aarch64/update"), Arch::Aarch64, &stick2)?;
+    usb_stick(&out3.join("aarch64/update"), Arch::Aarch64, &stick3)?;
+    let card = Card::flash(&out1, &dir)?;
+    let kernel_is = |kernel: &str, want: &str, when: &str| {
+        ensure!(kernel == want, "{when}: config.txt names the kernel {kernel}, not {want}");
+        eprintln!("rpi3 update: {when}: config.txt names {kernel}");
+        Ok(())
+    };
+
+    // v1, slot A: the boot step applies v2 from the stick and reboots.
+    let (mut vm, kernel) = card.power_on(&dir, "console-1-v1.log", Some(&stick2))?;
+    kernel_is(&kernel, "vmlinuz", "first boot")?;
+    vm.wait_for("[kiln] update: applying the bundle on /dev/sda (KILN-UPDATE)", PI_BOOT_TIMEOUT)?;
+    let started = vm.elapsed();
+    vm.wait_for("[kiln] update: slot b holds version 2.0.0", APPLY_TIMEOUT)?;
+    eprintln!("rpi3 update: v2 applied from the stick in {:.1} s", (vm.elapsed() - started).as_secs_f64());
+    vm.wait_for("[kiln] update: rebooting into the trial of slot b", PI_BOOT_TIMEOUT)?;
+    vm.wait_exit(PI_BOOT_TIMEOUT).context("the reboot into the trial did not restart the machine")?;
+
+    // The trial of v2, slot B, as config.txt names it now; kept at ready.
+    let (mut vm, kernel) = card.power_on(&dir, "console-2-v2-trial.log", None)?;
+    kernel_is(&kernel, "kiln-b/vmlinuz", "trial of v2")?;
+    vm.wait_for("[kiln] update: trial boot of slot b (version 2.0.0)", PI_BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update-test: etc=v2", PI_BOOT_TIMEOUT)?;
+    wait_ready(&mut vm, "raspi3b v2 (slot b, trial)", PI_BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: slot b good (version 2.0.0)", PI_BOOT_TIMEOUT)?;
+    vm.kill();
+
+    // v2, kept: applies v3 to slot A from the other stick.
+    let (mut vm, kernel) = card.power_on(&dir, "console-3-v2.log", Some(&stick3))?;
+    kernel_is(&kernel, "kiln-b/vmlinuz", "v2 kept")?;
+    vm.wait_for("[kiln] update: applying the bundle on /dev/sda (KILN-UPDATE)", PI_BOOT_TIMEOUT)?;
+    let started = vm.elapsed();
+    vm.wait_for("[kiln] update: slot a holds version 3.0.0", APPLY_TIMEOUT)?;
+    eprintln!("rpi3 update: v3 applied from the stick in {:.1} s", (vm.elapsed() - started).as_secs_f64());
+    vm.wait_exit(PI_BOOT_TIMEOUT).context("the reboot into the trial did not restart the machine")?;
+
+    // The trial of v3 fails a boot step and reboots by itself.
+    let (mut vm, kernel) = card.power_on(&dir, "console-4-v3-trial.log", None)?;
+    kernel_is(&kernel, "kiln/vmlinuz", "trial of v3")?;
+    vm.wait_for("[kiln] update: trial boot of slot a (version 3.0.0)", PI_BOOT_TIMEOUT)?;
+    // The failing step's error is the expected one (wait_for stops at any other error line).
+    vm.wait_for("[kiln] error: boot step site-broken failed", PI_BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update: trial of slot a (version 3.0.0) failed: boot step(s) failed: site-broken", PI_BOOT_TIMEOUT)?;
+    let failed = std::time::Instant::now();
+    vm.wait_exit(PI_BOOT_TIMEOUT).context("the failed trial did not restart the machine")?;
+
+    // config.txt names slot B again: v2 boots and reports the rollback.
+    let (mut vm, kernel) = card.power_on(&dir, "console-5-rollback.log", None)?;
+    kernel_is(&kernel, "kiln-b/vmlinuz", "after the failed trial")?;
+    vm.wait_for("[kiln] update: rolled back from 3.0.0 to 2.0.0: boot step(s) failed: site-broken", PI_BOOT_TIMEOUT)?;
+    vm.wait_for("[kiln] update-test: etc=v2", PI_BOOT_TIMEOUT)?;
+    wait_ready(&mut vm, "raspi3b v2 after the rollback", PI_BOOT_TIMEOUT)?;
+    eprintln!("rpi3 update: from v3's failed trial to v2 ready again (rollback): {:.1} s", failed.elapsed().as_secs_f64());
+    vm.kill();
     Ok(())
 }
 

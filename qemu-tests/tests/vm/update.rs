@@ -23,9 +23,9 @@ use kiln_qemu_tests::{cache_dir, flash_grown, free_port, kiln_bin, kiln_with_cac
 
 const PROFILE: &str = "qemu-tests/profiles/update-v1.yaml";
 /// The profile's placeholder trusted key.
-const PLACEHOLDER_KEY: &str = "RWRpO/OP8xTqM96NbbUrc16SWUXPnFWMnPeeVf1D9qkxxDtvUZaKSRTn";
+pub(crate) const PLACEHOLDER_KEY: &str = "RWRpO/OP8xTqM96NbbUrc16SWUXPnFWMnPeeVf1D9qkxxDtvUZaKSRTn";
 /// Fetching, staging, writing and reading back a root of ~100 MiB under TCG.
-const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const APPLY_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// `kiln serve OUT` on the host's loopback (the guest reaches it as 10.0.2.2), which serves the
 /// build's bundle at `/updates/<arch>/`; killed on drop.
@@ -63,7 +63,7 @@ impl Drop for Serve {
 }
 
 /// Builds variant `version` of the profile (`formats`) into `dir/<name>`, signed with `key`.
-fn build(dir: &Path, name: &str, text: &str, arch: Arch, formats: &str, key: &Path) -> Result<PathBuf> {
+pub(crate) fn build(dir: &Path, name: &str, text: &str, arch: Arch, formats: &str, key: &Path) -> Result<PathBuf> {
     let profile = dir.join(format!("{name}.yaml"));
     std::fs::write(&profile, text)?;
     let out = dir.join(name);
@@ -136,7 +136,7 @@ fn plug_usb_stick(vm: &mut Vm, stick: &Path) -> Result<()> {
 
 /// A FAT32 disk image labelled KILN-UPDATE with the bundle `bundle` under `kiln-update/<arch>/`
 /// (written by kiln's own FAT writer).
-fn usb_stick(bundle: &Path, arch: Arch, to: &Path) -> Result<()> {
+pub(crate) fn usb_stick(bundle: &Path, arch: Arch, to: &Path) -> Result<()> {
     let mut tree = kiln::tree::Tree::new();
     for entry in std::fs::read_dir(bundle)? {
         let entry = entry?;
@@ -180,23 +180,34 @@ fn power_loss_while_writing(mut vm: Vm, arch: Arch, spec: &VmSpec, dir: &Path) -
     Ok(vm)
 }
 
+/// A key pair made by `kiln keygen` in `dir` and the profile `profile` trusting it (in place of
+/// its placeholder key): (secret key file, profile text).
+pub(crate) fn keygen_and_profile(dir: &Path, profile: &str) -> Result<(PathBuf, String)> {
+    let (code, log) = kiln_with_cache(&cache_dir()?, &["keygen", "--out", dir.to_str().context("non-UTF-8 dir")?, "--name", "test"])?;
+    ensure!(code == 0, "kiln keygen failed (exit {code}):\n{log}");
+    let public = log.lines().rev().find(|l| l.starts_with("RW")).context("kiln keygen printed no public key line")?.trim().to_string();
+    let text = std::fs::read_to_string(repo_root().join(profile))?;
+    ensure!(text.contains(PLACEHOLDER_KEY), "{profile} lacks the placeholder key");
+    Ok((dir.join("test.key"), text.replace(PLACEHOLDER_KEY, &public)))
+}
+
+/// `text` with a boot script that fails on purpose (step `site-broken`) added.
+pub(crate) fn with_broken_step(text: &str) -> String {
+    text.replace(
+        "boot_scripts:\n",
+        "boot_scripts:\n  - name: broken\n    script: |\n      kiln_log broken \"this version fails on purpose\"\n      false\n",
+    )
+}
+
 /// The whole chain on one architecture: v1 → v2 (kept) → v3 (rolled back to v2).
 fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
     let dir = work_dir(&format!("update-{arch}"))?;
     let port = free_port()?;
-    let (code, log) = kiln_with_cache(&cache_dir()?, &["keygen", "--out", dir.to_str().context("non-UTF-8 dir")?, "--name", "test"])?;
-    ensure!(code == 0, "kiln keygen failed (exit {code}):\n{log}");
-    let key = dir.join("test.key");
-    let public = log.lines().rev().find(|l| l.starts_with("RW")).context("kiln keygen printed no public key line")?.trim().to_string();
-    let text = std::fs::read_to_string(repo_root().join(PROFILE))?;
-    ensure!(text.contains(PLACEHOLDER_KEY), "{PROFILE} lacks the placeholder key");
-    let v1 = text.replace(PLACEHOLDER_KEY, &public).replace("@PORT@", &port.to_string());
+    let (key, text) = keygen_and_profile(&dir, PROFILE)?;
+    let v1 = text.replace("@PORT@", &port.to_string());
     // Both files' contents change: the image's /etc and the (hidden) /var/lib seed.
     let v2 = v1.replace("version: 1.0.0", "version: 2.0.0").replace("content: \"v1\"", "content: \"v2\"");
-    let v3 = v2.replace("version: 2.0.0", "version: 3.0.0").replace("content: \"v2\"", "content: \"v3\"").replace(
-        "boot_scripts:\n",
-        "boot_scripts:\n  - name: broken\n    script: |\n      kiln_log broken \"this version fails on purpose\"\n      false\n",
-    );
+    let v3 = with_broken_step(&v2.replace("version: 2.0.0", "version: 3.0.0").replace("content: \"v2\"", "content: \"v3\""));
     ensure!(v1 != v2 && v2 != v3 && v3.contains("name: broken"), "the profile's placeholders changed");
     let out1 = build(&dir, "v1", &v1, arch, "disk", &key)?;
     let out2 = build(&dir, "v2", &v2, arch, "update", &key)?;
