@@ -114,6 +114,50 @@ fn riscv64_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
     chain(Arch::Riscv64, V2From::Http)
 }
 
+/// Through U-Boot's extlinux, as the U-Boot SPL boards boot (docs/updates.md, "Boards without
+/// systemd-boot"): QEMU's `sifive_u` takes over four minutes a boot, so the same chain runs on
+/// `virt`'s U-Boot with the v1 disk's ESP made a board's (see [`as_extlinux_board`]).
+#[test]
+fn riscv64_extlinux_update_to_slot_b_then_a_bad_update_rolls_back() -> Result<()> {
+    chain_on(Arch::Riscv64, V2From::Http, Loader::Extlinux)
+}
+
+#[derive(PartialEq)]
+enum Loader {
+    /// What the image's platform boots (systemd-boot).
+    Built,
+    /// U-Boot's extlinux, written by kiln-update from the entries.
+    Extlinux,
+}
+
+/// Makes the ESP of `disk` (flashed from `out`) an extlinux board's, as a build for an SPL
+/// board with `update:` writes it: no systemd-boot (U-Boot's distro boot then has only
+/// `extlinux/extlinux.conf`), `loader/kiln-loader` saying `extlinux`, and `extlinux.conf`
+/// booting slot A's entry. Edited in place with mtools.
+fn as_extlinux_board(disk: &Path, out: &Path, arch: Arch, dir: &Path) -> Result<()> {
+    let m = kiln_qemu_tests::manifest(out, arch)?;
+    let esp = m.partitions.iter().find(|p| p.name.starts_with("esp")).context("the manifest lists no ESP")?;
+    let img = format!("{}@@{}", disk.to_str().context("non-UTF-8 dir")?, esp.offset);
+    let mtool = |args: &[&str]| kiln_qemu_tests::tool(Command::new(args[0]).args(["-i", &img]).args(&args[1..]), "mtools");
+    let entry = mtool(&["mtype", "::/loader/entries/kiln-a.conf"])?;
+    let key =
+        |k: &str| entry.lines().find_map(|l| l.strip_prefix(&format!("{k} "))).with_context(|| format!("kiln-a.conf has no {k}: {entry}"));
+    let conf = format!(
+        "default kiln\ntimeout 10\n\nlabel kiln\n    kernel {}\n    initrd {}\n    append {}\n",
+        key("linux")?,
+        key("initrd")?,
+        key("options")?
+    );
+    let (conf_file, kind_file) = (dir.join("extlinux.conf"), dir.join("kiln-loader"));
+    std::fs::write(&conf_file, conf)?;
+    std::fs::write(&kind_file, "extlinux\n")?;
+    mtool(&["mdel", &format!("::/EFI/BOOT/{}", arch.efi_boot_file())])?;
+    mtool(&["mmd", "::/extlinux"])?;
+    mtool(&["mcopy", conf_file.to_str().context("non-UTF-8 dir")?, "::/extlinux/extlinux.conf"])?;
+    mtool(&["mcopy", kind_file.to_str().context("non-UTF-8 dir")?, "::/loader/kiln-loader"])?;
+    Ok(())
+}
+
 #[derive(PartialEq)]
 enum V2From {
     /// The updater service, from the test's HTTP server.
@@ -201,7 +245,12 @@ pub(crate) fn with_broken_step(text: &str) -> String {
 
 /// The whole chain on one architecture: v1 → v2 (kept) → v3 (rolled back to v2).
 fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
-    let dir = work_dir(&format!("update-{arch}"))?;
+    chain_on(arch, v2_from, Loader::Built)
+}
+
+fn chain_on(arch: Arch, v2_from: V2From, loader: Loader) -> Result<()> {
+    let suffix = if loader == Loader::Extlinux { "-extlinux" } else { "" };
+    let dir = work_dir(&format!("update-{arch}{suffix}"))?;
     let port = free_port()?;
     let (key, text) = keygen_and_profile(&dir, PROFILE)?;
     let v1 = text.replace("@PORT@", &port.to_string());
@@ -218,6 +267,9 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
     }
     let disk = dir.join("disk.img");
     flash_grown(&out1.join(arch.name()).join("disk.img"), &disk, 2 << 30)?;
+    if loader == Loader::Extlinux {
+        as_extlinux_board(&disk, &out1, arch, &dir)?;
+    }
 
     let mut spec = VmSpec::new(arch);
     spec.disks = vec![Disk { path: disk.clone(), snapshot: false }];
@@ -326,5 +378,16 @@ fn chain(arch: Arch, v2_from: V2From) -> Result<()> {
         failed - applied3,
         back - failed
     );
+    if loader == Loader::Extlinux {
+        // U-Boot read kiln-update's extlinux.conf at each boot: v1 (slot a), v2's trial (b),
+        // v3's trial (a), the rollback (b).
+        let console = vm.console();
+        let kernels: Vec<&str> =
+            console.lines().filter_map(|l| l.trim().strip_prefix("Retrieving file: ")).filter(|f| f.ends_with("/vmlinuz")).collect();
+        ensure!(
+            kernels == ["/kiln/vmlinuz", "/kiln-b/vmlinuz", "/kiln/vmlinuz", "/kiln-b/vmlinuz"],
+            "U-Boot's extlinux loaded {kernels:?}"
+        );
+    }
     Ok(())
 }
