@@ -180,6 +180,10 @@ enum Command {
         /// rollout (`90`, `90s`, `15m`, `1h`; default 15m).
         #[arg(long, value_name = "DURATION")]
         node_timeout: Option<String>,
+        /// Also serve another output directory's update bundles as channel NAME, at
+        /// /updates/NAME/<arch>/ (repeatable; DIR's own bundles stay at /updates/<arch>/).
+        #[arg(long, value_name = "NAME=DIR")]
+        channel: Vec<String>,
     },
     /// Write an image (raw, .zst or .xz) to an SD card, USB stick or file, only its mapped blocks
     /// when it has a bmap, then read it back to verify.
@@ -368,9 +372,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             bmap.as_deref(),
             cli::flash::FlashFlags { yes, force, verify: !no_verify, quiet: cli.quiet },
         )?,
-        Command::Serve { dir, listen, reinstall, dnsmasq, rollout, max_unavailable, poll, node_timeout } => {
+        Command::Serve { dir, listen, reinstall, dnsmasq, rollout, max_unavailable, poll, node_timeout, channel } => {
             let rollout = cli::serve::RolloutFlags { rollout, max_unavailable, poll, node_timeout };
-            cli::serve::serve(&dir, &listen, &reinstall, dnsmasq.as_deref(), &rollout)?
+            cli::serve::serve(&dir, &listen, &reinstall, dnsmasq.as_deref(), &rollout, &channel)?
         }
         Command::Secrets { profile, out } => {
             let profile = checked_profile(&profile)?;

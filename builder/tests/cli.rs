@@ -137,10 +137,10 @@ fn unknown_format_exits_2_naming_the_choices() {
     assert_no_image(d.path());
 }
 
-/// `kiln serve --rollout` refuses what cannot roll out, before it listens (exit 2, naming what
-/// to do).
+/// `kiln serve --rollout` refuses what cannot roll out, and `--channel` a channel with no
+/// bundle, before it listens (exit 2, naming what to do).
 #[test]
-fn serve_rollout_refuses_without_a_bundle_or_with_bad_flags() {
+fn serve_rollout_and_channels_refuse_without_a_bundle_or_with_bad_flags() {
     let d = tempfile::tempdir().unwrap();
     std::fs::create_dir(d.path().join("out")).unwrap();
     for (args, want) in [
@@ -148,6 +148,8 @@ fn serve_rollout_refuses_without_a_bundle_or_with_bad_flags() {
         (&["--rollout", "--max-unavailable", "0"][..], "--max-unavailable 0"),
         (&["--poll", "10"][..], "add --rollout"),
         (&["--rollout", "--node-timeout", "soon"][..], "--node-timeout soon"),
+        (&["--channel", "testing=out"][..], "holds no update bundle"),
+        (&["--channel", "testing"][..], "expected NAME=DIR"),
     ] {
         let mut all = vec!["serve", "out", "--listen", "127.0.0.1:0"];
         all.extend_from_slice(args);

@@ -56,7 +56,14 @@ pub fn rollout_settings(f: &RolloutFlags) -> Result<Option<kiln::serve::rollout:
 }
 
 /// `kiln serve`: apply --reinstall, print the DHCP settings, serve until SIGINT/SIGTERM.
-pub fn serve(dir: &Path, listen: &str, reinstall: &[String], dnsmasq: Option<&Path>, rollout: &RolloutFlags) -> Result<()> {
+pub fn serve(
+    dir: &Path,
+    listen: &str,
+    reinstall: &[String],
+    dnsmasq: Option<&Path>,
+    rollout: &RolloutFlags,
+    channels: &[String],
+) -> Result<()> {
     use std::net::ToSocketAddrs;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
@@ -68,6 +75,7 @@ pub fn serve(dir: &Path, listen: &str, reinstall: &[String], dnsmasq: Option<&Pa
         .map_err(|e| UsageError(format!("--listen {listen}: {e}; give HOST:PORT, e.g. 0.0.0.0:8080 or pxe-host.lan:8080")))?
         .next()
         .ok_or_else(|| UsageError(format!("--listen {listen}: the name has no address")))?;
+    let channels = parse_channels(channels)?;
     let rollout = match rollout_settings(rollout)? {
         // Loaded before binding: a rollout that cannot run must not leave a server up.
         Some(settings) => {
@@ -78,7 +86,7 @@ pub fn serve(dir: &Path, listen: &str, reinstall: &[String], dnsmasq: Option<&Pa
     if rollout.is_some() {
         check_bundles_public(dir)?;
     }
-    if kiln::serve::Server::netboot_archs(dir).is_empty() && rollout.is_none() {
+    if kiln::serve::Server::netboot_archs(dir).is_empty() && rollout.is_none() && channels.is_empty() {
         eprintln!(
             "warning: {} holds no netboot output (<arch>/netboot/boot.ipxe): machines booting from the network get nothing; build with `kiln build PROFILE --format netboot`",
             dir.display()
@@ -89,15 +97,18 @@ pub fn serve(dir: &Path, listen: &str, reinstall: &[String], dnsmasq: Option<&Pa
             eprintln!("note: {mac} was not recorded as installed");
         }
     }
-    let mut server = kiln::serve::Server::bind(dir, listen)?;
+    let mut server = kiln::serve::Server::bind(dir, listen)?.with_channels(channels.clone());
     let addr = server.local_addr();
     // The address machines use: the listen address, or a placeholder when listening on all.
     let url_host = if addr.ip().is_unspecified() { format!("<this host's address>:{}", addr.port()) } else { addr.to_string() };
     println!("kiln serve: {} on http://{addr}/ (Ctrl-C stops)", dir.display());
     print!("{}", kiln::serve::dhcp_settings(&url_host));
-    for arch in kiln::arch::Arch::ALL {
-        if dir.join(arch.name()).join(kiln::update::DIR).join(kiln::update::MANIFEST).is_file() {
-            println!("update bundle ({arch}): http://{url_host}{}{arch}/ (kiln-update apply URL)", kiln::serve::UPDATES);
+    for arch in kiln::serve::updates::bundle_archs(dir) {
+        println!("update bundle ({arch}): http://{url_host}{}{arch}/ (kiln-update apply URL)", kiln::serve::UPDATES);
+    }
+    for c in &channels {
+        for arch in kiln::serve::updates::bundle_archs(&c.root) {
+            println!("update bundle ({arch}, channel {}): http://{url_host}{}{}/{arch}/", c.name, kiln::serve::UPDATES, c.name);
         }
     }
     if let Some(f) = dnsmasq {
@@ -114,6 +125,20 @@ pub fn serve(dir: &Path, listen: &str, reinstall: &[String], dnsmasq: Option<&Pa
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
     }
     server.run(&stop)
+}
+
+/// The `--channel NAME=DIR` arguments, each checked (name, directory, a bundle in it), names
+/// unique.
+fn parse_channels(args: &[String]) -> Result<Vec<kiln::serve::Channel>, UsageError> {
+    let mut channels: Vec<kiln::serve::Channel> = Vec::new();
+    for arg in args {
+        let c = kiln::serve::Channel::parse(arg).map_err(UsageError)?;
+        if channels.iter().any(|o| o.name == c.name) {
+            return Err(UsageError(format!("--channel {arg}: channel `{}` is given twice", c.name)));
+        }
+        channels.push(c);
+    }
+    Ok(channels)
 }
 
 /// The nodes fetch the bundle from this server, which refuses owner-only bundle files (a build

@@ -2,7 +2,7 @@
 //!
 //! It serves the files under one build output directory (GET, HEAD, single byte ranges; nothing
 //! outside the directory, nothing under `secrets/`, no dot files), the update bundles as
-//! `/updates/<arch>/<file>` (from `<arch>/update/`), answers `/boot.ipxe` per machine (module
+//! `/updates/[<channel>/]<arch>/<file>` (module `updates`), answers `/boot.ipxe` per machine (module
 //! `ipxe`) and records finished installs (`POST /installed`, module `state`). With `--rollout` it
 //! also hands the bundles to the inventory's nodes in waves (`/rollout/*`, module `rollout`).
 //! One thread per connection, one request per connection; one log line per request. Clients
@@ -14,6 +14,7 @@ pub mod ipxe;
 pub mod limits;
 pub mod rollout;
 pub mod state;
+pub mod updates;
 
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -31,6 +32,7 @@ use self::http::{BadRequest, RangeAnswer, Request};
 use self::limits::{Limits, Slot, Slots};
 use self::rollout::Rollout;
 use self::state::{Installed, Store};
+pub use self::updates::{update_path, Channel, UPDATES};
 use crate::netboot;
 
 /// How often the accept loop looks at the stop flag.
@@ -50,6 +52,7 @@ pub struct Server {
     store: Arc<Store>,
     limits: Limits,
     rollout: Option<Rollout>,
+    channels: Vec<Channel>,
     clock: Clock,
 }
 
@@ -61,12 +64,18 @@ impl Server {
         let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
         listener.set_nonblocking(true)?;
         let store = Arc::new(Store::new(&root));
-        Ok(Server { listener, root, store, limits: Limits::default(), rollout: None, clock: Arc::new(Instant::now) })
+        Ok(Server { listener, root, store, limits: Limits::default(), rollout: None, channels: Vec::new(), clock: Arc::new(Instant::now) })
     }
 
     /// Runs `rollout` too (`kiln serve --rollout`): the `/rollout/*` paths answer only then.
     pub fn with_rollout(mut self, rollout: Rollout) -> Server {
         self.rollout = Some(rollout);
+        self
+    }
+
+    /// Serves other output directories' bundles too, each at `/updates/<channel>/<arch>/`.
+    pub fn with_channels(mut self, channels: Vec<Channel>) -> Server {
+        self.channels = channels;
         self
     }
 
@@ -107,6 +116,7 @@ impl Server {
             limits: self.limits,
             grants: Grants::default(),
             rollout: self.rollout.map(Mutex::new),
+            channels: self.channels,
             clock: self.clock.clone(),
         });
         let mut refusals = Throttled::default();
@@ -200,12 +210,13 @@ impl Throttled {
 }
 
 /// What every connection thread shares.
-struct Shared {
+pub(super) struct Shared {
     root: PathBuf,
     store: Arc<Store>,
     limits: Limits,
     grants: Grants,
     rollout: Option<Mutex<Rollout>>,
+    channels: Vec<Channel>,
     clock: Clock,
 }
 
@@ -216,7 +227,7 @@ fn lock(r: &Mutex<Rollout>) -> std::sync::MutexGuard<'_, Rollout> {
 }
 
 /// The outcome of one request, for the log line.
-struct Served {
+pub(super) struct Served {
     status: u16,
     bytes: u64,
 }
@@ -290,7 +301,7 @@ fn route(ctx: &Shared, req: &Request, stream: &TcpStream, peer: SocketAddr) -> R
         ("GET" | "HEAD", "/boot.ipxe") => boot_script(ctx, req, stream, head),
         ("POST", "/installed") => installed(ctx, req, stream, peer),
         ("GET", "/secrets") => node_secrets(ctx, req, stream, peer),
-        ("GET" | "HEAD", p) if p.starts_with(UPDATES) => update_file(ctx, req, stream, head),
+        ("GET" | "HEAD", p) if p.starts_with(UPDATES) => updates::serve(ctx, req, stream, head),
         ("GET", p) if p.starts_with(ROLLOUT) => rollout_request(ctx, req, stream, peer),
         ("GET" | "HEAD", _) => match resolve(&ctx.root, &req.path) {
             Some(path) => send_file(&path, req, stream, head),
@@ -314,59 +325,6 @@ fn servable(rel: &Path) -> bool {
     }
 }
 
-/// The update bundle files, reached only as `/updates/<arch>/<file>` ([`update_file`]).
-fn servable_update(rel: &Path) -> bool {
-    let parts: Vec<&str> = rel.iter().filter_map(|p| p.to_str()).collect();
-    match parts.as_slice() {
-        [a, dir, file] => {
-            crate::arch::Arch::ALL.iter().any(|x| x.name() == *a) && *dir == crate::update::DIR && crate::update::FILES.contains(file)
-        }
-        _ => false,
-    }
-}
-
-/// Where update bundles are served: `/updates/<arch>/<file>` is `<arch>/update/<file>`.
-pub const UPDATES: &str = "/updates/";
-
-/// The output-directory path of an `/updates/<arch>/<file>` request (`None`: not that shape).
-/// The result is resolved like any other path (no `..`, no dot files, no symlink out), with
-/// only the bundle's files servable.
-pub fn update_path(request_path: &str) -> Option<String> {
-    let rest = request_path.strip_prefix(UPDATES)?;
-    let (arch, file) = rest.split_once('/')?;
-    if arch.is_empty() || file.is_empty() || file.contains('/') {
-        return None;
-    }
-    Some(format!("/{arch}/{}/{file}", crate::update::DIR))
-}
-
-/// `GET /updates/<arch>/<file>`: a bundle file. A bundle whose files are owner-only (the build
-/// carries secrets: a cluster token, password hashes; see `pipeline::image_mode`) is refused:
-/// its root would hand those secrets to anyone on the network.
-fn update_file(ctx: &Shared, req: &Request, stream: &TcpStream, head: bool) -> Result<Served> {
-    use std::os::unix::fs::PermissionsExt;
-    let Some(path) = update_path(&req.path).and_then(|p| resolve_with(&ctx.root, &p, servable_update)) else {
-        return respond_simple(
-            stream,
-            404,
-            "Not Found",
-            "not found (bundles are built with `kiln build --format update`)
-",
-            head,
-        );
-    };
-    if std::fs::metadata(&path)?.permissions().mode() & 0o004 == 0 {
-        return respond_simple(
-            stream,
-            403,
-            "Forbidden",
-            "this update bundle carries the build's secrets (its files are owner-only): it is not served over the network; deliver it on a KILN-UPDATE stick\n",
-            head,
-        );
-    }
-    send_file(&path, req, stream, head)
-}
-
 /// The file a request path names inside `root`, or `None` (answered 404) when it does not exist,
 /// is not a regular file, has a `..` or dot-file component, or is not one of the files machines
 /// may fetch ([`servable`]) once symlinks are resolved: the check runs on the real path, so a
@@ -376,7 +334,7 @@ pub fn resolve(root: &Path, request_path: &str) -> Option<PathBuf> {
 }
 
 /// [`resolve`] with the rule of what may be served.
-fn resolve_with(root: &Path, request_path: &str, servable: fn(&Path) -> bool) -> Option<PathBuf> {
+pub(super) fn resolve_with(root: &Path, request_path: &str, servable: fn(&Path) -> bool) -> Option<PathBuf> {
     let rel = request_path.strip_prefix('/')?;
     let mut path = root.to_path_buf();
     for part in rel.split('/') {
@@ -392,7 +350,7 @@ fn resolve_with(root: &Path, request_path: &str, servable: fn(&Path) -> bool) ->
     (servable(inside) && real.is_file()).then_some(real)
 }
 
-fn send_file(path: &Path, req: &Request, mut stream: &TcpStream, head: bool) -> Result<Served> {
+pub(super) fn send_file(path: &Path, req: &Request, mut stream: &TcpStream, head: bool) -> Result<Served> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = file.metadata()?.len();
     let (status, reason, start, count) = match http::resolve_range(req.range.as_deref(), len) {
@@ -624,7 +582,7 @@ fn respond_text(stream: &TcpStream, body: &str, head: bool) -> Result<Served> {
     respond_simple(stream, 200, "OK", body, head)
 }
 
-fn respond_simple(stream: &TcpStream, status: u16, reason: &str, body: &str, head: bool) -> Result<Served> {
+pub(super) fn respond_simple(stream: &TcpStream, status: u16, reason: &str, body: &str, head: bool) -> Result<Served> {
     respond_with(stream, status, reason, "text/plain; charset=utf-8", body, head)
 }
 

@@ -31,7 +31,14 @@ fn start(dir: &Path) -> Running {
 }
 
 fn start_with(dir: &Path, limits: Limits) -> Running {
-    let server = Server::bind(dir, "127.0.0.1:0".parse().unwrap()).unwrap().with_limits(limits);
+    run(Server::bind(dir, "127.0.0.1:0".parse().unwrap()).unwrap().with_limits(limits))
+}
+
+fn start_channels(dir: &Path, channels: Vec<Channel>) -> Running {
+    run(Server::bind(dir, "127.0.0.1:0".parse().unwrap()).unwrap().with_channels(channels))
+}
+
+fn run(server: Server) -> Running {
     let addr = server.local_addr();
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -531,11 +538,83 @@ fn update_bundles_are_served_under_updates_and_nothing_else_is() {
 
 #[test]
 fn update_paths_map_onto_the_bundle_directory() {
-    assert_eq!(update_path("/updates/x86_64/update.txt").as_deref(), Some("/x86_64/update/update.txt"));
+    assert_eq!(update_path("/updates/x86_64/update.txt"), Some((None, "/x86_64/update/update.txt".to_string())));
+    assert_eq!(update_path("/updates/testing/x86_64/latest"), Some((Some("testing"), "/x86_64/update/latest".to_string())));
     assert_eq!(update_path("/updates/x86_64/"), None);
-    assert_eq!(update_path("/updates/x86_64/a/b"), None);
+    assert_eq!(update_path("/updates/a/b/c/d"), None);
     assert_eq!(update_path("/updates//update.txt"), None);
+    assert_eq!(update_path("/updates//x86_64/update.txt"), None);
     assert_eq!(update_path("/x86_64/update.txt"), None);
+}
+
+/// `--channel NAME=DIR`: another output directory's bundles at `/updates/NAME/<arch>/`, the
+/// `latest` pointer of each channel and arch, and nothing of the channel's directory but its
+/// bundle files.
+#[test]
+fn channels_serve_other_directories_bundles_and_latest_points_at_each() {
+    use std::os::unix::fs::PermissionsExt;
+    let (out, _outside) = fixture();
+    let testing = tempfile::tempdir().unwrap();
+    for (dir, version) in [(out.path(), "1.0.0"), (testing.path(), "2.0.0-rc")] {
+        let bundle = dir.join("x86_64/update");
+        std::fs::create_dir_all(&bundle).unwrap();
+        for f in crate::update::FILES {
+            let text = if f == crate::update::MANIFEST {
+                format!("kiln-update 1\nprofile lab\narch x86_64\nversion {version}\nbuild 0123456789abcdef\ndowngrade no\n")
+            } else {
+                format!("{f} of {version}")
+            };
+            std::fs::write(bundle.join(f), text).unwrap();
+            std::fs::set_permissions(bundle.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    std::fs::create_dir_all(testing.path().join("secrets")).unwrap();
+    std::fs::write(testing.path().join("secrets/cluster-token"), "K10secret").unwrap();
+    let channel = Channel::parse(&format!("testing={}", testing.path().display())).unwrap();
+    let srv = start_channels(out.path(), vec![channel]);
+
+    let r = request(srv.addr, "GET", "/updates/testing/x86_64/root.squashfs", "");
+    assert_eq!((r.status, r.text()), (200, "root.squashfs of 2.0.0-rc".to_string()));
+    let r = request(srv.addr, "GET", "/updates/x86_64/root.squashfs", "");
+    assert_eq!((r.status, r.text()), (200, "root.squashfs of 1.0.0".to_string()), "the served directory stays the default");
+    let r = request(srv.addr, "GET", "/updates/testing/x86_64/latest", "");
+    assert_eq!(
+        (r.status, r.text()),
+        (200, "profile lab\narch x86_64\nversion 2.0.0-rc\nbuild 0123456789abcdef\nurl /updates/testing/x86_64/\n".to_string())
+    );
+    let r = request(srv.addr, "GET", "/updates/x86_64/latest", "");
+    assert!(r.status == 200 && r.text().contains("version 1.0.0\n") && r.text().ends_with("url /updates/x86_64/\n"), "{}", r.text());
+    for (target, why) in [
+        ("/updates/stable/x86_64/update.txt", "no update channel `stable`; channels: testing"),
+        ("/updates/testing/aarch64/latest", "no bundle for this arch"),
+        ("/updates/testing/x86_64/xlatest", "not found"),
+        ("/updates/testing/../secrets/cluster-token", "not found"),
+        ("/updates/testing/x86_64/../../secrets/cluster-token", "not found"),
+        ("/updates/testing/secrets/cluster-token", "not found"),
+        ("/testing/x86_64/update/update.txt", "not found"),
+    ] {
+        let r = request(srv.addr, "GET", target, "");
+        assert_eq!(r.status, 404, "{target}: {}", r.text());
+        assert!(r.text().contains(why) && !r.text().contains("K10secret"), "{target}: {}", r.text());
+    }
+}
+
+#[test]
+fn channel_names_and_directories_are_checked() {
+    let empty = tempfile::tempdir().unwrap();
+    let e = empty.path().display();
+    for (arg, want) in [
+        ("testing".to_string(), "expected NAME=DIR"),
+        (format!("Testing={e}"), "must be 1 to 32 of a-z, 0-9 and -"),
+        (format!("-x={e}"), "must be 1 to 32"),
+        (format!("={e}"), "must be 1 to 32"),
+        (format!("x86_64={e}"), "is an architecture"),
+        ("testing=/nonexistent/out".to_string(), "/nonexistent/out"),
+        (format!("testing={e}"), "holds no update bundle"),
+    ] {
+        let err = Channel::parse(&arg).unwrap_err();
+        assert!(err.contains(want), "{arg}: {err}");
+    }
 }
 
 // --- `kiln serve --rollout` over HTTP: 3 etcd members, a server and 2 agents. ---
