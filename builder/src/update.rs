@@ -154,13 +154,15 @@ pub const AGENT_ENTRY: &str = "::respawn:/usr/lib/kiln/supervise --console rollo
 /// like the boot step's for a medium present at boot.
 pub const MEDIA_ENTRY: &str = "::respawn:/usr/lib/kiln/supervise --console update-media /usr/sbin/kiln-update media";
 
-/// Bakes the profile's `update:` into the root: `version`, `health_timeout` (seconds) and
-/// `keys/N.pub` (+ `keys/N.downgrade` for a key that may sign downgrades), and the KILN-UPDATE
-/// watcher's inittab entry. Without `update:` nothing is written, no watcher runs, and
-/// `kiln-update` refuses every bundle.
-pub fn render(update: Option<&Update>, base_dir: &Path, root: &mut Tree) -> Result<()> {
+/// Bakes the profile's `update:` into the root: `version`, `platform` (the image's: a bundle
+/// built for another is refused), `health_timeout` (seconds) and `keys/N.pub` (+
+/// `keys/N.downgrade` for a key that may sign downgrades), and the KILN-UPDATE watcher's inittab
+/// entry. Without `update:` nothing is written, no watcher runs, and `kiln-update` refuses every
+/// bundle.
+pub fn render(update: Option<&Update>, platform: &str, base_dir: &Path, root: &mut Tree) -> Result<()> {
     let Some(u) = update else { return Ok(()) };
     root.add_file(&format!("{ROOT_DIR}/version"), 0o644, format!("{}\n", u.version))?;
+    root.add_file(&format!("{ROOT_DIR}/platform"), 0o644, format!("{platform}\n"))?;
     root.add_file(&format!("{ROOT_DIR}/health_timeout"), 0o644, format!("{}\n", u.health_timeout_secs()))?;
     crate::inittab::append(
         root,
@@ -217,6 +219,9 @@ pub enum Source<'a> {
 pub struct BundleInfo<'a> {
     pub profile: &'a str,
     pub arch: &'a str,
+    /// The platform (`firmware/<name>.yaml`) the bundle's kernel, initrd and command line are
+    /// for: a device whose image is another platform's refuses the bundle.
+    pub platform: &'a str,
     pub update: &'a Update,
     /// The build id's first 8 bytes, in hex.
     pub build: &'a str,
@@ -241,8 +246,8 @@ pub fn options_without_root(cmdline: &str) -> String {
 /// its line (busybox `read` takes it apart on the device).
 pub fn manifest_text(info: &BundleInfo, files: &[(&str, &str, u64, String)]) -> String {
     let mut t = format!(
-        "kiln-update {FORMAT_VERSION}\nprofile {}\narch {}\nversion {}\nbuild {}\n",
-        info.profile, info.arch, info.update.version, info.build
+        "kiln-update {FORMAT_VERSION}\nprofile {}\narch {}\nplatform {}\nversion {}\nbuild {}\n",
+        info.profile, info.arch, info.platform, info.update.version, info.build
     );
     if let Some(m) = &info.update.min_version {
         t.push_str(&format!("min_version {m}\n"));
@@ -400,6 +405,7 @@ mod tests {
         let info = BundleInfo {
             profile: "quickstart",
             arch: "x86_64",
+            platform: "generic-uefi",
             update: &u,
             build: "733b8170e171e2a4",
             downgrade: false,
@@ -420,7 +426,7 @@ mod tests {
         let text = std::fs::read_to_string(dir.join(MANIFEST)).unwrap();
         let sha = |b: &[u8]| crate::digest::sha256_hex(b);
         let want = format!(
-            "kiln-update 1\nprofile quickstart\narch x86_64\nversion 1.2.0\nbuild 733b8170e171e2a4\nmin_version 1.0.0\ndowngrade no\n\
+            "kiln-update 1\nprofile quickstart\narch x86_64\nplatform generic-uefi\nversion 1.2.0\nbuild 733b8170e171e2a4\nmin_version 1.0.0\ndowngrade no\n\
              file root root.squashfs 14 {}\nfile kernel vmlinuz 12 {}\nfile initrd initrd 9 {}\noptions console=ttyS0,115200 panic=10\n\
              keep etc/kiln/nodes/e1/update/report.key\nnode e1 etcd\nnode a1 agent\n",
             sha(b"squashfs bytes"),
@@ -450,8 +456,17 @@ mod tests {
     #[test]
     fn without_min_version_the_line_is_absent_and_downgrade_says_yes_when_asked() {
         let u = update(None);
-        let info =
-            BundleInfo { profile: "p", arch: "riscv64", update: &u, build: "00", downgrade: true, options: "quiet", keep: &[], nodes: &[] };
+        let info = BundleInfo {
+            profile: "p",
+            arch: "riscv64",
+            platform: "generic-uefi",
+            update: &u,
+            build: "00",
+            downgrade: true,
+            options: "quiet",
+            keep: &[],
+            nodes: &[],
+        };
         let t = manifest_text(&info, &[]);
         assert!(!t.contains("min_version") && t.contains("\ndowngrade yes\n"), "{t}");
     }
@@ -467,12 +482,13 @@ mod tests {
         ));
         let mut root = Tree::new();
         root.add_file("etc/inittab", 0o644, "::sysinit:/usr/lib/kiln/boot\n").unwrap();
-        render(p.update.as_ref(), d.path(), &mut root).unwrap();
+        render(p.update.as_ref(), "rpi4", d.path(), &mut root).unwrap();
         let read = |path: &str| match root.get_str(path).map(|e| &e.kind) {
             Some(crate::tree::Kind::File(c)) => String::from_utf8(c.read().unwrap().to_vec()).unwrap(),
             _ => panic!("{path} missing"),
         };
         assert_eq!(read("usr/lib/kiln/update/version"), "2.0.1\n");
+        assert_eq!(read("usr/lib/kiln/update/platform"), "rpi4\n");
         assert_eq!(read("usr/lib/kiln/update/health_timeout"), "90\n");
         assert!(read("usr/lib/kiln/update/keys/0.pub").ends_with(&format!("\n{}\n", a.public_line)));
         assert!(read("usr/lib/kiln/update/keys/1.pub").ends_with(&format!("\n{}\n", b.public_line)));
@@ -483,7 +499,7 @@ mod tests {
 
         let mut none = Tree::new();
         none.add_file("etc/inittab", 0o644, "::sysinit:/usr/lib/kiln/boot\n").unwrap();
-        render(None, d.path(), &mut none).unwrap();
+        render(None, "rpi4", d.path(), &mut none).unwrap();
         assert!(none.get_str("usr/lib/kiln/update").is_none(), "no update: section, no update settings");
         // Images that refuse all updates watch for no media.
         assert!(
@@ -499,7 +515,7 @@ mod tests {
             let p = crate::profile::test_profile(&format!("update:\n  version: 1.0.0\n{server}"));
             let mut root = Tree::new();
             root.add_file("etc/inittab", 0o644, "::sysinit:/usr/lib/kiln/boot\n").unwrap();
-            render(p.update.as_ref(), d.path(), &mut root).unwrap();
+            render(p.update.as_ref(), "generic-uefi", d.path(), &mut root).unwrap();
             let text = |path: &str| match root.get_str(path).map(|e| &e.kind) {
                 Some(crate::tree::Kind::File(c)) => Some(String::from_utf8(c.read().unwrap().to_vec()).unwrap()),
                 _ => None,

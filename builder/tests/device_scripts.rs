@@ -969,6 +969,7 @@ mod update {
         m.write("usr/lib/kiln/lib.sh", &std::fs::read_to_string(appliance.join("usr/lib/kiln/lib.sh")).unwrap());
         m.write_mode("usr/sbin/kiln-update", &std::fs::read_to_string(appliance.join("usr/sbin/kiln-update")).unwrap(), 0o755);
         m.write("usr/lib/kiln/update/version", &format!("{version}\n"));
+        m.write("usr/lib/kiln/update/platform", "generic-uefi\n");
         m.write("usr/lib/kiln/update/health_timeout", "120\n");
         let keys = tempfile::tempdir().unwrap();
         let trusted = keypair(keys.path(), "trusted");
@@ -1033,6 +1034,7 @@ mod update {
             "kiln-update 1".to_string(),
             "profile lab".to_string(),
             "arch x86_64".to_string(),
+            "platform generic-uefi".to_string(),
             format!("version {version}"),
             "build 0123456789abcdef".to_string(),
             "downgrade no".to_string(),
@@ -1247,6 +1249,11 @@ mod update {
             &d,
             apply(&d, &bundle("2.0.0").set("arch", Some("arch aarch64")), None, false),
             "the bundle is for aarch64; this device is x86_64",
+        );
+        assert_refused(
+            &d,
+            apply(&d, &bundle("2.0.0").set("platform", Some("platform rpi4")), None, false),
+            "the bundle is for platform rpi4; this device's image is platform generic-uefi",
         );
         assert_refused(&d, apply(&d, &bundle("0.9.0"), None, false), "version 0.9.0 is older than the running 1.0.0");
         assert_refused(&d, apply(&d, &bundle("0.9.0").set("downgrade", Some("downgrade yes")), None, false), "may not sign downgrades");

@@ -135,7 +135,7 @@ pub(super) fn assemble(job: &Job, secrets: Option<&crate::cluster::Secrets>, rec
     crate::provision::render(&profile.profile, &mut root, &modules).in_profile(&profile.path)?;
     crate::site_steps::render(&profile.profile, &mut root).in_profile(&profile.path)?;
     // The version and the keys `kiln-update` trusts (nothing without `update:`: no update applies).
-    crate::update::render(profile.profile.update.as_ref(), &profile.base_dir(), &mut root).in_profile(&profile.path)?;
+    crate::update::render(profile.profile.update.as_ref(), &job.platform.name, &profile.base_dir(), &mut root).in_profile(&profile.path)?;
     // Every inventory node's configuration; the device picks its own at boot (35-identity.sh).
     if let (Some(cluster), Some(secrets)) = (&profile.profile.cluster, secrets) {
         crate::cluster::render(cluster, secrets, &mut root).context("rendering the cluster configuration")?;

@@ -78,6 +78,7 @@ pub(super) fn write(
     let info = BundleInfo {
         profile: &profile.name,
         arch: arch.name(),
+        platform: &job.platform.name,
         update,
         build,
         downgrade: job.opts.allow_downgrade,
