@@ -1228,6 +1228,45 @@ mod update {
         }
     }
 
+    /// `--reboot-at HH:MM`: the trial at the next HH:MM on the node's clock, by a process left
+    /// running; refused before anything is written when the time is malformed or the clock was
+    /// never set.
+    #[test]
+    fn reboot_at_schedules_the_trial_and_refuses_an_unset_clock() {
+        let d = device("1.0.0", 'a', false);
+        let clock = |year: u32, time: &str| {
+            d.m.write_mode(
+                "bin/date",
+                &format!(
+                    "#!/bin/sh\ncase \"$1\" in +%Y) echo {year} ;; +%H:%M:%S) echo {time} ;; *) echo \"{year}-01-01 {time}\" ;; esac\n"
+                ),
+                0o755,
+            );
+        };
+        clock(1970, "00:00:12");
+        let dir = d.m.path().join("media/kiln-update/x86_64");
+        bundle("2.0.0").write(&dir, &d.trusted.1, false);
+        let dir = dir.to_str().unwrap();
+        assert_refused(&d, d.run(&["apply", dir, "--reboot-at", "03:00"]), "it was never set");
+        clock(2026, "22:30:00");
+        assert_refused(&d, d.run(&["apply", dir, "--reboot-at", "3:00"]), "expected HH:MM");
+        assert_refused(&d, d.run(&["apply", dir, "--reboot-at", "24:00"]), "expected HH:MM");
+        let (ok, out) = d.run(&["apply", dir, "--reboot", "--reboot-at", "03:00"]);
+        assert!(!ok && out.contains("usage:"), "{out}");
+        // 22:30:00 to 03:00 the next day: 4.5 hours.
+        let (ok, out) = d.run(&["apply", dir, "--reboot-at", "03:00"]);
+        assert!(ok, "{out}");
+        assert!(out.contains("[kiln] update: rebooting into the trial of slot b at 03:00, in 4h30m"), "{out}");
+        assert!(d.calls().contains("kiln-update reboot-after 16200 b"), "{}", d.calls());
+        assert!(!d.calls().contains("reboot\n") && !d.calls().starts_with("reboot"), "no reboot now: {}", d.calls());
+        // What is left running reboots only into a trial still pending.
+        let (ok, out) = d.run(&["reboot-after", "0", "a"]);
+        assert!(ok && !out.contains("rebooting") && !d.calls().lines().any(|l| l == "reboot "), "{out}");
+        let (ok, out) = d.run(&["reboot-after", "0", "b"]);
+        assert!(ok && out.contains("rebooting into the trial of slot b (--reboot-at)"), "{out}");
+        assert!(d.calls().lines().any(|l| l == "reboot "), "{}", d.calls());
+    }
+
     #[test]
     fn bad_bundles_are_refused_before_anything_is_written() {
         let other = {
