@@ -966,7 +966,9 @@ mod update {
     fn device(version: &str, slot: char, downgrade: bool) -> Device {
         let m = FakeRoot::new();
         let appliance = overlay("appliance");
-        m.write("usr/lib/kiln/lib.sh", &std::fs::read_to_string(appliance.join("usr/lib/kiln/lib.sh")).unwrap());
+        for lib in ["lib.sh", "loaders.sh"] {
+            m.write(&format!("usr/lib/kiln/{lib}"), &std::fs::read_to_string(appliance.join("usr/lib/kiln").join(lib)).unwrap());
+        }
         m.write_mode("usr/sbin/kiln-update", &std::fs::read_to_string(appliance.join("usr/sbin/kiln-update")).unwrap(), 0o755);
         m.write("usr/lib/kiln/update/version", &format!("{version}\n"));
         m.write("usr/lib/kiln/update/platform", "generic-uefi\n");
