@@ -145,11 +145,8 @@ fn parse_channels(args: &[String]) -> Result<Vec<kiln::serve::Channel>, UsageErr
 /// whose root carries secrets): say so at start rather than after the first node is told.
 fn check_bundles_public(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    for arch in kiln::arch::Arch::ALL {
+    for arch in kiln::serve::updates::bundle_archs(dir) {
         let bundle = dir.join(arch.name()).join(kiln::update::DIR);
-        if !bundle.join(kiln::update::MANIFEST).is_file() {
-            continue;
-        }
         for file in kiln::update::FILES {
             let path = bundle.join(file);
             let meta = std::fs::metadata(&path).map_err(|e| {

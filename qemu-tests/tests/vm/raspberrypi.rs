@@ -285,15 +285,22 @@ fn rpi3_card_updates_from_usb_sticks_and_a_failed_trial_falls_back() -> Result<(
         Ok(())
     };
 
+    // Powers on with `stick`, whose bundle (`version`) the boot step applies to `slot`, then
+    // reboots into its trial: QEMU must exit (-no-reboot), so the machine really restarted.
+    let apply_from_stick = |log: &str, stick: &Path, kernel_now: &str, slot: char, version: &str| -> Result<()> {
+        let (mut vm, kernel) = card.power_on(&dir, log, Some(stick))?;
+        kernel_is(&kernel, kernel_now, &format!("before {version}"))?;
+        vm.wait_for("[kiln] update: applying the bundle on /dev/sda (KILN-UPDATE)", PI_BOOT_TIMEOUT)?;
+        let started = vm.elapsed();
+        vm.wait_for(&format!("[kiln] update: slot {slot} holds version {version}"), APPLY_TIMEOUT)?;
+        eprintln!("rpi3 update: {version} applied from the stick in {:.1} s", (vm.elapsed() - started).as_secs_f64());
+        vm.wait_for(&format!("[kiln] update: rebooting into the trial of slot {slot}"), PI_BOOT_TIMEOUT)?;
+        vm.wait_exit(PI_BOOT_TIMEOUT).context("the reboot into the trial did not restart the machine")?;
+        Ok(())
+    };
+
     // v1, slot A: the boot step applies v2 from the stick and reboots.
-    let (mut vm, kernel) = card.power_on(&dir, "console-1-v1.log", Some(&stick2))?;
-    kernel_is(&kernel, "vmlinuz", "first boot")?;
-    vm.wait_for("[kiln] update: applying the bundle on /dev/sda (KILN-UPDATE)", PI_BOOT_TIMEOUT)?;
-    let started = vm.elapsed();
-    vm.wait_for("[kiln] update: slot b holds version 2.0.0", APPLY_TIMEOUT)?;
-    eprintln!("rpi3 update: v2 applied from the stick in {:.1} s", (vm.elapsed() - started).as_secs_f64());
-    vm.wait_for("[kiln] update: rebooting into the trial of slot b", PI_BOOT_TIMEOUT)?;
-    vm.wait_exit(PI_BOOT_TIMEOUT).context("the reboot into the trial did not restart the machine")?;
+    apply_from_stick("console-1-v1.log", &stick2, "vmlinuz", 'b', "2.0.0")?;
 
     // The trial of v2, slot B, as config.txt names it now; kept at ready.
     let (mut vm, kernel) = card.power_on(&dir, "console-2-v2-trial.log", None)?;
@@ -305,13 +312,7 @@ fn rpi3_card_updates_from_usb_sticks_and_a_failed_trial_falls_back() -> Result<(
     vm.kill();
 
     // v2, kept: applies v3 to slot A from the other stick.
-    let (mut vm, kernel) = card.power_on(&dir, "console-3-v2.log", Some(&stick3))?;
-    kernel_is(&kernel, "kiln-b/vmlinuz", "v2 kept")?;
-    vm.wait_for("[kiln] update: applying the bundle on /dev/sda (KILN-UPDATE)", PI_BOOT_TIMEOUT)?;
-    let started = vm.elapsed();
-    vm.wait_for("[kiln] update: slot a holds version 3.0.0", APPLY_TIMEOUT)?;
-    eprintln!("rpi3 update: v3 applied from the stick in {:.1} s", (vm.elapsed() - started).as_secs_f64());
-    vm.wait_exit(PI_BOOT_TIMEOUT).context("the reboot into the trial did not restart the machine")?;
+    apply_from_stick("console-3-v2.log", &stick3, "kiln-b/vmlinuz", 'a', "3.0.0")?;
 
     // The trial of v3 fails a boot step and reboots by itself.
     let (mut vm, kernel) = card.power_on(&dir, "console-4-v3-trial.log", None)?;

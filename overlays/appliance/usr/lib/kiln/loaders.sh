@@ -9,7 +9,7 @@
 # from before it existed, boot systemd-boot.
 LOADER_KIND=$ESP/loader/kiln-loader
 
-# The boot loader that reads the slots: systemd-boot, extlinux or raspberrypi.
+# systemd-boot, extlinux or raspberrypi.
 loader_kind() {
     kind=$(cat "$LOADER_KIND" 2>/dev/null || true)
     echo "${kind:-systemd-boot}"
@@ -20,6 +20,12 @@ entry_key() {
     sed -n "s/^$1 //p" "$2" | head -n 1
 }
 
+# The generation of entry $1 (the number before the first '-' of its `version`), 0 for none.
+entry_generation() {
+    g=$(sed -n 's/^version \([0-9][0-9]*\)-.*/\1/p' "$1")
+    echo "${g:-0}"
+}
+
 # The entry systemd-boot would boot, by its rules (docs/updates.md, "Boot entries and which one
 # boots"): entries with tries left before those with none, then the highest generation.
 chosen_entry() {
@@ -27,8 +33,7 @@ chosen_entry() {
     for e in "$ENTRIES"/kiln-*.conf; do
         [ -e "$e" ] || continue
         case "${e##*/}" in *+0.conf | *+0-*.conf) bad=1 ;; *) bad=0 ;; esac
-        g=$(sed -n 's/^version \([0-9][0-9]*\)-.*/\1/p' "$e")
-        g=${g:-0}
+        g=$(entry_generation "$e")
         if [ "$bad" -lt "$best_bad" ] || { [ "$bad" -eq "$best_bad" ] && [ "$g" -gt "$best_gen" ]; }; then
             best=$e best_gen=$g best_bad=$bad
         fi
